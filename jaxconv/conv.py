@@ -1,0 +1,225 @@
+r"""2-D convolution (cross-correlation, as in every deep-learning library) with a
+hand-derived backward pass.
+
+Forward (seed 003 "Convolution [batch = n, channel = C_in, C_out]", seed 004 §1.1),
+for input ``x`` (N, H, W, C) in NHWC, kernel ``w`` (KH, KW, C/G, O) in HWIO,
+padded input ``xp`` (``lo``/``hi`` zeros on each side), stride ``s``,
+dilation ``d`` and ``G`` groups:
+
+.. math::
+
+    y_{n,i,j,o} = b_o + \sum_{m,p} \sum_{c \in \text{group}(o)}
+        xp_{n,\, s i + d m,\, s j + d p,\, c}\; w_{m,p,c \bmod C/G,\, o}
+
+Output size per spatial dimension:
+``floor((H + lo + hi - d*(KH-1) - 1) / s) + 1``.
+
+Backward, the documents' formulas, for the output gradient ``g = dL/dy``:
+
+* ``dL/dw``: the correlation of the padded input with the *inserted* gradient,
+  ``g`` with ``s - 1`` zeros between its entries (seed 003's "Inserted Grad";
+  seed 001's ``dL/dF = X * dL/dS``; seed 004's ``phi(X)^T dY``).  The padded rows
+  that no window reaches (the stride remainder) are cut off first.
+* ``dL/dx``: the *full* correlation of the zero-inserted, zero-padded gradient with
+  the kernel rotated by 180 degrees, input and output channels swapped per group
+  (seed 001's ``G_zero-pad * F^rot180``; seed 003's
+  ``Inserted Grad y * Rot180(w)``), cropped back to the unpadded input.  Input
+  rows no window covers receive exactly zero.
+* ``dL/db``: the sum of ``g`` over batch and space.
+
+Both gradients are themselves written with ``lax.conv_general_dilated`` (the
+zero insertion is its ``lhs_dilation``, the Rot180 an explicit flip), so the
+rule stays differentiable: grad-of-grad goes through it.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import _args
+
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+class ConvConfig(NamedTuple):
+    """Static, hashable configuration of one conv2d call."""
+
+    stride: tuple[int, int]
+    padding: tuple[tuple[int, int], tuple[int, int]]
+    dilation: tuple[int, int]
+    groups: int
+    strategy: str
+
+
+# One private switch for the backward implementation.  "auto" picks per
+# platform and shape in `_choose_strategy`; tests force each strategy in turn.
+_BACKWARD_STRATEGIES = ("conv",)
+_FORCED_STRATEGY: str | None = None
+
+
+def _choose_strategy(x_shape, w_shape, stride, dilation, groups) -> str:
+    if _FORCED_STRATEGY is not None:
+        return _FORCED_STRATEGY
+    return "conv"
+
+
+def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
+    """2-D convolution, NHWC input and HWIO kernel, with a hand-derived VJP.
+
+    Args:
+      x: input, shape ``(N, H, W, C)``, floating dtype.
+      w: kernel, shape ``(KH, KW, C // groups, O)``, same dtype as ``x``.
+      b: optional bias, shape ``(O,)``.
+      stride: int or pair, ``>= 1``.
+      padding: ``"VALID"``, ``"SAME"``, int, pair ``(ph, pw)`` or
+        ``((top, bottom), (left, right))``; amounts ``>= 0``.
+      dilation: kernel (atrous) dilation, int or pair, ``>= 1``.
+      groups: feature groups; must divide ``C`` and ``O``.  ``groups == C`` with
+        ``w.shape[2] == 1`` is a depthwise convolution.
+
+    Returns:
+      ``(N, Ho, Wo, O)`` with ``Ho = floor((H + top + bottom - d*(KH-1) - 1) / s) + 1``
+      and likewise ``Wo``.
+
+    Backward: see the module docstring (seed 001, 003 and 004).
+
+    Example:
+      >>> x = jnp.ones((1, 5, 5, 1)); w = jnp.ones((3, 3, 1, 2))
+      >>> conv2d(x, w, stride=2, padding=1).shape
+      (1, 3, 3, 2)
+    """
+    x = _args.check_float_array(x, "x", 4)
+    w = _args.check_float_array(w, "w", 4)
+    if b is not None:
+        b = _args.check_float_array(b, "b", 1)
+    _args.check_same_dtype(x=x, w=w, b=b)
+    stride = _args.pair(stride, "stride")
+    dilation = _args.pair(dilation, "dilation")
+    if not _args._is_int(groups) or int(groups) < 1:
+        raise ValueError(f"`groups` (={groups!r}) must be a positive int.")
+    groups = int(groups)
+    n, h, wd, c = x.shape
+    kh, kw, ci, o = w.shape
+    if c != groups * ci:
+        raise ValueError(
+            f"input channels `x.shape[3]` (={c}) must equal `groups` (={groups}) times "
+            f"the kernel's input channels `w.shape[2]` (={ci})."
+        )
+    if o % groups:
+        raise ValueError(f"`groups` (={groups}) must divide the output channels `w.shape[3]` (={o}).")
+    if b is not None and b.shape[0] != o:
+        raise ValueError(f"`b` must have length {o} (the output channels), got shape {tuple(b.shape)}.")
+    pads = _args.padding_2d(padding, (h, wd), (kh, kw), stride, dilation)
+    _args.check_window_fits((h, wd), pads, (kh, kw), dilation, "w.shape[:2]")
+    strategy = _choose_strategy(x.shape, w.shape, stride, dilation, groups)
+    config = ConvConfig(stride, pads, dilation, groups, strategy)
+    return _conv2d(config, x, w, b)
+
+
+def _forward(config: ConvConfig, x, w, b):
+    y = lax.conv_general_dilated(
+        x,
+        w,
+        window_strides=config.stride,
+        padding=config.padding,
+        rhs_dilation=config.dilation,
+        dimension_numbers=_DIMENSION_NUMBERS,
+        feature_group_count=config.groups,
+    )
+    if b is not None:
+        y = y + b
+    return y
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _conv2d(config: ConvConfig, x, w, b):
+    return _forward(config, x, w, b)
+
+
+def _conv2d_fwd(config: ConvConfig, x, w, b):
+    # Residuals are the inputs autodiff keeps, x and w; b (O numbers, or None)
+    # only records whether a bias gradient is owed.
+    return _forward(config, x, w, b), (x, w, b)
+
+
+def _stride_remainder(size: int, lo: int, hi: int, k: int, s: int, d: int) -> int:
+    """Padded rows past the last window: ``(size + lo + hi - d(k-1) - 1) mod s``."""
+    return (size + lo + hi - d * (k - 1) - 1) % s
+
+
+def rot180_swap(w, groups: int):
+    """Rot180 of each filter with input and output channels swapped per group.
+
+    ``(KH, KW, C/G, O)`` -> ``(KH, KW, O/G, C)``: the kernel of dL/dx, where the
+    output gradient's O channels are the input and x's C channels the output.
+    """
+    kh, kw, ci, o = w.shape
+    w = w[::-1, ::-1]
+    w = w.reshape(kh, kw, ci, groups, o // groups)
+    w = w.transpose(0, 1, 4, 3, 2)
+    return w.reshape(kh, kw, o // groups, groups * ci)
+
+
+def _input_grad_conv(config: ConvConfig, x_shape, w, g):
+    """dL/dx = (Inserted, zero-padded g) * Rot180(w), cropped to x (seed 001/003)."""
+    (sh, sw), (dh, dw), groups = config.stride, config.dilation, config.groups
+    _, h, wd, _ = x_shape
+    kh, kw = w.shape[:2]
+    pads = []
+    for size, (lo, hi), k, s, d in zip((h, wd), config.padding, (kh, kw), (sh, sw), (dh, dw)):
+        extent = d * (k - 1)
+        rem = _stride_remainder(size, lo, hi, k, s, d)
+        # Full correlation pads the inserted gradient by extent on each side;
+        # taking away the forward padding crops dx back to the unpadded input,
+        # and the remainder restores rows past the last window (they get zero).
+        pads.append((extent - lo, extent - hi + rem))
+    return lax.conv_general_dilated(
+        g,
+        rot180_swap(w, groups),
+        window_strides=(1, 1),
+        padding=pads,
+        lhs_dilation=config.stride,  # the zero insertion: s - 1 zeros between entries
+        rhs_dilation=config.dilation,
+        dimension_numbers=_DIMENSION_NUMBERS,
+        feature_group_count=groups,
+    )
+
+
+def _kernel_grad_conv(config: ConvConfig, x, w_shape, g):
+    """dL/dw = padded x correlated with Inserted g (seed 003), batch summed.
+
+    The batch axis is the contraction axis of this correlation, the channel
+    axis of ``x`` plays the batch, and the inserted ``g`` is the filter.
+    """
+    kh, kw = w_shape[:2]
+    _, h, wd, _ = x.shape
+    pads = []
+    for size, (lo, hi), k, s, d in zip((h, wd), config.padding, (kh, kw), config.stride, config.dilation):
+        pads.append((lo, hi - _stride_remainder(size, lo, hi, k, s, d)))
+    return lax.conv_general_dilated(
+        x,
+        g,
+        window_strides=config.dilation,
+        padding=pads,
+        rhs_dilation=config.stride,  # Inserted Grad
+        dimension_numbers=("CHWN", "IHWO", "HWNC"),
+        batch_group_count=config.groups,
+    )
+
+
+def _conv2d_bwd(config: ConvConfig, residuals, g):
+    x, w, b = residuals
+    if config.strategy != "conv":
+        raise ValueError(f"unknown conv2d backward strategy {config.strategy!r}")
+    dx = _input_grad_conv(config, x.shape, w, g)
+    dw = _kernel_grad_conv(config, x, w.shape, g)
+    db = g.sum(axis=(0, 1, 2)) if b is not None else None
+    return dx, dw, db
+
+
+_conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)

@@ -1,0 +1,60 @@
+"""Hypothesis strategies and small helpers shared by the op tests."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import assume
+from hypothesis import strategies as st
+
+from jaxconv import _args
+
+
+def int_or_pair(low, high):
+    return st.one_of(st.integers(low, high), st.tuples(st.integers(low, high), st.integers(low, high)))
+
+
+def padding_forms(max_pad=3):
+    """Every padding form: VALID, SAME, int, pair, and asymmetric per-side."""
+    side = st.integers(0, max_pad)
+    return st.one_of(
+        st.sampled_from(["VALID", "SAME"]),
+        side,
+        st.tuples(side, side),
+        st.tuples(st.tuples(side, side), st.tuples(side, side)),
+    )
+
+
+def fits(in_hw, window, stride, padding, dilation=1) -> bool:
+    """Whether the (dilated) window fits in the padded input."""
+    window, stride, dilation = (_args.pair(v, "v") for v in (window, stride, dilation))
+    pads = _args.padding_2d(padding, in_hw, window, stride, dilation)
+    return all(d * (k - 1) + 1 <= n + lo + hi for n, (lo, hi), k, d in zip(in_hw, pads, window, dilation))
+
+
+@st.composite
+def conv_configs(draw, max_channels=6, max_hw=12, max_kernel=5):
+    groups = draw(st.integers(1, 3))
+    cin = groups * draw(st.integers(1, max(1, max_channels // groups)))
+    cout = groups * draw(st.integers(1, max(1, max_channels // groups)))
+    n = draw(st.integers(1, 3))
+    h, w = draw(st.integers(1, max_hw)), draw(st.integers(1, max_hw))
+    kh, kw = draw(st.integers(1, max_kernel)), draw(st.integers(1, max_kernel))
+    stride = draw(int_or_pair(1, 3))
+    dilation = draw(int_or_pair(1, 3))
+    padding = draw(padding_forms())
+    bias = draw(st.booleans())
+    assume(fits((h, w), (kh, kw), stride, padding, dilation))
+    return dict(
+        x_shape=(n, h, w, cin),
+        w_shape=(kh, kw, cin // groups, cout),
+        bias=bias,
+        options=dict(stride=stride, padding=padding, dilation=dilation, groups=groups),
+    )
+
+
+def permutation_input(rng, shape, dtype=np.float64):
+    """Distinct values (a shuffled permutation, scaled): no ties, no zeros, for kinks."""
+    size = int(np.prod(shape))
+    # Steps of 2/(size+1) in (-1, 1), shifted by a third of a step so none is 0.
+    values = (2.0 * (rng.permutation(size) + 1) - (size + 1) + 1.0 / 3.0) / (size + 1)
+    return values.reshape(shape).astype(dtype)

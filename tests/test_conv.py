@@ -1,0 +1,200 @@
+"""conv2d: the hand-derived VJP equals jax.vjp of the plain-lax reference."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import jaxconv
+from jaxconv import conv as conv_module
+from jaxconv import reference
+from jaxconv.verify import check_vjp, relative_error
+
+from .strategies import conv_configs
+
+GRID = [
+    # x shape, w shape, options
+    ((2, 6, 6, 3), (3, 3, 3, 4), dict()),
+    ((2, 7, 8, 4), (3, 3, 2, 6), dict(stride=2, padding=1, groups=2)),
+    ((1, 9, 9, 3), (3, 2, 3, 2), dict(stride=3, padding="SAME", dilation=2)),
+    ((2, 6, 5, 6), (3, 3, 1, 6), dict(padding=((2, 0), (1, 3)), groups=6)),  # depthwise
+    ((2, 6, 5, 3), (3, 3, 1, 6), dict(padding=1, groups=3)),  # depthwise, multiplier 2
+    ((2, 12, 11, 2), (5, 5, 2, 3), dict(stride=3)),  # stride remainder on both axes
+    ((1, 5, 7, 2), (2, 3, 1, 4), dict(stride=(2, 1), padding=((0, 2), (3, 1)), dilation=(3, 1), groups=2)),
+    ((3, 1, 1, 2), (1, 1, 2, 3), dict()),
+    ((1, 4, 4, 1), (4, 4, 1, 1), dict(padding="SAME", stride=2)),
+]
+
+
+@pytest.fixture(params=conv_module._BACKWARD_STRATEGIES)
+def strategy(request, monkeypatch):
+    """Run the test once per backward strategy."""
+    monkeypatch.setattr(conv_module, "_FORCED_STRATEGY", request.param)
+    return request.param
+
+
+def _arrays(rng, x_shape, w_shape, bias, dtype=np.float64):
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[-1]).astype(dtype) if bias else None
+    return x, w, b
+
+
+def _pair(options):
+    def f(x, w, b):
+        return jaxconv.conv2d(x, w, b, **options)
+
+    def ref(x, w, b):
+        return reference.conv2d(x, w, b, **options)
+
+    return f, ref
+
+
+@pytest.mark.parametrize("x_shape,w_shape,options", GRID)
+def test_grid_float64_full_check(strategy, x_shape, w_shape, options):
+    rng = np.random.default_rng(0)
+    f, ref = _pair(options)
+    report = check_vjp(f, ref, *_arrays(rng, x_shape, w_shape, True), names=("x", "w", "b"))
+    report.assert_ok()
+    assert report.worst("vjp") <= 1e-12
+
+
+@pytest.mark.parametrize("x_shape,w_shape,options", GRID)
+def test_grid_float32(strategy, x_shape, w_shape, options):
+    rng = np.random.default_rng(1)
+    f, ref = _pair(options)
+    report = check_vjp(
+        f, ref, *_arrays(rng, x_shape, w_shape, True, np.float32), dtype=jnp.float32,
+        finite_differences=False, second_order=False,
+    )
+    report.assert_ok()
+    assert report.worst("vjp") <= 1e-5
+
+
+@given(config=conv_configs())
+def test_hypothesis_vjp(config):
+    rng = np.random.default_rng(2)
+    f, ref = _pair(config["options"])
+    args = _arrays(rng, config["x_shape"], config["w_shape"], config["bias"])
+    check_vjp(f, ref, *args, finite_differences=False, second_order=False).assert_ok()
+
+
+@settings(max_examples=4)
+@given(config=conv_configs(max_channels=4, max_hw=8, max_kernel=3))
+def test_hypothesis_full_check(config):
+    """Finite differences and grad-of-grad on drawn configurations, eagerly (no jit)."""
+    rng = np.random.default_rng(3)
+    f, ref = _pair(config["options"])
+    args = _arrays(rng, config["x_shape"], config["w_shape"], config["bias"])
+    check_vjp(f, ref, *args, jit=False).assert_ok()
+
+
+@pytest.mark.slow
+@settings(max_examples=80)
+@given(config=conv_configs())
+def test_hypothesis_sweep_slow(strategy, config):
+    rng = np.random.default_rng(4)
+    f, ref = _pair(config["options"])
+    args = _arrays(rng, config["x_shape"], config["w_shape"], config["bias"])
+    check_vjp(f, ref, *args).assert_ok()
+
+
+@given(config=conv_configs())
+def test_output_shape_formula(config):
+    x = jnp.zeros(config["x_shape"])
+    w = jnp.zeros(config["w_shape"])
+    y = jax.eval_shape(lambda x, w: jaxconv.conv2d(x, w, **config["options"]), x, w)
+    opts = config["options"]
+    from jaxconv import _args
+
+    s = _args.pair(opts["stride"], "stride")
+    d = _args.pair(opts["dilation"], "dilation")
+    pads = _args.padding_2d(opts["padding"], x.shape[1:3], w.shape[:2], s, d)
+    expected = tuple(
+        (size + lo + hi - dd * (k - 1) - 1) // ss + 1
+        for size, (lo, hi), k, ss, dd in zip(x.shape[1:3], pads, w.shape[:2], s, d)
+    )
+    assert y.shape == (x.shape[0], *expected, w.shape[3])
+    ref_shape = jax.eval_shape(lambda x, w: reference.conv2d(x, w, **opts), x, w).shape
+    assert y.shape == ref_shape
+
+
+def test_same_padding_keeps_size_at_stride_one():
+    y = jaxconv.conv2d(jnp.zeros((1, 7, 6, 2)), jnp.zeros((4, 3, 2, 5)), padding="SAME")
+    assert y.shape == (1, 7, 6, 5)
+
+
+def test_stride_remainder_gets_exact_zero_gradient():
+    """Rows and columns that no window reaches receive exactly zero."""
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((1, 8, 8, 1)))
+    w = jnp.ones((3, 3, 1, 1))
+    # 8 = 3 + 2*2 + 1: the last row and column are never covered at stride 2.
+    dx = jax.grad(lambda x: jaxconv.conv2d(x, w, stride=2).sum())(x)
+    assert jnp.all(dx[:, 7, :, :] == 0.0) and jnp.all(dx[:, :, 7, :] == 0.0)
+    assert jnp.all(dx[:, :7, :7, :] != 0.0)
+
+
+def test_jit_matches_eager(strategy):
+    rng = np.random.default_rng(6)
+    x, w, b = _arrays(rng, (2, 9, 7, 4), (3, 2, 2, 6), True)
+    opts = dict(stride=2, padding="SAME", dilation=(1, 2), groups=2)
+    loss = lambda x, w, b: jnp.sum(jnp.sin(jaxconv.conv2d(x, w, b, **opts)))
+    eager = jax.grad(loss, argnums=(0, 1, 2))(x, w, b)
+    jitted = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, w, b)
+    ref = jax.grad(lambda x, w, b: jnp.sum(jnp.sin(reference.conv2d(x, w, b, **opts))), argnums=(0, 1, 2))(x, w, b)
+    for a, j, r in zip(eager, jitted, ref):
+        assert relative_error(a, r)[1] <= 1e-12
+        assert relative_error(j, r)[1] <= 1e-12
+
+
+def test_vmap_over_extra_leading_axis(strategy):
+    """vmap over a stack of batches (x) and over per-example kernels (w)."""
+    rng = np.random.default_rng(7)
+    xs = jnp.asarray(rng.standard_normal((3, 2, 6, 6, 2)))
+    ws = jnp.asarray(rng.standard_normal((3, 3, 3, 2, 4)))
+    b = jnp.asarray(rng.standard_normal(4))
+    opts = dict(stride=2, padding=1)
+
+    def batched(op):
+        return jax.vmap(lambda x, w: op(x, w, b, **opts))
+
+    check_vjp(batched(jaxconv.conv2d), batched(reference.conv2d), xs, ws, second_order=True).assert_ok()
+    shared_w = jax.vmap(lambda x: jaxconv.conv2d(x, ws[0], b, **opts))
+    shared_ref = jax.vmap(lambda x: reference.conv2d(x, ws[0], b, **opts))
+    check_vjp(shared_w, shared_ref, xs).assert_ok()
+
+
+def test_no_bias_gives_no_bias_gradient():
+    x = jnp.ones((1, 4, 4, 2))
+    w = jnp.ones((2, 2, 2, 3))
+    dx, dw = jax.grad(lambda x, w: jaxconv.conv2d(x, w).sum(), argnums=(0, 1))(x, w)
+    assert dx.shape == x.shape and dw.shape == w.shape
+
+
+def test_rule_is_used_not_autodiff(monkeypatch):
+    """Breaking the hand rule breaks jax.grad of conv2d: the rule is what runs."""
+    x, w = jnp.ones((1, 4, 4, 1)), jnp.ones((2, 2, 1, 1))
+    loss = lambda x: jaxconv.conv2d(x, w).sum()
+    assert float(jnp.abs(jax.grad(loss)(x)).sum()) > 0
+    monkeypatch.setattr(conv_module, "_input_grad_conv", lambda config, shape, w, g: jnp.zeros(shape, g.dtype))
+    assert float(jnp.abs(jax.grad(loss)(x)).sum()) == 0.0
+
+
+def test_float64_worked_example_seed_003():
+    """Seed 003: 5x5 input, 3x3 kernel, stride 2: dL/dx is Inserted Grad * Rot180(w)."""
+    x = jnp.arange(25.0).reshape(1, 5, 5, 1)
+    w = jnp.arange(9.0).reshape(3, 3, 1, 1)
+    g = jnp.array([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 2, 2, 1)
+    _, vjp = jax.vjp(lambda x, w: jaxconv.conv2d(x, w, stride=2), x, w)
+    dx, dw = vjp(g)
+    inserted = np.zeros((7, 7))
+    inserted[2:5:2, 2:5:2] = g[0, :, :, 0]
+    rot = np.asarray(w[::-1, ::-1, 0, 0])
+    expected_dx = np.array([[np.sum(inserted[i:i + 3, j:j + 3] * rot) for j in range(5)] for i in range(5)])
+    np.testing.assert_array_equal(np.asarray(dx[0, :, :, 0]), expected_dx)
+    expected_dw = np.array([[np.sum(np.asarray(x[0, i:i + 3:2, j:j + 3:2, 0]) * np.asarray(g[0, :, :, 0]))
+                             for j in range(3)] for i in range(3)])
+    np.testing.assert_array_equal(np.asarray(dw[:, :, 0, 0]), expected_dw)
