@@ -59,6 +59,18 @@ def conv2d_cases(rng) -> list[Case]:
     return cases
 
 
+# --- pooling cases ------------------------------------------------------------
+
+
+# --- lrn cases ------------------------------------------------------------------
+
+
+# --- layer and loss cases -----------------------------------------------------
+
+
 SUITES: dict[str, Callable[[np.random.Generator], list[Case]]] = {
     "conv2d": conv2d_cases,
+    # pooling entries
+    # lrn entries
+    # layer and loss entries
 }

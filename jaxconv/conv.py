@@ -56,9 +56,9 @@ class ConvConfig(NamedTuple):
     strategy: str
 
 
-# One private switch for the backward implementation.  "auto" picks per
-# platform and shape in `_choose_strategy`; tests force each strategy in turn.
-_BACKWARD_STRATEGIES = ("conv",)
+# One private switch for the backward implementation: `_choose_strategy` picks
+# a name from `_BACKWARD_STRATEGIES` (registered at the end of this module) by
+# platform and shape; tests set `_FORCED_STRATEGY` to run each in turn.
 _FORCED_STRATEGY: str | None = None
 
 
@@ -117,6 +117,8 @@ def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
     pads = _args.padding_2d(padding, (h, wd), (kh, kw), stride, dilation)
     _args.check_window_fits((h, wd), pads, (kh, kw), dilation, "w.shape[:2]")
     strategy = _choose_strategy(x.shape, w.shape, stride, dilation, groups)
+    if strategy not in _BACKWARD_STRATEGIES:
+        raise ValueError(f"unknown conv2d backward strategy {strategy!r}; known: {sorted(_BACKWARD_STRATEGIES)}")
     config = ConvConfig(stride, pads, dilation, groups, strategy)
     return _conv2d(config, x, w, b)
 
@@ -212,14 +214,22 @@ def _kernel_grad_conv(config: ConvConfig, x, w_shape, g):
     )
 
 
+def _backward_conv(config: ConvConfig, x, w, g):
+    """The convolution form (seeds 001 and 003): (dL/dx, dL/dw)."""
+    return _input_grad_conv(config, x.shape, w, g), _kernel_grad_conv(config, x, w.shape, g)
+
+
 def _conv2d_bwd(config: ConvConfig, residuals, g):
     x, w, b = residuals
-    if config.strategy != "conv":
-        raise ValueError(f"unknown conv2d backward strategy {config.strategy!r}")
-    dx = _input_grad_conv(config, x.shape, w, g)
-    dw = _kernel_grad_conv(config, x, w.shape, g)
+    dx, dw = _BACKWARD_STRATEGIES[config.strategy](config, x, w, g)
     db = g.sum(axis=(0, 1, 2)) if b is not None else None
     return dx, dw, db
 
 
 _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+# name -> backward(config, x, w, g) -> (dx, dw).  Every entry computes the same
+# formula and is tested against jax.grad (tests/test_conv.py runs each).
+_BACKWARD_STRATEGIES = {
+    "conv": _backward_conv,
+}

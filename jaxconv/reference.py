@@ -29,3 +29,15 @@ def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
         feature_group_count=groups,
     )
     return y if b is None else y + b
+
+
+# --- pooling (avg_pool2d, max_pool2d) ---------------------------------------
+
+
+# --- local response normalisation --------------------------------------------
+
+
+# --- layers (relu, linear, flatten) ------------------------------------------
+
+
+# --- losses (softmax, log_loss, softmax_cross_entropy, l2_penalty) -----------

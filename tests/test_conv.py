@@ -29,7 +29,7 @@ GRID = [
 ]
 
 
-@pytest.fixture(params=conv_module._BACKWARD_STRATEGIES)
+@pytest.fixture(params=sorted(conv_module._BACKWARD_STRATEGIES))
 def strategy(request, monkeypatch):
     """Run the test once per backward strategy."""
     monkeypatch.setattr(conv_module, "_FORCED_STRATEGY", request.param)
