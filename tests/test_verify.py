@@ -1,0 +1,150 @@
+"""check_vjp: passes right rules, catches planted wrong ones, names the culprit."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxconv
+from jaxconv import conv as conv_module
+from jaxconv import reference
+from jaxconv.verify import check_vjp, relative_error
+
+OPTIONS = dict(stride=2, padding=1)
+
+
+def _conv_args(seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((2, 7, 7, 3)), rng.standard_normal((3, 3, 3, 4)), rng.standard_normal(4)
+
+
+def _conv(x, w, b):
+    return jaxconv.conv2d(x, w, b, **OPTIONS)
+
+
+def _ref(x, w, b):
+    return reference.conv2d(x, w, b, **OPTIONS)
+
+
+def test_right_rule_passes():
+    report = check_vjp(_conv, _ref, *_conv_args(), names=("x", "w", "b"))
+    assert report.passed, str(report)
+    kinds = {c.kind for c in report.checks}
+    assert kinds == {"forward", "vjp", "finite-diff", "second-order"}
+    assert "second-order" in str(report) and "vjp" in str(report)
+
+
+def test_planted_scale_is_caught():
+    """A gradient off by a factor 1.001 fails the VJP check for that argument only."""
+
+    @jax.custom_vjp
+    def scaled(x, w, b):
+        return _ref(x, w, b)
+
+    def fwd(x, w, b):
+        return _ref(x, w, b), (x, w, b)
+
+    def bwd(res, g):
+        dx, dw, db = jax.vjp(_ref, *res)[1](g)
+        return dx, dw * 1.001, db
+
+    scaled.defvjp(fwd, bwd)
+    report = check_vjp(scaled, _ref, *_conv_args(), names=("x", "w", "b"))
+    assert not report.passed
+    failed = {(c.kind, c.argument) for c in report.failures}
+    assert ("vjp", "w") in failed
+    assert not any(arg in ("x", "b") for kind, arg in failed if kind == "vjp")
+    with pytest.raises(AssertionError, match=r"vjp: argument w: relative error 1\.000e-03"):
+        report.assert_ok()
+
+
+def test_planted_missing_flip_is_caught(monkeypatch):
+    """Forgetting Rot180 in dL/dx (channel swap kept) is caught on x."""
+
+    original = conv_module.rot180_swap
+    monkeypatch.setattr(conv_module, "rot180_swap", lambda w, groups: original(w[::-1, ::-1], groups))
+    report = check_vjp(_conv, _ref, *_conv_args(), names=("x", "w", "b"))
+    assert ("vjp", "x") in {(c.kind, c.argument) for c in report.failures}
+    with pytest.raises(AssertionError, match="argument x"):
+        report.assert_ok()
+
+
+def test_planted_padding_off_by_one_is_caught(monkeypatch):
+    """dL/dx computed with the padding shifted by one row and column is caught."""
+    original = conv_module._input_grad_conv
+
+    def shifted(config, x_shape, w, g):
+        (t, b_), (l, r) = config.padding
+        return original(config._replace(padding=((t + 1, b_ - 1), (l + 1, r - 1))), x_shape, w, g)
+
+    monkeypatch.setattr(conv_module, "_input_grad_conv", shifted)
+    report = check_vjp(_conv, _ref, *_conv_args(), names=("x", "w", "b"))
+    assert ("vjp", "x") in {(c.kind, c.argument) for c in report.failures}
+    assert ("finite-diff", "x") in {(c.kind, c.argument) for c in report.failures}
+
+
+def test_wrong_rule_caught_by_finite_differences_alone():
+    """With a wrong reference, the finite-difference oracle still flags the rule."""
+
+    @jax.custom_vjp
+    def cube(x):
+        return x**3
+
+    cube.defvjp(lambda x: (x**3, x), lambda x, g: (2.0 * x**2 * g,))
+    x = np.linspace(0.5, 1.5, 7)
+    report = check_vjp(cube, cube, x, second_order=False)
+    assert report.worst("vjp") == 0.0  # compared with itself: blind
+    assert not report.passed and report.failures[0].kind == "finite-diff"
+
+
+def test_users_own_rule_with_pytree_and_integer_args():
+    """A user's rule: softplus with a custom VJP, a dict argument and int labels held fixed."""
+
+    @jax.custom_vjp
+    def softplus(x):
+        return jnp.logaddexp(x, 0.0)
+
+    softplus.defvjp(lambda x: (jnp.logaddexp(x, 0.0), x), lambda x, g: (g * jax.nn.sigmoid(x),))
+
+    def f(params, labels):
+        z = softplus(params["a"] * params["b"])
+        return jnp.take_along_axis(z, labels[:, None], axis=1)
+
+    def ref(params, labels):
+        z = jnp.logaddexp(params["a"] * params["b"], 0.0)
+        return jnp.take_along_axis(z, labels[:, None], axis=1)
+
+    rng = np.random.default_rng(1)
+    params = {"a": rng.standard_normal((4, 3)), "b": rng.standard_normal((4, 3))}
+    labels = np.array([0, 2, 1, 1], dtype=np.int32)
+    report = check_vjp(f, ref, params, labels, names=("params", "labels"))
+    report.assert_ok()
+    assert {c.argument for c in report.checks if c.kind == "vjp"} == {"params['a']", "params['b']"}
+
+
+def test_float32_mode_uses_float32_tolerance():
+    report = check_vjp(_conv, _ref, *_conv_args(), dtype=jnp.float32, finite_differences=False, second_order=False)
+    assert all(c.tol == 1e-5 for c in report.checks)
+    report.assert_ok()
+
+
+def test_checker_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="floating-point array"):
+        check_vjp(lambda n: n, lambda n: n, np.arange(3))
+    with pytest.raises(ValueError, match="`dtype`"):
+        check_vjp(_conv, _ref, *_conv_args(), dtype=jnp.int32)
+    with pytest.raises(ValueError, match="`names`"):
+        check_vjp(_conv, _ref, *_conv_args(), names=("x",))
+
+
+def test_relative_error_handles_zeros_nans_and_shapes():
+    assert relative_error(np.zeros(3), np.zeros(3))[:2] == (0.0, 0.0)
+    assert relative_error(np.array([np.nan, 1.0]), np.array([np.nan, 1.0]))[1] == 0.0
+    assert relative_error(np.array([np.nan, 1.0]), np.array([0.0, 1.0]))[1] == np.inf
+    assert relative_error(np.ones(2), np.ones(3))[1] == np.inf
+    max_abs, rel, where = relative_error(np.array([1.0, 2.5]), np.array([1.0, 2.0]))
+    assert (max_abs, rel, where) == (0.5, 0.25, (1,))
