@@ -2,8 +2,18 @@
 
 import os
 
-# Fake CPU devices for the data-parallel tests; must precede the first jax import.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# Must precede the first jax import.  Four fake CPU devices for the data-parallel
+# tests; and no LLVM optimisation: float64 convolutions are compiled to loops on
+# CPU, and at the default level each takes ~0.5 s to compile against ~0.02 s at
+# level 0, which dominates a suite of small float64 checks.  Speed is measured in
+# benchmarks/, never here.
+os.environ["XLA_FLAGS"] = " ".join(
+    [
+        os.environ.get("XLA_FLAGS", ""),
+        "--xla_force_host_platform_device_count=4",
+        "--xla_backend_optimization_level=0",
+    ]
+).strip()
 
 import jax  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
