@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import _args
+from .matrix import _patches, _unpatches
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -219,6 +220,35 @@ def _backward_conv(config: ConvConfig, x, w, g):
     return _input_grad_conv(config, x.shape, w, g), _kernel_grad_conv(config, x, w.shape, g)
 
 
+def _backward_im2row(config: ConvConfig, x, w, g):
+    """The im2row form (seed 004's boxed formulas): (dL/dx, dL/dw).
+
+    With ``phi`` = im2row (one row per output position, one column per kernel
+    entry, HWIO order) and per group ``F`` the ``(KH*KW*C/G, O/G)`` kernel matrix,
+    ``dY`` the ``(N*Ho*Wo, O/G)`` output gradient:
+    ``dF = phi(X)^T dY`` and ``dX = phi*(dY F^T)``, ``phi*`` = row2im, the adjoint.
+    Groups are a batch of these matrix products; stride, padding and dilation
+    live in ``phi`` and ``phi*`` (``jaxconv.matrix``).
+    """
+    kh, kw, cg, o = w.shape
+    groups = config.groups
+    og = o // groups
+    n, ho, wo, _ = g.shape
+    m = n * ho * wo
+    rows = _patches(x, (kh, kw), config.stride, config.padding, config.dilation)  # (N, Ho, Wo, KH, KW, C)
+    phi = rows.reshape(m, kh * kw, groups, cg).transpose(2, 0, 1, 3).reshape(groups, m, kh * kw * cg)
+    dy = g.reshape(m, groups, og).transpose(1, 0, 2)  # (G, N*Ho*Wo, O/G)
+    f = w.reshape(kh * kw * cg, groups, og).transpose(1, 0, 2)  # (G, KH*KW*C/G, O/G)
+    hi = lax.Precision.HIGHEST
+    df = jnp.matmul(phi.transpose(0, 2, 1), dy, precision=hi)
+    dw = df.transpose(1, 0, 2).reshape(w.shape)
+    drows = jnp.matmul(dy, f.transpose(0, 2, 1), precision=hi)  # (G, N*Ho*Wo, KH*KW*C/G)
+    drows = drows.reshape(groups, n, ho, wo, kh, kw, cg).transpose(1, 2, 3, 4, 5, 0, 6)
+    drows = drows.reshape(n, ho, wo, kh, kw, groups * cg)
+    dx = _unpatches(drows, x.shape[1:3], config.stride, config.padding, config.dilation)
+    return dx, dw
+
+
 def _conv2d_bwd(config: ConvConfig, residuals, g):
     x, w, b = residuals
     dx, dw = _BACKWARD_STRATEGIES[config.strategy](config, x, w, g)
@@ -232,4 +262,5 @@ _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 # formula and is tested against jax.grad (tests/test_conv.py runs each).
 _BACKWARD_STRATEGIES = {
     "conv": _backward_conv,
+    "im2row": _backward_im2row,
 }
