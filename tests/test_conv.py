@@ -95,11 +95,17 @@ def test_hypothesis_full_check(config):
 @pytest.mark.slow
 @settings(max_examples=80)
 @given(config=conv_configs())
-def test_hypothesis_sweep_slow(strategy, config):
+def test_hypothesis_sweep_slow(config):
+    """Every registered backward strategy on each drawn configuration, full check."""
     rng = np.random.default_rng(4)
     f, ref = _pair(config["options"])
     args = _arrays(rng, config["x_shape"], config["w_shape"], config["bias"])
-    check_vjp(f, ref, *args).assert_ok()
+    for name in sorted(conv_module._BACKWARD_STRATEGIES):
+        previous, conv_module._FORCED_STRATEGY = conv_module._FORCED_STRATEGY, name
+        try:
+            check_vjp(f, ref, *args, name=f"conv2d[{name}]").assert_ok()
+        finally:
+            conv_module._FORCED_STRATEGY = previous
 
 
 @given(config=conv_configs())
