@@ -3,7 +3,34 @@
 from . import reference, verify
 from . import matrix
 from .conv import conv2d
+from .layers import flatten, linear, relu
+from .losses import l2_penalty, log_loss, softmax, softmax_cross_entropy
+from .lrn import (
+    lrn,
+    lrn_params_from_caffe,
+    lrn_params_from_pytorch,
+    lrn_params_from_pytorch_mirrored,
+    lrn_params_from_tensorflow,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["conv2d", "matrix", "reference", "verify", "__version__"]
+__all__ = [
+    "conv2d",
+    "flatten",
+    "l2_penalty",
+    "linear",
+    "log_loss",
+    "lrn",
+    "lrn_params_from_caffe",
+    "lrn_params_from_pytorch",
+    "lrn_params_from_pytorch_mirrored",
+    "lrn_params_from_tensorflow",
+    "relu",
+    "softmax",
+    "softmax_cross_entropy",
+    "matrix",
+    "reference",
+    "verify",
+    "__version__",
+]

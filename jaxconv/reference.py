@@ -7,6 +7,8 @@ public counterpart and normalises them with the same helpers, so a test can call
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 from jax import lax
 
 from . import _args
@@ -36,8 +38,68 @@ def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
 
 # --- local response normalisation --------------------------------------------
 
+def lrn(x, *, size=5, kappa=2.0, alpha=1e-4, beta=0.75):
+    """``x * (kappa + alpha * sum_{t in G(k)} x_t^2) ** -beta``, the window sum as a 0/1 matrix product.
+
+    ``G(k) = [k - floor((size-1)/2), k + ceil((size-1)/2)]`` clipped: column ``k``
+    of the ``(C, C)`` band matrix ``m`` marks ``G(k)``, so ``(x**2) @ m`` is the
+    window sum, independent of the hand rule's ``reduce_window``.
+    """
+    c = x.shape[-1]
+    t = jnp.arange(c)[:, None]
+    k = jnp.arange(c)[None, :]
+    band = ((t >= k - (size - 1) // 2) & (t <= k + size // 2)).astype(x.dtype)
+    sums = jnp.matmul(x * x, band, precision=lax.Precision.HIGHEST)
+    return x * (kappa + alpha * sums) ** (-beta)
+
+
 
 # --- layers (relu, linear, flatten) ------------------------------------------
 
+def relu(x):
+    """``where(x > 0, x, 0)`` (NaN kept): autodiff gives 0 at ``x == 0``, as ``jax.nn.relu``."""
+    return jnp.where((x > 0) | jnp.isnan(x), x, jnp.zeros((), x.dtype))
+
+
+def linear(x, w, b=None):
+    """``x @ w + b``."""
+    y = jnp.matmul(x, w, precision=lax.Precision.HIGHEST)
+    return y if b is None else y + b
+
+
+def flatten(x):
+    """``x.reshape(N, -1)``, row-major."""
+    return x.reshape(x.shape[0], -1)
+
+
 
 # --- losses (softmax, log_loss, softmax_cross_entropy, l2_penalty) -----------
+
+def softmax(s):
+    """``exp(s - max) / sum``: the max is a constant shift (stop_gradient), so autodiff sees softmax."""
+    e = jnp.exp(s - lax.stop_gradient(s.max(axis=-1, keepdims=True)))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _picked(values, labels):
+    return jnp.take_along_axis(values, labels[:, None], axis=1)[:, 0]
+
+
+def log_loss(p, labels):
+    """``-mean(log p[n, labels[n]])``."""
+    return -jnp.mean(jnp.log(_picked(p, labels)))
+
+
+def softmax_cross_entropy(logits, labels):
+    """``mean(logsumexp(s) - s[label])`` with the row max shifted out (stable)."""
+    m = lax.stop_gradient(logits.max(axis=1, keepdims=True))
+    lse = m[:, 0] + jnp.log(jnp.exp(logits - m).sum(axis=1))
+    return jnp.mean(lse - _picked(logits, labels))
+
+
+def l2_penalty(params, lam):
+    """``lam * sum of squares`` over the pytree's leaves."""
+    leaves = [jnp.asarray(leaf) for leaf in jax.tree.leaves(params)]
+    dtype = jnp.result_type(*leaves)
+    return jnp.asarray(lam, dtype) * sum(jnp.sum(leaf.astype(dtype) ** 2) for leaf in leaves)
+

@@ -1,0 +1,160 @@
+r"""ReLU, the fully connected layer and flattening, each with its hand-derived backward.
+
+* ``relu`` (seed 004 §1.5): ``y_k = max(0, x_k)``; ``dz/dx_k = dz/dy_k * [x_k > 0]``.
+  The gradient at ``x_k == 0`` is 0, as ``jax.nn.relu``'s.  The only residual is
+  the boolean mask ``x > 0`` (one byte an element, the smallest that works: the
+  output would do too, at the element size of ``x``).
+* ``linear`` (seed 004 §1.6, seed 002's Linear column): ``y = x W + b`` with ``x``
+  ``(N, D_in)``, ``W`` ``(D_in, D_out)``, ``b`` ``(D_out,)``.  For ``g = dz/dy``:
+  ``dz/dx = g Wᵀ``, ``dz/dW = xᵀ g``, ``dz/db = sum_n g_n``.  (The documents write
+  ``y = W x`` for one column ``x``, hence their ``W^T dz/dy`` and ``dz/dy x^T``;
+  with examples as rows the same formulas transpose to these.)
+* ``flatten`` (seed 004 §1.4): ``(N, d_1, ..., d_r) -> (N, d_1 ... d_r)``,
+  row-major; ``dz/dx = reshape(dz/dy)``.  The order is JAX's row-major (for NHWC,
+  channel fastest), not the documents' ``vec`` (channel planes stacked): the two
+  differ by a fixed permutation of the next layer's weight rows.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import _args
+
+__all__ = ["flatten", "linear", "relu"]
+
+_HIGHEST = lax.Precision.HIGHEST
+
+
+# --- relu ----------------------------------------------------------------------
+
+
+def relu(x):
+    """Rectified linear unit ``max(0, x)``, elementwise (seed 004 §1.5).
+
+    Args:
+      x: any shape, floating dtype.
+
+    Returns:
+      ``max(0, x)``, same shape and dtype; a NaN stays NaN.
+
+    Backward: ``dx = g * (x > 0)`` (0 at ``x == 0`` and at NaN, as ``jax.nn.relu``).
+    """
+    x = _args.check_float_array(x, "x")
+    return _relu(x)
+
+
+@jax.custom_vjp
+def _relu(x):
+    return jnp.maximum(x, jnp.zeros((), x.dtype))
+
+
+def _relu_fwd(x):
+    return _relu(x), x > 0
+
+
+def _relu_bwd(positive, g):
+    return (jnp.where(positive, g, jnp.zeros((), g.dtype)),)
+
+
+_relu.defvjp(_relu_fwd, _relu_bwd)
+
+
+# --- linear --------------------------------------------------------------------
+
+
+def linear(x, w, b=None):
+    """Fully connected layer ``y = x @ w + b`` (seed 004 §1.6, seed 002's table).
+
+    Args:
+      x: inputs, shape ``(N, D_in)``, floating dtype.
+      w: weights, shape ``(D_in, D_out)``, same dtype.
+      b: optional bias, shape ``(D_out,)``, same dtype.
+
+    Returns:
+      ``(N, D_out)``.
+
+    Backward, for ``g = dL/dy`` of shape ``(N, D_out)``:
+    ``dL/dx = g @ w.T``, ``dL/dw = x.T @ g``, ``dL/db = g.sum(0)``.
+    """
+    x = _args.check_float_array(x, "x", 2)
+    w = _args.check_float_array(w, "w", 2)
+    if b is not None:
+        b = _args.check_float_array(b, "b", 1)
+    _args.check_same_dtype(x=x, w=w, b=b)
+    if x.shape[1] != w.shape[0]:
+        raise ValueError(
+            f"`x.shape[1]` (={x.shape[1]}) must equal `w.shape[0]` (={w.shape[0]}), the input width D_in."
+        )
+    if b is not None and b.shape[0] != w.shape[1]:
+        raise ValueError(f"`b` must have length {w.shape[1]} (= `w.shape[1]`, D_out), got shape {tuple(b.shape)}.")
+    return _linear(x, w, b)
+
+
+def _linear_forward(x, w, b):
+    y = jnp.matmul(x, w, precision=_HIGHEST)
+    return y if b is None else y + b
+
+
+@jax.custom_vjp
+def _linear(x, w, b):
+    return _linear_forward(x, w, b)
+
+
+def _linear_fwd(x, w, b):
+    # The backward needs only whether b exists (D_out numbers, or None).
+    return _linear_forward(x, w, b), (x, w, b)
+
+
+def _linear_bwd(residuals, g):
+    x, w, b = residuals
+    dx = jnp.matmul(g, w.T, precision=_HIGHEST)
+    dw = jnp.matmul(x.T, g, precision=_HIGHEST)
+    db = None if b is None else g.sum(axis=0)
+    return dx, dw, db
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+# --- flatten -------------------------------------------------------------------
+
+
+def flatten(x):
+    """``(N, d_1, ..., d_r) -> (N, d_1 * ... * d_r)``, row-major (seed 004 §1.4).
+
+    Args:
+      x: rank ``>= 2``, floating dtype (for NHWC images ``(N, H, W, C)``, each
+        row of the result is ``x[n].ravel()``: channel fastest).
+
+    Returns:
+      ``(N, prod(d))``.
+
+    Backward: ``dL/dx = dL/dy.reshape(x.shape)``: a rearrangement, nothing else.
+    """
+    x = _args.check_float_array(x, "x")
+    if x.ndim < 2:
+        raise ValueError(f"`x` must have rank >= 2 (a batch axis and features), got shape {tuple(x.shape)}.")
+    return _flatten(tuple(x.shape), x)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flatten(shape, x):
+    return x.reshape(shape[0], math.prod(shape[1:]))
+
+
+def _flatten_fwd(shape, x):
+    # No residual: the input shape is static configuration.
+    return _flatten(shape, x), None
+
+
+def _flatten_bwd(shape, _, g):
+    return (g.reshape(shape),)
+
+
+_flatten.defvjp(_flatten_fwd, _flatten_bwd)

@@ -1,0 +1,266 @@
+r"""Softmax, the log-loss, the fused softmax cross-entropy and the L2 penalty, each
+with its hand-derived backward.
+
+* ``softmax`` (seed 004 §1.7), over the last axis:
+  ``p_k = e^{s_k} / sum_t e^{s_t}``; the simplified backward
+  ``dz/ds_d = p_d (g_d - sum_k g_k p_k)`` with ``g = dz/dp``.  Residual: ``p``.
+* ``log_loss`` (seed 004 §1.8): ``L = -(1/N) sum_n log p[n, c_n]`` for
+  probabilities ``p`` ``(N, D)`` and classes ``c``; ``dL/dp[n, k] = -[k = c_n] /
+  (N p[n, c_n])``.  Residual: the ``N`` picked probabilities.
+* ``softmax_cross_entropy`` (seed 001, the lecture's loss; seed 004 §1.7 + §1.8
+  composed): ``L = (1/N) sum_n (logsumexp(s_n) - s[n, c_n])``, computed with the
+  row maximum subtracted so that it is finite for logits of any finite size
+  (``|s| ~ 1e4`` included).  The composition's backward collapses to the
+  lecture's ``dL/ds_n = (p_n - onehot(c_n)) / N``: with ``g = -[k = c] / p_c``
+  from §1.8, §1.7 gives ``p_d (g_d - sum_k g_k p_k) = p_d (-[d = c]/p_c + 1)
+  = p_d - [d = c]``.  Residual: ``p``.
+* ``l2_penalty`` (seed 001: the "+ L_2 regularization term"):
+  ``R = lam * sum over the leaves of sum(w^2)``; ``dR/dw = 2 lam w``,
+  ``dR/dlam = sum(w^2)``.
+
+Labels are integer class indices of shape ``(N,)`` in ``[0, D)``.  Dtype and
+shape are checked at trace time; the range is checked too when the labels are
+concrete (a NumPy or JAX array, not a tracer: under ``jit``, pass them as an
+argument and the range check cannot run; an out-of-range label then gives a NaN
+loss, never a silently wrong class).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import _args
+
+__all__ = ["l2_penalty", "log_loss", "softmax", "softmax_cross_entropy"]
+
+
+def check_labels(labels, batch: int, num_classes: int, name: str = "labels"):
+    """Integer class indices of shape ``(batch,)``, in ``[0, num_classes)`` when concrete."""
+    if not hasattr(labels, "dtype") or not hasattr(labels, "shape"):
+        labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"`{name}` must have an integer dtype (class indices), got dtype {labels.dtype}.")
+    if tuple(labels.shape) != (batch,):
+        raise ValueError(f"`{name}` must have shape ({batch},), one class per example, got shape {tuple(labels.shape)}.")
+    if not isinstance(labels, jax.core.Tracer) and batch > 0:
+        values = np.asarray(labels)
+        bad = (values < 0) | (values >= num_classes)
+        if bad.any():
+            index = int(np.argmax(bad))
+            raise ValueError(
+                f"`{name}` (={values[index]} at index {index}) must lie in [0, {num_classes}), the number of classes."
+            )
+    return labels
+
+
+def _pick(values, labels):
+    """``values[n, labels[n]]``; NaN for a label out of range (only possible under jit)."""
+    return jnp.take_along_axis(
+        values, labels[:, None], axis=1, mode="fill", fill_value=jnp.nan, wrap_negative_indices=False
+    )[:, 0]
+
+
+def _onehot(labels, num_classes: int, dtype):
+    return (labels[:, None] == jnp.arange(num_classes, dtype=labels.dtype)).astype(dtype)
+
+
+# --- softmax -------------------------------------------------------------------
+
+
+def softmax(s):
+    """Softmax over the last axis, ``p = exp(s) / sum(exp(s))`` (seed 004 §1.7).
+
+    Args:
+      s: scores, shape ``(..., D)`` with ``D >= 1``, floating dtype.
+
+    Returns:
+      ``p``, same shape; computed with the maximum subtracted (stable).
+
+    Backward, for ``g = dL/dp``: ``dL/ds = p * (g - sum(g * p, axis=-1, keepdims=True))``.
+    """
+    s = _args.check_float_array(s, "s")
+    if s.ndim < 1 or s.shape[-1] < 1:
+        raise ValueError(f"`s` must have a last (class) axis of length >= 1, got shape {tuple(s.shape)}.")
+    return _softmax(s)
+
+
+def _softmax_forward(s):
+    e = jnp.exp(s - lax.stop_gradient(s.max(axis=-1, keepdims=True)))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@jax.custom_vjp
+def _softmax(s):
+    return _softmax_forward(s)
+
+
+def _softmax_fwd(s):
+    p = _softmax_forward(s)
+    return p, p
+
+
+def _softmax_bwd(p, g):
+    return (p * (g - (g * p).sum(axis=-1, keepdims=True)),)
+
+
+_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+# --- log-loss ------------------------------------------------------------------
+
+
+def log_loss(p, labels):
+    """Mean over the batch of ``-log p[n, labels[n]]`` (seed 004 §1.8).
+
+    Args:
+      p: probabilities, shape ``(N, D)``, floating dtype (not checked to sum to 1:
+        the loss and its gradient only read the labelled entries).
+      labels: integer class indices, shape ``(N,)``, in ``[0, D)`` (checked when
+        concrete).
+
+    Returns:
+      A scalar of ``p``'s dtype.
+
+    Backward: ``dL/dp[n, k] = -[k == labels[n]] / (N * p[n, labels[n]])``.
+    """
+    p = _args.check_float_array(p, "p", 2)
+    labels = check_labels(labels, p.shape[0], p.shape[1])
+    return _log_loss(p.shape[1], p, labels)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _log_loss(num_classes: int, p, labels):
+    return -jnp.mean(jnp.log(_pick(p, labels)))
+
+
+def _log_loss_fwd(num_classes: int, p, labels):
+    picked = _pick(p, labels)
+    # The N picked probabilities, not p: the gradient is zero everywhere else.
+    return -jnp.mean(jnp.log(picked)), (picked, labels)
+
+
+def _log_loss_bwd(num_classes: int, residuals, g):
+    picked, labels = residuals
+    n = picked.shape[0]
+    dp = _onehot(labels, num_classes, picked.dtype) * (-g / (n * picked))[:, None]
+    return dp, None
+
+
+_log_loss.defvjp(_log_loss_fwd, _log_loss_bwd)
+
+
+# --- fused softmax cross-entropy -----------------------------------------------
+
+
+def softmax_cross_entropy(logits, labels):
+    """Mean over the batch of ``-log softmax(logits)[n, labels[n]]``, fused and stable.
+
+    ``L = (1/N) sum_n (m_n + log sum_k exp(s[n, k] - m_n) - s[n, labels[n]])``
+    with ``m_n = max_k s[n, k]``: finite for any finite logits (tested at 1e4).
+
+    Args:
+      logits: scores, shape ``(N, D)``, floating dtype.
+      labels: integer class indices, shape ``(N,)``, in ``[0, D)`` (checked when
+        concrete).
+
+    Returns:
+      A scalar of ``logits``' dtype.
+
+    Backward (seed 001's lecture result): ``dL/ds = (softmax(s) - onehot(labels)) / N``.
+    """
+    logits = _args.check_float_array(logits, "logits", 2)
+    labels = check_labels(labels, logits.shape[0], logits.shape[1])
+    return _softmax_cross_entropy(logits, labels)
+
+
+def _cross_entropy_forward(logits, labels):
+    shifted = logits - lax.stop_gradient(logits.max(axis=1, keepdims=True))
+    log_norm = jnp.log(jnp.exp(shifted).sum(axis=1, keepdims=True))
+    log_p = shifted - log_norm
+    return -jnp.mean(_pick(log_p, labels)), log_p
+
+
+@jax.custom_vjp
+def _softmax_cross_entropy(logits, labels):
+    return _cross_entropy_forward(logits, labels)[0]
+
+
+def _softmax_cross_entropy_fwd(logits, labels):
+    loss, log_p = _cross_entropy_forward(logits, labels)
+    return loss, (jnp.exp(log_p), labels)
+
+
+def _softmax_cross_entropy_bwd(residuals, g):
+    p, labels = residuals
+    n, d = p.shape
+    return (g / n) * (p - _onehot(labels, d, p.dtype)), None
+
+
+_softmax_cross_entropy.defvjp(_softmax_cross_entropy_fwd, _softmax_cross_entropy_bwd)
+
+
+# --- L2 penalty ----------------------------------------------------------------
+
+
+def l2_penalty(params, lam):
+    """``lam * sum over the leaves of params of sum(leaf ** 2)`` (seed 001's L2 term).
+
+    Args:
+      params: a pytree of floating arrays (at least one leaf).  ``None`` leaves
+        are skipped, as in every JAX pytree.
+      lam: the weight, a scalar (a Python number or a 0-d floating array, which
+        may be traced; when concrete it must be finite and ``>= 0``).
+
+    Returns:
+      A scalar of the leaves' common (promoted) dtype.
+
+    Backward, for ``g = dL/dR``: ``dL/dw = 2 lam g w`` for every leaf ``w``
+    (in its own dtype), ``dL/dlam = g * sum(w^2)``.
+    """
+    leaves_with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
+    if not leaves_with_paths:
+        raise ValueError(f"`params` (={params!r}) has no array leaves to penalise.")
+    for path, leaf in leaves_with_paths:
+        _args.check_float_array(leaf, "params" + jax.tree_util.keystr(path))
+    dtype = jnp.result_type(*[leaf for _, leaf in leaves_with_paths])
+    if isinstance(lam, bool) or not (
+        isinstance(lam, (int, float)) or (hasattr(lam, "dtype") and jnp.issubdtype(lam.dtype, jnp.floating))
+    ):
+        raise ValueError(f"`lam` (={lam!r}) must be a real scalar.")
+    if jnp.shape(lam) != ():
+        raise ValueError(f"`lam` must be a scalar, got shape {jnp.shape(lam)}.")
+    if not isinstance(lam, jax.core.Tracer):
+        value = float(lam)
+        if not (np.isfinite(value) and value >= 0):
+            raise ValueError(f"`lam` (={lam!r}) must be finite and >= 0.")
+    params = jax.tree.map(jnp.asarray, params)
+    return _l2_penalty(params, jnp.asarray(lam, dtype))
+
+
+def _sum_of_squares(params, dtype):
+    return sum((jnp.sum(jnp.square(leaf.astype(dtype))) for leaf in jax.tree.leaves(params)), jnp.zeros((), dtype))
+
+
+@jax.custom_vjp
+def _l2_penalty(params, lam):
+    return lam * _sum_of_squares(params, lam.dtype)
+
+
+def _l2_penalty_fwd(params, lam):
+    total = _sum_of_squares(params, lam.dtype)
+    return lam * total, (params, lam, total)
+
+
+def _l2_penalty_bwd(residuals, g):
+    params, lam, total = residuals
+    scale = 2 * lam * g
+    dparams = jax.tree.map(lambda w: (scale * w).astype(w.dtype), params)
+    return dparams, g * total
+
+
+_l2_penalty.defvjp(_l2_penalty_fwd, _l2_penalty_bwd)
