@@ -63,10 +63,28 @@ class ConvConfig(NamedTuple):
 _FORCED_STRATEGY: str | None = None
 
 
+# Below this many multiply-adds (about the forward's), the blocked im2row
+# form's extra ops cost more than XLA's own convolution saves.
+_SMALL_CONV_MACS = 2 * 10**7
+
+
 def _choose_strategy(x_shape, w_shape, stride, dilation, groups) -> str:
+    """The backward implementation for this platform and shape.
+
+    On CPU, XLA's convolution backward runs at 3-60 GFLOP/s, while the same
+    formulas as cache-sized GEMMs (``"im2row_blocked"``) run near the matrix
+    product's speed (benchmarks/README.md), for every stride, padding,
+    dilation and group count; tiny convolutions keep ``"conv"``.  On GPU the
+    convolution form maps onto cuDNN: ``"conv"``.
+    """
     if _FORCED_STRATEGY is not None:
         return _FORCED_STRATEGY
-    return "conv"
+    if jax.default_backend() != "cpu":
+        return "conv"
+    n, h, w, _ = x_shape
+    kh, kw, cg, o = w_shape
+    macs = n * (h // stride[0]) * (w // stride[1]) * kh * kw * cg * o
+    return "im2row_blocked" if macs >= _SMALL_CONV_MACS else "conv"
 
 
 def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
@@ -145,9 +163,9 @@ def _conv2d(config: ConvConfig, x, w, b):
 
 
 def _conv2d_fwd(config: ConvConfig, x, w, b):
-    # Residuals are the inputs autodiff keeps, x and w; b (O numbers, or None)
-    # only records whether a bias gradient is owed.
-    return _forward(config, x, w, b), (x, w, b)
+    # Residuals are the inputs autodiff keeps, x and w, and no more: whether a
+    # bias gradient is owed travels as an empty pytree, () or None, not as b.
+    return _forward(config, x, w, b), (x, w, None if b is None else ())
 
 
 def _stride_remainder(size: int, lo: int, hi: int, k: int, s: int, d: int) -> int:
@@ -249,10 +267,55 @@ def _backward_im2row(config: ConvConfig, x, w, g):
     return dx, dw
 
 
+# Bytes of phi(X) one block of the blocked im2row form may hold: a few MiB,
+# so that a block is written and read back while still in cache.
+_IM2ROW_BLOCK_BYTES = 6 * 2**20
+
+
+def _batch_block(n: int, bytes_per_image: int, budget: int) -> int:
+    """The largest divisor of ``n`` whose images' phi rows fit in ``budget`` (at least 1)."""
+    fits = max(1, budget // max(1, bytes_per_image))
+    return max(d for d in range(1, min(n, fits) + 1) if n % d == 0)
+
+
+def _backward_im2row_blocked(config: ConvConfig, x, w, g):
+    """The im2row form (seed 004) over blocks of the batch: (dL/dx, dL/dw).
+
+    ``phi(X)^T dY`` is a sum over the rows of phi, one row per output position,
+    so it splits over images: ``dF = sum_b phi(X_b)^T dY_b``; and ``phi*`` acts
+    on each image alone, so ``dX_b = phi*(dY_b F^T)``.  A ``lax.scan`` over
+    batch blocks runs :func:`_backward_im2row` on each block, sized so that
+    the block's phi (``B*Ho*Wo`` rows of ``KH*KW*C``) stays in cache; the
+    products are then GEMMs at close to the machine's matrix-product speed,
+    where the whole phi would be ``KH*KW`` times the input, streamed from
+    memory.  Same formula, same sums, only grouped by image.
+    """
+    n = x.shape[0]
+    _, ho, wo, _ = g.shape
+    kh, kw, cg, _ = w.shape
+    bytes_per_image = ho * wo * kh * kw * cg * config.groups * x.dtype.itemsize
+    block = _batch_block(n, bytes_per_image, _IM2ROW_BLOCK_BYTES)
+    if block == n:
+        return _backward_im2row(config, x, w, g)
+    blocks = n // block
+
+    def one_block(dw, xg):
+        xb, gb = xg
+        dxb, dwb = _backward_im2row(config, xb, w, gb)
+        return dw + dwb, dxb
+
+    dw, dx = lax.scan(
+        one_block,
+        jnp.zeros(w.shape, w.dtype),
+        (x.reshape(blocks, block, *x.shape[1:]), g.reshape(blocks, block, *g.shape[1:])),
+    )
+    return dx.reshape(x.shape), dw
+
+
 def _conv2d_bwd(config: ConvConfig, residuals, g):
-    x, w, b = residuals
+    x, w, has_bias = residuals
     dx, dw = _BACKWARD_STRATEGIES[config.strategy](config, x, w, g)
-    db = g.sum(axis=(0, 1, 2)) if b is not None else None
+    db = g.sum(axis=(0, 1, 2)) if has_bias is not None else None
     return dx, dw, db
 
 
@@ -263,4 +326,5 @@ _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 _BACKWARD_STRATEGIES = {
     "conv": _backward_conv,
     "im2row": _backward_im2row,
+    "im2row_blocked": _backward_im2row_blocked,
 }

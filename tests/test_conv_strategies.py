@@ -1,0 +1,158 @@
+"""conv2d's backward strategies beyond tests/test_conv.py: the blocked im2row form
+split into several batch blocks (test_conv.py's small shapes fit in one block),
+the platform/shape switch, and residual memory against autodiff."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from jax.ad_checkpoint import print_saved_residuals
+
+import jaxconv
+from jaxconv import conv as conv_module
+from jaxconv import reference
+from jaxconv.verify import check_vjp
+
+from .strategies import conv_configs
+
+BLOCKED_GRID = [
+    # x shape, w shape, options: batches of 4-6 images cut into blocks of 1-3.
+    ((4, 6, 6, 3), (3, 3, 3, 4), dict()),
+    ((6, 7, 8, 4), (3, 3, 2, 6), dict(stride=2, padding=1, groups=2)),
+    ((4, 9, 9, 3), (3, 2, 3, 2), dict(stride=3, padding="SAME", dilation=2)),
+    ((4, 6, 5, 6), (3, 3, 1, 6), dict(padding=((2, 0), (1, 3)), groups=6)),
+    ((6, 12, 11, 2), (5, 5, 2, 3), dict(stride=3)),
+]
+
+
+def _arrays(rng, x_shape, w_shape, bias, dtype=np.float64):
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[-1]).astype(dtype) if bias else None
+    return x, w, b
+
+
+def _pair(options):
+    return (lambda x, w, b: jaxconv.conv2d(x, w, b, **options),
+            lambda x, w, b: reference.conv2d(x, w, b, **options))
+
+
+@pytest.fixture(params=[1, 2, 3])
+def blocked(request, monkeypatch):
+    """Force "im2row_blocked" with a block budget of about `param` images."""
+    monkeypatch.setattr(conv_module, "_FORCED_STRATEGY", "im2row_blocked")
+    return request.param
+
+
+def _set_budget(monkeypatch, images, x_shape, w_shape, options):
+    """A phi budget that holds exactly ``images`` images of this convolution."""
+    out = jax.eval_shape(lambda x, w: reference.conv2d(x, w, **options),
+                         jnp.zeros(x_shape), jnp.zeros(w_shape)).shape
+    per_image = out[1] * out[2] * w_shape[0] * w_shape[1] * x_shape[3] * 8
+    monkeypatch.setattr(conv_module, "_IM2ROW_BLOCK_BYTES", images * per_image)
+    n = x_shape[0]
+    block = conv_module._batch_block(n, per_image, images * per_image)
+    assert block < n and n % block == 0  # really split into several blocks
+    return block
+
+
+@pytest.mark.parametrize("x_shape,w_shape,options", BLOCKED_GRID)
+def test_blocked_float64_full_check(blocked, monkeypatch, x_shape, w_shape, options):
+    _set_budget(monkeypatch, blocked, x_shape, w_shape, options)
+    f, ref = _pair(options)
+    report = check_vjp(f, ref, *_arrays(np.random.default_rng(0), x_shape, w_shape, True), names=("x", "w", "b"))
+    report.assert_ok()
+    assert report.worst("vjp") <= 1e-12
+
+
+@pytest.mark.parametrize("x_shape,w_shape,options", BLOCKED_GRID[:3])
+def test_blocked_float32(monkeypatch, x_shape, w_shape, options):
+    monkeypatch.setattr(conv_module, "_FORCED_STRATEGY", "im2row_blocked")
+    _set_budget(monkeypatch, 2, x_shape, w_shape, options)
+    f, ref = _pair(options)
+    report = check_vjp(f, ref, *_arrays(np.random.default_rng(1), x_shape, w_shape, True, np.float32),
+                       dtype=jnp.float32, finite_differences=False, second_order=False)
+    report.assert_ok()
+    assert report.worst("vjp") <= 1e-5
+
+
+@settings(max_examples=6)
+@given(config=conv_configs())
+def test_blocked_hypothesis(config):
+    """Drawn configurations with batch 2-6, blocks of one image: every block path."""
+    x_shape = (2 * config["x_shape"][0],) + config["x_shape"][1:]
+    previous = conv_module._FORCED_STRATEGY, conv_module._IM2ROW_BLOCK_BYTES
+    conv_module._FORCED_STRATEGY, conv_module._IM2ROW_BLOCK_BYTES = "im2row_blocked", 1
+    try:
+        f, ref = _pair(config["options"])
+        args = _arrays(np.random.default_rng(2), x_shape, config["w_shape"], config["bias"])
+        check_vjp(f, ref, *args, finite_differences=False, second_order=False).assert_ok()
+    finally:
+        conv_module._FORCED_STRATEGY, conv_module._IM2ROW_BLOCK_BYTES = previous
+
+
+def test_blocked_vmap_and_jit(monkeypatch):
+    monkeypatch.setattr(conv_module, "_FORCED_STRATEGY", "im2row_blocked")
+    monkeypatch.setattr(conv_module, "_IM2ROW_BLOCK_BYTES", 1)
+    rng = np.random.default_rng(3)
+    xs = jnp.asarray(rng.standard_normal((3, 4, 6, 6, 2)))
+    ws = jnp.asarray(rng.standard_normal((3, 3, 3, 2, 4)))
+    opts = dict(stride=2, padding=1)
+    batched = lambda op: jax.vmap(lambda x, w: op(x, w, **opts))
+    check_vjp(batched(jaxconv.conv2d), batched(reference.conv2d), xs, ws).assert_ok()
+
+
+@pytest.mark.parametrize("n,per_image,budget,expected", [
+    (128, 10, 45, 4), (128, 10, 10**9, 128), (128, 10, 5, 1), (7, 1, 6, 1), (12, 1, 5, 4), (1, 100, 1, 1),
+])
+def test_batch_block_is_largest_fitting_divisor(n, per_image, budget, expected):
+    assert conv_module._batch_block(n, per_image, budget) == expected
+
+
+def test_switch_by_platform_and_shape(monkeypatch):
+    choose = conv_module._choose_strategy
+    big = ((128, 32, 32, 64), (3, 3, 64, 64), (1, 1), (1, 1), 1)
+    tiny = ((2, 6, 6, 3), (3, 3, 3, 4), (1, 1), (1, 1), 1)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert choose(*big) == "im2row_blocked"
+    assert choose(*tiny) == "conv"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert choose(*big) == "conv"
+    monkeypatch.setattr(conv_module, "_FORCED_STRATEGY", "im2row")
+    assert choose(*big) == "im2row"
+    for name in {choose(*big), choose(*tiny), "conv", "im2row_blocked"}:
+        assert name in conv_module._BACKWARD_STRATEGIES
+
+
+def _residual_bytes(capsys, f, *args):
+    """Bytes of what reverse mode keeps for ``f``, read off print_saved_residuals."""
+    capsys.readouterr()
+    print_saved_residuals(f, *args)
+    lines = capsys.readouterr().out.splitlines()
+    sizes = {"f16": 2, "bf16": 2, "f32": 4, "f64": 8}
+    total = 0
+    for line in lines:
+        match = re.match(r"(\w+)\[([\d,]*)\]", line)
+        assert match, line
+        dims = [int(d) for d in match.group(2).split(",") if d]
+        total += sizes[match.group(1)] * int(np.prod(dims))
+    return total, lines
+
+
+@pytest.mark.parametrize("strategy", sorted(conv_module._BACKWARD_STRATEGIES))
+@pytest.mark.parametrize("bias", [False, True])
+def test_saves_no_more_residuals_than_autodiff(monkeypatch, capsys, strategy, bias):
+    """The rule keeps x and w, as autodiff does, never phi, the output or b."""
+    monkeypatch.setattr(conv_module, "_FORCED_STRATEGY", strategy)
+    x, w = jnp.zeros((8, 12, 12, 4)), jnp.zeros((3, 3, 4, 6))
+    b = jnp.zeros(6) if bias else None
+    opts = dict(stride=2, padding="SAME")
+    ours, ours_lines = _residual_bytes(capsys, lambda x, w: jaxconv.conv2d(x, w, b, **opts).sum(), x, w)
+    autodiff, _ = _residual_bytes(capsys, lambda x, w: reference.conv2d(x, w, b, **opts).sum(), x, w)
+    assert ours <= autodiff, ours_lines
+    assert ours == (x.size + w.size) * x.dtype.itemsize
