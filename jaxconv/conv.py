@@ -269,7 +269,7 @@ def _backward_im2row(config: ConvConfig, x, w, g):
 
 # Bytes of phi(X) one block of the blocked im2row form may hold: a few MiB,
 # so that a block is written and read back while still in cache.
-_IM2ROW_BLOCK_BYTES = 6 * 2**20
+_IM2ROW_BLOCK_BYTES = 4 * 2**20
 
 
 def _batch_block(n: int, bytes_per_image: int, budget: int) -> int:

@@ -1,0 +1,504 @@
+"""Benchmarks: jaxconv's hand-written VJPs side by side with jax.grad and PyTorch.
+
+Run from the repository root::
+
+    python benchmarks/run.py                 # everything, a few minutes on 2 CPU cores
+    python benchmarks/run.py --quick         # fewer shapes, for a smoke run
+    python benchmarks/run.py --only conv,pool,step
+
+Sections (see benchmarks/README.md):
+
+* ``peak``: float32 matrix product (2048^3), the machine's reference GFLOP/s.
+* ``conv``: per shape, the forward and the VJP (dL/dx and dL/dw from dL/dy) of
+  ``jaxconv.conv2d`` against ``jax.vjp`` of ``jaxconv.reference.conv2d`` (XLA's
+  autodiff), with GFLOP/s of the backward (2x the forward's multiply-adds x 2).
+* ``pool``, ``lrn``, ``loss``: the same for max/avg pooling, LRN and softmax
+  cross-entropy (skipped, with the reason recorded, if an op is not there yet).
+* ``step``: one jitted SGD training step of LeNet-MNIST, LeNet-CIFAR and a small
+  ResNet with jaxconv's ops, with the same network in plain lax under
+  ``jax.grad``, and in PyTorch CPU when ``torch`` is importable; achieved GFLOP/s
+  (useful multiply-adds: forward, dX except for the input layer, dW) and their
+  fraction of the matrix-product peak; XLA's compiled memory for each step.
+
+Every time is the median of ``--runs`` (>= 10) calls after a warm-up call,
+each ended by ``block_until_ready``, all in this one process.  Results go to
+``benchmarks/results/<device>.json`` and ``<device>.md``, and the markdown table
+into benchmarks/README.md between this device's markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxconv
+from jaxconv import reference
+
+HERE = Path(__file__).resolve().parent
+SECTIONS = ("peak", "conv", "pool", "lrn", "loss", "step")
+
+# (N, H, W, C) -> O with a k x k kernel: the issue's shapes.  The 5x5 ones are
+# LeNet-CIFAR's two layers (VALID), the 3x3 ones ResNet-style (SAME).
+CONV_SHAPES = [
+    dict(x=(128, 32, 32, 3), o=64, k=5, stride=1, padding="VALID"),
+    dict(x=(128, 14, 14, 64), o=128, k=5, stride=1, padding="VALID"),
+    dict(x=(128, 32, 32, 64), o=64, k=3, stride=1, padding="SAME"),
+    dict(x=(128, 16, 16, 128), o=128, k=3, stride=1, padding="SAME"),
+    dict(x=(128, 32, 32, 64), o=128, k=3, stride=2, padding="SAME"),
+]
+
+
+# --- timing --------------------------------------------------------------------
+
+def timed(fn, *args, runs: int) -> dict:
+    """Median (and min) seconds of ``runs`` calls of ``fn(*args)`` after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return dict(median_s=statistics.median(times), min_s=min(times), runs=runs)
+
+
+def torch_timed(fn, runs: int) -> dict:
+    fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return dict(median_s=statistics.median(times), min_s=min(times), runs=runs)
+
+
+def vjp_program(f, nargs: int):
+    """jit of ``(args, g) -> all cotangents``: the forward is kept only where the rule needs it."""
+    def pullback(*args_and_g):
+        args, g = args_and_g[:nargs], args_and_g[nargs]
+        return jax.vjp(f, *args)[1](g)
+    return jax.jit(pullback)
+
+
+def compare_vjp(name, ours, ref, args, runs, flops=None, extra=None):
+    """One row: forward and VJP times of ``ours`` against autodiff of ``ref``."""
+    y = jax.jit(ref)(*args)
+    g = jnp.asarray(np.random.default_rng(1).standard_normal(y.shape), y.dtype)
+    ours_vjp, ref_vjp = vjp_program(ours, len(args)), vjp_program(ref, len(args))
+    got, want = ours_vjp(*args, g), ref_vjp(*args, g)
+    error = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30)) for a, b in zip(got, want))
+    row = dict(op=name, forward=timed(jax.jit(ours), *args, runs=runs),
+               jaxconv=timed(ours_vjp, *args, g, runs=runs),
+               autodiff=timed(ref_vjp, *args, g, runs=runs), max_rel_error_f32=error)
+    row["speedup"] = row["autodiff"]["median_s"] / row["jaxconv"]["median_s"]
+    if flops:
+        row["backward_flops"] = flops
+        row["gflops_jaxconv"] = flops / row["jaxconv"]["median_s"] / 1e9
+        row["gflops_autodiff"] = flops / row["autodiff"]["median_s"] / 1e9
+    row.update(extra or {})
+    print(f"  {name:42s} jaxconv {row['jaxconv']['median_s']*1e3:8.1f} ms  autodiff "
+          f"{row['autodiff']['median_s']*1e3:8.1f} ms  x{row['speedup']:.2f}  err {error:.1e}", flush=True)
+    return row
+
+
+def missing(*names, module=jaxconv):
+    return [n for n in names if not hasattr(module, n)]
+
+
+# --- sections --------------------------------------------------------------------
+
+def bench_peak(runs):
+    n = 2048
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.standard_normal((n, n)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((n, n)), jnp.float32)
+    t = timed(jax.jit(jnp.matmul), a, b, runs=runs)
+    gflops = 2 * n**3 / t["median_s"] / 1e9
+    print(f"  matmul {n}^3 float32: {gflops:.1f} GFLOP/s", flush=True)
+    return dict(op=f"matmul {n}x{n}x{n} f32", time=t, gflops=gflops)
+
+
+def bench_conv(runs, quick):
+    rows = []
+    rng = np.random.default_rng(0)
+    for spec in CONV_SHAPES[:2] if quick else CONV_SHAPES:
+        n, h, w, c = spec["x"]
+        k, o = spec["k"], spec["o"]
+        opts = dict(stride=spec["stride"], padding=spec["padding"])
+        x = jnp.asarray(rng.standard_normal(spec["x"]), jnp.float32)
+        wt = jnp.asarray(rng.standard_normal((k, k, c, o)) / np.sqrt(k * k * c), jnp.float32)
+        ours = lambda x, w, opts=opts: jaxconv.conv2d(x, w, **opts)
+        ref = lambda x, w, opts=opts: reference.conv2d(x, w, **opts)
+        out = jax.eval_shape(ref, x, wt).shape
+        macs = int(np.prod(out)) * k * k * c
+        name = f"conv ({n},{h},{w},{c}->{o},{k}) s{spec['stride']} {spec['padding']}"
+        from jaxconv import conv as conv_module  # which backward the switch picks
+        strategy = conv_module._choose_strategy(x.shape, wt.shape, (spec["stride"],) * 2, (1, 1), 1)
+        row = compare_vjp(name, ours, ref, (x, wt), runs, flops=4 * macs,
+                          extra=dict(forward_flops=2 * macs, strategy=strategy))
+        row["gflops_forward"] = 2 * macs / row["forward"]["median_s"] / 1e9
+        rows.append(row)
+    return rows
+
+
+def bench_pool(runs, quick):
+    absent = missing("max_pool2d", "avg_pool2d") + [f"reference.{n}" for n in missing("max_pool2d", "avg_pool2d", module=reference)]
+    if absent:
+        print(f"  skipped: {absent} not available", flush=True)
+        return [dict(op="pooling", skipped=f"not available: {absent}")]
+    rng = np.random.default_rng(0)
+    # A permutation: no ties, so every rule routes the gradient the same way.
+    x = jnp.asarray(rng.permutation(128 * 32 * 32 * 64).reshape(128, 32, 32, 64) / 1e6, jnp.float32)
+    cases = [("max_pool2d", 2, 2, "VALID"), ("max_pool2d", 3, 2, "VALID"), ("avg_pool2d", 2, 2, "VALID"),
+             ("avg_pool2d", 3, 2, "SAME")]
+    rows = []
+    for op, window, stride, padding in cases[:2] if quick else cases:
+        opts = dict(stride=stride, padding=padding)
+        ours = lambda x, op=op, window=window, opts=opts: getattr(jaxconv, op)(x, window, **opts)
+        ref = lambda x, op=op, window=window, opts=opts: getattr(reference, op)(x, window, **opts)
+        rows.append(compare_vjp(f"{op} {window}x{window}/{stride} {padding} (128,32,32,64)", ours, ref, (x,), runs))
+    return rows
+
+
+def bench_lrn(runs, quick):
+    if missing("lrn") or missing("lrn", module=reference):
+        return [dict(op="lrn", skipped="not available")]
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((128, 16, 16, 96)), jnp.float32)
+    opts = dict(size=5, kappa=2.0, alpha=1e-4, beta=0.75)
+    return [compare_vjp("lrn size 5 (128,16,16,96)", lambda x: jaxconv.lrn(x, **opts),
+                        lambda x: reference.lrn(x, **opts), (x,), runs)]
+
+
+def bench_loss(runs, quick):
+    if missing("softmax_cross_entropy") or missing("softmax_cross_entropy", module=reference):
+        return [dict(op="softmax_cross_entropy", skipped="not available")]
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.standard_normal((1024, 1000)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 1000, 1024))
+    return [compare_vjp("softmax_cross_entropy (1024, 1000)",
+                        lambda s: jaxconv.softmax_cross_entropy(s, labels),
+                        lambda s: reference.softmax_cross_entropy(s, labels), (logits,), runs)]
+
+
+# --- training steps ------------------------------------------------------------------
+# The networks are written once against an ``ops`` namespace, so the jaxconv
+# column and the plain-lax (autodiff) column run the same architecture, and
+# a counting namespace reads their multiply-adds off the shapes.
+
+STEP_OPS = ("conv2d", "max_pool2d", "relu", "linear", "flatten", "softmax_cross_entropy")
+
+
+def _he(rng, shape, fan_in):
+    return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+
+def lenet(in_shape, channels, hidden=256, classes=10):
+    """conv5x5 VALID - ReLU - maxpool 2 - conv5x5 VALID - ReLU - maxpool 2 - FC - ReLU - FC."""
+    _, h, w, c = in_shape
+    c1, c2 = channels
+    side_h, side_w = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
+    flat = side_h * side_w * c2
+
+    def init(rng):
+        return dict(w1=_he(rng, (5, 5, c, c1), 25 * c), b1=np.zeros(c1, np.float32),
+                    w2=_he(rng, (5, 5, c1, c2), 25 * c1), b2=np.zeros(c2, np.float32),
+                    w3=_he(rng, (flat, hidden), flat), b3=np.zeros(hidden, np.float32),
+                    w4=_he(rng, (hidden, classes), hidden), b4=np.zeros(classes, np.float32))
+
+    def apply(ops, p, x):
+        x = ops.max_pool2d(ops.relu(ops.conv2d(x, p["w1"], p["b1"])), 2)
+        x = ops.max_pool2d(ops.relu(ops.conv2d(x, p["w2"], p["b2"])), 2)
+        x = ops.relu(ops.linear(ops.flatten(x), p["w3"], p["b3"]))
+        return ops.linear(x, p["w4"], p["b4"])
+
+    def torch_module():
+        import torch.nn as tnn
+        return tnn.Sequential(
+            tnn.Conv2d(c, c1, 5), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Conv2d(c1, c2, 5), tnn.ReLU(), tnn.MaxPool2d(2),
+            tnn.Flatten(), tnn.Linear(flat, hidden), tnn.ReLU(), tnn.Linear(hidden, classes))
+
+    return init, apply, torch_module
+
+
+def resnet_small(in_shape, widths=(16, 32, 64), classes=10):
+    """conv3x3(16) - three stages of one basic block each (16, 32, 64 channels; the
+    2nd and 3rd start with stride 2 and a 1x1 projection) - global mean - FC.
+    No batch norm (jaxconv has none); He initialisation."""
+    c_in = in_shape[3]
+
+    def init(rng):
+        p = dict(stem=_he(rng, (3, 3, c_in, widths[0]), 9 * c_in), stem_b=np.zeros(widths[0], np.float32))
+        prev = widths[0]
+        for i, wd in enumerate(widths):
+            p[f"s{i}a"] = _he(rng, (3, 3, prev, wd), 9 * prev)
+            p[f"s{i}b"] = _he(rng, (3, 3, wd, wd), 9 * wd) * 0.5
+            if i:
+                p[f"s{i}p"] = _he(rng, (1, 1, prev, wd), prev)
+            prev = wd
+        p["fc"], p["fc_b"] = _he(rng, (prev, classes), prev), np.zeros(classes, np.float32)
+        return p
+
+    def apply(ops, p, x):
+        x = ops.relu(ops.conv2d(x, p["stem"], p["stem_b"], padding="SAME"))
+        for i in range(len(widths)):
+            s = 1 if i == 0 else 2
+            h = ops.relu(ops.conv2d(x, p[f"s{i}a"], stride=s, padding="SAME"))
+            h = ops.conv2d(h, p[f"s{i}b"], padding="SAME")
+            skip = x if i == 0 else ops.conv2d(x, p[f"s{i}p"], stride=s)
+            x = ops.relu(h + skip)
+        return ops.linear(jnp.mean(x, axis=(1, 2)), p["fc"], p["fc_b"])
+
+    def torch_module():
+        import torch
+        import torch.nn as tnn
+
+        class Block(tnn.Module):
+            def __init__(self, cin, cout, stride):
+                super().__init__()
+                self.a = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+                self.b = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+                self.p = tnn.Conv2d(cin, cout, 1, stride, bias=False) if stride > 1 else None
+
+            def forward(self, x):
+                h = self.b(torch.relu(self.a(x)))
+                return torch.relu(h + (x if self.p is None else self.p(x)))
+
+        layers = [tnn.Conv2d(c_in, widths[0], 3, 1, 1), tnn.ReLU()]
+        prev = widths[0]
+        for i, wd in enumerate(widths):
+            layers.append(Block(prev, wd, 1 if i == 0 else 2))
+            prev = wd
+        return tnn.Sequential(*layers, tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(prev, classes))
+
+    return init, apply, torch_module
+
+
+NETS = {
+    "LeNet-MNIST": (lambda: lenet((128, 28, 28, 1), (32, 64)), (128, 28, 28, 1)),
+    "LeNet-CIFAR": (lambda: lenet((128, 32, 32, 3), (64, 128)), (128, 32, 32, 3)),
+    "resnet_small": (lambda: resnet_small((128, 32, 32, 3)), (128, 32, 32, 3)),
+}
+
+
+class _Counter:
+    """An ``ops`` namespace (the reference ops) that records each layer's multiply-adds."""
+
+    def __init__(self):
+        self.network_input = None
+        self.layers = []  # (kind, multiply-adds, whether it reads the network input: no dX owed)
+
+    def __getattr__(self, name):
+        return getattr(reference, name)
+
+    def conv2d(self, x, w, b=None, **opts):
+        y = reference.conv2d(x, w, b, **opts)
+        self.layers.append(("conv", int(np.prod(y.shape)) * int(np.prod(w.shape[:3])), x is self.network_input))
+        return y
+
+    def linear(self, x, w, b=None):
+        self.layers.append(("linear", int(x.shape[0]) * int(np.prod(w.shape)), False))
+        return reference.linear(x, w, b)
+
+
+def training_flops(apply, params, x_shape):
+    """Useful FLOPs of one step: 2 x multiply-adds for the forward, dW, and dX except the input layer's."""
+    counter = _Counter()
+
+    def run(p, x):
+        counter.network_input = x
+        return apply(counter, p, x)
+
+    jax.eval_shape(run, params, jax.ShapeDtypeStruct(x_shape, jnp.float32))
+    total = sum(2 * macs * (2 if is_input else 3) for _, macs, is_input in counter.layers)
+    return total, counter.layers
+
+
+def bench_steps(runs, quick, peak_gflops):
+    absent = missing(*STEP_OPS) + [f"reference.{n}" for n in missing(*STEP_OPS, module=reference)]
+    if absent:
+        print(f"  skipped: {absent} not available", flush=True)
+        return [dict(net="all", skipped=f"not available: {absent}")]
+    try:
+        import torch
+        torch.set_num_threads(os.cpu_count() or 1)
+    except ImportError:
+        torch = None
+    rows = []
+    for net_name, (make, x_shape) in NETS.items():
+        if quick and net_name != "LeNet-CIFAR":
+            continue
+        init, apply, torch_module = make()
+        rng = np.random.default_rng(0)
+        params = jax.tree.map(jnp.asarray, init(rng))
+        x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+        labels = jnp.asarray(rng.integers(0, 10, x_shape[0]))
+        flops, layers = training_flops(apply, params, x_shape)
+        row = dict(net=net_name, batch=x_shape, step_flops=flops)
+        for column, ops in (("jaxconv", jaxconv), ("autodiff", reference)):
+            def loss(p, x, y, ops=ops):
+                return ops.softmax_cross_entropy(apply(ops, p, x), y)
+
+            def step(p, x, y, loss=loss):
+                value, grads = jax.value_and_grad(loss)(p, x, y)
+                return jax.tree.map(lambda a, g: a - 0.01 * g, p, grads), value
+
+            program = jax.jit(step)
+            compiled = program.lower(params, x, labels).compile()
+            t = timed(compiled, params, x, labels, runs=runs)
+            memory = compiled.memory_analysis()
+            row[column] = dict(time=t, gflops=flops / t["median_s"] / 1e9,
+                               peak_fraction=flops / t["median_s"] / 1e9 / peak_gflops,
+                               loss=float(program(params, x, labels)[1]),
+                               temp_bytes=getattr(memory, "temp_size_in_bytes", None),
+                               argument_bytes=getattr(memory, "argument_size_in_bytes", None),
+                               output_bytes=getattr(memory, "output_size_in_bytes", None))
+        if torch is not None:
+            model = torch_module()
+            opt = torch.optim.SGD(model.parameters(), lr=0.01)
+            tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+            ty = torch.from_numpy(np.asarray(labels)).long()
+
+            def torch_step():
+                opt.zero_grad(set_to_none=True)
+                value = torch.nn.functional.cross_entropy(model(tx), ty)
+                value.backward()
+                opt.step()
+                return value
+
+            t = torch_timed(torch_step, runs)
+            row["pytorch"] = dict(time=t, gflops=flops / t["median_s"] / 1e9,
+                                  peak_fraction=flops / t["median_s"] / 1e9 / peak_gflops,
+                                  version=torch.__version__, threads=torch.get_num_threads())
+        row["speedup_vs_autodiff"] = row["autodiff"]["time"]["median_s"] / row["jaxconv"]["time"]["median_s"]
+        if "pytorch" in row:
+            row["speedup_vs_pytorch"] = row["pytorch"]["time"]["median_s"] / row["jaxconv"]["time"]["median_s"]
+        print(f"  {net_name:13s} jaxconv {row['jaxconv']['time']['median_s']*1e3:7.1f} ms "
+              f"({row['jaxconv']['gflops']:.0f} GFLOP/s, {row['jaxconv']['peak_fraction']:.0%} of peak)  "
+              f"autodiff {row['autodiff']['time']['median_s']*1e3:7.1f} ms  "
+              + (f"pytorch {row['pytorch']['time']['median_s']*1e3:7.1f} ms" if "pytorch" in row else "pytorch n/a"),
+              flush=True)
+        rows.append(row)
+    return rows
+
+
+# --- report --------------------------------------------------------------------
+
+def device_name() -> str:
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return f"cpu-{os.cpu_count()}core"
+    return f"{dev.platform}-" + "".join(ch if ch.isalnum() else "-" for ch in dev.device_kind.lower()).strip("-")
+
+
+def ms(t):
+    return f"{t['median_s'] * 1e3:.1f}"
+
+
+def markdown(result) -> str:
+    out = [f"### {result['device']} ({result['device_kind']}), jax {result['jax_version']}, {result['date']}", ""]
+    peak = result.get("peak")
+    if peak:
+        out += [f"Matrix-product peak (float32 2048³): **{peak['gflops']:.0f} GFLOP/s**. "
+                f"Times are medians of {peak['time']['runs']} runs, float32.", ""]
+    ops = result.get("conv", []) + result.get("pool", []) + result.get("lrn", []) + result.get("loss", [])
+    if ops:
+        out += ["| op (VJP: all input cotangents) | jaxconv ms | jax.vjp of reference ms | speedup | "
+                "backward GFLOP/s (jaxconv / autodiff) | of peak |", "|---|---:|---:|---:|---:|---:|"]
+        for r in ops:
+            if "skipped" in r:
+                out.append(f"| {r['op']} | — | — | — | {r['skipped']} | |")
+                continue
+            gf = (f"{r['gflops_jaxconv']:.0f} / {r['gflops_autodiff']:.0f}" if "gflops_jaxconv" in r else "")
+            frac = f"{r['gflops_jaxconv'] / peak['gflops']:.0%}" if "gflops_jaxconv" in r and peak else ""
+            out.append(f"| {r['op']} | {ms(r['jaxconv'])} | {ms(r['autodiff'])} | {r['speedup']:.2f}× | {gf} | {frac} |")
+        out.append("")
+    steps = result.get("step", [])
+    if steps:
+        out += ["| training step (batch 128, SGD) | jaxconv ms | jax.grad (plain lax) ms | PyTorch CPU ms | "
+                "vs autodiff | vs PyTorch | jaxconv GFLOP/s (of peak) | XLA temp MiB (jaxconv / autodiff) |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in steps:
+            if "skipped" in r:
+                out.append(f"| {r['net']} | {r['skipped']} | | | | | | |")
+                continue
+            pt = r.get("pytorch")
+            mib = lambda b: f"{b / 2**20:.0f}" if b is not None else "?"
+            out.append(
+                f"| {r['net']} | {ms(r['jaxconv']['time'])} | {ms(r['autodiff']['time'])} | "
+                f"{ms(pt['time']) if pt else 'n/a'} | {r['speedup_vs_autodiff']:.2f}× | "
+                f"{(str(round(r['speedup_vs_pytorch'], 2)) + '×') if pt else 'n/a'} | "
+                f"{r['jaxconv']['gflops']:.0f} ({r['jaxconv']['peak_fraction']:.0%}) | "
+                f"{mib(r['jaxconv']['temp_bytes'])} / {mib(r['autodiff']['temp_bytes'])} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def update_readme(device: str, table: str) -> None:
+    """Put ``table`` between this device's markers in benchmarks/README.md (append if absent)."""
+    readme = HERE / "README.md"
+    begin, end = f"<!-- results:{device}:begin -->", f"<!-- results:{device}:end -->"
+    text = readme.read_text() if readme.exists() else "# Benchmarks\n"
+    block = f"{begin}\n{table}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    readme.write_text(text)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--quick", action="store_true", help="two conv shapes, two pools, LeNet-CIFAR only")
+    parser.add_argument("--runs", type=int, default=10, help="timed calls per measurement (>= 10 for reported figures)")
+    parser.add_argument("--out", default=str(HERE / "results"), help="folder for <device>.json and <device>.md")
+    parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
+    args = parser.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        parser.error(f"--only: unknown sections {unknown}; choose from {SECTIONS}")
+
+    device = device_name()
+    result = dict(device=device, device_kind=jax.devices()[0].device_kind, platform=jax.default_backend(),
+                  jax_version=jax.__version__, jaxconv_version=jaxconv.__version__, python=platform.python_version(),
+                  cpu_count=os.cpu_count(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  runs=args.runs, quick=args.quick, load_average=os.getloadavg() if hasattr(os, "getloadavg") else None)
+    print(f"device {device}, jax {jax.__version__}, {args.runs} runs per figure", flush=True)
+    started = time.perf_counter()
+    # The peak is the yardstick of every GFLOP/s fraction, so it is always measured.
+    print("peak:", flush=True)
+    result["peak"] = bench_peak(args.runs)
+    sections = dict(conv=bench_conv, pool=bench_pool, lrn=bench_lrn, loss=bench_loss)
+    for name in only:
+        if name in sections:
+            print(f"{name}:", flush=True)
+            result[name] = sections[name](args.runs, args.quick)
+    if "step" in only:
+        print("step:", flush=True)
+        result["step"] = bench_steps(args.runs, args.quick, result["peak"]["gflops"])
+    result["total_seconds"] = time.perf_counter() - started
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{device}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    table = markdown(result)
+    (out / f"{device}.md").write_text(table + "\n")
+    if not args.no_readme and Path(args.out).resolve() == (HERE / "results").resolve():
+        update_readme(device, table)
+    print(table)
+    print(f"wrote {out / (device + '.json')} in {result['total_seconds']:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
