@@ -5,6 +5,7 @@ from . import matrix
 from .conv import conv2d
 from .layers import flatten, linear, relu
 from .losses import l2_penalty, log_loss, softmax, softmax_cross_entropy
+from .pool import avg_pool2d, max_pool2d
 from .lrn import (
     lrn,
     lrn_params_from_caffe,
@@ -16,6 +17,8 @@ from .lrn import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "avg_pool2d",
+    "max_pool2d",
     "conv2d",
     "flatten",
     "l2_penalty",

@@ -18,6 +18,7 @@ from .conv import conv2d
 from .layers import flatten, linear, relu
 from .losses import l2_penalty, log_loss, softmax, softmax_cross_entropy
 from .lrn import lrn
+from .pool import avg_pool2d, max_pool2d
 
 
 @dataclasses.dataclass
@@ -63,6 +64,55 @@ def conv2d_cases(rng) -> list[Case]:
 
 
 # --- pooling cases ------------------------------------------------------------
+
+# Window, stride, padding: non-overlapping (the reshape strategy), overlapping
+# (the slices strategy, windows add), SAME, asymmetric padding, a stride
+# remainder (pixels no window reads) and a global pool (seed 002's AvPool).
+_POOL_GRID = [
+    # x shape, window, stride, padding
+    ((2, 6, 6, 3), 2, None, "VALID"),
+    ((2, 7, 8, 2), 3, 2, 1),
+    ((1, 9, 8, 2), (3, 2), (2, 1), "SAME"),
+    ((2, 5, 7, 3), 2, None, ((1, 0), (0, 1))),
+    ((1, 8, 7, 2), 3, 3, "VALID"),
+    ((2, 4, 4, 5), 4, None, "VALID"),
+]
+
+
+def _permutation(rng, *shape):
+    """Distinct values, none 0 (as tests/strategies.permutation_input): max pooling without ties."""
+    size = int(np.prod(shape))
+    return ((2.0 * (rng.permutation(size) + 1) - (size + 1) + 1.0 / 3.0) / (size + 1)).reshape(shape)
+
+
+def _pool_cases(rng, op: str, f_op, ref_op, extra: dict) -> list[Case]:
+    cases = []
+    for shape, window, stride, padding in _POOL_GRID:
+        options = dict(stride=stride, padding=padding, **extra)
+
+        def f(x, window=window, options=options):
+            return f_op(x, window, **options)
+
+        def ref(x, window=window, options=options):
+            return ref_op(x, window, **options)
+
+        extras = "".join(f" {k}={v}" for k, v in extra.items())
+        label = f"x{shape} window={window} s={stride} p={padding}{extras}"
+        cases.append(Case(op, label, f, ref, (_permutation(rng, *shape),), ("x",)))
+    return cases
+
+
+def avg_pool2d_cases(rng) -> list[Case]:
+    return [
+        case
+        for include in (True, False)
+        for case in _pool_cases(rng, "avg_pool2d", avg_pool2d, reference.avg_pool2d, dict(count_include_pad=include))
+    ]
+
+
+def max_pool2d_cases(rng) -> list[Case]:
+    return _pool_cases(rng, "max_pool2d", max_pool2d, reference.max_pool2d, {})
+
 
 
 # --- lrn cases ------------------------------------------------------------------
@@ -165,6 +215,8 @@ def l2_penalty_cases(rng) -> list[Case]:
 
 SUITES: dict[str, Callable[[np.random.Generator], list[Case]]] = {
     "conv2d": conv2d_cases,
+    "avg_pool2d": avg_pool2d_cases,
+    "max_pool2d": max_pool2d_cases,
     # pooling entries
     "lrn": lrn_cases,
     # lrn entries

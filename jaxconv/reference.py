@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from . import _args
@@ -34,6 +35,31 @@ def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
 
 
 # --- pooling (avg_pool2d, max_pool2d) ---------------------------------------
+
+def _pool_window(x, window, stride, padding):
+    window = _args.pair(window, "window")
+    stride = window if stride is None else _args.pair(stride, "stride")
+    pads = _args.padding_2d(padding, x.shape[1:3], window, stride)
+    return (1, *window, 1), (1, *stride, 1), ((0, 0), *pads, (0, 0))
+
+
+def avg_pool2d(x, window, *, stride=None, padding="VALID", count_include_pad=True):
+    """``reduce_window(add)`` divided by the area, or by ``reduce_window(add)`` of ones (the real count)."""
+    dims, strides, pads = _pool_window(x, window, stride, padding)
+    # NumPy scalars as init values: lax recognises the monoid and so can differentiate it.
+    zero = np.zeros((), x.dtype)
+    sums = lax.reduce_window(x, zero, lax.add, dims, strides, pads)
+    if count_include_pad:
+        return sums / (dims[1] * dims[2])
+    counts = lax.reduce_window(jnp.ones(x.shape, x.dtype), zero, lax.add, dims, strides, pads)
+    return sums / lax.stop_gradient(counts)
+
+
+def max_pool2d(x, window, *, stride=None, padding="VALID"):
+    """``lax.reduce_window(x, -inf, lax.max)``: jax.grad runs XLA's select_and_scatter."""
+    dims, strides, pads = _pool_window(x, window, stride, padding)
+    return lax.reduce_window(x, np.array(-np.inf, x.dtype), lax.max, dims, strides, pads)
+
 
 
 # --- local response normalisation --------------------------------------------

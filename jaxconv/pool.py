@@ -1,0 +1,378 @@
+r"""2-D average and max pooling with hand-derived backward passes.
+
+Both take ``x`` (N, H, W, C) in NHWC, a window ``(KH, KW)``, a stride
+``(sh, sw)`` (default: the window) and a padding ``((top, bottom), (left, right))``;
+per spatial dimension the output size is ``floor((H + top + bottom - KH) / sh) + 1``.
+Output ``(i, j)`` looks at padded rows ``sh*i + m`` and columns ``sw*j + p`` for
+``0 <= m < KH, 0 <= p < KW``, i.e. unpadded ``(sh*i + m - top, sw*j + p - left)``.
+
+In seed 004's notation the windows are the rows of ``phi(X)`` (im2row, one row
+per output position and channel), and ``phi*`` (row2im) is its adjoint: it adds
+every row's entries back to the pixels they were read from, so overlapping
+windows add.  ``phi*`` is written here as ``KH*KW`` zero-inserted pieces
+(``lax.pad`` with ``s - 1`` interior zeros, seed 003's "Inserted Grad"), one per
+window offset ``(m, p)``, each shifted to ``(m - top, p - left)``.
+
+**Average pooling** (seed 003 "Ave Pooling", seed 002's global ``AvPool``):
+
+.. math::
+
+    y_{n,i,j,c} = \frac{1}{D_{ij}} \sum_{m,p} xp_{n,\, s_h i + m,\, s_w j + p,\, c},
+    \qquad
+    \frac{\partial L}{\partial x} = \phi^*\!\Big(\frac{g}{D}\,\mathbf 1^\top\Big)
+
+with ``D_ij = KH*KW`` (``count_include_pad=True``, padding counts as zeros) or
+the number of real (unpadded) pixels in window ``(i, j)``
+(``count_include_pad=False``).  The backward spreads each output gradient,
+divided by its window's divisor, evenly over the window (seed 003:
+``grad x_ij = (1/k^2) grad y_(i/k)(j/k)``, here for any stride and padding).
+The all-ones window factorises into rows times columns, so the spread is done
+first along H (``KH`` pieces) then along W (``KW`` pieces): ``KH + KW`` shifted
+adds instead of ``KH * KW``.
+
+**Max pooling** (seed 004 §1.2): ``Y = phi(X) S`` with ``S`` selecting one entry
+of each row of ``phi(X)``, and
+
+.. math::
+
+    \frac{\partial L}{\partial x} = \phi^*\big(\tfrac{dL}{dY}\, S^\top\big):
+
+each output gradient goes, whole, to the one selected pixel of its window;
+overlapping windows add.  Padding counts as ``-inf``.
+
+Which entry ``S`` selects is XLA's rule (``select_and_scatter`` with ``>=``,
+what ``jax.grad`` of ``lax.reduce_window(x, -inf, lax.max)`` runs), reproduced
+exactly so the hand rule equals ``jax.grad`` even on ties: the window is read in
+row-major order ``(m, p)``, padded positions included, and the running choice
+is replaced by each next candidate unless ``choice >= candidate``.  So:
+
+* without NaN, the gradient goes to the **first maximum** in row-major window
+  order (ties: all-equal windows, integer-valued inputs, overlapping windows);
+* a window of ``-inf`` (or of padding only) selects its first position; if that
+  is padding, the gradient is dropped;
+* **NaN**: the output of a window holding a NaN is NaN (``lax.max`` propagates
+  it).  A NaN compares false, so it takes the choice over and hands it to the
+  next candidate: the gradient goes to the first maximum among the entries
+  *after the window's last NaN*, or to that NaN itself when it is the window's
+  last entry.  The gradient stays finite (it is ``g``, wherever it lands); it
+  equals ``jax.grad``'s.
+
+Backward strategies (one private switch, :func:`_choose_strategy`; both are the
+same formula and both are tested against ``jax.grad``):
+
+* ``"slices"``: any window, stride and padding.  The ``KH*KW`` window
+  positions are strided slices of the padded input (the columns of
+  ``phi(X)``); a running comparison over them gives the selected offset per
+  output (``S``); ``phi*`` adds the masked gradients back as zero-inserted
+  pieces.  No ``select_and_scatter``, no scatter, no gather.
+* ``"reshape"``: stride equal to the window (non-overlapping windows tile the
+  padded input).  The padded, cropped input is reshaped to
+  ``(N, Ho, KH, Wo, KW, C)``; ``phi`` and ``phi*`` are then reshapes, with no
+  shifted pieces at all.  Chosen automatically when it applies.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import _args
+
+
+class PoolConfig(NamedTuple):
+    """Static, hashable configuration of one pooling call."""
+
+    in_hw: tuple[int, int]
+    window: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[tuple[int, int], tuple[int, int]]
+    count_include_pad: bool  # average pooling only
+    strategy: str
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return tuple(
+            _args.output_size(size, lo, hi, k, s)
+            for size, (lo, hi), k, s in zip(self.in_hw, self.padding, self.window, self.stride)
+        )
+
+
+# The private switch: `_choose_strategy` picks "reshape" for non-overlapping
+# windows and "slices" otherwise; tests set `_FORCED_STRATEGY` to run each.
+# Forcing "reshape" where it cannot apply falls back to "slices".
+_FORCED_STRATEGY: str | None = None
+_STRATEGIES = ("reshape", "slices")
+
+
+def _choose_strategy(window, stride) -> str:
+    tiles = tuple(window) == tuple(stride)
+    if _FORCED_STRATEGY is not None:
+        if _FORCED_STRATEGY not in _STRATEGIES:
+            raise ValueError(f"unknown pooling strategy {_FORCED_STRATEGY!r}; known: {list(_STRATEGIES)}")
+        return _FORCED_STRATEGY if (tiles or _FORCED_STRATEGY == "slices") else "slices"
+    return "reshape" if tiles else "slices"
+
+
+def _config(x, window, stride, padding, count_include_pad=True) -> PoolConfig:
+    """Validate the arguments (``ValueError`` naming each) into a :class:`PoolConfig`."""
+    x = _args.check_float_array(x, "x", 4)
+    window = _args.pair(window, "window")
+    stride = window if stride is None else _args.pair(stride, "stride")
+    in_hw = tuple(int(v) for v in x.shape[1:3])
+    pads = _args.padding_2d(padding, in_hw, window, stride)
+    _args.check_window_fits(in_hw, pads, window, (1, 1), "window")
+    if not isinstance(count_include_pad, (bool, np.bool_)):
+        raise ValueError(f"`count_include_pad` (={count_include_pad!r}) must be a bool.")
+    config = PoolConfig(in_hw, window, stride, pads, bool(count_include_pad), _choose_strategy(window, stride))
+    if not config.count_include_pad:
+        for axis, counts in enumerate(_real_counts(config)):
+            if counts.min() == 0:
+                which = "height" if axis == 0 else "width"
+                raise ValueError(
+                    f"`padding` (={padding!r}) leaves a window with no input pixel in {which}; "
+                    "with `count_include_pad=False` its average would be 0/0."
+                )
+    return config
+
+
+# --- window geometry ------------------------------------------------------------
+
+
+def _real_counts(config: PoolConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per output row and column, how many of the window's rows/columns are real pixels."""
+    counts = []
+    for size, (lo, _), k, s, out in zip(config.in_hw, config.padding, config.window, config.stride, config.out_hw):
+        start = s * np.arange(out) - lo
+        counts.append(np.clip(np.minimum(start + k, size) - np.maximum(start, 0), 0, None))
+    return counts[0], counts[1]
+
+
+def _divisor(config: PoolConfig, dtype):
+    """``D``: the window area, or the ``(Ho, Wo, 1)`` real-pixel counts (a constant)."""
+    if config.count_include_pad:
+        kh, kw = config.window
+        return jnp.asarray(kh * kw, dtype)
+    rows, cols = _real_counts(config)
+    return jnp.asarray((rows[:, None] * cols[None, :])[:, :, None], dtype)
+
+
+def _padded(x, config: PoolConfig, fill):
+    """``x`` padded with ``fill``, as ``lax.pad`` config (N and C untouched)."""
+    (top, bottom), (left, right) = config.padding
+    return lax.pad(x, jnp.asarray(fill, x.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
+
+
+def _window_pieces(x, config: PoolConfig, fill):
+    """The columns of ``phi(x)``: for each offset ``(m, p)`` in row-major order the
+    ``(N, Ho, Wo, C)`` array of padded pixels ``(sh*i + m, sw*j + p)``."""
+    xp = _padded(x, config, fill)
+    n, _, _, c = x.shape
+    (ho, wo), (sh, sw) = config.out_hw, config.stride
+    kh, kw = config.window
+    return [
+        lax.slice(xp, (0, m, p, 0), (n, m + sh * (ho - 1) + 1, p + sw * (wo - 1) + 1, c), (1, sh, sw, 1))
+        for m in range(kh)
+        for p in range(kw)
+    ]
+
+
+def _place(piece, config: PoolConfig, row_offset: int | None = None, col_offset: int | None = None):
+    """Put an output-grid array back on the input grid (a piece of ``phi*``):
+    along H (if ``row_offset`` is given) entry ``i`` lands at ``sh*i + row_offset``,
+    ``sh - 1`` zeros inserted between entries, and likewise along W; what
+    falls outside the input (padding) is cropped, uncovered pixels get 0."""
+    cfg = [(0, 0, 0)] * 4
+    for axis, offset, size, s in zip((1, 2), (row_offset, col_offset), config.in_hw, config.stride):
+        if offset is not None:
+            out = piece.shape[axis]
+            cfg[axis] = (offset, size - offset - s * (out - 1) - 1, s - 1)
+    return lax.pad(piece, jnp.zeros((), piece.dtype), cfg)
+
+
+def _tiles(x, config: PoolConfig, fill):
+    """Non-overlapping windows: the padded input cropped to ``Ho*KH x Wo*KW`` and
+    reshaped to ``(N, Ho, KH, Wo, KW, C)`` (phi as a reshape)."""
+    n, h, w, c = x.shape
+    (ho, wo), (kh, kw) = config.out_hw, config.window
+    (top, _), (left, _) = config.padding
+    cfg = ((0, 0, 0), (top, ho * kh - h - top, 0), (left, wo * kw - w - left, 0), (0, 0, 0))
+    return lax.pad(x, jnp.asarray(fill, x.dtype), cfg).reshape(n, ho, kh, wo, kw, c)
+
+
+def _untile(tiles, config: PoolConfig):
+    """The adjoint of :func:`_tiles` for ``fill = 0``: reshape back, then drop the
+    padding and put zeros on the rows/columns past the last window (phi*)."""
+    n, ho, kh, wo, kw, c = tiles.shape
+    (h, w), ((top, _), (left, _)) = config.in_hw, config.padding
+    flat = tiles.reshape(n, ho * kh, wo * kw, c)
+    cfg = ((0, 0, 0), (-top, h + top - ho * kh, 0), (-left, w + left - wo * kw, 0), (0, 0, 0))
+    return lax.pad(flat, jnp.zeros((), flat.dtype), cfg)
+
+
+# --- average pooling --------------------------------------------------------------
+
+
+def avg_pool2d(x, window, *, stride=None, padding="VALID", count_include_pad=True):
+    """Average pooling over ``window`` (NHWC) with the seed-003 backward.
+
+    Args:
+      x: input, shape ``(N, H, W, C)``, floating dtype.
+      window: ``(KH, KW)``, int or pair, ``>= 1``.
+      stride: int or pair ``>= 1``; ``None`` (default) means the window.
+      padding: ``"VALID"``, ``"SAME"``, int, pair ``(ph, pw)`` or
+        ``((top, bottom), (left, right))``; amounts ``>= 0``.
+      count_include_pad: divide by the window area ``KH*KW`` (True: padding
+        counts as zeros) or by the number of real pixels in each window (False;
+        every window must then hold at least one).
+
+    Returns:
+      ``(N, Ho, Wo, C)`` with ``Ho = floor((H + top + bottom - KH) / sh) + 1``,
+      likewise ``Wo``; ``y_ij = (1/D_ij) sum of window (i, j)``.
+
+    Backward: ``dL/dx = phi*(g / D)``: each output gradient divided by its
+    window's divisor and added to every pixel of the window (seed 003; see the
+    module docstring).
+
+    Example:
+      >>> avg_pool2d(jnp.arange(16.0).reshape(1, 4, 4, 1), 2)[0, :, :, 0]
+      Array([[ 2.5,  4.5],
+             [10.5, 12.5]], dtype=float32)
+    """
+    config = _config(x, window, stride, padding, count_include_pad)
+    return _avg_pool2d(config, x)
+
+
+def _avg_forward(config: PoolConfig, x):
+    divisor = _divisor(config, x.dtype)
+    if config.strategy == "reshape":
+        return _tiles(x, config, 0).sum(axis=(2, 4)) / divisor
+    kh, kw = config.window
+    sums = lax.reduce_window(
+        x, np.zeros((), x.dtype), lax.add, (1, kh, kw, 1), (1, *config.stride, 1),
+        ((0, 0), *config.padding, (0, 0)),
+    )
+    return sums / divisor
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _avg_pool2d(config: PoolConfig, x):
+    return _avg_forward(config, x)
+
+
+def _avg_pool2d_fwd(config: PoolConfig, x):
+    # The backward needs only shapes (in the config): no residual arrays.
+    return _avg_forward(config, x), None
+
+
+def _avg_pool2d_bwd(config: PoolConfig, _, g):
+    spread = g / _divisor(config, g.dtype)
+    (top, _), (left, _) = config.padding
+    kh, kw = config.window
+    if config.strategy == "reshape":
+        n, ho, wo, c = g.shape
+        tiles = jnp.broadcast_to(spread[:, :, None, :, None, :], (n, ho, kh, wo, kw, c))
+        return (_untile(tiles, config),)
+    # phi*(spread 1^T), the all-ones window split into rows then columns.
+    rows = sum(_place(spread, config, row_offset=m - top) for m in range(kh))
+    return (sum(_place(rows, config, col_offset=p - left) for p in range(kw)),)
+
+
+_avg_pool2d.defvjp(_avg_pool2d_fwd, _avg_pool2d_bwd)
+
+
+# --- max pooling ------------------------------------------------------------------
+
+
+def max_pool2d(x, window, *, stride=None, padding="VALID"):
+    """Max pooling over ``window`` (NHWC) with the seed-004 §1.2 backward.
+
+    Args:
+      x: input, shape ``(N, H, W, C)``, floating dtype.
+      window: ``(KH, KW)``, int or pair, ``>= 1``.
+      stride: int or pair ``>= 1``; ``None`` (default) means the window.
+      padding: ``"VALID"``, ``"SAME"``, int, pair ``(ph, pw)`` or
+        ``((top, bottom), (left, right))``; amounts ``>= 0``; padding counts
+        as ``-inf``.
+
+    Returns:
+      ``(N, Ho, Wo, C)`` with ``Ho = floor((H + top + bottom - KH) / sh) + 1``,
+      likewise ``Wo``; the maximum of each window (NaN if it holds a NaN).
+
+    Backward: ``dL/dx = phi*(dL/dY S^T)``: each output gradient goes whole to
+    the selected pixel of its window, the first maximum in row-major window
+    order (XLA's rule, so ties agree with ``jax.grad`` exactly); overlapping
+    windows add.  NaN: see the module docstring.
+
+    Example:
+      >>> max_pool2d(jnp.arange(16.0).reshape(1, 4, 4, 1), 2)[0, :, :, 0]
+      Array([[ 5.,  7.],
+             [13., 15.]], dtype=float32)
+    """
+    config = _config(x, window, stride, padding)
+    return _max_pool2d(config, x)
+
+
+def _max_forward(config: PoolConfig, x):
+    if config.strategy == "reshape":
+        return _tiles(x, config, -jnp.inf).max(axis=(2, 4))
+    kh, kw = config.window
+    return lax.reduce_window(
+        x, np.array(-np.inf, x.dtype), lax.max, (1, kh, kw, 1), (1, *config.stride, 1),
+        ((0, 0), *config.padding, (0, 0)),
+    )
+
+
+def _selection(candidates):
+    """``S`` as the selected offset per output: XLA's scan over the window in
+    row-major order, replacing the running choice unless ``choice >= candidate``
+    (the first maximum; the NaN behaviour of the module docstring)."""
+    index_dtype = jnp.int8 if len(candidates) <= 127 else jnp.int32
+    best = candidates[0]
+    chosen = jnp.zeros(best.shape, index_dtype)
+    for k, candidate in enumerate(candidates[1:], start=1):
+        replace = ~(best >= candidate)
+        best = jnp.where(replace, candidate, best)
+        chosen = jnp.where(replace, jnp.asarray(k, index_dtype), chosen)
+    return chosen
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _max_pool2d(config: PoolConfig, x):
+    return _max_forward(config, x)
+
+
+def _max_pool2d_fwd(config: PoolConfig, x):
+    # The residual is the input: S is recomputed from it in the backward,
+    # which costs less than storing a per-output index next to y.
+    return _max_forward(config, x), x
+
+
+def _max_pool2d_bwd(config: PoolConfig, x, g):
+    zero = jnp.zeros((), g.dtype)
+    (top, _), (left, _) = config.padding
+    kh, kw = config.window
+    if config.strategy == "reshape":
+        tiles = _tiles(x, config, -jnp.inf)
+        chosen = _selection([tiles[:, :, m, :, p, :] for m in range(kh) for p in range(kw)])
+        # dY S^T as tiles: g where the offset is the chosen one, else 0.
+        rows = [
+            jnp.stack([jnp.where(chosen == m * kw + p, g, zero) for p in range(kw)], axis=3)
+            for m in range(kh)
+        ]
+        return (_untile(jnp.stack(rows, axis=2), config),)
+    chosen = _selection(_window_pieces(x, config, -jnp.inf))
+    dx = None
+    for m in range(kh):
+        for p in range(kw):
+            piece = jnp.where(chosen == m * kw + p, g, zero)
+            piece = _place(piece, config, m - top, p - left)
+            dx = piece if dx is None else dx + piece
+    return (dx,)
+
+
+_max_pool2d.defvjp(_max_pool2d_fwd, _max_pool2d_bwd)
