@@ -191,3 +191,17 @@ def test_bad_input(call, match):
 def test_bad_input_fails_at_trace_time_under_jit():
     with pytest.raises(ValueError, match=r"`x.shape\[1\]` \(=3\)"):
         jax.jit(jaxconv.linear).lower(jnp.ones((2, 3)), jnp.ones((4, 2)))
+
+
+@pytest.mark.slow
+@settings(max_examples=40)
+@given(shape=st.lists(st.integers(1, 4), min_size=2, max_size=4), d_out=st.integers(1, 5), bias=st.booleans())
+def test_layers_sweep_slow(shape, d_out, bias):
+    """Full checks (FD, grad-of-grad) of the three layers on drawn shapes."""
+    rng = np.random.default_rng(13)
+    x = permutation_input(rng, shape)
+    check_vjp(jaxconv.relu, reference.relu, x).assert_ok()
+    check_vjp(jaxconv.flatten, reference.flatten, x).assert_ok()
+    d_in = int(np.prod(shape[1:]))
+    args = _linear_args(rng, shape[0], d_in, d_out, bias)
+    check_vjp(jaxconv.linear, reference.linear, *args).assert_ok()

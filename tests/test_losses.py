@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxconv
@@ -288,3 +288,17 @@ def test_label_checks_at_trace_time_under_jit():
         jax.jit(jaxconv.softmax_cross_entropy).lower(jnp.zeros((3, 4)), jnp.zeros(3))
     with pytest.raises(ValueError, match=r"`labels` must have shape \(3,\)"):
         jax.jit(jaxconv.log_loss).lower(jnp.full((3, 4), 0.25), jnp.zeros(2, jnp.int32))
+
+
+@pytest.mark.slow
+@settings(max_examples=40)
+@given(n=st.integers(1, 6), d=st.integers(1, 8), scale=st.sampled_from([0.1, 1.0, 10.0]))
+def test_losses_sweep_slow(n, d, scale):
+    """Full checks (FD, grad-of-grad) of the four losses on drawn sizes and score scales."""
+    rng = np.random.default_rng(15)
+    logits, labels = scale * rng.standard_normal((n, d)), rng.integers(0, d, n)
+    check_vjp(jaxconv.softmax, reference.softmax, logits).assert_ok()
+    check_vjp(jaxconv.softmax_cross_entropy, reference.softmax_cross_entropy, logits, labels).assert_ok()
+    check_vjp(jaxconv.log_loss, reference.log_loss, _probabilities(rng, n, d), labels).assert_ok()
+    check_vjp(jaxconv.l2_penalty, reference.l2_penalty, {"a": logits, "b": [rng.standard_normal(d)]},
+              np.float64(scale)).assert_ok()
