@@ -1,0 +1,115 @@
+"""Small convnets built from :mod:`jaxconv.nn`, each ``(init_fun, apply_fun)``.
+
+Every model maps NHWC images ``(N, H, W, C)`` to logits ``(N, num_classes)``;
+the softmax is in the loss (:func:`jaxconv.softmax_cross_entropy`, the fused,
+stable ``-log softmax(s)[y]``).  All accept any image size from 8x8 up
+(the bundled 8x8 digits, 28x28 MNIST, 32x32x3 CIFAR-10): every layer that
+would otherwise shrink a small image below its window uses SAME padding.
+
+``MODELS`` maps the command-line names to the constructors.
+"""
+
+from __future__ import annotations
+
+from . import nn
+
+__all__ = ["MODELS", "alexnet_small", "dd2424_net", "lenet5", "resnet_small"]
+
+
+def dd2424_net(num_classes=10, *, num_filters=16, filter_size=3):
+    """The lecture network of seed 001 (DD2424, lecture 6): one conv layer, ReLU, one FC layer.
+
+    ``S_i = X * F_i + b_i`` (``n_F = num_filters`` filters ``f x f x C``, VALID),
+    ``H = max(0, S)``, ``s = W vec(H) + b``; ``p = SOFTMAX(s)`` and the
+    cross-entropy + L2 objective are the training loss's (``make_train_step(..., l2=lam)``).
+    For a ``w x h`` image ``W`` is ``(w-f+1)(h-f+1) n_F x C`` (the lecture's
+    transpose; rows of ``vec(H)`` are row-major here, see :func:`jaxconv.flatten`).
+    """
+    return nn.serial(
+        nn.Conv(num_filters, filter_size),
+        nn.Relu,
+        nn.Flatten,
+        nn.Dense(num_classes),
+    )
+
+
+def lenet5(num_classes=10):
+    """LeNet-5 (LeCun et al. 1998) with ReLU: conv 6@5x5, avg-pool 2, conv 16@5x5, avg-pool 2, FC 120, 84, C.
+
+    Both convolutions are SAME so 8x8 digits fit (8 -> 4 -> 2); on 28x28 the
+    flattened features are 7x7x16, on 32x32 8x8x16.  The subsampling layers are
+    average pooling, as in the original.
+    """
+    return nn.serial(
+        nn.Conv(6, 5, padding="SAME"), nn.Relu, nn.AvgPool(2, padding="SAME"),
+        nn.Conv(16, 5, padding="SAME"), nn.Relu, nn.AvgPool(2, padding="SAME"),
+        nn.Flatten,
+        nn.Dense(120), nn.Relu,
+        nn.Dense(84), nn.Relu,
+        nn.Dense(num_classes),
+    )
+
+
+def alexnet_small(num_classes=10, *, width=32):
+    """A scaled-down AlexNet (Krizhevsky et al. 2012): conv-ReLU-LRN-overlapping max-pool, twice; three convs; FC.
+
+    ``conv w@5x5 - ReLU - LRN - maxpool 3/2 - conv 2w@3x3 - ReLU - LRN - maxpool 3/2 -
+    conv 3w@3x3 - ReLU - conv 2w@3x3 - ReLU - maxpool 3/2 - FC 128 - ReLU - FC C``,
+    all SAME, so an 8x8 image ends 1x1 and a 32x32 one 4x4.  LRN has AlexNet's
+    ``size=5, kappa=2, alpha=1e-4, beta=0.75`` (MatConvNet convention).
+    """
+    return nn.serial(
+        nn.Conv(width, 5, padding="SAME"), nn.Relu, nn.LRN(), nn.MaxPool(3, 2, "SAME"),
+        nn.Conv(2 * width, 3, padding="SAME"), nn.Relu, nn.LRN(), nn.MaxPool(3, 2, "SAME"),
+        nn.Conv(3 * width, 3, padding="SAME"), nn.Relu,
+        nn.Conv(2 * width, 3, padding="SAME"), nn.Relu, nn.MaxPool(3, 2, "SAME"),
+        nn.Flatten,
+        nn.Dense(128), nn.Relu,
+        nn.Dense(num_classes),
+    )
+
+
+def _basic_block(channels, stride):
+    """``relu(conv3x3(relu(conv3x3_s(x))) + conv1x1_s(x))``: the projection shortcut where the shape changes.
+
+    The branch's last convolution starts at zero, so each block starts as the
+    identity (plus shortcut): without batch normalisation this keeps the
+    activations' scale through the blocks at initialisation.
+    """
+    main = (
+        nn.Conv(channels, 3, stride=stride, padding="SAME"), nn.Relu,
+        nn.Conv(channels, 3, padding="SAME", w_init=nn.zeros),
+    )
+    return nn.serial(nn.residual(*main, shortcut=nn.Conv(channels, 1, stride=stride)), nn.Relu)
+
+
+def _identity_block(channels):
+    main = (
+        nn.Conv(channels, 3, padding="SAME"), nn.Relu,
+        nn.Conv(channels, 3, padding="SAME", w_init=nn.zeros),
+    )
+    return nn.serial(nn.residual(*main), nn.Relu)
+
+
+def resnet_small(num_classes=10, *, widths=(16, 32, 64)):
+    """A small ResNet (He et al. 2016): stem conv, one basic block per stage, global average pool, FC.
+
+    ``conv w0@3x3 - ReLU``, then per stage ``i`` a residual block of two 3x3
+    convolutions (stride 2 and a strided 1x1 projection shortcut from the
+    second stage on), then :data:`jaxconv.nn.GlobalAvgPool` (seed 002's
+    ``AvPool, 512`` head) and ``FC C``.  8x8 -> 8, 4, 2 spatially.
+    """
+    layers = [nn.Conv(widths[0], 3, padding="SAME"), nn.Relu, _identity_block(widths[0])]
+    for width in widths[1:]:
+        layers.append(_basic_block(width, 2))
+    layers += [nn.GlobalAvgPool, nn.Dense(num_classes)]
+    return nn.serial(*layers)
+
+
+#: Command-line name -> constructor ``f(num_classes=10) -> (init_fun, apply_fun)``.
+MODELS = {
+    "dd2424_net": dd2424_net,
+    "lenet5": lenet5,
+    "alexnet_small": alexnet_small,
+    "resnet_small": resnet_small,
+}
