@@ -179,10 +179,12 @@ def softmax_cross_entropy(logits, labels):
 
 
 def _cross_entropy_forward(logits, labels):
+    # One exp pass gives both the loss and softmax(s) for the backward; taking
+    # exp(log_p) instead costs a second pass over (N, D) (1.6x autodiff's time).
     shifted = logits - lax.stop_gradient(logits.max(axis=1, keepdims=True))
-    log_norm = jnp.log(jnp.exp(shifted).sum(axis=1, keepdims=True))
-    log_p = shifted - log_norm
-    return -jnp.mean(_pick(log_p, labels)), log_p
+    e = jnp.exp(shifted)
+    norm = e.sum(axis=1, keepdims=True)
+    return jnp.mean(jnp.log(norm[:, 0]) - _pick(shifted, labels)), e / norm
 
 
 @jax.custom_vjp
@@ -191,8 +193,8 @@ def _softmax_cross_entropy(logits, labels):
 
 
 def _softmax_cross_entropy_fwd(logits, labels):
-    loss, log_p = _cross_entropy_forward(logits, labels)
-    return loss, (jnp.exp(log_p), labels)
+    loss, p = _cross_entropy_forward(logits, labels)
+    return loss, (p, labels)
 
 
 def _softmax_cross_entropy_bwd(residuals, g):

@@ -42,7 +42,7 @@ def _pair(options):
             lambda x, w, b: reference.conv2d(x, w, b, **options))
 
 
-@pytest.fixture(params=[1, 2, 3])
+@pytest.fixture(params=[1, 2])
 def blocked(request, monkeypatch):
     """Force "im2row_blocked" with a block budget of about `param` images."""
     monkeypatch.setattr(conv_module, "_FORCED_STRATEGY", "im2row_blocked")
