@@ -59,6 +59,7 @@ def test_softmax_large_scores_finite():
     assert jnp.all(jnp.isfinite(grad))
 
 
+@settings(max_examples=5)
 @given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=3))
 def test_softmax_hypothesis(shape):
     s = 2 * np.random.default_rng(3).standard_normal(shape)
@@ -161,6 +162,7 @@ def test_cross_entropy_finite_for_logits_of_magnitude_1e4(dtype):
     assert relative_error(loss, ref_loss)[1] <= 1e-7 and relative_error(grad, ref_grad)[1] <= 1e-7
 
 
+@settings(max_examples=5)
 @given(n=st.integers(1, 5), d=st.integers(1, 6))
 def test_cross_entropy_hypothesis(n, d):
     rng = np.random.default_rng(11)
@@ -212,7 +214,8 @@ def test_l2_penalty_float64_full_check():
     report.assert_ok()
     assert report.worst("vjp") <= 1e-12
     # the Python-float weight: only params are differentiated
-    check_vjp(jaxconv.l2_penalty, reference.l2_penalty, _params(rng), 1e-3).assert_ok()
+    check_vjp(jaxconv.l2_penalty, reference.l2_penalty, _params(rng), 1e-3, finite_differences=False,
+              second_order=False).assert_ok()
 
 
 def test_l2_penalty_float32():
