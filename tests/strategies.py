@@ -58,3 +58,15 @@ def permutation_input(rng, shape, dtype=np.float64):
     # Steps of 2/(size+1) in (-1, 1), shifted by a third of a step so none is 0.
     values = (2.0 * (rng.permutation(size) + 1) - (size + 1) + 1.0 / 3.0) / (size + 1)
     return values.reshape(shape).astype(dtype)
+
+
+@st.composite
+def pool_configs(draw, max_hw=10, max_window=4, max_channels=3, max_batch=2):
+    """A pooling configuration: input shape, window, stride (None = the window), padding."""
+    n, c = draw(st.integers(1, max_batch)), draw(st.integers(1, max_channels))
+    h, w = draw(st.integers(1, max_hw)), draw(st.integers(1, max_hw))
+    window = draw(int_or_pair(1, max_window))
+    stride = draw(st.one_of(st.none(), int_or_pair(1, 3)))
+    padding = draw(padding_forms(max_pad=2))
+    assume(fits((h, w), window, window if stride is None else stride, padding))
+    return dict(x_shape=(n, h, w, c), window=window, options=dict(stride=stride, padding=padding))

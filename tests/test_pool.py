@@ -1,0 +1,510 @@
+"""avg_pool2d and max_pool2d: the hand-derived VJPs equal jax.vjp of the plain-lax references.
+
+Max pooling is checked on tie-free inputs (a shuffled permutation) wherever
+finite differences run, and on inputs full of ties (integer-valued, all equal,
+-inf, NaN) for the exact agreement of the selection with XLA's rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import jaxconv
+from jaxconv import _args, matrix, reference
+from jaxconv import pool as pool_module
+from jaxconv.verify import check_vjp, relative_error
+
+from .strategies import permutation_input, pool_configs
+
+# x shape, window, stride, padding.  Non-overlapping entries (stride == window)
+# run under both backward strategies; the others only have "slices".
+GRID = [
+    ((2, 6, 6, 3), 2, None, "VALID"),
+    ((2, 7, 5, 2), 2, None, "VALID"),  # stride remainder: last row gets no window
+    ((2, 5, 7, 3), 2, None, ((1, 0), (0, 1))),
+    ((1, 8, 7, 2), 3, 3, 1),
+    ((2, 4, 4, 3), 4, None, "VALID"),  # global pooling (seed 002's AvPool)
+    ((2, 7, 8, 2), 3, 2, 1),
+    ((1, 9, 8, 2), (3, 2), (2, 1), "SAME"),
+    ((1, 6, 6, 1), 3, 1, ((2, 0), (1, 2))),
+    ((1, 4, 4, 1), 2, 2, 3),  # windows entirely in padding
+]
+
+OPS = [
+    # name, hand op, reference op, extra options
+    ("max", jaxconv.max_pool2d, reference.max_pool2d, {}),
+    ("avg_include", jaxconv.avg_pool2d, reference.avg_pool2d, dict(count_include_pad=True)),
+    ("avg_exclude", jaxconv.avg_pool2d, reference.avg_pool2d, dict(count_include_pad=False)),
+]
+
+
+def _tiles(window, stride) -> bool:
+    return stride is None or _args.pair(window, "w") == _args.pair(stride, "s")
+
+
+def _has_empty_window(x_shape, window, stride, padding) -> bool:
+    """Some window reads padding only (count_include_pad=False rejects this)."""
+    window = _args.pair(window, "w")
+    stride = window if stride is None else _args.pair(stride, "s")
+    pads = _args.padding_2d(padding, x_shape[1:3], window, stride)
+    for size, (lo, hi), k, s in zip(x_shape[1:3], pads, window, stride):
+        out = _args.output_size(size, lo, hi, k, s)
+        starts = s * np.arange(out) - lo
+        if np.any((starts + k <= 0) | (starts >= size)):
+            return True
+    return False
+
+
+@pytest.fixture
+def force(monkeypatch):
+    """Force a backward strategy ("reshape" where windows do not tile falls back to "slices")."""
+
+    def set_strategy(name):
+        monkeypatch.setattr(pool_module, "_FORCED_STRATEGY", name)
+
+    return set_strategy
+
+
+def _pair(f_op, ref_op, window, options):
+    def f(x):
+        return f_op(x, window, **options)
+
+    def ref(x):
+        return ref_op(x, window, **options)
+
+    return f, ref
+
+
+def _grid_functions(f_op, ref_op, extra, cases):
+    """One function of all the grid's inputs, returning every configuration's output:
+    one compiled program per check instead of one per configuration."""
+    options = [(window, dict(stride=stride, padding=padding, **extra)) for _, window, stride, padding in cases]
+
+    def f(*xs):
+        return tuple(f_op(x, window, **opts) for x, (window, opts) in zip(xs, options))
+
+    def ref(*xs):
+        return tuple(ref_op(x, window, **opts) for x, (window, opts) in zip(xs, options))
+
+    return f, ref
+
+
+def _grid(op_name, strategy, *, finite_differences):
+    """The grid entries the op accepts under the strategy: a forced "reshape" only
+    where windows tile; no count_include_pad=False with a window in padding only;
+    no finite differences through a -inf output (a window in padding only)."""
+    cases = []
+    for case in GRID:
+        if strategy == "reshape" and not _tiles(case[1], case[2]):
+            continue
+        if _has_empty_window(*case) and (op_name == "avg_exclude" or (op_name == "max" and finite_differences)):
+            continue
+        cases.append(case)
+    return cases
+
+
+def _labels(cases):
+    return tuple(f"x{shape} w={w} s={s} p={p}" for shape, w, s, p in cases)
+
+
+@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
+@pytest.mark.parametrize("op", OPS, ids=[op[0] for op in OPS])
+def test_grid_float64_full_check(force, op, strategy):
+    """vjp <= 1e-12, finite differences, grad-of-grad, under jit; tie-free input."""
+    force(strategy)
+    name, f_op, ref_op, extra = op
+    cases = _grid(name, strategy, finite_differences=True)
+    f, ref = _grid_functions(f_op, ref_op, extra, cases)
+    rng = np.random.default_rng(0)
+    xs = [permutation_input(rng, case[0]) for case in cases]
+    report = check_vjp(f, ref, *xs, names=_labels(cases), name=f"{name}[{strategy}]")
+    report.assert_ok()
+    assert report.worst("vjp") <= 1e-12
+
+
+@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
+@pytest.mark.parametrize("op", OPS, ids=[op[0] for op in OPS])
+def test_grid_float32(force, op, strategy):
+    force(strategy)
+    name, f_op, ref_op, extra = op
+    cases = _grid(name, strategy, finite_differences=False)
+    f, ref = _grid_functions(f_op, ref_op, extra, cases)
+    rng = np.random.default_rng(1)
+    xs = [permutation_input(rng, case[0], np.float32) for case in cases]
+    report = check_vjp(f, ref, *xs, names=_labels(cases), dtype=jnp.float32, finite_differences=False,
+                       second_order=False, name=f"{name}[{strategy}] float32")
+    report.assert_ok()
+    assert report.worst("vjp") <= 1e-5
+
+
+def _draw_op(use_max, include, config):
+    """Max, or average with the drawn divisor convention if the configuration allows it."""
+    if use_max:
+        return jaxconv.max_pool2d, reference.max_pool2d, {}
+    include = include or _has_empty_window(config["x_shape"], config["window"], **config["options"])
+    return jaxconv.avg_pool2d, reference.avg_pool2d, dict(count_include_pad=include)
+
+
+@given(config=pool_configs(), use_max=st.booleans(), include=st.booleans())
+def test_hypothesis_vjp(config, use_max, include):
+    f_op, ref_op, extra = _draw_op(use_max, include, config)
+    f, ref = _pair(f_op, ref_op, config["window"], dict(config["options"], **extra))
+    x = permutation_input(np.random.default_rng(2), config["x_shape"])
+    check_vjp(f, ref, x, finite_differences=False, second_order=False).assert_ok()
+
+
+@settings(max_examples=4)
+@given(config=pool_configs(max_hw=7, max_window=3), use_max=st.booleans(), include=st.booleans())
+def test_hypothesis_full_check(config, use_max, include):
+    """Finite differences and grad-of-grad on drawn configurations."""
+    f_op, ref_op, extra = _draw_op(use_max, include, config)
+    f, ref = _pair(f_op, ref_op, config["window"], dict(config["options"], **extra))
+    x = permutation_input(np.random.default_rng(3), config["x_shape"])
+    check_vjp(f, ref, x).assert_ok()
+
+
+@pytest.mark.slow
+@settings(max_examples=60)
+@given(config=pool_configs(max_hw=12, max_window=5, max_channels=4), include=st.booleans())
+def test_hypothesis_sweep_slow(config, include):
+    """Both strategies, all three ops, full check, on each drawn configuration."""
+    x = permutation_input(np.random.default_rng(4), config["x_shape"])
+    ops = [(jaxconv.max_pool2d, reference.max_pool2d, {})]
+    if include or not _has_empty_window(config["x_shape"], config["window"], **config["options"]):
+        ops.append((jaxconv.avg_pool2d, reference.avg_pool2d, dict(count_include_pad=include)))
+    for name in pool_module._STRATEGIES:
+        previous, pool_module._FORCED_STRATEGY = pool_module._FORCED_STRATEGY, name
+        try:
+            for f_op, ref_op, extra in ops:
+                f, ref = _pair(f_op, ref_op, config["window"], dict(config["options"], **extra))
+                check_vjp(f, ref, x, name=f"{f_op.__name__}[{name}]").assert_ok()
+        finally:
+            pool_module._FORCED_STRATEGY = previous
+
+
+@given(config=pool_configs(max_hw=12, max_window=5), include=st.booleans())
+def test_output_shape_formula(config, include):
+    window, opts = config["window"], config["options"]
+    assume(include or not _has_empty_window(config["x_shape"], window, **opts))
+    x = jnp.zeros(config["x_shape"])
+    k = _args.pair(window, "window")
+    s = k if opts["stride"] is None else _args.pair(opts["stride"], "stride")
+    pads = _args.padding_2d(opts["padding"], x.shape[1:3], k, s)
+    expected = tuple((n + lo + hi - kk) // ss + 1 for n, (lo, hi), kk, ss in zip(x.shape[1:3], pads, k, s))
+    expected = (x.shape[0], *expected, x.shape[3])
+    for op, ref_op, extra in [(jaxconv.max_pool2d, reference.max_pool2d, {}),
+                              (jaxconv.avg_pool2d, reference.avg_pool2d, dict(count_include_pad=include))]:
+        assert jax.eval_shape(lambda x: op(x, window, **opts, **extra), x).shape == expected
+        assert jax.eval_shape(lambda x: ref_op(x, window, **opts, **extra), x).shape == expected
+
+
+# --- max pooling: ties, -inf, NaN -------------------------------------------------
+
+TIE_CASES = [
+    # x shape, window, stride, padding: non-overlapping, overlapping, padded
+    ((2, 6, 6, 2), 2, None, "VALID"),
+    ((1, 7, 7, 2), 3, 2, 1),
+    ((1, 6, 5, 1), 3, 1, "VALID"),
+    ((2, 5, 6, 1), (2, 3), (1, 2), ((1, 2), (0, 1))),
+    ((1, 5, 5, 1), 3, 3, "SAME"),
+]
+
+
+@jax.jit(static_argnums=0)
+def _exact_vjp(f, x, g):
+    y, vjp = jax.vjp(f, x)
+    return y, vjp(g)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class _MaxPool:
+    """A hashable max pool (a static argument of the jitted vjp: one compile per
+    configuration, shared by every input of that shape); the strategy is part of
+    the key because the switch is read at trace time."""
+
+    op: object
+    window: object
+    stride: object
+    padding: object
+    strategy: str | None
+
+    def __call__(self, x):
+        return self.op(x, self.window, stride=self.stride, padding=self.padding)
+
+
+def _assert_same_as_jax_grad(x, window, stride, padding, g_seed=0):
+    """Forward and gradient bit for bit equal to jax.vjp of lax.reduce_window(max).
+
+    The cotangent is integer-valued, so the sums of overlapping windows are exact
+    in any order: any difference is a different choice of element."""
+    f = _MaxPool(jaxconv.max_pool2d, window, stride, padding, pool_module._FORCED_STRATEGY)
+    ref = _MaxPool(reference.max_pool2d, window, stride, padding, None)
+    y_ref = jax.eval_shape(ref, x)
+    g = jnp.asarray(np.random.default_rng(g_seed).integers(1, 9, y_ref.shape).astype(x.dtype))
+    y, dx = (np.asarray(a) for a in _exact_vjp(f, x, g))
+    y_r, dx_r = (np.asarray(a) for a in _exact_vjp(ref, x, g))
+    np.testing.assert_array_equal(y, y_r)
+    np.testing.assert_array_equal(dx, dx_r)
+    return dx
+
+
+@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
+@pytest.mark.parametrize("shape,window,stride,padding", TIE_CASES)
+def test_ties_equal_jax_grad_exactly(force, strategy, shape, window, stride, padding):
+    force(strategy)
+    rng = np.random.default_rng(5)
+    for x in (
+        np.ones(shape),  # every window all-equal
+        rng.integers(-2, 3, shape).astype(np.float64),  # integer-valued: ties everywhere
+        np.where(rng.random(shape) < 0.5, -np.inf, 1.0),  # -inf ties with the -inf padding
+        np.full(shape, -np.inf),
+    ):
+        _assert_same_as_jax_grad(jnp.asarray(x), window, stride, padding)
+    _assert_same_as_jax_grad(jnp.asarray(rng.integers(-1, 2, shape).astype(np.float32)), window, stride, padding)
+
+
+@settings(max_examples=8)
+@given(config=pool_configs(max_hw=8, max_window=4), levels=st.integers(1, 3))
+def test_hypothesis_ties_equal_jax_grad_exactly(config, levels):
+    x = np.random.default_rng(6).integers(0, levels, config["x_shape"]).astype(np.float64)
+    _assert_same_as_jax_grad(jnp.asarray(x), config["window"], **config["options"])
+
+
+def test_first_maximum_in_row_major_order_gets_the_whole_gradient():
+    x = jnp.array([[3.0, 1.0, 3.0], [2.0, 3.0, 0.0], [3.0, 3.0, 3.0]]).reshape(1, 3, 3, 1)
+    dx = jax.grad(lambda x: jaxconv.max_pool2d(x, 3).sum())(x)
+    expected = np.zeros((3, 3))
+    expected[0, 0] = 1.0
+    np.testing.assert_array_equal(np.asarray(dx[0, :, :, 0]), expected)
+
+
+def test_overlapping_windows_add():
+    """All-equal 4x4, 3x3 windows at stride 1: each of the 4 windows picks its top-left."""
+    dx = jax.jit(jax.grad(lambda x: jaxconv.max_pool2d(x, 3, stride=1).sum()))(jnp.ones((1, 4, 4, 1)))
+    expected = np.zeros((4, 4))
+    expected[:2, :2] = 1.0
+    np.testing.assert_array_equal(np.asarray(dx[0, :, :, 0]), expected)
+    # With 1 of padding the windows reach further; pixel (0, 0) is the first real one of 4 windows.
+    dx = jax.jit(jax.grad(lambda x: jaxconv.max_pool2d(x, 3, stride=1, padding=1).sum()))(jnp.ones((1, 4, 4, 1)))
+    expected = np.array([[4, 2, 2, 0], [2, 1, 1, 0], [2, 1, 1, 0], [0, 0, 0, 0]], float)
+    np.testing.assert_array_equal(np.asarray(dx[0, :, :, 0]), expected)
+
+
+NAN = np.nan
+NAN_WINDOWS = [
+    # one 2x2 window in row-major order, and which entry XLA's scan picks
+    ([1.0, NAN, 2.0, 1.0], 2),  # the first maximum after the (last) NaN
+    ([NAN, 5.0, 2.0, 1.0], 1),
+    ([1.0, 5.0, NAN, 1.0], 3),  # a larger value before the NaN does not count
+    ([NAN, NAN, 1.0, 1.0], 2),
+    ([1.0, 7.0, 2.0, NAN], 3),  # NaN last: the NaN itself
+    ([NAN, NAN, NAN, NAN], 3),
+]
+
+
+@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
+@pytest.mark.parametrize("window,picked", NAN_WINDOWS)
+def test_nan_output_and_gradient(force, strategy, window, picked):
+    """A NaN makes the output NaN; the gradient (finite) goes where the docstring says, as jax.grad's."""
+    force(strategy)
+    x = jnp.asarray(window).reshape(1, 2, 2, 1)
+    y, vjp = jax.vjp(lambda x: jaxconv.max_pool2d(x, 2), x)
+    assert np.isnan(np.asarray(y)).all()
+    dx = np.asarray(vjp(jnp.full(y.shape, 3.0))[0]).ravel()
+    expected = np.zeros(4)
+    expected[picked] = 3.0
+    np.testing.assert_array_equal(dx, expected)
+    _assert_same_as_jax_grad(x, 2, None, "VALID")
+
+
+@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
+def test_nan_with_overlap_and_padding_equals_jax_grad(force, strategy):
+    force(strategy)
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 3, (2, 7, 6, 2)).astype(np.float64)
+    x[rng.random(x.shape) < 0.15] = np.nan
+    x = jnp.asarray(x)
+    for window, stride, padding in [(2, None, 1), (3, 2, 1), (3, 1, ((2, 0), (0, 1))), (3, 3, "SAME")]:
+        dx = _assert_same_as_jax_grad(x, window, stride, padding)
+        assert np.isfinite(dx).all()
+
+
+def test_seed_004_selection_matrix():
+    """dL/dX = phi*(dY S^T) with phi, phi* = jaxconv.matrix.im2row/row2im and S the
+    first maximum of each row of phi(X): per channel, on integer-valued (tied) input."""
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.integers(0, 3, (2, 7, 6, 3)).astype(np.float64))
+    window, stride = (3, 2), (2, 1)
+    y, vjp = jax.vjp(lambda x: jaxconv.max_pool2d(x, window, stride=stride), x)
+    g = jnp.asarray(rng.standard_normal(y.shape))
+    dx = vjp(g)[0]
+    for c in range(x.shape[3]):
+        xc = x[..., c:c + 1]
+        phi = matrix.im2row(xc, window, stride=stride)  # (N, Ho*Wo, KH*KW)
+        s = jax.nn.one_hot(jnp.argmax(phi, axis=2), phi.shape[2], dtype=x.dtype)  # argmax: first maximum
+        np.testing.assert_array_equal(np.asarray(y[..., c]).reshape(phi.shape[:2]), np.asarray(phi.max(axis=2)))
+        rows = g[..., c].reshape(phi.shape[:2])[:, :, None] * s  # dY S^T, one row per window
+        expected = matrix.row2im(rows, xc.shape, window, stride=stride)
+        np.testing.assert_array_equal(np.asarray(dx[..., c:c + 1]), np.asarray(expected))
+
+
+def test_not_lowered_to_select_and_scatter():
+    """The gradient program is the hand rule: no select_and_scatter, no scatter."""
+    x = jnp.zeros((1, 6, 6, 2))
+    for window, stride in [(2, None), (3, 2)]:
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: jaxconv.max_pool2d(x, window, stride=stride).sum()))(x))
+        assert "select_and_scatter" not in jaxpr and "scatter" not in jaxpr
+        ref = str(jax.make_jaxpr(jax.grad(lambda x: reference.max_pool2d(x, window, stride=stride).sum()))(x))
+        assert "select_and_scatter" in ref  # the check above can fail
+
+
+@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
+def test_rule_is_used_not_autodiff(monkeypatch, force, strategy):
+    """Breaking the selection breaks jax.grad of max_pool2d: the rule is what runs."""
+    force(strategy)
+    x = jnp.asarray(permutation_input(np.random.default_rng(9), (1, 4, 4, 1)))
+    grad = jax.jit(jax.grad(lambda x: jaxconv.max_pool2d(x, 2).sum()))
+    good = grad(x)
+    monkeypatch.setattr(pool_module, "_selection", lambda pieces: jnp.zeros(pieces[0].shape, jnp.int8))
+    bad = jax.grad(lambda x: jaxconv.max_pool2d(x, 2).sum())(x)
+    assert not np.array_equal(np.asarray(good), np.asarray(bad))
+    np.testing.assert_array_equal(np.asarray(bad[0, ::2, ::2, 0]), np.ones((2, 2)))
+
+
+# --- average pooling: worked examples and divisors --------------------------------
+
+
+@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
+def test_seed_003_worked_example(force, strategy):
+    """Seed 003: 4x4 -> 2x2, dL/dx_ij = (1/4) dL/dz_(i/2)(j/2)."""
+    force(strategy)
+    x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+    g = jnp.array([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 2, 2, 1)
+    y, vjp = jax.vjp(lambda x: jaxconv.avg_pool2d(x, 2), x)
+    np.testing.assert_array_equal(np.asarray(y[0, :, :, 0]), [[2.5, 4.5], [10.5, 12.5]])
+    expected = 0.25 * np.kron(np.asarray(g[0, :, :, 0]), np.ones((2, 2)))
+    np.testing.assert_array_equal(np.asarray(vjp(g)[0][0, :, :, 0]), expected)
+
+
+@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
+def test_count_include_pad_divisors(force, strategy):
+    """3x3 windows, stride 3, padding 1 on 5x5: the corner window holds 4 real pixels."""
+    force(strategy)
+    x = jnp.asarray(np.arange(1.0, 26.0).reshape(1, 5, 5, 1))
+    g = jnp.ones((1, 2, 2, 1))
+    include, vjp_in = jax.vjp(lambda x: jaxconv.avg_pool2d(x, 3, stride=3, padding=1), x)
+    exclude, vjp_ex = jax.vjp(lambda x: jaxconv.avg_pool2d(x, 3, stride=3, padding=1, count_include_pad=False), x)
+    corner = np.array([1.0, 2.0, 6.0, 7.0])
+    assert float(include[0, 0, 0, 0]) == pytest.approx(corner.sum() / 9, rel=1e-15)
+    assert float(exclude[0, 0, 0, 0]) == pytest.approx(corner.mean(), rel=1e-15)
+    # Window (1, 1) covers rows and columns 2..4: 9 real pixels, both divisors agree.
+    assert float(include[0, 1, 1, 0]) == float(exclude[0, 1, 1, 0])
+    dx_in, dx_ex = np.asarray(vjp_in(g)[0][0, :, :, 0]), np.asarray(vjp_ex(g)[0][0, :, :, 0])
+    np.testing.assert_allclose(dx_in, np.full((5, 5), 1 / 9), rtol=1e-15)
+    expected = np.ones((5, 5)) / 6
+    expected[:2, :2] = 1 / 4
+    expected[2:, 2:] = 1 / 9
+    np.testing.assert_allclose(dx_ex, expected, rtol=1e-15)
+
+
+def test_global_average_pool_is_the_mean():
+    x = jnp.asarray(np.random.default_rng(10).standard_normal((3, 7, 7, 4)))
+    y = jaxconv.avg_pool2d(x, 7)
+    assert relative_error(y[:, 0, 0, :], x.mean(axis=(1, 2)))[1] <= 1e-15
+    dx = jax.grad(lambda x: jaxconv.avg_pool2d(x, 7).sum())(x)
+    np.testing.assert_allclose(np.asarray(dx), 1 / 49, rtol=1e-15)
+
+
+# --- jit, vmap -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
+def test_jit_matches_eager(force, strategy):
+    force(strategy)
+    x = jnp.asarray(permutation_input(np.random.default_rng(11), (2, 8, 6, 3)))
+
+    def loss(pool_op, max_op):
+        return lambda x: jnp.sum(jnp.sin(max_op(pool_op(x, 2, padding=1), 2) * 3.0))
+
+    hand = loss(lambda x, *a, **k: jaxconv.avg_pool2d(x, *a, count_include_pad=False, **k), jaxconv.max_pool2d)
+    plain = loss(lambda x, *a, **k: reference.avg_pool2d(x, *a, count_include_pad=False, **k), reference.max_pool2d)
+    expected = jax.grad(plain)(x)
+    assert relative_error(jax.grad(hand)(x), expected)[1] <= 1e-12
+    assert relative_error(jax.jit(jax.grad(hand))(x), expected)[1] <= 1e-12
+
+
+def test_vmap_over_extra_leading_axis():
+    x = permutation_input(np.random.default_rng(12), (3, 2, 7, 6, 2))
+    for op, ref_op, window, opts in [
+        (jaxconv.max_pool2d, reference.max_pool2d, 3, dict(stride=2, padding=1)),
+        (jaxconv.max_pool2d, reference.max_pool2d, 2, dict()),
+        (jaxconv.avg_pool2d, reference.avg_pool2d, (2, 3), dict(stride=(1, 2), padding="SAME", count_include_pad=False)),
+    ]:
+        f = jax.vmap(lambda x: op(x, window, **opts))
+        ref = jax.vmap(lambda x: ref_op(x, window, **opts))
+        check_vjp(f, ref, x, names=("x",)).assert_ok()
+
+
+# --- bad input -------------------------------------------------------------------------
+
+X = jnp.zeros((2, 6, 6, 4))
+
+
+@pytest.mark.parametrize("op", [jaxconv.max_pool2d, jaxconv.avg_pool2d])
+@pytest.mark.parametrize(
+    "x,window,kwargs,match",
+    [
+        (jnp.zeros((6, 6, 4)), 2, {}, r"`x` must have rank 4, got shape \(6, 6, 4\)"),
+        (jnp.zeros((1, 2, 6, 6, 4)), 2, {}, r"`x` must have rank 4"),
+        (jnp.zeros((2, 6, 6, 4), jnp.int32), 2, {}, r"`x` must have a floating dtype, got dtype int32"),
+        (X, 7, {}, r"`window` \(=\(7, 7\).*spans 7 in height, larger than the padded input \(6 \+ 0 \+ 0 = 6\)"),
+        (X, (2, 9), dict(padding=1), r"spans 9 in width, larger than the padded input \(6 \+ 1 \+ 1 = 8\)"),
+        (X, 0, {}, r"`window` \(=0\) must be >= 1"),
+        (X, (2, -1), {}, r"`window` \(=\(2, -1\)\) must be >= 1"),
+        (X, 2.5, {}, r"`window` \(=2.5\) must be an int or a pair"),
+        (X, 2, dict(stride=0), r"`stride` \(=0\) must be >= 1"),
+        (X, 2, dict(stride=(1, -3)), r"`stride` \(=\(1, -3\)\) must be >= 1"),
+        (X, 2, dict(padding=-1), r"`padding` \(=-1\) must be non-negative"),
+        (X, 2, dict(padding="FULL"), r"`padding` \(='FULL'\) must be 'VALID', 'SAME'"),
+    ],
+)
+def test_bad_input_raises_at_trace_time(op, x, window, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        op(x, window, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        jax.eval_shape(lambda x: op(x, window, **kwargs), x)  # no array value needed
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(count_include_pad="no"), r"`count_include_pad` \(='no'\) must be a bool"),
+        (dict(count_include_pad=None), r"`count_include_pad` \(=None\) must be a bool"),
+        (dict(padding=3, count_include_pad=False), r"`padding` \(=3\) leaves a window with no input pixel in height"),
+        (dict(padding=((0, 0), (0, 2)), stride=1, count_include_pad=False),
+         r"`padding` \(=\(\(0, 0\), \(0, 2\)\)\) leaves a window with no input pixel in width"),
+    ],
+)
+def test_avg_pool_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        jax.eval_shape(lambda x: jaxconv.avg_pool2d(x, 2, **kwargs), X)
+    # The same padding is fine when padding counts as zeros, or when every window keeps a pixel.
+    if "padding" in kwargs:
+        assert jaxconv.avg_pool2d(X, 2, **dict(kwargs, count_include_pad=True)).shape[0] == 2
+    assert jaxconv.avg_pool2d(X, 2, stride=1, padding=((0, 0), (0, 1)), count_include_pad=False).shape == (2, 5, 6, 4)
+
+
+def test_max_pool_window_in_padding_only_is_minus_inf_with_zero_gradient():
+    x = jnp.asarray(np.random.default_rng(13).standard_normal((1, 2, 2, 1)))
+    y, vjp = jax.vjp(lambda x: jaxconv.max_pool2d(x, 2, stride=2, padding=3), x)
+    y_ref, vjp_ref = jax.vjp(lambda x: reference.max_pool2d(x, 2, stride=2, padding=3), x)
+    assert np.isneginf(np.asarray(y)).sum() == np.isneginf(np.asarray(y_ref)).sum() > 0
+    g = jnp.ones(y.shape)
+    np.testing.assert_array_equal(np.asarray(vjp(g)[0]), np.asarray(vjp_ref(g)[0]))
