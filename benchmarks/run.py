@@ -191,102 +191,66 @@ def bench_loss(runs, quick):
 
 
 # --- training steps ------------------------------------------------------------------
-# The networks are written once against an ``ops`` namespace, so the jaxconv
-# column and the plain-lax (autodiff) column run the same architecture, and
-# a counting namespace reads their multiply-adds off the shapes.
+# Each network is a jaxconv.nn (stax-style) model, run with ``ops=jaxconv``'s
+# hand rules and with ``ops=jaxconv.reference`` (plain lax, jax.grad): the same
+# architecture and parameters; a counting namespace reads the multiply-adds off
+# the shapes; a torch.nn twin gives the PyTorch column.
 
-STEP_OPS = ("conv2d", "max_pool2d", "relu", "linear", "flatten", "softmax_cross_entropy")
-
-
-def _he(rng, shape, fan_in):
-    return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+STEP_OPS = ("conv2d", "max_pool2d", "avg_pool2d", "relu", "linear", "flatten", "softmax_cross_entropy")
 
 
-def lenet(in_shape, channels, hidden=256, classes=10):
+def lenet(channels, hidden=256, classes=10):
     """conv5x5 VALID - ReLU - maxpool 2 - conv5x5 VALID - ReLU - maxpool 2 - FC - ReLU - FC."""
-    _, h, w, c = in_shape
+    from jaxconv import nn
+
     c1, c2 = channels
-    side_h, side_w = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
-    flat = side_h * side_w * c2
+    model = nn.serial(nn.Conv(c1, 5), nn.Relu, nn.MaxPool(2), nn.Conv(c2, 5), nn.Relu, nn.MaxPool(2),
+                      nn.Flatten, nn.Dense(hidden), nn.Relu, nn.Dense(classes))
 
-    def init(rng):
-        return dict(w1=_he(rng, (5, 5, c, c1), 25 * c), b1=np.zeros(c1, np.float32),
-                    w2=_he(rng, (5, 5, c1, c2), 25 * c1), b2=np.zeros(c2, np.float32),
-                    w3=_he(rng, (flat, hidden), flat), b3=np.zeros(hidden, np.float32),
-                    w4=_he(rng, (hidden, classes), hidden), b4=np.zeros(classes, np.float32))
-
-    def apply(ops, p, x):
-        x = ops.max_pool2d(ops.relu(ops.conv2d(x, p["w1"], p["b1"])), 2)
-        x = ops.max_pool2d(ops.relu(ops.conv2d(x, p["w2"], p["b2"])), 2)
-        x = ops.relu(ops.linear(ops.flatten(x), p["w3"], p["b3"]))
-        return ops.linear(x, p["w4"], p["b4"])
-
-    def torch_module():
+    def torch_module(in_shape, flat):
         import torch.nn as tnn
         return tnn.Sequential(
-            tnn.Conv2d(c, c1, 5), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Conv2d(c1, c2, 5), tnn.ReLU(), tnn.MaxPool2d(2),
-            tnn.Flatten(), tnn.Linear(flat, hidden), tnn.ReLU(), tnn.Linear(hidden, classes))
+            tnn.Conv2d(in_shape[3], c1, 5), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Conv2d(c1, c2, 5), tnn.ReLU(),
+            tnn.MaxPool2d(2), tnn.Flatten(), tnn.Linear(flat, hidden), tnn.ReLU(), tnn.Linear(hidden, classes))
 
-    return init, apply, torch_module
+    return model, torch_module
 
 
-def resnet_small(in_shape, widths=(16, 32, 64), classes=10):
-    """conv3x3(16) - three stages of one basic block each (16, 32, 64 channels; the
-    2nd and 3rd start with stride 2 and a 1x1 projection) - global mean - FC.
-    No batch norm (jaxconv has none); He initialisation."""
-    c_in = in_shape[3]
+def resnet_small(widths=(16, 32, 64), classes=10):
+    """``jaxconv.models.resnet_small``: conv3x3 16, one basic block per stage (16,
+    32, 64 channels; stride 2 and a 1x1 projection from stage 2), global average
+    pool, FC; no batch norm."""
+    from jaxconv import models
 
-    def init(rng):
-        p = dict(stem=_he(rng, (3, 3, c_in, widths[0]), 9 * c_in), stem_b=np.zeros(widths[0], np.float32))
-        prev = widths[0]
-        for i, wd in enumerate(widths):
-            p[f"s{i}a"] = _he(rng, (3, 3, prev, wd), 9 * prev)
-            p[f"s{i}b"] = _he(rng, (3, 3, wd, wd), 9 * wd) * 0.5
-            if i:
-                p[f"s{i}p"] = _he(rng, (1, 1, prev, wd), prev)
-            prev = wd
-        p["fc"], p["fc_b"] = _he(rng, (prev, classes), prev), np.zeros(classes, np.float32)
-        return p
-
-    def apply(ops, p, x):
-        x = ops.relu(ops.conv2d(x, p["stem"], p["stem_b"], padding="SAME"))
-        for i in range(len(widths)):
-            s = 1 if i == 0 else 2
-            h = ops.relu(ops.conv2d(x, p[f"s{i}a"], stride=s, padding="SAME"))
-            h = ops.conv2d(h, p[f"s{i}b"], padding="SAME")
-            skip = x if i == 0 else ops.conv2d(x, p[f"s{i}p"], stride=s)
-            x = ops.relu(h + skip)
-        return ops.linear(jnp.mean(x, axis=(1, 2)), p["fc"], p["fc_b"])
-
-    def torch_module():
+    def torch_module(in_shape, flat):
         import torch
         import torch.nn as tnn
 
         class Block(tnn.Module):
             def __init__(self, cin, cout, stride):
                 super().__init__()
-                self.a = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-                self.b = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-                self.p = tnn.Conv2d(cin, cout, 1, stride, bias=False) if stride > 1 else None
+                self.a = tnn.Conv2d(cin, cout, 3, stride, 1)
+                self.b = tnn.Conv2d(cout, cout, 3, 1, 1)
+                self.p = tnn.Conv2d(cin, cout, 1, stride) if stride > 1 else None
 
             def forward(self, x):
                 h = self.b(torch.relu(self.a(x)))
                 return torch.relu(h + (x if self.p is None else self.p(x)))
 
-        layers = [tnn.Conv2d(c_in, widths[0], 3, 1, 1), tnn.ReLU()]
+        layers = [tnn.Conv2d(in_shape[3], widths[0], 3, 1, 1), tnn.ReLU()]
         prev = widths[0]
         for i, wd in enumerate(widths):
             layers.append(Block(prev, wd, 1 if i == 0 else 2))
             prev = wd
         return tnn.Sequential(*layers, tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(prev, classes))
 
-    return init, apply, torch_module
+    return models.resnet_small(classes, widths=widths), torch_module
 
 
 NETS = {
-    "LeNet-MNIST": (lambda: lenet((128, 28, 28, 1), (32, 64)), (128, 28, 28, 1)),
-    "LeNet-CIFAR": (lambda: lenet((128, 32, 32, 3), (64, 128)), (128, 32, 32, 3)),
-    "resnet_small": (lambda: resnet_small((128, 32, 32, 3)), (128, 32, 32, 3)),
+    "LeNet-MNIST": (lambda: lenet((32, 64)), (128, 28, 28, 1)),
+    "LeNet-CIFAR": (lambda: lenet((64, 128)), (128, 32, 32, 3)),
+    "resnet_small": (resnet_small, (128, 32, 32, 3)),
 }
 
 
@@ -295,18 +259,19 @@ class _Counter:
 
     def __init__(self):
         self.network_input = None
-        self.layers = []  # (kind, multiply-adds, whether it reads the network input: no dX owed)
+        self.layers = []  # (kind, multiply-adds, reads the network input (no dX owed), weight shape)
 
     def __getattr__(self, name):
         return getattr(reference, name)
 
     def conv2d(self, x, w, b=None, **opts):
         y = reference.conv2d(x, w, b, **opts)
-        self.layers.append(("conv", int(np.prod(y.shape)) * int(np.prod(w.shape[:3])), x is self.network_input))
+        macs = int(np.prod(y.shape)) * int(np.prod(w.shape[:3]))
+        self.layers.append(("conv", macs, x is self.network_input, tuple(w.shape)))
         return y
 
     def linear(self, x, w, b=None):
-        self.layers.append(("linear", int(x.shape[0]) * int(np.prod(w.shape)), False))
+        self.layers.append(("linear", int(x.shape[0]) * int(np.prod(w.shape)), x is self.network_input, tuple(w.shape)))
         return reference.linear(x, w, b)
 
 
@@ -316,10 +281,10 @@ def training_flops(apply, params, x_shape):
 
     def run(p, x):
         counter.network_input = x
-        return apply(counter, p, x)
+        return apply(p, x, ops=counter)
 
     jax.eval_shape(run, params, jax.ShapeDtypeStruct(x_shape, jnp.float32))
-    total = sum(2 * macs * (2 if is_input else 3) for _, macs, is_input in counter.layers)
+    total = sum(2 * macs * (2 if is_input else 3) for _, macs, is_input, _ in counter.layers)
     return total, counter.layers
 
 
@@ -337,16 +302,18 @@ def bench_steps(runs, quick, peak_gflops):
     for net_name, (make, x_shape) in NETS.items():
         if quick and net_name != "LeNet-CIFAR":
             continue
-        init, apply, torch_module = make()
+        (init, apply), torch_module = make()
+        _, params = init(jax.random.key(0), x_shape)
         rng = np.random.default_rng(0)
-        params = jax.tree.map(jnp.asarray, init(rng))
         x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
         labels = jnp.asarray(rng.integers(0, 10, x_shape[0]))
         flops, layers = training_flops(apply, params, x_shape)
-        row = dict(net=net_name, batch=x_shape, step_flops=flops)
+        flat = next(w_shape[0] for kind, _, _, w_shape in layers if kind == "linear")  # torch's first Linear
+        row = dict(net=net_name, batch=x_shape, step_flops=flops,
+                   params=int(sum(np.prod(a.shape) for a in jax.tree.leaves(params))))
         for column, ops in (("jaxconv", jaxconv), ("autodiff", reference)):
             def loss(p, x, y, ops=ops):
-                return ops.softmax_cross_entropy(apply(ops, p, x), y)
+                return ops.softmax_cross_entropy(apply(p, x, ops=ops), y)
 
             def step(p, x, y, loss=loss):
                 value, grads = jax.value_and_grad(loss)(p, x, y)
@@ -363,7 +330,7 @@ def bench_steps(runs, quick, peak_gflops):
                                argument_bytes=getattr(memory, "argument_size_in_bytes", None),
                                output_bytes=getattr(memory, "output_size_in_bytes", None))
         if torch is not None:
-            model = torch_module()
+            model = torch_module(x_shape, flat)
             opt = torch.optim.SGD(model.parameters(), lr=0.01)
             tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
             ty = torch.from_numpy(np.asarray(labels)).long()

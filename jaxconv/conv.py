@@ -65,7 +65,7 @@ _FORCED_STRATEGY: str | None = None
 
 # Below this many multiply-adds (about the forward's), the blocked im2row
 # form's extra ops cost more than XLA's own convolution saves.
-_SMALL_CONV_MACS = 2 * 10**7
+_SMALL_CONV_MACS = 5 * 10**6
 
 
 def _choose_strategy(x_shape, w_shape, stride, dilation, groups) -> str:
