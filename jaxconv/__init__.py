@@ -6,6 +6,7 @@ from .conv import conv2d
 from .layers import flatten, linear, relu
 from .losses import l2_penalty, log_loss, softmax, softmax_cross_entropy
 from .pool import avg_pool2d, max_pool2d
+from . import nn, models, train
 from .lrn import (
     lrn,
     lrn_params_from_caffe,
@@ -33,6 +34,9 @@ __all__ = [
     "softmax",
     "softmax_cross_entropy",
     "matrix",
+    "models",
+    "nn",
+    "train",
     "reference",
     "verify",
     "__version__",

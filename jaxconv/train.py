@@ -54,14 +54,18 @@ __all__ = [
     "make_train_step",
     "replicate",
     "shard_batch",
+    "standardize",
 ]
 
 #: The recipe that trains the default model on the bundled 8x8 digits
-#: (``jaxconv.data.load_digits()``: 1437 train / 360 test) to >= 97% test
-#: accuracy on a 2-core CPU; see the measurements in the report of
-#: ``tests/test_train.py::test_digits_recipe`` (marked slow).
+#: (1437 train / 360 test, sklearn's ``train_test_split(test_size=360,
+#: random_state=0, stratify=labels)``, pixels standardised with the training
+#: set's mean and std, :func:`standardize`) to >= 97% test accuracy in seconds
+#: on a 2-core CPU: measured 98.1-99.2% over seeds 0-3 in 4-15 s of training
+#: (``tests/test_train.py::test_digits_recipe``, marked slow).  Unstandardised
+#: ``[0, 1]`` pixels reach only 96.7-98.6%: standardise.
 DEFAULTS = {
-    "model": "lenet5",
+    "model": "resnet_small",
     "epochs": 15,
     "batch_size": 32,
     "learning_rate": 0.05,
@@ -70,6 +74,18 @@ DEFAULTS = {
     "l2": 0.0,
     "seed": 0,
 }
+
+
+def standardize(train_images, *other_images):
+    """``(x - mean) / std`` with the scalar mean and std of ``train_images``, applied to every argument.
+
+    Returns a tuple of float32 arrays, ``train_images`` first.
+    """
+    train_images = np.asarray(train_images, np.float32)
+    mean, std = float(train_images.mean()), float(train_images.std())
+    if not std > 0:
+        raise ValueError(f"`train_images` have standard deviation {std!r}; cannot standardise.")
+    return tuple(((np.asarray(x, np.float32) - mean) / std).astype(np.float32) for x in (train_images, *other_images))
 
 
 def default_optimizer(learning_rate=0.05, momentum=0.9, weight_decay=5e-4):
