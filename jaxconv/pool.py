@@ -69,6 +69,13 @@ same formula and both are tested against ``jax.grad``):
   padded input).  The padded, cropped input is reshaped to
   ``(N, Ho, KH, Wo, KW, C)``; ``phi`` and ``phi*`` are then reshapes, with no
   shifted pieces at all.  Chosen automatically when it applies.
+
+Speed (CPU, float32, x of 128x32x32x64, backward only, on a shared 2-core
+machine, so rough): max pooling about 7-10x faster than ``jax.grad``'s
+select_and_scatter at 2x2/2 and about 5-6x at 3x3/2 VALID.  The margin shrinks
+with padding (3x3/2 SAME: 2.5-4.5x) and at stride 1 (3x3/1: about 1x): XLA
+fuses the selection into every one of the ``KH*KW`` shifted pieces and so
+recomputes it per piece.  Average pooling is 1.1-1.5x faster.
 """
 
 from __future__ import annotations
