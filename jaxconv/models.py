@@ -16,6 +16,12 @@ from . import nn
 __all__ = ["MODELS", "alexnet_small", "dd2424_net", "lenet5", "resnet_small"]
 
 
+def _classes(num_classes) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"`num_classes` (={num_classes!r}) must be a positive int.")
+    return num_classes
+
+
 def dd2424_net(num_classes=10, *, num_filters=16, filter_size=3):
     """The lecture network of seed 001 (DD2424, lecture 6): one conv layer, ReLU, one FC layer.
 
@@ -29,7 +35,7 @@ def dd2424_net(num_classes=10, *, num_filters=16, filter_size=3):
         nn.Conv(num_filters, filter_size),
         nn.Relu,
         nn.Flatten,
-        nn.Dense(num_classes),
+        nn.Dense(_classes(num_classes)),
     )
 
 
@@ -46,7 +52,7 @@ def lenet5(num_classes=10):
         nn.Flatten,
         nn.Dense(120), nn.Relu,
         nn.Dense(84), nn.Relu,
-        nn.Dense(num_classes),
+        nn.Dense(_classes(num_classes)),
     )
 
 
@@ -65,7 +71,7 @@ def alexnet_small(num_classes=10, *, width=32):
         nn.Conv(2 * width, 3, padding="SAME"), nn.Relu, nn.MaxPool(3, 2, "SAME"),
         nn.Flatten,
         nn.Dense(128), nn.Relu,
-        nn.Dense(num_classes),
+        nn.Dense(_classes(num_classes)),
     )
 
 
@@ -102,7 +108,7 @@ def resnet_small(num_classes=10, *, widths=(16, 32, 64)):
     layers = [nn.Conv(widths[0], 3, padding="SAME"), nn.Relu, _identity_block(widths[0])]
     for width in widths[1:]:
         layers.append(_basic_block(width, 2))
-    layers += [nn.GlobalAvgPool, nn.Dense(num_classes)]
+    layers += [nn.GlobalAvgPool, nn.Dense(_classes(num_classes))]
     return nn.serial(*layers)
 
 

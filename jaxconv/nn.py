@@ -303,7 +303,8 @@ def _global_avg_pool():
         ops = _ops(kwargs)
         if getattr(x, "ndim", None) != 4:
             raise ValueError(f"GlobalAvgPool: `x` must be (N, H, W, C), got shape {jnp.shape(x)}.")
-        return ops.flatten(ops.avg_pool2d(x, x.shape[1:3]))
+        pooled = ops.avg_pool2d(x, x.shape[1:3])
+        return ops.flatten(pooled)
 
     return init_fun, apply_fun
 
