@@ -273,8 +273,14 @@ def AvgPool(window, stride=None, padding="VALID", count_include_pad=True):
 
 def LRN(size=5, kappa=2.0, alpha=1e-4, beta=0.75):
     """Local response normalisation across channels, :func:`jaxconv.lrn` (AlexNet, seed 004 §1.3)."""
-    # Validate now (lrn's own checks) rather than at the first apply.
-    _hand_ops().lrn(jnp.ones((1, 1, 1, 1), jnp.float32), size=size, kappa=kappa, alpha=alpha, beta=beta)
+    import importlib
+
+    lrn_module = importlib.import_module("jaxconv.lrn")  # the package's `lrn` attribute is the function
+    # Validate now, with lrn's own checks, rather than at the first apply.
+    lrn_module._positive_int(size, "size")
+    lrn_module._real(kappa, "kappa", minimum=0.0)
+    lrn_module._real(alpha, "alpha", minimum=0.0)
+    lrn_module._real(beta, "beta")
     return _stateless("lrn", lambda shape: shape, 4, size=size, kappa=kappa, alpha=alpha, beta=beta)
 
 

@@ -162,7 +162,9 @@ def make_train_step(apply_fun: Callable, optimizer: optax.GradientTransformation
     ``batch`` is ``(images, labels)``: float32 NHWC images ``(N, H, W, C)`` and
     int32 labels ``(N,)``.  ``metrics`` is ``{"loss": cross-entropy, "objective":
     cross-entropy + L2, "accuracy": fraction correct}`` on the batch, before the
-    update, as 0-d arrays.  Nothing is donated: the inputs stay valid.
+    update, as 0-d arrays.  Nothing is donated: the inputs stay valid.  With a
+    mesh, inputs may be host arrays or live anywhere (jit moves them: params and
+    optimizer state replicated, the batch split); the outputs are replicated.
     """
     if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not math.isfinite(l2) or l2 < 0:
         raise ValueError(f"`l2` (={l2!r}) must be a finite number >= 0.")
