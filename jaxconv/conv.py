@@ -66,6 +66,10 @@ _FORCED_STRATEGY: str | None = None
 # Below this many multiply-adds (about the forward's), the blocked im2row
 # form's extra ops cost more than XLA's own convolution saves.
 _SMALL_CONV_MACS = 5 * 10**6
+# A block holds at least one image; past this many phi entries per image
+# (256 MiB of float32) that one image's phi costs more memory than the speed
+# is worth, so the convolution form, which needs no phi, is kept.
+_MAX_PHI_ENTRIES_PER_IMAGE = 64 * 2**20
 
 
 def _choose_strategy(x_shape, w_shape, stride, dilation, groups) -> str:
@@ -74,7 +78,8 @@ def _choose_strategy(x_shape, w_shape, stride, dilation, groups) -> str:
     On CPU, XLA's convolution backward runs at 3-60 GFLOP/s, while the same
     formulas as cache-sized GEMMs (``"im2row_blocked"``) run near the matrix
     product's speed (benchmarks/README.md), for every stride, padding,
-    dilation and group count; tiny convolutions keep ``"conv"``.  On GPU the
+    dilation and group count; tiny convolutions, and images so large that one
+    image's phi would be a large temporary, keep ``"conv"``.  On GPU the
     convolution form maps onto cuDNN: ``"conv"``.
     """
     if _FORCED_STRATEGY is not None:
@@ -83,8 +88,11 @@ def _choose_strategy(x_shape, w_shape, stride, dilation, groups) -> str:
         return "conv"
     n, h, w, _ = x_shape
     kh, kw, cg, o = w_shape
-    macs = n * (h // stride[0]) * (w // stride[1]) * kh * kw * cg * o
-    return "im2row_blocked" if macs >= _SMALL_CONV_MACS else "conv"
+    phi_per_image = (h // stride[0]) * (w // stride[1]) * kh * kw * cg * groups
+    macs = n * phi_per_image * (o // groups)
+    if macs < _SMALL_CONV_MACS or phi_per_image > _MAX_PHI_ENTRIES_PER_IMAGE:
+        return "conv"
+    return "im2row_blocked"
 
 
 def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):

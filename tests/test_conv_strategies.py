@@ -121,6 +121,10 @@ def test_switch_by_platform_and_shape(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert choose(*big) == "im2row_blocked"
     assert choose(*tiny) == "conv"
+    huge_image = ((1, 2048, 2048, 64), (3, 3, 64, 64), (1, 1), (1, 1), 1)  # phi: 2.4e9 entries
+    assert choose(*huge_image) == "conv"
+    grouped = ((128, 16, 16, 128), (3, 3, 32, 128), (1, 1), (1, 1), 4)
+    assert choose(*grouped) == "im2row_blocked"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert choose(*big) == "conv"
     monkeypatch.setattr(conv_module, "_FORCED_STRATEGY", "im2row")
