@@ -1,0 +1,103 @@
+"""PNG plots of a training run (matplotlib, Agg backend: no display needed).
+
+* :func:`plot_curves`: loss and accuracy per epoch, train and test, two panels.
+* :func:`plot_filters`: the first convolution layer's filters as a grid of
+  images, the way lecture slides show learnt filters (seed 002's figures).
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["first_conv_kernel", "plot_curves", "plot_filters"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(history: Sequence[dict], path, *, title: str = "") -> pathlib.Path:
+    """Loss (left) and accuracy (right) against the epoch; writes ``path`` (PNG) and returns it.
+
+    ``history``: one dict per epoch with ``"epoch"`` and any of ``"train_loss"``,
+    ``"test_loss"``, ``"train_accuracy"``, ``"test_accuracy"``.
+    """
+    if not history:
+        raise ValueError("`history` is empty: nothing to plot.")
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        for part, style in (("train", "o-"), ("test", "s--")):
+            key = f"{part}_{metric}"
+            if all(key in h for h in history):
+                ax.plot(epochs, [h[key] for h in history], style, label=part, markersize=4)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    ax_loss.set_yscale("log")
+    ax_acc.set_ylim(top=1.0)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def first_conv_kernel(params):
+    """The first 4-D leaf of ``params`` (in pytree order: a ``serial`` network's first conv's HWIO kernel), or None."""
+    import jax
+
+    for leaf in jax.tree.leaves(params):
+        if np.ndim(leaf) == 4:
+            return np.asarray(leaf)
+    return None
+
+
+def plot_filters(kernel, path, *, title: str = "first-layer filters") -> pathlib.Path:
+    """A grid of the ``O`` filters of an HWIO ``kernel`` ``(KH, KW, C, O)``; writes ``path`` (PNG).
+
+    Three input channels are shown as RGB; one as grey; any other number side by
+    side within each filter's cell.  Each filter is scaled to ``[0, 1]`` on its own
+    (the shapes matter, not the magnitudes).
+    """
+    kernel = np.asarray(kernel, np.float64)
+    if kernel.ndim != 4:
+        raise ValueError(f"`kernel` must be HWIO (KH, KW, C, O), got shape {kernel.shape}.")
+    plt = _pyplot()
+    kh, kw, c, o = kernel.shape
+    cols = math.ceil(math.sqrt(o))
+    rows = math.ceil(o / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols * (1 if c in (1, 3) else c), 1.2 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= o:
+            continue
+        f = kernel[..., i]
+        lo, hi = f.min(), f.max()
+        f = (f - lo) / (hi - lo) if hi > lo else np.zeros_like(f)
+        if c == 3:
+            ax.imshow(f, interpolation="nearest")
+        else:
+            # (KH, KW, C) -> (KH, C * KW): the channels side by side.
+            ax.imshow(f.transpose(0, 2, 1).reshape(kh, c * kw), cmap="gray", interpolation="nearest", vmin=0, vmax=1)
+    fig.suptitle(f"{title} ({o} x {kh}x{kw}x{c})")
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
