@@ -7,6 +7,7 @@ from .layers import flatten, linear, relu
 from .losses import l2_penalty, log_loss, softmax, softmax_cross_entropy
 from .pool import avg_pool2d, max_pool2d
 from . import nn, models, train
+from . import checkpoint, data, plots
 from .lrn import (
     lrn,
     lrn_params_from_caffe,
@@ -37,6 +38,9 @@ __all__ = [
     "models",
     "nn",
     "train",
+    "checkpoint",
+    "data",
+    "plots",
     "reference",
     "verify",
     "__version__",
