@@ -34,6 +34,8 @@ def plot_curves(history: Sequence[dict], path, *, title: str = "") -> pathlib.Pa
     if not history:
         raise ValueError("`history` is empty: nothing to plot.")
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
@@ -42,6 +44,7 @@ def plot_curves(history: Sequence[dict], path, *, title: str = "") -> pathlib.Pa
             if all(key in h for h in history):
                 ax.plot(epochs, [h[key] for h in history], style, label=part, markersize=4)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(metric)
         ax.grid(True, alpha=0.3)
         ax.legend()

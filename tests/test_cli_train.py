@@ -194,3 +194,18 @@ def test_the_readme_command_reaches_97_percent_in_under_two_minutes(tmp_path):
     assert sum(e["seconds"] for e in record["epochs"]) < 120
     for name in ("curves.png", "filters.png", "checkpoint.safetensors"):
         assert (tmp_path / name).is_file()
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3])
+def test_filter_grid_for_any_input_channels(tmp_path, channels):
+    kernel = np.random.default_rng(0).normal(size=(5, 5, channels, 7))
+    path = jaxconv.plots.plot_filters(kernel, tmp_path / "f.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert jaxconv.plots.first_conv_kernel([{"b": np.zeros(7), "w": kernel}, {"w": np.zeros((3, 2))}]) is not None
+
+
+def test_plot_bad_input(tmp_path):
+    with pytest.raises(ValueError, match=r"`kernel` must be HWIO"):
+        jaxconv.plots.plot_filters(np.zeros((3, 3, 1)), tmp_path / "f.png")
+    with pytest.raises(ValueError, match=r"`history` is empty"):
+        jaxconv.plots.plot_curves([], tmp_path / "c.png")
