@@ -98,9 +98,9 @@ def test_four_devices_equal_one(two_epochs, tmp_path):
 
 
 def test_check_grads_passes_on_the_hand_rules(tmp_path, capsys):
-    assert _train(tmp_path, "--epochs", "1", "--check-grads") == 0
+    assert _train(tmp_path, "--epochs", "1", "--l2", "1e-3", "--check-grads") == 0
     out = capsys.readouterr().out
-    for rule in ("conv2d", "relu", "flatten", "linear", "softmax_cross_entropy", "objective"):
+    for rule in ("conv2d", "relu", "flatten", "linear", "softmax_cross_entropy", "l2_penalty", "objective"):
         assert f"  {rule} " in out
     assert "--check-grads: all rules agree" in out
 
