@@ -20,6 +20,8 @@ from jaxconv.verify import check_vjp
 
 from .strategies import conv_configs
 
+from .test_conv import _arrays, _pair  # shared conv test helpers
+
 BLOCKED_GRID = [
     # x shape, w shape, options: batches of 4-6 images cut into blocks of 1-3.
     ((4, 6, 6, 3), (3, 3, 3, 4), dict()),
@@ -28,18 +30,6 @@ BLOCKED_GRID = [
     ((4, 6, 5, 6), (3, 3, 1, 6), dict(padding=((2, 0), (1, 3)), groups=6)),
     ((6, 12, 11, 2), (5, 5, 2, 3), dict(stride=3)),
 ]
-
-
-def _arrays(rng, x_shape, w_shape, bias, dtype=np.float64):
-    x = rng.standard_normal(x_shape).astype(dtype)
-    w = rng.standard_normal(w_shape).astype(dtype)
-    b = rng.standard_normal(w_shape[-1]).astype(dtype) if bias else None
-    return x, w, b
-
-
-def _pair(options):
-    return (lambda x, w, b: jaxconv.conv2d(x, w, b, **options),
-            lambda x, w, b: reference.conv2d(x, w, b, **options))
 
 
 @pytest.fixture(params=[1, 2])
