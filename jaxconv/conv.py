@@ -30,6 +30,13 @@ Backward, the documents' formulas, for the output gradient ``g = dL/dy``:
 Both gradients are themselves written with ``lax.conv_general_dilated`` (the
 zero insertion is its ``lhs_dilation``, the Rot180 an explicit flip), so the
 rule stays differentiable: grad-of-grad goes through it.
+
+The same formulas also run as seed 004's matrix products (``Y = phi(X) F``,
+``dF = phi(X)^T dY``, ``dX = phi*(dY F^T)``) over cache-sized batch blocks;
+a private switch (:func:`_choose_strategy`, :func:`_choose_forward`) picks,
+per platform and shape, the form that runs fastest (on CPU the matrix
+products, on GPU the convolutions).  Every form is tested against
+``jax.grad``.
 """
 
 from __future__ import annotations
@@ -54,13 +61,17 @@ class ConvConfig(NamedTuple):
     padding: tuple[tuple[int, int], tuple[int, int]]
     dilation: tuple[int, int]
     groups: int
-    strategy: str
+    strategy: str  # backward: a key of _BACKWARD_STRATEGIES
+    forward: str = "conv"  # forward: a key of _FORWARD_STRATEGIES
 
 
-# One private switch for the backward implementation: `_choose_strategy` picks
-# a name from `_BACKWARD_STRATEGIES` (registered at the end of this module) by
-# platform and shape; tests set `_FORCED_STRATEGY` to run each in turn.
+# One private switch for the implementations: `_choose_strategy` picks the
+# backward from `_BACKWARD_STRATEGIES` and `_choose_forward` the forward from
+# `_FORWARD_STRATEGIES` (both registered at the end of this module) by
+# platform and shape; tests set `_FORCED_STRATEGY` / `_FORCED_FORWARD` to run
+# each in turn.
 _FORCED_STRATEGY: str | None = None
+_FORCED_FORWARD: str | None = None
 
 
 # Below this many multiply-adds (about the forward's), the blocked im2row
@@ -84,15 +95,41 @@ def _choose_strategy(x_shape, w_shape, stride, dilation, groups) -> str:
     """
     if _FORCED_STRATEGY is not None:
         return _FORCED_STRATEGY
+    return "im2row_blocked" if _blocked_pays(x_shape, w_shape, stride, groups) else "conv"
+
+
+def _blocked_pays(x_shape, w_shape, stride, groups) -> bool:
+    """On CPU, and the convolution neither tiny nor with a huge per-image phi."""
     if jax.default_backend() != "cpu":
-        return "conv"
+        return False
     n, h, w, _ = x_shape
     kh, kw, cg, o = w_shape
     phi_per_image = (h // stride[0]) * (w // stride[1]) * kh * kw * cg * groups
     macs = n * phi_per_image * (o // groups)
-    if macs < _SMALL_CONV_MACS or phi_per_image > _MAX_PHI_ENTRIES_PER_IMAGE:
-        return "conv"
-    return "im2row_blocked"
+    return _SMALL_CONV_MACS <= macs and phi_per_image <= _MAX_PHI_ENTRIES_PER_IMAGE
+
+
+# A GEMM with fewer columns (output channels per group) or a shorter
+# contraction (KH*KW*C/G) than this runs far from the matrix-product peak on
+# CPU, and XLA's own convolution is then as fast or faster.
+_MIN_GEMM_SIDE = 32
+
+
+def _choose_forward(x_shape, w_shape, stride, dilation, groups) -> str:
+    """The forward implementation for this platform and shape.
+
+    On CPU, XLA's convolution runs at 20-60 GFLOP/s on most layers of a small
+    convnet, while ``phi(X_b) F`` over cache-sized batch blocks
+    (``"im2row_blocked"``, seed 004's ``Y = phi(X) F``) runs at 70-130: it is
+    chosen where the backward is blocked too and both sides of the GEMM are
+    at least ``_MIN_GEMM_SIDE`` wide (benchmarks/README.md has the per-shape
+    figures).  On GPU: XLA's (cuDNN's) ``"conv"``.
+    """
+    if _FORCED_FORWARD is not None:
+        return _FORCED_FORWARD
+    kh, kw, cg, o = w_shape
+    wide = o // groups >= _MIN_GEMM_SIDE and kh * kw * cg >= _MIN_GEMM_SIDE
+    return "im2row_blocked" if wide and _blocked_pays(x_shape, w_shape, stride, groups) else "conv"
 
 
 def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
@@ -146,12 +183,16 @@ def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
     strategy = _choose_strategy(x.shape, w.shape, stride, dilation, groups)
     if strategy not in _BACKWARD_STRATEGIES:
         raise ValueError(f"unknown conv2d backward strategy {strategy!r}; known: {sorted(_BACKWARD_STRATEGIES)}")
-    config = ConvConfig(stride, pads, dilation, groups, strategy)
+    forward = _choose_forward(x.shape, w.shape, stride, dilation, groups)
+    if forward not in _FORWARD_STRATEGIES:
+        raise ValueError(f"unknown conv2d forward strategy {forward!r}; known: {sorted(_FORWARD_STRATEGIES)}")
+    config = ConvConfig(stride, pads, dilation, groups, strategy, forward)
     return _conv2d(config, x, w, b)
 
 
-def _forward(config: ConvConfig, x, w, b):
-    y = lax.conv_general_dilated(
+def _forward_conv(config: ConvConfig, x, w):
+    """XLA's convolution."""
+    return lax.conv_general_dilated(
         x,
         w,
         window_strides=config.stride,
@@ -160,6 +201,39 @@ def _forward(config: ConvConfig, x, w, b):
         dimension_numbers=_DIMENSION_NUMBERS,
         feature_group_count=config.groups,
     )
+
+
+def _forward_im2row(config: ConvConfig, x, w):
+    """Seed 004's ``Y = phi(X) F``, one matrix product per group."""
+    kh, kw, cg, o = w.shape
+    groups = config.groups
+    og = o // groups
+    rows = _patches(x, (kh, kw), config.stride, config.padding, config.dilation)  # (N, Ho, Wo, KH, KW, C)
+    n, ho, wo = rows.shape[:3]
+    m = n * ho * wo
+    phi = rows.reshape(m, kh * kw, groups, cg).transpose(2, 0, 1, 3).reshape(groups, m, kh * kw * cg)
+    f = w.reshape(kh * kw * cg, groups, og).transpose(1, 0, 2)  # (G, KH*KW*C/G, O/G)
+    y = jnp.matmul(phi, f, precision=lax.Precision.HIGHEST)  # (G, N*Ho*Wo, O/G)
+    return y.transpose(1, 0, 2).reshape(n, ho, wo, o)
+
+
+def _forward_im2row_blocked(config: ConvConfig, x, w):
+    """``Y_b = phi(X_b) F`` over cache-sized batch blocks (see :func:`_backward_im2row_blocked`)."""
+    n = x.shape[0]
+    kh, kw, cg, _ = w.shape
+    ho, wo = (
+        _args.output_size(size, lo, hi, k, s, d)
+        for size, (lo, hi), k, s, d in zip(x.shape[1:3], config.padding, (kh, kw), config.stride, config.dilation)
+    )
+    block = _batch_block(n, ho * wo * kh * kw * cg * config.groups * x.dtype.itemsize, _IM2ROW_BLOCK_BYTES)
+    if block == n:
+        return _forward_im2row(config, x, w)
+    y = lax.map(lambda xb: _forward_im2row(config, xb, w), x.reshape(n // block, block, *x.shape[1:]))
+    return y.reshape(n, *y.shape[2:])
+
+
+def _forward(config: ConvConfig, x, w, b):
+    y = _FORWARD_STRATEGIES[config.forward](config, x, w)
     if b is not None:
         y = y + b
     return y
@@ -335,4 +409,10 @@ _BACKWARD_STRATEGIES = {
     "conv": _backward_conv,
     "im2row": _backward_im2row,
     "im2row_blocked": _backward_im2row_blocked,
+}
+
+# name -> forward(config, x, w) -> y without bias; tested like the backward.
+_FORWARD_STRATEGIES = {
+    "conv": _forward_conv,
+    "im2row_blocked": _forward_im2row_blocked,
 }

@@ -29,10 +29,17 @@ GRID = [
 ]
 
 
+def forward_for(backward: str) -> str:
+    """The forward run with each backward in the tests: the same form (so every
+    forward strategy meets the whole grid too)."""
+    return "conv" if backward == "conv" else "im2row_blocked"
+
+
 @pytest.fixture(params=sorted(conv_module._BACKWARD_STRATEGIES))
 def strategy(request, monkeypatch):
-    """Run the test once per backward strategy."""
+    """Run the test once per backward strategy (with the forward of the same form)."""
     monkeypatch.setattr(conv_module, "_FORCED_STRATEGY", request.param)
+    monkeypatch.setattr(conv_module, "_FORCED_FORWARD", forward_for(request.param))
     return request.param
 
 
@@ -101,11 +108,12 @@ def test_hypothesis_sweep_slow(config):
     f, ref = _pair(config["options"])
     args = _arrays(rng, config["x_shape"], config["w_shape"], config["bias"])
     for name in sorted(conv_module._BACKWARD_STRATEGIES):
-        previous, conv_module._FORCED_STRATEGY = conv_module._FORCED_STRATEGY, name
+        previous = conv_module._FORCED_STRATEGY, conv_module._FORCED_FORWARD
+        conv_module._FORCED_STRATEGY, conv_module._FORCED_FORWARD = name, forward_for(name)
         try:
             check_vjp(f, ref, *args, name=f"conv2d[{name}]").assert_ok()
         finally:
-            conv_module._FORCED_STRATEGY = previous
+            conv_module._FORCED_STRATEGY, conv_module._FORCED_FORWARD = previous
 
 
 @given(config=conv_configs())

@@ -34,8 +34,9 @@ BLOCKED_GRID = [
 
 @pytest.fixture(params=[1, 2])
 def blocked(request, monkeypatch):
-    """Force "im2row_blocked" with a block budget of about `param` images."""
+    """Force "im2row_blocked" (backward and forward) with a block budget of about `param` images."""
     monkeypatch.setattr(conv_module, "_FORCED_STRATEGY", "im2row_blocked")
+    monkeypatch.setattr(conv_module, "_FORCED_FORWARD", "im2row_blocked")
     return request.param
 
 
@@ -63,6 +64,7 @@ def test_blocked_float64_full_check(blocked, monkeypatch, x_shape, w_shape, opti
 @pytest.mark.parametrize("x_shape,w_shape,options", BLOCKED_GRID[:3])
 def test_blocked_float32(monkeypatch, x_shape, w_shape, options):
     monkeypatch.setattr(conv_module, "_FORCED_STRATEGY", "im2row_blocked")
+    monkeypatch.setattr(conv_module, "_FORCED_FORWARD", "im2row_blocked")
     _set_budget(monkeypatch, 2, x_shape, w_shape, options)
     f, ref = _pair(options)
     report = check_vjp(f, ref, *_arrays(np.random.default_rng(1), x_shape, w_shape, True, np.float32),
@@ -76,18 +78,22 @@ def test_blocked_float32(monkeypatch, x_shape, w_shape, options):
 def test_blocked_hypothesis(config):
     """Drawn configurations with batch 2-6, blocks of one image: every block path."""
     x_shape = (2 * config["x_shape"][0],) + config["x_shape"][1:]
-    previous = conv_module._FORCED_STRATEGY, conv_module._IM2ROW_BLOCK_BYTES
-    conv_module._FORCED_STRATEGY, conv_module._IM2ROW_BLOCK_BYTES = "im2row_blocked", 1
+    names = "_FORCED_STRATEGY", "_FORCED_FORWARD", "_IM2ROW_BLOCK_BYTES"
+    previous = [getattr(conv_module, name) for name in names]
+    for name, value in zip(names, ("im2row_blocked", "im2row_blocked", 1)):
+        setattr(conv_module, name, value)
     try:
         f, ref = _pair(config["options"])
         args = _arrays(np.random.default_rng(2), x_shape, config["w_shape"], config["bias"])
         check_vjp(f, ref, *args, finite_differences=False, second_order=False).assert_ok()
     finally:
-        conv_module._FORCED_STRATEGY, conv_module._IM2ROW_BLOCK_BYTES = previous
+        for name, value in zip(names, previous):
+            setattr(conv_module, name, value)
 
 
 def test_blocked_vmap_and_jit(monkeypatch):
     monkeypatch.setattr(conv_module, "_FORCED_STRATEGY", "im2row_blocked")
+    monkeypatch.setattr(conv_module, "_FORCED_FORWARD", "im2row_blocked")
     monkeypatch.setattr(conv_module, "_IM2ROW_BLOCK_BYTES", 1)
     rng = np.random.default_rng(3)
     xs = jnp.asarray(rng.standard_normal((3, 4, 6, 6, 2)))
@@ -123,6 +129,48 @@ def test_switch_by_platform_and_shape(monkeypatch):
         assert name in conv_module._BACKWARD_STRATEGIES
 
 
+def test_forward_switch_by_platform_and_shape(monkeypatch):
+    """The matrix-product forward where the blocked backward pays and the GEMM is
+    at least 32 wide both ways; XLA's convolution otherwise and on GPU."""
+    choose = conv_module._choose_forward
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert choose((128, 14, 14, 64), (5, 5, 64, 128), (1, 1), (1, 1), 1) == "im2row_blocked"  # LeNet-CIFAR conv 2
+    assert choose((128, 32, 32, 3), (5, 5, 3, 64), (1, 1), (1, 1), 1) == "im2row_blocked"  # K = 75
+    assert choose((128, 28, 28, 1), (5, 5, 1, 32), (1, 1), (1, 1), 1) == "conv"  # K = 25
+    assert choose((128, 32, 32, 16), (3, 3, 16, 16), (1, 1), (1, 1), 1) == "conv"  # 16 output channels
+    assert choose((128, 16, 16, 128), (3, 3, 1, 128), (1, 1), (1, 1), 128) == "conv"  # depthwise: K = 9
+    assert choose((2, 6, 6, 3), (3, 3, 3, 64), (1, 1), (1, 1), 1) == "conv"  # tiny
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert choose((128, 14, 14, 64), (5, 5, 64, 128), (1, 1), (1, 1), 1) == "conv"
+    monkeypatch.setattr(conv_module, "_FORCED_FORWARD", "im2row_blocked")
+    assert choose((2, 6, 6, 3), (3, 3, 3, 4), (1, 1), (1, 1), 1) == "im2row_blocked"
+
+
+def test_unknown_forced_strategy_is_a_clear_error(monkeypatch):
+    x, w = jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1))
+    monkeypatch.setattr(conv_module, "_FORCED_FORWARD", "winograd")
+    with pytest.raises(ValueError, match="forward strategy 'winograd'"):
+        jaxconv.conv2d(x, w)
+    monkeypatch.setattr(conv_module, "_FORCED_FORWARD", None)
+    monkeypatch.setattr(conv_module, "_FORCED_STRATEGY", "winograd")
+    with pytest.raises(ValueError, match="backward strategy 'winograd'"):
+        jaxconv.conv2d(x, w)
+
+
+@pytest.mark.parametrize("forward", sorted(conv_module._FORWARD_STRATEGIES))
+def test_forward_strategies_agree_in_float32(monkeypatch, forward):
+    """Each forward on a LeNet-sized layer, in float32, within rounding of XLA's."""
+    monkeypatch.setattr(conv_module, "_FORCED_FORWARD", forward)
+    monkeypatch.setattr(conv_module, "_IM2ROW_BLOCK_BYTES", 2**16)  # several blocks
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((8, 14, 14, 16)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((5, 5, 16, 32)) / 20, jnp.float32)
+    b = jnp.asarray(rng.standard_normal(32), jnp.float32)
+    got = jax.jit(lambda x, w, b: jaxconv.conv2d(x, w, b, stride=2, padding="SAME"))(x, w, b)
+    want = reference.conv2d(x, w, b, stride=2, padding="SAME")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def _residual_bytes(capsys, f, *args):
     """Bytes of what reverse mode keeps for ``f``, read off print_saved_residuals."""
     capsys.readouterr()
@@ -139,10 +187,12 @@ def _residual_bytes(capsys, f, *args):
 
 
 @pytest.mark.parametrize("strategy", sorted(conv_module._BACKWARD_STRATEGIES))
+@pytest.mark.parametrize("forward", sorted(conv_module._FORWARD_STRATEGIES))
 @pytest.mark.parametrize("bias", [False, True])
-def test_saves_no_more_residuals_than_autodiff(monkeypatch, capsys, strategy, bias):
+def test_saves_no_more_residuals_than_autodiff(monkeypatch, capsys, strategy, forward, bias):
     """The rule keeps x and w, as autodiff does, never phi, the output or b."""
     monkeypatch.setattr(conv_module, "_FORCED_STRATEGY", strategy)
+    monkeypatch.setattr(conv_module, "_FORCED_FORWARD", forward)
     x, w = jnp.zeros((8, 12, 12, 4)), jnp.zeros((3, 3, 4, 6))
     b = jnp.zeros(6) if bias else None
     opts = dict(stride=2, padding="SAME")
