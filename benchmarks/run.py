@@ -12,6 +12,9 @@ Sections (see benchmarks/README.md):
 * ``conv``: per shape, the forward and the VJP (dL/dx and dL/dw from dL/dy) of
   ``jaxconv.conv2d`` against ``jax.vjp`` of ``jaxconv.reference.conv2d`` (XLA's
   autodiff), with GFLOP/s of the backward (2x the forward's multiply-adds x 2).
+  Each op is timed three ways: the VJP program (inputs and dL/dy in, cotangents
+  out), the backward alone (the pullback applied to residuals a forward already
+  saved, as in a training step) and the forward alone; plus the residual bytes.
 * ``pool``, ``lrn``, ``loss``: the same for max/avg pooling, LRN and softmax
   cross-entropy (skipped, with the reason recorded, if an op is not there yet).
 * ``step``: one jitted SGD training step of LeNet-MNIST, LeNet-CIFAR and a small
@@ -90,13 +93,25 @@ def vjp_program(f, nargs: int):
 
 
 def compare_vjp(name, ours, ref, args, runs, flops=None, extra=None):
-    """One row: forward and VJP times of ``ours`` against autodiff of ``ref``."""
+    """One row: ``ours`` against autodiff of ``ref``, three ways.
+
+    * ``jaxconv`` / ``autodiff``: the VJP program (args, g) -> cotangents, with
+      whatever of the forward the backward needs (not y itself);
+    * ``backward_jaxconv`` / ``backward_autodiff``: the pullback alone, applied
+      to residuals already computed by a forward (what a training step's
+      backward pass costs);
+    * ``forward`` / ``forward_reference``: y alone.
+    """
     y = jax.jit(ref)(*args)
     g = jnp.asarray(np.random.default_rng(1).standard_normal(y.shape), y.dtype)
     ours_vjp, ref_vjp = vjp_program(ours, len(args)), vjp_program(ref, len(args))
     got, want = ours_vjp(*args, g), ref_vjp(*args, g)
     error = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30)) for a, b in zip(got, want))
-    forward = jax.jit(ours)
+    forward, forward_ref = jax.jit(ours), jax.jit(ref)
+    # jax.vjp's pullback is a pytree of its residuals: computed once, then timed alone.
+    pullbacks = {who: jax.block_until_ready(jax.jit(lambda *a, f=f: jax.vjp(f, *a)[1])(*args))
+                 for who, f in (("ours", ours), ("ref", ref))}
+    apply = jax.jit(lambda pullback, g: pullback(g))
     start = time.perf_counter()
     jax.block_until_ready(ref_vjp(*args, g))
     if time.perf_counter() - start < 0.02:
@@ -104,15 +119,23 @@ def compare_vjp(name, ours, ref, args, runs, flops=None, extra=None):
     row = dict(op=name, max_rel_error_f32=error, **interleaved(dict(
         jaxconv=lambda: jax.block_until_ready(ours_vjp(*args, g)),
         autodiff=lambda: jax.block_until_ready(ref_vjp(*args, g)),
-        forward=lambda: jax.block_until_ready(forward(*args))), runs))
+        backward_jaxconv=lambda: jax.block_until_ready(apply(pullbacks["ours"], g)),
+        backward_autodiff=lambda: jax.block_until_ready(apply(pullbacks["ref"], g)),
+        forward=lambda: jax.block_until_ready(forward(*args)),
+        forward_reference=lambda: jax.block_until_ready(forward_ref(*args))), runs))
     row["speedup"] = row["autodiff"]["median_s"] / row["jaxconv"]["median_s"]
+    row["speedup_backward"] = row["backward_autodiff"]["median_s"] / row["backward_jaxconv"]["median_s"]
+    row["speedup_forward"] = row["forward_reference"]["median_s"] / row["forward"]["median_s"]
+    row["residual_bytes"] = {who: int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(pb)))
+                             for who, pb in (("jaxconv", pullbacks["ours"]), ("autodiff", pullbacks["ref"]))}
     if flops:
         row["backward_flops"] = flops
         row["gflops_jaxconv"] = flops / row["jaxconv"]["median_s"] / 1e9
         row["gflops_autodiff"] = flops / row["autodiff"]["median_s"] / 1e9
     row.update(extra or {})
-    print(f"  {name:42s} jaxconv {row['jaxconv']['median_s']*1e3:8.1f} ms  autodiff "
-          f"{row['autodiff']['median_s']*1e3:8.1f} ms  x{row['speedup']:.2f}  err {error:.1e}", flush=True)
+    print(f"  {name:42s} VJP jaxconv {row['jaxconv']['median_s']*1e3:7.1f} ms  autodiff "
+          f"{row['autodiff']['median_s']*1e3:7.1f} ms  x{row['speedup']:.2f} | backward x{row['speedup_backward']:.2f}"
+          f" | forward x{row['speedup_forward']:.2f} | err {error:.1e}", flush=True)
     return row
 
 
@@ -148,7 +171,9 @@ def bench_conv(runs, quick):
         macs = int(np.prod(out)) * k * k * c
         name = f"conv ({n},{h},{w},{c}->{o},{k}) s{spec['stride']} {spec['padding']}"
         from jaxconv import conv as conv_module  # which backward the switch picks
-        strategy = conv_module._choose_strategy(x.shape, wt.shape, (spec["stride"],) * 2, (1, 1), 1)
+        choice = (x.shape, wt.shape, (spec["stride"],) * 2, (1, 1), 1)
+        strategy = (f"fwd {conv_module._choose_forward(*choice)}, "
+                    f"bwd {conv_module._choose_strategy(*choice)}")
         row = compare_vjp(name, ours, ref, (x, wt), runs, flops=4 * macs,
                           extra=dict(forward_flops=2 * macs, strategy=strategy))
         row["gflops_forward"] = 2 * macs / row["forward"]["median_s"] / 1e9
@@ -385,15 +410,25 @@ def markdown(result) -> str:
                 f"Times are medians of {peak['time']['runs']} runs, float32.", ""]
     ops = result.get("conv", []) + result.get("pool", []) + result.get("lrn", []) + result.get("loss", [])
     if ops:
-        out += ["| op (VJP: all input cotangents) | jaxconv ms | jax.vjp of reference ms | speedup | "
-                "backward GFLOP/s (jaxconv / autodiff) | of peak |", "|---|---:|---:|---:|---:|---:|"]
+        out += ["VJP: the program (inputs, dL/dy) -> all input cotangents, with what of the forward the "
+                "backward needs; backward: the pullback alone on residuals already saved; forward: y alone. "
+                "Residuals: bytes the pullback keeps.", "",
+                "| op | VJP ms jaxconv / autodiff | VJP speedup | backward ms jaxconv / autodiff | backward speedup "
+                "| forward ms jaxconv / XLA | VJP GFLOP/s jaxconv / autodiff (of peak) | residual MiB jaxconv / autodiff |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in ops:
             if "skipped" in r:
-                out.append(f"| {r['op']} | — | — | — | {r['skipped']} | |")
+                out.append(f"| {r['op']} | — | — | — | — | — | {r['skipped']} | |")
                 continue
             gf = (f"{r['gflops_jaxconv']:.0f} / {r['gflops_autodiff']:.0f}" if "gflops_jaxconv" in r else "")
-            frac = f"{r['gflops_jaxconv'] / peak['gflops']:.0%}" if "gflops_jaxconv" in r and peak else ""
-            out.append(f"| {r['op']} | {ms(r['jaxconv'])} | {ms(r['autodiff'])} | {r['speedup']:.2f}× | {gf} | {frac} |")
+            if gf and peak:
+                gf += f" ({r['gflops_jaxconv'] / peak['gflops']:.0%})"
+            res = r.get("residual_bytes")
+            res = f"{res['jaxconv'] / 2**20:.1f} / {res['autodiff'] / 2**20:.1f}" if res else ""
+            strategy = f" [{r['strategy']}]" if "strategy" in r else ""
+            out.append(f"| {r['op']}{strategy} | {ms(r['jaxconv'])} / {ms(r['autodiff'])} | {r['speedup']:.2f}× | "
+                       f"{ms(r['backward_jaxconv'])} / {ms(r['backward_autodiff'])} | {r['speedup_backward']:.2f}× | "
+                       f"{ms(r['forward'])} / {ms(r['forward_reference'])} | {gf} | {res} |")
         out.append("")
     steps = result.get("step", [])
     if steps:
