@@ -55,27 +55,56 @@ is replaced by each next candidate unless ``choice >= candidate``.  So:
   next candidate: the gradient goes to the first maximum among the entries
   *after the window's last NaN*, or to that NaN itself when it is the window's
   last entry.  The gradient stays finite (it is ``g``, wherever it lands); it
-  equals ``jax.grad``'s.
+  equals ``jax.grad``'s.  (The output is XLA's reduction, bit for bit
+  ``reference.max_pool2d``'s, and so shares its CPU quirk: on large
+  non-overlapping pools, e.g. ``(1, 2048, 2, 1)`` in 2x2 windows, the
+  vectorised reduction returns 0 (float32) or ``-inf`` (float64), not NaN, for
+  the window ``[0, 0, 0, nan]``.)
 
-Backward strategies (one private switch, :func:`_choose_strategy`; both are the
+Max pooling saves ``S``, not ``x``: under ``jax.vjp``/``jax.grad`` the forward
+computes ``Y`` and, from the same window entries, ``S`` as the selected offset
+per output (int8; int32 for windows of more than 127 entries), and keeps only
+that: ``N*Ho*Wo*C`` bytes where autodiff keeps ``x`` (``N*H*W*C*itemsize``)
+for ``select_and_scatter``.  The backward routes ``g`` by ``S`` alone; it never
+reads ``x``.
+
+Strategies (one private switch, :func:`_choose_strategy`; both are the
 same formula and both are tested against ``jax.grad``):
 
 * ``"slices"``: any window, stride and padding.  The ``KH*KW`` window
   positions are strided slices of the padded input (the columns of
   ``phi(X)``); a running comparison over them gives the selected offset per
-  output (``S``); ``phi*`` adds the masked gradients back as zero-inserted
-  pieces.  No ``select_and_scatter``, no scatter, no gather.
+  output (``S``).  ``phi*`` adds the masked gradients back one stride phase at
+  a time: padded row ``sh*a + r`` is reached by the offsets ``m = r, r + sh,
+  ...`` from output rows ``a - (m - r)/sh``, so each phase is a sum of masked
+  ``g`` shifted by whole output rows and columns, and the ``sh*sw`` phases
+  interleave into the padded grid by a reshape (the zero-inserted pieces
+  without the zeros).  No ``select_and_scatter``, no scatter, no gather.
 * ``"reshape"``: stride equal to the window (non-overlapping windows tile the
   padded input).  The padded, cropped input is reshaped to
   ``(N, Ho, KH, Wo, KW, C)``; ``phi`` and ``phi*`` are then reshapes, with no
   shifted pieces at all.  Chosen automatically when it applies.
 
-Speed (CPU, float32, x of 128x32x32x64, backward only, on a shared 2-core
-machine, so rough): max pooling about 7-10x faster than ``jax.grad``'s
-select_and_scatter at 2x2/2 and about 5-6x at 3x3/2 VALID.  The margin shrinks
-with padding (3x3/2 SAME: 2.5-4.5x) and at stride 1 (3x3/1: about 1x): XLA
-fuses the selection into every one of the ``KH*KW`` shifted pieces and so
-recomputes it per piece.  Average pooling is 1.1-1.5x faster.
+Speed (CPU, float32, x of 128x32x32x64, jitted; medians of 11, two runs, on a
+2-core machine shared with other work, so rough: runs differ by up to 50%).  Max pooling,
+backward only (the pullback of ``jax.vjp``, given ``g``): 14-22 ms at 2x2/2,
+19-22 ms at 3x3/2 VALID, 23-26 ms at 3x3/2 SAME and 47-54 ms at 3x3/1 SAME,
+against 120-146, 146-162, 184-201 and 398-441 ms for ``jax.grad``'s
+select_and_scatter: 6.5-8.5x faster.  Recomputing ``S`` from ``x`` in the
+backward, as this module did before, took 20-23, 31-32, 51-54 and 441-463 ms
+(at stride 1 XLA fused the selection into every one of the ``KH*KW`` pieces
+and so recomputed it per piece).  The price is in the forward: ``S`` is a
+second pass over the window next to ``Y``'s reduction (XLA does not fuse the
+two), 2x2/2 4.7-5.2 -> 6.5-8.0 ms, 3x3/2 VALID 12-15 -> 14 ms; with padding
+XLA first writes out the ``-inf``-padded input for it, a copy of ``x`` (3x3/2
+SAME 13-18 -> 49 ms).  Forward and backward together (``Y`` and ``dL/dx``):
+19-26, 30-33, 50-51 and 115-140 ms, against 150-180, 189-192, 208-236 and
+460-517 ms for autodiff (3.3-8x) and 21-26, 38-40, 59-64 and 479-484 ms
+before (1.0-1.3x; 3.4-4.2x at stride 1).  Taking ``Y`` from the selection's
+running best (NaN restored) would make the forward one pass (3x3/2 VALID:
+``Y`` and ``S`` in about 4 ms), but it is not bit for bit the reduction's
+output: XLA's reductions differ from it on the sign of zero and on NaN (above).
+Average pooling is 1.1-1.5x faster than autodiff.
 """
 
 from __future__ import annotations
@@ -359,38 +388,99 @@ def _selection(candidates):
     return chosen
 
 
+def _candidates(x, config: PoolConfig):
+    """The window entries in row-major order, padding as ``-inf``: the columns of
+    ``phi(x)``, as tile slices ("reshape") or strided slices ("slices")."""
+    if config.strategy == "reshape":
+        tiles = _tiles(x, config, -jnp.inf)
+        kh, kw = config.window
+        return [tiles[:, :, m, :, p, :] for m in range(kh) for p in range(kw)]
+    return _window_pieces(x, config, -jnp.inf)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _max_pool2d(config: PoolConfig, x):
     return _max_forward(config, x)
 
 
 def _max_pool2d_fwd(config: PoolConfig, x):
-    # The residual is the input: S is recomputed from it in the backward,
-    # which costs less than storing a per-output index next to y.
-    return _max_forward(config, x), x
+    # The residual is S, the selected offset per output (int8 for windows of
+    # up to 127 entries): N*Ho*Wo*C bytes instead of x's N*H*W*C*itemsize, and
+    # the backward routes g by it without x.  y stays `_max_forward`, bit for
+    # bit `reference.max_pool2d`'s output; XLA runs it and the selection as two
+    # passes over x (and, with padding, first writes the -inf-padded x for the
+    # selection).  Measured (module docstring, "Speed"): the forward costs up
+    # to 1.6x y alone without padding, about 3x at 3x3/2 SAME; the backward is
+    # 1.1-1.4x (2x2/2) to 8-10x (3x3/1) faster than recomputing S there;
+    # forward and backward together are 1.0-1.3x faster, 3.4-4.2x at 3x3/1.
+    # A y from the selection's running best would save the second pass but is
+    # not bit for bit the reduction's (signed zeros; NaN on CPU).
+    return _max_forward(config, x), _selection(_candidates(x, config))
 
 
-def _max_pool2d_bwd(config: PoolConfig, x, g):
-    zero = jnp.zeros((), g.dtype)
-    (top, _), (left, _) = config.padding
-    kh, kw = config.window
+def _max_pool2d_bwd(config: PoolConfig, chosen, g):
+    # phi*(dY S^T) from S alone: no x; the shapes come from the config (x's N
+    # and C are g's).
     if config.strategy == "reshape":
-        tiles = _tiles(x, config, -jnp.inf)
-        chosen = _selection([tiles[:, :, m, :, p, :] for m in range(kh) for p in range(kw)])
-        # dY S^T as tiles: g where the offset is the chosen one, else 0.
-        rows = [
-            jnp.stack([jnp.where(chosen == m * kw + p, g, zero) for p in range(kw)], axis=3)
-            for m in range(kh)
-        ]
-        return (_untile(jnp.stack(rows, axis=2), config),)
-    chosen = _selection(_window_pieces(x, config, -jnp.inf))
-    dx = None
-    for m in range(kh):
-        for p in range(kw):
-            piece = jnp.where(chosen == m * kw + p, g, zero)
-            piece = _place(piece, config, m, p)
-            dx = piece if dx is None else dx + piece
-    return (_unpad(dx, config),)
+        kh, kw = config.window
+        # dY S^T as tiles (N, Ho, KH, Wo, KW, C): g where the offset is the
+        # chosen one, else 0.  One broadcast comparison, not one per offset:
+        # when S is computed in the same program, XLA fuses it into its users,
+        # and KH*KW users each recomputing the KH*KW-step selection made
+        # compiling a 1x127 window take ~20 s.
+        offsets = jnp.arange(kh * kw, dtype=chosen.dtype).reshape(1, 1, kh, 1, kw, 1)
+        tiles = jnp.where(chosen[:, :, None, :, None, :] == offsets, g[:, :, None, :, None, :],
+                          jnp.zeros((), g.dtype))
+        return (_untile(tiles, config),)
+    return (_route_by_phases(config, chosen, g),)
+
+
+def _route_by_phases(config: PoolConfig, chosen, g):
+    """phi*(dY S^T) for any window and stride, one stride phase at a time.
+
+    Padded row ``R = sh*a + r`` (``0 <= r < sh``) is reached by the window
+    offsets ``m = r, r + sh, ...`` from output rows ``i = a - (m - r)/sh``
+    (likewise columns), so phase ``(r, t)`` of the padded gradient is a sum of
+    masked ``g`` shifted by whole output rows/columns, and the phases
+    interleave into the padded grid by a stack and a reshape (the "reshape"
+    strategy is the case ``sh = KH``: one offset per phase, no shift).
+
+    This is the zero-inserted pieces of the module docstring written without
+    interior padding: ``g`` and ``S`` are padded once (``g`` with zeros, ``S``
+    with ``-1``, which matches no offset) and every piece is a plain slice of
+    them.  (With ``S`` an int8 residual, XLA's CPU code for the ``KH*KW``
+    zero-inserted ``lax.pad`` pieces fused into one loop ran about 2.5x slower
+    than with int32, 3x3/2: about 50 ms against 20; the slices of a padded
+    int8 ``S`` run as fast as int32, about 20 ms.)"""
+    n, ho, wo, c = g.shape
+    (h, w), ((top, bottom), (left, right)) = config.in_hw, config.padding
+    (kh, kw), (sh, sw) = config.window, config.stride
+    # Phase lengths: the padded grid, rounded up to whole strides.
+    a_len, b_len = -(-(h + top + bottom) // sh), -(-(w + left + right) // sw)
+    # Largest shift, in output rows/columns, of any offset within its phase.
+    d_max, e_max = (kh - 1) // sh, (kw - 1) // sw
+    cfg = ((0, 0, 0), (d_max, a_len - ho, 0), (e_max, b_len - wo, 0), (0, 0, 0))
+    chosen_p = lax.pad(chosen, jnp.asarray(-1, chosen.dtype), cfg)
+    zero = jnp.zeros((), g.dtype)
+    g_p = lax.pad(g, zero, cfg)
+    phase_rows = []
+    for r in range(sh):
+        phases = []
+        for t in range(sw):
+            acc = None
+            for m in range(r, kh, sh):
+                for p in range(t, kw, sw):
+                    d, e = (m - r) // sh, (p - t) // sw
+                    start = (0, d_max - d, e_max - e, 0)
+                    limit = (n, d_max - d + a_len, e_max - e + b_len, c)
+                    piece = jnp.where(lax.slice(chosen_p, start, limit) == m * kw + p, lax.slice(g_p, start, limit),
+                                      zero)
+                    acc = piece if acc is None else acc + piece
+            # Stride > window: no offset reaches this phase.
+            phases.append(jnp.zeros((n, a_len, b_len, c), g.dtype) if acc is None else acc)
+        phase_rows.append(jnp.stack(phases, axis=3))
+    padded = jnp.stack(phase_rows, axis=2).reshape(n, a_len * sh, b_len * sw, c)
+    return lax.slice(padded, (0, top, left, 0), (n, top + h, left + w, c))
 
 
 _max_pool2d.defvjp(_max_pool2d_fwd, _max_pool2d_bwd)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from jax.ad_checkpoint import print_saved_residuals
 
 import jaxconv
 from jaxconv import _args, matrix, reference
@@ -217,6 +218,8 @@ TIE_CASES = [
     ((1, 6, 5, 1), 3, 1, "VALID"),
     ((2, 5, 6, 1), (2, 3), (1, 2), ((1, 2), (0, 1))),
     ((1, 5, 5, 1), 3, 3, "SAME"),
+    ((2, 7, 8, 2), 2, 3, 1),  # stride > window: pixels no window reads, phases no offset reaches
+    ((1, 6, 7, 1), (1, 2), (3, 2), ((2, 1), (0, 2))),  # ... and windows in padding only
 ]
 
 
@@ -379,6 +382,122 @@ def test_rule_is_used_not_autodiff(monkeypatch, force, strategy):
     bad = jax.grad(lambda x: jaxconv.max_pool2d(x, 2).sum())(x)
     assert not np.array_equal(np.asarray(good), np.asarray(bad))
     np.testing.assert_array_equal(np.asarray(bad[0, ::2, ::2, 0]), np.ones((2, 2)))
+
+
+# --- max pooling: the residual is S, not x ---------------------------------------
+
+RESIDUAL_CASES = [
+    # x shape, window, stride, padding
+    ((2, 8, 6, 3), 2, None, "VALID"),
+    ((2, 9, 8, 3), 3, 2, "SAME"),
+    ((1, 7, 7, 2), 3, 1, 1),
+    ((1, 4, 4, 1), 2, 2, 3),  # windows in padding only
+]
+
+
+def _saved(op, x, window, stride, padding):
+    """The arrays the pullback of ``op`` holds on to (computed under jit: eagerly,
+    every one of a wide window's slices would compile on its own)."""
+    pullback = jax.jit(lambda x: jax.vjp(lambda x: op(x, window, stride=stride, padding=padding), x)[1])(x)
+    return [leaf for leaf in jax.tree.leaves(pullback) if hasattr(leaf, "dtype")]
+
+
+@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
+@pytest.mark.parametrize("shape,window,stride,padding", RESIDUAL_CASES)
+def test_max_pool_saves_the_int8_selection_not_x(force, strategy, shape, window, stride, padding):
+    """One int8 per output (N*Ho*Wo*C bytes) is all the backward keeps; autodiff keeps x."""
+    force(strategy)
+    x = jnp.asarray(permutation_input(np.random.default_rng(14), shape))
+    y_shape = jax.eval_shape(lambda x: jaxconv.max_pool2d(x, window, stride=stride, padding=padding), x).shape
+    saved = _saved(jaxconv.max_pool2d, x, window, stride, padding)
+    assert [(a.shape, a.dtype) for a in saved] == [(y_shape, jnp.int8)]
+    assert saved[0].nbytes == int(np.prod(y_shape))
+    ref_bytes = sum(a.nbytes for a in _saved(reference.max_pool2d, x, window, stride, padding))
+    assert ref_bytes >= x.nbytes > saved[0].nbytes
+    # The saved array is S itself: the offset, in row-major window order, of the
+    # first maximum of each window (x is tie-free and NaN-free, so jnp.argmax's).
+    k = _args.pair(window, "window")
+    s = k if stride is None else _args.pair(stride, "stride")
+    config = pool_module._config(x, k, s, padding)
+    candidates = jnp.stack(pool_module._window_pieces(x, config, -jnp.inf))
+    np.testing.assert_array_equal(np.asarray(saved[0]), np.asarray(jnp.argmax(candidates, axis=0)))
+
+
+def test_print_saved_residuals_shows_only_the_int8_selection(capsys):
+    x = jnp.ones((2, 9, 8, 3))
+    print_saved_residuals(lambda x: jaxconv.max_pool2d(x, 3, stride=2, padding="SAME"), x)
+    ours = capsys.readouterr().out.strip().splitlines()
+    print_saved_residuals(lambda x: reference.max_pool2d(x, 3, stride=2, padding="SAME"), x)
+    ref = capsys.readouterr().out.strip().splitlines()
+    assert len(ours) == 1 and ours[0].startswith("i8[2,5,4,3] ")  # 120 bytes
+    assert any(line.startswith("f64[2,9,8,3] ") for line in ref)  # autodiff keeps x: 1728 * 8 bytes
+
+
+@pytest.mark.parametrize("width,dtype", [(127, jnp.int8), (128, jnp.int32)])
+@pytest.mark.parametrize("stride", [None, 1], ids=["reshape", "slices"])
+def test_window_of_more_than_127_entries_saves_int32(stride, width, dtype):
+    """An offset up to 126 fits int8; a window of 128 or more entries saves int32, and ties still agree.
+    Non-overlapping windows run "reshape", overlapping ones "slices"."""
+    window = (1, width)
+    shape = (1, 2, width + (0 if stride is None else 2), 2)
+    y_shape = jax.eval_shape(lambda x: jaxconv.max_pool2d(x, window, stride=stride), jnp.ones(shape)).shape
+    saved = _saved(jaxconv.max_pool2d, jnp.ones(shape), window, stride, "VALID")
+    assert [(a.shape, a.dtype) for a in saved] == [(y_shape, dtype)]
+    x = np.random.default_rng(15).integers(0, 3, shape).astype(np.float64)
+    x[0, 0, width - 1, 0] = 7.0  # the last offset of the first window is its maximum
+    x[0, 1, :, 1] = -np.inf  # all -inf: offset 0 of every window
+    dx = _assert_same_as_jax_grad(jnp.asarray(x), window, stride, "VALID")
+    assert dx[0, 0, width - 1, 0] != 0 and dx[0, 1, 0, 1] != 0
+
+
+@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
+def test_pullback_vmapped_over_cotangents_with_one_saved_selection(force, strategy):
+    """vmap of the backward alone: batched g, unbatched int8 residual, equal to autodiff's."""
+    force(strategy)
+    x = jnp.asarray(np.random.default_rng(16).integers(0, 3, (2, 7, 8, 2)).astype(np.float64))
+    for window, stride, padding in [(2, None, "VALID"), (3, 2, 1), (2, 3, ((1, 0), (2, 1)))]:
+        y, pullback = jax.vjp(lambda x: jaxconv.max_pool2d(x, window, stride=stride, padding=padding), x)
+        _, pullback_ref = jax.vjp(lambda x: reference.max_pool2d(x, window, stride=stride, padding=padding), x)
+        gs = jnp.asarray(np.random.default_rng(17).integers(1, 9, (3, *y.shape)).astype(np.float64))
+        dx = jax.jit(jax.vmap(lambda g: pullback(g)[0]))(gs)
+        np.testing.assert_array_equal(np.asarray(dx), np.asarray(jax.vmap(lambda g: pullback_ref(g)[0])(gs)))
+
+
+@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
+def test_vmap_of_vjp_batches_the_saved_selection(force, strategy):
+    """vmap over x: each example saves its own S (a batched int8 residual); exact on ties."""
+    force(strategy)
+    rng = np.random.default_rng(18)
+    xs = jnp.asarray(rng.integers(0, 3, (3, 2, 6, 7, 2)).astype(np.float64))
+    gs = jnp.asarray(rng.integers(1, 9, (3, 2, 3, 4, 2)).astype(np.float64))
+
+    def vjp_of(op):
+        return jax.jit(jax.vmap(lambda x, g: jax.vjp(lambda x: op(x, 2, padding=((0, 0), (0, 1))), x)[1](g)[0]))
+
+    np.testing.assert_array_equal(np.asarray(vjp_of(jaxconv.max_pool2d)(xs, gs)),
+                                  np.asarray(vjp_of(reference.max_pool2d)(xs, gs)))
+
+
+@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
+def test_grad_of_grad_through_the_integer_residual(force, strategy):
+    """jax.grad(jax.grad(...)) and a Hessian-vector product: the int8 residual's cotangent
+    is float0, the second derivative flows through g = dL/dy only, as autodiff's."""
+    force(strategy)
+    x = jnp.asarray(permutation_input(np.random.default_rng(19), (2, 6, 6, 2)))
+    v = jnp.asarray(np.random.default_rng(20).standard_normal(x.shape))
+
+    def losses(op):
+        def loss(x):
+            return jnp.sum(jnp.sin(op(x, 2) * 1.5) * op(x, 3, stride=2, padding=1)[:, :3, :3, :])
+
+        def outer(x):
+            return jnp.vdot(jax.grad(loss)(x), v)
+
+        return jax.jit(jax.grad(outer))(x), jax.jit(lambda x: jax.jvp(jax.grad(loss), (x,), (v,))[1])(x)
+
+    for ours, ref in zip(losses(jaxconv.max_pool2d), losses(reference.max_pool2d)):
+        assert float(jnp.abs(ref).max()) > 0  # a nonzero second derivative: the check can fail
+        assert relative_error(ours, ref)[1] <= 1e-12
 
 
 # --- average pooling: worked examples and divisors --------------------------------
