@@ -81,6 +81,10 @@ _SMALL_CONV_MACS = 5 * 10**6
 # (256 MiB of float32) that one image's phi costs more memory than the speed
 # is worth, so the convolution form, which needs no phi, is kept.
 _MAX_PHI_ENTRIES_PER_IMAGE = 64 * 2**20
+# A GEMM with fewer columns (output channels per group) or a shorter
+# contraction (KH*KW*C/G; O/G for dY F^T) than this runs far from the
+# matrix-product peak on CPU, and XLA's own convolution is then as fast or faster.
+_MIN_GEMM_SIDE = 32
 
 
 def _choose_strategy(x_shape, w_shape, stride, dilation, groups) -> str:
@@ -90,12 +94,19 @@ def _choose_strategy(x_shape, w_shape, stride, dilation, groups) -> str:
     formulas as cache-sized GEMMs (``"im2row_blocked"``) run near the matrix
     product's speed (benchmarks/README.md), for every stride, padding,
     dilation and group count; tiny convolutions, and images so large that one
-    image's phi would be a large temporary, keep ``"conv"``.  On GPU the
-    convolution form maps onto cuDNN: ``"conv"``.
+    image's phi would be a large temporary, keep ``"conv"``.  With fewer
+    than ``_MIN_GEMM_SIDE`` output channels per group at stride 1, dL/dx's
+    product ``dY F^T`` would contract over those few channels: ``"mixed"``
+    takes dL/dx from the convolution form (XLA runs it like a forward) and
+    dL/dw from the blocked products.  On GPU the convolution form maps onto
+    cuDNN: ``"conv"``.
     """
     if _FORCED_STRATEGY is not None:
         return _FORCED_STRATEGY
-    return "im2row_blocked" if _blocked_pays(x_shape, w_shape, stride, groups) else "conv"
+    if not _blocked_pays(x_shape, w_shape, stride, groups):
+        return "conv"
+    narrow = w_shape[3] // groups < _MIN_GEMM_SIDE
+    return "mixed" if narrow and tuple(stride) == (1, 1) else "im2row_blocked"
 
 
 def _blocked_pays(x_shape, w_shape, stride, groups) -> bool:
@@ -107,12 +118,6 @@ def _blocked_pays(x_shape, w_shape, stride, groups) -> bool:
     phi_per_image = (h // stride[0]) * (w // stride[1]) * kh * kw * cg * groups
     macs = n * phi_per_image * (o // groups)
     return _SMALL_CONV_MACS <= macs and phi_per_image <= _MAX_PHI_ENTRIES_PER_IMAGE
-
-
-# A GEMM with fewer columns (output channels per group) or a shorter
-# contraction (KH*KW*C/G) than this runs far from the matrix-product peak on
-# CPU, and XLA's own convolution is then as fast or faster.
-_MIN_GEMM_SIDE = 32
 
 
 def _choose_forward(x_shape, w_shape, stride, dilation, groups) -> str:
@@ -320,7 +325,7 @@ def _backward_conv(config: ConvConfig, x, w, g):
     return _input_grad_conv(config, x.shape, w, g), _kernel_grad_conv(config, x, w.shape, g)
 
 
-def _backward_im2row(config: ConvConfig, x, w, g):
+def _backward_im2row(config: ConvConfig, x, w, g, need_dx: bool = True):
     """The im2row form (seed 004's boxed formulas): (dL/dx, dL/dw).
 
     With ``phi`` = im2row (one row per output position, one column per kernel
@@ -328,7 +333,8 @@ def _backward_im2row(config: ConvConfig, x, w, g):
     ``dY`` the ``(N*Ho*Wo, O/G)`` output gradient:
     ``dF = phi(X)^T dY`` and ``dX = phi*(dY F^T)``, ``phi*`` = row2im, the adjoint.
     Groups are a batch of these matrix products; stride, padding and dilation
-    live in ``phi`` and ``phi*`` (``jaxconv.matrix``).
+    live in ``phi`` and ``phi*`` (``jaxconv.matrix``).  With ``need_dx=False``
+    only ``dL/dw`` is computed (dL/dx is None).
     """
     kh, kw, cg, o = w.shape
     groups = config.groups
@@ -338,10 +344,12 @@ def _backward_im2row(config: ConvConfig, x, w, g):
     rows = _patches(x, (kh, kw), config.stride, config.padding, config.dilation)  # (N, Ho, Wo, KH, KW, C)
     phi = rows.reshape(m, kh * kw, groups, cg).transpose(2, 0, 1, 3).reshape(groups, m, kh * kw * cg)
     dy = g.reshape(m, groups, og).transpose(1, 0, 2)  # (G, N*Ho*Wo, O/G)
-    f = w.reshape(kh * kw * cg, groups, og).transpose(1, 0, 2)  # (G, KH*KW*C/G, O/G)
     hi = lax.Precision.HIGHEST
     df = jnp.matmul(phi.transpose(0, 2, 1), dy, precision=hi)
     dw = df.transpose(1, 0, 2).reshape(w.shape)
+    if not need_dx:
+        return None, dw
+    f = w.reshape(kh * kw * cg, groups, og).transpose(1, 0, 2)  # (G, KH*KW*C/G, O/G)
     drows = jnp.matmul(dy, f.transpose(0, 2, 1), precision=hi)  # (G, N*Ho*Wo, KH*KW*C/G)
     drows = drows.reshape(groups, n, ho, wo, kh, kw, cg).transpose(1, 2, 3, 4, 5, 0, 6)
     drows = drows.reshape(n, ho, wo, kh, kw, groups * cg)
@@ -360,7 +368,7 @@ def _batch_block(n: int, bytes_per_image: int, budget: int) -> int:
     return max(d for d in range(1, min(n, fits) + 1) if n % d == 0)
 
 
-def _backward_im2row_blocked(config: ConvConfig, x, w, g):
+def _backward_im2row_blocked(config: ConvConfig, x, w, g, need_dx: bool = True):
     """The im2row form (seed 004) over blocks of the batch: (dL/dx, dL/dw).
 
     ``phi(X)^T dY`` is a sum over the rows of phi, one row per output position,
@@ -378,12 +386,12 @@ def _backward_im2row_blocked(config: ConvConfig, x, w, g):
     bytes_per_image = ho * wo * kh * kw * cg * config.groups * x.dtype.itemsize
     block = _batch_block(n, bytes_per_image, _IM2ROW_BLOCK_BYTES)
     if block == n:
-        return _backward_im2row(config, x, w, g)
+        return _backward_im2row(config, x, w, g, need_dx)
     blocks = n // block
 
     def one_block(dw, xg):
         xb, gb = xg
-        dxb, dwb = _backward_im2row(config, xb, w, gb)
+        dxb, dwb = _backward_im2row(config, xb, w, gb, need_dx)
         return dw + dwb, dxb
 
     dw, dx = lax.scan(
@@ -391,7 +399,19 @@ def _backward_im2row_blocked(config: ConvConfig, x, w, g):
         jnp.zeros(w.shape, w.dtype),
         (x.reshape(blocks, block, *x.shape[1:]), g.reshape(blocks, block, *g.shape[1:])),
     )
-    return dx.reshape(x.shape), dw
+    return (None if dx is None else dx.reshape(x.shape)), dw
+
+
+def _backward_mixed(config: ConvConfig, x, w, g):
+    """dL/dx in the convolution form, dL/dw in the blocked im2row form.
+
+    ``dX = phi*(dY F^T)`` contracts over the O/G output channels: with few of
+    them that product runs far from the GEMM peak, while ``dX`` as the
+    Rot180 correlation (seed 001/003) is a plain stride-1 convolution, which
+    XLA runs as fast as a forward.  ``dF = phi(X)^T dY`` contracts over the
+    batch and space and stays a GEMM.
+    """
+    return _input_grad_conv(config, x.shape, w, g), _backward_im2row_blocked(config, x, w, g, need_dx=False)[1]
 
 
 def _conv2d_bwd(config: ConvConfig, residuals, g):
@@ -409,6 +429,7 @@ _BACKWARD_STRATEGIES = {
     "conv": _backward_conv,
     "im2row": _backward_im2row,
     "im2row_blocked": _backward_im2row_blocked,
+    "mixed": _backward_mixed,
 }
 
 # name -> forward(config, x, w) -> y without bias; tested like the backward.

@@ -32,12 +32,14 @@ BLOCKED_GRID = [
 ]
 
 
-@pytest.fixture(params=[1, 2])
+@pytest.fixture(params=[(1, "im2row_blocked"), (2, "im2row_blocked"), (1, "mixed")])
 def blocked(request, monkeypatch):
-    """Force "im2row_blocked" (backward and forward) with a block budget of about `param` images."""
-    monkeypatch.setattr(conv_module, "_FORCED_STRATEGY", "im2row_blocked")
+    """Force a blocked backward ("im2row_blocked", or "mixed": its dL/dw) and the
+    blocked forward, with a block budget of about `param[0]` images."""
+    images, backward = request.param
+    monkeypatch.setattr(conv_module, "_FORCED_STRATEGY", backward)
     monkeypatch.setattr(conv_module, "_FORCED_FORWARD", "im2row_blocked")
-    return request.param
+    return images
 
 
 def _set_budget(monkeypatch, images, x_shape, w_shape, options):
@@ -121,11 +123,15 @@ def test_switch_by_platform_and_shape(monkeypatch):
     assert choose(*huge_image) == "conv"
     grouped = ((128, 16, 16, 128), (3, 3, 32, 128), (1, 1), (1, 1), 4)
     assert choose(*grouped) == "im2row_blocked"
+    narrow = ((128, 32, 32, 16), (3, 3, 16, 16), (1, 1), (1, 1), 1)  # dY F^T would contract over 16
+    assert choose(*narrow) == "mixed"
+    assert choose(narrow[0], narrow[1], (2, 2), (1, 1), 1) == "im2row_blocked"  # strided: dX's conv form is slow
+    assert choose((128, 16, 16, 64), (3, 3, 16, 64), (1, 1), (1, 1), 4) == "mixed"  # 16 per group
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert choose(*big) == "conv"
     monkeypatch.setattr(conv_module, "_FORCED_STRATEGY", "im2row")
     assert choose(*big) == "im2row"
-    for name in {choose(*big), choose(*tiny), "conv", "im2row_blocked"}:
+    for name in {choose(*big), choose(*tiny), choose(*narrow), "conv", "im2row_blocked"}:
         assert name in conv_module._BACKWARD_STRATEGIES
 
 
