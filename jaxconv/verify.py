@@ -118,7 +118,8 @@ def relative_error(actual, expected) -> tuple[float, float, tuple[int, ...] | No
     if a.size == 0:
         return 0.0, 0.0, None
     both_nan = np.isnan(a) & np.isnan(e)
-    diff = np.where(both_nan, 0.0, np.abs(a - e))
+    with np.errstate(invalid="ignore"):  # inf - inf is NaN here, handled below
+        diff = np.where(both_nan, 0.0, np.abs(a - e))
     diff = np.where(np.isnan(diff), np.inf, diff)
     same_inf = np.isinf(a) & np.isinf(e) & (np.sign(a) == np.sign(e))
     diff = np.where(same_inf, 0.0, diff)
