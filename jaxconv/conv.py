@@ -85,6 +85,10 @@ _MAX_PHI_ENTRIES_PER_IMAGE = 64 * 2**20
 # contraction (KH*KW*C/G; O/G for dY F^T) than this runs far from the
 # matrix-product peak on CPU, and XLA's own convolution is then as fast or faster.
 _MIN_GEMM_SIDE = 32
+# From this many input channels per group on, XLA's own CPU convolution
+# forward runs near the GEMM peak (128->128 3x3 on 16x16: 150 GFLOP/s, 0.8-1x
+# the blocked product's time), so the forward stays XLA's.
+_XLA_FORWARD_CHANNELS = 128
 
 
 def _choose_strategy(x_shape, w_shape, stride, dilation, groups) -> str:
@@ -126,15 +130,19 @@ def _choose_forward(x_shape, w_shape, stride, dilation, groups) -> str:
     On CPU, XLA's convolution runs at 20-60 GFLOP/s on most layers of a small
     convnet, while ``phi(X_b) F`` over cache-sized batch blocks
     (``"im2row_blocked"``, seed 004's ``Y = phi(X) F``) runs at 70-130: it is
-    chosen where the backward is blocked too and both sides of the GEMM are
-    at least ``_MIN_GEMM_SIDE`` wide (benchmarks/README.md has the per-shape
-    figures).  On GPU: XLA's (cuDNN's) ``"conv"``.
+    chosen where the backward is blocked too, both sides of the GEMM are at
+    least ``_MIN_GEMM_SIDE`` wide and the input has fewer than
+    ``_XLA_FORWARD_CHANNELS`` channels per group (from there on XLA's own
+    forward is as fast; benchmarks/README.md has the per-shape figures).
+    On GPU: XLA's (cuDNN's) ``"conv"``.
     """
     if _FORCED_FORWARD is not None:
         return _FORCED_FORWARD
     kh, kw, cg, o = w_shape
     wide = o // groups >= _MIN_GEMM_SIDE and kh * kw * cg >= _MIN_GEMM_SIDE
-    return "im2row_blocked" if wide and _blocked_pays(x_shape, w_shape, stride, groups) else "conv"
+    if not wide or cg >= _XLA_FORWARD_CHANNELS:
+        return "conv"
+    return "im2row_blocked" if _blocked_pays(x_shape, w_shape, stride, groups) else "conv"
 
 
 def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):

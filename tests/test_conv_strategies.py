@@ -146,6 +146,8 @@ def test_forward_switch_by_platform_and_shape(monkeypatch):
     assert choose((128, 32, 32, 16), (3, 3, 16, 16), (1, 1), (1, 1), 1) == "conv"  # 16 output channels
     assert choose((128, 16, 16, 128), (3, 3, 1, 128), (1, 1), (1, 1), 128) == "conv"  # depthwise: K = 9
     assert choose((2, 6, 6, 3), (3, 3, 3, 64), (1, 1), (1, 1), 1) == "conv"  # tiny
+    assert choose((128, 16, 16, 128), (3, 3, 128, 128), (1, 1), (1, 1), 1) == "conv"  # XLA's forward is at peak
+    assert choose((128, 16, 16, 128), (3, 3, 64, 128), (1, 1), (1, 1), 2) == "im2row_blocked"  # 64 per group
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert choose((128, 14, 14, 64), (5, 5, 64, 128), (1, 1), (1, 1), 1) == "conv"
     monkeypatch.setattr(conv_module, "_FORCED_FORWARD", "im2row_blocked")
