@@ -72,12 +72,18 @@ def timed(fn, *args, runs: int) -> dict:
 def interleaved(calls: dict, runs: int) -> dict:
     """Time zero-argument, blocking ``calls`` in rounds (each once per round, after a
     warm-up round): on a shared machine every contender sees the same load, so
-    their ratio is fair even when the absolute times drift.  Median and min per name."""
+    their ratio is fair even when the absolute times drift.  Each timed call
+    follows an untimed one of the same contender.  Median and min per name."""
     for call in calls.values():
         call()
     times = {name: [] for name in calls}
     for _ in range(runs):
         for name, call in calls.items():
+            # An untimed call first: the previous contender's buffers (tens of
+            # MiB) leave the allocator handing out fresh pages, whose first
+            # touch cost up to 3x a memory-bound op's time (max-pool backward:
+            # 15 ms back to back, 40-50 ms right after another contender).
+            call()
             start = time.perf_counter()
             call()
             times[name].append(time.perf_counter() - start)
