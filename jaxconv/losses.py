@@ -202,7 +202,14 @@ def _softmax_cross_entropy_fwd(logits, labels):
 def _softmax_cross_entropy_bwd(residuals, g):
     p, labels = residuals
     n, d = p.shape
-    return (g / n) * (p - _onehot(labels, d, p.dtype)), None
+    # (g/N)(p - onehot) as (g/N) p with g/N taken off at each label: a
+    # 1-per-row scatter-add, as autodiff does it; the one-hot as a comparison
+    # fused into the (N, D) product made the backward 1.3x slower (XLA CPU).
+    # Out-of-range labels (possible only under jit) are dropped, as the
+    # one-hot would drop them.
+    scale = (g / n).astype(p.dtype)
+    rows = jnp.arange(n)
+    return (scale * p).at[rows, labels].add(-scale, mode="drop", wrap_negative_indices=False), None
 
 
 _softmax_cross_entropy.defvjp(_softmax_cross_entropy_fwd, _softmax_cross_entropy_bwd)
