@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import _args
-from .matrix import _patches, _unpatches
+from .matrix import _output_hw, _patches, _unpatches
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -216,29 +216,42 @@ def _forward_conv(config: ConvConfig, x, w):
     )
 
 
+def _phi_by_group(config: ConvConfig, x, w_shape):
+    """phi(X) per group, ``(G, N*Ho*Wo, KH*KW*C/G)`` (seed 004's im2row, HWIO column order)."""
+    kh, kw, cg, _ = w_shape
+    groups = config.groups
+    rows = _patches(x, (kh, kw), config.stride, config.padding, config.dilation)  # (N, Ho, Wo, KH, KW, C)
+    m = rows.shape[0] * rows.shape[1] * rows.shape[2]
+    return rows.reshape(m, kh * kw, groups, cg).transpose(2, 0, 1, 3).reshape(groups, m, kh * kw * cg)
+
+
+def _kernel_by_group(w, groups: int):
+    """The kernel matrix F per group, ``(G, KH*KW*C/G, O/G)``."""
+    kh, kw, cg, o = w.shape
+    return w.reshape(kh * kw * cg, groups, o // groups).transpose(1, 0, 2)
+
+
+def _images_per_block(config: ConvConfig, x, w_shape) -> int:
+    """The batch block of the blocked im2row forms: its phi fits ``_IM2ROW_BLOCK_BYTES``."""
+    kh, kw, cg, _ = w_shape
+    ho, wo = _output_hw(x.shape[1:3], config.padding, (kh, kw), config.stride, config.dilation)
+    bytes_per_image = ho * wo * kh * kw * cg * config.groups * x.dtype.itemsize
+    return _batch_block(x.shape[0], bytes_per_image, _IM2ROW_BLOCK_BYTES)
+
+
 def _forward_im2row(config: ConvConfig, x, w):
     """Seed 004's ``Y = phi(X) F``, one matrix product per group."""
-    kh, kw, cg, o = w.shape
-    groups = config.groups
-    og = o // groups
-    rows = _patches(x, (kh, kw), config.stride, config.padding, config.dilation)  # (N, Ho, Wo, KH, KW, C)
-    n, ho, wo = rows.shape[:3]
-    m = n * ho * wo
-    phi = rows.reshape(m, kh * kw, groups, cg).transpose(2, 0, 1, 3).reshape(groups, m, kh * kw * cg)
-    f = w.reshape(kh * kw * cg, groups, og).transpose(1, 0, 2)  # (G, KH*KW*C/G, O/G)
-    y = jnp.matmul(phi, f, precision=lax.Precision.HIGHEST)  # (G, N*Ho*Wo, O/G)
+    n, o = x.shape[0], w.shape[3]
+    ho, wo = _output_hw(x.shape[1:3], config.padding, w.shape[:2], config.stride, config.dilation)
+    y = jnp.matmul(_phi_by_group(config, x, w.shape), _kernel_by_group(w, config.groups),
+                   precision=lax.Precision.HIGHEST)  # (G, N*Ho*Wo, O/G)
     return y.transpose(1, 0, 2).reshape(n, ho, wo, o)
 
 
 def _forward_im2row_blocked(config: ConvConfig, x, w):
     """``Y_b = phi(X_b) F`` over cache-sized batch blocks (see :func:`_backward_im2row_blocked`)."""
     n = x.shape[0]
-    kh, kw, cg, _ = w.shape
-    ho, wo = (
-        _args.output_size(size, lo, hi, k, s, d)
-        for size, (lo, hi), k, s, d in zip(x.shape[1:3], config.padding, (kh, kw), config.stride, config.dilation)
-    )
-    block = _batch_block(n, ho * wo * kh * kw * cg * config.groups * x.dtype.itemsize, _IM2ROW_BLOCK_BYTES)
+    block = _images_per_block(config, x, w.shape)
     if block == n:
         return _forward_im2row(config, x, w)
     y = lax.map(lambda xb: _forward_im2row(config, xb, w), x.reshape(n // block, block, *x.shape[1:]))
@@ -349,15 +362,14 @@ def _backward_im2row(config: ConvConfig, x, w, g, need_dx: bool = True):
     og = o // groups
     n, ho, wo, _ = g.shape
     m = n * ho * wo
-    rows = _patches(x, (kh, kw), config.stride, config.padding, config.dilation)  # (N, Ho, Wo, KH, KW, C)
-    phi = rows.reshape(m, kh * kw, groups, cg).transpose(2, 0, 1, 3).reshape(groups, m, kh * kw * cg)
+    phi = _phi_by_group(config, x, w.shape)  # (G, N*Ho*Wo, KH*KW*C/G)
     dy = g.reshape(m, groups, og).transpose(1, 0, 2)  # (G, N*Ho*Wo, O/G)
     hi = lax.Precision.HIGHEST
     df = jnp.matmul(phi.transpose(0, 2, 1), dy, precision=hi)
     dw = df.transpose(1, 0, 2).reshape(w.shape)
     if not need_dx:
         return None, dw
-    f = w.reshape(kh * kw * cg, groups, og).transpose(1, 0, 2)  # (G, KH*KW*C/G, O/G)
+    f = _kernel_by_group(w, groups)  # (G, KH*KW*C/G, O/G)
     drows = jnp.matmul(dy, f.transpose(0, 2, 1), precision=hi)  # (G, N*Ho*Wo, KH*KW*C/G)
     drows = drows.reshape(groups, n, ho, wo, kh, kw, cg).transpose(1, 2, 3, 4, 5, 0, 6)
     drows = drows.reshape(n, ho, wo, kh, kw, groups * cg)
@@ -389,10 +401,7 @@ def _backward_im2row_blocked(config: ConvConfig, x, w, g, need_dx: bool = True):
     memory.  Same formula, same sums, only grouped by image.
     """
     n = x.shape[0]
-    _, ho, wo, _ = g.shape
-    kh, kw, cg, _ = w.shape
-    bytes_per_image = ho * wo * kh * kw * cg * config.groups * x.dtype.itemsize
-    block = _batch_block(n, bytes_per_image, _IM2ROW_BLOCK_BYTES)
+    block = _images_per_block(config, x, w.shape)
     if block == n:
         return _backward_im2row(config, x, w, g, need_dx)
     blocks = n // block

@@ -52,12 +52,7 @@ def plot_curves(history: Sequence[dict], path, *, title: str = "") -> pathlib.Pa
     ax_acc.set_ylim(top=1.0)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def first_conv_kernel(params):
@@ -98,6 +93,12 @@ def plot_filters(kernel, path, *, title: str = "first-layer filters") -> pathlib
             # (KH, KW, C) -> (KH, C * KW): the channels side by side.
             ax.imshow(f.transpose(0, 2, 1).reshape(kh, c * kw), cmap="gray", interpolation="nearest", vmin=0, vmax=1)
     fig.suptitle(f"{title} ({o} x {kh}x{kw}x{c})")
+    return _save(fig, path)
+
+
+def _save(fig, path) -> pathlib.Path:
+    """Lay out, write ``fig`` to ``path`` (creating its folder), close it; the path."""
+    plt = _pyplot()
     fig.tight_layout()
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
