@@ -46,14 +46,17 @@ from . import losses
 
 __all__ = [
     "DEFAULTS",
+    "all_finite",
     "default_optimizer",
     "epoch_batches",
     "evaluate",
     "init_params",
     "make_mesh",
     "make_train_step",
+    "nonfinite_leaves",
     "replicate",
     "shard_batch",
+    "standardization",
     "standardize",
 ]
 
@@ -77,15 +80,29 @@ DEFAULTS = {
 }
 
 
-def standardize(train_images, *other_images):
-    """``(x - mean) / std`` with the scalar mean and std of ``train_images``, applied to every argument.
+def standardization(train_images) -> tuple[float, float]:
+    """The scalar ``(mean, std)`` of ``train_images`` that :func:`standardize` uses.
 
-    Returns a tuple of float32 arrays, ``train_images`` first.
+    Saved in the CLI's checkpoints, so that a checkpoint alone is enough to
+    prepare new images the way the model saw its training images.
     """
     train_images = np.asarray(train_images, np.float32)
-    mean, std = float(train_images.mean()), float(train_images.std())
-    if not std > 0:
-        raise ValueError(f"`train_images` have standard deviation {std!r}; cannot standardise.")
+    mean, std = float(train_images.mean(dtype=np.float64)), float(train_images.std(dtype=np.float64))
+    if not (math.isfinite(mean) and std > 0 and math.isfinite(std)):
+        raise ValueError(f"`train_images` have mean {mean!r} and standard deviation {std!r}; cannot standardise.")
+    return mean, std
+
+
+def standardize(train_images, *other_images, stats: tuple[float, float] | None = None):
+    """``(x - mean) / std`` with the scalar mean and std of ``train_images``, applied to every argument.
+
+    ``stats=(mean, std)`` uses those instead (e.g. the ones a checkpoint was
+    trained with); then ``train_images`` is only standardised, not measured.
+    Returns a tuple of float32 arrays, ``train_images`` first.
+    """
+    mean, std = standardization(train_images) if stats is None else (float(stats[0]), float(stats[1]))
+    if not (math.isfinite(mean) and std > 0 and math.isfinite(std)):
+        raise ValueError(f"`stats` (={stats!r}) must be a finite mean and a finite std > 0.")
     return tuple(((np.asarray(x, np.float32) - mean) / std).astype(np.float32) for x in (train_images, *other_images))
 
 
@@ -162,7 +179,11 @@ def make_train_step(apply_fun: Callable, optimizer: optax.GradientTransformation
     ``batch`` is ``(images, labels)``: float32 NHWC images ``(N, H, W, C)`` and
     int32 labels ``(N,)``.  ``metrics`` is ``{"loss": cross-entropy, "objective":
     cross-entropy + L2, "accuracy": fraction correct}`` on the batch, before the
-    update, as 0-d arrays.  Nothing is donated: the inputs stay valid.  With a
+    update, and two divergence flags: ``"finite_loss"`` (the objective is
+    finite) and ``"finite_params"`` (every updated parameter is finite), all
+    0-d arrays.  The flags cost one fused pass over the parameters inside the
+    step and no host transfer: read them when you read the loss (the CLI stops
+    a diverged run before it can save non-finite weights).  Nothing is donated: the inputs stay valid.  With a
     mesh, inputs may be host arrays or live anywhere (jit moves them: params and
     optimizer state replicated, the batch split); the outputs are replicated.
     """
@@ -178,7 +199,9 @@ def make_train_step(apply_fun: Callable, optimizer: optax.GradientTransformation
         images, labels = batch
         grads, metrics = grad_fn(params, images, labels)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, metrics
+        params = optax.apply_updates(params, updates)
+        metrics = dict(metrics, finite_loss=jnp.isfinite(metrics["objective"]), finite_params=all_finite(params))
+        return params, opt_state, metrics
 
     if mesh is None:
         jitted = jax.jit(step)
@@ -197,6 +220,20 @@ def make_train_step(apply_fun: Callable, optimizer: optax.GradientTransformation
 
     train_step.jitted = jitted
     return train_step
+
+
+def all_finite(tree):
+    """A 0-d bool array: every floating leaf of ``tree`` is free of NaN and infinity."""
+    flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+             if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
+def nonfinite_leaves(tree) -> list[str]:
+    """The key paths (``jax.tree_util.keystr``) of the leaves of ``tree`` that hold a NaN or an infinity."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [jax.tree_util.keystr(path) for path, leaf in leaves
+            if np.issubdtype(np.asarray(leaf).dtype, np.inexact) and not np.all(np.isfinite(np.asarray(leaf)))]
 
 
 def evaluate(apply_fun: Callable, params, images, labels, *, batch_size: int = 512) -> dict:

@@ -136,14 +136,10 @@ def test_mnist_and_cifar_directories(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv,match",
     [
-        (["--dataset", "mnist", "--data-dir", "{tmp}/nowhere"], r"data directory '.*nowhere' does not exist"),
-        (["--dataset", "mnist"], r"`data_dir` \(=None\)"),
-        (["--dataset", "cifar10", "--data-dir", "{tmp}"], r"data_batch_1.bin"),
-        (["--dataset", "mnist", "--data-dir", "{tmp}/corrupt"], r"train-labels-idx1-ubyte: .*truncated"),
-        (["--epochs", "0"], r"`--epochs` \(=0\)"),
-        (["--devices", "3"], r"`--batch-size` \(=64\) must be divisible by `--devices` \(=3\)"),
-        (["--devices", "64"], r"`num_devices` \(=64\)"),
-        (["--batch-size", "5000"], r"`--batch-size` \(=5000\) exceeds the 1437 training images"),
+        (["--dataset", "cifar10", "--data-dir", "{tmp}"], r"--dataset cifar10: .*data_batch_1.bin"),
+        (["--dataset", "mnist", "--data-dir", "{tmp}/corrupt"], r"--dataset mnist: .*train-labels-idx1-ubyte: .*truncated"),
+        (["--devices", "64"], r"--devices 64: `num_devices` \(=64\)"),
+        (["--batch-size", "5000"], r"--batch-size 5000 exceeds the 1437 training images"),
         (["--resume"], r"--resume: checkpoint .*checkpoint.safetensors' does not exist"),
     ],
 )

@@ -112,11 +112,42 @@ def test_step_metrics_and_the_l2_objective():
     new_params, _, metrics = step(params, optax.sgd(0.0).init(params), (x, y))
     logits = apply(params, x)
     cross_entropy = jaxconv.softmax_cross_entropy(logits, y)
-    assert set(metrics) == {"loss", "objective", "accuracy"}
+    assert set(metrics) == {"loss", "objective", "accuracy", "finite_loss", "finite_params"}
+    assert bool(metrics["finite_loss"]) and bool(metrics["finite_params"])
     np.testing.assert_allclose(metrics["loss"], cross_entropy, rtol=1e-6)
     np.testing.assert_allclose(metrics["objective"], cross_entropy + jaxconv.l2_penalty(params, lam), rtol=1e-6)
     np.testing.assert_allclose(metrics["accuracy"], np.mean(np.argmax(logits, -1) == y), rtol=0)
     assert all(jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(params)))
+
+
+def test_step_flags_a_non_finite_loss_and_non_finite_parameters():
+    x, y, _, _ = _digits(32)
+    init, apply = _small_model()
+    _, params = train.init_params(init, x.shape)
+    step = train.make_train_step(apply, optax.sgd(0.1))
+    poisoned = np.array(x)
+    poisoned[3, 2, 2, 0] = np.nan  # one NaN pixel in the batch
+    _, _, metrics = step(params, optax.sgd(0.1).init(params), (poisoned, y))
+    assert not bool(metrics["finite_loss"]) and not bool(metrics["finite_params"])
+
+    huge = train.make_train_step(apply, optax.sgd(1e300))
+    new_params, _, metrics = huge(params, optax.sgd(1e300).init(params), (x, y))
+    assert bool(metrics["finite_loss"]) and not bool(metrics["finite_params"])  # the loss was taken before the update
+    assert train.nonfinite_leaves(new_params) and not train.nonfinite_leaves(params)
+    assert bool(train.all_finite(params)) and not bool(train.all_finite(new_params))
+    assert bool(train.all_finite({"step": jnp.asarray(3)}))  # integer leaves are always finite
+
+
+def test_standardize_with_stored_statistics():
+    x, _, x_test, _ = _digits(64)
+    stats = train.standardization(x)
+    a, b = train.standardize(x, x_test)
+    (c,) = train.standardize(x_test, stats=stats)
+    np.testing.assert_array_equal(b, c)
+    with pytest.raises(ValueError, match=r"standard deviation 0.0"):
+        train.standardization(np.ones((4, 8, 8, 1)))
+    with pytest.raises(ValueError, match=r"`stats`"):
+        train.standardize(x, stats=(0.0, 0.0))
 
 
 def test_step_equals_autodiff_of_the_reference_objective():
