@@ -120,6 +120,7 @@ def test_step_metrics_and_the_l2_objective():
     assert all(jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(params)))
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 def test_step_flags_a_non_finite_loss_and_non_finite_parameters():
     x, y, _, _ = _digits(32)
     init, apply = _small_model()
