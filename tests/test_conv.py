@@ -181,11 +181,21 @@ def test_vmap_over_extra_leading_axis(strategy):
     check_vjp(shared_w, shared_ref, xs).assert_ok()
 
 
-def test_no_bias_gives_no_bias_gradient():
-    x = jnp.ones((1, 4, 4, 2))
-    w = jnp.ones((2, 2, 2, 3))
-    dx, dw = jax.grad(lambda x, w: jaxconv.conv2d(x, w).sum(), argnums=(0, 1))(x, w)
-    assert dx.shape == x.shape and dw.shape == w.shape
+def test_without_a_bias_the_gradients_are_those_with_a_zero_bias():
+    rng = np.random.default_rng(7)
+    x, w = rng.standard_normal((2, 5, 5, 2)), rng.standard_normal((3, 2, 2, 3))
+    g = rng.standard_normal((2, 3, 4, 3))
+    y, pullback = jax.vjp(lambda x, w: jaxconv.conv2d(x, w), x, w)
+    y_b, pullback_b = jax.vjp(lambda x, w, b: jaxconv.conv2d(x, w, b), x, w, np.zeros(3))
+    np.testing.assert_array_equal(y, y_b)
+    dx, dw = pullback(g)
+    dx_b, dw_b, db = pullback_b(g)
+    np.testing.assert_array_equal(dx, dx_b)
+    np.testing.assert_array_equal(dw, dw_b)
+    np.testing.assert_allclose(db, g.sum(axis=(0, 1, 2)), rtol=1e-13)
+    _, ref_pullback = jax.vjp(lambda x, w: reference.conv2d(x, w), x, w)
+    for mine, theirs in zip((dx, dw), ref_pullback(g)):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-12, atol=1e-13)
 
 
 def test_rule_is_used_not_autodiff(monkeypatch):

@@ -324,7 +324,8 @@ def test_epoch_batches():
 
 def test_standardize():
     a, b = train.standardize(np.array([[0.0, 2.0]]), np.array([4.0]))
-    np.testing.assert_allclose(a, [[-1.0, 1.0]]) and np.testing.assert_allclose(b, [3.0])
+    np.testing.assert_allclose(a, [[-1.0, 1.0]])
+    np.testing.assert_allclose(b, [3.0])
     assert a.dtype == b.dtype == np.float32
     with pytest.raises(ValueError, match=r"standard deviation 0.0"):
         train.standardize(np.ones((3, 2)))
