@@ -279,6 +279,21 @@ def _safetensors_parts(path, data: bytes) -> tuple[dict, dict[str, memoryview]]:
 
 def _jaxconv_header(path, safetensors_header: dict) -> dict:
     """The ``"jaxconv"`` header, its checksum verified (format 2) and every key checked."""
+    text, checksum = _header_text(path, safetensors_header)
+    header = _parse_header(path, text)
+    if header["format"] == 1:
+        warnings.warn(f"{path}: a format-1 checkpoint (an earlier jaxconv): it has no checksums and cannot be "
+                      f"verified; save it again to add them.", UserWarning, stacklevel=4)
+        return header
+    if checksum is None:
+        raise _unreadable(path, f"its safetensors metadata has no '{_SHA_KEY}' entry (the header checksum), "
+                                f"which format 2 requires")
+    _check_tensor_records(path, header.get("tensors"), header["names"])
+    return header
+
+
+def _header_text(path, safetensors_header: dict) -> tuple[str, str | None]:
+    """``(the "jaxconv" JSON text, its stored checksum or None)``, the checksum verified where there is one."""
     file_metadata = safetensors_header.get("__metadata__")
     if not isinstance(file_metadata, dict) or not isinstance(file_metadata.get(_KEY), str):
         raise _unreadable(path, f"its safetensors metadata has no '{_KEY}' entry (a safetensors file written by "
@@ -287,6 +302,11 @@ def _jaxconv_header(path, safetensors_header: dict) -> dict:
     if checksum is not None and checksum != _sha256(text.encode("utf-8")):
         raise ValueError(f"{path}: checksum mismatch in the metadata (the '{_KEY}' header): the file is corrupted "
                          f"or was edited.")
+    return text, checksum
+
+
+def _parse_header(path, text: str) -> dict:
+    """The ``"jaxconv"`` JSON object, with a known ``format``, a list of string ``names`` and a ``metadata`` dict."""
     try:
         header = json.loads(text)
     except ValueError as err:
@@ -301,14 +321,6 @@ def _jaxconv_header(path, safetensors_header: dict) -> dict:
         raise _unreadable(path, f"its '{_KEY}' header's 'names' is missing or not a list of strings")
     if not isinstance(header.get("metadata"), dict):
         raise _unreadable(path, f"its '{_KEY}' header's 'metadata' is missing or not a JSON object")
-    if version == 1:
-        warnings.warn(f"{path}: a format-1 checkpoint (an earlier jaxconv): it has no checksums and cannot be "
-                      f"verified; save it again to add them.", UserWarning, stacklevel=4)
-        return header
-    if checksum is None:
-        raise _unreadable(path, f"its safetensors metadata has no '{_SHA_KEY}' entry (the header checksum), "
-                                f"which format 2 requires")
-    _check_tensor_records(path, header.get("tensors"), names)
     return header
 
 
@@ -318,8 +330,9 @@ def _check_tensor_records(path, tensors, names: list[str]) -> None:
     if sorted(tensors) != sorted(names):
         raise _unreadable(path, f"its '{_KEY}' header's 'tensors' and 'names' list different leaves")
     for name, record in tensors.items():
-        ok = (isinstance(record, dict) and isinstance(record.get("sha256"), str) and isinstance(record.get("dtype"), str)
-              and isinstance(record.get("shape"), list) and all(type(d) is int for d in record["shape"]))
+        ok = (isinstance(record, dict) and isinstance(record.get("sha256"), str)
+              and isinstance(record.get("dtype"), str) and isinstance(record.get("shape"), list)
+              and all(type(d) is int for d in record["shape"]))
         if not ok:
             raise _unreadable(path, f"its '{_KEY}' header's 'tensors' entry for tensor {name} lacks a string "
                                     f"'sha256' and 'dtype' or a list 'shape'")
