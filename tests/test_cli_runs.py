@@ -294,3 +294,20 @@ def test_evaluate_refuses_a_file_that_is_not_a_training_checkpoint(tmp_path):
     checkpoint.save(tmp_path / "other.safetensors", {"w": np.zeros(3, np.float32)}, {"note": "not from train"})
     done = _run("evaluate", str(tmp_path / "other.safetensors"))
     assert done.returncode == 2 and "not a checkpoint written by `python -m jaxconv train`" in done.stderr
+
+
+def test_resume_from_a_corrupted_checkpoint_exits_2_naming_the_tensor_and_leaves_the_file(finished_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "corrupted"
+    shutil.copytree(finished_run, out)
+    path = out / "checkpoint.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x40  # a bit in the last tensor's bytes
+    path.write_bytes(bytes(data))
+    done = _run("train", *TINY, "--epochs", "3", "--resume", "--out", str(out))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"{path}: checksum mismatch in tensor" in done.stderr and "Traceback" not in done.stderr
+    assert path.read_bytes() == bytes(data)
+    done = _run("evaluate", str(path))
+    assert done.returncode == 2 and "checksum mismatch in tensor" in done.stderr
