@@ -6,9 +6,41 @@ downloaded: the digits ship with scikit-learn, the others are read from a
 directory the user names.  Nothing is unpickled either: MNIST is parsed from its
 IDX headers, CIFAR-10 from its fixed-size binary records, with numpy.
 
-A missing directory or file raises ``FileNotFoundError`` with the path; a file
-whose contents are wrong (magic number, dimensions, length, label count, label
-range) raises ``ValueError`` naming the file and what is wrong with it.
+A loader never reads more than a file's header promises (plus one byte, to
+see that the file ends there):
+
+* Only regular files are opened.  A directory, FIFO, device or socket where a
+  data file should be is refused from ``stat`` before it is opened (so a FIFO
+  cannot block and ``/dev/zero`` cannot stream forever).
+* An IDX header is parsed first (``4 + 4 * ndim`` bytes) and its data size
+  ``prod(dims) * itemsize`` computed with Python ints (no overflow).  A raw file
+  must be exactly that long: checked against its size from ``stat`` before any
+  data is read.  A ``.gz`` file cannot know its inflated size in advance, so:
+  a header declaring more than deflate's 1032:1 limit allows for the compressed
+  size is refused from the header alone; where the gzip trailer's ISIZE (the
+  last member's length mod 2**32) disagrees with the declared size, the data is
+  first counted in constant memory (a multi-member file may still be right);
+  and the data is inflated in chunks into a buffer grown as it arrives, stopping
+  one byte past the declared size: a small file that inflates to gigabytes
+  is refused there, in a few MB of memory.  Nothing is allocated for a size
+  merely declared.
+* A CIFAR-10 file's size from ``stat`` must be a whole number of records before
+  it is read.
+* Every loader's result then passes a sanity check, so that training never
+  starts on data it cannot learn from: no empty split, no zero-size images, the
+  same image size in both splits, and training images that are not all one
+  value (standardising them would divide by zero).
+
+Errors a caller (e.g. the CLI) should expect, each naming the file:
+
+* ``FileNotFoundError``: a missing directory or data file.
+* ``IsADirectoryError``: a directory where a data file should be;
+  ``NotADirectoryError``: the data directory is a file.
+* ``ValueError``: a FIFO, device or socket where a data file should be; a file
+  whose contents are wrong (magic number, dimensions, length, truncated or
+  trailing data, an unreadable gzip, label count, label range); a split that is
+  empty, of zero-size or constant images.
+* other ``OSError``\\ s (e.g. ``PermissionError``) as the OS raises them.
 
 Formats:
 
@@ -26,9 +58,15 @@ Formats:
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import math
+import os
 import pathlib
-from typing import Iterator, NamedTuple
+import stat
+import struct
+import zlib
+from typing import BinaryIO, Iterator, NamedTuple
 
 import numpy as np
 
@@ -56,6 +94,33 @@ class Dataset(NamedTuple):
     num_classes: int
 
 
+def _checked(dataset: Dataset, train_source: str, test_source: str) -> Dataset:
+    """``dataset`` if training can start on it, else a ``ValueError`` naming the file(s) the bad split came from."""
+    splits = (("training", dataset.train_images, train_source), ("test", dataset.test_images, test_source))
+    for split, images, source in splits:
+        if images.shape[0] == 0:
+            raise ValueError(f"{source}: 0 {split} images: the {split} split is empty.")
+        if 0 in images.shape[1:]:
+            size = "x".join(map(str, images.shape[1:]))
+            raise ValueError(f"{source}: its {split} images are {size} (H x W x C): zero-size images.")
+    if dataset.train_images.shape[1:] != dataset.test_images.shape[1:]:
+        raise ValueError(f"{train_source}: training images {dataset.train_images.shape[1:]}, but {test_source}: "
+                         f"test images {dataset.test_images.shape[1:]}: the two splits differ in image size.")
+    low, high = float(dataset.train_images.min()), float(dataset.train_images.max())
+    if low == high:
+        raise ValueError(f"{train_source}: every pixel of its {dataset.train_images.shape[0]} training images is "
+                         f"{low:g}: constant images (their standard deviation is 0; standardising them would divide "
+                         f"by zero).")
+    return dataset
+
+
+def _unit_float(pixels: np.ndarray) -> np.ndarray:
+    """Unsigned-byte pixels as float32 in ``[0, 1]``."""
+    out = pixels.astype(np.float32)
+    out /= 255.0
+    return out
+
+
 # --- the bundled digits -----------------------------------------------------------------
 
 #: Size of the fixed digits test split (20% of the 1797 images).
@@ -79,7 +144,82 @@ def load_digits() -> Dataset:
     x_train, x_test, y_train, y_test = train_test_split(
         images, labels, test_size=DIGITS_TEST_SIZE, random_state=0, stratify=labels
     )
-    return Dataset("digits", x_train, y_train, x_test, y_test, 10)
+    source = "scikit-learn's bundled digits"
+    return _checked(Dataset("digits", x_train, y_train, x_test, y_test, 10), source, source)
+
+
+# --- reading regular files, never past what was promised ----------------------------------
+
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+#: Bytes asked of a file per read: bounds what one read of a gzip stream inflates at a time.
+_READ_CHUNK = 1 << 20
+#: A buffer for data of unknown extent (inflated gzip) starts at this size and doubles as data arrives.
+_GROW_FROM = 1 << 24
+#: Deflate's largest inflation: 258 bytes from a 2-bit length/distance pair, 1032:1 (gzip adds 18 bytes more).
+_DEFLATE_MAX_RATIO = 1032
+
+
+def _require_regular(path: pathlib.Path, mode: int) -> None:
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"{path} is a directory, not a data file.")
+    if not stat.S_ISREG(mode):
+        kind = next((kind for test, kind in _FILE_KINDS if test(mode)), "a special file")
+        raise ValueError(f"{path} is {kind}, not a data file (only regular files are read).")
+
+
+@contextlib.contextmanager
+def _open_regular(path: pathlib.Path) -> Iterator[tuple[BinaryIO, int]]:
+    """``(file, size)`` of the regular file ``path``; read errors become a ``ValueError`` naming it.
+
+    The type is checked with ``stat`` before opening (a FIFO would block in
+    ``open``), and again on the descriptor, opened non-blocking, in case the path
+    was replaced in between.
+    """
+    try:
+        _require_regular(path, os.stat(path).st_mode)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"missing data file: {str(path)!r} does not exist.") from None
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        _require_regular(path, info.st_mode)
+        try:
+            yield f, info.st_size
+        except (EOFError, OSError, zlib.error) as err:
+            hint = "; truncated or not gzip?" if path.suffix == ".gz" else ""
+            raise ValueError(f"{path}: cannot read it ({type(err).__name__}: {err}){hint}") from err
+
+
+def _read_upto(f: BinaryIO, limit: int, *, grow_from: int) -> np.ndarray:
+    """At most ``limit`` bytes of ``f`` (fewer at its end) as uint8.
+
+    The buffer starts at ``grow_from`` bytes and doubles only as data arrives,
+    so a size merely declared is never allocated before the data is there.
+    """
+    buf = np.empty(min(limit, grow_from), np.uint8)
+    total = 0
+    while total < limit:
+        if total == buf.size:
+            buf = np.concatenate([buf, np.empty(min(buf.size, limit - buf.size), np.uint8)])
+        n = f.readinto(memoryview(buf)[total : min(buf.size, total + _READ_CHUNK)])
+        if not n:
+            break
+        total += n
+    return buf[:total]
+
+
+def _count_upto(f: BinaryIO, limit: int) -> int:
+    """How many bytes are left in ``f``, counting no further than ``limit``; constant memory."""
+    scratch = memoryview(bytearray(min(limit, _READ_CHUNK)))
+    total = 0
+    while total < limit:
+        n = f.readinto(scratch[: limit - total])
+        if not n:
+            break
+        total += n
+    return total
 
 
 # --- IDX (MNIST, Fashion-MNIST) ---------------------------------------------------------
@@ -88,51 +228,115 @@ _IDX_TYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"
               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
-def _read_bytes(path: pathlib.Path) -> bytes:
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (EOFError, OSError, gzip.BadGzipFile) as err:
-        if isinstance(err, FileNotFoundError):
-            raise
-        raise ValueError(f"{path}: cannot read it ({type(err).__name__}: {err}); truncated or not gzip?") from err
+class _IdxHeader(NamedTuple):
+    dtype: np.dtype
+    dims: tuple[int, ...]
+    size: int  # bytes: 4 + 4 * ndim
+
+    @property
+    def total(self) -> int:
+        """The file length the header promises, in Python ints (no overflow)."""
+        return self.size + math.prod(self.dims) * self.dtype.itemsize
+
+    def describe(self) -> str:
+        return f"its header {self.dims} of {self.dtype} needs {self.total}"
+
+
+def _idx_header(f: BinaryIO, path: pathlib.Path) -> _IdxHeader:
+    """Read and check the magic number and dimensions, and nothing more."""
+    magic = f.read(4)
+    if len(magic) < 4:
+        raise ValueError(f"{path}: {len(magic)} bytes, too short for an IDX header (truncated?).")
+    zero, type_code, ndim = int.from_bytes(magic[:2], "big"), magic[2], magic[3]
+    if zero != 0 or type_code not in _IDX_TYPES or ndim < 1:
+        raise ValueError(
+            f"{path}: bad IDX magic number 0x{int.from_bytes(magic, 'big'):08x} (expected 0x0000TTNN: "
+            f"two zero bytes, a type code in {sorted(hex(t) for t in _IDX_TYPES)}, a dimension count >= 1)."
+        )
+    raw_dims = f.read(4 * ndim)
+    if len(raw_dims) < 4 * ndim:
+        raise ValueError(f"{path}: {4 + len(raw_dims)} bytes, too short for the {ndim} dimensions of its header "
+                         f"(truncated?).")
+    return _IdxHeader(_IDX_TYPES[type_code], struct.unpack(f">{ndim}I", raw_dims), 4 + 4 * ndim)
+
+
+def _length_error(path: pathlib.Path, header: _IdxHeader, found: int, *, inflated: bool) -> ValueError:
+    """``found``: the file's length, or for a stream read one byte past the header's promise, a lower bound."""
+    if found < header.total:
+        length, verdict = f"{found}", "truncated"
+    else:
+        length = f"at least {found}" if inflated else f"{found}"
+        verdict = "it has trailing bytes (it is larger than its header declares)"
+    what = "inflates to" if inflated else "is"
+    return ValueError(f"{path}: {what} {length} bytes, but {header.describe()}: {verdict}.")
+
+
+def _idx_data(f: BinaryIO, path: pathlib.Path, header: _IdxHeader, *, grow_from: int, inflated: bool) -> np.ndarray:
+    """The data after ``header``: exactly as many bytes as it promises, and then the end of the file."""
+    nbytes = header.total - header.size
+    data = _read_upto(f, nbytes + 1, grow_from=grow_from)
+    if data.size != nbytes:
+        raise _length_error(path, header, header.size + data.size, inflated=inflated)
+    return data.view(header.dtype).reshape(header.dims)
+
+
+def _gzip_isize(f: BinaryIO, size: int) -> int | None:
+    """The gzip trailer's ISIZE: the last member's inflated length mod 2**32 (``f`` left at its start)."""
+    if size < 4:
+        return None
+    f.seek(size - 4)
+    isize = int.from_bytes(f.read(4), "little")
+    f.seek(0)
+    return isize
+
+
+def _read_idx_gzip(f: BinaryIO, size: int, path: pathlib.Path) -> np.ndarray:
+    isize = _gzip_isize(f, size)
+    with gzip.GzipFile(fileobj=f, mode="rb") as stream:
+        header = _idx_header(stream, path)
+        if header.total > _DEFLATE_MAX_RATIO * size:
+            raise ValueError(
+                f"{path}: its header {header.dims} of {header.dtype} declares {header.total} bytes, but a {size}-byte "
+                f"gzip file inflates to at most {_DEFLATE_MAX_RATIO * size} (deflate's limit is "
+                f"{_DEFLATE_MAX_RATIO}:1): a damaged header, or most of the data is missing."
+            )
+        if isize is not None and isize != header.total % 2**32:
+            # Wrong, unless several gzip members were concatenated (ISIZE covers the last one): count to be sure.
+            nbytes = header.total - header.size
+            found = header.size + _count_upto(stream, nbytes + 1)
+            if found != header.total:
+                raise _length_error(path, header, found, inflated=True)
+            stream.seek(header.size)
+        return _idx_data(stream, path, header, grow_from=_GROW_FROM, inflated=True)
 
 
 def read_idx(path) -> np.ndarray:
     """Parse one IDX file (raw or ``.gz``) into an array of its declared type and dimensions.
 
     Checks the two zero bytes of the magic number, the type code, and that the
-    file is exactly ``4 + 4 * ndim + prod(dims) * itemsize`` bytes long.
+    file is exactly ``4 + 4 * ndim + prod(dims) * itemsize`` bytes long (inflated,
+    for ``.gz``), without reading more than that plus one byte: see the module
+    docstring.
     """
     path = pathlib.Path(path)
-    data = _read_bytes(path)
-    if len(data) < 4:
-        raise ValueError(f"{path}: {len(data)} bytes, too short for an IDX header (truncated?).")
-    zero, type_code, ndim = int.from_bytes(data[:2], "big"), data[2], data[3]
-    if zero != 0 or type_code not in _IDX_TYPES or ndim < 1:
-        raise ValueError(
-            f"{path}: bad IDX magic number 0x{int.from_bytes(data[:4], 'big'):08x} (expected 0x0000TTNN: "
-            f"two zero bytes, a type code in {sorted(hex(t) for t in _IDX_TYPES)}, a dimension count >= 1)."
-        )
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise ValueError(f"{path}: {len(data)} bytes, too short for the {ndim} dimensions of its header (truncated?).")
-    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    dtype = _IDX_TYPES[type_code]
-    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    if len(data) != expected:
-        kind = "truncated" if len(data) < expected else "has trailing bytes"
-        raise ValueError(f"{path}: {len(data)} bytes, but its header {dims} of {dtype} needs {expected}: {kind}.")
-    return np.frombuffer(data, dtype, offset=header).reshape(dims)
+    with _open_regular(path) as (f, size):
+        if path.suffix == ".gz":
+            return _read_idx_gzip(f, size, path)
+        header = _idx_header(f, path)
+        if size != header.total:
+            raise _length_error(path, header, size, inflated=False)
+        return _idx_data(f, path, header, grow_from=size, inflated=False)
 
 
 def _find(directory: pathlib.Path, stem: str) -> pathlib.Path:
+    """``directory/stem``, or else ``directory/stem.gz``: the first that is a regular file."""
     candidates = [directory / stem, directory / (stem + ".gz")]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
+    existing = [c for c in candidates if c.exists()]
+    regular = [c for c in existing if c.is_file()]
+    if regular:
+        return regular[0]
+    if existing:
+        _require_regular(existing[0], existing[0].stat().st_mode)  # says what it is instead
     raise FileNotFoundError(f"missing data file: none of {[str(c) for c in candidates]} exists.")
 
 
@@ -140,12 +344,15 @@ def _directory(directory) -> pathlib.Path:
     if directory is None:
         raise ValueError("`data_dir` (=None): this dataset is read from files; name their directory.")
     path = pathlib.Path(directory).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data directory {str(path)!r} does not exist.")
     if not path.is_dir():
-        raise FileNotFoundError(f"data directory {str(path)!r} does not exist or is not a directory.")
+        raise NotADirectoryError(f"data directory {str(path)!r} is not a directory.")
     return path
 
 
 def _idx_pair(directory: pathlib.Path, prefix: str, num_classes: int):
+    """``(images, labels, images_path)`` of the ``prefix`` split."""
     images_path = _find(directory, f"{prefix}-images-idx3-ubyte")
     labels_path = _find(directory, f"{prefix}-labels-idx1-ubyte")
     images, labels = read_idx(images_path), read_idx(labels_path)
@@ -159,7 +366,7 @@ def _idx_pair(directory: pathlib.Path, prefix: str, num_classes: int):
         )
     if labels.size and int(labels.max()) >= num_classes:
         raise ValueError(f"{labels_path}: label {int(labels.max())} outside [0, {num_classes}).")
-    return (images.astype(np.float32) / 255.0)[..., None], labels.astype(np.int32)
+    return _unit_float(images)[..., None], labels.astype(np.int32), images_path
 
 
 def load_mnist(directory, *, name: str = "mnist") -> Dataset:
@@ -169,11 +376,9 @@ def load_mnist(directory, *, name: str = "mnist") -> Dataset:
     60000 train and 10000 test images in the full data sets.
     """
     directory = _directory(directory)
-    x_train, y_train = _idx_pair(directory, "train", 10)
-    x_test, y_test = _idx_pair(directory, "t10k", 10)
-    if x_train.shape[1:] != x_test.shape[1:]:
-        raise ValueError(f"{directory}: train images {x_train.shape[1:3]} and test images {x_test.shape[1:3]} differ in size.")
-    return Dataset(name, x_train, y_train, x_test, y_test, 10)
+    x_train, y_train, train_source = _idx_pair(directory, "train", 10)
+    x_test, y_test, test_source = _idx_pair(directory, "t10k", 10)
+    return _checked(Dataset(name, x_train, y_train, x_test, y_test, 10), str(train_source), str(test_source))
 
 
 # --- CIFAR-10 binary --------------------------------------------------------------------
@@ -184,21 +389,22 @@ _CIFAR_RECORD = 1 + 3 * 32 * 32
 
 
 def _cifar_file(path: pathlib.Path):
-    if not path.is_file():
-        raise FileNotFoundError(f"missing data file: {str(path)!r} does not exist.")
-    data = path.read_bytes()
-    if len(data) == 0 or len(data) % _CIFAR_RECORD:
-        raise ValueError(
-            f"{path}: {len(data)} bytes is not a whole number of {_CIFAR_RECORD}-byte records "
-            f"(1 label byte + 3x32x32 pixels): truncated or not the CIFAR-10 binary version."
-        )
-    records = np.frombuffer(data, np.uint8).reshape(-1, _CIFAR_RECORD)
+    with _open_regular(path) as (f, size):
+        if size == 0 or size % _CIFAR_RECORD:
+            raise ValueError(
+                f"{path}: {size} bytes is not a whole number of {_CIFAR_RECORD}-byte records "
+                f"(1 label byte + 3x32x32 pixels): truncated or not the CIFAR-10 binary version."
+            )
+        data = _read_upto(f, size + 1, grow_from=size + 1)
+    if data.size != size:
+        raise ValueError(f"{path}: {data.size} bytes read, but it was {size} bytes long: it changed while being read.")
+    records = data.reshape(-1, _CIFAR_RECORD)
     labels = records[:, 0]
     if int(labels.max()) >= 10:
         bad = int(np.argmax(labels >= 10))
         raise ValueError(f"{path}: record {bad} has label {int(labels[bad])}, outside [0, 10) (not CIFAR-10?).")
     images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return (images.astype(np.float32) / 255.0), labels.astype(np.int32)
+    return _unit_float(images), labels.astype(np.int32)
 
 
 def load_cifar10(directory) -> Dataset:
@@ -214,7 +420,9 @@ def load_cifar10(directory) -> Dataset:
     x_test, y_test = _cifar_file(directory / CIFAR10_TEST_FILE)
     x_train = np.concatenate([x for x, _ in train])
     y_train = np.concatenate([y for _, y in train])
-    return Dataset("cifar10", x_train, y_train, x_test, y_test, 10)
+    train_source = ", ".join(str(directory / name) for name in CIFAR10_TRAIN_FILES)
+    return _checked(Dataset("cifar10", x_train, y_train, x_test, y_test, 10), train_source,
+                    str(directory / CIFAR10_TEST_FILE))
 
 
 # --- by name ---------------------------------------------------------------------------
@@ -224,7 +432,10 @@ DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
 
 
 def load_dataset(name: str, data_dir=None) -> Dataset:
-    """``"digits"`` (bundled; ``data_dir`` ignored), ``"mnist"``, ``"fashion-mnist"`` or ``"cifar10"`` from ``data_dir``."""
+    """``"digits"`` (bundled; ``data_dir`` ignored), ``"mnist"``, ``"fashion-mnist"`` or ``"cifar10"`` from ``data_dir``.
+
+    The result has passed the loaders' sanity check (see the module docstring).
+    """
     if name == "digits":
         return load_digits()
     if name in ("mnist", "fashion-mnist"):
