@@ -41,7 +41,8 @@ def relu(x):
       x: any shape, floating dtype.
 
     Returns:
-      ``max(0, x)``, same shape and dtype; a NaN stays NaN.
+      ``max(0, x)``, same shape and dtype.  NaN: a NaN element stays NaN, eager
+      and under ``jit`` (and every other element is unaffected).
 
     Backward: ``dx = g * (x > 0)`` (0 at ``x == 0`` and at NaN, as ``jax.nn.relu``).
     """
@@ -51,7 +52,10 @@ def relu(x):
 
 @jax.custom_vjp
 def _relu(x):
-    return jnp.maximum(x, jnp.zeros((), x.dtype))
+    # A select, not jnp.maximum(x, 0): XLA's CPU backend fuses a max into a
+    # following reduction with a max that drops NaN (relu(x).sum() under jit
+    # was finite for a NaN x).  `x <= 0` is False at NaN, so NaN passes through.
+    return jnp.where(x <= 0, jnp.zeros((), x.dtype), x)
 
 
 def _relu_fwd(x):

@@ -83,8 +83,9 @@ def lrn(x, *, size=5, kappa=2.0, alpha=1e-4, beta=0.75):
 # --- layers (relu, linear, flatten) ------------------------------------------
 
 def relu(x):
-    """``where(x > 0, x, 0)`` (NaN kept): autodiff gives 0 at ``x == 0``, as ``jax.nn.relu``."""
-    return jnp.where((x > 0) | jnp.isnan(x), x, jnp.zeros((), x.dtype))
+    """``x`` where ``x > 0``, a NaN where ``x`` is NaN, else 0: autodiff gives ``g * (x > 0)``,
+    0 at ``x == 0`` and at NaN (the NaN passes through ``stop_gradient``), as ``jax.nn.relu``."""
+    return jnp.where(x > 0, x, lax.stop_gradient(jnp.where(jnp.isnan(x), x, jnp.zeros((), x.dtype))))
 
 
 def linear(x, w, b=None):

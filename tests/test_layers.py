@@ -39,14 +39,19 @@ def test_relu_float32():
     report.assert_ok()
 
 
-def test_relu_gradient_at_zero_and_nan_matches_jax_nn_relu():
+def test_relu_gradient_at_zero_and_nan_matches_jax_nn_relu_and_the_reference():
     x = jnp.array([-2.0, -0.0, 0.0, 1e-300, 3.0, jnp.nan, -jnp.inf, jnp.inf])
     g = jnp.arange(1.0, 9.0)
     ours = jax.vjp(jaxconv.relu, x)[1](g)[0]
     theirs = jax.vjp(jax.nn.relu, x)[1](g)[0]
+    oracle = jax.vjp(reference.relu, x)[1](g)[0]  # jax.grad of the reference: 0 at NaN too
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(oracle))
     np.testing.assert_array_equal(np.asarray(ours), [0, 0, 0, 4, 5, 0, 0, 8])
-    np.testing.assert_array_equal(np.asarray(jaxconv.relu(x)), np.asarray(jax.nn.relu(x)))
+    for f in (jaxconv.relu, jax.jit(jaxconv.relu), reference.relu, jax.jit(reference.relu)):
+        y = np.asarray(f(x))
+        np.testing.assert_array_equal(y, np.asarray(jax.nn.relu(x)))  # NaN where x is NaN
+        assert not np.signbit(y[1])  # relu(-0.0) is +0.0, in the hand rule and the reference alike
 
 
 def test_relu_residual_is_a_boolean_mask():
