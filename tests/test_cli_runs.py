@@ -311,3 +311,32 @@ def test_resume_from_a_corrupted_checkpoint_exits_2_naming_the_tensor_and_leaves
     assert path.read_bytes() == bytes(data)
     done = _run("evaluate", str(path))
     assert done.returncode == 2 and "checksum mismatch in tensor" in done.stderr
+
+
+@pytest.mark.parametrize("fault", ["constant", "empty-test", "zero-size", "directory"])
+def test_bad_data_is_refused_before_training_naming_the_file(tmp_path, fault):
+    from tests.test_data import _mnist_dir, _write_idx
+
+    data_dir = tmp_path / "mnist"
+    data_dir.mkdir()
+    _mnist_dir(data_dir, n_train=64, n_test=8)
+    if fault == "constant":
+        _write_idx(data_dir / "train-images-idx3-ubyte", np.full((64, 28, 28), 7, np.uint8))
+        culprit = "train-images-idx3-ubyte"
+    elif fault == "empty-test":
+        _write_idx(data_dir / "t10k-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8))
+        _write_idx(data_dir / "t10k-labels-idx1-ubyte", np.zeros((0,), np.uint8))
+        culprit = "t10k-images-idx3-ubyte"
+    elif fault == "zero-size":
+        _write_idx(data_dir / "train-images-idx3-ubyte", np.zeros((64, 0, 0), np.uint8))
+        culprit = "train-images-idx3-ubyte"
+    else:
+        (data_dir / "t10k-labels-idx1-ubyte").unlink()
+        (data_dir / "t10k-labels-idx1-ubyte").mkdir()
+        culprit = "t10k-labels-idx1-ubyte is a directory"
+    out = tmp_path / "run"
+    done = _run("train", *TINY, "--dataset", "mnist", "--data-dir", str(data_dir), "--out", str(out))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert culprit in done.stderr and "--dataset mnist" in done.stderr and "Traceback" not in done.stderr
+    assert "epoch 1" not in done.stderr
+    assert not out.exists()  # the run directory it created is gone again: nothing was written
