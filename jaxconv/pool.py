@@ -48,18 +48,17 @@ is replaced by each next candidate unless ``choice >= candidate``.  So:
 
 * without NaN, the gradient goes to the **first maximum** in row-major window
   order (ties: all-equal windows, integer-valued inputs, overlapping windows);
-* a window of ``-inf`` (or of padding only) selects its first position; if that
-  is padding, the gradient is dropped;
-* **NaN**: the output of a window holding a NaN is NaN (``lax.max`` propagates
-  it).  A NaN compares false, so it takes the choice over and hands it to the
-  next candidate: the gradient goes to the first maximum among the entries
-  *after the window's last NaN*, or to that NaN itself when it is the window's
-  last entry.  The gradient stays finite (it is ``g``, wherever it lands); it
-  equals ``jax.grad``'s.  (The output is XLA's reduction, bit for bit
-  ``reference.max_pool2d``'s, and so shares its CPU quirk: on large
-  non-overlapping pools, e.g. ``(1, 2048, 2, 1)`` in 2x2 windows, the
-  vectorised reduction returns 0 (float32) or ``-inf`` (float64), not NaN, for
-  the window ``[0, 0, 0, nan]``.)
+* a window of ``-inf`` selects its first position; if that is padding, the
+  gradient is dropped.  (No window reads padding only: padding is at most half
+  the window, :func:`jaxconv._args.check_pool_padding`.)
+* **NaN**: the output of a window holding a NaN is NaN, eager and under
+  ``jit``, whatever XLA fuses it with (set explicitly: XLA's CPU max reductions
+  drop NaN, see :func:`_window_max`; ``reference.max_pool2d`` puts it back the
+  same way).  A NaN compares false, so it takes the choice over and hands it
+  to the next candidate: the gradient goes to the first maximum among the
+  entries *after the window's last NaN*, or to that NaN itself when it is the
+  window's last entry.  The gradient stays finite (it is ``g``, wherever it
+  lands); it equals ``jax.grad``'s.
 
 Max pooling saves ``S``, not ``x``: under ``jax.vjp``/``jax.grad`` the forward
 computes ``Y`` and, from the same window entries, ``S`` as the selected offset
@@ -93,18 +92,20 @@ against 120-146, 146-162, 184-201 and 398-441 ms for ``jax.grad``'s
 select_and_scatter: 6.5-8.5x faster.  Recomputing ``S`` from ``x`` in the
 backward, as this module did before, took 20-23, 31-32, 51-54 and 441-463 ms
 (at stride 1 XLA fused the selection into every one of the ``KH*KW`` pieces
-and so recomputed it per piece).  The price is in the forward: ``S`` is a
-second pass over the window next to ``Y``'s reduction (XLA does not fuse the
-two), 2x2/2 4.7-5.2 -> 6.5-8.0 ms, 3x3/2 VALID 12-15 -> 14 ms; with padding
-XLA first writes out the ``-inf``-padded input for it, a copy of ``x`` (3x3/2
-SAME 13-18 -> 49 ms).  Forward and backward together (``Y`` and ``dL/dx``):
-19-26, 30-33, 50-51 and 115-140 ms, against 150-180, 189-192, 208-236 and
-460-517 ms for autodiff (3.3-8x) and 21-26, 38-40, 59-64 and 479-484 ms
-before (1.0-1.3x; 3.4-4.2x at stride 1).  Taking ``Y`` from the selection's
-running best (NaN restored) would make the forward one pass (3x3/2 VALID:
-``Y`` and ``S`` in about 4 ms), but it is not bit for bit the reduction's
-output: XLA's reductions differ from it on the sign of zero and on NaN (above).
-Average pooling is 1.1-1.5x faster than autodiff.
+and so recomputed it per piece).  ``Y`` is the elementwise maximum of the same
+``KH*KW`` window entries that ``S`` scans, with NaN set where one is NaN, so
+under ``jax.vjp`` XLA computes ``Y`` and ``S`` from one read of the window:
+2x2/2, 3x3/2 VALID, 3x3/2 SAME, 3x3/1 SAME take 3-4, 4-5, 23-27 and 41-43 ms
+for ``Y`` and ``S``, 18-20, 18-19, 45-50 and 82-84 ms with the backward
+(``Y`` and ``dL/dx``).  ``Y`` alone takes 2-5, 2, 19-20 and 39-45 ms; with
+padding XLA first writes out the ``-inf``-padded input, a copy of ``x``.
+(Measured against ``Y`` from XLA's max reduction, as before NaN was set
+explicitly: ``Y`` 2, 6, 6-9 and 41-68 ms, ``Y`` and ``S`` 4-6, 9-13, 29-32 and
+95-96 ms, with the backward 20-22, 23-26, 44-59 and 101-107 ms; the
+reduction's ``Y`` with a second, NaN-detecting ``reduce_window`` took 5-6x as
+long at 2x2/2.)  Autodiff's forward and backward took 150-180, 189-192, 208-236
+and 460-517 ms when last measured.  Average pooling is 1.1-1.5x faster than
+autodiff.
 """
 
 from __future__ import annotations
@@ -160,19 +161,17 @@ def _config(x, window, stride, padding, count_include_pad=True) -> PoolConfig:
     window = _args.pair(window, "window")
     stride = window if stride is None else _args.pair(stride, "stride")
     in_hw = tuple(int(v) for v in x.shape[1:3])
+    if min(in_hw) < 1:
+        raise ValueError(f"`x` must have a height and width >= 1 to pool, got shape {tuple(x.shape)}.")
     pads = _args.padding_2d(padding, in_hw, window, stride)
+    # At most half the window per side: every window then holds an input pixel
+    # (no -inf max of padding alone, no 0/0 average with count_include_pad=False).
+    _args.check_pool_padding(padding, pads, window)
     _args.check_window_fits(in_hw, pads, window, (1, 1), "window")
     if not isinstance(count_include_pad, (bool, np.bool_)):
         raise ValueError(f"`count_include_pad` (={count_include_pad!r}) must be a bool.")
     config = PoolConfig(in_hw, window, stride, pads, bool(count_include_pad), _choose_strategy(window, stride))
-    if not config.count_include_pad:
-        for axis, counts in enumerate(_real_counts(config)):
-            if counts.min() == 0:
-                which = "height" if axis == 0 else "width"
-                raise ValueError(
-                    f"`padding` (={padding!r}) leaves a window with no input pixel in {which}; "
-                    "with `count_include_pad=False` its average would be 0/0."
-                )
+    _args.check_window_op_sizes(x.shape, pads, config.out_hw, x.shape[3], "`padding`, `window` and `stride`")
     return config
 
 
@@ -272,10 +271,12 @@ def avg_pool2d(x, window, *, stride=None, padding="VALID", count_include_pad=Tru
       window: ``(KH, KW)``, int or pair, ``>= 1``.
       stride: int or pair ``>= 1``; ``None`` (default) means the window.
       padding: ``"VALID"``, ``"SAME"``, int, pair ``(ph, pw)`` or
-        ``((top, bottom), (left, right))``; amounts ``>= 0``.
+        ``((top, bottom), (left, right))``; amounts ``>= 0`` and, per side, at
+        most half the window (``pad <= KH // 2`` top and bottom, ``<= KW // 2``
+        left and right; PyTorch's rule, which ``"SAME"`` always meets), so
+        that every window holds an input pixel.
       count_include_pad: divide by the window area ``KH*KW`` (True: padding
-        counts as zeros) or by the number of real pixels in each window (False;
-        every window must then hold at least one).
+        counts as zeros) or by the number of real pixels in each window (False).
 
     Returns:
       ``(N, Ho, Wo, C)`` with ``Ho = floor((H + top + bottom - KH) / sh) + 1``,
@@ -343,12 +344,13 @@ def max_pool2d(x, window, *, stride=None, padding="VALID"):
       window: ``(KH, KW)``, int or pair, ``>= 1``.
       stride: int or pair ``>= 1``; ``None`` (default) means the window.
       padding: ``"VALID"``, ``"SAME"``, int, pair ``(ph, pw)`` or
-        ``((top, bottom), (left, right))``; amounts ``>= 0``; padding counts
-        as ``-inf``.
+        ``((top, bottom), (left, right))``; amounts ``>= 0`` and at most half
+        the window per side, as :func:`avg_pool2d`'s; padding counts as ``-inf``.
 
     Returns:
       ``(N, Ho, Wo, C)`` with ``Ho = floor((H + top + bottom - KH) / sh) + 1``,
-      likewise ``Wo``; the maximum of each window (NaN if it holds a NaN).
+      likewise ``Wo``; the maximum of each window.  NaN: a window holding a
+      NaN gives NaN, eager and under ``jit``; the other windows are unaffected.
 
     Backward: ``dL/dx = phi*(dL/dY S^T)``: each output gradient goes whole to
     the selected pixel of its window, the first maximum in row-major window
@@ -365,13 +367,25 @@ def max_pool2d(x, window, *, stride=None, padding="VALID"):
 
 
 def _max_forward(config: PoolConfig, x):
-    if config.strategy == "reshape":
-        return _tiles(x, config, -jnp.inf).max(axis=(2, 4))
-    kh, kw = config.window
-    return lax.reduce_window(
-        x, np.array(-np.inf, x.dtype), lax.max, (1, kh, kw, 1), (1, *config.stride, 1),
-        ((0, 0), *config.padding, (0, 0)),
-    )
+    return _window_max(_candidates(x, config))
+
+
+def _window_max(candidates):
+    """``Y``: the elementwise ``lax.max`` of the window entries (the columns of
+    ``phi(x)``), NaN wherever one of them is NaN.
+
+    The NaN is set explicitly because XLA's CPU backend drops it from max
+    reductions (vectorised, a NaN is treated as missing: the reduction of
+    ``[0, 0, 0, nan]`` came out 0 or ``-inf``) and from an elementwise max fused
+    into a reduction that follows it (``max_pool2d(x).sum()`` under ``jit``).
+    ``lax.max`` orders ``-0.0`` below ``0.0`` as the reductions do, so ``Y`` is
+    bit for bit the reduction's wherever no NaN is involved."""
+    y = candidates[0]
+    has_nan = jnp.isnan(y)
+    for candidate in candidates[1:]:
+        y = lax.max(y, candidate)
+        has_nan = has_nan | jnp.isnan(candidate)
+    return jnp.where(has_nan, jnp.asarray(jnp.nan, y.dtype), y)
 
 
 def _selection(candidates):
@@ -406,16 +420,11 @@ def _max_pool2d(config: PoolConfig, x):
 def _max_pool2d_fwd(config: PoolConfig, x):
     # The residual is S, the selected offset per output (int8 for windows of
     # up to 127 entries): N*Ho*Wo*C bytes instead of x's N*H*W*C*itemsize, and
-    # the backward routes g by it without x.  y stays `_max_forward`, bit for
-    # bit `reference.max_pool2d`'s output; XLA runs it and the selection as two
-    # passes over x (and, with padding, first writes the -inf-padded x for the
-    # selection).  Measured (module docstring, "Speed"): the forward costs up
-    # to 1.6x y alone without padding, about 3x at 3x3/2 SAME; the backward is
-    # 1.1-1.4x (2x2/2) to 8-10x (3x3/1) faster than recomputing S there;
-    # forward and backward together are 1.0-1.3x faster, 3.4-4.2x at 3x3/1.
-    # A y from the selection's running best would save the second pass but is
-    # not bit for bit the reduction's (signed zeros; NaN on CPU).
-    return _max_forward(config, x), _selection(_candidates(x, config))
+    # the backward routes g by it without x.  y and S come from the same window
+    # entries, so XLA reads them once for both (module docstring, "Speed");
+    # y is `_max_forward`'s, bit for bit.
+    candidates = _candidates(x, config)
+    return _window_max(candidates), _selection(candidates)
 
 
 def _max_pool2d_bwd(config: PoolConfig, chosen, g):

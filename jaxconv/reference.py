@@ -40,6 +40,7 @@ def _pool_window(x, window, stride, padding):
     window = _args.pair(window, "window")
     stride = window if stride is None else _args.pair(stride, "stride")
     pads = _args.padding_2d(padding, x.shape[1:3], window, stride)
+    _args.check_pool_padding(padding, pads, window)  # the same inputs as the hand rule's
     return (1, *window, 1), (1, *stride, 1), ((0, 0), *pads, (0, 0))
 
 
@@ -56,9 +57,16 @@ def avg_pool2d(x, window, *, stride=None, padding="VALID", count_include_pad=Tru
 
 
 def max_pool2d(x, window, *, stride=None, padding="VALID"):
-    """``lax.reduce_window(x, -inf, lax.max)``: jax.grad runs XLA's select_and_scatter."""
+    """``lax.reduce_window(x, -inf, lax.max)``: jax.grad runs XLA's select_and_scatter.
+
+    XLA's CPU max reductions drop NaN, so NaN is put back in every window that
+    holds one by adding a constant (``stop_gradient``): NaN there, ``-0.0``
+    elsewhere (``y + -0.0`` is ``y`` bit for bit, signed zeros included).
+    Autodiff's gradient is the reduction's, unchanged."""
     dims, strides, pads = _pool_window(x, window, stride, padding)
-    return lax.reduce_window(x, np.array(-np.inf, x.dtype), lax.max, dims, strides, pads)
+    y = lax.reduce_window(x, np.array(-np.inf, x.dtype), lax.max, dims, strides, pads)
+    has_nan = lax.reduce_window(jnp.isnan(x).astype(x.dtype), np.zeros((), x.dtype), lax.max, dims, strides, pads)
+    return y + lax.stop_gradient(jnp.where(has_nan > 0, np.array(np.nan, x.dtype), np.array(-0.0, x.dtype)))
 
 
 

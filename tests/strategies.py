@@ -60,6 +60,19 @@ def permutation_input(rng, shape, dtype=np.float64):
     return values.reshape(shape).astype(dtype)
 
 
+def pool_padding_forms(window):
+    """Every padding form a pool accepts for ``window``: VALID, SAME, int, pair,
+    and asymmetric per-side, each side at most half the window (PyTorch's rule)."""
+    kh, kw = _args.pair(window, "window")
+    rows, cols = st.integers(0, kh // 2), st.integers(0, kw // 2)
+    return st.one_of(
+        st.sampled_from(["VALID", "SAME"]),
+        st.integers(0, min(kh, kw) // 2),
+        st.tuples(rows, cols),
+        st.tuples(st.tuples(rows, rows), st.tuples(cols, cols)),
+    )
+
+
 @st.composite
 def pool_configs(draw, max_hw=10, max_window=4, max_channels=3, max_batch=2):
     """A pooling configuration: input shape, window, stride (None = the window), padding."""
@@ -67,6 +80,6 @@ def pool_configs(draw, max_hw=10, max_window=4, max_channels=3, max_batch=2):
     h, w = draw(st.integers(1, max_hw)), draw(st.integers(1, max_hw))
     window = draw(int_or_pair(1, max_window))
     stride = draw(st.one_of(st.none(), int_or_pair(1, 3)))
-    padding = draw(padding_forms(max_pad=2))
+    padding = draw(pool_padding_forms(window))
     assume(fits((h, w), window, window if stride is None else stride, padding))
     return dict(x_shape=(n, h, w, c), window=window, options=dict(stride=stride, padding=padding))
