@@ -208,7 +208,7 @@ def check_elements(shape, name: str, what: str) -> None:
     if count > MAX_ELEMENTS:
         raise ValueError(
             f"{name} make {what} of shape {tuple(int(v) for v in shape)}: {count} elements, more than "
-            f"{MAX_ELEMENTS} (2**31 - 1, jaxconv._args.MAX_ELEMENTS) in one array; split the batch."
+            f"{MAX_ELEMENTS} (2**31 - 1, jaxconv._args.MAX_ELEMENTS) in one array."
         )
 
 

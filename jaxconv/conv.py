@@ -154,14 +154,26 @@ def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
       b: optional bias, shape ``(O,)``.
       stride: int or pair, ``>= 1``.
       padding: ``"VALID"``, ``"SAME"``, int, pair ``(ph, pw)`` or
-        ``((top, bottom), (left, right))``; amounts ``>= 0``.
+        ``((top, bottom), (left, right))``; amounts ``>= 0``.  Any amount the
+        sizes allow (FCN's ``pad=100`` included): outputs whose window reads
+        padding only are the bias.
       dilation: kernel (atrous) dilation, int or pair, ``>= 1``.
       groups: feature groups; must divide ``C`` and ``O``.  ``groups == C`` with
         ``w.shape[2] == 1`` is a depthwise convolution.
 
+    Sizes: stride, dilation, every padding amount, and the padded input's
+    height and width at most ``2**31 - 1``; the padded input and the output
+    at most ``2**31 - 1`` elements each (``jaxconv._args.MAX_DIM`` and
+    ``MAX_ELEMENTS``).  Past them: ``ValueError`` at trace time, naming the
+    argument and the size.
+
     Returns:
       ``(N, Ho, Wo, O)`` with ``Ho = floor((H + top + bottom - d*(KH-1) - 1) / s) + 1``
-      and likewise ``Wo``.
+      and likewise ``Wo``.  NaN: a NaN in ``x`` makes every output whose window
+      reads it NaN (in all ``O`` channels of its group; ``0 * NaN`` is NaN,
+      so a zero weight does not hide it); a NaN in ``w`` makes its output
+      channel NaN wherever the window reads an input pixel (or the padding:
+      ``0 * NaN``), a NaN in ``b`` its channel.  Eager and under ``jit``.
 
     Backward: see the module docstring (seed 001, 003 and 004).
 
@@ -193,6 +205,10 @@ def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
         raise ValueError(f"`b` must have length {o} (the output channels), got shape {tuple(b.shape)}.")
     pads = _args.padding_2d(padding, (h, wd), (kh, kw), stride, dilation)
     _args.check_window_fits((h, wd), pads, (kh, kw), dilation, "w.shape[:2]")
+    _args.check_window_op_sizes(
+        x.shape, pads, _output_hw((h, wd), pads, (kh, kw), stride, dilation), o,
+        "`padding`, `stride`, `dilation` and the shapes of `x` and `w`",
+    )
     strategy = _choose_strategy(x.shape, w.shape, stride, dilation, groups)
     if strategy not in _BACKWARD_STRATEGIES:
         raise ValueError(f"unknown conv2d backward strategy {strategy!r}; known: {sorted(_BACKWARD_STRATEGIES)}")

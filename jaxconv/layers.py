@@ -81,7 +81,10 @@ def linear(x, w, b=None):
       b: optional bias, shape ``(D_out,)``, same dtype.
 
     Returns:
-      ``(N, D_out)``.
+      ``(N, D_out)``, at most ``2**31 - 1`` elements (``ValueError`` past it).
+      NaN: a NaN in row ``n`` of ``x`` makes row ``n`` of ``y`` NaN, a NaN in
+      ``w[i, j]`` or ``b[j]`` column ``j`` (``0 * NaN`` is NaN), eager and under
+      ``jit``.
 
     Backward, for ``g = dL/dy`` of shape ``(N, D_out)``:
     ``dL/dx = g @ w.T``, ``dL/dw = x.T @ g``, ``dL/db = g.sum(0)``.
@@ -97,6 +100,7 @@ def linear(x, w, b=None):
         )
     if b is not None and b.shape[0] != w.shape[1]:
         raise ValueError(f"`b` must have length {w.shape[1]} (= `w.shape[1]`, D_out), got shape {tuple(b.shape)}.")
+    _args.check_elements((x.shape[0], w.shape[1]), "`x.shape[0]` and `w.shape[1]`", "the output")
     return _linear(x, w, b)
 
 
@@ -137,7 +141,7 @@ def flatten(x):
         row of the result is ``x[n].ravel()``: channel fastest).
 
     Returns:
-      ``(N, prod(d))``.
+      ``(N, prod(d))``; a NaN stays NaN, moved to its row-major place.
 
     Backward: ``dL/dx = dL/dy.reshape(x.shape)``: a rearrangement, nothing else.
     """

@@ -100,7 +100,9 @@ def lrn(x, *, size=5, kappa=2.0, alpha=1e-4, beta=0.75):
 
     Args:
       x: input, shape ``(N, H, W, C)``, floating dtype; normalised over ``C``.
-      size: the window length, an int ``>= 1``; even sizes and ``size >= C`` are fine.
+      size: the window length, an int ``>= 1``; even sizes and ``size >= C`` are
+        fine, and so is any huge one: a window past the channels is clipped
+        to them (``size >= 2C - 1`` covers every channel from every ``k``).
       kappa: the additive constant, ``>= 0``.  (``kappa = 0`` with an all-zero
         window divides by zero, as the formula does.)
       alpha: the scale of the *plain* sum of squares, ``>= 0`` (not divided by
@@ -110,7 +112,10 @@ def lrn(x, *, size=5, kappa=2.0, alpha=1e-4, beta=0.75):
     The hyperparameters are static (Python numbers): changing them retraces.
 
     Returns:
-      ``y``, the same shape and dtype as ``x``.
+      ``y``, the same shape and dtype as ``x``.  NaN: a NaN at channel ``t``
+      makes ``y[..., k]`` NaN at the same position for every ``k`` whose window
+      ``G(k)`` holds ``t`` (through the sum of squares), eager and under
+      ``jit``; other positions are unaffected.
 
     Example:
       >>> y = lrn(jnp.ones((1, 1, 1, 3)), size=3, kappa=1.0, alpha=1.0, beta=1.0)
@@ -140,9 +145,20 @@ def _channel_window_sum(v, below: int, above: int):
     )
 
 
+def _clipped_extent(size: int, channels: int) -> tuple[int, int]:
+    """:func:`window_extent` with each side at most ``channels - 1``: the same
+    windows once clipped to the channels (a window reaching ``C - 1`` channels
+    down already reaches channel 0 from every ``k``), so any ``size`` (say
+    ``2**40``) costs what ``size = 2C - 1`` costs, instead of a reduction window
+    (and padding) of ``size`` channels."""
+    below, above = window_extent(size)
+    most = max(channels - 1, 0)
+    return min(below, most), min(above, most)
+
+
 def _denominator(config: LRNConfig, x):
     """``L = kappa + alpha * G(x^2)``."""
-    below, above = window_extent(config.size)
+    below, above = _clipped_extent(config.size, x.shape[-1])
     return config.kappa + config.alpha * _channel_window_sum(x * x, below, above)
 
 
@@ -158,7 +174,7 @@ def _lrn_fwd(config: LRNConfig, x):
 
 def _lrn_bwd(config: LRNConfig, residuals, g):
     x, big_l = residuals
-    below, above = window_extent(config.size)
+    below, above = _clipped_extent(config.size, x.shape[-1])
     l_pow = big_l ** (-config.beta)
     q = g * x * l_pow / big_l  # g_k x_k L_k^(-beta-1)
     # {k : d in G(k)} = [d - above, d + below]: the window transposed.

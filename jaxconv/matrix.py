@@ -170,6 +170,9 @@ def im2row(x, kernel_size, *, stride=1, padding="VALID", dilation=1):
     x = _args.check_float_array(x, "x", 4)
     kernel_hw, stride, pads, dilation = _window_config(x.shape[1:3], kernel_size, stride, padding, dilation)
     n, c = x.shape[0], x.shape[3]
+    ho, wo = _output_hw(x.shape[1:3], pads, kernel_hw, stride, dilation)
+    _args.check_elements((n, ho * wo, kernel_hw[0] * kernel_hw[1] * c), "`kernel_size`, `padding` and `x`'s shape",
+                         "phi(x)")
     rows = _patches(x, kernel_hw, stride, pads, dilation)
     return rows.reshape(n, rows.shape[1] * rows.shape[2], kernel_hw[0] * kernel_hw[1] * c)
 
@@ -194,6 +197,7 @@ def row2im(rows, input_shape, kernel_size, *, stride=1, padding="VALID", dilatio
     if shape is None or len(shape) != 4 or not all(_args._is_int(v) and int(v) >= 1 for v in shape):
         raise ValueError(f"`input_shape` (={input_shape!r}) must be four positive ints (N, H, W, C).")
     n, h, w, c = (int(v) for v in shape)
+    _args.check_elements(shape, "`input_shape`", "the image")
     kernel_hw, stride, pads, dilation = _window_config((h, w), kernel_size, stride, padding, dilation)
     ho, wo = _output_hw((h, w), pads, kernel_hw, stride, dilation)
     expected = (n, ho * wo, kernel_hw[0] * kernel_hw[1] * c)
@@ -223,6 +227,9 @@ def patch_matrix(x, kernel_size, *, stride=1, padding="VALID", dilation=1):
     """
     x = _args.check_float_array(x, "x", 3)
     kernel_hw, stride, pads, dilation = _window_config(x.shape[:2], kernel_size, stride, padding, dilation)
+    ho, wo = _output_hw(x.shape[:2], pads, kernel_hw, stride, dilation)
+    _args.check_elements((ho * wo, x.shape[2] * kernel_hw[0] * kernel_hw[1]),
+                         "`kernel_size`, `padding` and `x`'s shape", "M_X^im")
     rows = _patches(x[None], kernel_hw, stride, pads, dilation)[0]  # (Ho, Wo, KH, KW, C)
     ho, wo, kh, kw, c = rows.shape
     return rows.transpose(0, 1, 4, 2, 3).reshape(ho * wo, c * kh * kw)
@@ -270,6 +277,12 @@ def _filter_config(kernel_shape, input_hw, stride, padding, dilation, groups):
     if o % groups:
         raise ValueError(f"`groups` (={groups}) must divide the output channels (={o}) of the kernel.")
     kernel_hw, stride, pads, dilation = _window_config(in_hw, (kh, kw), stride, padding, dilation)
+    ho, wo = _output_hw(in_hw, pads, kernel_hw, stride, dilation)
+    # The matrix, and the index arrays (one entry per weight use) built for it.
+    _args.check_elements((o * ho * wo, groups * cg * in_hw[0] * in_hw[1]),
+                         "`input_hw`, `padding` and the kernel's shape", "M_F^filter")
+    _args.check_elements((o * ho * wo, kh * kw * cg), "`input_hw`, `padding` and the kernel's shape",
+                         "M_F^filter's index arrays")
     return in_hw, stride, pads, dilation, groups
 
 

@@ -22,6 +22,7 @@ def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
     stride = _args.pair(stride, "stride")
     dilation = _args.pair(dilation, "dilation")
     pads = _args.padding_2d(padding, x.shape[1:3], w.shape[:2], stride, dilation)
+    _args.check_window_fits(x.shape[1:3], pads, w.shape[:2], dilation, "w.shape[:2]")  # no absurd sizes
     y = lax.conv_general_dilated(
         x,
         w,
@@ -41,6 +42,7 @@ def _pool_window(x, window, stride, padding):
     stride = window if stride is None else _args.pair(stride, "stride")
     pads = _args.padding_2d(padding, x.shape[1:3], window, stride)
     _args.check_pool_padding(padding, pads, window)  # the same inputs as the hand rule's
+    _args.check_window_fits(x.shape[1:3], pads, window, (1, 1), "window")
     return (1, *window, 1), (1, *stride, 1), ((0, 0), *pads, (0, 0))
 
 
@@ -80,9 +82,11 @@ def lrn(x, *, size=5, kappa=2.0, alpha=1e-4, beta=0.75):
     window sum, independent of the hand rule's ``reduce_window``.
     """
     c = x.shape[-1]
-    t = jnp.arange(c)[:, None]
-    k = jnp.arange(c)[None, :]
-    band = ((t >= k - (size - 1) // 2) & (t <= k + size // 2)).astype(x.dtype)
+    t = np.arange(c)[:, None]
+    k = np.arange(c)[None, :]
+    # Extents past c reach no further channel (and a size of 2**70 would overflow int64).
+    below, above = min((size - 1) // 2, c), min(size // 2, c)
+    band = jnp.asarray((t >= k - below) & (t <= k + above), x.dtype)
     sums = jnp.matmul(x * x, band, precision=lax.Precision.HIGHEST)
     return x * (kappa + alpha * sums) ** (-beta)
 
