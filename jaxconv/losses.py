@@ -22,7 +22,15 @@ Labels are integer class indices of shape ``(N,)`` in ``[0, D)``.  Dtype and
 shape are checked at trace time; the range is checked too when the labels are
 concrete (a NumPy or JAX array, not a tracer: under ``jit``, pass them as an
 argument and the range check cannot run; an out-of-range label then gives a NaN
-loss, never a silently wrong class).
+loss, never a silently wrong class).  ``log_loss``'s probabilities are checked
+the same way (:func:`check_probabilities`).
+
+NaN: a NaN in an input gives a NaN loss whenever the loss reads it, eager and
+under ``jit``: any NaN logit of ``softmax_cross_entropy`` (its row's
+normaliser), any NaN score of ``softmax`` (its whole row), ``log_loss``'s
+``p[n, labels[n]]`` (its other entries are never read), any NaN leaf entry or
+traced ``lam`` of ``l2_penalty``.  Non-array arguments (``None``, strings,
+dicts, objects) are a ``TypeError`` naming the argument.
 """
 
 from __future__ import annotations
@@ -41,8 +49,7 @@ __all__ = ["l2_penalty", "log_loss", "softmax", "softmax_cross_entropy"]
 
 def check_labels(labels, batch: int, num_classes: int, name: str = "labels"):
     """Integer class indices of shape ``(batch,)``, in ``[0, num_classes)`` when concrete."""
-    if not hasattr(labels, "dtype") or not hasattr(labels, "shape"):
-        labels = jnp.asarray(labels)
+    labels = _args.as_array(labels, name, "an array of integer class indices")
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise ValueError(f"`{name}` must have an integer dtype (class indices), got dtype {labels.dtype}.")
     if tuple(labels.shape) != (batch,):
@@ -56,6 +63,33 @@ def check_labels(labels, batch: int, num_classes: int, name: str = "labels"):
                 f"`{name}` (={values[index]} at index {index}) must lie in [0, {num_classes}), the number of classes."
             )
     return labels
+
+
+def check_probabilities(p, labels, name: str = "p") -> None:
+    """When ``p`` and ``labels`` are concrete (not tracers): every entry of ``p`` in
+    ``[0, 1]`` and each labelled one, ``p[n, labels[n]]``, in ``(0, 1]``; else a
+    ``ValueError`` naming ``name``, the value and its index.  A NaN is let through
+    (NaN in, NaN out).  Tracers (under ``jit``, ``grad``, ``vmap``) have no
+    values: nothing is checked (see :func:`log_loss` for what then happens)."""
+    if isinstance(p, jax.core.Tracer) or p.size == 0:
+        return
+    values = np.asarray(p)
+    bad = (values < 0) | (values > 1)  # False at NaN
+    if bad.any():
+        index = np.unravel_index(int(np.argmax(bad)), values.shape)
+        raise ValueError(
+            f"`{name}` (={values[index].item()!r} at index {tuple(int(i) for i in index)}) must be a probability in [0, 1]."
+        )
+    if isinstance(labels, jax.core.Tracer):
+        return
+    picked = values[np.arange(values.shape[0]), np.asarray(labels)]
+    zero = picked == 0
+    if zero.any():
+        n = int(np.argmax(zero))
+        raise ValueError(
+            f"`{name}` (={picked[n].item()!r} at index ({n}, {int(np.asarray(labels)[n])}), the labelled class of example "
+            f"{n}) must be in (0, 1]: its -log is inf."
+        )
 
 
 def _pick(values, labels):
@@ -79,7 +113,9 @@ def softmax(s):
       s: scores, shape ``(..., D)`` with ``D >= 1``, floating dtype.
 
     Returns:
-      ``p``, same shape; computed with the maximum subtracted (stable).
+      ``p``, same shape; computed with the maximum subtracted (stable).  NaN:
+      a NaN score makes its whole row NaN (through the normaliser), eager and
+      under ``jit``; other rows are unaffected.
 
     Backward, for ``g = dL/dp``: ``dL/ds = p * (g - sum(g * p, axis=-1, keepdims=True))``.
     """
@@ -118,18 +154,31 @@ def log_loss(p, labels):
     """Mean over the batch of ``-log p[n, labels[n]]`` (seed 004 §1.8).
 
     Args:
-      p: probabilities, shape ``(N, D)``, floating dtype (not checked to sum to 1:
-        the loss and its gradient only read the labelled entries).
+      p: probabilities, shape ``(N, D)``, floating dtype: every entry in
+        ``[0, 1]``, the labelled ones ``p[n, labels[n]]`` in ``(0, 1]``, checked
+        when concrete (``ValueError`` naming the value and its index; a NaN
+        passes, see below).  Not checked to sum to 1: the loss and its gradient
+        only read the labelled entries.
       labels: integer class indices, shape ``(N,)``, in ``[0, D)`` (checked when
         concrete).
 
     Returns:
-      A scalar of ``p``'s dtype.
+      A scalar of ``p``'s dtype.  NaN: NaN exactly when some ``p[n, labels[n]]``
+      is NaN, eager and under ``jit`` (the other entries are never read).
+
+    Under ``jit`` (and ``grad``, ``vmap``: ``p`` a tracer) the values are unknown
+    at trace time and nothing is checked.  Then, per example, the loss term is
+    ``-log p[n, labels[n]]`` as IEEE arithmetic gives it: ``+inf`` for a
+    labelled 0 (gradient ``-inf`` there, for ``g > 0``), NaN for a labelled
+    negative value (finite gradient), a negative term for a labelled value
+    above 1; an unlabelled entry out of range changes neither the loss nor the
+    gradient (0 there).  An out-of-range label gives NaN.
 
     Backward: ``dL/dp[n, k] = -[k == labels[n]] / (N * p[n, labels[n]])``.
     """
     p = _args.check_float_array(p, "p", 2)
     labels = check_labels(labels, p.shape[0], p.shape[1])
+    check_probabilities(p, labels)
     return _log_loss(p.shape[1], p, labels)
 
 
@@ -169,7 +218,8 @@ def softmax_cross_entropy(logits, labels):
         concrete).
 
     Returns:
-      A scalar of ``logits``' dtype.
+      A scalar of ``logits``' dtype; NaN if any logit is NaN (every logit of a
+      row enters its normaliser), eager and under ``jit``.
 
     Backward (seed 001's lecture result): ``dL/ds = (softmax(s) - onehot(labels)) / N``.
     """
@@ -228,7 +278,8 @@ def l2_penalty(params, lam):
         may be traced; when concrete it must be finite and ``>= 0``).
 
     Returns:
-      A scalar of the leaves' common (promoted) dtype.
+      A scalar of the leaves' common (promoted) dtype; NaN if any leaf holds a
+      NaN (or a traced ``lam`` is NaN).
 
     Backward, for ``g = dL/dR``: ``dL/dw = 2 lam g w`` for every leaf ``w``
     (in its own dtype), ``dL/dlam = g * sum(w^2)``.
