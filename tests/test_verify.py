@@ -148,3 +148,34 @@ def test_relative_error_handles_zeros_nans_and_shapes():
     assert relative_error(np.ones(2), np.ones(3))[1] == np.inf
     max_abs, rel, where = relative_error(np.array([1.0, 2.5]), np.array([1.0, 2.0]))
     assert (max_abs, rel, where) == (0.5, 0.25, (1,))
+
+
+def test_failure_message_gives_the_index_and_both_values():
+    """check_vjp's assertion names the worst entry's index and the rule's and the reference's values there."""
+
+    @jax.custom_vjp
+    def cube(x):
+        return x**3
+
+    cube.defvjp(lambda x: (x**3, x), lambda x, g: (2.0 * x**2 * g,))
+    x = np.linspace(0.5, 1.5, 7)
+    report = check_vjp(cube, lambda x: x**3, x, names=("x",), second_order=False)
+    worst = next(c for c in report.failures if c.kind == "vjp")
+    assert worst.where is not None and worst.actual == pytest.approx(2 / 3 * worst.expected)
+    with pytest.raises(AssertionError, match=r"vjp: argument x: relative error 3\.333e-01 > 1e-12 \(max abs error "
+                                             r"\S+ at index \(\d,\); rule gives \S+, reference gives \S+\)"):
+        report.assert_ok()
+    record = report.to_dict()
+    assert record["passed"] is False and record["title"] == "check_vjp"
+    assert record["failures"][0].startswith("vjp: argument x")
+
+
+def test_integer_outputs_get_float0_cotangents():
+    """A function returning values and an argmax: the integer output is compared, not differentiated."""
+
+    def f(x):
+        return jnp.sort(x), jnp.argmax(x)
+
+    report = check_vjp(f, f, np.array([0.3, -1.2, 2.5, 0.7]), names=("x",))
+    report.assert_ok()
+    assert {c.argument for c in report.checks if c.kind == "forward"} == {"output[0]", "output[1]"}
