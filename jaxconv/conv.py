@@ -171,9 +171,9 @@ def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
       ``(N, Ho, Wo, O)`` with ``Ho = floor((H + top + bottom - d*(KH-1) - 1) / s) + 1``
       and likewise ``Wo``.  NaN: a NaN in ``x`` makes every output whose window
       reads it NaN (in all ``O`` channels of its group; ``0 * NaN`` is NaN,
-      so a zero weight does not hide it); a NaN in ``w`` makes its output
-      channel NaN wherever the window reads an input pixel (or the padding:
-      ``0 * NaN``), a NaN in ``b`` its channel.  Eager and under ``jit``.
+      so a zero weight does not hide it); a NaN in ``w[..., o]`` or ``b[o]``
+      makes every output of channel ``o`` NaN (padding too is ``0 * NaN``).
+      Eager and under ``jit``.
 
     Backward: see the module docstring (seed 001, 003 and 004).
 

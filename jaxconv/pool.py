@@ -278,9 +278,17 @@ def avg_pool2d(x, window, *, stride=None, padding="VALID", count_include_pad=Tru
       count_include_pad: divide by the window area ``KH*KW`` (True: padding
         counts as zeros) or by the number of real pixels in each window (False).
 
+    Sizes (both pools): window, stride, padding and the padded height and width
+    at most ``2**31 - 1``, the padded input and the output at most ``2**31 - 1``
+    elements (``jaxconv._args.MAX_DIM``, ``MAX_ELEMENTS``); past them, or with
+    padding past half the window, a ``ValueError`` at trace time naming the
+    argument and the size.
+
     Returns:
       ``(N, Ho, Wo, C)`` with ``Ho = floor((H + top + bottom - KH) / sh) + 1``,
-      likewise ``Wo``; ``y_ij = (1/D_ij) sum of window (i, j)``.
+      likewise ``Wo``; ``y_ij = (1/D_ij) sum of window (i, j)``.  NaN: a window
+      holding a NaN gives NaN (through the sum), eager and under ``jit``; the
+      other windows are unaffected.
 
     Backward: ``dL/dx = phi*(g / D)``: each output gradient divided by its
     window's divisor and added to every pixel of the window (seed 003; see the
