@@ -119,7 +119,7 @@ class Check:
         where = f" at index {self.where}" if self.where is not None else ""
         if self.output is not None:
             where += f" of {self.output}"
-        line = (f"{self.kind}: {subject}: relative error {self.rel:.3e} > {self.tol:.0e} "
+        line = (f"{self.kind}: {subject}: relative error {self.rel:.3e} > {self.tol:.2g} "
                 f"(max abs error {self.max_abs:.3e}{where}")
         if self.actual is not None and self.expected is not None:
             line += f"; rule gives {self.actual:.10g}, {self.against or 'reference'} gives {self.expected:.10g}"
@@ -261,7 +261,7 @@ class Report:
     def __str__(self) -> str:
         header = ("check", "argument", "max abs err", "rel err", "tol", "ok")
         rows = [
-            (c.kind, c.argument, f"{c.max_abs:.2e}", "raised" if c.error else f"{c.rel:.2e}", f"{c.tol:.0e}",
+            (c.kind, c.argument, f"{c.max_abs:.2e}", "raised" if c.error else f"{c.rel:.2e}", f"{c.tol:.2g}",
              "yes" if c.passed else "NO")
             for c in self.checks
         ]
@@ -355,25 +355,45 @@ def relative_error(actual, expected) -> tuple[float, float, tuple[int, ...] | No
     return max_abs, rel, tuple(int(i) for i in idx)
 
 
-def _compare(kind, argument, actual, expected, tol, against, **extra) -> Check:
-    """A :class:`Check` of two arrays, with the two values at the worst index."""
+def _compare(kind, argument, actual, expected, tol, against, floor=0.0, **extra) -> Check:
+    """A :class:`Check` of two arrays, with the two values at the worst index.
+
+    ``floor`` is an absolute error the oracle cannot resolve (finite
+    differences' rounding noise): errors below it pass however small the entries.
+    """
     max_abs, rel, where = relative_error(actual, expected)
     a_val = e_val = None
     a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     if where is not None and a.shape == e.shape:
         a_val, e_val = float(a[where]), float(e[where])
+    if floor > 0 and math.isfinite(max_abs) and tol > 0:
+        finite = e[np.isfinite(e)]
+        scale = float(np.max(np.abs(finite))) if finite.size else 0.0
+        rel = max_abs / max(scale, floor / tol)
     return Check(kind, argument, max_abs, rel, tol, where, a_val, e_val, against=against, **extra)
 
 
-def _scalar_check(kind, argument, actual, expected, tol, against, note="") -> Check:
-    """Relative error of two scalars, normalised by the larger of the two."""
+def _scalar_check(kind, argument, actual, expected, tol, against, note="", floor=0.0) -> Check:
+    """Relative error of two scalars, normalised by the larger of the two (and ``floor / tol``, see :func:`_compare`)."""
     actual, expected = float(actual), float(expected)
     err = abs(actual - expected)
     if not math.isfinite(err):
         err = math.inf if not (math.isnan(actual) and math.isnan(expected)) else 0.0
     scale = max(abs(actual) if math.isfinite(actual) else 0.0, abs(expected) if math.isfinite(expected) else 0.0,
-                1e-300)
+                floor / tol if tol > 0 else 0.0, 1e-300)
     return Check(kind, argument, err, err / scale, tol, None, actual, expected, against=against, note=note)
+
+
+#: Central differences cannot resolve derivatives below their rounding noise,
+#: about eps * |f| / step: errors under FD_NOISE times that pass (a derivative
+#: tiny next to the function's value, e.g. a saturated normalisation).
+FD_NOISE = 32
+
+
+def _fd_floor(values, eps_step: float, dtype) -> float:
+    """Rounding-noise floor of a central difference of ``values`` (arrays or sums of |terms|) with step ``eps_step``."""
+    eps = float(jnp.finfo(dtype).eps)
+    return FD_NOISE * eps * float(values) / eps_step
 
 
 def _error_text(exc: BaseException) -> str:
@@ -399,9 +419,10 @@ def _vdot(a, b):
     return sum((jnp.vdot(x, y) for x, y in pairs[1:]), jnp.vdot(*pairs[0]))
 
 
-def _np_vdot(a, b) -> float:
-    """``<a, b>`` in float64 numpy over the floating leaves (no XLA compile per shape)."""
-    return float(sum(np.vdot(np.asarray(x, np.float64), np.asarray(y, np.float64))
+def _np_vdot(a, b, absolute: bool = False) -> float:
+    """``<a, b>`` (``<|a|, |b|>`` if ``absolute``) in float64 numpy over the floating leaves (no XLA compile)."""
+    f = np.abs if absolute else (lambda v: v)
+    return float(sum(np.vdot(f(np.asarray(x, np.float64)), f(np.asarray(y, np.float64)))
                      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)) if _is_float_array(x)))
 
 
@@ -614,12 +635,17 @@ class _Runner:
         return jvps_f
 
     @staticmethod
-    def _worst_output(kind, argument, actual_tree, expected_tree, tol, against, note="") -> Check:
+    def _worst_output(kind, argument, actual_tree, expected_tree, tol, against, note="", floors=None,
+                      tols=None) -> Check:
         """The worst floating output leaf's comparison, naming the leaf when there are several."""
         names = _output_names(expected_tree)
+        n = len(names)
+        floors = floors or [0.0] * n
+        tols = tols or [(tol, note)] * n
         rows = [
-            _compare(kind, argument, a, e, tol, against, output=name if len(names) > 1 else None, note=note)
-            for name, a, e in zip(names, jax.tree.leaves(actual_tree), jax.tree.leaves(expected_tree))
+            _compare(kind, argument, a, e, t, against, floor=fl, output=name if n > 1 else None, note=nt)
+            for name, a, e, fl, (t, nt) in zip(names, jax.tree.leaves(actual_tree), jax.tree.leaves(expected_tree),
+                                                floors, tols)
             if _is_float_array(e)
         ]
         if not rows:
@@ -644,17 +670,21 @@ class _Runner:
             if y_plus is None:
                 continue
             y_minus = at(-o.fd_eps)
+            dtype = primals[j].dtype
             if grads_f is not None:
                 fd = (_np_vdot(u, y_plus) - _np_vdot(u, y_minus)) / (2 * o.fd_eps)
                 analytic = _np_vdot(grads_f[j], v)
+                floor = _fd_floor(_np_vdot(u, y_plus, absolute=True), o.fd_eps, dtype)
                 self.checks.append(_scalar_check("finite-diff", leaf_name, analytic, fd, o.fd_rtol,
-                                                 "finite differences", note=note))
+                                                 "finite differences", note=note, floor=floor))
             if jvps_f is not None and jvps_f[j] is not None:
                 fd_tree = jax.tree.map(
                     lambda p, m: (np.asarray(p, np.float64) - np.asarray(m, np.float64)) / (2 * o.fd_eps)
                     if _is_float_array(p) else p, y_plus, y_minus)
+                floors = [_fd_floor(np.max(np.abs(np.asarray(p, np.float64)), initial=0.0), o.fd_eps, dtype)
+                          if _is_float_array(p) else 0.0 for p in jax.tree.leaves(y_plus)]
                 self.checks.append(self._worst_output("finite-diff-jvp", leaf_name, jvps_f[j], fd_tree, o.fd_rtol,
-                                                      "finite differences", note=note))
+                                                      "finite differences", note=note, floors=floors))
 
     def _second_order(self, u, r, directions):
         o, prob, maybe_jit = self.o, self.prob, self.maybe_jit
@@ -689,9 +719,12 @@ class _Runner:
                 moved[j] = primals[j] + t * v
                 return first(*moved)
 
-            fd = (float(at(o.fd_eps)) - float(at(-o.fd_eps))) / (2 * o.fd_eps)
+            s_plus, s_minus = float(at(o.fd_eps)), float(at(-o.fd_eps))
+            fd = (s_plus - s_minus) / (2 * o.fd_eps)
+            floor = _fd_floor(max(abs(s_plus), abs(s_minus)), o.fd_eps, primals[j].dtype)
             self.checks.append(_scalar_check("second-order", leaf_name, _np_vdot(a[j], v), fd, o.fd_rtol,
-                                             "finite differences", note="oracle: finite differences of the VJP"))
+                                             "finite differences", note="oracle: finite differences of the VJP",
+                                             floor=floor))
 
     def _jit_consistency(self, u, grads_f):
         """The rule's VJP traced under jit against the same run eagerly (or the other way round)."""
@@ -1087,13 +1120,45 @@ def _low_precision_checks(prob, rule, kind, low, o: _Options, low_rtol, reductio
     except Exception as exc:  # noqa: BLE001
         return fail(f"{label} vjp", prob.names, exc)
     y_ref, g_ref = run(hi_primals, u_hi)
-    for out, a, e in zip(_output_names(y_ref), jax.tree.leaves(y_lo), jax.tree.leaves(y_ref)):
-        checks.append(_compare(f"{label} forward", out, a, e, tol, "float64"))
-    for leaf_name, a, e in zip(prob.names, g_lo, g_ref):
-        checks.append(_compare(f"{label} vjp", leaf_name, a, e, tol, "float64"))
+
+    # Autodiff of the primal in the same dtype: where it is as far off (the
+    # point is ill-conditioned in low precision), the rule is not blamed.
+    ad_l = prob.lift(rule.fun)
+
+    def ad_vjp_all(p, u):
+        y, pull = jax.vjp(ad_l, *p)
+        return y, pull(u)
+
+    try:
+        y_ad, g_ad = (jax.jit(ad_vjp_all) if o.jit else ad_vjp_all)(lo_primals, u_lo)
+    except Exception:  # noqa: BLE001 - no autodiff to compare with: the formula's tolerance alone
+        y_ad = g_ad = None
+
+    def tolerance(a, ad, e):
+        """``(tol, note)``: the formula's tolerance; where the rule misses it, AD_FACTOR times autodiff's own error."""
+        if low_rtol is not None or ad is None or relative_error(a, e)[1] <= tol:
+            return tol, ""
+        ad_rel = relative_error(ad, e)[1]
+        if not math.isfinite(ad_rel) or AD_FACTOR * ad_rel <= tol:
+            return tol, ""
+        return (AD_FACTOR * ad_rel, f"ill-conditioned here: autodiff of the primal in {label} is off by "
+                                    f"{ad_rel:.2e} too; tolerance {AD_FACTOR}x that")
+
+    def compare(kind_, name, a, e, ad):
+        t, note = tolerance(a, ad, e)
+        return _compare(kind_, name, a, e, t, "float64", note=note)
+
+    y_ad_leaves = jax.tree.leaves(y_ad) if y_ad is not None else [None] * len(jax.tree.leaves(y_ref))
+    for out, a, e, ad in zip(_output_names(y_ref), jax.tree.leaves(y_lo), jax.tree.leaves(y_ref), y_ad_leaves):
+        checks.append(compare(f"{label} forward", out, a, e, ad))
+    for leaf_name, a, e, ad in zip(prob.names, g_lo, g_ref, g_ad if g_ad is not None else [None] * len(g_ref)):
+        checks.append(compare(f"{label} vjp", leaf_name, a, e, ad))
     if kind == "custom_jvp":
-        push = jax.jit(lambda p, t: jax.jvp(f_l, tuple(p), tuple(t))[1]) if o.jit else \
-            (lambda p, t: jax.jvp(f_l, tuple(p), tuple(t))[1])
+        def pushforward(fn):
+            push = lambda p, t: jax.jvp(fn, tuple(p), tuple(t))[1]  # noqa: E731
+            return jax.jit(push) if o.jit else push
+
+        push, push_ad = pushforward(f_l), pushforward(ad_l)
         directions = _random_like(rng, hi_primals)
         for j, leaf_name in enumerate(prob.names):
             t_lo = [directions[j].astype(low) if i == j else jnp.zeros_like(p) for i, p in enumerate(lo_primals)]
@@ -1103,8 +1168,20 @@ def _low_precision_checks(prob, rule, kind, low, o: _Options, low_rtol, reductio
             except Exception as exc:  # noqa: BLE001
                 checks += fail(f"{label} jvp", [leaf_name], exc)
                 continue
-            checks.append(_Runner._worst_output(f"{label} jvp", leaf_name, a, push(hi_primals, t_hi), tol, "float64"))
+            e = push(hi_primals, t_hi)
+            try:
+                ad = jax.tree.leaves(push_ad(lo_primals, t_lo))
+            except Exception:  # noqa: BLE001
+                ad = [None] * len(jax.tree.leaves(e))
+            tols = [tolerance(a_leaf, ad_leaf, e_leaf) if _is_float_array(e_leaf) else (tol, "")
+                    for a_leaf, ad_leaf, e_leaf in zip(jax.tree.leaves(a), ad, jax.tree.leaves(e))]
+            checks.append(_Runner._worst_output(f"{label} jvp", leaf_name, a, e, tol, "float64", tols=tols))
     return checks
+
+
+#: A low-precision row may be off by up to this many times autodiff of the
+#: primal's own error in the same dtype (see :func:`low_precision_tolerance`).
+AD_FACTOR = 4
 
 
 # --- sweeps -------------------------------------------------------------------------------

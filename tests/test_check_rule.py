@@ -476,6 +476,50 @@ def test_float32_tolerance_uses_the_rule_reduction_size():
     assert all(c.tol == tol and c.rel < tol for c in report.checks if c.kind.startswith("float32"))
 
 
+def make_shifted(fwd_formula):
+    """The identity, as a rule whose fwd computes ``fwd_formula(x)``; the primal computes ``(x + 100) - 100``."""
+
+    @jax.custom_vjp
+    def shifted(x):
+        return (x + 100.0) - 100.0
+
+    shifted.defvjp(lambda x: (fwd_formula(x), None), lambda _, g: (g,))
+    return shifted
+
+
+def test_low_precision_rows_do_not_blame_a_rule_for_the_primal_own_ill_conditioning():
+    x = _rng(12).uniform(-1, 1, 16)
+    # (x + 100) - 100 keeps no correct digit of x in bfloat16, in the rule and in autodiff alike: passes, with a note.
+    same = check_rule(make_shifted(lambda x: (x + 100.0) - 100.0), x, dtype=jnp.bfloat16, **FAST)
+    (row,) = [c for c in same.checks if c.kind == "bfloat16 forward"]
+    assert same.passed and row.rel > low_precision_tolerance(jnp.bfloat16, 1)
+    assert row.note.startswith("ill-conditioned here: autodiff of the primal in bfloat16 is off by")
+    # A rule whose own fwd loses what the primal keeps is blamed.
+    @jax.custom_vjp
+    def exact(x):
+        return x
+
+    exact.defvjp(lambda x: ((x + 100.0) - 100.0, None), lambda _, g: (g,))
+    worse = check_rule(exact, x, dtype=jnp.bfloat16, **FAST)
+    assert {(c.kind, c.argument) for c in worse.failures} == {("bfloat16 forward", "output")}
+    assert worse.failures[0].note == ""
+
+
+def test_finite_differences_resolve_a_tiny_derivative_of_a_large_function():
+    @jax.custom_vjp
+    def nearly_constant(x):
+        return 1e4 + 1e-4 * jnp.sin(x)
+
+    nearly_constant.defvjp(lambda x: (nearly_constant(x), x), lambda x, g: (1e-4 * jnp.cos(x) * g,))
+    x = _rng(13).standard_normal(6)
+    report = check_rule(nearly_constant, x, **FAST)
+    (fd,) = [c for c in report.checks if c.kind == "finite-diff"]
+    # The central difference's own rounding noise (~eps * 1e4 / 1e-6 = 2e-6) is 1% of this derivative (~1e-4):
+    # a plain relative comparison would fail a right rule; below the noise floor it passes.
+    assert fd.max_abs > 1e-6 * max(abs(fd.actual), abs(fd.expected)) and fd.passed
+    assert report.passed, str(report)
+
+
 # --- pytest helpers ------------------------------------------------------------------------
 
 
