@@ -928,10 +928,12 @@ def check_rule(
         float32, bfloat16 or float16 ``dtype`` adds ``"<dtype> forward"``,
         ``"<dtype> vjp"`` (and ``"<dtype> jvp"``) rows: the rule run in that dtype
         against a float64 evaluation of the same rule on the same rounded inputs,
-        to the tolerance :func:`low_precision_tolerance` gives (or ``low_rtol``).
+        to the tolerance :func:`low_precision_tolerance` gives (or ``low_rtol``),
+        relaxed where autodiff of the primal in that dtype is as far off.
       rtol: tolerance of the float64 forward, VJP, JVP, second-order and jit
         comparisons (relative to the largest entry of the expected array).
-      fd_eps, fd_rtol: step and tolerance of the central differences.
+      fd_eps, fd_rtol: step and tolerance of the central differences (errors
+        below ``FD_NOISE`` times the difference's rounding noise pass).
       second_order, finite_differences: run those checks (finite differences run
         regardless where they are the only oracle).
       jit: run the checks under ``jax.jit``; ``jit_consistency`` adds ``jit``
@@ -1076,7 +1078,10 @@ def low_precision_tolerance(dtype, reduction: int = 1) -> float:
     window (:func:`reduction_size`).  For example float32 with a 3x3x64
     convolution (576 terms) gets ``tol = 1.2e-7 * (4 + 18.3) = 2.7e-6``.  A
     badly conditioned rule (a small difference of large numbers) can exceed it
-    without a bug: pass ``low_rtol`` then.
+    without a bug: :func:`check_rule` then also runs autodiff of the primal in
+    the same dtype, and a row that misses this tolerance passes (with a note) if
+    the rule is within ``AD_FACTOR`` (4) times autodiff's own error: a rule is
+    blamed only for precision it loses on its own.  ``low_rtol`` replaces both.
     """
     eps = float(jnp.finfo(jnp.dtype(dtype)).eps)
     return eps * (4.0 + 2.0 * math.log2(max(int(reduction), 1)))

@@ -340,6 +340,27 @@ def test_primal_that_cannot_be_differentiated_falls_back_to_finite_differences()
     assert "finite differences ran although finite_differences=False" in str(bad)
 
 
+def test_second_order_without_a_differentiable_primal_uses_finite_differences_of_the_vjp():
+    """The primal calls the host, but fwd and bwd are jax: grad-of-grad of the rule runs, against central differences."""
+
+    def make(derivative):
+        @jax.custom_vjp
+        def host_sin(x):
+            return _host_sin(x)
+
+        host_sin.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (derivative(x) * g,))
+        return host_sin
+
+    x = _rng(6).standard_normal(5)
+    report = check_rule(make(jnp.cos), x, residuals=False)
+    assert report.passed, str(report)
+    (second,) = [c for c in report.checks if c.kind == "second-order"]
+    assert second.against == "finite differences" and second.note == "oracle: finite differences of the VJP"
+    # Right first derivatives, but differentiating the backward gives 0: only the second-order row sees it.
+    frozen = check_rule(make(lambda x: lax.stop_gradient(jnp.cos(x))), x, residuals=False)
+    assert {(c.kind, c.argument) for c in frozen.failures} == {("second-order", "x")}
+
+
 def test_a_rule_that_cannot_be_differentiated_twice_says_so():
     report = check_rule(make_host_sin(), _rng(6).standard_normal(3), residuals=False)
     (second,) = [c for c in report.checks if c.kind == "second-order"]
