@@ -513,6 +513,8 @@ class _Runner:
         self.checks: list[Check] = []
         self.notes: list[str] = []
         self.oracle = "reference" if not self.rule_mode else "autodiff of the primal (f.fun)"
+        self.ref_vjp_ok = True
+        self.ref_jvp_ok = None  # custom_jvp rules: whether autodiff of the primal gave the JVP rows an oracle
         self.against = "reference" if not self.rule_mode else "autodiff"
 
     # Rule errors: captured in rule mode, raised by check_vjp (as it always did).
@@ -527,15 +529,14 @@ class _Runner:
                 self.checks.append(Check(kind, s, math.inf, math.inf, self.o.rtol, error=text))
             return None
 
-    def oracle_attempt(self, what, fn):
-        """Differentiate the primal; ``None`` (with a note) where autodiff cannot."""
+    def oracle_attempt(self, what, fn, instead):
+        """Differentiate the primal; ``None`` (with a note saying what is done ``instead``) where autodiff cannot."""
         if not self.rule_mode:
             return fn()
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001
-            self.notes.append(f"autodiff of the primal f.fun cannot compute its {what} "
-                              f"({_error_text(exc)}); checked against finite differences alone")
+            self.notes.append(f"autodiff of the primal f.fun cannot compute its {what} ({_error_text(exc)}); {instead}")
             return None
 
     def run(self) -> tuple[list[Check], list[str]]:
@@ -555,8 +556,9 @@ class _Runner:
         # produces it (fwd for a custom_vjp) and the pullback of a cotangent.
         vjp_f = maybe_jit(lambda p, u: _value_and_pullback(f_l, p, u))
         vjp_r = maybe_jit(lambda p, u: _value_and_pullback(ref_l, p, u))
-        first_r = self.oracle_attempt("VJP", lambda: vjp_r(primals, u))
-        ref_vjp_ok = first_r is not None
+        first_r = self.oracle_attempt("VJP", lambda: vjp_r(primals, u),
+                                      "the rule is checked against finite differences alone")
+        ref_vjp_ok = self.ref_vjp_ok = first_r is not None
         y_r = first_r[0] if ref_vjp_ok else maybe_jit(ref_l)(*primals)
         first_f = self._rule_vjp(vjp_f, u, out_names)
 
@@ -624,7 +626,9 @@ class _Runner:
         def tangents(j):
             return [directions[j] if i == j else jnp.zeros_like(p) for i, p in enumerate(primals)]
 
-        ref_ok = self.oracle_attempt("JVP", lambda: push_r(primals, tangents(0))) is not None
+        ref_ok = self.oracle_attempt("JVP", lambda: push_r(primals, tangents(0)),
+                                     "its JVP is checked against finite differences alone") is not None
+        self.ref_jvp_ok = ref_ok
         jvps_f = []
         for j, leaf_name in enumerate(names):
             a = self.attempt("jvp", [leaf_name], lambda: push_f(primals, tangents(j)))
@@ -704,7 +708,8 @@ class _Runner:
                          hint="pass second_order=False if the rule need not be differentiated twice")
         if a is None:
             return
-        e = self.oracle_attempt("second derivatives", lambda: second_r(*primals))
+        e = self.oracle_attempt("second derivatives", lambda: second_r(*primals),
+                                "second-order rows use central differences of the rule's own VJP")
         if e is not None:
             for leaf_name, ai, ei in zip(names, a, e):
                 self.checks.append(_compare("second-order", leaf_name, ai, ei, o.rtol, self.against))
@@ -966,8 +971,11 @@ def check_rule(
         runner = _Runner(prob, rule, rule.fun, options)
         checks, notes = runner.run()
         oracle = runner.oracle
-        if any("finite differences alone" in n for n in notes):
+        if not runner.ref_vjp_ok:
             oracle = "finite differences only (autodiff of the primal failed; see notes)"
+            if runner.ref_jvp_ok:
+                oracle = ("autodiff of the primal (f.fun) for the JVP, finite differences for the VJP "
+                          "(reverse-mode autodiff of the primal failed; see notes)")
         if fixed:
             notes.append("held fixed (nondiff_argnums): " + ", ".join(arg_names[i] for i in sorted(fixed)
                                                                        if i < len(arg_names)))

@@ -361,6 +361,26 @@ def test_second_order_without_a_differentiable_primal_uses_finite_differences_of
     assert {(c.kind, c.argument) for c in frozen.failures} == {("second-order", "x")}
 
 
+def test_custom_jvp_whose_primal_only_has_forward_mode_keeps_autodiff_for_the_jvp():
+    """Newton's iteration in a while_loop: JAX differentiates it forward, not in reverse."""
+
+    @jax.custom_jvp
+    def newton_sqrt(a):
+        def step(carry):
+            y, i = carry
+            return 0.5 * (y + a / y), i + 1
+
+        return lax.while_loop(lambda c: c[1] < 40, step, (a, 0))[0]
+
+    newton_sqrt.defjvp(lambda p, t: (newton_sqrt(p[0]), t[0] / (2 * newton_sqrt(p[0]))))
+    a = _rng(14).uniform(0.5, 4.0, 5)
+    report = check_rule(newton_sqrt, a, second_order=False, residuals=False)
+    assert report.passed, str(report)
+    assert report.oracle.startswith("autodiff of the primal (f.fun) for the JVP, finite differences for the VJP")
+    assert {c.kind for c in report.checks} == {"forward", "jvp", "finite-diff", "finite-diff-jvp", "jit"}
+    assert any("Reverse-mode differentiation does not work for lax.while_loop" in n for n in report.notes)
+
+
 def test_a_rule_that_cannot_be_differentiated_twice_says_so():
     report = check_rule(make_host_sin(), _rng(6).standard_normal(3), residuals=False)
     (second,) = [c for c in report.checks if c.kind == "second-order"]
