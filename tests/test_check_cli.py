@@ -217,3 +217,20 @@ def test_add_parser_registers_check_on_the_jaxconv_command_line(user_module, cap
     assert args.func is check_cli.run
     assert args.func(args) == 0
     assert "all checks passed" in capsys.readouterr().out
+
+
+def test_sweep_json_with_choices_in_process(user_module, capsys):
+    code = check_cli.main([f"{user_module}:corr", "--arg", "x=1,H,W,C", "--arg", "w=2,2,C,1", "--dim", "H=2-5",
+                           "--dim", "W=2-5", "--dim", "C=1-2", "--choices", "stride=1,2", "--sweep", "4", "--json",
+                           "--no-finite-differences"])
+    record = json.loads(capsys.readouterr().out)
+    assert code == 0 and record["mode"] == "sweep" and record["passed"] is True
+    assert record["sweep"]["examples"] == 4 and record["sweep"]["config"] is None
+    code = check_cli.main([f"{user_module}:taps", "--arg", "x=1,H,W,1", "--arg", "w=KH,KW,1,1", "--dim", "H=1-4",
+                           "--dim", "W=1-4", "--dim", "KH=1-3", "--dim", "KW=1-3", "--sweep", "8", "--json",
+                           "--no-finite-differences"])
+    record = json.loads(capsys.readouterr().out)
+    assert code == 1 and record["passed"] is False
+    config = record["sweep"]["config"]
+    assert config["shapes"]["x"][1:3] == config["shapes"]["w"][:2] and config["dims"]["KH"] != config["dims"]["KW"]
+    assert record["sweep"]["report"]["failures"][0].startswith("vjp: argument x")
