@@ -249,7 +249,8 @@ def _stateless(op_name: str, out_shape, ndim: int | None = None, **options):
 def _pool(op_name: str, window, stride, padding, **options):
     window = _args.pair(window, "window")
     stride = window if stride is None else _args.pair(stride, "stride")
-    _args.padding_2d(padding, (1, 1), window, stride)
+    if not isinstance(padding, str):  # "SAME" always satisfies the rule; explicit amounts are checked now
+        _args.check_pool_padding(padding, _args.padding_2d(padding, (1, 1), window, stride), window)
 
     def out_shape(shape):
         n, h, w, c = shape

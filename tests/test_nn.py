@@ -42,7 +42,7 @@ SHAPE_GRID = [
     (nn.Conv(3, 1, stride=(2, 3)), (1, 5, 7, 2)),
     (nn.MaxPool(2), (2, 6, 6, 3)),
     (nn.MaxPool(3, 2, "SAME"), (1, 8, 7, 2)),
-    (nn.MaxPool((2, 3), (1, 2), ((1, 0), (0, 2))), (1, 5, 5, 1)),
+    (nn.MaxPool((2, 3), (1, 2), ((1, 0), (0, 1))), (1, 5, 5, 1)),
     (nn.AvgPool(2, padding="SAME"), (2, 5, 5, 2)),
     (nn.AvgPool(3, 1, 1, count_include_pad=False), (1, 4, 6, 2)),
     (nn.GlobalAvgPool, (3, 5, 4, 6)),
@@ -265,6 +265,7 @@ def test_bad_input_shape(make, input_shape, match):
         (lambda: nn.Conv(4, 3, dtype=jnp.int32), r"`dtype` \(=int32\)"),
         (lambda: nn.Dense(2.5), r"`out_dim` \(=2.5\)"),
         (lambda: nn.MaxPool(2, padding=-1), r"`padding`"),
+        (lambda: nn.MaxPool(2, padding=3), r"`padding`.*window"),  # a window of padding only: refused when built
         (lambda: nn.AvgPool((2, 0)), r"`window`"),
         (lambda: nn.LRN(size=0), r"`size`"),
         (lambda: nn.LRN(alpha=-1.0), r"`alpha`"),
