@@ -198,9 +198,20 @@ class Config:
     seed: int
     specs: dict = dataclasses.field(repr=False)
     order: tuple = dataclasses.field(repr=False, default=())
+    literal: bool = dataclasses.field(repr=False, default=False)  # drawn by a user's strategy: values in `static`
+
+    @classmethod
+    def of_values(cls, values: Mapping[str, Any]) -> "Config":
+        """A configuration holding the drawn argument values themselves (a user's strategy of dicts)."""
+        if not isinstance(values, Mapping):
+            raise TypeError(f"a sweep strategy must draw dicts of arguments by name, drew {type(values).__name__}")
+        shapes_ = {n: tuple(np.shape(v)) for n, v in values.items() if hasattr(v, "shape") and hasattr(v, "dtype")}
+        return cls({}, shapes_, dict(values), 0, {}, tuple(values), literal=True)
 
     def arguments(self) -> dict[str, Any]:
         """The arguments by name, arrays filled deterministically (:func:`sample` with seed ``seed + k``)."""
+        if self.literal:
+            return dict(self.static)
         out = {}
         for k, name in enumerate(self.order):
             if name in self.shapes:
@@ -212,12 +223,13 @@ class Config:
 
     def label(self) -> str:
         parts = [f"{n}{list(s)}" for n, s in self.shapes.items()]
-        parts += [f"{n}={v!r}" for n, v in self.static.items()]
+        parts += [f"{n}={v!r}" for n, v in self.static.items() if n not in self.shapes]
         return " ".join(parts)
 
     def __str__(self) -> str:
         dims = ", ".join(f"{k}={v}" for k, v in self.dims.items())
-        return (f"dims: {dims or '-'}; " if dims else "") + self.label() + f"; seed {self.seed}"
+        seed = "" if self.literal else f"; seed {self.seed}"
+        return (f"dims: {dims}; " if dims else "") + self.label() + seed
 
 
 def _dim_strategy(st, name, spec):
@@ -365,7 +377,10 @@ def _reproducer(f, ref, config: Config, options: dict) -> str:
         if ref_import != imports:
             lines.append(ref_import)
     for k, name in enumerate(config.order):
-        if name in config.shapes:
+        if config.literal and name in config.shapes:
+            value = np.asarray(config.static[name])
+            lines.append(f"{name} = np.array({value.tolist()!r}, dtype={value.dtype.name!r})")
+        elif name in config.shapes:
             spec = config.specs[name]
             values = f"<{getattr(spec.values, '__name__', 'callable')}>" if callable(spec.values) else repr(spec.values)
             dtype = "" if spec.dtype is None else f", dtype={np.dtype(spec.dtype).name!r}"
@@ -403,7 +418,7 @@ def _positional(fn, named: dict) -> tuple:
 
 def sweep(
     f: Callable,
-    description: Mapping[str, Any],
+    description: Any,
     *,
     dims: Mapping[str, Any] | None = None,
     where: Callable[[dict], bool] | None = None,
@@ -419,7 +434,10 @@ def sweep(
       f: a ``jax.custom_vjp``/``jax.custom_jvp`` function (checked with
         :func:`~jaxconv.verify.check_rule`), or any function with ``ref`` given
         (checked with :func:`~jaxconv.verify.check_vjp`).
-      description, dims, where: the arguments by name, as :func:`arguments` takes them.
+      description, dims, where: the arguments by name, as :func:`arguments` takes
+        them; or, as ``description``, your own hypothesis strategy drawing dicts
+        of arguments by name (e.g. built with ``hypothesis.extra.numpy``): the
+        reproducer then spells the arrays out.
       ref: a reference for :func:`~jaxconv.verify.check_vjp`; arguments are
         passed to ``f`` and ``ref`` in the order of ``ref``'s signature.
       examples: how many configurations to draw (shrinking runs more).
@@ -439,7 +457,12 @@ def sweep(
     from hypothesis import HealthCheck, Phase, Verbosity
     from hypothesis.errors import Unsatisfiable
 
-    strategy = arguments(description, dims, where)
+    if hasattr(description, "example") and hasattr(description, "map"):  # the user's own strategy of dicts
+        if dims or where:
+            raise ValueError("sweep: `dims` and `where` describe a description dict; with a strategy, filter it.")
+        strategy = description.map(Config.of_values)
+    else:
+        strategy = arguments(description, dims, where)
     options = {**(SWEEP_DEFAULTS if ref is None else {"second_order": False}), **check_options}
     label = check_options.get("name") or _import_line(f)[1]
     options.pop("name", None)

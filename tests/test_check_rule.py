@@ -691,3 +691,21 @@ def test_verify_sweep_is_the_testing_sweep():
                           examples=2, stream=None)
     assert result.passed and result.examples == 2
     assert result.report is None and result.config is None
+
+
+def test_sweep_takes_a_users_own_strategy_and_spells_out_the_arrays():
+    from hypothesis import strategies as st
+    from hypothesis.extra import numpy as hnp
+
+    elements = st.floats(0.5, 2.0, allow_nan=False, width=64)
+    strategy = st.integers(1, 4).flatmap(lambda n: st.fixed_dictionaries({
+        "x": hnp.arrays(np.float64, (n,), elements=elements), "n": st.sampled_from([2, 3])}))
+    assert sweep(make_power(), strategy, examples=4, stream=None).passed
+    buggy = make_power("forgot n")
+    result = sweep(buggy, strategy, examples=4, stream=None)
+    assert not result.passed and result.config.literal
+    assert result.config.static["n"] == 2 and result.config.shapes == {"x": (1,)}
+    assert "x = np.array([" in result.reproducer and "dtype='float64')" in result.reproducer
+    assert "# power: define or import it here" in result.reproducer  # a local function: not importable
+    with pytest.raises(AssertionError, match="vjp: argument x"):
+        exec(result.reproducer, {"power": buggy})
