@@ -176,10 +176,10 @@ def bench_conv(runs, quick):
         out = jax.eval_shape(ref, x, wt).shape
         macs = int(np.prod(out)) * k * k * c
         name = f"conv ({n},{h},{w},{c}->{o},{k}) s{spec['stride']} {spec['padding']}"
-        from jaxconv import conv as conv_module  # which backward the switch picks
-        choice = (x.shape, wt.shape, (spec["stride"],) * 2, (1, 1), 1)
-        strategy = (f"fwd {conv_module._choose_forward(*choice)}, "
-                    f"bwd {conv_module._choose_strategy(*choice)}")
+        chosen = jaxconv.plan.conv_plan(  # which forms the planner picks
+            batch=n, out_spatial=out[1:3], kernel_spatial=(k, k), in_channels=c, out_channels=o, groups=1,
+            stride=(spec["stride"],) * 2, platform=jaxconv.plan.platform_of(x))
+        strategy = f"fwd {chosen.forward}, bwd {chosen.backward}"
         row = compare_vjp(name, ours, ref, (x, wt), runs, flops=4 * macs,
                           extra=dict(forward_flops=2 * macs, strategy=strategy))
         row["gflops_forward"] = 2 * macs / row["forward"]["median_s"] / 1e9

@@ -203,11 +203,11 @@ def check_elements(shape, name: str, what: str) -> None:
     """``ValueError`` naming ``name`` if an array of ``shape`` (``what`` it is) would
     hold more than :data:`MAX_ELEMENTS` elements."""
     count = 1
-    for size in shape:
-        count *= int(size)
+    for size in shape:  # a symbolic dimension (jax.export) counts as 1: its size is known only at run time
+        count *= int(size) if isinstance(size, (int, np.integer)) else 1
     if count > MAX_ELEMENTS:
         raise ValueError(
-            f"{name} make {what} of shape {tuple(int(v) for v in shape)}: {count} elements, more than "
+            f"{name} make {what} of shape {tuple(shape)}: {count} elements, more than "
             f"{MAX_ELEMENTS} (2**31 - 1, jaxconv._args.MAX_ELEMENTS) in one array."
         )
 
@@ -215,7 +215,7 @@ def check_elements(shape, name: str, what: str) -> None:
 def check_window_op_sizes(x_shape, pads: Padding2D, out_hw: Pair, out_channels: int, name: str) -> None:
     """The padded input ``(N, H + top + bottom, W + left + right, C)`` and the output
     ``(N, Ho, Wo, out_channels)`` of a windowed op each within :data:`MAX_ELEMENTS`."""
-    n, h, w, c = (int(v) for v in x_shape)
+    n, h, w, c = x_shape
     (top, bottom), (left, right) = pads
     check_elements((n, h + top + bottom, w + left + right, c), "`padding` and `x`'s shape", "the padded input")
     check_elements((n, *out_hw, out_channels), name, "the output")

@@ -33,8 +33,8 @@ rule stays differentiable: grad-of-grad goes through it.
 
 The same formulas also run as seed 004's matrix products (``Y = phi(X) F``,
 ``dF = phi(X)^T dY``, ``dX = phi*(dY F^T)``) over cache-sized batch blocks;
-a private switch (:func:`_choose_strategy`, :func:`_choose_forward`) picks,
-per platform and shape, the form that runs fastest (on CPU the matrix
+the planner (:func:`jaxconv.plan.conv_plan`) picks, per platform and
+shape, the form that runs fastest (on CPU the matrix
 products, on GPU the convolutions).  Every form is tested against
 ``jax.grad``.
 """
@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _args
+from . import _args, plan
 from .matrix import _output_hw, _patches, _unpatches
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
@@ -63,86 +63,6 @@ class ConvConfig(NamedTuple):
     groups: int
     strategy: str  # backward: a key of _BACKWARD_STRATEGIES
     forward: str = "conv"  # forward: a key of _FORWARD_STRATEGIES
-
-
-# One private switch for the implementations: `_choose_strategy` picks the
-# backward from `_BACKWARD_STRATEGIES` and `_choose_forward` the forward from
-# `_FORWARD_STRATEGIES` (both registered at the end of this module) by
-# platform and shape; tests set `_FORCED_STRATEGY` / `_FORCED_FORWARD` to run
-# each in turn.
-_FORCED_STRATEGY: str | None = None
-_FORCED_FORWARD: str | None = None
-
-
-# Below this many multiply-adds (about the forward's), the blocked im2row
-# form's extra ops cost more than XLA's own convolution saves.
-_SMALL_CONV_MACS = 5 * 10**6
-# A block holds at least one image; past this many phi entries per image
-# (256 MiB of float32) that one image's phi costs more memory than the speed
-# is worth, so the convolution form, which needs no phi, is kept.
-_MAX_PHI_ENTRIES_PER_IMAGE = 64 * 2**20
-# A GEMM with fewer columns (output channels per group) or a shorter
-# contraction (KH*KW*C/G; O/G for dY F^T) than this runs far from the
-# matrix-product peak on CPU, and XLA's own convolution is then as fast or faster.
-_MIN_GEMM_SIDE = 32
-# From this many input channels per group on, XLA's own CPU convolution
-# forward runs near the GEMM peak (128->128 3x3 on 16x16: 150 GFLOP/s, 0.8-1x
-# the blocked product's time), so the forward stays XLA's.
-_XLA_FORWARD_CHANNELS = 128
-
-
-def _choose_strategy(x_shape, w_shape, stride, dilation, groups) -> str:
-    """The backward implementation for this platform and shape.
-
-    On CPU, XLA's convolution backward runs at 3-60 GFLOP/s, while the same
-    formulas as cache-sized GEMMs (``"im2row_blocked"``) run near the matrix
-    product's speed (benchmarks/README.md), for every stride, padding,
-    dilation and group count; tiny convolutions, and images so large that one
-    image's phi would be a large temporary, keep ``"conv"``.  With fewer
-    than ``_MIN_GEMM_SIDE`` output channels per group at stride 1, dL/dx's
-    product ``dY F^T`` would contract over those few channels: ``"mixed"``
-    takes dL/dx from the convolution form (XLA runs it like a forward) and
-    dL/dw from the blocked products.  On GPU the convolution form maps onto
-    cuDNN: ``"conv"``.
-    """
-    if _FORCED_STRATEGY is not None:
-        return _FORCED_STRATEGY
-    if not _blocked_pays(x_shape, w_shape, stride, groups):
-        return "conv"
-    narrow = w_shape[3] // groups < _MIN_GEMM_SIDE
-    return "mixed" if narrow and tuple(stride) == (1, 1) else "im2row_blocked"
-
-
-def _blocked_pays(x_shape, w_shape, stride, groups) -> bool:
-    """On CPU, and the convolution neither tiny nor with a huge per-image phi."""
-    if jax.default_backend() != "cpu":
-        return False
-    n, h, w, _ = x_shape
-    kh, kw, cg, o = w_shape
-    phi_per_image = (h // stride[0]) * (w // stride[1]) * kh * kw * cg * groups
-    macs = n * phi_per_image * (o // groups)
-    return _SMALL_CONV_MACS <= macs and phi_per_image <= _MAX_PHI_ENTRIES_PER_IMAGE
-
-
-def _choose_forward(x_shape, w_shape, stride, dilation, groups) -> str:
-    """The forward implementation for this platform and shape.
-
-    On CPU, XLA's convolution runs at 20-60 GFLOP/s on most layers of a small
-    convnet, while ``phi(X_b) F`` over cache-sized batch blocks
-    (``"im2row_blocked"``, seed 004's ``Y = phi(X) F``) runs at 70-130: it is
-    chosen where the backward is blocked too, both sides of the GEMM are at
-    least ``_MIN_GEMM_SIDE`` wide and the input has fewer than
-    ``_XLA_FORWARD_CHANNELS`` channels per group (from there on XLA's own
-    forward is as fast; benchmarks/README.md has the per-shape figures).
-    On GPU: XLA's (cuDNN's) ``"conv"``.
-    """
-    if _FORCED_FORWARD is not None:
-        return _FORCED_FORWARD
-    kh, kw, cg, o = w_shape
-    wide = o // groups >= _MIN_GEMM_SIDE and kh * kw * cg >= _MIN_GEMM_SIDE
-    if not wide or cg >= _XLA_FORWARD_CHANNELS:
-        return "conv"
-    return "im2row_blocked" if _blocked_pays(x_shape, w_shape, stride, groups) else "conv"
 
 
 def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
@@ -209,13 +129,11 @@ def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
         x.shape, pads, _output_hw((h, wd), pads, (kh, kw), stride, dilation), o,
         "`padding`, `stride`, `dilation` and the shapes of `x` and `w`",
     )
-    strategy = _choose_strategy(x.shape, w.shape, stride, dilation, groups)
-    if strategy not in _BACKWARD_STRATEGIES:
-        raise ValueError(f"unknown conv2d backward strategy {strategy!r}; known: {sorted(_BACKWARD_STRATEGIES)}")
-    forward = _choose_forward(x.shape, w.shape, stride, dilation, groups)
-    if forward not in _FORWARD_STRATEGIES:
-        raise ValueError(f"unknown conv2d forward strategy {forward!r}; known: {sorted(_FORWARD_STRATEGIES)}")
-    config = ConvConfig(stride, pads, dilation, groups, strategy, forward)
+    chosen = plan.conv_plan(
+        batch=n, out_spatial=_output_hw((h, wd), pads, (kh, kw), stride, dilation), kernel_spatial=(kh, kw),
+        in_channels=c, out_channels=o, groups=groups, stride=stride, platform=plan.platform_of(x, w, b),
+    )
+    config = ConvConfig(stride, pads, dilation, groups, chosen.backward, chosen.forward)
     return _conv2d(config, x, w, b)
 
 
@@ -250,9 +168,9 @@ def _kernel_by_group(w, groups: int):
 def _images_per_block(config: ConvConfig, x, w_shape) -> int:
     """The batch block of the blocked im2row forms: its phi fits ``_IM2ROW_BLOCK_BYTES``."""
     kh, kw, cg, _ = w_shape
-    ho, wo = _output_hw(x.shape[1:3], config.padding, (kh, kw), config.stride, config.dilation)
-    bytes_per_image = ho * wo * kh * kw * cg * config.groups * x.dtype.itemsize
-    return _batch_block(x.shape[0], bytes_per_image, _IM2ROW_BLOCK_BYTES)
+    out_hw = _output_hw(x.shape[1:3], config.padding, (kh, kw), config.stride, config.dilation)
+    entries = plan.phi_entries_per_image(out_hw, (kh, kw), cg * config.groups)
+    return _batch_block(x.shape[0], entries * x.dtype.itemsize, _IM2ROW_BLOCK_BYTES)
 
 
 def _forward_im2row(config: ConvConfig, x, w):

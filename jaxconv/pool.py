@@ -67,7 +67,7 @@ that: ``N*Ho*Wo*C`` bytes where autodiff keeps ``x`` (``N*H*W*C*itemsize``)
 for ``select_and_scatter``.  The backward routes ``g`` by ``S`` alone; it never
 reads ``x``.
 
-Strategies (one private switch, :func:`_choose_strategy`; both are the
+Strategies (chosen by :func:`jaxconv.plan.pool_form`; both are the
 same formula and both are tested against ``jax.grad``):
 
 * ``"slices"``: any window, stride and padding.  The ``KH*KW`` window
@@ -118,7 +118,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _args
+from . import _args, plan
 
 
 class PoolConfig(NamedTuple):
@@ -139,20 +139,11 @@ class PoolConfig(NamedTuple):
         )
 
 
-# The private switch: `_choose_strategy` picks "reshape" for non-overlapping
-# windows and "slices" otherwise; tests set `_FORCED_STRATEGY` to run each.
-# Forcing "reshape" where it cannot apply falls back to "slices".
-_FORCED_STRATEGY: str | None = None
-_STRATEGIES = ("reshape", "slices")
-
-
-def _choose_strategy(window, stride) -> str:
-    tiles = tuple(window) == tuple(stride)
-    if _FORCED_STRATEGY is not None:
-        if _FORCED_STRATEGY not in _STRATEGIES:
-            raise ValueError(f"unknown pooling strategy {_FORCED_STRATEGY!r}; known: {list(_STRATEGIES)}")
-        return _FORCED_STRATEGY if (tiles or _FORCED_STRATEGY == "slices") else "slices"
-    return "reshape" if tiles else "slices"
+# The registered forms; the planner (:func:`jaxconv.plan.pool_form`) picks
+# "reshape" for non-overlapping windows and "slices" otherwise, and
+# ``jaxconv.plan.forms(pool=...)`` forces one ("reshape" falls back to
+# "slices" where windows overlap).
+_STRATEGIES = plan.POOL_FORMS
 
 
 def _config(x, window, stride, padding, count_include_pad=True) -> PoolConfig:
@@ -170,7 +161,7 @@ def _config(x, window, stride, padding, count_include_pad=True) -> PoolConfig:
     _args.check_window_fits(in_hw, pads, window, (1, 1), "window")
     if not isinstance(count_include_pad, (bool, np.bool_)):
         raise ValueError(f"`count_include_pad` (={count_include_pad!r}) must be a bool.")
-    config = PoolConfig(in_hw, window, stride, pads, bool(count_include_pad), _choose_strategy(window, stride))
+    config = PoolConfig(in_hw, window, stride, pads, bool(count_include_pad), plan.pool_form(window, stride))
     _args.check_window_op_sizes(x.shape, pads, config.out_hw, x.shape[3], "`padding`, `window` and `stride`")
     return config
 

@@ -15,8 +15,13 @@ os.environ["XLA_FLAGS"] = " ".join(
     ]
 ).strip()
 
+import contextlib  # noqa: E402
+
 import jax  # noqa: E402
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+
+import jaxconv  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
@@ -28,3 +33,11 @@ settings.register_profile(
     "slow", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture
+def forms():
+    """``forms(conv_forward=..., conv_backward=..., pool=...)``: force those forms for the rest of the test
+    (``jaxconv.plan.forms`` entered until the test ends)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **names: stack.enter_context(jaxconv.plan.forms(**names))

@@ -36,10 +36,9 @@ def forward_for(backward: str) -> str:
 
 
 @pytest.fixture(params=sorted(conv_module._BACKWARD_STRATEGIES))
-def strategy(request, monkeypatch):
+def strategy(request, forms):
     """Run the test once per backward strategy (with the forward of the same form)."""
-    monkeypatch.setattr(conv_module, "_FORCED_STRATEGY", request.param)
-    monkeypatch.setattr(conv_module, "_FORCED_FORWARD", forward_for(request.param))
+    forms(conv_backward=request.param, conv_forward=forward_for(request.param))
     return request.param
 
 
@@ -108,12 +107,8 @@ def test_hypothesis_sweep_slow(config):
     f, ref = _pair(config["options"])
     args = _arrays(rng, config["x_shape"], config["w_shape"], config["bias"])
     for name in sorted(conv_module._BACKWARD_STRATEGIES):
-        previous = conv_module._FORCED_STRATEGY, conv_module._FORCED_FORWARD
-        conv_module._FORCED_STRATEGY, conv_module._FORCED_FORWARD = name, forward_for(name)
-        try:
+        with jaxconv.plan.forms(conv_backward=name, conv_forward=forward_for(name)):
             check_vjp(f, ref, *args, name=f"conv2d[{name}]").assert_ok()
-        finally:
-            conv_module._FORCED_STRATEGY, conv_module._FORCED_FORWARD = previous
 
 
 @given(config=conv_configs())

@@ -33,12 +33,11 @@ BLOCKED_GRID = [
 
 
 @pytest.fixture(params=[(1, "im2row_blocked"), (2, "im2row_blocked"), (1, "mixed")])
-def blocked(request, monkeypatch):
+def blocked(request, forms):
     """Force a blocked backward ("im2row_blocked", or "mixed": its dL/dw) and the
     blocked forward, with a block budget of about `param[0]` images."""
     images, backward = request.param
-    monkeypatch.setattr(conv_module, "_FORCED_STRATEGY", backward)
-    monkeypatch.setattr(conv_module, "_FORCED_FORWARD", "im2row_blocked")
+    forms(conv_backward=backward, conv_forward="im2row_blocked")
     return images
 
 
@@ -64,9 +63,8 @@ def test_blocked_float64_full_check(blocked, monkeypatch, x_shape, w_shape, opti
 
 
 @pytest.mark.parametrize("x_shape,w_shape,options", BLOCKED_GRID[:3])
-def test_blocked_float32(monkeypatch, x_shape, w_shape, options):
-    monkeypatch.setattr(conv_module, "_FORCED_STRATEGY", "im2row_blocked")
-    monkeypatch.setattr(conv_module, "_FORCED_FORWARD", "im2row_blocked")
+def test_blocked_float32(monkeypatch, forms, x_shape, w_shape, options):
+    forms(conv_backward="im2row_blocked", conv_forward="im2row_blocked")
     _set_budget(monkeypatch, 2, x_shape, w_shape, options)
     f, ref = _pair(options)
     report = check_vjp(f, ref, *_arrays(np.random.default_rng(1), x_shape, w_shape, True, np.float32),
@@ -80,22 +78,18 @@ def test_blocked_float32(monkeypatch, x_shape, w_shape, options):
 def test_blocked_hypothesis(config):
     """Drawn configurations with batch 2-6, blocks of one image: every block path."""
     x_shape = (2 * config["x_shape"][0],) + config["x_shape"][1:]
-    names = "_FORCED_STRATEGY", "_FORCED_FORWARD", "_IM2ROW_BLOCK_BYTES"
-    previous = [getattr(conv_module, name) for name in names]
-    for name, value in zip(names, ("im2row_blocked", "im2row_blocked", 1)):
-        setattr(conv_module, name, value)
+    previous, conv_module._IM2ROW_BLOCK_BYTES = conv_module._IM2ROW_BLOCK_BYTES, 1
     try:
-        f, ref = _pair(config["options"])
-        args = _arrays(np.random.default_rng(2), x_shape, config["w_shape"], config["bias"])
-        check_vjp(f, ref, *args, finite_differences=False, second_order=False).assert_ok()
+        with jaxconv.plan.forms(conv_backward="im2row_blocked", conv_forward="im2row_blocked"):
+            f, ref = _pair(config["options"])
+            args = _arrays(np.random.default_rng(2), x_shape, config["w_shape"], config["bias"])
+            check_vjp(f, ref, *args, finite_differences=False, second_order=False).assert_ok()
     finally:
-        for name, value in zip(names, previous):
-            setattr(conv_module, name, value)
+        conv_module._IM2ROW_BLOCK_BYTES = previous
 
 
-def test_blocked_vmap_and_jit(monkeypatch):
-    monkeypatch.setattr(conv_module, "_FORCED_STRATEGY", "im2row_blocked")
-    monkeypatch.setattr(conv_module, "_FORCED_FORWARD", "im2row_blocked")
+def test_blocked_vmap_and_jit(monkeypatch, forms):
+    forms(conv_backward="im2row_blocked", conv_forward="im2row_blocked")
     monkeypatch.setattr(conv_module, "_IM2ROW_BLOCK_BYTES", 1)
     rng = np.random.default_rng(3)
     xs = jnp.asarray(rng.standard_normal((3, 4, 6, 6, 2)))
@@ -112,63 +106,108 @@ def test_batch_block_is_largest_fitting_divisor(n, per_image, budget, expected):
     assert conv_module._batch_block(n, per_image, budget) == expected
 
 
-def test_switch_by_platform_and_shape(monkeypatch):
-    choose = conv_module._choose_strategy
-    big = ((128, 32, 32, 64), (3, 3, 64, 64), (1, 1), (1, 1), 1)
-    tiny = ((2, 6, 6, 3), (3, 3, 3, 4), (1, 1), (1, 1), 1)
-    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    assert choose(*big) == "im2row_blocked"
-    assert choose(*tiny) == "conv"
-    huge_image = ((1, 2048, 2048, 64), (3, 3, 64, 64), (1, 1), (1, 1), 1)  # phi: 2.4e9 entries
-    assert choose(*huge_image) == "conv"
-    grouped = ((128, 16, 16, 128), (3, 3, 32, 128), (1, 1), (1, 1), 4)
-    assert choose(*grouped) == "im2row_blocked"
-    narrow = ((128, 32, 32, 16), (3, 3, 16, 16), (1, 1), (1, 1), 1)  # dY F^T would contract over 16
-    assert choose(*narrow) == "mixed"
-    assert choose(narrow[0], narrow[1], (2, 2), (1, 1), 1) == "im2row_blocked"  # strided: dX's conv form is slow
-    assert choose((128, 16, 16, 64), (3, 3, 16, 64), (1, 1), (1, 1), 4) == "mixed"  # 16 per group
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert choose(*big) == "conv"
-    monkeypatch.setattr(conv_module, "_FORCED_STRATEGY", "im2row")
-    assert choose(*big) == "im2row"
-    for name in {choose(*big), choose(*tiny), choose(*narrow), "conv", "im2row_blocked"}:
-        assert name in conv_module._BACKWARD_STRATEGIES
+def _plan(x_shape, w_shape, stride=(1, 1), groups=1, platform="cpu"):
+    """The planner's choice for a VALID convolution of these shapes."""
+    n, h, w, c = x_shape
+    kh, kw, _, o = w_shape
+    out = tuple((size - k) // s + 1 for size, k, s in zip((h, w), (kh, kw), stride))
+    return jaxconv.plan.conv_plan(batch=n, out_spatial=out, kernel_spatial=(kh, kw), in_channels=c,
+                                  out_channels=o, groups=groups, stride=stride, platform=platform)
 
 
-def test_forward_switch_by_platform_and_shape(monkeypatch):
+def test_backward_plan_by_platform_and_shape(forms):
+    big = ((128, 32, 32, 64), (3, 3, 64, 64))
+    tiny = ((2, 6, 6, 3), (3, 3, 3, 4))
+    narrow = ((128, 32, 32, 16), (3, 3, 16, 16))  # dY F^T would contract over 16
+    assert _plan(*big).backward == "im2row_blocked"
+    assert _plan(*tiny).backward == "conv"
+    assert _plan((1, 2048, 2048, 64), (3, 3, 64, 64)).backward == "conv"  # phi: 2.4e9 entries
+    assert _plan((128, 16, 16, 128), (3, 3, 32, 128), groups=4).backward == "im2row_blocked"
+    assert _plan(*narrow).backward == "mixed"
+    assert _plan(*narrow, stride=(2, 2)).backward == "im2row_blocked"  # strided: dX's conv form is slow
+    assert _plan((128, 16, 16, 64), (3, 3, 16, 64), groups=4).backward == "mixed"  # 16 per group
+    assert _plan(*big, platform="gpu") == ("conv", "conv", "on gpu, XLA's convolutions")
+    forms(conv_backward="im2row")
+    forced = _plan(*big, platform="gpu")
+    assert forced.backward == "im2row" and forced.forward == "conv" and "forced" in forced.reason
+    assert set(jaxconv.plan.CONV_BACKWARD_FORMS) == set(conv_module._BACKWARD_STRATEGIES)
+    assert set(jaxconv.plan.CONV_FORWARD_FORMS) == set(conv_module._FORWARD_STRATEGIES)
+    assert set(jaxconv.plan.POOL_FORMS) == set(jaxconv.pool._STRATEGIES)
+
+
+def test_forward_plan_by_platform_and_shape(forms):
     """The matrix-product forward where the blocked backward pays and the GEMM is
     at least 32 wide both ways; XLA's convolution otherwise and on GPU."""
-    choose = conv_module._choose_forward
-    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    assert choose((128, 14, 14, 64), (5, 5, 64, 128), (1, 1), (1, 1), 1) == "im2row_blocked"  # LeNet-CIFAR conv 2
-    assert choose((128, 32, 32, 3), (5, 5, 3, 64), (1, 1), (1, 1), 1) == "im2row_blocked"  # K = 75
-    assert choose((128, 28, 28, 1), (5, 5, 1, 32), (1, 1), (1, 1), 1) == "conv"  # K = 25
-    assert choose((128, 32, 32, 16), (3, 3, 16, 16), (1, 1), (1, 1), 1) == "conv"  # 16 output channels
-    assert choose((128, 16, 16, 128), (3, 3, 1, 128), (1, 1), (1, 1), 128) == "conv"  # depthwise: K = 9
-    assert choose((2, 6, 6, 3), (3, 3, 3, 64), (1, 1), (1, 1), 1) == "conv"  # tiny
-    assert choose((128, 16, 16, 128), (3, 3, 128, 128), (1, 1), (1, 1), 1) == "conv"  # XLA's forward is at peak
-    assert choose((128, 16, 16, 128), (3, 3, 64, 128), (1, 1), (1, 1), 2) == "im2row_blocked"  # 64 per group
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert choose((128, 14, 14, 64), (5, 5, 64, 128), (1, 1), (1, 1), 1) == "conv"
-    monkeypatch.setattr(conv_module, "_FORCED_FORWARD", "im2row_blocked")
-    assert choose((2, 6, 6, 3), (3, 3, 3, 4), (1, 1), (1, 1), 1) == "im2row_blocked"
+    assert _plan((128, 14, 14, 64), (5, 5, 64, 128)).forward == "im2row_blocked"  # LeNet-CIFAR conv 2
+    assert _plan((128, 32, 32, 3), (5, 5, 3, 64)).forward == "im2row_blocked"  # K = 75
+    assert _plan((128, 28, 28, 1), (5, 5, 1, 32)).forward == "conv"  # K = 25
+    assert _plan((128, 32, 32, 16), (3, 3, 16, 16)).forward == "conv"  # 16 output channels
+    assert _plan((128, 16, 16, 128), (3, 3, 1, 128), groups=128).forward == "conv"  # depthwise: K = 9
+    assert _plan((2, 6, 6, 3), (3, 3, 3, 64)).forward == "conv"  # tiny
+    assert _plan((128, 16, 16, 128), (3, 3, 128, 128)).forward == "conv"  # XLA's forward is at peak
+    assert _plan((128, 16, 16, 128), (3, 3, 64, 128), groups=2).forward == "im2row_blocked"  # 64 per group
+    assert _plan((128, 14, 14, 64), (5, 5, 64, 128), platform="gpu").forward == "conv"
+    forms(conv_forward="im2row_blocked")
+    assert _plan((2, 6, 6, 3), (3, 3, 3, 4)).forward == "im2row_blocked"
 
 
-def test_unknown_forced_strategy_is_a_clear_error(monkeypatch):
+def test_unknown_forced_form_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"`conv_forward` \(='winograd'\) must be one of"):
+        with jaxconv.plan.forms(conv_forward="winograd"):
+            pass
+    with pytest.raises(ValueError, match=r"`conv_backward` \(='winograd'\)"):
+        jaxconv.plan.forms(conv_backward="winograd").__enter__()
+    with pytest.raises(ValueError, match=r"`pool` \(='tiles'\)"):
+        jaxconv.plan.forms(pool="tiles").__enter__()
+
+
+def test_forced_forms_nest_and_end_with_their_block():
     x, w = jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1))
-    monkeypatch.setattr(conv_module, "_FORCED_FORWARD", "winograd")
-    with pytest.raises(ValueError, match="forward strategy 'winograd'"):
-        jaxconv.conv2d(x, w)
-    monkeypatch.setattr(conv_module, "_FORCED_FORWARD", None)
-    monkeypatch.setattr(conv_module, "_FORCED_STRATEGY", "winograd")
-    with pytest.raises(ValueError, match="backward strategy 'winograd'"):
-        jaxconv.conv2d(x, w)
+    with jaxconv.plan.forms(conv_backward="im2row"):
+        with jaxconv.plan.forms(conv_forward="im2row_blocked"):
+            assert (jaxconv.plan.forced("conv_backward"), jaxconv.plan.forced("conv_forward")) == (
+                "im2row", "im2row_blocked")
+        assert jaxconv.plan.forced("conv_forward") is None
+    assert jaxconv.plan.forced("conv_backward") is None
+    jaxconv.conv2d(x, w)  # the planner's again
+
+
+def test_platform_is_the_arrays_device():
+    cpu = jax.devices("cpu")[0]
+    assert jaxconv.plan.platform_of(jax.device_put(jnp.zeros(3), cpu)) == "cpu"
+    assert jaxconv.plan.platform_of(np.zeros(3)) == jax.default_backend()
+    with jax.default_device(cpu):
+        assert jaxconv.plan.platform_of(np.zeros(3)) == "cpu"
+    seen = []
+    jax.jit(lambda x: seen.append(jaxconv.plan.platform_of(x)) or x)(jnp.zeros(3))
+    assert seen == [jax.default_backend()]  # a tracer: the default device's platform
+
+
+def test_symbolic_batch_exports_every_model():
+    """jax.export with a symbolic batch: the planner takes the forms that need no size."""
+    from jax import export
+
+    from jaxconv import models, train
+
+    for name, shape in [("resnet_small", (8, 8, 1)), ("lenet5", (28, 28, 1)), ("alexnet_small", (32, 32, 3))]:
+        init, apply = models.MODELS[name](10)
+        _, params = train.init_params(init, (1, *shape))
+        spec = jax.ShapeDtypeStruct(export.symbolic_shape("b, " + ", ".join(map(str, shape))), jnp.float32)
+        loss = jax.jit(jax.grad(lambda p, x: apply(p, x).sum()))
+        exported = export.export(loss)(params, spec)
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((3, *shape)), jnp.float32)
+        for a, b in zip(jax.tree.leaves(exported.call(params, x)), jax.tree.leaves(loss(params, x))):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    symbolic = jaxconv.plan.conv_plan(batch=export.symbolic_shape("b")[0], out_spatial=(30, 30),
+                                      kernel_spatial=(3, 3), in_channels=64, out_channels=64, groups=1,
+                                      stride=(1, 1), platform="cpu")
+    assert symbolic.backward == symbolic.forward == "conv" and "symbolic" in symbolic.reason
 
 
 @pytest.mark.parametrize("forward", sorted(conv_module._FORWARD_STRATEGIES))
-def test_forward_strategies_agree_in_float32(monkeypatch, forward):
+def test_forward_strategies_agree_in_float32(monkeypatch, forms, forward):
     """Each forward on a LeNet-sized layer, in float32, within rounding of XLA's."""
-    monkeypatch.setattr(conv_module, "_FORCED_FORWARD", forward)
+    forms(conv_forward=forward)
     monkeypatch.setattr(conv_module, "_IM2ROW_BLOCK_BYTES", 2**16)  # several blocks
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((8, 14, 14, 16)), jnp.float32)
@@ -197,10 +236,9 @@ def _residual_bytes(capsys, f, *args):
 @pytest.mark.parametrize("strategy", sorted(conv_module._BACKWARD_STRATEGIES))
 @pytest.mark.parametrize("forward", sorted(conv_module._FORWARD_STRATEGIES))
 @pytest.mark.parametrize("bias", [False, True])
-def test_saves_no_more_residuals_than_autodiff(monkeypatch, capsys, strategy, forward, bias):
+def test_saves_no_more_residuals_than_autodiff(forms, capsys, strategy, forward, bias):
     """The rule keeps x and w, as autodiff does, never phi, the output or b."""
-    monkeypatch.setattr(conv_module, "_FORCED_STRATEGY", strategy)
-    monkeypatch.setattr(conv_module, "_FORCED_FORWARD", forward)
+    forms(conv_backward=strategy, conv_forward=forward)
     x, w = jnp.zeros((8, 12, 12, 4)), jnp.zeros((3, 3, 4, 6))
     b = jnp.zeros(6) if bias else None
     opts = dict(stride=2, padding="SAME")

@@ -3,7 +3,6 @@ M_F^filter against conv2d, K from M, and conv2d's im2row backward against jax.gr
 
 from __future__ import annotations
 
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -313,15 +312,9 @@ def test_errors_at_trace_time():
 # --- conv2d's im2row backward strategy ------------------------------------------------------------
 
 
-@contextlib.contextmanager
 def _im2row_strategy():
     """Force conv2d's im2row backward (a context, not a fixture: hypothesis reruns the body)."""
-    previous = conv_module._FORCED_STRATEGY
-    conv_module._FORCED_STRATEGY = "im2row"
-    try:
-        yield
-    finally:
-        conv_module._FORCED_STRATEGY = previous
+    return jaxconv.plan.forms(conv_backward="im2row")
 
 
 def _pair(options):
@@ -362,9 +355,9 @@ def test_im2row_strategy_float32(config):
     report.assert_ok()
 
 
-def test_im2row_strategy_is_what_runs(monkeypatch):
+def test_im2row_strategy_is_what_runs(monkeypatch, forms):
     """Breaking phi* breaks dL/dx under the forced strategy, and only that gradient."""
-    monkeypatch.setattr(conv_module, "_FORCED_STRATEGY", "im2row")
+    forms(conv_backward="im2row")
     x, w = jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 2))
     loss = lambda x, w: jaxconv.conv2d(x, w, padding=1).sum()  # noqa: E731
     dx, dw = jax.grad(loss, argnums=(0, 1))(x, w)

@@ -51,13 +51,9 @@ def _tiles(window, stride) -> bool:
 
 
 @pytest.fixture
-def force(monkeypatch):
+def force(forms):
     """Force a backward strategy ("reshape" where windows do not tile falls back to "slices")."""
-
-    def set_strategy(name):
-        monkeypatch.setattr(pool_module, "_FORCED_STRATEGY", name)
-
-    return set_strategy
+    return lambda name: forms(pool=name)
 
 
 def _pair(f_op, ref_op, window, options):
@@ -157,13 +153,10 @@ def test_hypothesis_sweep_slow(config, include):
     ops = [(jaxconv.max_pool2d, reference.max_pool2d, {}),
            (jaxconv.avg_pool2d, reference.avg_pool2d, dict(count_include_pad=include))]
     for name in pool_module._STRATEGIES:
-        previous, pool_module._FORCED_STRATEGY = pool_module._FORCED_STRATEGY, name
-        try:
+        with jaxconv.plan.forms(pool=name):
             for f_op, ref_op, extra in ops:
                 f, ref = _pair(f_op, ref_op, config["window"], dict(config["options"], **extra))
                 check_vjp(f, ref, x, name=f"{f_op.__name__}[{name}]").assert_ok()
-        finally:
-            pool_module._FORCED_STRATEGY = previous
 
 
 @given(config=pool_configs(max_hw=12, max_window=5), include=st.booleans())
@@ -222,7 +215,7 @@ def _assert_same_as_jax_grad(x, window, stride, padding, g_seed=0):
 
     The cotangent is integer-valued, so the sums of overlapping windows are exact
     in any order: any difference is a different choice of element."""
-    f = _MaxPool(jaxconv.max_pool2d, window, stride, padding, pool_module._FORCED_STRATEGY)
+    f = _MaxPool(jaxconv.max_pool2d, window, stride, padding, jaxconv.plan.forced("pool"))
     ref = _MaxPool(reference.max_pool2d, window, stride, padding, None)
     y_ref = jax.eval_shape(ref, x)
     g = jnp.asarray(np.random.default_rng(g_seed).integers(1, 9, y_ref.shape).astype(x.dtype))

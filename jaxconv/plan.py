@@ -1,0 +1,215 @@
+"""Which form of a rule runs: the planner, and a public way to force a form.
+
+Several ops have more than one implementation of the same formula (every one
+tested against ``jax.grad``): a convolution's forward is either XLA's
+convolution (``"conv"``) or the matrix product ``Y = phi(X) F`` over
+cache-sized batch blocks (``"im2row_blocked"``); its backward is the Rot180 /
+zero-insertion convolutions (``"conv"``), the matrix products ``dF = phi(X)^T
+dY``, ``dX = phi*(dY F^T)`` (``"im2row"``, or ``"im2row_blocked"`` over batch
+blocks), or dX by the convolution and dF by the blocked products
+(``"mixed"``).  Pooling runs either on a reshape of non-overlapping windows
+(``"reshape"``) or on strided slices (``"slices"``).
+
+The choice is made once per trace, from static facts only:
+
+* the platform of the arrays' devices (:func:`platform_of`): a concrete array
+  says where it lives; a traced one (under ``jit``) follows
+  ``jax.default_device`` when it is set, else the default backend;
+* the static shapes and arguments; a *symbolic* dimension (``jax.export``
+  with ``jax.export.symbolic_shape("b, 8, 8, 1")``) makes every size unknown,
+  and then the forms that need no size are chosen (``"conv"``), so
+  shape-polymorphic export works for every op;
+* :func:`forms`, a context manager that forces a form, for tests,
+  benchmarks and users who know better::
+
+      with jaxconv.plan.forms(conv_forward="conv", conv_backward="im2row"):
+          grads = jax.grad(loss)(params)   # traced here: these forms
+
+  The choice is baked into what is traced inside the block.  A function
+  ``jax.jit`` compiled before keeps the forms it was traced with (jit's cache
+  does not see this context): wrap a fresh function, or trace inside the block.
+
+:func:`conv_plan` returns a :class:`ConvPlan` that names the two forms and
+why they were chosen; ``repr`` it to see the planner's reasoning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Iterator, NamedTuple, Sequence
+
+import jax
+
+__all__ = ["CONV_BACKWARD_FORMS", "CONV_FORWARD_FORMS", "POOL_FORMS", "ConvPlan", "conv_plan", "forms",
+           "is_static", "platform_of", "pool_form"]
+
+#: The conv forward forms (``jaxconv.conv`` implements each).
+CONV_FORWARD_FORMS = ("conv", "im2row_blocked")
+#: The conv backward forms.
+CONV_BACKWARD_FORMS = ("conv", "im2row", "im2row_blocked", "mixed")
+#: The pooling forms.
+POOL_FORMS = ("reshape", "slices")
+
+_FORCED: contextvars.ContextVar[dict] = contextvars.ContextVar("jaxconv_forced_forms", default={})
+
+
+@contextlib.contextmanager
+def forms(*, conv_forward: str | None = None, conv_backward: str | None = None,
+          pool: str | None = None) -> Iterator[None]:
+    """Force the named forms for everything traced inside the ``with`` block (``None``: the planner's).
+
+    Nested blocks override the forms they name and keep the outer ones.
+    ``ValueError`` for a form name that does not exist.
+    """
+    requested = {"conv_forward": (conv_forward, CONV_FORWARD_FORMS),
+                 "conv_backward": (conv_backward, CONV_BACKWARD_FORMS), "pool": (pool, POOL_FORMS)}
+    forced = dict(_FORCED.get())
+    for name, (value, known) in requested.items():
+        if value is None:
+            continue
+        if value not in known:
+            raise ValueError(f"`{name}` (={value!r}) must be one of {list(known)}.")
+        forced[name] = value
+    token = _FORCED.set(forced)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def forced(name: str) -> str | None:
+    """The form forced for ``name`` (``"conv_forward"``, ``"conv_backward"``, ``"pool"``) in this context."""
+    return _FORCED.get().get(name)
+
+
+def is_static(*shapes: Sequence) -> bool:
+    """Every dimension of every shape is a plain int (no ``jax.export`` symbolic dimension)."""
+    return all(isinstance(d, int) for shape in shapes for d in shape)
+
+
+def platform_of(*arrays) -> str:
+    """``"cpu"``, ``"gpu"``, ``"tpu"``...: where the arrays' devices are.
+
+    Concrete ``jax.Array``\\ s report their devices (the first array that has
+    any decides); numpy arrays, Python scalars and tracers do not, and then
+    the platform is ``jax.default_device``'s when one is set, else
+    ``jax.default_backend()``.  GPU platforms (``"cuda"``, ``"rocm"``) are
+    reported as ``"gpu"``.
+    """
+    for a in arrays:
+        if isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer):
+            try:
+                devices = a.devices()
+            except Exception:  # deleted or otherwise unavailable buffers: fall through
+                continue
+            if devices:
+                return _normalise(next(iter(devices)).platform)
+    default = jax.config.jax_default_device
+    if default is not None:
+        return _normalise(default.platform if hasattr(default, "platform") else str(default))
+    return _normalise(jax.default_backend())
+
+
+def _normalise(platform: str) -> str:
+    return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
+
+
+# --- convolution ----------------------------------------------------------------------
+
+# Below this many multiply-adds (about the forward's), the blocked im2row
+# form's extra ops cost more than XLA's own convolution saves.
+SMALL_CONV_MACS = 5 * 10**6
+# A block holds at least one image; past this many phi entries per image
+# (256 MiB of float32) that one image's phi costs more memory than the speed
+# is worth, so the convolution form, which needs no phi, is kept.
+MAX_PHI_ENTRIES_PER_IMAGE = 64 * 2**20
+# A GEMM with fewer columns (output channels per group) or a shorter
+# contraction (kernel volume * C/G; O/G for dY F^T) than this runs far from
+# the matrix-product peak on CPU, and XLA's own convolution is then as fast.
+MIN_GEMM_SIDE = 32
+# From this many input channels per group on, XLA's own CPU convolution
+# forward runs near the GEMM peak (128->128 3x3 on 16x16: 150 GFLOP/s, 0.8-1x
+# the blocked product's time), so the forward stays XLA's.
+XLA_FORWARD_CHANNELS = 128
+
+
+class ConvPlan(NamedTuple):
+    """The forms one convolution runs: ``forward`` in :data:`CONV_FORWARD_FORMS`,
+    ``backward`` in :data:`CONV_BACKWARD_FORMS`, and ``reason``, the planner's why."""
+
+    forward: str
+    backward: str
+    reason: str
+
+
+def phi_entries_per_image(out_spatial: Sequence[int], kernel_spatial: Sequence[int], channels: int) -> int:
+    """Entries of one image's phi: an output position per row, a kernel entry (all input channels) per column."""
+    return math.prod(out_spatial) * math.prod(kernel_spatial) * channels
+
+
+def conv_plan(*, batch, out_spatial, kernel_spatial, in_channels, out_channels, groups, stride,
+              platform: str) -> ConvPlan:
+    """The forms for one convolution (any number of spatial dimensions).
+
+    ``batch`` and ``out_spatial`` may hold symbolic dimensions: then every size
+    is unknown and the plan is ``("conv", "conv")``.
+
+    On CPU, XLA's convolution backward runs at 3-60 GFLOP/s, while the same
+    formulas as cache-sized GEMMs (``"im2row_blocked"``) run near the matrix
+    product's speed (benchmarks/README.md), for every stride, padding,
+    dilation and group count; tiny convolutions, and images so large that one
+    image's phi would be a large temporary, keep ``"conv"``.  With fewer than
+    :data:`MIN_GEMM_SIDE` output channels per group at stride 1, dX's product
+    ``dY F^T`` would contract over those few channels: ``"mixed"`` takes dX
+    from the convolution form (XLA runs it like a forward) and dF from the
+    blocked products.  The forward is the blocked product where the backward
+    is blocked, both GEMM sides are at least :data:`MIN_GEMM_SIDE` wide and
+    the input has fewer than :data:`XLA_FORWARD_CHANNELS` channels per group.
+    On GPU both are XLA's convolutions (cuDNN).
+    """
+    forced_forward, forced_backward = forced("conv_forward"), forced("conv_backward")
+    forward, backward, reason = _conv_choice(batch, out_spatial, kernel_spatial, in_channels, out_channels, groups,
+                                             stride, platform)
+    if forced_forward or forced_backward:
+        reason = "forced by jaxconv.plan.forms" + (f"; the planner would pick ({forward}, {backward}): {reason}"
+                                                   if reason else "")
+    return ConvPlan(forced_forward or forward, forced_backward or backward, reason)
+
+
+def _conv_choice(batch, out_spatial, kernel_spatial, in_channels, out_channels, groups, stride, platform):
+    if not is_static((batch,), out_spatial):
+        return "conv", "conv", "a symbolic dimension: the forms that need no size"
+    if platform != "cpu":
+        return "conv", "conv", f"on {platform}, XLA's convolutions"
+    cg, og = in_channels // groups, out_channels // groups
+    phi = phi_entries_per_image(out_spatial, kernel_spatial, in_channels)
+    macs = batch * phi * og
+    if macs < SMALL_CONV_MACS:
+        return "conv", "conv", f"{macs:,} multiply-adds: too small for the blocked products to pay"
+    if phi > MAX_PHI_ENTRIES_PER_IMAGE:
+        return "conv", "conv", f"one image's phi would hold {phi:,} entries"
+    narrow = og < MIN_GEMM_SIDE
+    backward = "mixed" if narrow and all(s == 1 for s in stride) else "im2row_blocked"
+    contraction = math.prod(kernel_spatial) * cg
+    wide = og >= MIN_GEMM_SIDE and contraction >= MIN_GEMM_SIDE
+    forward = "im2row_blocked" if wide and cg < XLA_FORWARD_CHANNELS else "conv"
+    return forward, backward, (f"on CPU: {og} output and {cg} input channels per group, GEMM contraction "
+                               f"{contraction}, {macs:,} multiply-adds")
+
+
+# --- pooling -----------------------------------------------------------------------------
+
+
+def pool_form(window: Sequence[int], stride: Sequence[int], padding_fits_tiles: bool = True) -> str:
+    """``"reshape"`` for non-overlapping windows (stride == window) that tile the input, else ``"slices"``.
+
+    A forced ``"reshape"`` falls back to ``"slices"`` where windows overlap: the
+    reshape form cannot express them.
+    """
+    tiles = tuple(window) == tuple(stride) and padding_fits_tiles
+    wanted = forced("pool")
+    if wanted is not None:
+        return wanted if (tiles or wanted == "slices") else "slices"
+    return "reshape" if tiles else "slices"
