@@ -1,13 +1,13 @@
 """jaxconv: convnet layers whose backward passes are hand-derived, verified custom_vjp rules."""
 
-from . import reference, verify
+from . import plan, reference, verify
 from . import matrix
 from .conv import conv2d
 from .layers import flatten, linear, relu
 from .losses import l2_penalty, log_loss, softmax, softmax_cross_entropy
 from .pool import avg_pool2d, max_pool2d
 from . import nn, models, train
-from . import checkpoint, data, plots
+from . import checkpoint, data, plots, testing
 from .lrn import (
     lrn,
     lrn_params_from_caffe,
@@ -40,8 +40,10 @@ __all__ = [
     "train",
     "checkpoint",
     "data",
+    "plan",
     "plots",
     "reference",
+    "testing",
     "verify",
     "__version__",
 ]

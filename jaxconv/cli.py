@@ -1,4 +1,4 @@
-"""Command line: ``python -m jaxconv verify``, ``python -m jaxconv train`` and ``python -m jaxconv evaluate``."""
+"""Command line: ``python -m jaxconv verify | train | evaluate | check``."""
 
 from __future__ import annotations
 
@@ -577,6 +577,9 @@ def main(argv=None) -> int:
     p_verify.set_defaults(func=_verify)
     _add_train_parser(sub)
     _add_evaluate_parser(sub)
+    from . import check_cli
+
+    check_cli.add_parser(sub)
     try:
         args = parser.parse_args(argv)
     except SystemExit as done:  # argparse has printed the usage and the error (or --help)

@@ -84,7 +84,7 @@ def _write(directory, name="user_rules", scale=1.0):
 
 
 def _run(args, cwd, env=None):
-    return subprocess.run([sys.executable, "-m", "jaxconv.check_cli", *args], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "jaxconv", "check", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
