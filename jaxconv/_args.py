@@ -219,3 +219,34 @@ def check_window_op_sizes(x_shape, pads: Padding2D, out_hw: Pair, out_channels: 
     (top, bottom), (left, right) = pads
     check_elements((n, h + top + bottom, w + left + right, c), "`padding` and `x`'s shape", "the padded input")
     check_elements((n, *out_hw, out_channels), name, "the output")
+
+
+_JAX_FORWARD_MODE_MESSAGE = "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
+
+
+def reverse_mode_rule(op):
+    """Decorate a public op whose derivative is a ``custom_vjp`` rule: forward mode gets a clear error.
+
+    JAX cannot run a ``custom_vjp`` rule in pure forward mode (``jax.jvp``,
+    ``jax.jacfwd``); its own message says only that.  This names the op and
+    what works instead.  Forward-over-reverse (``jax.jvp`` of ``jax.grad``,
+    ``jax.hessian``) is reverse mode first and works.  Under ``jax.jit`` of a
+    ``jax.jvp``, JAX raises its own message later, when the program is built.
+    """
+    import functools
+
+    @functools.wraps(op)
+    def wrapped(*args, **kwargs):
+        try:
+            return op(*args, **kwargs)
+        except TypeError as err:
+            if _JAX_FORWARD_MODE_MESSAGE not in str(err):
+                raise
+            raise TypeError(
+                f"jaxconv.{op.__name__}: its derivative is a hand-written reverse-mode rule (jax.custom_vjp), "
+                f"which JAX cannot run in forward mode (jax.jvp, jax.jacfwd, jax.linearize). Use reverse mode "
+                f"(jax.grad, jax.vjp, jax.jacrev); forward-over-reverse (jax.jvp of jax.grad, jax.hessian) works. "
+                f"For forward mode itself use jaxconv.reference.{op.__name__}, the same op in plain lax."
+            ) from err
+
+    return wrapped

@@ -65,6 +65,7 @@ class ConvConfig(NamedTuple):
     forward: str = "conv"  # forward: a key of _FORWARD_STRATEGIES
 
 
+@_args.reverse_mode_rule
 def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
     """2-D convolution, NHWC input and HWIO kernel, with a hand-derived VJP.
 

@@ -34,6 +34,7 @@ _HIGHEST = lax.Precision.HIGHEST
 # --- relu ----------------------------------------------------------------------
 
 
+@_args.reverse_mode_rule
 def relu(x):
     """Rectified linear unit ``max(0, x)``, elementwise (seed 004 §1.5).
 
@@ -50,16 +51,22 @@ def relu(x):
     return _relu(x)
 
 
-@jax.custom_vjp
-def _relu(x):
+def _relu_forward(x):
     # A select, not jnp.maximum(x, 0): XLA's CPU backend fuses a max into a
     # following reduction with a max that drops NaN (relu(x).sum() under jit
     # was finite for a NaN x).  `x <= 0` is False at NaN, so NaN passes through.
     return jnp.where(x <= 0, jnp.zeros((), x.dtype), x)
 
 
+@jax.custom_vjp
+def _relu(x):
+    return _relu_forward(x)
+
+
 def _relu_fwd(x):
-    return _relu(x), x > 0
+    # The plain forward, not _relu itself: a custom_vjp call inside the rule
+    # would make forward-over-reverse (jax.jvp of jax.grad, jax.hessian) fail.
+    return _relu_forward(x), x > 0
 
 
 def _relu_bwd(positive, g):
@@ -72,6 +79,7 @@ _relu.defvjp(_relu_fwd, _relu_bwd)
 # --- linear --------------------------------------------------------------------
 
 
+@_args.reverse_mode_rule
 def linear(x, w, b=None):
     """Fully connected layer ``y = x @ w + b`` (seed 004 §1.6, seed 002's table).
 
@@ -133,6 +141,7 @@ _linear.defvjp(_linear_fwd, _linear_bwd)
 # --- flatten -------------------------------------------------------------------
 
 
+@_args.reverse_mode_rule
 def flatten(x):
     """``(N, d_1, ..., d_r) -> (N, d_1 * ... * d_r)``, row-major (seed 004 §1.4).
 
@@ -157,8 +166,9 @@ def _flatten(shape, x):
 
 
 def _flatten_fwd(shape, x):
-    # No residual: the input shape is static configuration.
-    return _flatten(shape, x), None
+    # No residual: the input shape is static configuration.  The reshape itself,
+    # not _flatten (see _relu_fwd: forward-over-reverse needs plain code here).
+    return x.reshape(shape[0], math.prod(shape[1:])), None
 
 
 def _flatten_bwd(shape, _, g):

@@ -106,6 +106,7 @@ def _onehot(labels, num_classes: int, dtype):
 # --- softmax -------------------------------------------------------------------
 
 
+@_args.reverse_mode_rule
 def softmax(s):
     """Softmax over the last axis, ``p = exp(s) / sum(exp(s))`` (seed 004 §1.7).
 
@@ -150,6 +151,7 @@ _softmax.defvjp(_softmax_fwd, _softmax_bwd)
 # --- log-loss ------------------------------------------------------------------
 
 
+@_args.reverse_mode_rule
 def log_loss(p, labels):
     """Mean over the batch of ``-log p[n, labels[n]]`` (seed 004 §1.8).
 
@@ -206,6 +208,7 @@ _log_loss.defvjp(_log_loss_fwd, _log_loss_bwd)
 # --- fused softmax cross-entropy -----------------------------------------------
 
 
+@_args.reverse_mode_rule
 def softmax_cross_entropy(logits, labels):
     """Mean over the batch of ``-log softmax(logits)[n, labels[n]]``, fused and stable.
 
@@ -268,6 +271,7 @@ _softmax_cross_entropy.defvjp(_softmax_cross_entropy_fwd, _softmax_cross_entropy
 # --- L2 penalty ----------------------------------------------------------------
 
 
+@_args.reverse_mode_rule
 def l2_penalty(params, lam):
     """``lam * sum over the leaves of params of sum(leaf ** 2)`` (seed 001's L2 term).
 

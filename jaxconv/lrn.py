@@ -91,6 +91,7 @@ def _positive_int(value, name: str, *, minimum: int = 1) -> int:
     return int(value)
 
 
+@_args.reverse_mode_rule
 def lrn(x, *, size=5, kappa=2.0, alpha=1e-4, beta=0.75):
     """Local response normalisation across channels (MatConvNet / AlexNet convention).
 

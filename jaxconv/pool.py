@@ -254,6 +254,7 @@ def _untile(tiles, config: PoolConfig):
 # --- average pooling --------------------------------------------------------------
 
 
+@_args.reverse_mode_rule
 def avg_pool2d(x, window, *, stride=None, padding="VALID", count_include_pad=True):
     """Average pooling over ``window`` (NHWC) with the seed-003 backward.
 
@@ -335,6 +336,7 @@ _avg_pool2d.defvjp(_avg_pool2d_fwd, _avg_pool2d_bwd)
 # --- max pooling ------------------------------------------------------------------
 
 
+@_args.reverse_mode_rule
 def max_pool2d(x, window, *, stride=None, padding="VALID"):
     """Max pooling over ``window`` (NHWC) with the seed-004 §1.2 backward.
 
