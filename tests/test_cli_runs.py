@@ -340,3 +340,33 @@ def test_bad_data_is_refused_before_training_naming_the_file(tmp_path, fault):
     assert culprit in done.stderr and "--dataset mnist" in done.stderr and "Traceback" not in done.stderr
     assert "epoch 1" not in done.stderr
     assert not out.exists()  # the run directory it created is gone again: nothing was written
+
+
+# --- python -m jaxconv verify ----------------------------------------------------------------
+
+
+def test_verify_prints_a_passing_table_for_the_named_ops():
+    done = _run("verify", "--op", "relu", "--op", "flatten")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split("|")[0].strip(): line for line in done.stdout.splitlines() if "|" in line}
+    assert set(rows) >= {"op", "relu", "flatten"} and rows["relu"].rstrip().endswith("pass")
+    assert done.stdout.strip().endswith("all passed")
+
+
+def test_verify_fails_on_a_planted_wrong_rule_and_rejects_unknown_ops(monkeypatch, capsys):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxconv import _suite
+
+    @jax.custom_vjp
+    def bad_relu(x):
+        return jnp.maximum(x, 0)
+
+    bad_relu.defvjp(lambda x: (jnp.maximum(x, 0), x), lambda x, g: (g * (x > 0) * (1 + 1e-9),))
+    monkeypatch.setattr(_suite, "relu", bad_relu)
+    assert cli.main(["verify", "--op", "relu"]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED" in captured.out and "relu" in captured.err
+    assert cli.main(["verify", "--op", "conv9d"]) == 2
+    assert "unknown op(s) ['conv9d']" in capsys.readouterr().err
