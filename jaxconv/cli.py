@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
 import time
 
 import numpy as np
+
+from ._json import json_safe, strict_json_bytes
 
 
 def _verify(args) -> int:
@@ -256,23 +257,6 @@ def check_model_grads(apply_fun, params, images, labels, *, l2=0.0, finite_diffe
     return bool(passed)
 
 
-def _json_safe(value):
-    """``value`` with every non-finite float replaced by ``None``: strict JSON (no bare NaN/Infinity)."""
-    import math
-
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _strict_json(record) -> bytes:
-    return (json.dumps(_json_safe(record), indent=1, allow_nan=False) + "\n").encode()
-
-
 def _fail(message: str, code: int = EXIT_BAD_SETTINGS) -> int:
     print(f"python -m jaxconv train: error: {message}", file=sys.stderr)
     return code
@@ -404,7 +388,7 @@ def _run(args, out: pathlib.Path) -> int:
 
     def write_metrics(**extra):
         record = {**environment, "config": config, "epochs": history, **extra}
-        checkpoint.atomic_write_bytes(out / "metrics.json", _strict_json(record))
+        checkpoint.atomic_write_bytes(out / "metrics.json", strict_json_bytes(record))
 
     steps_per_epoch = data.num_batches(len(y_train), args.batch_size)
     train_seconds = sum(h.get("seconds", 0.0) for h in history)
@@ -473,7 +457,7 @@ def _run(args, out: pathlib.Path) -> int:
         })
         print(f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f}, test loss {test['loss']:.4f}, "
               f"test accuracy {test['accuracy']:.2%}", file=sys.stderr)
-        history = _json_safe(history)
+        history = json_safe(history)
         checkpoint.save(ckpt_path, {"params": params, "opt_state": opt_state}, {
             "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "config": config, "history": history,
             "jax_version": jax.__version__,

@@ -66,6 +66,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._json import json_safe
+
 __all__ = [
     "Check",
     "Report",
@@ -132,7 +134,7 @@ class Check:
         d = dataclasses.asdict(self)
         d["where"] = list(self.where) if self.where is not None else None
         d["passed"] = self.passed
-        return _json_safe(d)
+        return json_safe(d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +214,7 @@ class ResidualAudit:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return _json_safe({
+        return json_safe({
             "rule": [dataclasses.asdict(r) for r in self.rule],
             "autodiff": None if self.autodiff is None else [dataclasses.asdict(r) for r in self.autodiff],
             "rule_bytes": self.rule_bytes,
@@ -304,16 +306,6 @@ class Report:
             "failures": [c.describe() for c in self.failures],
             "residuals": None if self.residuals is None else self.residuals.to_dict(),
         }
-
-
-def _json_safe(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _bytes(n: int) -> str:

@@ -201,7 +201,9 @@ def test_a_run_that_diverges_at_once_writes_no_weights_and_says_so(tmp_path):
 
 
 def test_metrics_are_strict_json_with_non_finite_values_as_null():
-    assert cli._strict_json({"a": float("nan"), "b": [float("inf"), 1.5], "c": {"d": -float("inf")}}) == (
+    from jaxconv._json import strict_json_bytes
+
+    assert strict_json_bytes({"a": float("nan"), "b": [float("inf"), 1.5], "c": {"d": -float("inf")}}) == (
         b'{\n "a": null,\n "b": [\n  null,\n  1.5\n ],\n "c": {\n  "d": null\n }\n}\n'
     )
 
