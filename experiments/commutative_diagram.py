@@ -1,6 +1,6 @@
-"""Test seed 000's claim: train a convnet by gradient descent on its matrix M, then get K back.
+"""Test a claim: train a convnet by gradient descent on its matrix M, then get K back.
 
-Seed 000 says: compute the conv layer as a matrix product ``M vec(x)``, differentiate
+The claim: compute the conv layer as a matrix product ``M vec(x)``, differentiate
 it as a dense layer, take a gradient step on ``M``, recover a kernel ``K`` from the
 updated ``M``, repeat; and that "gradient descent on M keeps all the properties of
 M enough for it to still be equivalent to some K".
@@ -11,8 +11,8 @@ gradient descent in float64 (deterministic, so trajectories can be compared
 step by step).  Routes, all from the same initialisation:
 
 * ``a``: gradient descent on K (``jax.grad`` through ``jaxconv.conv2d``) at rate eta.
-* ``b``: the seed's loop: ``M = filter_matrix(K)``; ``dL/dM = dL/dvec(S)^T vec(X)``,
-  the dense-layer formula (seed 004 §1.6); ``M <- M - eta dL/dM``;
+* ``b``: the matrix loop: ``M = filter_matrix(K)``; ``dL/dM = dL/dvec(S)^T vec(X)``,
+  the dense-layer formula (docs/layers.md, Fully connected layer); ``M <- M - eta dL/dM``;
   ``K = kernel_from_matrix(M)`` (least squares); repeat.  The other layers step at eta.
 * ``a_rescaled``: route a with K's rate eta / (Ho*Wo), one number.
 * ``a_per_weight``: route a with weight e's rate eta / |P_e|, |P_e| the number of
@@ -139,7 +139,7 @@ def make_steps(padding, out_hw, counts):
         vec_x = matrix.vec(x)
         vec_s = vec_x @ m.T
         loss, (d_vec_s, d_rest) = jax.value_and_grad(loss_of_s, argnums=(0, 1))(vec_s, rest)
-        d_m = d_vec_s.T @ vec_x  # seed 004 §1.6: dz/dW = dz/dvec(Y) vec(X)^T, summed over the batch
+        d_m = d_vec_s.T @ vec_x  # docs/layers.md (FC layer): dz/dW = dz/dvec(Y) vec(X)^T, summed over the batch
         m_new = m - ETA * d_m
         k_new, residual = matrix.kernel_from_matrix(m_new, (8, 8), kshape, padding=padding)
         new = {n: p - ETA * d_rest[n] for n, p in rest.items()}
@@ -234,7 +234,7 @@ def plot(histories, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(PADDINGS), 3, figsize=(15, 4.2 * len(PADDINGS)))
-    labels = {"a": "a: GD on K, rate eta", "b": "b: seed's loop (M step, K by least squares)",
+    labels = {"a": "a: GD on K, rate eta", "b": "b: matrix loop (M step, K by least squares)",
               "a_rescaled": "a, K rate eta/(Ho*Wo)", "a_per_weight": "a, K rate eta/|P_e|",
               "c": "c: GD on M, never projected (MLP)"}
     for row, padding in enumerate(PADDINGS):
@@ -285,7 +285,7 @@ def main():
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(histories, RESULTS / "commutative_diagram.png")
     record = {
-        "experiment": "commutative_diagram (seed 000's claim)",
+        "experiment": "commutative_diagram (GD on M, K by least squares)",
         "jax_version": jax.__version__,
         "jaxconv_version": jaxconv.__version__,
         "device": str(jax.devices()[0]),
@@ -296,7 +296,7 @@ def main():
         "optimiser": f"full-batch gradient descent, eta={ETA}, {STEPS} steps, seeds {list(SEEDS)}",
         "routes": {
             "a": "GD on K at rate eta (jax.grad through jaxconv.conv2d)",
-            "b": "seed 000's loop: M=filter_matrix(K); dL/dM = dL/dvec(S)^T vec(X); M -= eta dL/dM; K = kernel_from_matrix(M)",
+            "b": "matrix loop: M=filter_matrix(K); dL/dM = dL/dvec(S)^T vec(X); M -= eta dL/dM; K = kernel_from_matrix(M)",
             "a_rescaled": "GD on K at rate eta/(Ho*Wo)",
             "a_per_weight": "GD on K at rate eta/|P_e| per weight (|P_e| = entries of M that weight e occupies)",
             "c": "GD on M as a dense layer, never projected",

@@ -67,7 +67,7 @@ def conv2d_cases(rng) -> list[Case]:
 
 # Window, stride, padding: non-overlapping (the reshape strategy), overlapping
 # (the slices strategy, windows add), SAME, asymmetric padding, a stride
-# remainder (pixels no window reads) and a global pool (seed 002's AvPool).
+# remainder (pixels no window reads) and a global pool (docs/pooling.md §3).
 _POOL_GRID = [
     # x shape, window, stride, padding
     ((2, 6, 6, 3), 2, None, "VALID"),

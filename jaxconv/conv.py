@@ -1,7 +1,7 @@
 r"""2-D convolution (cross-correlation, as in every deep-learning library) with a
 hand-derived backward pass.
 
-Forward (seed 003 "Convolution [batch = n, channel = C_in, C_out]", seed 004 §1.1),
+Forward (docs/convolution.md §1),
 for input ``x`` (N, H, W, C) in NHWC, kernel ``w`` (KH, KW, C/G, O) in HWIO,
 padded input ``xp`` (``lo``/``hi`` zeros on each side), stride ``s``,
 dilation ``d`` and ``G`` groups:
@@ -14,16 +14,15 @@ dilation ``d`` and ``G`` groups:
 Output size per spatial dimension:
 ``floor((H + lo + hi - d*(KH-1) - 1) / s) + 1``.
 
-Backward, the documents' formulas, for the output gradient ``g = dL/dy``:
+Backward, the hand-derived formulas (docs/convolution.md §5), for the output gradient ``g = dL/dy``:
 
 * ``dL/dw``: the correlation of the padded input with the *inserted* gradient,
-  ``g`` with ``s - 1`` zeros between its entries (seed 003's "Inserted Grad";
-  seed 001's ``dL/dF = X * dL/dS``; seed 004's ``phi(X)^T dY``).  The padded rows
+  ``g`` with ``s - 1`` zeros between its entries (docs/convolution.md §5.4;
+  in matrix form ``phi(X)^T dY``, §5.2).  The padded rows
   that no window reaches (the stride remainder) are cut off first.
 * ``dL/dx``: the *full* correlation of the zero-inserted, zero-padded gradient with
   the kernel rotated by 180 degrees, input and output channels swapped per group
-  (seed 001's ``G_zero-pad * F^rot180``; seed 003's
-  ``Inserted Grad y * Rot180(w)``), cropped back to the unpadded input.  Input
+  (docs/convolution.md §5.3), cropped back to the unpadded input.  Input
   rows no window covers receive exactly zero.
 * ``dL/db``: the sum of ``g`` over batch and space.
 
@@ -31,7 +30,7 @@ Both gradients are themselves written with ``lax.conv_general_dilated`` (the
 zero insertion is its ``lhs_dilation``, the Rot180 an explicit flip), so the
 rule stays differentiable: grad-of-grad goes through it.
 
-The same formulas also run as seed 004's matrix products (``Y = phi(X) F``,
+The same formulas also run as matrix products (docs/convolution.md §5.2) (``Y = phi(X) F``,
 ``dF = phi(X)^T dY``, ``dX = phi*(dY F^T)``) over cache-sized batch blocks;
 the planner (:func:`jaxconv.plan.conv_plan`) picks, per platform and
 shape, the form that runs fastest (on CPU the matrix
@@ -96,7 +95,7 @@ def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
       makes every output of channel ``o`` NaN (padding too is ``0 * NaN``).
       Eager and under ``jit``.
 
-    Backward: see the module docstring (seed 001, 003 and 004).
+    Backward: see the module docstring and docs/convolution.md §5.
 
     Example:
       >>> x = jnp.ones((1, 5, 5, 1)); w = jnp.ones((3, 3, 1, 2))
@@ -152,7 +151,7 @@ def _forward_conv(config: ConvConfig, x, w):
 
 
 def _phi_by_group(config: ConvConfig, x, w_shape):
-    """phi(X) per group, ``(G, N*Ho*Wo, KH*KW*C/G)`` (seed 004's im2row, HWIO column order)."""
+    """phi(X) per group, ``(G, N*Ho*Wo, KH*KW*C/G)`` (im2row, docs/convolution.md §2; HWIO column order)."""
     kh, kw, cg, _ = w_shape
     groups = config.groups
     rows = _patches(x, (kh, kw), config.stride, config.padding, config.dilation)  # (N, Ho, Wo, KH, KW, C)
@@ -175,7 +174,7 @@ def _images_per_block(config: ConvConfig, x, w_shape) -> int:
 
 
 def _forward_im2row(config: ConvConfig, x, w):
-    """Seed 004's ``Y = phi(X) F``, one matrix product per group."""
+    """``Y = phi(X) F`` (docs/convolution.md §2), one matrix product per group."""
     n, o = x.shape[0], w.shape[3]
     ho, wo = _output_hw(x.shape[1:3], config.padding, w.shape[:2], config.stride, config.dilation)
     y = jnp.matmul(_phi_by_group(config, x, w.shape), _kernel_by_group(w, config.groups),
@@ -230,7 +229,7 @@ def rot180_swap(w, groups: int):
 
 
 def _input_grad_conv(config: ConvConfig, x_shape, w, g):
-    """dL/dx = (Inserted, zero-padded g) * Rot180(w), cropped to x (seed 001/003)."""
+    """dL/dx = (Inserted, zero-padded g) * Rot180(w), cropped to x (docs/convolution.md §5.3)."""
     (sh, sw), (dh, dw), groups = config.stride, config.dilation, config.groups
     _, h, wd, _ = x_shape
     kh, kw = w.shape[:2]
@@ -255,7 +254,7 @@ def _input_grad_conv(config: ConvConfig, x_shape, w, g):
 
 
 def _kernel_grad_conv(config: ConvConfig, x, w_shape, g):
-    """dL/dw = padded x correlated with Inserted g (seed 003), batch summed.
+    """dL/dw = padded x correlated with Inserted g (docs/convolution.md §5.4), batch summed.
 
     The batch axis is the contraction axis of this correlation, the channel
     axis of ``x`` plays the batch, and the inserted ``g`` is the filter.
@@ -282,7 +281,7 @@ def _backward_conv(config: ConvConfig, x, w, g):
 
 
 def _backward_im2row(config: ConvConfig, x, w, g, need_dx: bool = True):
-    """The im2row form (seed 004's boxed formulas): (dL/dx, dL/dw).
+    """The im2row form (docs/convolution.md §5.2): (dL/dx, dL/dw).
 
     With ``phi`` = im2row (one row per output position, one column per kernel
     entry, HWIO order) and per group ``F`` the ``(KH*KW*C/G, O/G)`` kernel matrix,
@@ -324,7 +323,7 @@ def _batch_block(n: int, bytes_per_image: int, budget: int) -> int:
 
 
 def _backward_im2row_blocked(config: ConvConfig, x, w, g, need_dx: bool = True):
-    """The im2row form (seed 004) over blocks of the batch: (dL/dx, dL/dw).
+    """The im2row form (docs/convolution.md §5.2) over blocks of the batch: (dL/dx, dL/dw).
 
     ``phi(X)^T dY`` is a sum over the rows of phi, one row per output position,
     so it splits over images: ``dF = sum_b phi(X_b)^T dY_b``; and ``phi*`` acts
@@ -359,7 +358,7 @@ def _backward_mixed(config: ConvConfig, x, w, g):
 
     ``dX = phi*(dY F^T)`` contracts over the O/G output channels: with few of
     them that product runs far from the GEMM peak, while ``dX`` as the
-    Rot180 correlation (seed 001/003) is a plain stride-1 convolution, which
+    Rot180 correlation (docs/convolution.md §5.3) is a plain stride-1 convolution, which
     XLA runs as fast as a forward.  ``dF = phi(X)^T dY`` contracts over the
     batch and space and stays a GEMM.
     """

@@ -1,17 +1,17 @@
 r"""ReLU, the fully connected layer and flattening, each with its hand-derived backward.
 
-* ``relu`` (seed 004 §1.5): ``y_k = max(0, x_k)``; ``dz/dx_k = dz/dy_k * [x_k > 0]``.
+* ``relu`` (docs/layers.md, ReLU): ``y_k = max(0, x_k)``; ``dz/dx_k = dz/dy_k * [x_k > 0]``.
   The gradient at ``x_k == 0`` is 0, as ``jax.nn.relu``'s.  The only residual is
   the boolean mask ``x > 0`` (one byte an element, the smallest that works: the
   output would do too, at the element size of ``x``).
-* ``linear`` (seed 004 §1.6, seed 002's Linear column): ``y = x W + b`` with ``x``
+* ``linear`` (docs/layers.md, Fully connected layer): ``y = x W + b`` with ``x``
   ``(N, D_in)``, ``W`` ``(D_in, D_out)``, ``b`` ``(D_out,)``.  For ``g = dz/dy``:
-  ``dz/dx = g Wᵀ``, ``dz/dW = xᵀ g``, ``dz/db = sum_n g_n``.  (The documents write
-  ``y = W x`` for one column ``x``, hence their ``W^T dz/dy`` and ``dz/dy x^T``;
+  ``dz/dx = g Wᵀ``, ``dz/dW = xᵀ g``, ``dz/db = sum_n g_n``.  (With one example as a
+  column, ``y = W x``, these read ``W^T dz/dy`` and ``dz/dy x^T``;
   with examples as rows the same formulas transpose to these.)
-* ``flatten`` (seed 004 §1.4): ``(N, d_1, ..., d_r) -> (N, d_1 ... d_r)``,
+* ``flatten`` (docs/layers.md, Flatten and vectorisation): ``(N, d_1, ..., d_r) -> (N, d_1 ... d_r)``,
   row-major; ``dz/dx = reshape(dz/dy)``.  The order is JAX's row-major (for NHWC,
-  channel fastest), not the documents' ``vec`` (channel planes stacked): the two
+  channel fastest), not :func:`jaxconv.matrix.vec` (channel planes stacked): the two
   differ by a fixed permutation of the next layer's weight rows.
 """
 
@@ -36,7 +36,7 @@ _HIGHEST = lax.Precision.HIGHEST
 
 @_args.reverse_mode_rule
 def relu(x):
-    """Rectified linear unit ``max(0, x)``, elementwise (seed 004 §1.5).
+    """Rectified linear unit ``max(0, x)``, elementwise (docs/layers.md, ReLU).
 
     Args:
       x: any shape, floating dtype.
@@ -81,7 +81,7 @@ _relu.defvjp(_relu_fwd, _relu_bwd)
 
 @_args.reverse_mode_rule
 def linear(x, w, b=None):
-    """Fully connected layer ``y = x @ w + b`` (seed 004 §1.6, seed 002's table).
+    """Fully connected layer ``y = x @ w + b`` (docs/layers.md, Fully connected layer).
 
     Args:
       x: inputs, shape ``(N, D_in)``, floating dtype.
@@ -143,7 +143,7 @@ _linear.defvjp(_linear_fwd, _linear_bwd)
 
 @_args.reverse_mode_rule
 def flatten(x):
-    """``(N, d_1, ..., d_r) -> (N, d_1 * ... * d_r)``, row-major (seed 004 §1.4).
+    """``(N, d_1, ..., d_r) -> (N, d_1 * ... * d_r)``, row-major (docs/layers.md, Flatten and vectorisation).
 
     Args:
       x: rank ``>= 2``, floating dtype (for NHWC images ``(N, H, W, C)``, each

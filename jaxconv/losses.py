@@ -1,20 +1,20 @@
 r"""Softmax, the log-loss, the fused softmax cross-entropy and the L2 penalty, each
 with its hand-derived backward.
 
-* ``softmax`` (seed 004 §1.7), over the last axis:
+* ``softmax`` (docs/losses.md, Softmax), over the last axis:
   ``p_k = e^{s_k} / sum_t e^{s_t}``; the simplified backward
   ``dz/ds_d = p_d (g_d - sum_k g_k p_k)`` with ``g = dz/dp``.  Residual: ``p``.
-* ``log_loss`` (seed 004 §1.8): ``L = -(1/N) sum_n log p[n, c_n]`` for
+* ``log_loss`` (docs/losses.md, Log-loss): ``L = -(1/N) sum_n log p[n, c_n]`` for
   probabilities ``p`` ``(N, D)`` and classes ``c``; ``dL/dp[n, k] = -[k = c_n] /
   (N p[n, c_n])``.  Residual: the ``N`` picked probabilities.
-* ``softmax_cross_entropy`` (seed 001, the lecture's loss; seed 004 §1.7 + §1.8
-  composed): ``L = (1/N) sum_n (logsumexp(s_n) - s[n, c_n])``, computed with the
+* ``softmax_cross_entropy`` (docs/losses.md, Softmax cross-entropy; softmax and
+  log-loss composed): ``L = (1/N) sum_n (logsumexp(s_n) - s[n, c_n])``, computed with the
   row maximum subtracted so that it is finite for logits of any finite size
-  (``|s| ~ 1e4`` included).  The composition's backward collapses to the
-  lecture's ``dL/ds_n = (p_n - onehot(c_n)) / N``: with ``g = -[k = c] / p_c``
-  from §1.8, §1.7 gives ``p_d (g_d - sum_k g_k p_k) = p_d (-[d = c]/p_c + 1)
+  (``|s| ~ 1e4`` included).  The composition's backward collapses to
+  ``dL/ds_n = (p_n - onehot(c_n)) / N``: with ``g = -[k = c] / p_c``
+  from the log-loss, the softmax backward gives ``p_d (g_d - sum_k g_k p_k) = p_d (-[d = c]/p_c + 1)
   = p_d - [d = c]``.  Residual: ``p``.
-* ``l2_penalty`` (seed 001: the "+ L_2 regularization term"):
+* ``l2_penalty`` (docs/losses.md, L2 penalty):
   ``R = lam * sum over the leaves of sum(w^2)``; ``dR/dw = 2 lam w``,
   ``dR/dlam = sum(w^2)``.
 
@@ -108,7 +108,7 @@ def _onehot(labels, num_classes: int, dtype):
 
 @_args.reverse_mode_rule
 def softmax(s):
-    """Softmax over the last axis, ``p = exp(s) / sum(exp(s))`` (seed 004 §1.7).
+    """Softmax over the last axis, ``p = exp(s) / sum(exp(s))`` (docs/losses.md, Softmax).
 
     Args:
       s: scores, shape ``(..., D)`` with ``D >= 1``, floating dtype.
@@ -153,7 +153,7 @@ _softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 @_args.reverse_mode_rule
 def log_loss(p, labels):
-    """Mean over the batch of ``-log p[n, labels[n]]`` (seed 004 §1.8).
+    """Mean over the batch of ``-log p[n, labels[n]]`` (docs/losses.md, Log-loss).
 
     Args:
       p: probabilities, shape ``(N, D)``, floating dtype: every entry in
@@ -224,7 +224,7 @@ def softmax_cross_entropy(logits, labels):
       A scalar of ``logits``' dtype; NaN if any logit is NaN (every logit of a
       row enters its normaliser), eager and under ``jit``.
 
-    Backward (seed 001's lecture result): ``dL/ds = (softmax(s) - onehot(labels)) / N``.
+    Backward (docs/losses.md, Softmax cross-entropy): ``dL/ds = (softmax(s) - onehot(labels)) / N``.
     """
     logits = _args.check_float_array(logits, "logits", 2)
     labels = check_labels(labels, logits.shape[0], logits.shape[1])
@@ -273,7 +273,7 @@ _softmax_cross_entropy.defvjp(_softmax_cross_entropy_fwd, _softmax_cross_entropy
 
 @_args.reverse_mode_rule
 def l2_penalty(params, lam):
-    """``lam * sum over the leaves of params of sum(leaf ** 2)`` (seed 001's L2 term).
+    """``lam * sum over the leaves of params of sum(leaf ** 2)`` (docs/losses.md, L2 penalty).
 
     Args:
       params: a pytree of floating arrays (at least one leaf).  ``None`` leaves

@@ -1,8 +1,8 @@
 r"""Local response normalisation across channels, with a hand-derived backward pass.
 
-Forward (seed 004 §1.3, the MatConvNet / AlexNet convention), for ``x`` of shape
-``(N, H, W, C)`` (NHWC: the channel is the last axis) and at every position
-``(n, i, j)``:
+Forward (docs/layers.md, Local response normalisation; the MatConvNet / AlexNet
+convention), for ``x`` of shape ``(N, H, W, C)`` (NHWC: the channel is the last
+axis) and at every position ``(n, i, j)``:
 
 .. math::
 
@@ -16,8 +16,8 @@ So an odd ``size`` is a centred window; an even one reaches one channel further
 channel.  ``alpha`` multiplies the plain sum: Caffe's and PyTorch's ``alpha`` is
 divided by the window size first (see the converters below).
 
-Backward, derived from the forward (the seed's printed formula has a typo: its
-``X_{(i,j,ki)}`` is ``X_{(i,j,k)}``).  ``y_k`` depends on ``x_d`` directly when
+Backward, derived from the forward (docs/layers.md, Local response normalisation,
+Backward).  ``y_k`` depends on ``x_d`` directly when
 ``k = d`` and through ``L_k`` whenever ``d \in G(k)``, with
 ``dL_k/dx_d = 2 \alpha x_d``.  For the output gradient ``g = dz/dy``:
 
@@ -97,7 +97,7 @@ def lrn(x, *, size=5, kappa=2.0, alpha=1e-4, beta=0.75):
 
     ``y[..., k] = x[..., k] * (kappa + alpha * sum_{t in G(k)} x[..., t]**2) ** (-beta)``
     with ``G(k) = [k - floor((size-1)/2), k + ceil((size-1)/2)]`` clipped to the
-    channels; the hand-derived backward is in the module docstring (seed 004 §1.3).
+    channels; the hand-derived backward is in the module docstring (docs/layers.md, Local response normalisation).
 
     Args:
       x: input, shape ``(N, H, W, C)``, floating dtype; normalised over ``C``.

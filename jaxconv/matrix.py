@@ -1,17 +1,17 @@
-r"""The documents' matrix views of a convolution: im2row, row2im, M_X^im, M_F^filter.
+r"""Matrix views of a convolution (docs/convolution.md §2-§4): im2row, row2im, M_X^im, M_F^filter.
 
 A convolution is linear in its input and linear in its kernel, so it is a matrix
 product either way round.  This module builds both matrices, their inverse
-(a kernel from a matrix), and seed 004's im2row operator with its adjoint, which
+(a kernel from a matrix), and the im2row operator with its adjoint, which
 ``conv2d``'s second backward strategy uses.
 
-**vec()** is the documents' one (seed 001's ``M_F = (M_F1 M_F2 ...)`` blocks): the
+**vec()** is the one of docs/convolution.md §3 (``M_F = (M_F1 M_F2 ...)`` blocks): the
 channel planes stacked, each plane row-major.  For one image ``X`` of shape
 ``(H, W, C)``, ``vec(X) = X.transpose(2, 0, 1).ravel()``; for a single filter
 ``F`` of shape ``(KH, KW, C)`` likewise; for a response ``S`` of shape
 ``(Ho, Wo, O)`` the O planes are stacked.
 
-**im2row** (seed 004 §1.1, ``phi``).  With padded input ``xp``, stride ``s`` and
+**im2row** (docs/convolution.md §2, ``phi``).  With padded input ``xp``, stride ``s`` and
 dilation ``d``,
 
 .. math::
@@ -27,13 +27,13 @@ is the convolution, ``Y = phi(X) F``.  ``phi`` only copies entries: it is linear
 input pixel it was copied from; entries copied from padding are dropped, pixels
 no window reaches get zero.  ``<phi(x), y> = <x, phi*(y)>``.
 
-**M_X^im** (seed 001, :func:`patch_matrix`): ``vec(S) = M_X^im vec(F)`` for one
-image and one filter; the same entries as ``phi(X)`` with the columns in the
-documents' ``(c, k, p)`` order, i.e. the blocks ``(M_X1^im M_X2^im ...)``, one
-per input plane.  Seed 001's example: a 6x6 image and a 3x3 filter give 16x9;
+**M_X^im** (docs/convolution.md §3, :func:`patch_matrix`): ``vec(S) = M_X^im vec(F)`` for one
+image and one filter; the same entries as ``phi(X)`` with the columns in
+vec()'s ``(c, k, p)`` order, i.e. the blocks ``(M_X1^im M_X2^im ...)``, one
+per input plane.  The worked example of docs/convolution.md §3: a 6x6 image and a 3x3 filter give 16x9;
 with 4 planes 16x36.
 
-**M_F^filter** (seed 001; seed 002's ``K_conv``; seed 000's ``M``,
+**M_F^filter** (docs/convolution.md §3, also written ``K_conv`` or ``M``;
 :func:`filter_matrix`): ``vec(S) = M_F^filter vec(X)``, a row per output entry
 ``(o, i, j)`` and a column per input entry ``(c, u, v)``:
 
@@ -43,9 +43,9 @@ with 4 planes 16x36.
     \quad\text{if } u = s i + d k - lo_h,\ v = s j + d p - lo_w
     \text{ and } c \text{ is input channel } c' \text{ of } o\text{'s group},
 
-zero elsewhere.  Seed 001's example: 6x6x4 input, one 3x3x4 filter: 16x144.
+zero elsewhere.  Example (docs/convolution.md §3): 6x6x4 input, one 3x3x4 filter: 16x144.
 
-**K from M** (seed 000, :func:`kernel_from_matrix`).  Each kernel weight ``e``
+**K from M** (docs/convolution.md §4, :func:`kernel_from_matrix`).  Each kernel weight ``e``
 occupies a fixed set ``P_e`` of entries of ``M_F``, the sets are disjoint, and
 every other entry is zero.  The least-squares kernel for an arbitrary ``m`` is
 therefore the mean of ``m`` over each ``P_e``, and the residual
@@ -136,7 +136,7 @@ def _window_config(in_hw, kernel_size, stride, padding, dilation):
 
 
 def vec(a):
-    """The documents' vec(): ``(H, W, C) -> (C*H*W,)``, planes stacked, each row-major.
+    """vec() (docs/convolution.md §3): ``(H, W, C) -> (C*H*W,)``, planes stacked, each row-major.
 
     A leading batch axis is kept: ``(N, H, W, C) -> (N, C*H*W)``.
     """
@@ -149,7 +149,7 @@ def vec(a):
 
 
 def im2row(x, kernel_size, *, stride=1, padding="VALID", dilation=1):
-    """Seed 004's im2row ``phi``: every window of ``x`` as a row.
+    """im2row ``phi`` (docs/convolution.md §2): every window of ``x`` as a row.
 
     Args:
       x: ``(N, H, W, C)``, floating dtype.
@@ -178,7 +178,7 @@ def im2row(x, kernel_size, *, stride=1, padding="VALID", dilation=1):
 
 
 def row2im(rows, input_shape, kernel_size, *, stride=1, padding="VALID", dilation=1):
-    """Seed 004's row2im ``phi*``, the adjoint of :func:`im2row`.
+    """row2im ``phi*`` (docs/convolution.md §2), the adjoint of :func:`im2row`.
 
     ``[phi*(Y)]_(u, v, c) = sum of Y over every (row, column) that im2row copied
     from pixel (u, v, c)``: overlapping windows add, entries that came from
@@ -210,12 +210,12 @@ def row2im(rows, input_shape, kernel_size, *, stride=1, padding="VALID", dilatio
 
 
 def patch_matrix(x, kernel_size, *, stride=1, padding="VALID", dilation=1):
-    """Seed 001's ``M_X^im`` for one image: ``vec(S) = M_X^im vec(F)``.
+    """``M_X^im`` (docs/convolution.md §3) for one image: ``vec(S) = M_X^im vec(F)``.
 
     ``S = X * F`` is the response of one filter ``F`` of shape ``(KH, KW, C)``.
     Row ``i*Wo + j`` is the window at output ``(i, j)``; the columns are in the
-    documents' vec() order ``(c, k, p)``: the blocks ``(M_X1^im M_X2^im ...)``,
-    one per input plane, each the plane's window read row-major (seed 001:
+    vec() order ``(c, k, p)``: the blocks ``(M_X1^im M_X2^im ...)``,
+    one per input plane, each the plane's window read row-major (docs/convolution.md §3:
     ``X11 X12 X13 X21 X22 X23 X31 X32 X33``, then ``X12 ... X34``, ...).
 
     Args:
@@ -223,7 +223,7 @@ def patch_matrix(x, kernel_size, *, stride=1, padding="VALID", dilation=1):
       kernel_size, stride, padding, dilation: as in :func:`jaxconv.conv2d`.
 
     Returns:
-      ``(Ho*Wo, C*KH*KW)``.  Seed 001: 6x6x1 with 3x3 gives 16x9; 6x6x4 gives 16x36.
+      ``(Ho*Wo, C*KH*KW)``.  E.g. 6x6x1 with 3x3 gives 16x9; 6x6x4 gives 16x36.
     """
     x = _args.check_float_array(x, "x", 3)
     kernel_hw, stride, pads, dilation = _window_config(x.shape[:2], kernel_size, stride, padding, dilation)
@@ -287,10 +287,10 @@ def _filter_config(kernel_shape, input_hw, stride, padding, dilation, groups):
 
 
 def filter_matrix(w, input_hw, *, stride=1, padding="VALID", dilation=1, groups=1):
-    """Seed 001's ``M_F^filter`` (seed 000's ``M``, seed 002's ``K_conv``).
+    """``M_F^filter`` (docs/convolution.md §3; also written ``M`` or ``K_conv``).
 
     ``vec(conv2d(x, w, ...)[n]) = filter_matrix(w, x.shape[1:3], ...) @ vec(x[n])``
-    with the documents' vec() (planes stacked, each row-major).
+    with :func:`vec` (planes stacked, each row-major).
 
     Meant for small images: the matrix is dense, ``(O*Ho*Wo, C*H*W)``, mostly
     zeros (for 28x28x32 -> 32 channels it already holds 6e8 entries).  Built by
@@ -303,8 +303,8 @@ def filter_matrix(w, input_hw, *, stride=1, padding="VALID", dilation=1, groups=
       stride, padding, dilation, groups: as in :func:`jaxconv.conv2d`.
 
     Returns:
-      ``(O*Ho*Wo, C*H*W)``.  Seed 001: 6x6x1 input, 3x3 filter: 16x36; 6x6x4: 16x144.
-      Seed 002: 3x3 input, 2x2 kernel: the 4x9 ``K_conv``.
+      ``(O*Ho*Wo, C*H*W)``.  E.g. 6x6x1 input, 3x3 filter: 16x36; 6x6x4: 16x144.
+      3x3 input, 2x2 kernel: 4x9.
 
     Example:
       >>> filter_matrix(jnp.ones((3, 3, 4, 1)), (6, 6)).shape
@@ -317,7 +317,7 @@ def filter_matrix(w, input_hw, *, stride=1, padding="VALID", dilation=1, groups=
 
 
 def kernel_from_matrix(m, input_hw, kernel_shape, *, stride=1, padding="VALID", dilation=1, groups=1):
-    """Seed 000's "get K from M": the least-squares kernel of a matrix, and the residual.
+    """"Get K from M" (docs/convolution.md §4): the least-squares kernel of a matrix, and the residual.
 
     Weight ``e`` occupies the entries ``P_e`` of :func:`filter_matrix`, the sets
     are disjoint and all other entries are structural zeros, so

@@ -23,13 +23,13 @@ def _classes(num_classes) -> int:
 
 
 def dd2424_net(num_classes=10, *, num_filters=16, filter_size=3):
-    """The lecture network of seed 001 (DD2424, lecture 6): one conv layer, ReLU, one FC layer.
+    """The DD2424 course network: one conv layer, ReLU, one FC layer.
 
     ``S_i = X * F_i + b_i`` (``n_F = num_filters`` filters ``f x f x C``, VALID),
     ``H = max(0, S)``, ``s = W vec(H) + b``; ``p = SOFTMAX(s)`` and the
     cross-entropy + L2 objective are the training loss's (``make_train_step(..., l2=lam)``).
-    For a ``w x h`` image ``W`` is ``(w-f+1)(h-f+1) n_F x C`` (the lecture's
-    transpose; rows of ``vec(H)`` are row-major here, see :func:`jaxconv.flatten`).
+    For a ``w x h`` image ``W`` is ``(w-f+1)(h-f+1) n_F x C`` (the transpose of
+    the column-vector form; rows of ``vec(H)`` are row-major here, see :func:`jaxconv.flatten`).
     """
     return nn.serial(
         nn.Conv(num_filters, filter_size),
@@ -102,8 +102,8 @@ def resnet_small(num_classes=10, *, widths=(16, 32, 64)):
 
     ``conv w0@3x3 - ReLU``, then per stage ``i`` a residual block of two 3x3
     convolutions (stride 2 and a strided 1x1 projection shortcut from the
-    second stage on), then :data:`jaxconv.nn.GlobalAvgPool` (seed 002's
-    ``AvPool, 512`` head) and ``FC C``.  8x8 -> 8, 4, 2 spatially.
+    second stage on), then :data:`jaxconv.nn.GlobalAvgPool` (docs/pooling.md §3;
+    ResNet's ``AvPool, 512`` head) and ``FC C``.  8x8 -> 8, 4, 2 spatially.
     """
     layers = [nn.Conv(widths[0], 3, padding="SAME"), nn.Relu, _identity_block(widths[0])]
     for width in widths[1:]:

@@ -10,7 +10,7 @@ A layer is a pair of pure functions:
 * ``apply_fun(params, x, **kwargs) -> y``: the forward pass.  Every array
   operation is one of jaxconv's ops (``conv2d``, ``max_pool2d``, ``avg_pool2d``,
   ``lrn``, ``relu``, ``linear``, ``flatten``), whose backward passes are the
-  documents' hand-derived ``custom_vjp`` rules, so ``jax.grad`` of a network
+  hand-derived ``custom_vjp`` rules of docs/, so ``jax.grad`` of a network
   runs those rules and nothing else (besides the additions of ``FanInSum``).
 
 Every ``apply_fun`` takes the keyword ``ops``: the namespace the ops are looked
@@ -34,7 +34,7 @@ Parameters are float32 unless a constructor is given another ``dtype``
 
 Combinators: :func:`serial` (composition), :func:`parallel` (one layer per input
 of a tuple), :func:`FanOut` (copy), :data:`FanInSum` (add), :data:`Identity`, and
-:func:`residual`, ``x -> main(x) + shortcut(x)`` (He et al. 2016; seed 002's
+:func:`residual`, ``x -> main(x) + shortcut(x)`` (He et al. 2016; the
 ResNet head ``AvPool, 512`` is :data:`GlobalAvgPool`).
 """
 
@@ -159,7 +159,7 @@ def _dtype(dtype):
 
 def Conv(out_channels, kernel, *, stride=1, padding="VALID", dilation=1, groups=1, bias=True,
          w_init=he_normal, dtype=jnp.float32):
-    """A 2-D convolution layer: ``y = conv2d(x, w, b, ...)`` (seed 001 ``S_i = X * F_i + b_i``).
+    """A 2-D convolution layer: ``y = conv2d(x, w, b, ...)`` (``S_i = X * F_i + b_i``, docs/convolution.md §1).
 
     Args:
       out_channels: ``O``, the number of filters.
@@ -208,7 +208,7 @@ def Conv(out_channels, kernel, *, stride=1, padding="VALID", dilation=1, groups=
 
 
 def Dense(out_dim, *, bias=True, w_init=he_normal, dtype=jnp.float32):
-    """A fully connected layer ``y = x @ w + b`` (seed 001 ``s = W vec(H) + b``, as rows).
+    """A fully connected layer ``y = x @ w + b`` (``s = W vec(H) + b``, as rows; docs/layers.md, Fully connected layer).
 
     Input ``(N, D_in)`` (put :data:`Flatten` before it); params
     ``{"w": (D_in, out_dim), "b": (out_dim,)}``; He-normal ``w`` with ``fan_in = D_in``.
@@ -263,17 +263,17 @@ def _pool(op_name: str, window, stride, padding, **options):
 
 
 def MaxPool(window, stride=None, padding="VALID"):
-    """Max pooling, :func:`jaxconv.max_pool2d` (seed 004 §1.2); ``stride=None`` means the window."""
+    """Max pooling, :func:`jaxconv.max_pool2d` (docs/pooling.md §4); ``stride=None`` means the window."""
     return _pool("max_pool2d", window, stride, padding)
 
 
 def AvgPool(window, stride=None, padding="VALID", count_include_pad=True):
-    """Average pooling, :func:`jaxconv.avg_pool2d` (seed 003 "Ave Pooling")."""
+    """Average pooling, :func:`jaxconv.avg_pool2d` (docs/pooling.md §2)."""
     return _pool("avg_pool2d", window, stride, padding, count_include_pad=bool(count_include_pad))
 
 
 def LRN(size=5, kappa=2.0, alpha=1e-4, beta=0.75):
-    """Local response normalisation across channels, :func:`jaxconv.lrn` (AlexNet, seed 004 §1.3)."""
+    """Local response normalisation across channels, :func:`jaxconv.lrn` (AlexNet; docs/layers.md)."""
     import importlib
 
     lrn_module = importlib.import_module("jaxconv.lrn")  # the package's `lrn` attribute is the function
@@ -285,7 +285,7 @@ def LRN(size=5, kappa=2.0, alpha=1e-4, beta=0.75):
     return _stateless("lrn", lambda shape: shape, 4, size=size, kappa=kappa, alpha=alpha, beta=beta)
 
 
-#: ReLU, :func:`jaxconv.relu` (seed 004 §1.5); any shape.
+#: ReLU, :func:`jaxconv.relu` (docs/layers.md, ReLU); any shape.
 Relu = _stateless("relu", lambda shape: shape)
 
 
@@ -295,7 +295,7 @@ def _flat_shape(shape):
     return (shape[0], math.prod(shape[1:]))
 
 
-#: ``(N, ...) -> (N, prod(...))``, row-major, :func:`jaxconv.flatten` (seed 004 §1.4).
+#: ``(N, ...) -> (N, prod(...))``, row-major, :func:`jaxconv.flatten` (docs/layers.md, Flatten and vectorisation).
 Flatten = _stateless("flatten", _flat_shape)
 
 
@@ -317,7 +317,7 @@ def _global_avg_pool():
 
 
 #: Global average pooling ``(N, H, W, C) -> (N, C)``: an :func:`jaxconv.avg_pool2d`
-#: whose window is the whole image, then :func:`jaxconv.flatten` (seed 002's ``AvPool, 512``).
+#: whose window is the whole image, then :func:`jaxconv.flatten` (ResNet's ``AvPool, 512``; docs/pooling.md §3).
 #: Backward: each pixel gets ``g_{n,c} / (H W)``.
 GlobalAvgPool = _global_avg_pool()
 

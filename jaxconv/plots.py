@@ -2,7 +2,7 @@
 
 * :func:`plot_curves`: loss and accuracy per epoch, train and test, two panels.
 * :func:`plot_filters`: the first convolution layer's filters as a grid of
-  images, the way lecture slides show learnt filters (seed 002's figures).
+  images, the way learnt filters are usually shown.
 """
 
 from __future__ import annotations

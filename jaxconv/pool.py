@@ -6,14 +6,15 @@ per spatial dimension the output size is ``floor((H + top + bottom - KH) / sh) +
 Output ``(i, j)`` looks at padded rows ``sh*i + m`` and columns ``sw*j + p`` for
 ``0 <= m < KH, 0 <= p < KW``, i.e. unpadded ``(sh*i + m - top, sw*j + p - left)``.
 
-In seed 004's notation the windows are the rows of ``phi(X)`` (im2row, one row
+In the notation of docs/pooling.md §1 the windows are the rows of ``phi(X)`` (im2row, one row
 per output position and channel), and ``phi*`` (row2im) is its adjoint: it adds
 every row's entries back to the pixels they were read from, so overlapping
 windows add.  ``phi*`` is written here as ``KH*KW`` zero-inserted pieces
-(``lax.pad`` with ``s - 1`` interior zeros, seed 003's "Inserted Grad"), one per
+(``lax.pad`` with ``s - 1`` interior zeros, the inserted gradient of
+docs/convolution.md §5.3), one per
 window offset ``(m, p)``, each shifted to ``(m - top, p - left)``.
 
-**Average pooling** (seed 003 "Ave Pooling", seed 002's global ``AvPool``):
+**Average pooling** (docs/pooling.md §2; the global pool is §3):
 
 .. math::
 
@@ -24,13 +25,13 @@ window offset ``(m, p)``, each shifted to ``(m - top, p - left)``.
 with ``D_ij = KH*KW`` (``count_include_pad=True``, padding counts as zeros) or
 the number of real (unpadded) pixels in window ``(i, j)``
 (``count_include_pad=False``).  The backward spreads each output gradient,
-divided by its window's divisor, evenly over the window (seed 003:
-``grad x_ij = (1/k^2) grad y_(i/k)(j/k)``, here for any stride and padding).
+divided by its window's divisor, evenly over the window (for ``k x k`` windows
+with stride ``k``: ``grad x_ij = (1/k^2) grad y_(i/k)(j/k)``, here for any stride and padding).
 The all-ones window factorises into rows times columns, so the spread is done
 first along H (``KH`` pieces) then along W (``KW`` pieces): ``KH + KW`` shifted
 adds instead of ``KH * KW``.
 
-**Max pooling** (seed 004 §1.2): ``Y = phi(X) S`` with ``S`` selecting one entry
+**Max pooling** (docs/pooling.md §4): ``Y = phi(X) S`` with ``S`` selecting one entry
 of each row of ``phi(X)``, and
 
 .. math::
@@ -256,7 +257,7 @@ def _untile(tiles, config: PoolConfig):
 
 @_args.reverse_mode_rule
 def avg_pool2d(x, window, *, stride=None, padding="VALID", count_include_pad=True):
-    """Average pooling over ``window`` (NHWC) with the seed-003 backward.
+    """Average pooling over ``window`` (NHWC) with the hand-derived backward (docs/pooling.md §2).
 
     Args:
       x: input, shape ``(N, H, W, C)``, floating dtype.
@@ -283,8 +284,8 @@ def avg_pool2d(x, window, *, stride=None, padding="VALID", count_include_pad=Tru
       other windows are unaffected.
 
     Backward: ``dL/dx = phi*(g / D)``: each output gradient divided by its
-    window's divisor and added to every pixel of the window (seed 003; see the
-    module docstring).
+    window's divisor and added to every pixel of the window (docs/pooling.md §2;
+    see the module docstring).
 
     Example:
       >>> avg_pool2d(jnp.arange(16.0).reshape(1, 4, 4, 1), 2)[0, :, :, 0]
@@ -338,7 +339,7 @@ _avg_pool2d.defvjp(_avg_pool2d_fwd, _avg_pool2d_bwd)
 
 @_args.reverse_mode_rule
 def max_pool2d(x, window, *, stride=None, padding="VALID"):
-    """Max pooling over ``window`` (NHWC) with the seed-004 §1.2 backward.
+    """Max pooling over ``window`` (NHWC) with the hand-derived backward (docs/pooling.md §4).
 
     Args:
       x: input, shape ``(N, H, W, C)``, floating dtype.

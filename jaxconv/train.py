@@ -1,6 +1,6 @@
 r"""Training: a jitted pure SGD step, evaluation, and data parallelism on a device mesh.
 
-The objective is seed 001's: mean cross-entropy of the softmax over a mini-batch,
+The objective (docs/losses.md, The training objective): mean cross-entropy of the softmax over a mini-batch,
 plus an optional L2 term,
 
 .. math::
@@ -112,7 +112,7 @@ def default_optimizer(learning_rate=0.05, momentum=0.9, weight_decay=5e-4):
     Per step, with gradient ``g`` of the objective:
     ``v <- momentum * v + (g + weight_decay * w)``, ``w <- w - learning_rate * v``.
     The decay is added to the gradient before the momentum (as in PyTorch's
-    ``SGD(weight_decay=...)`` and the lecture's L2 term with ``lambda = wd / 2``),
+    ``SGD(weight_decay=...)`` and an L2 term ``lambda ||w||^2`` with ``lambda = wd / 2``),
     not decoupled (AdamW style).  ``learning_rate`` may be an optax schedule.
     """
     for name, value in (("learning_rate", learning_rate), ("momentum", momentum), ("weight_decay", weight_decay)):
@@ -171,8 +171,8 @@ def make_train_step(apply_fun: Callable, optimizer: optax.GradientTransformation
     Args:
       apply_fun: ``apply_fun(params, images) -> logits (N, C)``.
       optimizer: any optax ``GradientTransformation`` (``opt_state = optimizer.init(params)``).
-      l2: ``lambda >= 0`` of the L2 term added to the cross-entropy (seed 001's
-        objective); 0 leaves it out.
+      l2: ``lambda >= 0`` of the L2 term added to the cross-entropy (docs/losses.md,
+        The training objective); 0 leaves it out.
       mesh: a 1-D mesh over ``"batch"`` (:func:`make_mesh`) to run data parallel;
         the batch size must be divisible by its device count.
 

@@ -203,7 +203,7 @@ def test_rule_is_used_not_autodiff(monkeypatch):
 
 
 def test_float64_worked_example_seed_003():
-    """Seed 003: 5x5 input, 3x3 kernel, stride 2: dL/dx is Inserted Grad * Rot180(w)."""
+    """docs/convolution.md §5.3: 5x5 input, 3x3 kernel, stride 2: dL/dx is Inserted Grad * Rot180(w)."""
     x = jnp.arange(25.0).reshape(1, 5, 5, 1)
     w = jnp.arange(9.0).reshape(3, 3, 1, 1)
     g = jnp.array([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 2, 2, 1)

@@ -1,4 +1,4 @@
-"""relu, linear, flatten: the hand-derived VJPs (seed 004 §1.4-1.6, seed 002's table)
+"""relu, linear, flatten: the hand-derived VJPs (docs/layers.md)
 equal jax.vjp of the plain references."""
 
 from __future__ import annotations

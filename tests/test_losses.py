@@ -1,5 +1,5 @@
 """softmax, log_loss, softmax_cross_entropy, l2_penalty: the hand-derived VJPs
-(seed 004 §1.7-1.8, seed 001's cross-entropy + L2) equal jax.vjp of the references."""
+(docs/losses.md: softmax, log-loss, cross-entropy, L2) equal jax.vjp of the references."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def test_cross_entropy_float32():
 
 
 def test_cross_entropy_backward_is_the_lectures_p_minus_y_over_n():
-    """(p - onehot(y)) / N, and the lecture's -y^T/(y^T p) (diag(p) - p p^T) per example is the same."""
+    """(p - onehot(y)) / N, and the column-vector form -y^T/(y^T p) (diag(p) - p p^T) per example is the same."""
     rng = np.random.default_rng(9)
     logits, labels = rng.standard_normal((3, 4)), np.array([2, 0, 3])
     grad = np.asarray(jax.grad(jaxconv.softmax_cross_entropy)(jnp.asarray(logits), jnp.asarray(labels)))

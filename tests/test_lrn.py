@@ -1,4 +1,4 @@
-"""lrn: the hand-derived VJP (seed 004 §1.3, corrected) equals jax.vjp of the reference;
+"""lrn: the hand-derived VJP (docs/layers.md, Local response normalisation) equals jax.vjp of the reference;
 the converters reproduce PyTorch's, Caffe's and TensorFlow's formulas (written here in numpy)."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _numpy_lrn(x, size, kappa, alpha, beta):
 
 
 def _numpy_lrn_backward(x, g, size, kappa, alpha, beta):
-    """Seed 004 §1.3 with its typo fixed, summed literally over {k : d in G(k)}."""
+    """docs/layers.md's LRN backward, summed literally over {k : d in G(k)}."""
     x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
     c = x.shape[-1]
     window = [range(max(0, k - (size - 1) // 2), min(c, k + size // 2 + 1)) for k in range(c)]
@@ -79,7 +79,7 @@ def test_grid_float32(x_shape, options):
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 7, 9])
 def test_forward_and_backward_against_the_formulas_in_numpy(size):
-    """Forward by the definition; backward by seed 004 §1.3's sum over {k : d in G(k)}."""
+    """Forward by the definition; backward by docs/layers.md's sum over {k : d in G(k)}."""
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 2, 3, 6))
     g = rng.standard_normal(x.shape)

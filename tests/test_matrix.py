@@ -1,4 +1,4 @@
-"""jaxconv.matrix: the documents' worked examples entry by entry, adjointness,
+"""jaxconv.matrix: the worked examples of docs/convolution.md §3 entry by entry, adjointness,
 M_F^filter against conv2d, K from M, and conv2d's im2row backward against jax.grad."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .strategies import conv_configs
 
 
 def _symbols_x(planes=1, size=6):
-    """Seed 001's X with symbols as numbers: plane c (1-based) holds X_ij = 100(c-1) + 10i + j."""
+    """The X of docs/convolution.md §3 with symbols as numbers: plane c (1-based) holds X_ij = 100(c-1) + 10i + j."""
     i, j = np.meshgrid(np.arange(1, size + 1), np.arange(1, size + 1), indexing="ij")
     return np.stack([100 * c + 10 * i + j for c in range(planes)], axis=-1).astype(np.float64)
 
@@ -30,7 +30,7 @@ def _symbols_f(planes=1, size=3):
     return _symbols_x(planes, size)[..., None]
 
 
-# --- seed 001: M_X^im ------------------------------------------------------------
+# --- M_X^im (docs/convolution.md §3) ------------------------------------------------------------
 
 
 def test_seed001_patch_matrix_6x6_3x3_is_16x9_with_the_slide_rows():
@@ -71,7 +71,7 @@ def test_seed001_vec_s_equals_patch_matrix_times_vec_f():
     np.testing.assert_array_equal(np.asarray(matrix.vec(s)), np.asarray(matrix.patch_matrix(x, 3) @ matrix.vec(f[..., 0])))
 
 
-# --- seed 001: M_F^filter --------------------------------------------------------------
+# --- M_F^filter (docs/convolution.md §3) --------------------------------------------------------------
 
 
 def test_seed001_filter_matrix_6x6_3x3_is_16x36_with_the_slide_rows():
@@ -124,13 +124,13 @@ def test_seed001_transpose_product_is_full_correlation_with_rot180():
     assert v[2, 0] == 1 * 31 + 5 * 21 + 9 * 11
 
 
-# --- seed 002: K_conv ----------------------------------------------------------------------
+# --- K_conv: 3x3 input, 2x2 kernel ----------------------------------------------------------------------
 
 
 def test_seed002_k_conv_3x3_input_2x2_kernel_is_4x9():
     k1, k2, k3, k4 = 1.0, 2.0, 3.0, 4.0
     w = np.array([[k1, k2], [k3, k4]])[:, :, None, None]
-    # The converted notes drop a trailing 0 from rows 1-3; the pattern is this.
+    # Each row is the kernel shifted one step along vec(x).
     expected = np.array([
         [k1, k2, 0, k3, k4, 0, 0, 0, 0],
         [0, k1, k2, 0, k3, k4, 0, 0, 0],

@@ -43,7 +43,7 @@ def test_output_shape_on_every_image_size(name, image_shape):
 
 @pytest.mark.parametrize("w,h,c,f,n_f,classes", [(8, 8, 1, 3, 16, 10), (32, 32, 3, 5, 3, 10), (28, 28, 1, 4, 2, 4)])
 def test_dd2424_net_is_the_lecture_network(w, h, c, f, n_f, classes):
-    """Seed 001: F_i f x f x C with scalar b_i; S, H (w-f+1)(h-f+1) n_F; W C x (w-f+1)(h-f+1) n_F; b C."""
+    """F_i f x f x C with scalar b_i; S, H (w-f+1)(h-f+1) n_F; W C x (w-f+1)(h-f+1) n_F; b C."""
     init, apply = models.dd2424_net(classes, num_filters=n_f, filter_size=f)
     _, params = init(jax.random.key(0), (-1, h, w, c))
     conv, relu, flat, dense = params

@@ -31,7 +31,7 @@ GRID = [
     ((2, 7, 5, 2), 2, None, "VALID"),  # stride remainder: last row gets no window
     ((2, 5, 7, 3), 2, None, ((1, 0), (0, 1))),
     ((1, 8, 7, 2), 3, 3, 1),
-    ((2, 4, 4, 3), 4, None, "VALID"),  # global pooling (seed 002's AvPool)
+    ((2, 4, 4, 3), 4, None, "VALID"),  # global pooling (docs/pooling.md §3)
     ((2, 7, 8, 2), 3, 2, 1),
     ((1, 9, 8, 2), (3, 2), (2, 1), "SAME"),
     ((1, 6, 6, 1), 3, 1, ((1, 0), (1, 1))),
@@ -472,7 +472,7 @@ def test_grad_of_grad_through_the_integer_residual(force, strategy):
 
 @pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
 def test_seed_003_worked_example(force, strategy):
-    """Seed 003: 4x4 -> 2x2, dL/dx_ij = (1/4) dL/dz_(i/2)(j/2)."""
+    """docs/pooling.md §2: 4x4 -> 2x2, dL/dx_ij = (1/4) dL/dz_(i/2)(j/2)."""
     force(strategy)
     x = jnp.arange(16.0).reshape(1, 4, 4, 1)
     g = jnp.array([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 2, 2, 1)
