@@ -67,13 +67,14 @@ import json
 import os
 import pathlib
 import re
-import stat
 import tempfile
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
+
+from . import _files
 
 __all__ = ["atomic_write_bytes", "read_metadata", "restore", "save"]
 
@@ -218,32 +219,24 @@ def _unreadable(path, reason: str) -> ValueError:
     return ValueError(f"{path}: not a readable jaxconv checkpoint: {reason}.")
 
 
-_FILE_KINDS = [(stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-               (stat.S_ISSOCK, "a socket")]
+def _refusal(path: pathlib.Path) -> Callable[[str], Exception]:
+    def refuse(kind: str) -> Exception:
+        if kind == "directory":
+            return IsADirectoryError(f"checkpoint {str(path)!r} is a directory, not a file.")
+        return ValueError(f"{path}: is not a regular file (a {kind}); a checkpoint is a file written by save().")
 
-
-def _require_regular(path: pathlib.Path, mode: int) -> None:
-    if stat.S_ISDIR(mode):
-        raise IsADirectoryError(f"checkpoint {str(path)!r} is a directory, not a file.")
-    if not stat.S_ISREG(mode):
-        kind = next((kind for test, kind in _FILE_KINDS if test(mode)), "a special file")
-        raise ValueError(f"{path}: is not a regular file ({kind}); a checkpoint is a file written by save().")
+    return refuse
 
 
 def _read_regular_file(path: pathlib.Path) -> bytes:
     """The bytes of the regular file ``path``; never opens a blocking FIFO nor reads a device without end."""
     try:
-        _require_regular(path, os.stat(path).st_mode)
+        with _files.open_regular(path, _refusal(path)) as (f, size):
+            data = f.read(size)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist.") from None
-    # Non-blocking, and checked again on the open descriptor: the path may have been replaced meanwhile.
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    with os.fdopen(fd, "rb") as f:
-        status = os.fstat(f.fileno())
-        _require_regular(path, status.st_mode)
-        data = f.read(status.st_size)
-    if len(data) != status.st_size:
-        raise _unreadable(path, f"it shrank from {status.st_size} to {len(data)} bytes while being read")
+    if len(data) != size:
+        raise _unreadable(path, f"it shrank from {size} to {len(data)} bytes while being read")
     return data
 
 

@@ -61,14 +61,14 @@ from __future__ import annotations
 import contextlib
 import gzip
 import math
-import os
 import pathlib
-import stat
 import struct
 import zlib
-from typing import BinaryIO, Iterator, NamedTuple
+from typing import BinaryIO, Callable, Iterator, NamedTuple
 
 import numpy as np
+
+from . import _files
 
 __all__ = [
     "DATASETS",
@@ -150,9 +150,6 @@ def load_digits() -> Dataset:
 
 # --- reading regular files, never past what was promised ----------------------------------
 
-_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
 #: Bytes asked of a file per read: bounds what one read of a gzip stream inflates at a time.
 _READ_CHUNK = 1 << 20
 #: A buffer for data of unknown extent (inflated gzip) starts at this size and doubles as data arrives.
@@ -161,35 +158,28 @@ _GROW_FROM = 1 << 24
 _DEFLATE_MAX_RATIO = 1032
 
 
-def _require_regular(path: pathlib.Path, mode: int) -> None:
-    if stat.S_ISDIR(mode):
-        raise IsADirectoryError(f"{path} is a directory, not a data file.")
-    if not stat.S_ISREG(mode):
-        kind = next((kind for test, kind in _FILE_KINDS if test(mode)), "a special file")
-        raise ValueError(f"{path} is {kind}, not a data file (only regular files are read).")
+def _refusal(path: pathlib.Path) -> Callable[[str], Exception]:
+    def refuse(kind: str) -> Exception:
+        if kind == "directory":
+            return IsADirectoryError(f"{path} is a directory, not a data file.")
+        kind = "FIFO (named pipe)" if kind == "FIFO" else kind
+        return ValueError(f"{path} is a {kind}, not a data file (only regular files are read).")
+
+    return refuse
 
 
 @contextlib.contextmanager
 def _open_regular(path: pathlib.Path) -> Iterator[tuple[BinaryIO, int]]:
-    """``(file, size)`` of the regular file ``path``; read errors become a ``ValueError`` naming it.
-
-    The type is checked with ``stat`` before opening (a FIFO would block in
-    ``open``), and again on the descriptor, opened non-blocking, in case the path
-    was replaced in between.
-    """
+    """``(file, size)`` of the regular file ``path``; read errors become a ``ValueError`` naming it."""
     try:
-        _require_regular(path, os.stat(path).st_mode)
+        with _files.open_regular(path, _refusal(path)) as (f, size):
+            try:
+                yield f, size
+            except (EOFError, OSError, zlib.error) as err:  # FileNotFoundError included: only stat's is missing
+                hint = "; truncated or not gzip?" if path.suffix == ".gz" else ""
+                raise ValueError(f"{path}: cannot read it ({type(err).__name__}: {err}){hint}") from err
     except FileNotFoundError:
         raise FileNotFoundError(f"missing data file: {str(path)!r} does not exist.") from None
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        _require_regular(path, info.st_mode)
-        try:
-            yield f, info.st_size
-        except (EOFError, OSError, zlib.error) as err:
-            hint = "; truncated or not gzip?" if path.suffix == ".gz" else ""
-            raise ValueError(f"{path}: cannot read it ({type(err).__name__}: {err}){hint}") from err
 
 
 def _read_upto(f: BinaryIO, limit: int, *, grow_from: int) -> np.ndarray:
@@ -336,7 +326,7 @@ def _find(directory: pathlib.Path, stem: str) -> pathlib.Path:
     if regular:
         return regular[0]
     if existing:
-        _require_regular(existing[0], existing[0].stat().st_mode)  # says what it is instead
+        raise _refusal(existing[0])(_files.special_kind(existing[0].stat().st_mode))  # says what it is instead
     raise FileNotFoundError(f"missing data file: none of {[str(c) for c in candidates]} exists.")
 
 
