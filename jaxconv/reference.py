@@ -12,64 +12,112 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _args
+from . import _window
 
 
-# --- convolution -------------------------------------------------------------
+# --- convolution (conv1d/2d/3d, conv_transpose1d/2d/3d) ------------------------
 
-def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
-    """Plain ``lax.conv_general_dilated``; its gradient is XLA's autodiff."""
-    stride = _args.pair(stride, "stride")
-    dilation = _args.pair(dilation, "dilation")
-    pads = _args.padding_2d(padding, x.shape[1:3], w.shape[:2], stride, dilation)
-    _args.check_window_fits(x.shape[1:3], pads, w.shape[:2], dilation, "w.shape[:2]")  # no absurd sizes
+def _spatial_letters(ndim):
+    return "DHW"[3 - ndim:]
+
+
+def conv_nd(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
+    """Plain ``lax.conv_general_dilated`` over ``x.ndim - 2`` spatial dims; its gradient is XLA's autodiff."""
+    ndim = x.ndim - 2
+    window = _window.parse(x.shape[1:-1], w.shape[:-2], stride, padding, dilation, kernel_name="w.shape[:-2]")
+    sp = _spatial_letters(ndim)
     y = lax.conv_general_dilated(
         x,
         w,
-        window_strides=stride,
-        padding=pads,
-        rhs_dilation=dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        window_strides=window.stride,
+        padding=window.padding,
+        rhs_dilation=window.dilation,
+        dimension_numbers=(f"N{sp}C", f"{sp}IO", f"N{sp}C"),
         feature_group_count=groups,
     )
     return y if b is None else y + b
 
 
-# --- pooling (avg_pool2d, max_pool2d) ---------------------------------------
+def conv1d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
+    """:func:`conv_nd` on NWC / WIO."""
+    return conv_nd(x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
+    """:func:`conv_nd` on NHWC / HWIO."""
+    return conv_nd(x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+def conv3d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
+    """:func:`conv_nd` on NDHWC / DHWIO."""
+    return conv_nd(x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+def conv_transpose_nd(y, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1):
+    """The adjoint of ``conv_nd(., w, same arguments)`` with respect to its input, by ``jax.vjp``.
+
+    The convolution's input has ``(n-1)*s - lo - hi + d*(k-1) + 1 + output_padding``
+    entries per dimension; ``jax.vjp`` of :func:`conv_nd` at that shape, pulled
+    back along ``y``, is the transposed convolution, and it is differentiable
+    (in ``y`` and ``w``) by autodiff like any other lax program.
+    """
+    ndim = y.ndim - 2
+    kernel = tuple(w.shape[:-2])
+    stride = _window.ints(stride, "stride", ndim)
+    dilation = _window.ints(dilation, "dilation", ndim)
+    output_padding = _window.ints(output_padding, "output_padding", ndim, minimum=0)
+    pads = _window.padding(padding, (1,) * ndim, kernel, stride, dilation)
+    in_size = tuple((n - 1) * s - lo - hi + d * (k - 1) + 1 + op for n, (lo, hi), k, s, d, op
+                    in zip(y.shape[1:-1], pads, kernel, stride, dilation, output_padding))
+    x_shape = (y.shape[0], *in_size, w.shape[-2] * groups)
+
+    def conv(x):
+        return conv_nd(x, w, stride=stride, padding=pads, dilation=dilation, groups=groups)
+
+    _, pullback = jax.vjp(conv, jnp.zeros(x_shape, y.dtype))
+    (x,) = pullback(y)
+    return x if b is None else x + b
+
+
+conv_transpose1d = conv_transpose2d = conv_transpose3d = conv_transpose_nd
+
+
+# --- pooling (avg_pool1d/2d/3d, max_pool1d/2d/3d) -----------------------------
 
 def _pool_window(x, window, stride, padding):
-    window = _args.pair(window, "window")
-    stride = window if stride is None else _args.pair(stride, "stride")
-    pads = _args.padding_2d(padding, x.shape[1:3], window, stride)
-    _args.check_pool_padding(padding, pads, window)  # the same inputs as the hand rule's
-    _args.check_window_fits(x.shape[1:3], pads, window, (1, 1), "window")
-    return (1, *window, 1), (1, *stride, 1), ((0, 0), *pads, (0, 0))
+    ndim = x.ndim - 2
+    stride = window if stride is None else stride
+    win = _window.parse(x.shape[1:-1], window, stride, padding, kernel_name="window", pool=True)
+    return (1, *win.kernel, 1), (1, *win.stride, 1), ((0, 0), *win.padding, (0, 0)), ndim
 
 
-def avg_pool2d(x, window, *, stride=None, padding="VALID", count_include_pad=True):
-    """``reduce_window(add)`` divided by the area, or by ``reduce_window(add)`` of ones (the real count)."""
-    dims, strides, pads = _pool_window(x, window, stride, padding)
+def avg_pool_nd(x, window, *, stride=None, padding="VALID", count_include_pad=True):
+    """``reduce_window(add)`` divided by the window volume, or by ``reduce_window(add)`` of ones (the real count)."""
+    dims, strides, pads, _ = _pool_window(x, window, stride, padding)
     # NumPy scalars as init values: lax recognises the monoid and so can differentiate it.
     zero = np.zeros((), x.dtype)
     sums = lax.reduce_window(x, zero, lax.add, dims, strides, pads)
     if count_include_pad:
-        return sums / (dims[1] * dims[2])
+        return sums / int(np.prod(dims))
     counts = lax.reduce_window(jnp.ones(x.shape, x.dtype), zero, lax.add, dims, strides, pads)
     return sums / lax.stop_gradient(counts)
 
 
-def max_pool2d(x, window, *, stride=None, padding="VALID"):
+def max_pool_nd(x, window, *, stride=None, padding="VALID"):
     """``lax.reduce_window(x, -inf, lax.max)``: jax.grad runs XLA's select_and_scatter.
 
     XLA's CPU max reductions drop NaN, so NaN is put back in every window that
     holds one by adding a constant (``stop_gradient``): NaN there, ``-0.0``
     elsewhere (``y + -0.0`` is ``y`` bit for bit, signed zeros included).
     Autodiff's gradient is the reduction's, unchanged."""
-    dims, strides, pads = _pool_window(x, window, stride, padding)
+    dims, strides, pads, _ = _pool_window(x, window, stride, padding)
     y = lax.reduce_window(x, np.array(-np.inf, x.dtype), lax.max, dims, strides, pads)
     has_nan = lax.reduce_window(jnp.isnan(x).astype(x.dtype), np.zeros((), x.dtype), lax.max, dims, strides, pads)
     return y + lax.stop_gradient(jnp.where(has_nan > 0, np.array(np.nan, x.dtype), np.array(-0.0, x.dtype)))
 
+
+avg_pool1d = avg_pool2d = avg_pool3d = avg_pool_nd
+max_pool1d = max_pool2d = max_pool3d = max_pool_nd
 
 
 # --- local response normalisation --------------------------------------------
