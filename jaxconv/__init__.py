@@ -2,7 +2,7 @@
 
 from . import plan, reference, verify
 from . import matrix
-from .conv import conv2d
+from .conv import conv1d, conv2d, conv3d, conv_transpose1d, conv_transpose2d, conv_transpose3d
 from .layers import flatten, linear, relu
 from .losses import l2_penalty, log_loss, softmax, softmax_cross_entropy
 from .pool import avg_pool2d, max_pool2d
@@ -21,7 +21,12 @@ __version__ = "0.1.0"
 __all__ = [
     "avg_pool2d",
     "max_pool2d",
+    "conv1d",
     "conv2d",
+    "conv3d",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
     "flatten",
     "l2_penalty",
     "linear",

@@ -1,5 +1,12 @@
-r"""2-D convolution (cross-correlation, as in every deep-learning library) with a
+r"""Convolution (cross-correlation, as in every deep-learning library) in 1, 2 and 3
+spatial dimensions, and its adjoint, the transposed convolution, each with a
 hand-derived backward pass.
+
+One N-d implementation under every name: ``conv1d`` (NWC input, WIO kernel),
+``conv2d`` (NHWC, HWIO), ``conv3d`` (NDHWC, DHWIO), and
+``conv_transpose1d/2d/3d``; the window geometry (sizes, padding, phi and
+phi*) is ``jaxconv._window``'s.  Written below for 2-D; every sum over
+``(m, p)`` runs over all spatial dimensions alike.
 
 Forward (docs/convolution.md §1),
 for input ``x`` (N, H, W, C) in NHWC, kernel ``w`` (KH, KW, C/G, O) in HWIO,
@@ -36,10 +43,20 @@ the planner (:func:`jaxconv.plan.conv_plan`) picks, per platform and
 shape, the form that runs fastest (on CPU the matrix
 products, on GPU the convolutions).  Every form is tested against
 ``jax.grad``.
+
+**Transposed convolution** (docs/convolution.md §6).  ``conv_transpose(y, w)``
+is the adjoint of ``x -> conv(x, w)``: ``<conv_transpose(y, w), z> =
+<y, conv(z, w)>`` for every ``z``.  Its forward is therefore the ``dL/dx``
+formula above with ``y`` in the place of ``g`` (Inserted, zero-padded ``y``
+correlated with Rot180(``w``), or ``phi*(Y F^T)``); its backward, for the
+output gradient ``G``, is the convolution itself and the kernel gradient with
+the roles exchanged: ``dL/dy = conv(G, w)``, ``dL/dw = phi(G)^T Y``, ``dL/db``
+the sum of ``G``.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import NamedTuple
 
@@ -47,21 +64,109 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _args, plan
-from .matrix import _output_hw, _patches, _unpatches
+from . import _args, _window, plan
 
-_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+__all__ = ["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"]
 
 
 class ConvConfig(NamedTuple):
-    """Static, hashable configuration of one conv2d call."""
+    """Static, hashable configuration of one convolution (or transposed convolution) call.
 
-    stride: tuple[int, int]
-    padding: tuple[tuple[int, int], tuple[int, int]]
-    dilation: tuple[int, int]
+    ``window`` is the *convolution's* geometry: for a transposed convolution its
+    ``in_size`` is the transposed convolution's output size.
+    """
+
+    window: _window.Window
     groups: int
-    strategy: str  # backward: a key of _BACKWARD_STRATEGIES
-    forward: str = "conv"  # forward: a key of _FORWARD_STRATEGIES
+    forward: str  # a key of _FORWARD_STRATEGIES
+    backward: str  # a key of _BACKWARD_STRATEGIES
+
+
+def _dimension_numbers(ndim: int, kind: str = "forward"):
+    """``lax.conv_general_dilated``'s layouts: NWC/WIO, NHWC/HWIO, NDHWC/DHWIO for the forward;
+    for the kernel gradient the channels play the batch and the batch is contracted."""
+    sp = "DHW"[3 - ndim:]
+    if kind == "forward":
+        return (f"N{sp}C", f"{sp}IO", f"N{sp}C")
+    return (f"C{sp}N", f"I{sp}O", f"{sp}NC")
+
+
+def _positive_groups(groups) -> int:
+    if not _args._is_int(groups) or int(groups) < 1:
+        raise ValueError(f"`groups` (={groups!r}) must be a positive int.")
+    return int(groups)
+
+
+def _check_arrays(ndim: int, first: str, a, w, b):
+    a = _args.check_float_array(a, first, ndim + 2)
+    w = _args.check_float_array(w, "w", ndim + 2)
+    if b is not None:
+        b = _args.check_float_array(b, "b", 1)
+    _args.check_same_dtype(**{first: a, "w": w, "b": b})
+    return a, w, b
+
+
+def _plan(window: _window.Window, batch, in_channels, out_channels, groups, *arrays) -> plan.ConvPlan:
+    return plan.conv_plan(
+        batch=batch, out_spatial=window.out_size, kernel_spatial=window.kernel, in_channels=in_channels,
+        out_channels=out_channels, groups=groups, stride=window.stride, platform=plan.platform_of(*arrays),
+    )
+
+
+# --- convolution -----------------------------------------------------------------------
+
+
+def _conv(ndim: int, x, w, b, stride, padding, dilation, groups):
+    """Validate (``ValueError`` naming each argument), plan, and run the N-d convolution."""
+    x, w, b = _check_arrays(ndim, "x", x, w, b)
+    groups = _positive_groups(groups)
+    n, c = x.shape[0], x.shape[-1]
+    ci, o = w.shape[-2], w.shape[-1]
+    if c != groups * ci:
+        raise ValueError(
+            f"input channels `x.shape[{ndim + 1}]` (={c}) must equal `groups` (={groups}) times "
+            f"the kernel's input channels `w.shape[{ndim}]` (={ci})."
+        )
+    if o % groups:
+        raise ValueError(f"`groups` (={groups}) must divide the output channels `w.shape[{ndim + 1}]` (={o}).")
+    if b is not None and b.shape[0] != o:
+        raise ValueError(f"`b` must have length {o} (the output channels), got shape {tuple(b.shape)}.")
+    window = _window.parse(x.shape[1:-1], tuple(w.shape[:-2]), stride, padding, dilation,
+                           kernel_name=f"w.shape[:{ndim}]")
+    _window.check_sizes(window, n, c, o, "`padding`, `stride`, `dilation` and the shapes of `x` and `w`")
+    chosen = _plan(window, n, c, o, groups, x, w, b)
+    return _conv_vjp(ConvConfig(window, groups, chosen.forward, chosen.backward), x, w, b)
+
+
+_CONV_ARGS = """
+    Args:
+      x: input, shape ``(N, {spatial}, C)``, floating dtype.
+      w: kernel, shape ``({kspatial}, C // groups, O)``, same dtype as ``x``.
+      b: optional bias, shape ``(O,)``.
+      stride: int or {count} ints, ``>= 1``.
+      padding: ``"VALID"``, ``"SAME"``, an int, {count} ints (each dimension
+        alike on both sides) or {count} ``(lo, hi)`` pairs; amounts ``>= 0``.
+        Any amount the sizes allow: outputs whose window reads padding only
+        are the bias.
+      dilation: kernel (atrous) dilation, int or {count} ints, ``>= 1``.
+      groups: feature groups; must divide ``C`` and ``O``.  ``groups == C`` with
+        ``w.shape[-2] == 1`` is a depthwise convolution.
+"""
+
+
+@_args.reverse_mode_rule
+def conv1d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
+    """1-D convolution, NWC input and WIO kernel, with a hand-derived VJP.
+
+    :func:`conv2d` with one spatial dimension (same formulas, same checks,
+    same forms); output ``(N, Wo, O)`` with
+    ``Wo = floor((W + lo + hi - d*(K-1) - 1) / s) + 1``.
+
+    Example:
+      >>> conv1d(jnp.ones((1, 9, 2)), jnp.ones((3, 2, 4)), stride=2).shape
+      (1, 4, 4)
+    """
+    return _conv(1, x, w, b, stride, padding, dilation, groups)
 
 
 @_args.reverse_mode_rule
@@ -102,90 +207,69 @@ def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
       >>> conv2d(x, w, stride=2, padding=1).shape
       (1, 3, 3, 2)
     """
-    x = _args.check_float_array(x, "x", 4)
-    w = _args.check_float_array(w, "w", 4)
-    if b is not None:
-        b = _args.check_float_array(b, "b", 1)
-    _args.check_same_dtype(x=x, w=w, b=b)
-    stride = _args.pair(stride, "stride")
-    dilation = _args.pair(dilation, "dilation")
-    if not _args._is_int(groups) or int(groups) < 1:
-        raise ValueError(f"`groups` (={groups!r}) must be a positive int.")
-    groups = int(groups)
-    n, h, wd, c = x.shape
-    kh, kw, ci, o = w.shape
-    if c != groups * ci:
-        raise ValueError(
-            f"input channels `x.shape[3]` (={c}) must equal `groups` (={groups}) times "
-            f"the kernel's input channels `w.shape[2]` (={ci})."
-        )
-    if o % groups:
-        raise ValueError(f"`groups` (={groups}) must divide the output channels `w.shape[3]` (={o}).")
-    if b is not None and b.shape[0] != o:
-        raise ValueError(f"`b` must have length {o} (the output channels), got shape {tuple(b.shape)}.")
-    pads = _args.padding_2d(padding, (h, wd), (kh, kw), stride, dilation)
-    _args.check_window_fits((h, wd), pads, (kh, kw), dilation, "w.shape[:2]")
-    _args.check_window_op_sizes(
-        x.shape, pads, _output_hw((h, wd), pads, (kh, kw), stride, dilation), o,
-        "`padding`, `stride`, `dilation` and the shapes of `x` and `w`",
-    )
-    chosen = plan.conv_plan(
-        batch=n, out_spatial=_output_hw((h, wd), pads, (kh, kw), stride, dilation), kernel_spatial=(kh, kw),
-        in_channels=c, out_channels=o, groups=groups, stride=stride, platform=plan.platform_of(x, w, b),
-    )
-    config = ConvConfig(stride, pads, dilation, groups, chosen.backward, chosen.forward)
-    return _conv2d(config, x, w, b)
+    return _conv(2, x, w, b, stride, padding, dilation, groups)
+
+
+@_args.reverse_mode_rule
+def conv3d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
+    """3-D convolution, NDHWC input and DHWIO kernel, with a hand-derived VJP.
+
+    :func:`conv2d` with three spatial dimensions (same formulas, same checks,
+    same forms); output ``(N, Do, Ho, Wo, O)``, each size by conv2d's formula.
+
+    Example:
+      >>> conv3d(jnp.ones((1, 4, 5, 6, 2)), jnp.ones((2, 3, 3, 2, 4)), padding="SAME").shape
+      (1, 4, 5, 6, 4)
+    """
+    return _conv(3, x, w, b, stride, padding, dilation, groups)
+
+
+conv1d.__doc__ += _CONV_ARGS.format(spatial="W", kspatial="K", count="one")
+conv3d.__doc__ += _CONV_ARGS.format(spatial="D, H, W", kspatial="KD, KH, KW", count="three")
 
 
 def _forward_conv(config: ConvConfig, x, w):
     """XLA's convolution."""
+    window = config.window
     return lax.conv_general_dilated(
-        x,
-        w,
-        window_strides=config.stride,
-        padding=config.padding,
-        rhs_dilation=config.dilation,
-        dimension_numbers=_DIMENSION_NUMBERS,
-        feature_group_count=config.groups,
+        x, w, window_strides=window.stride, padding=window.padding, rhs_dilation=window.dilation,
+        dimension_numbers=_dimension_numbers(window.ndim), feature_group_count=config.groups,
     )
 
 
-def _phi_by_group(config: ConvConfig, x, w_shape):
-    """phi(X) per group, ``(G, N*Ho*Wo, KH*KW*C/G)`` (im2row, docs/convolution.md §2; HWIO column order)."""
-    kh, kw, cg, _ = w_shape
-    groups = config.groups
-    rows = _patches(x, (kh, kw), config.stride, config.padding, config.dilation)  # (N, Ho, Wo, KH, KW, C)
-    m = rows.shape[0] * rows.shape[1] * rows.shape[2]
-    return rows.reshape(m, kh * kw, groups, cg).transpose(2, 0, 1, 3).reshape(groups, m, kh * kw * cg)
+def _phi_by_group(config: ConvConfig, x):
+    """phi(X) per group, ``(G, N*prod(out), prod(K)*C/G)`` (im2row, docs/convolution.md §2; kernel-major columns)."""
+    window, groups = config.window, config.groups
+    rows = _window.patches(x, window)  # (N, *out, *K, C)
+    m = x.shape[0] * math.prod(window.out_size)
+    cg = x.shape[-1] // groups
+    return rows.reshape(m, window.volume, groups, cg).transpose(2, 0, 1, 3).reshape(groups, m, window.volume * cg)
 
 
 def _kernel_by_group(w, groups: int):
-    """The kernel matrix F per group, ``(G, KH*KW*C/G, O/G)``."""
-    kh, kw, cg, o = w.shape
-    return w.reshape(kh * kw * cg, groups, o // groups).transpose(1, 0, 2)
+    """The kernel matrix F per group, ``(G, prod(K)*C/G, O/G)``."""
+    o = w.shape[-1]
+    return w.reshape(-1, groups, o // groups).transpose(1, 0, 2)
 
 
-def _images_per_block(config: ConvConfig, x, w_shape) -> int:
+def _images_per_block(config: ConvConfig, batch: int, channels: int, itemsize: int) -> int:
     """The batch block of the blocked im2row forms: its phi fits ``_IM2ROW_BLOCK_BYTES``."""
-    kh, kw, cg, _ = w_shape
-    out_hw = _output_hw(x.shape[1:3], config.padding, (kh, kw), config.stride, config.dilation)
-    entries = plan.phi_entries_per_image(out_hw, (kh, kw), cg * config.groups)
-    return _batch_block(x.shape[0], entries * x.dtype.itemsize, _IM2ROW_BLOCK_BYTES)
+    entries = plan.phi_entries_per_image(config.window.out_size, config.window.kernel, channels)
+    return _batch_block(batch, entries * itemsize, _IM2ROW_BLOCK_BYTES)
 
 
 def _forward_im2row(config: ConvConfig, x, w):
     """``Y = phi(X) F`` (docs/convolution.md §2), one matrix product per group."""
-    n, o = x.shape[0], w.shape[3]
-    ho, wo = _output_hw(x.shape[1:3], config.padding, w.shape[:2], config.stride, config.dilation)
-    y = jnp.matmul(_phi_by_group(config, x, w.shape), _kernel_by_group(w, config.groups),
-                   precision=lax.Precision.HIGHEST)  # (G, N*Ho*Wo, O/G)
-    return y.transpose(1, 0, 2).reshape(n, ho, wo, o)
+    n, o = x.shape[0], w.shape[-1]
+    y = jnp.matmul(_phi_by_group(config, x), _kernel_by_group(w, config.groups),
+                   precision=lax.Precision.HIGHEST)  # (G, N*prod(out), O/G)
+    return y.transpose(1, 0, 2).reshape(n, *config.window.out_size, o)
 
 
 def _forward_im2row_blocked(config: ConvConfig, x, w):
-    """``Y_b = phi(X_b) F`` over cache-sized batch blocks (see :func:`_backward_im2row_blocked`)."""
+    """``Y_b = phi(X_b) F`` over cache-sized batch blocks (see :func:`_grads_im2row_blocked`)."""
     n = x.shape[0]
-    block = _images_per_block(config, x, w.shape)
+    block = _images_per_block(config, n, x.shape[-1], x.dtype.itemsize)
     if block == n:
         return _forward_im2row(config, x, w)
     y = lax.map(lambda xb: _forward_im2row(config, xb, w), x.reshape(n // block, block, *x.shape[1:]))
@@ -194,120 +278,108 @@ def _forward_im2row_blocked(config: ConvConfig, x, w):
 
 def _forward(config: ConvConfig, x, w, b):
     y = _FORWARD_STRATEGIES[config.forward](config, x, w)
-    if b is not None:
-        y = y + b
-    return y
+    return y if b is None else y + b
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _conv2d(config: ConvConfig, x, w, b):
+def _conv_vjp(config: ConvConfig, x, w, b):
     return _forward(config, x, w, b)
 
 
-def _conv2d_fwd(config: ConvConfig, x, w, b):
+def _conv_fwd(config: ConvConfig, x, w, b):
     # Residuals are the inputs autodiff keeps, x and w, and no more: whether a
     # bias gradient is owed travels as an empty pytree, () or None, not as b.
     return _forward(config, x, w, b), (x, w, None if b is None else ())
 
 
-def _stride_remainder(size: int, lo: int, hi: int, k: int, s: int, d: int) -> int:
-    """Padded rows past the last window: ``(size + lo + hi - d(k-1) - 1) mod s``."""
-    return (size + lo + hi - d * (k - 1) - 1) % s
+def _conv_bwd(config: ConvConfig, residuals, g):
+    x, w, has_bias = residuals
+    dx, dw = _grads(config, config.backward, x, x.shape, w, g)
+    db = None if has_bias is None else g.sum(axis=tuple(range(g.ndim - 1)))
+    return dx, dw, db
+
+
+_conv_vjp.defvjp(_conv_fwd, _conv_bwd)
+
+
+# --- the backward formulas -------------------------------------------------------------
 
 
 def rot180_swap(w, groups: int):
     """Rot180 of each filter with input and output channels swapped per group.
 
-    ``(KH, KW, C/G, O)`` -> ``(KH, KW, O/G, C)``: the kernel of dL/dx, where the
-    output gradient's O channels are the input and x's C channels the output.
+    ``(*K, C/G, O)`` -> ``(*K, O/G, C)``: every spatial axis reversed, the
+    kernel of dL/dx, where the output gradient's O channels are the input and
+    x's C channels the output.
     """
-    kh, kw, ci, o = w.shape
-    w = w[::-1, ::-1]
-    w = w.reshape(kh, kw, ci, groups, o // groups)
-    w = w.transpose(0, 1, 4, 3, 2)
-    return w.reshape(kh, kw, o // groups, groups * ci)
+    ndim = w.ndim - 2
+    *kernel, ci, o = w.shape
+    w = w[(slice(None, None, -1),) * ndim]
+    w = w.reshape(*kernel, ci, groups, o // groups)
+    w = w.transpose(*range(ndim), ndim + 2, ndim + 1, ndim)
+    return w.reshape(*kernel, o // groups, groups * ci)
 
 
-def _input_grad_conv(config: ConvConfig, x_shape, w, g):
+def _input_grad_conv(config: ConvConfig, w, g):
     """dL/dx = (Inserted, zero-padded g) * Rot180(w), cropped to x (docs/convolution.md §5.3)."""
-    (sh, sw), (dh, dw), groups = config.stride, config.dilation, config.groups
-    _, h, wd, _ = x_shape
-    kh, kw = w.shape[:2]
-    pads = []
-    for size, (lo, hi), k, s, d in zip((h, wd), config.padding, (kh, kw), (sh, sw), (dh, dw)):
-        extent = d * (k - 1)
-        rem = _stride_remainder(size, lo, hi, k, s, d)
-        # Full correlation pads the inserted gradient by extent on each side;
-        # taking away the forward padding crops dx back to the unpadded input,
-        # and the remainder restores rows past the last window (they get zero).
-        pads.append((extent - lo, extent - hi + rem))
+    window = config.window
+    # Full correlation pads the inserted gradient by extent - 1 on each side;
+    # taking away the forward padding crops dx back to the unpadded input,
+    # and the remainder restores rows past the last window (they get zero).
+    pads = [(e - 1 - lo, e - 1 - hi + r)
+            for e, (lo, hi), r in zip(window.extent, window.padding, window.remainder)]
     return lax.conv_general_dilated(
-        g,
-        rot180_swap(w, groups),
-        window_strides=(1, 1),
-        padding=pads,
-        lhs_dilation=config.stride,  # the zero insertion: s - 1 zeros between entries
-        rhs_dilation=config.dilation,
-        dimension_numbers=_DIMENSION_NUMBERS,
-        feature_group_count=groups,
+        g, rot180_swap(w, config.groups), window_strides=(1,) * window.ndim, padding=pads,
+        lhs_dilation=window.stride,  # the zero insertion: s - 1 zeros between entries
+        rhs_dilation=window.dilation, dimension_numbers=_dimension_numbers(window.ndim),
+        feature_group_count=config.groups,
     )
 
 
-def _kernel_grad_conv(config: ConvConfig, x, w_shape, g):
+def _kernel_grad_conv(config: ConvConfig, x, g):
     """dL/dw = padded x correlated with Inserted g (docs/convolution.md §5.4), batch summed.
 
     The batch axis is the contraction axis of this correlation, the channel
     axis of ``x`` plays the batch, and the inserted ``g`` is the filter.
     """
-    kh, kw = w_shape[:2]
-    _, h, wd, _ = x.shape
-    pads = []
-    for size, (lo, hi), k, s, d in zip((h, wd), config.padding, (kh, kw), config.stride, config.dilation):
-        pads.append((lo, hi - _stride_remainder(size, lo, hi, k, s, d)))
+    window = config.window
+    pads = [(lo, hi - r) for (lo, hi), r in zip(window.padding, window.remainder)]
     return lax.conv_general_dilated(
-        x,
-        g,
-        window_strides=config.dilation,
-        padding=pads,
-        rhs_dilation=config.stride,  # Inserted Grad
-        dimension_numbers=("CHWN", "IHWO", "HWNC"),
-        batch_group_count=config.groups,
+        x, g, window_strides=window.dilation, padding=pads,
+        rhs_dilation=window.stride,  # Inserted Grad
+        dimension_numbers=_dimension_numbers(window.ndim, "kernel"), batch_group_count=config.groups,
     )
 
 
-def _backward_conv(config: ConvConfig, x, w, g):
-    """The convolution form (seeds 001 and 003): (dL/dx, dL/dw)."""
-    return _input_grad_conv(config, x.shape, w, g), _kernel_grad_conv(config, x, w.shape, g)
-
-
-def _backward_im2row(config: ConvConfig, x, w, g, need_dx: bool = True):
-    """The im2row form (docs/convolution.md §5.2): (dL/dx, dL/dw).
+def _grads_im2row(config: ConvConfig, x, x_shape, w, g, need_dx: bool, need_dw: bool):
+    """The im2row form (docs/convolution.md §5.2): (dL/dx, dL/dw), each None unless needed.
 
     With ``phi`` = im2row (one row per output position, one column per kernel
-    entry, HWIO order) and per group ``F`` the ``(KH*KW*C/G, O/G)`` kernel matrix,
-    ``dY`` the ``(N*Ho*Wo, O/G)`` output gradient:
-    ``dF = phi(X)^T dY`` and ``dX = phi*(dY F^T)``, ``phi*`` = row2im, the adjoint.
-    Groups are a batch of these matrix products; stride, padding and dilation
-    live in ``phi`` and ``phi*`` (``jaxconv.matrix``).  With ``need_dx=False``
-    only ``dL/dw`` is computed (dL/dx is None).
+    entry, kernel-major) and per group ``F`` the ``(prod(K)*C/G, O/G)`` kernel
+    matrix, ``dY`` the ``(N*prod(out), O/G)`` output gradient:
+    ``dF = phi(X)^T dY`` and ``dX = phi*(dY F^T)``, ``phi*`` = row2im, the
+    adjoint.  Groups are a batch of these matrix products; stride, padding
+    and dilation live in ``phi`` and ``phi*`` (``jaxconv._window``).
+    ``dX`` needs only ``x``'s shape.
     """
-    kh, kw, cg, o = w.shape
-    groups = config.groups
-    og = o // groups
-    n, ho, wo, _ = g.shape
-    m = n * ho * wo
-    phi = _phi_by_group(config, x, w.shape)  # (G, N*Ho*Wo, KH*KW*C/G)
-    dy = g.reshape(m, groups, og).transpose(1, 0, 2)  # (G, N*Ho*Wo, O/G)
+    window, groups = config.window, config.groups
+    o = w.shape[-1]
+    og, cg = o // groups, w.shape[-2]
+    n = g.shape[0]
+    m = n * math.prod(window.out_size)
+    dy = g.reshape(m, groups, og).transpose(1, 0, 2)  # (G, N*prod(out), O/G)
     hi = lax.Precision.HIGHEST
-    df = jnp.matmul(phi.transpose(0, 2, 1), dy, precision=hi)
-    dw = df.transpose(1, 0, 2).reshape(w.shape)
-    if not need_dx:
-        return None, dw
-    f = _kernel_by_group(w, groups)  # (G, KH*KW*C/G, O/G)
-    drows = jnp.matmul(dy, f.transpose(0, 2, 1), precision=hi)  # (G, N*Ho*Wo, KH*KW*C/G)
-    drows = drows.reshape(groups, n, ho, wo, kh, kw, cg).transpose(1, 2, 3, 4, 5, 0, 6)
-    drows = drows.reshape(n, ho, wo, kh, kw, groups * cg)
-    dx = _unpatches(drows, x.shape[1:3], config.stride, config.padding, config.dilation)
+    dx = dw = None
+    if need_dw:
+        df = jnp.matmul(_phi_by_group(config, x).transpose(0, 2, 1), dy, precision=hi)
+        dw = df.transpose(1, 0, 2).reshape(w.shape)
+    if need_dx:
+        drows = jnp.matmul(dy, _kernel_by_group(w, groups).transpose(0, 2, 1), precision=hi)
+        ndim = window.ndim
+        drows = drows.reshape(groups, n, *window.out_size, *window.kernel, cg)
+        # (G, N, *out, *K, C/G) -> (N, *out, *K, G, C/G): the group joins the channels.
+        drows = drows.transpose(*range(1, 2 * ndim + 2), 0, 2 * ndim + 2)
+        dx = _window.unpatches(drows.reshape(n, *window.out_size, *window.kernel, groups * cg), window)
     return dx, dw
 
 
@@ -322,65 +394,203 @@ def _batch_block(n: int, bytes_per_image: int, budget: int) -> int:
     return max(d for d in range(1, min(n, fits) + 1) if n % d == 0)
 
 
-def _backward_im2row_blocked(config: ConvConfig, x, w, g, need_dx: bool = True):
-    """The im2row form (docs/convolution.md §5.2) over blocks of the batch: (dL/dx, dL/dw).
+def _grads_im2row_blocked(config: ConvConfig, x, x_shape, w, g, need_dx: bool, need_dw: bool):
+    """The im2row form (docs/convolution.md §5.2) over blocks of the batch.
 
     ``phi(X)^T dY`` is a sum over the rows of phi, one row per output position,
     so it splits over images: ``dF = sum_b phi(X_b)^T dY_b``; and ``phi*`` acts
     on each image alone, so ``dX_b = phi*(dY_b F^T)``.  A ``lax.scan`` over
-    batch blocks runs :func:`_backward_im2row` on each block, sized so that
-    the block's phi (``B*Ho*Wo`` rows of ``KH*KW*C``) stays in cache; the
+    batch blocks runs :func:`_grads_im2row` on each block, sized so that the
+    block's phi (``B*prod(out)`` rows of ``prod(K)*C``) stays in cache; the
     products are then GEMMs at close to the machine's matrix-product speed,
-    where the whole phi would be ``KH*KW`` times the input, streamed from
+    where the whole phi would be ``prod(K)`` times the input, streamed from
     memory.  Same formula, same sums, only grouped by image.
     """
-    n = x.shape[0]
-    block = _images_per_block(config, x, w.shape)
+    n = g.shape[0]
+    block = _images_per_block(config, n, x_shape[-1], g.dtype.itemsize)
     if block == n:
-        return _backward_im2row(config, x, w, g, need_dx)
+        return _grads_im2row(config, x, x_shape, w, g, need_dx, need_dw)
     blocks = n // block
+    block_shape = (block, *x_shape[1:])
 
     def one_block(dw, xg):
         xb, gb = xg
-        dxb, dwb = _backward_im2row(config, xb, w, gb, need_dx)
-        return dw + dwb, dxb
+        dxb, dwb = _grads_im2row(config, xb, block_shape, w, gb, need_dx, need_dw)
+        return (None if dw is None else dw + dwb), dxb
 
-    dw, dx = lax.scan(
-        one_block,
-        jnp.zeros(w.shape, w.dtype),
-        (x.reshape(blocks, block, *x.shape[1:]), g.reshape(blocks, block, *g.shape[1:])),
-    )
-    return (None if dx is None else dx.reshape(x.shape)), dw
+    xs = x.reshape(blocks, *block_shape) if need_dw else None
+    dw, dx = lax.scan(one_block, jnp.zeros(w.shape, w.dtype) if need_dw else None,
+                      (xs, g.reshape(blocks, block, *g.shape[1:])))
+    return (None if dx is None else dx.reshape(x_shape)), dw
 
 
-def _backward_mixed(config: ConvConfig, x, w, g):
-    """dL/dx in the convolution form, dL/dw in the blocked im2row form.
+def _grads(config: ConvConfig, form: str, x, x_shape, w, g, need_dx: bool = True, need_dw: bool = True):
+    """(dL/dx, dL/dw) of ``conv(x, w)`` for the output gradient ``g`` by the backward ``form``.
 
-    ``dX = phi*(dY F^T)`` contracts over the O/G output channels: with few of
-    them that product runs far from the GEMM peak, while ``dX`` as the
-    Rot180 correlation (docs/convolution.md §5.3) is a plain stride-1 convolution, which
-    XLA runs as fast as a forward.  ``dF = phi(X)^T dY`` contracts over the
-    batch and space and stays a GEMM.
+    ``x`` may be None when only ``dL/dx`` is needed (``x_shape`` gives its shape).
     """
-    return _input_grad_conv(config, x.shape, w, g), _backward_im2row_blocked(config, x, w, g, need_dx=False)[1]
+    dx_form, dw_form = _BACKWARD_STRATEGIES[form]
+    if dx_form == dw_form != "conv":
+        blocked = _grads_im2row_blocked if dx_form == "im2row_blocked" else _grads_im2row
+        return blocked(config, x, x_shape, w, g, need_dx, need_dw)
+    dx = dw = None
+    if need_dx:
+        dx = (_input_grad_conv(config, w, g) if dx_form == "conv"
+              else _grads_im2row_blocked(config, None, x_shape, w, g, True, False)[0])
+    if need_dw:
+        dw = (_kernel_grad_conv(config, x, g) if dw_form == "conv"
+              else _grads_im2row_blocked(config, x, x_shape, w, g, False, True)[1])
+    return dx, dw
 
 
-def _conv2d_bwd(config: ConvConfig, residuals, g):
-    x, w, has_bias = residuals
-    dx, dw = _BACKWARD_STRATEGIES[config.strategy](config, x, w, g)
-    db = g.sum(axis=(0, 1, 2)) if has_bias is not None else None
-    return dx, dw, db
+# --- transposed convolution --------------------------------------------------------------
 
 
-_conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+def _conv_transpose(ndim: int, y, w, b, stride, padding, output_padding, dilation, groups):
+    """Validate, plan and run the N-d transposed convolution (the adjoint of :func:`_conv` in ``x``)."""
+    y, w, b = _check_arrays(ndim, "y", y, w, b)
+    groups = _positive_groups(groups)
+    n, o = y.shape[0], y.shape[-1]
+    kernel, ci, wo = tuple(w.shape[:-2]), w.shape[-2], w.shape[-1]
+    if o != wo:
+        raise ValueError(
+            f"`y`'s channels `y.shape[{ndim + 1}]` (={o}) must equal the kernel's output channels "
+            f"`w.shape[{ndim + 1}]` (={wo}): y is the output of the convolution this transposes."
+        )
+    if o % groups:
+        raise ValueError(f"`groups` (={groups}) must divide the kernel's output channels `w.shape[{ndim + 1}]` (={o}).")
+    c = groups * ci
+    if b is not None and b.shape[0] != c:
+        raise ValueError(f"`b` must have length {c} (groups * w.shape[{ndim}], the output channels), "
+                         f"got shape {tuple(b.shape)}.")
+    if isinstance(padding, str) and padding.upper() == "SAME":
+        raise ValueError("`padding` (='SAME') is not defined for a transposed convolution: give the amounts "
+                         "(an int, one per dimension, or (lo, hi) pairs) of the convolution it transposes.")
+    stride = _window.ints(stride, "stride", ndim)
+    dilation = _window.ints(dilation, "dilation", ndim)
+    output_padding = _window.ints(output_padding, "output_padding", ndim, minimum=0)
+    for op, s in zip(output_padding, stride):
+        if op >= s:
+            raise ValueError(f"`output_padding` (={output_padding}) must be smaller than `stride` (={stride}) "
+                             "in every dimension: only then is the output the adjoint of a convolution whose "
+                             "output has y's size.")
+    pads = _window.padding(padding, (1,) * ndim, kernel, stride, dilation)
+    out_size = []
+    for size, (lo, hi), k, s, d, op, name in zip(y.shape[1:-1], pads, kernel, stride, dilation, output_padding,
+                                                 _window.dim_names(ndim)):
+        full = (size - 1) * s + d * (k - 1) + 1 + op
+        if full - lo - hi < 1:
+            raise ValueError(
+                f"`padding` (={padding!r}) crops {lo} + {hi} from the {name}, but the transposed convolution of "
+                f"`y` (size {size}) with this kernel, stride and dilation spans only {full}: no output is left."
+            )
+        out_size.append(full - lo - hi)
+    window = _window.Window(tuple(out_size), kernel, stride, pads, dilation)
+    _window.check_fits(window, f"w.shape[:{ndim}]")
+    _window.check_sizes(window, n, c, o, "`padding`, `stride`, `dilation` and the shapes of `y` and `w`")
+    chosen = _plan(window, n, c, o, groups, y, w, b)
+    return _conv_transpose_vjp(ConvConfig(window, groups, chosen.forward, chosen.backward), y, w, b)
 
-# name -> backward(config, x, w, g) -> (dx, dw).  Every entry computes the same
-# formula and is tested against jax.grad (tests/test_conv.py runs each).
+
+def _transpose_forward(config: ConvConfig, y, w, b):
+    c = w.shape[-2] * config.groups
+    x_shape = (y.shape[0], *config.window.in_size, c)
+    x, _ = _grads(config, config.backward, None, x_shape, w, y, need_dw=False)
+    return x if b is None else x + b
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _conv_transpose_vjp(config: ConvConfig, y, w, b):
+    return _transpose_forward(config, y, w, b)
+
+
+def _conv_transpose_fwd(config: ConvConfig, y, w, b):
+    return _transpose_forward(config, y, w, b), (y, w, None if b is None else ())
+
+
+def _conv_transpose_bwd(config: ConvConfig, residuals, g):
+    # The output is linear in y and in w: <conv_transpose(y, w), G> = <y, conv(G, w)>,
+    # so dL/dy is the convolution of G, and dL/dw is the convolution's kernel
+    # gradient with G in the place of x and y in the place of its output gradient.
+    y, w, has_bias = residuals
+    dy = _FORWARD_STRATEGIES[config.forward](config, g, w)
+    _, dw = _grads(config, config.backward, g, g.shape, w, y, need_dx=False)
+    db = None if has_bias is None else g.sum(axis=tuple(range(g.ndim - 1)))
+    return dy, dw, db
+
+
+_conv_transpose_vjp.defvjp(_conv_transpose_fwd, _conv_transpose_bwd)
+
+
+_TRANSPOSE_DOC = """{n}-D transposed convolution ({layout} output), the adjoint of :func:`conv{n}d` in its input.
+
+    ``conv_transpose{n}d(y, w, ...)`` is ``x -> conv{n}d(x, w, stride=stride,
+    padding=padding, dilation=dilation, groups=groups)`` transposed:
+    ``<conv_transpose{n}d(y, w), z> = <y, conv{n}d(z, w)>`` for every ``z`` of
+    the output's shape.  The forward is the Inserted-gradient formula of the
+    convolution's ``dL/dx`` (docs/convolution.md §5.3, §6), the backward the
+    convolution and its kernel gradient.
+
+    Args:
+      y: ``(N, {spatial}, O)``, floating dtype: has the convolution's output channels.
+      w: ``({kspatial}, C // groups, O)``, in the *convolution's* layout.
+      b: optional bias ``(C,)``, added to the output.
+      stride, dilation: int or {count} ints ``>= 1``, the convolution's.
+      padding: int, {count} ints, or {count} ``(lo, hi)`` pairs (``"VALID"``
+        is 0): the convolution's padding, cropped off the output here.
+      output_padding: int or {count} ints, ``0 <= output_padding < stride``:
+        extra entries at the high end of each dimension, which pick among the
+        input sizes a strided convolution maps to ``y``'s size.
+      groups: as in :func:`conv{n}d`.
+
+    Returns:
+      ``(N, {spatial_out}, C)``, per dimension
+      ``(n - 1)*s - lo - hi + d*(k - 1) + 1 + output_padding``.  Equal to
+      PyTorch's ``conv_transpose{n}d(y, weight, stride, padding,
+      output_padding, groups, dilation)`` (channels first) with ``weight`` =
+      ``w`` moved to ``(O, C // groups, {kspatial})``.
+    """
+
+
+@_args.reverse_mode_rule
+def conv_transpose1d(y, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1):
+    return _conv_transpose(1, y, w, b, stride, padding, output_padding, dilation, groups)
+
+
+@_args.reverse_mode_rule
+def conv_transpose2d(y, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1):
+    return _conv_transpose(2, y, w, b, stride, padding, output_padding, dilation, groups)
+
+
+@_args.reverse_mode_rule
+def conv_transpose3d(y, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1):
+    return _conv_transpose(3, y, w, b, stride, padding, output_padding, dilation, groups)
+
+
+conv_transpose1d.__doc__ = _TRANSPOSE_DOC.format(n=1, layout="NWC", spatial="W", spatial_out="Wo",
+                                                 kspatial="K", count="one")
+conv_transpose2d.__doc__ = _TRANSPOSE_DOC.format(n=2, layout="NHWC", spatial="H, W", spatial_out="Ho, Wo",
+                                                 kspatial="KH, KW", count="two") + """
+    Example:
+      >>> y = jnp.ones((1, 3, 3, 4)); w = jnp.ones((3, 3, 2, 4))
+      >>> conv_transpose2d(y, w, stride=2, padding=1, output_padding=1).shape
+      (1, 6, 6, 2)
+    """
+conv_transpose3d.__doc__ = _TRANSPOSE_DOC.format(n=3, layout="NDHWC", spatial="D, H, W",
+                                                 spatial_out="Do, Ho, Wo", kspatial="KD, KH, KW", count="three")
+
+
+# name -> (dx form, dw form).  Every entry computes the same formulas and is
+# tested against jax.grad (tests/test_conv.py runs each).
 _BACKWARD_STRATEGIES = {
-    "conv": _backward_conv,
-    "im2row": _backward_im2row,
-    "im2row_blocked": _backward_im2row_blocked,
-    "mixed": _backward_mixed,
+    "conv": ("conv", "conv"),
+    "im2row": ("im2row", "im2row"),
+    "im2row_blocked": ("im2row_blocked", "im2row_blocked"),
+    # dX = phi*(dY F^T) contracts over the O/G output channels: with few of them
+    # that product runs far from the GEMM peak, while dX as the Rot180
+    # correlation is a stride-1 convolution XLA runs as fast as a forward.
+    # dF = phi(X)^T dY contracts over batch and space and stays a GEMM.
+    "mixed": ("conv", "im2row_blocked"),
 }
 
 # name -> forward(config, x, w) -> y without bias; tested like the backward.

@@ -64,72 +64,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _args
+from . import _args, _window
 
 __all__ = ["im2row", "row2im", "patch_matrix", "filter_matrix", "kernel_from_matrix", "vec"]
 
 
-# --- the gather and its adjoint, on unflattened patches ------------------------
-# Shared with conv.py's im2row backward strategy.  A Python loop over the KH*KW
-# kernel offsets (not over entries): each offset is one strided slice of the
-# padded input, and its adjoint one interior-padded lax.pad.
-
-
-def _output_hw(in_hw, pads, kernel_hw, stride, dilation):
-    return tuple(
-        _args.output_size(size, lo, hi, k, s, d)
-        for size, (lo, hi), k, s, d in zip(in_hw, pads, kernel_hw, stride, dilation)
-    )
-
-
-def _patches(x, kernel_hw, stride, pads, dilation):
-    """phi(x) unflattened: ``(N, H, W, C) -> (N, Ho, Wo, KH, KW, C)``."""
-    n, h, w, c = x.shape
-    (kh, kw), (sh, sw), (dh, dw) = kernel_hw, stride, dilation
-    ho, wo = _output_hw((h, w), pads, kernel_hw, stride, dilation)
-    zero = jnp.zeros((), x.dtype)
-    xp = lax.pad(x, zero, ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
-    pieces = []
-    for k in range(kh):
-        for p in range(kw):
-            start = (0, dh * k, dw * p, 0)
-            limit = (n, dh * k + sh * (ho - 1) + 1, dw * p + sw * (wo - 1) + 1, c)
-            pieces.append(lax.slice(xp, start, limit, (1, sh, sw, 1)))
-    return jnp.stack(pieces, axis=3).reshape(n, ho, wo, kh, kw, c)
-
-
-def _unpatches(rows, in_hw, stride, pads, dilation):
-    """phi*(rows): ``(N, Ho, Wo, KH, KW, C) -> (N, H, W, C)``, the adjoint of :func:`_patches`.
-
-    The entry of offset ``(k, p)`` at output ``(i, j)`` came from padded pixel
-    ``(s i + d k, s j + d p)``, i.e. unpadded ``(s i + d k - lo, ...)``: a pad with
-    ``s - 1`` interior zeros and edge ``d k - lo`` puts every entry back in place;
-    negative edges crop what came from padding.
-    """
-    n, ho, wo, kh, kw, c = rows.shape
-    (h, w), (sh, sw), (dh, dw) = in_hw, stride, dilation
-    (top, _), (left, _) = pads
-    zero = jnp.zeros((), rows.dtype)
-    total = None
-    for k in range(kh):
-        for p in range(kw):
-            lo_h, lo_w = dh * k - top, dw * p - left
-            hi_h = h - lo_h - sh * (ho - 1) - 1
-            hi_w = w - lo_w - sw * (wo - 1) - 1
-            piece = lax.pad(rows[:, :, :, k, p, :], zero,
-                            ((0, 0, 0), (lo_h, hi_h, sh - 1), (lo_w, hi_w, sw - 1), (0, 0, 0)))
-            total = piece if total is None else total + piece
-    return total
-
-
-def _window_config(in_hw, kernel_size, stride, padding, dilation):
-    """Validated ``(kernel_hw, stride, pads, dilation)`` for an input of spatial size ``in_hw``."""
-    kernel_hw = _args.pair(kernel_size, "kernel_size")
-    stride = _args.pair(stride, "stride")
-    dilation = _args.pair(dilation, "dilation")
-    pads = _args.padding_2d(padding, in_hw, kernel_hw, stride, dilation)
-    _args.check_window_fits(in_hw, pads, kernel_hw, dilation, "kernel_size")
-    return kernel_hw, stride, pads, dilation
+def _window_config(in_hw, kernel_size, stride, padding, dilation) -> _window.Window:
+    """The validated 2-D window of an input of spatial size ``in_hw``."""
+    return _window.parse(tuple(in_hw), kernel_size, stride, padding, dilation, kernel_name="kernel_size")
 
 
 # --- public: phi, phi*, M_X^im ----------------------------------------------------
@@ -168,13 +110,11 @@ def im2row(x, kernel_size, *, stride=1, padding="VALID", dilation=1):
       (1, 4, 18)
     """
     x = _args.check_float_array(x, "x", 4)
-    kernel_hw, stride, pads, dilation = _window_config(x.shape[1:3], kernel_size, stride, padding, dilation)
+    window = _window_config(x.shape[1:3], kernel_size, stride, padding, dilation)
     n, c = x.shape[0], x.shape[3]
-    ho, wo = _output_hw(x.shape[1:3], pads, kernel_hw, stride, dilation)
-    _args.check_elements((n, ho * wo, kernel_hw[0] * kernel_hw[1] * c), "`kernel_size`, `padding` and `x`'s shape",
-                         "phi(x)")
-    rows = _patches(x, kernel_hw, stride, pads, dilation)
-    return rows.reshape(n, rows.shape[1] * rows.shape[2], kernel_hw[0] * kernel_hw[1] * c)
+    ho, wo = window.out_size
+    _args.check_elements((n, ho * wo, window.volume * c), "`kernel_size`, `padding` and `x`'s shape", "phi(x)")
+    return _window.patches(x, window).reshape(n, ho * wo, window.volume * c)
 
 
 def row2im(rows, input_shape, kernel_size, *, stride=1, padding="VALID", dilation=1):
@@ -198,15 +138,15 @@ def row2im(rows, input_shape, kernel_size, *, stride=1, padding="VALID", dilatio
         raise ValueError(f"`input_shape` (={input_shape!r}) must be four positive ints (N, H, W, C).")
     n, h, w, c = (int(v) for v in shape)
     _args.check_elements(shape, "`input_shape`", "the image")
-    kernel_hw, stride, pads, dilation = _window_config((h, w), kernel_size, stride, padding, dilation)
-    ho, wo = _output_hw((h, w), pads, kernel_hw, stride, dilation)
-    expected = (n, ho * wo, kernel_hw[0] * kernel_hw[1] * c)
+    window = _window_config((h, w), kernel_size, stride, padding, dilation)
+    ho, wo = window.out_size
+    expected = (n, ho * wo, window.volume * c)
     if tuple(rows.shape) != expected:
         raise ValueError(
             f"`rows` has shape {tuple(rows.shape)}, but im2row of an input of shape {(n, h, w, c)} with "
             f"this kernel_size, stride, padding and dilation has shape {expected}."
         )
-    return _unpatches(rows.reshape(n, ho, wo, *kernel_hw, c), (h, w), stride, pads, dilation)
+    return _window.unpatches(rows.reshape(n, ho, wo, *window.kernel, c), window)
 
 
 def patch_matrix(x, kernel_size, *, stride=1, padding="VALID", dilation=1):
@@ -226,11 +166,10 @@ def patch_matrix(x, kernel_size, *, stride=1, padding="VALID", dilation=1):
       ``(Ho*Wo, C*KH*KW)``.  E.g. 6x6x1 with 3x3 gives 16x9; 6x6x4 gives 16x36.
     """
     x = _args.check_float_array(x, "x", 3)
-    kernel_hw, stride, pads, dilation = _window_config(x.shape[:2], kernel_size, stride, padding, dilation)
-    ho, wo = _output_hw(x.shape[:2], pads, kernel_hw, stride, dilation)
-    _args.check_elements((ho * wo, x.shape[2] * kernel_hw[0] * kernel_hw[1]),
-                         "`kernel_size`, `padding` and `x`'s shape", "M_X^im")
-    rows = _patches(x[None], kernel_hw, stride, pads, dilation)[0]  # (Ho, Wo, KH, KW, C)
+    window = _window_config(x.shape[:2], kernel_size, stride, padding, dilation)
+    ho, wo = window.out_size
+    _args.check_elements((ho * wo, x.shape[2] * window.volume), "`kernel_size`, `padding` and `x`'s shape", "M_X^im")
+    rows = _window.patches(x[None], window)[0]  # (Ho, Wo, KH, KW, C)
     ho, wo, kh, kw, c = rows.shape
     return rows.transpose(0, 1, 4, 2, 3).reshape(ho * wo, c * kh * kw)
 
@@ -250,7 +189,8 @@ def _structure(in_hw, kernel_shape, stride, pads, dilation, groups):
     h, w = in_hw
     kh, kw, cg, o = kernel_shape
     (sh, sw), (dh, dw), ((top, _), (left, _)) = stride, dilation, pads
-    ho, wo = _output_hw(in_hw, pads, (kh, kw), stride, dilation)
+    ho, wo = (_window.output_size(size, lo, hi_, k, s_, d_)
+              for size, (lo, hi_), k, s_, d_ in zip(in_hw, pads, (kh, kw), stride, dilation))
     og = o // groups
     oo, ii, jj, kk, pp, cc = np.meshgrid(
         np.arange(o), np.arange(ho), np.arange(wo), np.arange(kh), np.arange(kw), np.arange(cg),
@@ -269,15 +209,16 @@ def _structure(in_hw, kernel_shape, stride, pads, dilation, groups):
 
 
 def _filter_config(kernel_shape, input_hw, stride, padding, dilation, groups):
-    in_hw = _args.pair(input_hw, "input_hw")
+    in_hw = _window.ints(input_hw, "input_hw", 2)
     kh, kw, cg, o = kernel_shape
     if not _args._is_int(groups) or int(groups) < 1:
         raise ValueError(f"`groups` (={groups!r}) must be a positive int.")
     groups = int(groups)
     if o % groups:
         raise ValueError(f"`groups` (={groups}) must divide the output channels (={o}) of the kernel.")
-    kernel_hw, stride, pads, dilation = _window_config(in_hw, (kh, kw), stride, padding, dilation)
-    ho, wo = _output_hw(in_hw, pads, kernel_hw, stride, dilation)
+    window = _window_config(in_hw, (kh, kw), stride, padding, dilation)
+    stride, pads, dilation = window.stride, window.padding, window.dilation
+    ho, wo = window.out_size
     # The matrix, and the index arrays (one entry per weight use) built for it.
     _args.check_elements((o * ho * wo, groups * cg * in_hw[0] * in_hw[1]),
                          "`input_hw`, `padding` and the kernel's shape", "M_F^filter")

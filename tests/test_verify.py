@@ -77,9 +77,10 @@ def test_planted_padding_off_by_one_is_caught(monkeypatch):
     """dL/dx computed with the padding shifted by one row and column is caught."""
     original = conv_module._input_grad_conv
 
-    def shifted(config, x_shape, w, g):
-        (t, b_), (l, r) = config.padding
-        return original(config._replace(padding=((t + 1, b_ - 1), (l + 1, r - 1))), x_shape, w, g)
+    def shifted(config, w, g):
+        (t, b_), (l, r) = config.window.padding
+        window = config.window._replace(padding=((t + 1, b_ - 1), (l + 1, r - 1)))
+        return original(config._replace(window=window), w, g)
 
     monkeypatch.setattr(conv_module, "_input_grad_conv", shifted)
     report = check_vjp(_conv, _ref, *_conv_args(), names=("x", "w", "b"))
