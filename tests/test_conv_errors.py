@@ -57,3 +57,38 @@ def test_bad_input_raises_value_error(kwargs, match):
 
 def test_padding_can_make_a_small_input_fit():
     assert jaxconv.conv2d(jnp.zeros((1, 2, 2, 1)), jnp.zeros((3, 3, 1, 1)), padding=1).shape == (1, 2, 2, 1)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: jaxconv.conv1d(jnp.zeros((2, 6, 6, 4)), jnp.zeros((3, 4, 8))), r"`x` must have rank 3"),
+        (lambda: jaxconv.conv1d(jnp.zeros((2, 6, 4)), jnp.zeros((3, 3, 4, 8))), r"`w` must have rank 3"),
+        (lambda: jaxconv.conv1d(jnp.zeros((2, 6, 4)), jnp.zeros((3, 4, 8)), stride=(1, 2)),
+         r"`stride` \(=\(1, 2\)\) must be an int or one int"),
+        (lambda: jaxconv.conv1d(jnp.zeros((2, 6, 4)), jnp.zeros((3, 4, 8)), padding=(1, 2)),
+         r"`padding` \(=\(1, 2\)\) must be 'VALID', 'SAME', an int, 1 ints or one \(lo, hi\) per dimension"),
+        (lambda: jaxconv.conv1d(jnp.zeros((2, 6, 4)), jnp.zeros((9, 4, 8))), r"spans 9 in width"),
+        (lambda: jaxconv.conv1d(jnp.zeros((2, 6, 4)), jnp.zeros((3, 3, 8))), r"`x.shape\[2\]` \(=4\)"),
+        (lambda: jaxconv.conv3d(jnp.zeros((2, 4, 6, 6, 4)), jnp.zeros((5, 3, 3, 4, 8))), r"spans 5 in depth"),
+        (lambda: jaxconv.conv3d(jnp.zeros((2, 4, 6, 6, 4)), jnp.zeros((3, 3, 3, 4, 8)), dilation=(1, 1)),
+         r"`dilation` \(=\(1, 1\)\) must be an int or a triple"),
+        (lambda: jaxconv.conv3d(jnp.zeros((2, 4, 6, 6, 4)), jnp.zeros((3, 3, 3, 4, 8)),
+                                padding=((0, 1), (1, 1), (2, -1))), r"must be non-negative"),
+        (lambda: jaxconv.conv3d(jnp.zeros((2, 4, 6, 6, 4)), jnp.zeros((3, 3, 3, 2, 7)), groups=2),
+         r"`groups` \(=2\) must divide the output channels `w.shape\[4\]` \(=7\)"),
+    ],
+)
+def test_1d_and_3d_bad_input_raises_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_1d_and_3d_padding_forms_and_output_sizes():
+    x1, w1 = jnp.zeros((2, 9, 3)), jnp.zeros((3, 3, 5))
+    assert jaxconv.conv1d(x1, w1, stride=2, padding="SAME").shape == (2, 5, 5)
+    assert jaxconv.conv1d(x1, w1, padding=((2, 0),)).shape == (2, 9, 5)
+    assert jaxconv.conv1d(x1, w1, padding=(1,), dilation=2).shape == (2, 7, 5)
+    x3, w3 = jnp.zeros((1, 4, 5, 6, 2)), jnp.zeros((2, 3, 3, 2, 4))
+    assert jaxconv.conv3d(x3, w3, padding="SAME").shape == (1, 4, 5, 6, 4)
+    assert jaxconv.conv3d(x3, w3, stride=(1, 2, 3), padding=(0, 1, 1)).shape == (1, 3, 3, 2, 4)
