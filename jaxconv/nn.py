@@ -46,11 +46,20 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from . import _args
+from . import _args, _window
 
 __all__ = [
     "AvgPool",
+    "AvgPool1D",
+    "AvgPool2D",
+    "AvgPool3D",
     "Conv",
+    "Conv1D",
+    "Conv2D",
+    "Conv3D",
+    "ConvTranspose1D",
+    "ConvTranspose2D",
+    "ConvTranspose3D",
     "Dense",
     "FanInSum",
     "FanOut",
@@ -59,6 +68,9 @@ __all__ = [
     "Identity",
     "LRN",
     "MaxPool",
+    "MaxPool1D",
+    "MaxPool2D",
+    "MaxPool3D",
     "Relu",
     "he_normal",
     "parallel",
@@ -69,9 +81,9 @@ __all__ = [
 
 
 _OP_MODULES = {
-    "conv2d": "conv",
-    "avg_pool2d": "pool",
-    "max_pool2d": "pool",
+    **{f"conv{n}d": "conv" for n in (1, 2, 3)},
+    **{f"conv_transpose{n}d": "conv" for n in (1, 2, 3)},
+    **{f"{kind}_pool{n}d": "pool" for kind in ("avg", "max") for n in (1, 2, 3)},
     "lrn": "lrn",
     "relu": "layers",
     "linear": "layers",
@@ -133,7 +145,7 @@ def _shape(input_shape, ndim: int, layer: str) -> tuple[int, ...]:
         or any(d < 1 for d in shape[1:])
         or not (shape[0] == -1 or shape[0] >= 1)
     ):
-        layout = "(N, H, W, C)" if ndim == 4 else "(N, D)"
+        layout = {2: "(N, D)", 3: "(N, W, C)", 4: "(N, H, W, C)", 5: "(N, D, H, W, C)"}.get(ndim, f"rank {ndim}")
         raise ValueError(
             f"{layer}: `input_shape` (={input_shape!r}) must be {layout} with positive ints "
             f"(the batch may be -1)."
@@ -157,6 +169,36 @@ def _dtype(dtype):
 # --- layers with parameters -----------------------------------------------------
 
 
+def _conv_layer(ndim: int, out_channels, kernel, stride, padding, dilation, groups, bias, w_init, dtype):
+    out_channels = _positive_int(out_channels, "out_channels")
+    kernel = _window.ints(kernel, "kernel", ndim)
+    stride = _window.ints(stride, "stride", ndim)
+    dilation = _window.ints(dilation, "dilation", ndim)
+    groups = _positive_int(groups, "groups")
+    if out_channels % groups:
+        raise ValueError(f"`groups` (={groups}) must divide `out_channels` (={out_channels}).")
+    dtype = _dtype(dtype)
+    _window.padding(padding, (1,) * ndim, kernel, stride, dilation)  # validates the form early
+    name = f"Conv{ndim}D" if ndim != 2 else "Conv"
+
+    def init_fun(rng, input_shape):
+        n, *spatial, c = _shape(input_shape, ndim + 2, name)
+        if c % groups:
+            raise ValueError(f"{name}: input channels (={c}) must be divisible by `groups` (={groups}).")
+        window = _window.parse(tuple(spatial), kernel, stride, padding, dilation, kernel_name="kernel")
+        w_shape = (*kernel, c // groups, out_channels)
+        params = {"w": w_init(rng, w_shape, dtype, math.prod(kernel) * (c // groups))}
+        if bias:
+            params["b"] = jnp.zeros((out_channels,), dtype)
+        return (n, *window.out_size, out_channels), params
+
+    def apply_fun(params, x, **kwargs):
+        op = getattr(_ops(kwargs), f"conv{ndim}d")
+        return op(x, params["w"], params.get("b"), stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+    return init_fun, apply_fun
+
+
 def Conv(out_channels, kernel, *, stride=1, padding="VALID", dilation=1, groups=1, bias=True,
          w_init=he_normal, dtype=jnp.float32):
     """A 2-D convolution layer: ``y = conv2d(x, w, b, ...)`` (``S_i = X * F_i + b_i``, docs/convolution.md §1).
@@ -172,39 +214,110 @@ def Conv(out_channels, kernel, *, stride=1, padding="VALID", dilation=1, groups=
 
     Params: ``{"w": (KH, KW, C // groups, O), "b": (O,)}`` (no ``"b"`` when ``bias=False``).
     Output shape ``(N, Ho, Wo, O)`` with conv2d's output-size formula.
+    :func:`Conv1D` and :func:`Conv3D` are the same layer on ``(N, W, C)`` and
+    ``(N, D, H, W, C)`` inputs (:func:`jaxconv.conv1d`, :func:`jaxconv.conv3d`).
     """
+    return _conv_layer(2, out_channels, kernel, stride, padding, dilation, groups, bias, w_init, dtype)
+
+
+def Conv1D(out_channels, kernel, *, stride=1, padding="VALID", dilation=1, groups=1, bias=True,
+           w_init=he_normal, dtype=jnp.float32):
+    """A 1-D convolution layer on ``(N, W, C)``, :func:`jaxconv.conv1d`; arguments as :func:`Conv`."""
+    return _conv_layer(1, out_channels, kernel, stride, padding, dilation, groups, bias, w_init, dtype)
+
+
+#: The 2-D convolution layer, :func:`Conv`.
+Conv2D = Conv
+
+
+def Conv3D(out_channels, kernel, *, stride=1, padding="VALID", dilation=1, groups=1, bias=True,
+           w_init=he_normal, dtype=jnp.float32):
+    """A 3-D convolution layer on ``(N, D, H, W, C)``, :func:`jaxconv.conv3d`; arguments as :func:`Conv`."""
+    return _conv_layer(3, out_channels, kernel, stride, padding, dilation, groups, bias, w_init, dtype)
+
+
+def _conv_transpose_layer(ndim: int, out_channels, kernel, stride, padding, output_padding, dilation, groups,
+                          bias, w_init, dtype):
     out_channels = _positive_int(out_channels, "out_channels")
-    kernel = _args.pair(kernel, "kernel")
-    stride = _args.pair(stride, "stride")
-    dilation = _args.pair(dilation, "dilation")
+    kernel = _window.ints(kernel, "kernel", ndim)
+    stride = _window.ints(stride, "stride", ndim)
+    dilation = _window.ints(dilation, "dilation", ndim)
+    output_padding = _window.ints(output_padding, "output_padding", ndim, minimum=0)
     groups = _positive_int(groups, "groups")
     if out_channels % groups:
         raise ValueError(f"`groups` (={groups}) must divide `out_channels` (={out_channels}).")
+    if isinstance(padding, str) and padding.upper() == "SAME":
+        raise ValueError("`padding` (='SAME') is not defined for a transposed convolution: give the amounts.")
+    pads = _window.padding(padding, (1,) * ndim, kernel, stride, dilation)
     dtype = _dtype(dtype)
-    _args.padding_2d(padding, (1, 1), kernel, stride, dilation)  # validates the form early
+    name = f"ConvTranspose{ndim}D"
 
     def init_fun(rng, input_shape):
-        n, h, w, c = _shape(input_shape, 4, "Conv")
+        n, *spatial, c = _shape(input_shape, ndim + 2, name)
         if c % groups:
-            raise ValueError(f"Conv: input channels (={c}) must be divisible by `groups` (={groups}).")
-        pads = _args.padding_2d(padding, (h, w), kernel, stride, dilation)
-        _args.check_window_fits((h, w), pads, kernel, dilation, "kernel")
-        out_hw = tuple(
-            _args.output_size(size, lo, hi, k, s, d)
-            for size, (lo, hi), k, s, d in zip((h, w), pads, kernel, stride, dilation)
-        )
-        w_shape = (*kernel, c // groups, out_channels)
-        params = {"w": w_init(rng, w_shape, dtype, kernel[0] * kernel[1] * (c // groups))}
+            raise ValueError(f"{name}: input channels (={c}) must be divisible by `groups` (={groups}).")
+        w_shape = (*kernel, out_channels // groups, c)
+        params = {"w": w_init(rng, w_shape, dtype, math.prod(kernel) * (c // groups))}
         if bias:
             params["b"] = jnp.zeros((out_channels,), dtype)
-        return (n, *out_hw, out_channels), params
+        out = jax.eval_shape(
+            lambda y, w: getattr(_hand_ops(), f"conv_transpose{ndim}d")(
+                y, w, stride=stride, padding=pads, output_padding=output_padding, dilation=dilation, groups=groups),
+            jax.ShapeDtypeStruct((1, *spatial, c), dtype), jax.ShapeDtypeStruct(w_shape, dtype),
+        ).shape
+        return (n, *out[1:]), params
 
     def apply_fun(params, x, **kwargs):
-        return _ops(kwargs).conv2d(
-            x, params["w"], params.get("b"), stride=stride, padding=padding, dilation=dilation, groups=groups
-        )
+        op = getattr(_ops(kwargs), f"conv_transpose{ndim}d")
+        return op(x, params["w"], params.get("b"), stride=stride, padding=pads, output_padding=output_padding,
+                  dilation=dilation, groups=groups)
 
     return init_fun, apply_fun
+
+
+_CONV_TRANSPOSE_DOC = """A {n}-D transposed convolution layer, :func:`jaxconv.conv_transpose{n}d` (docs/convolution.md §6).
+
+    The adjoint of a :func:`{conv}` with ``out_channels`` input channels: it
+    maps ``(N, {spatial}, C_in)`` to ``(N, {spatial_out}, out_channels)``, each
+    size ``(n - 1)*s - lo - hi + d*(k - 1) + 1 + output_padding``
+    (a learnable upsampling).
+
+    Args:
+      out_channels: the output channels (the convolution's input channels).
+      kernel: int or one per dimension.
+      stride, padding, output_padding, dilation, groups: as
+        :func:`jaxconv.conv_transpose{n}d` (padding: amounts, not ``"SAME"``).
+      bias: whether to add a per-channel bias (zero-initialised).
+      w_init: default :func:`he_normal` with ``fan_in = prod(kernel) * C_in / groups``.
+      dtype: the parameters' dtype.
+
+    Params: ``{{"w": (*kernel, out_channels // groups, C_in), "b": (out_channels,)}}``:
+    ``w`` in the convolution's layout, as the op takes it.
+    """
+
+
+def ConvTranspose1D(out_channels, kernel, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1,
+                    bias=True, w_init=he_normal, dtype=jnp.float32):
+    return _conv_transpose_layer(1, out_channels, kernel, stride, padding, output_padding, dilation, groups, bias,
+                                 w_init, dtype)
+
+
+def ConvTranspose2D(out_channels, kernel, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1,
+                    bias=True, w_init=he_normal, dtype=jnp.float32):
+    return _conv_transpose_layer(2, out_channels, kernel, stride, padding, output_padding, dilation, groups, bias,
+                                 w_init, dtype)
+
+
+def ConvTranspose3D(out_channels, kernel, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1,
+                    bias=True, w_init=he_normal, dtype=jnp.float32):
+    return _conv_transpose_layer(3, out_channels, kernel, stride, padding, output_padding, dilation, groups, bias,
+                                 w_init, dtype)
+
+
+ConvTranspose1D.__doc__ = _CONV_TRANSPOSE_DOC.format(n=1, conv="Conv1D", spatial="W", spatial_out="Wo")
+ConvTranspose2D.__doc__ = _CONV_TRANSPOSE_DOC.format(n=2, conv="Conv", spatial="H, W", spatial_out="Ho, Wo")
+ConvTranspose3D.__doc__ = _CONV_TRANSPOSE_DOC.format(n=3, conv="Conv3D", spatial="D, H, W",
+                                                     spatial_out="Do, Ho, Wo")
 
 
 def Dense(out_dim, *, bias=True, w_init=he_normal, dtype=jnp.float32):
@@ -246,30 +359,57 @@ def _stateless(op_name: str, out_shape, ndim: int | None = None, **options):
     return init_fun, apply_fun
 
 
-def _pool(op_name: str, window, stride, padding, **options):
-    window = _args.pair(window, "window")
-    stride = window if stride is None else _args.pair(stride, "stride")
+def _pool(op_name: str, ndim: int, window, stride, padding, **options):
+    window = _window.ints(window, "window", ndim)
+    stride = window if stride is None else _window.ints(stride, "stride", ndim)
     if not isinstance(padding, str):  # "SAME" always satisfies the rule; explicit amounts are checked now
-        _args.check_pool_padding(padding, _args.padding_2d(padding, (1, 1), window, stride), window)
+        _window.check_pool_padding(padding, _window.padding(padding, (1,) * ndim, window, stride, (1,) * ndim),
+                                   window)
 
     def out_shape(shape):
-        n, h, w, c = shape
-        pads = _args.padding_2d(padding, (h, w), window, stride)
-        _args.check_window_fits((h, w), pads, window, (1, 1), "window")
-        out_hw = tuple(_args.output_size(size, lo, hi, k, s) for size, (lo, hi), k, s in zip((h, w), pads, window, stride))
-        return (n, *out_hw, c)
+        n, *spatial, c = shape
+        win = _window.parse(tuple(spatial), window, stride, padding, kernel_name="window", pool=True)
+        return (n, *win.out_size, c)
 
-    return _stateless(op_name, out_shape, 4, window=window, stride=stride, padding=padding, **options)
+    return _stateless(op_name, out_shape, ndim + 2, window=window, stride=stride, padding=padding, **options)
 
 
 def MaxPool(window, stride=None, padding="VALID"):
-    """Max pooling, :func:`jaxconv.max_pool2d` (docs/pooling.md §4); ``stride=None`` means the window."""
-    return _pool("max_pool2d", window, stride, padding)
+    """Max pooling, :func:`jaxconv.max_pool2d` (docs/pooling.md §4); ``stride=None`` means the window.
+
+    :func:`MaxPool1D` and :func:`MaxPool3D` pool ``(N, W, C)`` and ``(N, D, H, W, C)``."""
+    return _pool("max_pool2d", 2, window, stride, padding)
 
 
 def AvgPool(window, stride=None, padding="VALID", count_include_pad=True):
-    """Average pooling, :func:`jaxconv.avg_pool2d` (docs/pooling.md §2)."""
-    return _pool("avg_pool2d", window, stride, padding, count_include_pad=bool(count_include_pad))
+    """Average pooling, :func:`jaxconv.avg_pool2d` (docs/pooling.md §2).
+
+    :func:`AvgPool1D` and :func:`AvgPool3D` pool ``(N, W, C)`` and ``(N, D, H, W, C)``."""
+    return _pool("avg_pool2d", 2, window, stride, padding, count_include_pad=bool(count_include_pad))
+
+
+def MaxPool1D(window, stride=None, padding="VALID"):
+    """Max pooling over ``(N, W, C)``, :func:`jaxconv.max_pool1d`."""
+    return _pool("max_pool1d", 1, window, stride, padding)
+
+
+def MaxPool3D(window, stride=None, padding="VALID"):
+    """Max pooling over ``(N, D, H, W, C)``, :func:`jaxconv.max_pool3d`."""
+    return _pool("max_pool3d", 3, window, stride, padding)
+
+
+def AvgPool1D(window, stride=None, padding="VALID", count_include_pad=True):
+    """Average pooling over ``(N, W, C)``, :func:`jaxconv.avg_pool1d`."""
+    return _pool("avg_pool1d", 1, window, stride, padding, count_include_pad=bool(count_include_pad))
+
+
+def AvgPool3D(window, stride=None, padding="VALID", count_include_pad=True):
+    """Average pooling over ``(N, D, H, W, C)``, :func:`jaxconv.avg_pool3d`."""
+    return _pool("avg_pool3d", 3, window, stride, padding, count_include_pad=bool(count_include_pad))
+
+
+#: The 2-D pooling layers, :func:`MaxPool` and :func:`AvgPool`.
+MaxPool2D, AvgPool2D = MaxPool, AvgPool
 
 
 def LRN(size=5, kappa=2.0, alpha=1e-4, beta=0.75):
