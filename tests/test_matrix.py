@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 
 import jaxconv
-from jaxconv import _args
+from jaxconv import _window
 from jaxconv import conv as conv_module
 from jaxconv import matrix, reference
 from jaxconv.verify import check_vjp, relative_error
@@ -221,10 +221,8 @@ def test_kernel_from_filter_matrix_round_trip(config):
 
 
 def _static(opts, in_hw, w_shape):
-    stride = _args.pair(opts["stride"], "stride")
-    dilation = _args.pair(opts["dilation"], "dilation")
-    pads = _args.padding_2d(opts["padding"], in_hw, w_shape[:2], stride, dilation)
-    return stride, pads, dilation
+    window = _window.parse(in_hw, w_shape[:2], opts["stride"], opts["padding"], opts["dilation"])
+    return window.stride, window.padding, window.dilation
 
 
 def test_kernel_from_matrix_is_the_least_squares_kernel():
