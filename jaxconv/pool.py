@@ -1,4 +1,9 @@
-r"""2-D average and max pooling with hand-derived backward passes.
+r"""Average and max pooling in 1, 2 and 3 spatial dimensions with hand-derived backward passes.
+
+One N-d implementation per kind under the names ``avg_pool1d/2d/3d`` and
+``max_pool1d/2d/3d`` (NWC, NHWC, NDHWC); the window geometry is
+``jaxconv._window``'s.  Written below for 2-D; every sum and every
+offset runs over all spatial dimensions alike, in row-major order.
 
 Both take ``x`` (N, H, W, C) in NHWC, a window ``(KH, KW)``, a stride
 ``(sh, sw)`` (default: the window) and a padding ``((top, bottom), (left, right))``;
@@ -51,7 +56,7 @@ is replaced by each next candidate unless ``choice >= candidate``.  So:
   order (ties: all-equal windows, integer-valued inputs, overlapping windows);
 * a window of ``-inf`` selects its first position; if that is padding, the
   gradient is dropped.  (No window reads padding only: padding is at most half
-  the window, :func:`jaxconv._args.check_pool_padding`.)
+  the window, :func:`jaxconv._window.check_pool_padding`.)
 * **NaN**: the output of a window holding a NaN is NaN, eager and under
   ``jit``, whatever XLA fuses it with (set explicitly: XLA's CPU max reductions
   drop NaN, see :func:`_window_max`; ``reference.max_pool2d`` puts it back the
@@ -111,6 +116,8 @@ autodiff.
 
 from __future__ import annotations
 
+import itertools
+import math
 from functools import partial
 from typing import NamedTuple
 
@@ -119,25 +126,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _args, plan
+from . import _args, _window, plan
+
+__all__ = ["avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d"]
 
 
 class PoolConfig(NamedTuple):
     """Static, hashable configuration of one pooling call."""
 
-    in_hw: tuple[int, int]
-    window: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[tuple[int, int], tuple[int, int]]
+    window: _window.Window  # the geometry: in_size, kernel (the window), stride, padding; dilation 1
     count_include_pad: bool  # average pooling only
     strategy: str
 
     @property
-    def out_hw(self) -> tuple[int, int]:
-        return tuple(
-            _args.output_size(size, lo, hi, k, s)
-            for size, (lo, hi), k, s in zip(self.in_hw, self.padding, self.window, self.stride)
-        )
+    def ndim(self) -> int:
+        return self.window.ndim
 
 
 # The registered forms; the planner (:func:`jaxconv.plan.pool_form`) picks
@@ -147,112 +150,127 @@ class PoolConfig(NamedTuple):
 _STRATEGIES = plan.POOL_FORMS
 
 
-def _config(x, window, stride, padding, count_include_pad=True) -> PoolConfig:
+def _config(x, ndim: int, window, stride, padding, count_include_pad=True) -> PoolConfig:
     """Validate the arguments (``ValueError`` naming each) into a :class:`PoolConfig`."""
-    x = _args.check_float_array(x, "x", 4)
-    window = _args.pair(window, "window")
-    stride = window if stride is None else _args.pair(stride, "stride")
-    in_hw = tuple(int(v) for v in x.shape[1:3])
-    if min(in_hw) < 1:
-        raise ValueError(f"`x` must have a height and width >= 1 to pool, got shape {tuple(x.shape)}.")
-    pads = _args.padding_2d(padding, in_hw, window, stride)
-    # At most half the window per side: every window then holds an input pixel
-    # (no -inf max of padding alone, no 0/0 average with count_include_pad=False).
-    _args.check_pool_padding(padding, pads, window)
-    _args.check_window_fits(in_hw, pads, window, (1, 1), "window")
+    x = _args.check_float_array(x, "x", ndim + 2)
+    in_size = tuple(x.shape[1:-1])
+    if min(in_size) < 1:
+        sizes = " and ".join(_window.dim_names(ndim)) if ndim > 1 else "width"
+        raise ValueError(f"`x` must have a {sizes} >= 1 to pool, got shape {tuple(x.shape)}.")
+    kernel = _window.ints(window, "window", ndim)
+    # At most half the window per side (pool=True): every window then holds an
+    # input pixel (no -inf max of padding alone, no 0/0 average with
+    # count_include_pad=False).
+    geometry = _window.parse(in_size, kernel, kernel if stride is None else stride, padding, kernel_name="window",
+                             pool=True)
     if not isinstance(count_include_pad, (bool, np.bool_)):
         raise ValueError(f"`count_include_pad` (={count_include_pad!r}) must be a bool.")
-    config = PoolConfig(in_hw, window, stride, pads, bool(count_include_pad), plan.pool_form(window, stride))
-    _args.check_window_op_sizes(x.shape, pads, config.out_hw, x.shape[3], "`padding`, `window` and `stride`")
-    return config
+    _window.check_sizes(geometry, x.shape[0], x.shape[-1], x.shape[-1], "`padding`, `window` and `stride`")
+    return PoolConfig(geometry, bool(count_include_pad), plan.pool_form(geometry.kernel, geometry.stride))
 
 
 # --- window geometry ------------------------------------------------------------
 
 
-def _real_counts(config: PoolConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Per output row and column, how many of the window's rows/columns are real pixels."""
+def _real_counts(config: PoolConfig) -> list[np.ndarray]:
+    """Per spatial dimension and output position, how many of the window's entries are real (unpadded)."""
+    win = config.window
     counts = []
-    for size, (lo, _), k, s, out in zip(config.in_hw, config.padding, config.window, config.stride, config.out_hw):
+    for size, (lo, _), k, s, out in zip(win.in_size, win.padding, win.kernel, win.stride, win.out_size):
         start = s * np.arange(out) - lo
         counts.append(np.clip(np.minimum(start + k, size) - np.maximum(start, 0), 0, None))
-    return counts[0], counts[1]
+    return counts
 
 
 def _divisor(config: PoolConfig, dtype):
-    """``D``: the window area, or the ``(Ho, Wo, 1)`` real-pixel counts (a constant)."""
+    """``D``: the window volume, or the ``(*out, 1)`` real-entry counts (a constant)."""
     if config.count_include_pad:
-        kh, kw = config.window
-        return jnp.asarray(kh * kw, dtype)
-    rows, cols = _real_counts(config)
-    return jnp.asarray((rows[:, None] * cols[None, :])[:, :, None], dtype)
+        return jnp.asarray(config.window.volume, dtype)
+    total = np.ones((), np.int64)
+    for counts in _real_counts(config):
+        total = np.multiply.outer(total, counts)
+    return jnp.asarray(total[..., None], dtype)
 
 
-def _padded(x, config: PoolConfig, fill):
-    """``x`` padded with ``fill``, as ``lax.pad`` config (N and C untouched)."""
-    (top, bottom), (left, right) = config.padding
-    return lax.pad(x, jnp.asarray(fill, x.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
+def _spatial_cfg(config: PoolConfig, per_dim):
+    """A ``lax.pad`` config: N and C untouched, ``per_dim`` for each spatial dimension."""
+    return ((0, 0, 0), *per_dim, (0, 0, 0))
+
+
+def _offsets(config: PoolConfig):
+    """The window offsets in row-major order (XLA's scan order)."""
+    return list(itertools.product(*(range(k) for k in config.window.kernel)))
 
 
 def _window_pieces(x, config: PoolConfig, fill):
-    """The columns of ``phi(x)``: for each offset ``(m, p)`` in row-major order the
-    ``(N, Ho, Wo, C)`` array of padded pixels ``(sh*i + m, sw*j + p)``."""
-    xp = _padded(x, config, fill)
-    n, _, _, c = x.shape
-    (ho, wo), (sh, sw) = config.out_hw, config.stride
-    kh, kw = config.window
-    return [
-        lax.slice(xp, (0, m, p, 0), (n, m + sh * (ho - 1) + 1, p + sw * (wo - 1) + 1, c), (1, sh, sw, 1))
-        for m in range(kh)
-        for p in range(kw)
-    ]
+    """The columns of ``phi(x)``: for each offset ``t`` in row-major order the
+    ``(N, *out, C)`` array of padded entries ``s*i + t``."""
+    win = config.window
+    xp = lax.pad(x, jnp.asarray(fill, x.dtype), _spatial_cfg(config, ((lo, hi, 0) for lo, hi in win.padding)))
+    n, c = x.shape[0], x.shape[-1]
+    pieces = []
+    for offset in _offsets(config):
+        limit = tuple(t + s * (m - 1) + 1 for t, s, m in zip(offset, win.stride, win.out_size))
+        pieces.append(lax.slice(xp, (0, *offset, 0), (n, *limit, c), (1, *win.stride, 1)))
+    return pieces
 
 
-def _place(piece, config: PoolConfig, row_offset: int | None = None, col_offset: int | None = None):
-    """Put an output-grid array on the *padded* input grid (a piece of ``phi*``):
-    along H (if ``row_offset`` is given) entry ``i`` lands at padded row
-    ``sh*i + row_offset``, ``sh - 1`` zeros inserted between entries, and
-    likewise along W.  Every amount is ``>= 0`` (the window fits in the padded
-    input); :func:`_unpad` crops once at the end.  (Cropping here, with negative
-    low padding, makes XLA's CPU fusion up to 10x slower.)"""
-    cfg = [(0, 0, 0)] * 4
-    for axis, offset, size, (lo, hi), s in zip((1, 2), (row_offset, col_offset), config.in_hw, config.padding,
-                                               config.stride):
-        if offset is not None:
-            out = piece.shape[axis]
-            cfg[axis] = (offset, size + lo + hi - offset - s * (out - 1) - 1, s - 1)
+def _place(piece, config: PoolConfig, dim: int, offset: int):
+    """Put an output-grid array on the *padded* input grid along spatial dimension
+    ``dim`` (a piece of ``phi*``): entry ``i`` lands at padded position
+    ``s*i + offset``, ``s - 1`` zeros inserted between entries.  Every amount
+    is ``>= 0`` (the window fits in the padded input); :func:`_unpad` crops
+    once at the end.  (Cropping here, with negative low padding, makes XLA's
+    CPU fusion up to 10x slower.)"""
+    win = config.window
+    (lo, hi), s, size = win.padding[dim], win.stride[dim], win.in_size[dim]
+    cfg = [(0, 0, 0)] * piece.ndim
+    out = piece.shape[dim + 1]
+    cfg[dim + 1] = (offset, size + lo + hi - offset - s * (out - 1) - 1, s - 1)
     return lax.pad(piece, jnp.zeros((), piece.dtype), cfg)
 
 
-def _unpad(x, config: PoolConfig, rows: bool = True, cols: bool = True):
-    """Crop the padding off a padded-grid array (along H and/or W)."""
-    (h, w), ((top, _), (left, _)) = config.in_hw, config.padding
-    start = [0, top if rows else 0, left if cols else 0, 0]
-    limit = [x.shape[0], top + h if rows else x.shape[1], left + w if cols else x.shape[2], x.shape[3]]
+def _unpad(x, config: PoolConfig, dim: int):
+    """Crop the padding off a padded-grid array along spatial dimension ``dim``."""
+    (lo, _), size = config.window.padding[dim], config.window.in_size[dim]
+    start = [0] * x.ndim
+    limit = list(x.shape)
+    start[dim + 1], limit[dim + 1] = lo, lo + size
     return lax.slice(x, start, limit)
 
 
 def _tiles(x, config: PoolConfig, fill):
-    """Non-overlapping windows: the padded input cropped to ``Ho*KH x Wo*KW`` and
-    reshaped to ``(N, Ho, KH, Wo, KW, C)`` (phi as a reshape)."""
-    n, h, w, c = x.shape
-    (ho, wo), (kh, kw) = config.out_hw, config.window
-    (top, _), (left, _) = config.padding
-    cfg = ((0, 0, 0), (top, ho * kh - h - top, 0), (left, wo * kw - w - left, 0), (0, 0, 0))
-    return lax.pad(x, jnp.asarray(fill, x.dtype), cfg).reshape(n, ho, kh, wo, kw, c)
+    """Non-overlapping windows: the padded input cropped to ``out*k`` per dimension and
+    reshaped to ``(N, o_1, k_1, o_2, k_2, ..., C)`` (phi as a reshape)."""
+    win = config.window
+    n, c = x.shape[0], x.shape[-1]
+    cfg = ((lo, m * k - size - lo, 0) for size, (lo, _), k, m in zip(win.in_size, win.padding, win.kernel, win.out_size))
+    split = [d for m, k in zip(win.out_size, win.kernel) for d in (m, k)]
+    return lax.pad(x, jnp.asarray(fill, x.dtype), _spatial_cfg(config, cfg)).reshape(n, *split, c)
 
 
 def _untile(tiles, config: PoolConfig):
     """The adjoint of :func:`_tiles` for ``fill = 0``: reshape back, then drop the
-    padding and put zeros on the rows/columns past the last window (phi*)."""
-    n, ho, kh, wo, kw, c = tiles.shape
-    (h, w), ((top, _), (left, _)) = config.in_hw, config.padding
-    flat = tiles.reshape(n, ho * kh, wo * kw, c)
-    cfg = ((0, 0, 0), (-top, h + top - ho * kh, 0), (-left, w + left - wo * kw, 0), (0, 0, 0))
-    return lax.pad(flat, jnp.zeros((), flat.dtype), cfg)
+    padding and put zeros on the entries past the last window (phi*)."""
+    win = config.window
+    n, c = tiles.shape[0], tiles.shape[-1]
+    flat = tiles.reshape(n, *(m * k for m, k in zip(win.out_size, win.kernel)), c)
+    cfg = ((-lo, size + lo - m * k, 0) for size, (lo, _), k, m in zip(win.in_size, win.padding, win.kernel, win.out_size))
+    return lax.pad(flat, jnp.zeros((), flat.dtype), _spatial_cfg(config, cfg))
+
+
+def _tile_view(a, ndim: int):
+    """An output-grid array ``(N, *out, C)`` with a size-1 window axis after each spatial axis."""
+    index = (slice(None),) + (slice(None), None) * ndim + (slice(None),)
+    return a[index]
 
 
 # --- average pooling --------------------------------------------------------------
+
+
+def _avg_pool(ndim: int, x, window, stride, padding, count_include_pad):
+    config = _config(x, ndim, window, stride, padding, count_include_pad)
+    return _avg_pool_vjp(config, x)
 
 
 @_args.reverse_mode_rule
@@ -292,49 +310,85 @@ def avg_pool2d(x, window, *, stride=None, padding="VALID", count_include_pad=Tru
       Array([[ 2.5,  4.5],
              [10.5, 12.5]], dtype=float32)
     """
-    config = _config(x, window, stride, padding, count_include_pad)
-    return _avg_pool2d(config, x)
+    return _avg_pool(2, x, window, stride, padding, count_include_pad)
+
+
+@_args.reverse_mode_rule
+def avg_pool1d(x, window, *, stride=None, padding="VALID", count_include_pad=True):
+    """Average pooling over ``(N, W, C)``: :func:`avg_pool2d` with one spatial dimension.
+
+    ``window``, ``stride``: an int (or a 1-tuple); ``padding``: ``"VALID"``,
+    ``"SAME"``, an int, ``(p,)`` or ``((left, right),)``, at most half the window
+    per side.  Output ``(N, Wo, C)``, ``Wo = floor((W + left + right - K) / s) + 1``.
+
+    Example:
+      >>> avg_pool1d(jnp.arange(6.0).reshape(1, 6, 1), 2)[0, :, 0]
+      Array([0.5, 2.5, 4.5], dtype=float32)
+    """
+    return _avg_pool(1, x, window, stride, padding, count_include_pad)
+
+
+@_args.reverse_mode_rule
+def avg_pool3d(x, window, *, stride=None, padding="VALID", count_include_pad=True):
+    """Average pooling over ``(N, D, H, W, C)``: :func:`avg_pool2d` with three spatial dimensions.
+
+    ``window``, ``stride``: an int or a triple; ``padding``: ``"VALID"``,
+    ``"SAME"``, an int, three ints or three ``(lo, hi)`` pairs, at most half
+    the window per side.  Output ``(N, Do, Ho, Wo, C)``, each by avg_pool2d's formula.
+
+    Example:
+      >>> avg_pool3d(jnp.ones((1, 4, 4, 4, 2)), 2).shape
+      (1, 2, 2, 2, 2)
+    """
+    return _avg_pool(3, x, window, stride, padding, count_include_pad)
 
 
 def _avg_forward(config: PoolConfig, x):
     divisor = _divisor(config, x.dtype)
+    win = config.window
     if config.strategy == "reshape":
-        return _tiles(x, config, 0).sum(axis=(2, 4)) / divisor
-    kh, kw = config.window
+        return _tiles(x, config, 0).sum(axis=tuple(2 + 2 * d for d in range(win.ndim))) / divisor
     sums = lax.reduce_window(
-        x, np.zeros((), x.dtype), lax.add, (1, kh, kw, 1), (1, *config.stride, 1),
-        ((0, 0), *config.padding, (0, 0)),
+        x, np.zeros((), x.dtype), lax.add, (1, *win.kernel, 1), (1, *win.stride, 1),
+        ((0, 0), *win.padding, (0, 0)),
     )
     return sums / divisor
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _avg_pool2d(config: PoolConfig, x):
+def _avg_pool_vjp(config: PoolConfig, x):
     return _avg_forward(config, x)
 
 
-def _avg_pool2d_fwd(config: PoolConfig, x):
+def _avg_pool_fwd(config: PoolConfig, x):
     # The backward needs only shapes (in the config): no residual arrays.
     return _avg_forward(config, x), None
 
 
-def _avg_pool2d_bwd(config: PoolConfig, _, g):
+def _avg_pool_bwd(config: PoolConfig, _, g):
     spread = g / _divisor(config, g.dtype)
-    (top, _), (left, _) = config.padding
-    kh, kw = config.window
+    win = config.window
     if config.strategy == "reshape":
-        n, ho, wo, c = g.shape
-        tiles = jnp.broadcast_to(spread[:, :, None, :, None, :], (n, ho, kh, wo, kw, c))
-        return (_untile(tiles, config),)
-    # phi*(spread 1^T), the all-ones window split into rows then columns.
-    rows = _unpad(sum(_place(spread, config, row_offset=m) for m in range(kh)), config, cols=False)
-    return (_unpad(sum(_place(rows, config, col_offset=p) for p in range(kw)), config, rows=False),)
+        n, c = g.shape[0], g.shape[-1]
+        split = [d for m, k in zip(win.out_size, win.kernel) for d in (m, k)]
+        return (_untile(jnp.broadcast_to(_tile_view(spread, win.ndim), (n, *split, c)), config),)
+    # phi*(spread 1^T): the all-ones window factorises over the dimensions, so
+    # the spread runs one dimension at a time (sum of k_d placed pieces, then
+    # the crop), sum(k) shifted adds instead of prod(k).
+    for dim, k in enumerate(win.kernel):
+        spread = _unpad(sum(_place(spread, config, dim, t) for t in range(k)), config, dim)
+    return (spread,)
 
 
-_avg_pool2d.defvjp(_avg_pool2d_fwd, _avg_pool2d_bwd)
+_avg_pool_vjp.defvjp(_avg_pool_fwd, _avg_pool_bwd)
 
 
 # --- max pooling ------------------------------------------------------------------
+
+
+def _max_pool(ndim: int, x, window, stride, padding):
+    config = _config(x, ndim, window, stride, padding)
+    return _max_pool_vjp(config, x)
 
 
 @_args.reverse_mode_rule
@@ -364,8 +418,36 @@ def max_pool2d(x, window, *, stride=None, padding="VALID"):
       Array([[ 5.,  7.],
              [13., 15.]], dtype=float32)
     """
-    config = _config(x, window, stride, padding)
-    return _max_pool2d(config, x)
+    return _max_pool(2, x, window, stride, padding)
+
+
+@_args.reverse_mode_rule
+def max_pool1d(x, window, *, stride=None, padding="VALID"):
+    """Max pooling over ``(N, W, C)``: :func:`max_pool2d` with one spatial dimension.
+
+    Arguments as :func:`avg_pool1d`'s; ties go to the first maximum, padding is
+    ``-inf``, a NaN makes its window's output NaN, as in :func:`max_pool2d`.
+
+    Example:
+      >>> max_pool1d(jnp.array([[[1.0], [3.0], [2.0], [0.0]]]), 2)[0, :, 0]
+      Array([3., 2.], dtype=float32)
+    """
+    return _max_pool(1, x, window, stride, padding)
+
+
+@_args.reverse_mode_rule
+def max_pool3d(x, window, *, stride=None, padding="VALID"):
+    """Max pooling over ``(N, D, H, W, C)``: :func:`max_pool2d` with three spatial dimensions.
+
+    Arguments as :func:`avg_pool3d`'s; the window is scanned in row-major
+    ``(depth, height, width)`` order, so ties go to the first maximum in it,
+    as XLA's ``select_and_scatter`` (``jax.grad`` of the reduction) does.
+
+    Example:
+      >>> max_pool3d(jnp.ones((1, 4, 4, 4, 2)), 2, stride=1).shape
+      (1, 3, 3, 3, 2)
+    """
+    return _max_pool(3, x, window, stride, padding)
 
 
 def _max_forward(config: PoolConfig, x):
@@ -409,39 +491,39 @@ def _candidates(x, config: PoolConfig):
     ``phi(x)``, as tile slices ("reshape") or strided slices ("slices")."""
     if config.strategy == "reshape":
         tiles = _tiles(x, config, -jnp.inf)
-        kh, kw = config.window
-        return [tiles[:, :, m, :, p, :] for m in range(kh) for p in range(kw)]
+        return [tiles[(slice(None),) + tuple(v for t in offset for v in (slice(None), t)) + (slice(None),)]
+                for offset in _offsets(config)]
     return _window_pieces(x, config, -jnp.inf)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _max_pool2d(config: PoolConfig, x):
+def _max_pool_vjp(config: PoolConfig, x):
     return _max_forward(config, x)
 
 
-def _max_pool2d_fwd(config: PoolConfig, x):
+def _max_pool_fwd(config: PoolConfig, x):
     # The residual is S, the selected offset per output (int8 for windows of
-    # up to 127 entries): N*Ho*Wo*C bytes instead of x's N*H*W*C*itemsize, and
-    # the backward routes g by it without x.  y and S come from the same window
-    # entries, so XLA reads them once for both (module docstring, "Speed");
-    # y is `_max_forward`'s, bit for bit.
+    # up to 127 entries): N*prod(out)*C bytes instead of x's N*prod(in)*C*itemsize,
+    # and the backward routes g by it without x.  y and S come from the same
+    # window entries, so XLA reads them once for both (module docstring,
+    # "Speed"); y is `_max_forward`'s, bit for bit.
     candidates = _candidates(x, config)
     return _window_max(candidates), _selection(candidates)
 
 
-def _max_pool2d_bwd(config: PoolConfig, chosen, g):
+def _max_pool_bwd(config: PoolConfig, chosen, g):
     # phi*(dY S^T) from S alone: no x; the shapes come from the config (x's N
     # and C are g's).
+    win = config.window
     if config.strategy == "reshape":
-        kh, kw = config.window
-        # dY S^T as tiles (N, Ho, KH, Wo, KW, C): g where the offset is the
+        # dY S^T as tiles (N, o_1, k_1, ..., C): g where the offset is the
         # chosen one, else 0.  One broadcast comparison, not one per offset:
         # when S is computed in the same program, XLA fuses it into its users,
-        # and KH*KW users each recomputing the KH*KW-step selection made
+        # and prod(k) users each recomputing the prod(k)-step selection made
         # compiling a 1x127 window take ~20 s.
-        offsets = jnp.arange(kh * kw, dtype=chosen.dtype).reshape(1, 1, kh, 1, kw, 1)
-        tiles = jnp.where(chosen[:, :, None, :, None, :] == offsets, g[:, :, None, :, None, :],
-                          jnp.zeros((), g.dtype))
+        offsets = jnp.arange(win.volume, dtype=chosen.dtype).reshape(
+            1, *(d for k in win.kernel for d in (1, k)), 1)
+        tiles = jnp.where(_tile_view(chosen, win.ndim) == offsets, _tile_view(g, win.ndim), jnp.zeros((), g.dtype))
         return (_untile(tiles, config),)
     return (_route_by_phases(config, chosen, g),)
 
@@ -449,12 +531,12 @@ def _max_pool2d_bwd(config: PoolConfig, chosen, g):
 def _route_by_phases(config: PoolConfig, chosen, g):
     """phi*(dY S^T) for any window and stride, one stride phase at a time.
 
-    Padded row ``R = sh*a + r`` (``0 <= r < sh``) is reached by the window
-    offsets ``m = r, r + sh, ...`` from output rows ``i = a - (m - r)/sh``
-    (likewise columns), so phase ``(r, t)`` of the padded gradient is a sum of
-    masked ``g`` shifted by whole output rows/columns, and the phases
-    interleave into the padded grid by a stack and a reshape (the "reshape"
-    strategy is the case ``sh = KH``: one offset per phase, no shift).
+    Along each dimension, padded position ``R = s*a + r`` (``0 <= r < s``) is
+    reached by the window offsets ``t = r, r + s, ...`` from output positions
+    ``i = a - (t - r)/s``, so phase ``r`` (one per dimension) of the padded
+    gradient is a sum of masked ``g`` shifted by whole output positions, and
+    the phases interleave into the padded grid by stacks and a reshape (the
+    "reshape" strategy is the case ``s = k``: one offset per phase, no shift).
 
     This is the zero-inserted pieces of the module docstring written without
     interior padding: ``g`` and ``S`` are padded once (``g`` with zeros, ``S``
@@ -463,35 +545,40 @@ def _route_by_phases(config: PoolConfig, chosen, g):
     zero-inserted ``lax.pad`` pieces fused into one loop ran about 2.5x slower
     than with int32, 3x3/2: about 50 ms against 20; the slices of a padded
     int8 ``S`` run as fast as int32, about 20 ms.)"""
-    n, ho, wo, c = g.shape
-    (h, w), ((top, bottom), (left, right)) = config.in_hw, config.padding
-    (kh, kw), (sh, sw) = config.window, config.stride
+    win = config.window
+    ndim = win.ndim
+    n, c = g.shape[0], g.shape[-1]
     # Phase lengths: the padded grid, rounded up to whole strides.
-    a_len, b_len = -(-(h + top + bottom) // sh), -(-(w + left + right) // sw)
-    # Largest shift, in output rows/columns, of any offset within its phase.
-    d_max, e_max = (kh - 1) // sh, (kw - 1) // sw
-    cfg = ((0, 0, 0), (d_max, a_len - ho, 0), (e_max, b_len - wo, 0), (0, 0, 0))
+    lengths = tuple(-(-p // s) for p, s in zip(win.padded, win.stride))
+    # Largest shift, in output positions, of any offset within its phase.
+    shifts = tuple((k - 1) // s for k, s in zip(win.kernel, win.stride))
+    cfg = _spatial_cfg(config, ((e, a - m, 0) for e, a, m in zip(shifts, lengths, win.out_size)))
     chosen_p = lax.pad(chosen, jnp.asarray(-1, chosen.dtype), cfg)
     zero = jnp.zeros((), g.dtype)
     g_p = lax.pad(g, zero, cfg)
-    phase_rows = []
-    for r in range(sh):
-        phases = []
-        for t in range(sw):
-            acc = None
-            for m in range(r, kh, sh):
-                for p in range(t, kw, sw):
-                    d, e = (m - r) // sh, (p - t) // sw
-                    start = (0, d_max - d, e_max - e, 0)
-                    limit = (n, d_max - d + a_len, e_max - e + b_len, c)
-                    piece = jnp.where(lax.slice(chosen_p, start, limit) == m * kw + p, lax.slice(g_p, start, limit),
-                                      zero)
-                    acc = piece if acc is None else acc + piece
-            # Stride > window: no offset reaches this phase.
-            phases.append(jnp.zeros((n, a_len, b_len, c), g.dtype) if acc is None else acc)
-        phase_rows.append(jnp.stack(phases, axis=3))
-    padded = jnp.stack(phase_rows, axis=2).reshape(n, a_len * sh, b_len * sw, c)
-    return lax.slice(padded, (0, top, left, 0), (n, top + h, left + w, c))
+
+    def phase(r):
+        acc = None
+        for t in itertools.product(*(range(ri, k, s) for ri, k, s in zip(r, win.kernel, win.stride))):
+            shift = [(ti - ri) // s for ti, ri, s in zip(t, r, win.stride)]
+            start = (0, *(e - d for e, d in zip(shifts, shift)), 0)
+            limit = (n, *(e - d + a for e, d, a in zip(shifts, shift, lengths)), c)
+            flat = int(np.ravel_multi_index(t, win.kernel))
+            piece = jnp.where(lax.slice(chosen_p, start, limit) == flat, lax.slice(g_p, start, limit), zero)
+            acc = piece if acc is None else acc + piece
+        # Stride > window: no offset reaches this phase.
+        return jnp.zeros((n, *lengths, c), g.dtype) if acc is None else acc
+
+    def interleave(r, dim):
+        # Stack the phases of dimensions >= dim: the phase axis of dimension
+        # `dim` goes right after its position axis.
+        if dim == ndim:
+            return phase(r)
+        return jnp.stack([interleave(r + (ri,), dim + 1) for ri in range(win.stride[dim])], axis=dim + 2)
+
+    padded = interleave((), 0).reshape(n, *(a * s for a, s in zip(lengths, win.stride)), c)
+    return lax.slice(padded, (0, *(lo for lo, _ in win.padding), 0),
+                     (n, *(lo + size for (lo, _), size in zip(win.padding, win.in_size)), c))
 
 
-_max_pool2d.defvjp(_max_pool2d_fwd, _max_pool2d_bwd)
+_max_pool_vjp.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -53,6 +53,15 @@ SHAPE_GRID = [
     (nn.residual(nn.Conv(4, 3, padding="SAME"), nn.Relu, nn.Conv(4, 3, padding="SAME")), (2, 5, 5, 4)),
     (nn.residual(nn.Conv(6, 3, stride=2, padding="SAME"), shortcut=nn.Conv(6, 1, stride=2)), (1, 7, 7, 2)),
     (nn.serial(nn.Conv(3, 3), nn.Relu, nn.MaxPool(2), nn.Flatten, nn.Dense(4)), (2, 8, 8, 1)),
+    (nn.Conv1D(4, 3, stride=2, padding="SAME"), (2, 9, 3)),
+    (nn.Conv3D(2, (2, 3, 1), padding=((1, 0), (0, 2), (1, 1)), dilation=(1, 2, 1)), (1, 4, 6, 3, 2)),
+    (nn.ConvTranspose1D(3, 4, stride=2, padding=1), (2, 5, 2)),
+    (nn.ConvTranspose2D(4, 3, stride=2, padding=1, output_padding=1, groups=2), (1, 4, 3, 2)),
+    (nn.ConvTranspose3D(2, (2, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)), (1, 3, 3, 2, 3)),
+    (nn.MaxPool1D(3, 2, "SAME"), (2, 7, 2)),
+    (nn.AvgPool1D(2, padding=1, count_include_pad=False), (1, 5, 3)),
+    (nn.MaxPool3D(2), (1, 4, 5, 4, 2)),
+    (nn.AvgPool3D((1, 2, 2), stride=1), (2, 3, 4, 4, 1)),
 ]
 
 
@@ -133,6 +142,10 @@ VJP_GRID = [
     ("lrn", nn.LRN(size=3, kappa=1.0, alpha=0.5, beta=0.75), (2, 2, 2, 4)),
     ("flatten", nn.Flatten, (2, 3, 2, 2)),
     ("residual", nn.residual(nn.Conv(2, 3, padding="SAME"), nn.Relu, nn.Conv(2, 1)), (1, 4, 4, 2)),
+    ("net_1d", nn.serial(nn.Conv1D(3, 3, padding="SAME"), nn.Relu, nn.MaxPool1D(2), nn.ConvTranspose1D(2, 2, stride=2),
+                         nn.AvgPool1D(3, 1, 1), nn.Flatten, nn.Dense(2)), (2, 8, 2)),
+    ("net_3d", nn.serial(nn.Conv3D(2, 2, padding=1), nn.Relu, nn.AvgPool3D(2), nn.ConvTranspose3D(2, 2, stride=2),
+                         nn.MaxPool3D(2, 1), nn.Flatten, nn.Dense(2)), (1, 3, 4, 3, 2)),
 ]
 
 

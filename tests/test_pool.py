@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from jax.ad_checkpoint import print_saved_residuals
 
 import jaxconv
-from jaxconv import _args, matrix, reference
+from jaxconv import _window, matrix, reference
 from jaxconv import pool as pool_module
 from jaxconv.verify import check_vjp, relative_error
 
@@ -47,7 +47,7 @@ OPS = [
 
 
 def _tiles(window, stride) -> bool:
-    return stride is None or _args.pair(window, "w") == _args.pair(stride, "s")
+    return stride is None or _window.ints(window, "w", 2) == _window.ints(stride, "s", 2)
 
 
 @pytest.fixture
@@ -163,9 +163,9 @@ def test_hypothesis_sweep_slow(config, include):
 def test_output_shape_formula(config, include):
     window, opts = config["window"], config["options"]
     x = jnp.zeros(config["x_shape"])
-    k = _args.pair(window, "window")
-    s = k if opts["stride"] is None else _args.pair(opts["stride"], "stride")
-    pads = _args.padding_2d(opts["padding"], x.shape[1:3], k, s)
+    k = _window.ints(window, "window", 2)
+    s = k if opts["stride"] is None else _window.ints(opts["stride"], "stride", 2)
+    pads = _window.padding(opts["padding"], x.shape[1:3], k, s, (1, 1))
     expected = tuple((n + lo + hi - kk) // ss + 1 for n, (lo, hi), kk, ss in zip(x.shape[1:3], pads, k, s))
     expected = (x.shape[0], *expected, x.shape[3])
     for op, ref_op, extra in [(jaxconv.max_pool2d, reference.max_pool2d, {}),
@@ -383,9 +383,7 @@ def test_max_pool_saves_the_int8_selection_not_x(force, strategy, shape, window,
     assert ref_bytes >= x.nbytes > saved[0].nbytes
     # The saved array is S itself: the offset, in row-major window order, of the
     # first maximum of each window (x is tie-free and NaN-free, so jnp.argmax's).
-    k = _args.pair(window, "window")
-    s = k if stride is None else _args.pair(stride, "stride")
-    config = pool_module._config(x, k, s, padding)
+    config = pool_module._config(x, 2, window, stride, padding)
     candidates = jnp.stack(pool_module._window_pieces(x, config, -jnp.inf))
     np.testing.assert_array_equal(np.asarray(saved[0]), np.asarray(jnp.argmax(candidates, axis=0)))
 
@@ -607,7 +605,7 @@ def test_every_window_holds_an_input_pixel_at_the_most_padding():
     so no max is -inf and the count_include_pad=False divisor is never 0."""
     x = jnp.asarray(np.random.default_rng(21).standard_normal((1, 5, 4, 1)))
     for window in (2, 3, 4, (5, 2)):
-        k = _args.pair(window, "window")
+        k = _window.ints(window, "window", 2)
         padding = ((k[0] // 2,) * 2, (k[1] // 2,) * 2)
         for stride in (1, 2, 3, 5):
             y = jaxconv.max_pool2d(x, window, stride=stride, padding=padding)
@@ -621,6 +619,55 @@ def test_same_padding_is_always_within_half_the_window():
     for size in range(1, 13):
         for k in range(1, 8):
             for s in range(1, 6):
-                pads = _args.padding_2d("SAME", (size, size), (k, k), (s, s))
+                pads = _window.padding("SAME", (size, size), (k, k), (s, s), (1, 1))
                 assert max(pads[0]) <= k // 2, (size, k, s, pads)
-                _args.check_pool_padding("SAME", pads, (k, k))
+                _window.check_pool_padding("SAME", pads, (k, k))
+
+
+# --- 1-D and 3-D: the same N-d implementation -----------------------------------------------
+
+ND_GRID = [
+    # x shape, window, stride, padding
+    ((2, 9, 3), 3, 2, "SAME"),
+    ((2, 8, 2), 2, None, ((1, 1),)),
+    ((1, 7, 2), 3, 3, "VALID"),  # a stride remainder
+    ((2, 5, 4, 6, 2), 2, None, "VALID"),
+    ((1, 5, 6, 4, 2), 3, 2, 1),
+    ((2, 4, 5, 5, 1), (2, 3, 1), (1, 2, 2), ((1, 0), (1, 1), (0, 0))),
+]
+
+
+@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
+@pytest.mark.parametrize("shape,window,stride,padding", ND_GRID)
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_1d_and_3d_equal_the_reference_float64(force, strategy, shape, window, stride, padding, ties):
+    """Values and VJPs of avg (both divisors) and max pooling in 1-D and 3-D equal jax.vjp of the
+    reference to 1e-12; with ties (integer-valued input) max pooling's gradient goes where XLA's does."""
+    force(strategy)
+    ndim = len(shape) - 2
+    rng = np.random.default_rng(31)
+    x = np.round(3 * rng.standard_normal(shape)) if ties else permutation_input(rng, shape)
+    ops = [(f"max_pool{ndim}d", {})] + [(f"avg_pool{ndim}d", dict(count_include_pad=c)) for c in (True, False)]
+    for name, extra in ops:
+        f = lambda x: getattr(jaxconv, name)(x, window, stride=stride, padding=padding, **extra)  # noqa: E731
+        r = lambda x: getattr(reference, name)(x, window, stride=stride, padding=padding, **extra)  # noqa: E731
+        y_ref, pull_ref = jax.vjp(r, x)
+        y, pull = jax.vjp(f, x)
+        ct = rng.standard_normal(y_ref.shape)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(pull(ct)[0]), np.asarray(pull_ref(ct)[0]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: jaxconv.max_pool1d(jnp.ones((1, 6, 6, 2)), 2), r"`x` must have rank 3"),
+    (lambda: jaxconv.max_pool1d(jnp.ones((1, 6, 2)), (2, 2)), r"`window` \(=\(2, 2\)\) must be an int or one int"),
+    (lambda: jaxconv.avg_pool3d(jnp.ones((1, 4, 4, 2)), 2), r"`x` must have rank 5"),
+    (lambda: jaxconv.avg_pool3d(jnp.ones((1, 4, 4, 4, 2)), (2, 2)), r"`window` \(=\(2, 2\)\) must be an int or a triple"),
+    (lambda: jaxconv.max_pool3d(jnp.ones((1, 4, 4, 4, 2)), 3, padding=((2, 0), (0, 0), (0, 0))),
+     r"puts 2 on the front, more than half the window"),
+    (lambda: jaxconv.max_pool3d(jnp.ones((1, 2, 4, 4, 2)), 3), r"`window` \(=\(3, 3, 3\).*spans 3 in depth"),
+    (lambda: jaxconv.avg_pool1d(jnp.ones((1, 6, 2)), 2, stride=0), r"`stride` \(=0\) must be >= 1"),
+])
+def test_1d_and_3d_bad_input_raises_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
