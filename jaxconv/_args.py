@@ -1,4 +1,7 @@
-"""Argument normalisation and validation shared by every op.
+"""Array and dtype validation and the size limits shared by every op.
+
+(The window geometry — kernel, stride, padding, dilation, output sizes — is
+``jaxconv._window``'s.)
 
 Every public op calls these helpers before it traces anything, so a bad
 argument fails with a ``ValueError`` (a ``TypeError`` for something that is
@@ -25,14 +28,10 @@ names the argument and the offending size.
 from __future__ import annotations
 
 import operator
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-Pair = tuple[int, int]
-Padding2D = tuple[tuple[int, int], tuple[int, int]]
 
 #: The largest size of one dimension, and of each configured size (window,
 #: stride, dilation, padding amount): int32's maximum (module docstring).
@@ -49,24 +48,6 @@ def _is_int(value) -> bool:
     except TypeError:
         return False
     return True
-
-
-def pair(value, name: str, *, minimum: int = 1) -> Pair:
-    """An int or a pair of ints, each ``>= minimum``, as a pair."""
-    if _is_int(value):
-        items = (int(value), int(value))
-    elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2 and all(
-        _is_int(v) for v in value
-    ):
-        items = (int(value[0]), int(value[1]))
-    else:
-        raise ValueError(f"`{name}` (={value!r}) must be an int or a pair of ints.")
-    if min(items) < minimum:
-        raise ValueError(f"`{name}` (={value!r}) must be >= {minimum} in every dimension.")
-    if max(items) > MAX_DIM:
-        raise ValueError(f"`{name}` (={value!r}) must be <= {MAX_DIM} (2**31 - 1, jaxconv._args.MAX_DIM) "
-                         "in every dimension.")
-    return items
 
 
 def _type_name(x) -> str:
@@ -115,90 +96,6 @@ def check_same_dtype(**arrays) -> None:
         raise ValueError(f"dtypes must match, got {listed}.")
 
 
-def padding_2d(padding, in_hw: Pair, window_hw: Pair, stride: Pair, dilation: Pair = (1, 1)) -> Padding2D:
-    """Normalise ``padding`` to ``((top, bottom), (left, right))``.
-
-    Accepts ``"VALID"``, ``"SAME"`` (output ``ceil(H / stride)``, the extra
-    row going to the bottom/right as in XLA), an int, a pair ``(ph, pw)``, or
-    ``((top, bottom), (left, right))``.  Every amount must be ``>= 0``.
-    """
-    if isinstance(padding, str):
-        mode = padding.upper()
-        if mode == "VALID":
-            return ((0, 0), (0, 0))
-        if mode == "SAME":
-            pads = []
-            for size, k, s, d in zip(in_hw, window_hw, stride, dilation):
-                extent = d * (k - 1) + 1
-                out = -(-size // s)
-                total = max((out - 1) * s + extent - size, 0)
-                pads.append((total // 2, total - total // 2))
-            return (pads[0], pads[1])
-        raise ValueError(f"`padding` (={padding!r}) must be 'VALID', 'SAME', an int, a pair or ((top, bottom), (left, right)).")
-    if _is_int(padding):
-        p = int(padding)
-        result = ((p, p), (p, p))
-    elif isinstance(padding, Sequence) and len(padding) == 2 and all(_is_int(v) for v in padding):
-        result = ((int(padding[0]),) * 2, (int(padding[1]),) * 2)
-    elif (
-        isinstance(padding, Sequence)
-        and len(padding) == 2
-        and all(isinstance(v, Sequence) and len(v) == 2 and all(_is_int(u) for u in v) for v in padding)
-    ):
-        result = ((int(padding[0][0]), int(padding[0][1])), (int(padding[1][0]), int(padding[1][1])))
-    else:
-        raise ValueError(f"`padding` (={padding!r}) must be 'VALID', 'SAME', an int, a pair or ((top, bottom), (left, right)).")
-    if min(min(result[0]), min(result[1])) < 0:
-        raise ValueError(f"`padding` (={padding!r}) must be non-negative.")
-    if max(max(result[0]), max(result[1])) > MAX_DIM:
-        raise ValueError(f"`padding` (={padding!r}) must be <= {MAX_DIM} (2**31 - 1, jaxconv._args.MAX_DIM) "
-                         "on every side.")
-    return result
-
-
-def check_pool_padding(padding, pads: Padding2D, window_hw: Pair) -> None:
-    """PyTorch's pooling rule: each side's padding at most half the window,
-    ``pad <= window // 2`` per spatial dimension and side.
-
-    Then every window holds at least one input pixel (of an input at least
-    1x1), so no max-pool output is the ``-inf`` of padding alone and no
-    ``count_include_pad=False`` divisor is 0.  ``"SAME"`` always satisfies it:
-    its total padding ``(out - 1) * s + k - size`` is at most ``k - 1`` (as
-    ``(out - 1) * s < size`` for ``out = ceil(size / s)``), and its larger,
-    bottom/right side is ``ceil(total / 2) <= k // 2``."""
-    for axis, ((lo, hi), k) in enumerate(zip(pads, window_hw)):
-        for side, amount in zip(("top", "bottom") if axis == 0 else ("left", "right"), (lo, hi)):
-            if amount > k // 2:
-                raise ValueError(
-                    f"`padding` (={padding!r}) puts {amount} on the {side}, more than half the window "
-                    f"(window {tuple(window_hw)}: at most {k // 2} = {k} // 2 in "
-                    f"{'height' if axis == 0 else 'width'}); a pooling window must hold an input pixel."
-                )
-
-
-def output_size(size: int, lo: int, hi: int, k: int, stride: int, dilation: int = 1) -> int:
-    """``floor((size + lo + hi - dilation*(k-1) - 1) / stride) + 1``."""
-    return (size + lo + hi - dilation * (k - 1) - 1) // stride + 1
-
-
-def check_window_fits(in_hw: Pair, pads: Padding2D, window_hw: Pair, dilation: Pair, name: str) -> None:
-    """``ValueError`` if the (dilated) window is larger than the padded input, or
-    the padded input or the window's extent is past :data:`MAX_DIM`."""
-    for axis, (size, (lo, hi), k, d) in enumerate(zip(in_hw, pads, window_hw, dilation)):
-        which = "height" if axis == 0 else "width"
-        if size + lo + hi > MAX_DIM:
-            raise ValueError(
-                f"`padding` ({lo}, {hi}) makes the padded {which} {size} + {lo} + {hi} = {size + lo + hi}, "
-                f"more than {MAX_DIM} (2**31 - 1, jaxconv._args.MAX_DIM)."
-            )
-        extent = d * (k - 1) + 1
-        if extent > size + lo + hi:
-            raise ValueError(
-                f"`{name}` (={tuple(window_hw)}, dilation {tuple(dilation)}) spans {extent} in {which}, "
-                f"larger than the padded input ({size} + {lo} + {hi} = {size + lo + hi})."
-            )
-
-
 def check_elements(shape, name: str, what: str) -> None:
     """``ValueError`` naming ``name`` if an array of ``shape`` (``what`` it is) would
     hold more than :data:`MAX_ELEMENTS` elements."""
@@ -210,15 +107,6 @@ def check_elements(shape, name: str, what: str) -> None:
             f"{name} make {what} of shape {tuple(shape)}: {count} elements, more than "
             f"{MAX_ELEMENTS} (2**31 - 1, jaxconv._args.MAX_ELEMENTS) in one array."
         )
-
-
-def check_window_op_sizes(x_shape, pads: Padding2D, out_hw: Pair, out_channels: int, name: str) -> None:
-    """The padded input ``(N, H + top + bottom, W + left + right, C)`` and the output
-    ``(N, Ho, Wo, out_channels)`` of a windowed op each within :data:`MAX_ELEMENTS`."""
-    n, h, w, c = x_shape
-    (top, bottom), (left, right) = pads
-    check_elements((n, h + top + bottom, w + left + right, c), "`padding` and `x`'s shape", "the padded input")
-    check_elements((n, *out_hw, out_channels), name, "the output")
 
 
 _JAX_FORWARD_MODE_MESSAGE = "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
@@ -249,4 +137,5 @@ def reverse_mode_rule(op):
                 f"For forward mode itself use jaxconv.reference.{op.__name__}, the same op in plain lax."
             ) from err
 
+    wrapped.is_hand_rule = True  # tests/test_conformance.py: every such op is in jaxconv._suite.REGISTRY
     return wrapped

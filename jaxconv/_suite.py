@@ -1,24 +1,35 @@
-"""The configurations `python -m jaxconv verify` checks, one list per op.
+"""The conformance registry: every op with a hand rule, registered once.
 
-Each op contributes a function ``rng -> list[Case]`` registered in ``SUITES``.
+Each :class:`OpSpec` names the op, its plain-``lax`` reference, a small grid of
+configurations, how to build a float64 :class:`Case` (the arguments) from a
+configuration, a hypothesis strategy drawing configurations, and the forms
+(``jaxconv.plan.forms`` arguments) worth running it under.  Everything that
+checks the rules draws from :data:`REGISTRY`:
+
+* ``tests/test_conformance.py``: float64 VJP / finite differences / second
+  order per grid configuration and form, float32, jit, vmap, a hypothesis
+  test and the slow (``-m slow``) sweep, per op;
+* ``python -m jaxconv verify`` (:data:`SUITES`, the grids);
+* ``python -m jaxconv train --check-grads`` (:func:`reference_ops`, the
+  references the network is rebuilt from).
+
 Inputs are float64 and, for piecewise-linear ops, tie- and kink-free (a
 shuffled permutation, as in MatConvNet's tests) so finite differences are exact
-up to rounding.
+up to rounding.  Adding an op: write it, its reference, and one entry here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Any, Callable
 
 import numpy as np
 
-from . import reference
-from .conv import conv2d
-from .layers import flatten, linear, relu
-from .losses import l2_penalty, log_loss, softmax, softmax_cross_entropy
+from . import _window, conv, layers, losses, pool, reference
 from .lrn import lrn
-from .pool import avg_pool2d, max_pool2d
+
+__all__ = ["Case", "OpSpec", "REGISTRY", "SUITES", "reference_ops"]
 
 
 @dataclasses.dataclass
@@ -32,51 +43,29 @@ class Case:
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """One op of the conformance harness."""
+
+    name: str
+    op: Callable
+    ref: Callable
+    grid: tuple  # configurations: plain dicts
+    make: Callable[[np.random.Generator, dict], Case]  # float64 arguments for one configuration
+    strategy: Callable[[], Any]  # () -> a hypothesis strategy of configurations (hypothesis imported lazily)
+    forms: tuple[dict, ...] = ({},)  # jaxconv.plan.forms(**f) to run under; {} is the planner's choice
+    vmap_args: tuple[int, ...] = (0,)  # the arguments a vmap test maps over an extra leading axis
+    smooth: bool = True  # False for ops with kinks (max, ReLU): finite differences need kink-free inputs
+
+    def cases(self, rng: np.random.Generator) -> list[Case]:
+        return [self.make(rng, config) for config in self.grid]
+
+
+# --- inputs ------------------------------------------------------------------------
+
+
 def _normal(rng, *shape):
     return rng.standard_normal(shape)
-
-
-def conv2d_cases(rng) -> list[Case]:
-    grid = [
-        # (N, H, W, C, KH, KW, O, stride, padding, dilation, groups)
-        (2, 6, 6, 3, 3, 3, 4, 1, "VALID", 1, 1),
-        (2, 7, 8, 4, 3, 3, 6, 2, 1, 1, 2),
-        (1, 9, 9, 3, 3, 2, 2, 3, "SAME", 2, 1),
-        (2, 6, 5, 6, 3, 3, 6, 1, ((2, 0), (1, 3)), 1, 6),  # depthwise, asymmetric padding
-        (2, 12, 11, 2, 5, 5, 3, 3, "VALID", 1, 1),  # stride remainder
-        (1, 5, 7, 2, 2, 3, 4, (2, 1), ((0, 2), (3, 1)), (3, 1), 2),
-        (3, 1, 1, 2, 1, 1, 3, 1, "VALID", 1, 1),
-    ]
-    cases = []
-    for n, h, w, c, kh, kw, o, s, p, d, g in grid:
-        options = dict(stride=s, padding=p, dilation=d, groups=g)
-
-        def f(x, k, b, options=options):
-            return conv2d(x, k, b, **options)
-
-        def ref(x, k, b, options=options):
-            return reference.conv2d(x, k, b, **options)
-
-        args = (_normal(rng, n, h, w, c), _normal(rng, kh, kw, c // g, o), _normal(rng, o))
-        label = f"x{(n, h, w, c)} w{(kh, kw, c // g, o)} s={s} p={p} d={d} g={g}"
-        cases.append(Case("conv2d", label, f, ref, args, ("x", "w", "b")))
-    return cases
-
-
-# --- pooling cases ------------------------------------------------------------
-
-# Window, stride, padding: non-overlapping (the reshape strategy), overlapping
-# (the slices strategy, windows add), SAME, asymmetric padding, a stride
-# remainder (pixels no window reads) and a global pool (docs/pooling.md §3).
-_POOL_GRID = [
-    # x shape, window, stride, padding
-    ((2, 6, 6, 3), 2, None, "VALID"),
-    ((2, 7, 8, 2), 3, 2, 1),
-    ((1, 9, 8, 2), (3, 2), (2, 1), "SAME"),
-    ((2, 5, 7, 3), 2, None, ((1, 0), (0, 1))),
-    ((1, 8, 7, 2), 3, 3, "VALID"),
-    ((2, 4, 4, 5), 4, None, "VALID"),
-]
 
 
 def _permutation(rng, *shape):
@@ -84,65 +73,6 @@ def _permutation(rng, *shape):
     size = int(np.prod(shape))
     return ((2.0 * (rng.permutation(size) + 1) - (size + 1) + 1.0 / 3.0) / (size + 1)).reshape(shape)
 
-
-def _pool_cases(rng, op: str, f_op, ref_op, extra: dict) -> list[Case]:
-    cases = []
-    for shape, window, stride, padding in _POOL_GRID:
-        options = dict(stride=stride, padding=padding, **extra)
-
-        def f(x, window=window, options=options):
-            return f_op(x, window, **options)
-
-        def ref(x, window=window, options=options):
-            return ref_op(x, window, **options)
-
-        extras = "".join(f" {k}={v}" for k, v in extra.items())
-        label = f"x{shape} window={window} s={stride} p={padding}{extras}"
-        cases.append(Case(op, label, f, ref, (_permutation(rng, *shape),), ("x",)))
-    return cases
-
-
-def avg_pool2d_cases(rng) -> list[Case]:
-    return [
-        case
-        for include in (True, False)
-        for case in _pool_cases(rng, "avg_pool2d", avg_pool2d, reference.avg_pool2d, dict(count_include_pad=include))
-    ]
-
-
-def max_pool2d_cases(rng) -> list[Case]:
-    return _pool_cases(rng, "max_pool2d", max_pool2d, reference.max_pool2d, {})
-
-
-
-# --- lrn cases ------------------------------------------------------------------
-
-def lrn_cases(rng) -> list[Case]:
-    grid = [
-        # x shape, lrn options: odd, even (the transposed window leans the other way),
-        # size 1, size > C, AlexNet's numbers
-        ((2, 3, 3, 7), dict(size=5, kappa=1.0, alpha=0.3, beta=0.75)),
-        ((2, 2, 3, 6), dict(size=4, kappa=2.0, alpha=0.5, beta=0.6)),
-        ((1, 2, 2, 5), dict(size=1, kappa=0.5, alpha=1.0, beta=1.3)),
-        ((2, 2, 2, 3), dict(size=8, kappa=1.0, alpha=0.7, beta=0.9)),
-        ((1, 4, 4, 16), dict(size=5, kappa=2.0, alpha=1e-4, beta=0.75)),
-    ]
-    cases = []
-    for shape, options in grid:
-
-        def f(x, options=options):
-            return lrn(x, **options)
-
-        def ref(x, options=options):
-            return reference.lrn(x, **options)
-
-        label = f"x{shape} " + " ".join(f"{k}={v}" for k, v in options.items())
-        cases.append(Case("lrn", label, f, ref, (_normal(rng, *shape),), ("x",)))
-    return cases
-
-
-
-# --- layer and loss cases -----------------------------------------------------
 
 def _away_from_zero(rng, *shape):
     """Normal draws pushed at least 0.1 from 0: no ReLU kink within a finite-difference step."""
@@ -155,77 +85,352 @@ def _probabilities(rng, n, d):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def relu_cases(rng) -> list[Case]:
-    return [
-        Case("relu", f"x{shape}", relu, reference.relu, (_away_from_zero(rng, *shape),), ("x",))
-        for shape in [(7,), (4, 5), (2, 4, 3, 3)]
-    ]
+def _label(options):
+    return " ".join(f"{k}={v}" for k, v in options.items())
 
 
-def linear_cases(rng) -> list[Case]:
-    cases = []
-    for n, d_in, d_out, bias in [(4, 5, 3, True), (1, 7, 1, False), (8, 18, 10, True)]:
-        b = _normal(rng, d_out) if bias else None
-        args = (_normal(rng, n, d_in), _normal(rng, d_in, d_out), b)
-        cases.append(Case("linear", f"x{(n, d_in)} w{(d_in, d_out)} bias={bias}", linear, reference.linear, args,
-                          ("x", "w", "b")))
-    return cases
+def _bound(fn, *leading, **options):
+    """``fn`` with the static arguments bound: ``(*arrays) -> fn(*arrays, *leading, **options)``."""
+
+    def bound(*arrays):
+        return fn(*arrays, *leading, **options)
+
+    return bound
 
 
-def flatten_cases(rng) -> list[Case]:
-    return [
-        Case("flatten", f"x{shape}", flatten, reference.flatten, (_normal(rng, *shape),), ("x",))
-        for shape in [(3, 4), (2, 3, 4, 5), (2, 1, 3, 1, 2)]
-    ]
+# --- convolution (1, 2, 3 dims) and transposed convolution --------------------------------
 
-
-def softmax_cases(rng) -> list[Case]:
-    return [
-        Case("softmax", f"s{shape}", softmax, reference.softmax, (2 * _normal(rng, *shape),), ("s",))
-        for shape in [(5,), (4, 6), (2, 3, 4)]
-    ]
-
-
-def log_loss_cases(rng) -> list[Case]:
-    return [
-        Case("log_loss", f"p{(n, d)}", log_loss, reference.log_loss,
-             (_probabilities(rng, n, d), rng.integers(0, d, n)), ("p", "labels"))
-        for n, d in [(4, 5), (1, 1), (6, 10)]
-    ]
-
-
-def softmax_cross_entropy_cases(rng) -> list[Case]:
-    return [
-        Case("softmax_cross_entropy", f"logits{(n, d)}", softmax_cross_entropy, reference.softmax_cross_entropy,
-             (2 * _normal(rng, n, d), rng.integers(0, d, n)), ("logits", "labels"))
-        for n, d in [(4, 5), (1, 2), (16, 10)]
-    ]
-
-
-def l2_penalty_cases(rng) -> list[Case]:
-    params = {"conv": {"w": _normal(rng, 3, 3, 2, 4), "b": _normal(rng, 4)}, "dense": [_normal(rng, 5, 3)]}
-    return [
-        Case("l2_penalty", "pytree, lam differentiated", l2_penalty, reference.l2_penalty,
-             (params, np.float64(0.3)), ("params", "lam")),
-        Case("l2_penalty", "one leaf, lam a Python float", l2_penalty, reference.l2_penalty,
-             (_normal(rng, 4, 4), 1e-3), ("params", "lam")),
-    ]
-
-
-
-SUITES: dict[str, Callable[[np.random.Generator], list[Case]]] = {
-    "conv2d": conv2d_cases,
-    "avg_pool2d": avg_pool2d_cases,
-    "max_pool2d": max_pool2d_cases,
-    # pooling entries
-    "lrn": lrn_cases,
-    # lrn entries
-    "relu": relu_cases,
-    "linear": linear_cases,
-    "flatten": flatten_cases,
-    "softmax": softmax_cases,
-    "log_loss": log_loss_cases,
-    "softmax_cross_entropy": softmax_cross_entropy_cases,
-    "l2_penalty": l2_penalty_cases,
-    # layer and loss entries
+_CONV_GRIDS = {
+    # (x spatial, kernel, C, O, stride, padding, dilation, groups)
+    1: [((9,), (3,), 3, 4, 1, "VALID", 1, 1),
+        ((11,), (3,), 4, 6, 2, ((2, 1),), 2, 2),
+        ((10,), (4,), 2, 3, 3, "SAME", 1, 1)],  # stride remainder
+    2: [((6, 6), (3, 3), 3, 4, 1, "VALID", 1, 1),
+        ((7, 8), (3, 3), 4, 6, 2, 1, 1, 2),
+        ((9, 9), (3, 2), 3, 2, 3, "SAME", 2, 1),
+        ((6, 5), (3, 3), 6, 6, 1, ((2, 0), (1, 3)), 1, 6),  # depthwise, asymmetric padding
+        ((12, 11), (5, 5), 2, 3, 3, "VALID", 1, 1),  # stride remainder
+        ((5, 7), (2, 3), 2, 4, (2, 1), ((0, 2), (3, 1)), (3, 1), 2),
+        ((1, 1), (1, 1), 2, 3, 1, "VALID", 1, 1)],
+    3: [((4, 5, 4), (2, 3, 2), 2, 3, 1, "VALID", 1, 1),
+        ((5, 6, 5), (3, 2, 3), 4, 4, (2, 1, 2), "SAME", (1, 2, 1), 2),
+        ((4, 4, 6), (2, 2, 3), 2, 2, (1, 2, 3), ((1, 0), (0, 1), (2, 1)), 1, 1)],
 }
+
+
+def _conv_config(x_spatial, kernel, c, o, stride, padding, dilation, groups, n=2, bias=True):
+    return dict(x_shape=(n, *x_spatial, c), w_shape=(*kernel, c // groups, o), bias=bias,
+                options=dict(stride=stride, padding=padding, dilation=dilation, groups=groups))
+
+
+def _conv_maker(name, op, ref):
+    def make(rng, config):
+        x = _normal(rng, *config["x_shape"])
+        w = _normal(rng, *config["w_shape"])
+        b = _normal(rng, config["w_shape"][-1]) if config["bias"] else None
+        options = config["options"]
+        label = f"x{config['x_shape']} w{config['w_shape']} {_label(options)}"
+        return Case(name, label, _bound(op, **options), _bound(ref, **options), (x, w, b), ("x", "w", "b"))
+
+    return make
+
+
+def _conv_strategy(ndim: int):
+    def strategy():
+        from hypothesis import assume
+        from hypothesis import strategies as st
+
+        def per_dim(low, high):
+            return st.one_of(st.integers(low, high), st.tuples(*[st.integers(low, high)] * ndim))
+
+        side = st.integers(0, 3)
+        padding = st.one_of(st.sampled_from(["VALID", "SAME"]), side, st.tuples(*[side] * ndim),
+                            st.tuples(*[st.tuples(side, side)] * ndim))
+
+        @st.composite
+        def configs(draw):
+            groups = draw(st.integers(1, 3))
+            c = groups * draw(st.integers(1, 2))
+            o = groups * draw(st.integers(1, 2))
+            size = 10 if ndim < 3 else 5
+            spatial = tuple(draw(st.integers(1, size)) for _ in range(ndim))
+            kernel = tuple(draw(st.integers(1, 4 if ndim < 3 else 3)) for _ in range(ndim))
+            stride, dilation, pad = draw(per_dim(1, 3)), draw(per_dim(1, 2)), draw(padding)
+            try:
+                _window.parse(spatial, kernel, stride, pad, dilation)
+            except ValueError:
+                assume(False)
+            return _conv_config(spatial, kernel, c, o, stride, pad, dilation, groups, n=draw(st.integers(1, 2)),
+                                bias=draw(st.booleans()))
+
+        return configs()
+
+    return strategy
+
+
+def _transpose_config(conv_config):
+    """The transposed convolution of a convolution configuration: y has the conv's output shape, and
+    the output the conv's input shape (``output_padding`` is the conv's stride remainder)."""
+    x_shape, w_shape, options = conv_config["x_shape"], conv_config["w_shape"], conv_config["options"]
+    window = _window.parse(x_shape[1:-1], w_shape[:-2], options["stride"], options["padding"], options["dilation"])
+    output_padding = window.remainder
+    y_shape = (x_shape[0], *window.out_size, w_shape[-1])
+    return dict(y_shape=y_shape, w_shape=w_shape, bias=conv_config["bias"],
+                options=dict(stride=window.stride, padding=window.padding, output_padding=output_padding,
+                             dilation=window.dilation, groups=options["groups"]))
+
+
+def _transpose_maker(name, op, ref):
+    def make(rng, config):
+        y = _normal(rng, *config["y_shape"])
+        w = _normal(rng, *config["w_shape"])
+        b = _normal(rng, config["w_shape"][-2] * config["options"]["groups"]) if config["bias"] else None
+        options = config["options"]
+        label = f"y{config['y_shape']} w{config['w_shape']} {_label(options)}"
+        return Case(name, label, _bound(op, **options), _bound(ref, **options), (y, w, b), ("y", "w", "b"))
+
+    return make
+
+
+def _transpose_strategy(ndim: int):
+    def strategy():
+        return _conv_strategy(ndim)().map(_transpose_config)
+
+    return strategy
+
+
+# Every conv form, each on the grid's first configuration; the rest under the planner.
+_CONV_FORMS = ({}, dict(conv_forward="conv", conv_backward="conv"),
+               dict(conv_forward="im2row_blocked", conv_backward="im2row"),
+               dict(conv_forward="im2row_blocked", conv_backward="im2row_blocked"),
+               dict(conv_forward="conv", conv_backward="mixed"))
+
+
+def _conv_specs() -> list[OpSpec]:
+    specs = []
+    for ndim, grid in _CONV_GRIDS.items():
+        name = f"conv{ndim}d"
+        op, ref = getattr(conv, name), getattr(reference, name)
+        configs = tuple(_conv_config(*row) for row in grid)
+        specs.append(OpSpec(name, op, ref, configs, _conv_maker(name, op, ref), _conv_strategy(ndim),
+                            _CONV_FORMS, vmap_args=(0, 1)))
+    for ndim, grid in _CONV_GRIDS.items():
+        name = f"conv_transpose{ndim}d"
+        op, ref = getattr(conv, name), getattr(reference, name)
+        configs = tuple(_transpose_config(_conv_config(*row)) for row in grid)
+        specs.append(OpSpec(name, op, ref, configs, _transpose_maker(name, op, ref), _transpose_strategy(ndim),
+                            _CONV_FORMS, vmap_args=(0, 1)))
+    return specs
+
+
+# --- pooling (1, 2, 3 dims) ------------------------------------------------------------------
+
+# Window, stride, padding: non-overlapping (the reshape form), overlapping
+# (the slices form, windows add), SAME, asymmetric padding, a stride
+# remainder (entries no window reads) and a global pool (docs/pooling.md §3).
+_POOL_GRIDS = {
+    1: [((2, 8, 3), 2, None, "VALID"), ((2, 9, 2), 3, 2, "SAME"), ((1, 7, 2), 3, 3, ((1, 0),))],
+    2: [((2, 6, 6, 3), 2, None, "VALID"),
+        ((2, 7, 8, 2), 3, 2, 1),
+        ((1, 9, 8, 2), (3, 2), (2, 1), "SAME"),
+        ((2, 5, 7, 3), 2, None, ((1, 0), (0, 1))),
+        ((1, 8, 7, 2), 3, 3, "VALID"),
+        ((2, 4, 4, 5), 4, None, "VALID")],
+    3: [((2, 4, 4, 6, 2), 2, None, "VALID"), ((1, 5, 6, 4, 2), 3, 2, 1),
+        ((1, 4, 5, 5, 1), (2, 3, 1), (1, 2, 2), ((1, 0), (1, 1), (0, 0)))],
+}
+
+
+def _pool_maker(name, op, ref):
+    def make(rng, config):
+        options = dict(stride=config["stride"], padding=config["padding"], **config.get("extra", {}))
+        window = config["window"]
+        label = f"x{config['x_shape']} window={window} {_label(options)}"
+        return Case(name, label, _bound(op, window, **options), _bound(ref, window, **options),
+                    (_permutation(rng, *config["x_shape"]),), ("x",))
+
+    return make
+
+
+def _pool_strategy(ndim: int, extra: bool):
+    def strategy():
+        from hypothesis import assume
+        from hypothesis import strategies as st
+
+        @st.composite
+        def configs(draw):
+            window = tuple(draw(st.integers(1, 4 if ndim < 3 else 3)) for _ in range(ndim))
+            stride = draw(st.one_of(st.none(), st.tuples(*[st.integers(1, 3)] * ndim)))
+            sides = [st.tuples(st.integers(0, k // 2), st.integers(0, k // 2)) for k in window]
+            padding = draw(st.one_of(st.sampled_from(["VALID", "SAME"]), st.tuples(*sides)))
+            spatial = tuple(draw(st.integers(1, 9 if ndim < 3 else 5)) for _ in range(ndim))
+            try:
+                _window.parse(spatial, window, window if stride is None else stride, padding, pool=True)
+            except ValueError:
+                assume(False)
+            config = dict(x_shape=(draw(st.integers(1, 2)), *spatial, draw(st.integers(1, 3))), window=window,
+                          stride=stride, padding=padding)
+            if extra:
+                config["extra"] = dict(count_include_pad=draw(st.booleans()))
+            return config
+
+        return configs()
+
+    return strategy
+
+
+def _pool_specs() -> list[OpSpec]:
+    specs = []
+    for kind in ("avg", "max"):
+        for ndim, grid in _POOL_GRIDS.items():
+            name = f"{kind}_pool{ndim}d"
+            op, ref = getattr(pool, name), getattr(reference, name)
+            configs = [dict(x_shape=s, window=k, stride=st, padding=p) for s, k, st, p in grid]
+            if kind == "avg":  # both divisors on every configuration
+                configs = [dict(c, extra=dict(count_include_pad=inc)) for c in configs for inc in (True, False)]
+            specs.append(OpSpec(name, op, ref, tuple(configs), _pool_maker(name, op, ref),
+                                _pool_strategy(ndim, kind == "avg"), ({}, dict(pool="slices"), dict(pool="reshape")),
+                                smooth=kind == "avg"))
+    return specs
+
+
+# --- LRN, layers and losses ---------------------------------------------------------------
+
+
+def _lrn_make(rng, config):
+    options = config["options"]
+    return Case("lrn", f"x{config['x_shape']} {_label(options)}", _bound(lrn, **options),
+                _bound(reference.lrn, **options), (_normal(rng, *config["x_shape"]),), ("x",))
+
+
+def _lrn_strategy():
+    from hypothesis import strategies as st
+
+    return st.builds(
+        lambda n, h, c, size, kappa, alpha, beta: dict(x_shape=(n, h, 2, c), options=dict(
+            size=size, kappa=kappa, alpha=alpha, beta=beta)),
+        st.integers(1, 2), st.integers(1, 3), st.integers(1, 9), st.integers(1, 10),
+        st.floats(0.5, 3.0), st.floats(1e-4, 1.0), st.floats(0.1, 1.5))
+
+
+_LRN_GRID = (
+    # odd, even (the window leans the other way), size 1, size > C, AlexNet's numbers
+    dict(x_shape=(2, 3, 3, 7), options=dict(size=5, kappa=1.0, alpha=0.3, beta=0.75)),
+    dict(x_shape=(2, 2, 3, 6), options=dict(size=4, kappa=2.0, alpha=0.5, beta=0.6)),
+    dict(x_shape=(1, 2, 2, 5), options=dict(size=1, kappa=0.5, alpha=1.0, beta=1.3)),
+    dict(x_shape=(2, 2, 2, 3), options=dict(size=8, kappa=1.0, alpha=0.7, beta=0.9)),
+    dict(x_shape=(1, 4, 4, 16), options=dict(size=5, kappa=2.0, alpha=1e-4, beta=0.75)),
+)
+
+
+def _shape_strategy(min_dims=1, max_dims=4):
+    def strategy():
+        from hypothesis import strategies as st
+
+        return st.lists(st.integers(1, 5), min_size=min_dims, max_size=max_dims).map(lambda s: dict(shape=tuple(s)))
+
+    return strategy
+
+
+def _relu_make(rng, config):
+    # layers.relu looked up per call: a rule patched in its module is the one checked.
+    return Case("relu", f"x{config['shape']}", lambda x: layers.relu(x), reference.relu,
+                (_away_from_zero(rng, *config["shape"]),), ("x",))
+
+
+def _flatten_make(rng, config):
+    return Case("flatten", f"x{config['shape']}", layers.flatten, reference.flatten,
+                (_normal(rng, *config["shape"]),), ("x",))
+
+
+def _softmax_make(rng, config):
+    return Case("softmax", f"s{config['shape']}", losses.softmax, reference.softmax,
+                (2 * _normal(rng, *config["shape"]),), ("s",))
+
+
+def _linear_make(rng, config):
+    n, d_in, d_out, bias = config["n"], config["d_in"], config["d_out"], config["bias"]
+    args = (_normal(rng, n, d_in), _normal(rng, d_in, d_out), _normal(rng, d_out) if bias else None)
+    return Case("linear", f"x{(n, d_in)} w{(d_in, d_out)} bias={bias}", layers.linear, reference.linear, args,
+                ("x", "w", "b"))
+
+
+def _linear_strategy():
+    from hypothesis import strategies as st
+
+    return st.fixed_dictionaries(dict(n=st.integers(1, 6), d_in=st.integers(1, 8), d_out=st.integers(1, 6),
+                                      bias=st.booleans()))
+
+
+def _classes_strategy():
+    from hypothesis import strategies as st
+
+    return st.fixed_dictionaries(dict(n=st.integers(1, 8), d=st.integers(1, 12)))
+
+
+def _log_loss_make(rng, config):
+    n, d = config["n"], config["d"]
+    return Case("log_loss", f"p{(n, d)}", losses.log_loss, reference.log_loss,
+                (_probabilities(rng, n, d), rng.integers(0, d, n)), ("p", "labels"))
+
+
+def _cross_entropy_make(rng, config):
+    n, d = config["n"], config["d"]
+    return Case("softmax_cross_entropy", f"logits{(n, d)}", losses.softmax_cross_entropy,
+                reference.softmax_cross_entropy, (2 * _normal(rng, n, d), rng.integers(0, d, n)),
+                ("logits", "labels"))
+
+
+def _l2_make(rng, config):
+    if config["tree"]:
+        params = {"conv": {"w": _normal(rng, 3, 3, 2, 4), "b": _normal(rng, 4)}, "dense": [_normal(rng, 5, 3)]}
+        return Case("l2_penalty", "pytree, lam differentiated", losses.l2_penalty, reference.l2_penalty,
+                    (params, np.float64(config["lam"])), ("params", "lam"))
+    return Case("l2_penalty", f"one leaf {config['shape']}, lam a Python float", losses.l2_penalty,
+                reference.l2_penalty, (_normal(rng, *config["shape"]), float(config["lam"])), ("params", "lam"))
+
+
+def _l2_strategy():
+    from hypothesis import strategies as st
+
+    return st.fixed_dictionaries(dict(tree=st.booleans(), lam=st.floats(1e-4, 2.0),
+                                      shape=st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple)))
+
+
+def _other_specs() -> list[OpSpec]:
+    return [
+        OpSpec("lrn", lrn, reference.lrn, _LRN_GRID, _lrn_make, _lrn_strategy),
+        OpSpec("relu", layers.relu, reference.relu, tuple(dict(shape=s) for s in [(7,), (4, 5), (2, 4, 3, 3)]),
+               _relu_make, _shape_strategy(), smooth=False),
+        OpSpec("linear", layers.linear, reference.linear,
+               tuple(dict(n=n, d_in=i, d_out=o, bias=b) for n, i, o, b in [(4, 5, 3, True), (1, 7, 1, False),
+                                                                            (8, 18, 10, True)]),
+               _linear_make, _linear_strategy, vmap_args=(0, 1)),
+        OpSpec("flatten", layers.flatten, reference.flatten,
+               tuple(dict(shape=s) for s in [(3, 4), (2, 3, 4, 5), (2, 1, 3, 1, 2)]), _flatten_make,
+               _shape_strategy(2, 5)),
+        OpSpec("softmax", losses.softmax, reference.softmax, tuple(dict(shape=s) for s in [(5,), (4, 6), (2, 3, 4)]),
+               _softmax_make, _shape_strategy()),
+        OpSpec("log_loss", losses.log_loss, reference.log_loss,
+               tuple(dict(n=n, d=d) for n, d in [(4, 5), (1, 1), (6, 10)]), _log_loss_make, _classes_strategy,
+               vmap_args=(0, 1)),
+        OpSpec("softmax_cross_entropy", losses.softmax_cross_entropy, reference.softmax_cross_entropy,
+               tuple(dict(n=n, d=d) for n, d in [(4, 5), (1, 2), (16, 10)]), _cross_entropy_make, _classes_strategy,
+               vmap_args=(0, 1)),
+        OpSpec("l2_penalty", losses.l2_penalty, reference.l2_penalty,
+               (dict(tree=True, lam=0.3, shape=()), dict(tree=False, lam=1e-3, shape=(4, 4))), _l2_make, _l2_strategy,
+               vmap_args=()),
+    ]
+
+
+#: Every op with a hand rule, by name.
+REGISTRY: dict[str, OpSpec] = {spec.name: spec for spec in [*_conv_specs(), *_pool_specs(), *_other_specs()]}
+
+#: ``op -> (rng -> [Case])``: the grids, as ``python -m jaxconv verify`` runs them.
+SUITES: dict[str, Callable[[np.random.Generator], list[Case]]] = {name: spec.cases for name, spec in REGISTRY.items()}
+
+
+def reference_ops() -> types.SimpleNamespace:
+    """The references of every registered op, by the op's name: the ``ops=`` namespace that
+    rebuilds a :mod:`jaxconv.nn` network in plain ``lax`` (``train --check-grads``)."""
+    return types.SimpleNamespace(**{name: spec.ref for name, spec in REGISTRY.items()})

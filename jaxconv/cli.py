@@ -137,21 +137,18 @@ def _add_train_parser(sub) -> None:
 #: Hyperparameters a resumed run must share with the checkpoint to continue the same trajectory.
 _RESUME_KEYS = ("model", "dataset", "batch_size", "learning_rate", "momentum", "weight_decay", "l2", "seed")
 
-#: Ops without kinks: only these get the finite-difference check (the others are
-#: compared with jax.grad of the reference, which shares the convention at a kink).
-_SMOOTH_OPS = ("conv2d", "linear", "avg_pool2d", "lrn", "flatten", "softmax_cross_entropy", "l2_penalty")
-
-
 class _RecordingOps:
-    """An ``ops=`` namespace for :mod:`jaxconv.nn`: runs the reference op and records each call."""
+    """An ``ops=`` namespace for :mod:`jaxconv.nn`: runs the op's registered reference and records each call."""
 
     def __init__(self):
         self.calls = []
 
     def __getattr__(self, name):
-        from . import reference
+        from ._suite import REGISTRY
 
-        reference_op = getattr(reference, name)
+        if name not in REGISTRY:
+            raise AttributeError(f"{name}: no reference registered in jaxconv._suite.REGISTRY")
+        reference_op = REGISTRY[name].ref
 
         def op(*args, **kwargs):
             self.calls.append((name, args, kwargs))
@@ -177,7 +174,9 @@ def check_model_grads(apply_fun, params, images, labels, *, l2=0.0, finite_diffe
     compares the ``jaxconv`` op (looked up at call time, its ``custom_vjp``
     rule) with the reference's autodiff: forward, VJP for two random
     cotangents, grad-of-grad; with ``finite_differences=True`` also central
-    differences for the ops without kinks (off by default: one more float64
+    differences for the ops without kinks (``OpSpec.smooth``; the others are
+    compared with jax.grad of the reference, which shares the convention at a
+    kink; off by default: one more float64
     compile per argument, and ``python -m jaxconv verify`` and the tests run
     them on kink-free inputs already).  The loss rules
     (``softmax_cross_entropy`` on the logits, ``l2_penalty`` when ``l2 > 0``)
@@ -194,9 +193,10 @@ def check_model_grads(apply_fun, params, images, labels, *, l2=0.0, finite_diffe
 
     import jaxconv
 
-    from . import reference
+    from ._suite import REGISTRY, reference_ops
     from .verify import check_vjp
 
+    reference = reference_ops()
     with jax.enable_x64(True):
         params64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
         x64 = jnp.asarray(np.asarray(images), jnp.float64)
@@ -214,13 +214,13 @@ def check_model_grads(apply_fun, params, images, labels, *, l2=0.0, finite_diffe
             if key in seen:
                 continue
             seen.add(key)
-            arg_names = list(inspect.signature(getattr(reference, name)).parameters)[: len(args)]
+            arg_names = list(inspect.signature(REGISTRY[name].op).parameters)[: len(args)]
             report = check_vjp(
                 lambda *a, _name=name, _kw=kwargs: getattr(jaxconv, _name)(*a, **_kw),
                 partial(getattr(reference, name), **kwargs),
                 *args,
                 names=arg_names,
-                finite_differences=finite_differences and name in _SMOOTH_OPS,
+                finite_differences=finite_differences and REGISTRY[name].smooth,
                 name=f"{name} {_shapes(args)}",
             )
             passed &= report.passed

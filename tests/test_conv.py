@@ -1,4 +1,8 @@
-"""conv2d: the hand-derived VJP equals jax.vjp of the plain-lax reference."""
+"""conv2d specifics: output sizes, the stride remainder, bias, the rule is what runs, a worked example.
+
+(The float64 VJP / finite-difference / second-order / float32 / jit / vmap /
+hypothesis checks of every conv op run in test_conformance.py; every form over
+a grid in test_conv_strategies.py.)"""
 
 from __future__ import annotations
 
@@ -6,12 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 
 import jaxconv
 from jaxconv import conv as conv_module
-from jaxconv import reference
-from jaxconv.verify import check_vjp, relative_error
+from jaxconv import _window, reference
+from jaxconv.verify import check_vjp
 
 from .strategies import conv_configs
 
@@ -60,55 +64,12 @@ def _pair(options):
 
 
 @pytest.mark.parametrize("x_shape,w_shape,options", GRID)
-def test_grid_float64_full_check(strategy, x_shape, w_shape, options):
-    rng = np.random.default_rng(0)
+def test_every_form_on_the_grid(strategy, x_shape, w_shape, options):
+    """Each backward form (with the forward of its kind) on every grid configuration: VJP against
+    the reference in float64 (the harness adds finite differences and second order on its grids)."""
     f, ref = _pair(options)
-    report = check_vjp(f, ref, *_arrays(rng, x_shape, w_shape, True), names=("x", "w", "b"))
-    report.assert_ok()
-    assert report.worst("vjp") <= 1e-12
-
-
-@pytest.mark.parametrize("x_shape,w_shape,options", GRID)
-def test_grid_float32(strategy, x_shape, w_shape, options):
-    rng = np.random.default_rng(1)
-    f, ref = _pair(options)
-    report = check_vjp(
-        f, ref, *_arrays(rng, x_shape, w_shape, True, np.float32), dtype=jnp.float32,
-        finite_differences=False, second_order=False,
-    )
-    report.assert_ok()
-    assert report.worst("vjp") <= 1e-5
-
-
-@given(config=conv_configs())
-def test_hypothesis_vjp(config):
-    rng = np.random.default_rng(2)
-    f, ref = _pair(config["options"])
-    args = _arrays(rng, config["x_shape"], config["w_shape"], config["bias"])
-    check_vjp(f, ref, *args, finite_differences=False, second_order=False).assert_ok()
-
-
-@settings(max_examples=4)
-@given(config=conv_configs(max_channels=4, max_hw=8, max_kernel=3))
-def test_hypothesis_full_check(config):
-    """Finite differences and grad-of-grad on drawn configurations, eagerly (no jit)."""
-    rng = np.random.default_rng(3)
-    f, ref = _pair(config["options"])
-    args = _arrays(rng, config["x_shape"], config["w_shape"], config["bias"])
-    check_vjp(f, ref, *args, jit=False).assert_ok()
-
-
-@pytest.mark.slow
-@settings(max_examples=80)
-@given(config=conv_configs())
-def test_hypothesis_sweep_slow(config):
-    """Every registered backward strategy on each drawn configuration, full check."""
-    rng = np.random.default_rng(4)
-    f, ref = _pair(config["options"])
-    args = _arrays(rng, config["x_shape"], config["w_shape"], config["bias"])
-    for name in sorted(conv_module._BACKWARD_STRATEGIES):
-        with jaxconv.plan.forms(conv_backward=name, conv_forward=forward_for(name)):
-            check_vjp(f, ref, *args, name=f"conv2d[{name}]").assert_ok()
+    args = _arrays(np.random.default_rng(0), x_shape, w_shape, True)
+    check_vjp(f, ref, *args, names=("x", "w", "b"), finite_differences=False, second_order=False).assert_ok()
 
 
 @given(config=conv_configs())
@@ -117,11 +78,9 @@ def test_output_shape_formula(config):
     w = jnp.zeros(config["w_shape"])
     y = jax.eval_shape(lambda x, w: jaxconv.conv2d(x, w, **config["options"]), x, w)
     opts = config["options"]
-    from jaxconv import _args
-
-    s = _args.pair(opts["stride"], "stride")
-    d = _args.pair(opts["dilation"], "dilation")
-    pads = _args.padding_2d(opts["padding"], x.shape[1:3], w.shape[:2], s, d)
+    s = _window.ints(opts["stride"], "stride", 2)
+    d = _window.ints(opts["dilation"], "dilation", 2)
+    pads = _window.padding(opts["padding"], x.shape[1:3], w.shape[:2], s, d)
     expected = tuple(
         (size + lo + hi - dd * (k - 1) - 1) // ss + 1
         for size, (lo, hi), k, ss, dd in zip(x.shape[1:3], pads, w.shape[:2], s, d)
@@ -144,36 +103,6 @@ def test_stride_remainder_gets_exact_zero_gradient():
     dx = jax.grad(lambda x: jaxconv.conv2d(x, w, stride=2).sum())(x)
     assert jnp.all(dx[:, 7, :, :] == 0.0) and jnp.all(dx[:, :, 7, :] == 0.0)
     assert jnp.all(dx[:, :7, :7, :] != 0.0)
-
-
-def test_jit_matches_eager(strategy):
-    rng = np.random.default_rng(6)
-    x, w, b = _arrays(rng, (2, 9, 7, 4), (3, 2, 2, 6), True)
-    opts = dict(stride=2, padding="SAME", dilation=(1, 2), groups=2)
-    loss = lambda x, w, b: jnp.sum(jnp.sin(jaxconv.conv2d(x, w, b, **opts)))
-    eager = jax.grad(loss, argnums=(0, 1, 2))(x, w, b)
-    jitted = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, w, b)
-    ref = jax.grad(lambda x, w, b: jnp.sum(jnp.sin(reference.conv2d(x, w, b, **opts))), argnums=(0, 1, 2))(x, w, b)
-    for a, j, r in zip(eager, jitted, ref):
-        assert relative_error(a, r)[1] <= 1e-12
-        assert relative_error(j, r)[1] <= 1e-12
-
-
-def test_vmap_over_extra_leading_axis(strategy):
-    """vmap over a stack of batches (x) and over per-example kernels (w)."""
-    rng = np.random.default_rng(7)
-    xs = jnp.asarray(rng.standard_normal((3, 2, 6, 6, 2)))
-    ws = jnp.asarray(rng.standard_normal((3, 3, 3, 2, 4)))
-    b = jnp.asarray(rng.standard_normal(4))
-    opts = dict(stride=2, padding=1)
-
-    def batched(op):
-        return jax.vmap(lambda x, w: op(x, w, b, **opts))
-
-    check_vjp(batched(jaxconv.conv2d), batched(reference.conv2d), xs, ws, second_order=True).assert_ok()
-    shared_w = jax.vmap(lambda x: jaxconv.conv2d(x, ws[0], b, **opts))
-    shared_ref = jax.vmap(lambda x: reference.conv2d(x, ws[0], b, **opts))
-    check_vjp(shared_w, shared_ref, xs).assert_ok()
 
 
 def test_without_a_bias_the_gradients_are_those_with_a_zero_bias():

@@ -104,59 +104,11 @@ def test_grid_float64_full_check(force, op, strategy):
     assert report.worst("vjp") <= 1e-12
 
 
-@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
-@pytest.mark.parametrize("op", OPS, ids=[op[0] for op in OPS])
-def test_grid_float32(force, op, strategy):
-    force(strategy)
-    name, f_op, ref_op, extra = op
-    cases = _grid(strategy)
-    f, ref = _grid_functions(f_op, ref_op, extra, cases)
-    rng = np.random.default_rng(1)
-    xs = [permutation_input(rng, case[0], np.float32) for case in cases]
-    report = check_vjp(f, ref, *xs, names=_labels(cases), dtype=jnp.float32, finite_differences=False,
-                       second_order=False, name=f"{name}[{strategy}] float32")
-    report.assert_ok()
-    assert report.worst("vjp") <= 1e-5
-
-
 def _draw_op(use_max, include):
     """Max, or average with the drawn divisor convention."""
     if use_max:
         return jaxconv.max_pool2d, reference.max_pool2d, {}
     return jaxconv.avg_pool2d, reference.avg_pool2d, dict(count_include_pad=include)
-
-
-@given(config=pool_configs(), use_max=st.booleans(), include=st.booleans())
-def test_hypothesis_vjp(config, use_max, include):
-    f_op, ref_op, extra = _draw_op(use_max, include)
-    f, ref = _pair(f_op, ref_op, config["window"], dict(config["options"], **extra))
-    x = permutation_input(np.random.default_rng(2), config["x_shape"])
-    check_vjp(f, ref, x, finite_differences=False, second_order=False).assert_ok()
-
-
-@settings(max_examples=4)
-@given(config=pool_configs(max_hw=7, max_window=3), use_max=st.booleans(), include=st.booleans())
-def test_hypothesis_full_check(config, use_max, include):
-    """Finite differences and grad-of-grad on drawn configurations."""
-    f_op, ref_op, extra = _draw_op(use_max, include)
-    f, ref = _pair(f_op, ref_op, config["window"], dict(config["options"], **extra))
-    x = permutation_input(np.random.default_rng(3), config["x_shape"])
-    check_vjp(f, ref, x).assert_ok()
-
-
-@pytest.mark.slow
-@settings(max_examples=60)
-@given(config=pool_configs(max_hw=12, max_window=5, max_channels=4), include=st.booleans())
-def test_hypothesis_sweep_slow(config, include):
-    """Both strategies, all three ops, full check, on each drawn configuration."""
-    x = permutation_input(np.random.default_rng(4), config["x_shape"])
-    ops = [(jaxconv.max_pool2d, reference.max_pool2d, {}),
-           (jaxconv.avg_pool2d, reference.avg_pool2d, dict(count_include_pad=include))]
-    for name in pool_module._STRATEGIES:
-        with jaxconv.plan.forms(pool=name):
-            for f_op, ref_op, extra in ops:
-                f, ref = _pair(f_op, ref_op, config["window"], dict(config["options"], **extra))
-                check_vjp(f, ref, x, name=f"{f_op.__name__}[{name}]").assert_ok()
 
 
 @given(config=pool_configs(max_hw=12, max_window=5), include=st.booleans())
@@ -510,33 +462,6 @@ def test_global_average_pool_is_the_mean():
 
 
 # --- jit, vmap -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
-def test_jit_matches_eager(force, strategy):
-    force(strategy)
-    x = jnp.asarray(permutation_input(np.random.default_rng(11), (2, 8, 6, 3)))
-
-    def loss(pool_op, max_op):
-        return lambda x: jnp.sum(jnp.sin(max_op(pool_op(x, 2, padding=1), 2) * 3.0))
-
-    hand = loss(lambda x, *a, **k: jaxconv.avg_pool2d(x, *a, count_include_pad=False, **k), jaxconv.max_pool2d)
-    plain = loss(lambda x, *a, **k: reference.avg_pool2d(x, *a, count_include_pad=False, **k), reference.max_pool2d)
-    expected = jax.grad(plain)(x)
-    assert relative_error(jax.grad(hand)(x), expected)[1] <= 1e-12
-    assert relative_error(jax.jit(jax.grad(hand))(x), expected)[1] <= 1e-12
-
-
-def test_vmap_over_extra_leading_axis():
-    x = permutation_input(np.random.default_rng(12), (3, 2, 7, 6, 2))
-    for op, ref_op, window, opts in [
-        (jaxconv.max_pool2d, reference.max_pool2d, 3, dict(stride=2, padding=1)),
-        (jaxconv.max_pool2d, reference.max_pool2d, 2, dict()),
-        (jaxconv.avg_pool2d, reference.avg_pool2d, (2, 3), dict(stride=(1, 2), padding="SAME", count_include_pad=False)),
-    ]:
-        f = jax.vmap(lambda x: op(x, window, **opts))
-        ref = jax.vmap(lambda x: ref_op(x, window, **opts))
-        check_vjp(f, ref, x, names=("x",)).assert_ok()
 
 
 # --- bad input -------------------------------------------------------------------------
