@@ -62,7 +62,6 @@ import functools
 
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from . import _args, _window
 

@@ -41,7 +41,6 @@ ResNet head ``AvPool, 512`` is :data:`GlobalAvgPool`).
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import jax
 import jax.numpy as jnp

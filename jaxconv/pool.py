@@ -117,7 +117,6 @@ autodiff.
 from __future__ import annotations
 
 import itertools
-import math
 from functools import partial
 from typing import NamedTuple
 

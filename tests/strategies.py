@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import assume
 from hypothesis import strategies as st
 
-from jaxconv import _args
+from jaxconv import _window
 
 
 def int_or_pair(low, high):
@@ -26,8 +26,8 @@ def padding_forms(max_pad=3):
 
 def fits(in_hw, window, stride, padding, dilation=1) -> bool:
     """Whether the (dilated) window fits in the padded input."""
-    window, stride, dilation = (_args.pair(v, "v") for v in (window, stride, dilation))
-    pads = _args.padding_2d(padding, in_hw, window, stride, dilation)
+    window, stride, dilation = (_window.ints(v, "v", 2) for v in (window, stride, dilation))
+    pads = _window.padding(padding, in_hw, window, stride, dilation)
     return all(d * (k - 1) + 1 <= n + lo + hi for n, (lo, hi), k, d in zip(in_hw, pads, window, dilation))
 
 
@@ -63,7 +63,7 @@ def permutation_input(rng, shape, dtype=np.float64):
 def pool_padding_forms(window):
     """Every padding form a pool accepts for ``window``: VALID, SAME, int, pair,
     and asymmetric per-side, each side at most half the window (PyTorch's rule)."""
-    kh, kw = _args.pair(window, "window")
+    kh, kw = _window.ints(window, "window", 2)
     rows, cols = st.integers(0, kh // 2), st.integers(0, kw // 2)
     return st.one_of(
         st.sampled_from(["VALID", "SAME"]),

@@ -23,7 +23,6 @@ CONVS = {1: jaxconv.conv1d, 2: jaxconv.conv2d, 3: jaxconv.conv3d}
 def _scatter(y, w, b, stride, pads, output_padding, dilation, groups):
     """PyTorch's ConvTranspose, entry by entry: y[n, i, o] adds y * w[t, c', o] to output
     position s*i + d*t - lo, channel (group of o) * C/G + c'; what lands outside is dropped."""
-    ndim = y.ndim - 2
     kernel, cg, o = w.shape[:-2], w.shape[-2], w.shape[-1]
     og = o // groups
     size = [(n - 1) * s - lo - hi + d * (k - 1) + 1 + op
