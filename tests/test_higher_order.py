@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import jaxconv
-from jaxconv import models, reference, train
+from jaxconv import models, nn, reference, train
+from jaxconv._suite import REGISTRY
 from jaxconv.verify import relative_error
 
 SHAPES = {"dd2424_net": (8, 8, 1), "lenet5": (28, 28, 1), "alexnet_small": (32, 32, 3), "resnet_small": (8, 8, 1)}
@@ -55,27 +56,70 @@ def test_hessian_with_respect_to_the_input_equals_the_reference():
     np.testing.assert_allclose(flat, flat.T, atol=1e-12)  # a Hessian is symmetric
 
 
-X = np.random.default_rng(1).standard_normal((2, 6, 6, 3))
-P = np.full((2, 4), 0.25)
-OPS = {
-    "conv2d": (lambda x: jaxconv.conv2d(x, jnp.ones((3, 3, 3, 2))), X),
-    "avg_pool2d": (lambda x: jaxconv.avg_pool2d(x, 2), X),
-    "max_pool2d": (lambda x: jaxconv.max_pool2d(x, 2), X),
-    "lrn": (lambda x: jaxconv.lrn(x, size=3), X),
-    "relu": (jaxconv.relu, X),
-    "flatten": (jaxconv.flatten, X),
-    "linear": (lambda x: jaxconv.linear(x, jnp.ones((4, 3))), P),
-    "softmax": (jaxconv.softmax, P),
-    "log_loss": (lambda p: jaxconv.log_loss(p, jnp.array([0, 1])), P),
-    "softmax_cross_entropy": (lambda s: jaxconv.softmax_cross_entropy(s, jnp.array([0, 1])), P),
-    "l2_penalty": (lambda w: jaxconv.l2_penalty(w, 0.5), P),
-}
+def _first_arg_function(name, seed=0):
+    """The op of registry entry ``name`` on its first grid configuration, as a function of its
+    first argument (the others fixed)."""
+    spec = REGISTRY[name]
+    case = spec.make(np.random.default_rng(seed), spec.grid[0])
+    first, *rest = case.args
+    return (lambda a: case.f(a, *rest)), jax.tree.map(jnp.asarray, first)
+
+
+OPS = sorted(REGISTRY)
+
+
+def _nd_net(ndim):
+    """A network through every N-d op: conv, max pool, transposed conv, average pool."""
+    return nn.serial(
+        getattr(nn, f"Conv{ndim}D")(3, 2, padding="SAME"), nn.Relu, getattr(nn, f"MaxPool{ndim}D")(2),
+        getattr(nn, f"ConvTranspose{ndim}D")(2, 2, stride=2), getattr(nn, f"AvgPool{ndim}D")(2, 1, 1),
+        nn.Flatten, nn.Dense(3))
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_hessian_vector_product_through_the_nd_ops_equals_the_reference(ndim):
+    init, apply = _nd_net(ndim)
+    shape = {1: (2, 8, 2), 2: (2, 6, 6, 2), 3: (1, 4, 4, 4, 1)}[ndim]
+    _, params = init(jax.random.key(ndim), shape)
+    rng = np.random.default_rng(ndim)
+    params = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape)), params)
+    x = jnp.asarray(rng.standard_normal(shape))
+    y = jnp.asarray(rng.integers(0, 3, shape[0]), jnp.int32)
+    v = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape)), (params, x))
+    results = []
+    for ops in (jaxconv, reference):
+        grad = jax.grad(_objective(apply, ops), argnums=(0, 1))
+        results.append(jax.jvp(lambda p, x: grad(p, x, y), (params, x), v))
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        assert relative_error(a, b)[1] <= 1e-11
+
+
+@pytest.mark.parametrize("name", [n for n in OPS if n != "l2_penalty"])  # l2_penalty takes a pytree, no batch
+def test_every_op_exports_with_a_symbolic_batch(name):
+    """jax.export of the op and of its gradient with the leading (batch) dimension symbolic: the
+    planner picks the forms that need no size, and the exported program equals the op."""
+    case = REGISTRY[name].make(np.random.default_rng(0), REGISTRY[name].grid[0])
+    # The losses' labels share the batch; every other argument (kernels, weights) is fixed-size.
+    batched = (0, 1) if name in ("log_loss", "softmax_cross_entropy") else (0,)
+    args = [jnp.asarray(a) for a in case.args[:len(batched)]]
+    rest = case.args[len(batched):]
+    (b,) = jax.export.symbolic_shape("b")
+    specs = [jax.ShapeDtypeStruct((b, *a.shape[1:]), a.dtype) for a in args]
+
+    def f(*a):
+        return case.f(*a, *rest)
+
+    def grad(*a):
+        return jax.grad(lambda a0, *more: jnp.sum(jnp.sin(f(a0, *more))))(*a)
+
+    for fn in (f, grad):
+        exported = jax.export.export(jax.jit(fn))(*specs)
+        np.testing.assert_allclose(np.asarray(exported.call(*args)), np.asarray(fn(*args)), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_plain_forward_mode_is_a_clear_error(name):
-    f, x = OPS[name]
-    x = jnp.asarray(x)
+    f, x = _first_arg_function(name)
     for transform in (lambda: jax.jvp(f, (x,), (x,)), lambda: jax.jacfwd(f)(x)):
         with pytest.raises(TypeError, match=rf"jaxconv.{name}: .*reverse-mode rule.*jax.hessian.*"
                                             rf"jaxconv.reference.{name}"):
