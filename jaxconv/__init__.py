@@ -4,6 +4,7 @@ from . import plan, reference, verify
 from . import matrix
 from .conv import conv1d, conv2d, conv3d, conv_transpose1d, conv_transpose2d, conv_transpose3d
 from .layers import flatten, linear, relu
+from .norm import batch_norm
 from .losses import l2_penalty, log_loss, softmax, softmax_cross_entropy
 from .pool import avg_pool1d, avg_pool2d, avg_pool3d, max_pool1d, max_pool2d, max_pool3d
 from . import nn, models, train
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "avg_pool1d",
+    "batch_norm",
     "avg_pool2d",
     "avg_pool3d",
     "max_pool1d",

@@ -13,6 +13,12 @@ checks the rules draws from :data:`REGISTRY`:
 * ``python -m jaxconv train --check-grads`` (:func:`reference_ops`, the
   references the network is rebuilt from).
 
+Draw a case's inputs from a generator other than ``default_rng(s)`` for the
+seed ``s`` the checker draws its cotangents with (``check_vjp(seed=0)``), e.g.
+``default_rng([s, 1])``: the same stream would make the first cotangent equal
+the first input's draws, which for ``batch_norm`` (``x = 2 z + 0.5``) makes it
+an affine function of ``x``, and ``dL/dx`` vanish to rounding.
+
 Inputs are float64 and, for piecewise-linear ops, tie- and kink-free (a
 shuffled permutation, as in MatConvNet's tests) so finite differences are exact
 up to rounding.  Adding an op: write it, its reference, and one entry here.
@@ -26,7 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import _window, conv, layers, losses, pool, reference
+from . import _window, conv, layers, losses, norm, pool, reference
 from .lrn import lrn
 
 __all__ = ["Case", "OpSpec", "REGISTRY", "SUITES", "reference_ops"]
@@ -332,6 +338,23 @@ def _shape_strategy(min_dims=1, max_dims=4):
     return strategy
 
 
+def _batch_norm_make(rng, config):
+    shape, eps = config["shape"], config["eps"]
+    c = shape[-1]
+    args = (_normal(rng, *shape) * 2 + 0.5, 1 + 0.5 * _normal(rng, c), _normal(rng, c))
+    return Case("batch_norm", f"x{shape} eps={eps}", _bound(norm.batch_norm, eps=eps),
+                _bound(reference.batch_norm, eps=eps), args, ("x", "scale", "offset"))
+
+
+def _batch_norm_strategy():
+    from hypothesis import strategies as st
+
+    return st.fixed_dictionaries(dict(
+        shape=st.lists(st.integers(1, 4), min_size=1, max_size=3).flatmap(
+            lambda lead: st.integers(1, 4).map(lambda c: (max(2, lead[0]), *lead[1:], c))),
+        eps=st.sampled_from([1e-5, 1e-3, 0.1])))
+
+
 def _relu_make(rng, config):
     # layers.relu looked up per call: a rule patched in its module is the one checked.
     return Case("relu", f"x{config['shape']}", lambda x: layers.relu(x), reference.relu,
@@ -400,6 +423,10 @@ def _l2_strategy():
 def _other_specs() -> list[OpSpec]:
     return [
         OpSpec("lrn", lrn, reference.lrn, _LRN_GRID, _lrn_make, _lrn_strategy),
+        OpSpec("batch_norm", norm.batch_norm, reference.batch_norm,
+               tuple(dict(shape=s, eps=e) for s, e in [((6, 3), 1e-5), ((2, 3, 3, 4), 1e-5), ((1, 3, 3, 2), 1e-3),
+                                                        ((3, 2, 2, 2, 2), 0.1)]),
+               _batch_norm_make, _batch_norm_strategy),
         OpSpec("relu", layers.relu, reference.relu, tuple(dict(shape=s) for s in [(7,), (4, 5), (2, 4, 3, 3)]),
                _relu_make, _shape_strategy(), smooth=False),
         OpSpec("linear", layers.linear, reference.linear,

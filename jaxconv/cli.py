@@ -30,7 +30,10 @@ def _verify(args) -> int:
     failed = False
     for op in ops:
         start = time.perf_counter()
-        rng = np.random.default_rng(args.seed)
+        # Inputs from their own stream: drawn from default_rng(seed) they would repeat the
+        # checker's cotangents (check_vjp's seed), which for batch_norm makes the
+        # cotangent an affine function of x and dL/dx vanish to rounding.
+        rng = np.random.default_rng([args.seed, 1])
         cases = SUITES[op](rng)
         vjp_err = fd_err = so_err = 0.0
         bad = []

@@ -140,6 +140,16 @@ def lrn(x, *, size=5, kappa=2.0, alpha=1e-4, beta=0.75):
 
 
 
+# --- batch normalisation ------------------------------------------------------
+
+def batch_norm(x, scale, offset, *, eps=1e-5):
+    """``(x - mean) / sqrt(var + eps) * scale + offset``, ``jnp.mean``/``jnp.var`` over every axis
+    but the last (biased variance); autodiff differentiates through the statistics."""
+    axes = tuple(range(x.ndim - 1))
+    return (x - jnp.mean(x, axis=axes)) / jnp.sqrt(jnp.var(x, axis=axes) + eps) * scale + offset
+
+
+
 # --- layers (relu, linear, flatten) ------------------------------------------
 
 def relu(x):
