@@ -349,9 +349,13 @@ def _batch_norm_make(rng, config):
 def _batch_norm_strategy():
     from hypothesis import strategies as st
 
+    # At least 3 entries per channel: with 2, dL/dx is analytically of the size of eps
+    # (g minus its projections on 1 and xhat leaves nothing in R^2) and is computed by
+    # cancelling O(1) terms, so a relative comparison measures rounding, not the rule
+    # (tests/test_norm.py checks that case against the size of the cancelled terms).
     return st.fixed_dictionaries(dict(
         shape=st.lists(st.integers(1, 4), min_size=1, max_size=3).flatmap(
-            lambda lead: st.integers(1, 4).map(lambda c: (max(2, lead[0]), *lead[1:], c))),
+            lambda lead: st.integers(1, 4).map(lambda c: (max(3, lead[0]), *lead[1:], c))),
         eps=st.sampled_from([1e-5, 1e-3, 0.1])))
 
 

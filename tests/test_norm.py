@@ -83,3 +83,21 @@ def test_equals_the_reference_for_a_constant_channel():
 def test_bad_input_is_a_value_error_naming_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_two_entries_per_channel_the_gradient_is_eps_sized():
+    """With m = 2 entries per channel, g minus its projections on 1 and on xhat is (nearly) 0: dL/dx is
+    of the order of eps, computed by cancelling terms of size scale/sigma*|g|. Rule and reference agree to
+    rounding of those terms (the harness's relative check is meaningless here, so it draws m >= 3)."""
+    rng = np.random.default_rng(5)
+    x, g = rng.standard_normal((2, 3)), rng.standard_normal((2, 3))
+    scale, offset = 1 + rng.standard_normal(3) * 0.1, rng.standard_normal(3)
+    _, pull = jax.vjp(lambda x: jaxconv.batch_norm(x, scale, offset), x)
+    _, pull_ref = jax.vjp(lambda x: reference.batch_norm(x, scale, offset), x)
+    s = 1 / np.sqrt(x.var(axis=0) + 1e-5)
+    terms = np.max(np.abs(scale * s * g))
+    dx, dx_ref = np.asarray(pull(g)[0]), np.asarray(pull_ref(g)[0])
+    assert np.max(np.abs(dx - dx_ref)) <= 1e-14 * terms
+    _, dx_np, _, _ = _numpy(x, scale, offset, g, 1e-5)
+    assert np.max(np.abs(dx - dx_np)) <= 1e-14 * terms
+    assert np.max(np.abs(dx)) <= 1e-3 * terms  # eps-sized, as derived
