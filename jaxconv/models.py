@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from . import nn
 
-__all__ = ["MODELS", "alexnet_small", "dd2424_net", "lenet5", "resnet_small"]
+__all__ = ["MODELS", "alexnet_small", "dd2424_net", "lenet5", "resnet_small", "resnet_small_nobn"]
 
 
 def _classes(num_classes) -> int:
@@ -75,41 +75,60 @@ def alexnet_small(num_classes=10, *, width=32):
     )
 
 
-def _basic_block(channels, stride):
-    """``relu(conv3x3(relu(conv3x3_s(x))) + conv1x1_s(x))``: the projection shortcut where the shape changes.
+def _conv_bn(channels, kernel, stride=1, *, batch_norm: bool, last: bool = False):
+    """``conv`` (no bias) then ``BatchNorm``, or a biased ``conv`` alone.
 
-    The branch's last convolution starts at zero, so each block starts as the
-    identity (plus shortcut): without batch normalisation this keeps the
-    activations' scale through the blocks at initialisation.
+    The last normalisation of a residual branch starts with ``scale = 0`` (Goyal
+    et al. 2017), so each block starts as its shortcut; without batch norm the
+    branch's last convolution starts at zero instead, to the same effect.
     """
-    main = (
-        nn.Conv(channels, 3, stride=stride, padding="SAME"), nn.Relu,
-        nn.Conv(channels, 3, padding="SAME", w_init=nn.zeros),
-    )
-    return nn.serial(nn.residual(*main, shortcut=nn.Conv(channels, 1, stride=stride)), nn.Relu)
+    if batch_norm:
+        return [nn.Conv(channels, kernel, stride=stride, padding="SAME", bias=False),
+                nn.BatchNorm(scale_init=nn.zeros if last else None)]
+    return [nn.Conv(channels, kernel, stride=stride, padding="SAME", w_init=nn.zeros if last else nn.he_normal)]
 
 
-def _identity_block(channels):
-    main = (
-        nn.Conv(channels, 3, padding="SAME"), nn.Relu,
-        nn.Conv(channels, 3, padding="SAME", w_init=nn.zeros),
-    )
-    return nn.serial(nn.residual(*main), nn.Relu)
+def _block(channels, stride, *, batch_norm: bool, project: bool):
+    """``relu(branch(x) + shortcut(x))``, ``branch = conv3x3_s-[BN]-ReLU-conv3x3-[BN]``.
+
+    The shortcut is the identity, or a strided 1x1 convolution (and BN) where
+    the shape changes (``project``).
+    """
+    main = (*_conv_bn(channels, 3, stride, batch_norm=batch_norm), nn.Relu,
+            *_conv_bn(channels, 3, batch_norm=batch_norm, last=True))
+    if project:
+        shortcut = (nn.serial(nn.Conv(channels, 1, stride=stride, bias=False), nn.BatchNorm()) if batch_norm
+                    else nn.Conv(channels, 1, stride=stride))
+    else:
+        shortcut = None
+    return nn.serial(nn.residual(*main, shortcut=shortcut), nn.Relu)
 
 
-def resnet_small(num_classes=10, *, widths=(16, 32, 64)):
+def resnet_small(num_classes=10, *, widths=(16, 32, 64), batch_norm=True):
     """A small ResNet (He et al. 2016): stem conv, one basic block per stage, global average pool, FC.
 
-    ``conv w0@3x3 - ReLU``, then per stage ``i`` a residual block of two 3x3
-    convolutions (stride 2 and a strided 1x1 projection shortcut from the
-    second stage on), then :data:`jaxconv.nn.GlobalAvgPool` (docs/pooling.md §3;
-    ResNet's ``AvPool, 512`` head) and ``FC C``.  8x8 -> 8, 4, 2 spatially.
+    ``conv w0@3x3 - BN - ReLU``, then per stage ``i`` a residual block of two
+    3x3 convolutions, each followed by batch normalisation (conv-BN-ReLU, as
+    ResNets are built; stride 2 and a strided 1x1 conv-BN projection shortcut
+    from the second stage on), then :data:`jaxconv.nn.GlobalAvgPool`
+    (docs/pooling.md §3; ResNet's ``AvPool, 512`` head) and ``FC C``.
+    8x8 -> 8, 4, 2 spatially; 28x28 -> 28, 14, 7; 32x32 -> 32, 16, 8.
+
+    ``batch_norm=False`` is the same network without normalisation (biased
+    convolutions; the last convolution of each branch starts at zero), the
+    ``resnet_small_nobn`` of the command line.
     """
-    layers = [nn.Conv(widths[0], 3, padding="SAME"), nn.Relu, _identity_block(widths[0])]
+    layers = [*_conv_bn(widths[0], 3, batch_norm=batch_norm), nn.Relu,
+              _block(widths[0], 1, batch_norm=batch_norm, project=False)]
     for width in widths[1:]:
-        layers.append(_basic_block(width, 2))
+        layers.append(_block(width, 2, batch_norm=batch_norm, project=True))
     layers += [nn.GlobalAvgPool, nn.Dense(_classes(num_classes))]
     return nn.serial(*layers)
+
+
+def resnet_small_nobn(num_classes=10, *, widths=(16, 32, 64)):
+    """:func:`resnet_small` without batch normalisation."""
+    return resnet_small(num_classes, widths=widths, batch_norm=False)
 
 
 #: Command-line name -> constructor ``f(num_classes=10) -> (init_fun, apply_fun)``.
@@ -118,4 +137,5 @@ MODELS = {
     "lenet5": lenet5,
     "alexnet_small": alexnet_small,
     "resnet_small": resnet_small,
+    "resnet_small_nobn": resnet_small_nobn,
 }

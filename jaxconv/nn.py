@@ -70,8 +70,14 @@ __all__ = [
     "MaxPool1D",
     "MaxPool2D",
     "MaxPool3D",
+    "BatchNorm",
     "Relu",
+    "STATE_KEY",
     "he_normal",
+    "merge_state",
+    "ones",
+    "partition_state",
+    "train_apply",
     "parallel",
     "residual",
     "serial",
@@ -87,6 +93,7 @@ _OP_MODULES = {
     "relu": "layers",
     "linear": "layers",
     "flatten": "layers",
+    "batch_norm": "norm",
 }
 
 
@@ -130,6 +137,12 @@ def zeros(key, shape, dtype, fan_in: int):
     """All zeros (e.g. the last convolution of a residual branch: the block starts as the identity)."""
     del key, fan_in
     return jnp.zeros(shape, dtype)
+
+
+def ones(key, shape, dtype, fan_in: int):
+    """All ones (batch normalisation's default scale)."""
+    del key, fan_in
+    return jnp.ones(shape, dtype)
 
 
 # --- shape checks ---------------------------------------------------------------
@@ -339,6 +352,170 @@ def Dense(out_dim, *, bias=True, w_init=he_normal, dtype=jnp.float32):
         return _ops(kwargs).linear(x, params["w"], params.get("b"))
 
     return init_fun, apply_fun
+
+
+# --- batch normalisation and layer state --------------------------------------------
+
+#: The key under which a layer keeps its non-trainable state (running statistics)
+#: in its params dict: Flax's name for the collection.
+STATE_KEY = "batch_stats"
+
+
+def BatchNorm(*, momentum=0.1, eps=1e-5, scale_init=None, dtype=jnp.float32):
+    r"""Batch normalisation over every axis but the last (channels), with running statistics for inference.
+
+    Params: ``{"scale": (C,), "offset": (C,), "batch_stats": {"mean": (C,), "var": (C,)}}``;
+    ``scale`` starts at ones (or ``scale_init``, e.g. :func:`zeros` for the last
+    normalisation of a residual branch), ``offset`` at zeros, the running
+    ``mean`` at 0 and ``var`` at 1.  ``batch_stats`` is *state*, not a weight:
+    no gradient reaches it and no optimizer updates it (:func:`partition_state`
+    splits it off).
+
+    Two modes, chosen by the keyword ``train`` of ``apply_fun`` (default ``False``):
+
+    * ``train=True``: :func:`jaxconv.batch_norm` with the batch's own statistics
+      (biased variance; the hand-derived backward of docs/layers.md).  Run the
+      network through :func:`train_apply` to get the updated running statistics
+      back, with PyTorch's convention: ``running <- (1 - momentum) * running +
+      momentum * batch``, using the *unbiased* batch variance ``var * m / (m - 1)``
+      (``m`` entries per channel) for the running variance.
+    * ``train=False`` (evaluation, inference): ``scale * (x - mean) / sqrt(var +
+      eps) + offset`` with the running statistics, an elementwise affine map
+      (differentiated by autodiff; it has no batch coupling to hand-derive).
+
+    ``momentum`` in ``(0, 1]``, ``eps > 0``.  Inputs ``(N, ..., C)`` of any rank >= 2.
+    """
+    momentum = _unit_interval(momentum, "momentum")
+    eps = _positive_real(eps, "eps")
+    dtype = _dtype(dtype)
+    scale_init = ones if scale_init is None else scale_init
+
+    def init_fun(rng, input_shape):
+        shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
+        if shape is None or len(shape) < 2:
+            raise ValueError(f"BatchNorm: `input_shape` (={input_shape!r}) must be (N, ..., C), rank >= 2.")
+        _shape(shape, len(shape), "BatchNorm")
+        c = shape[-1]
+        params = {
+            "scale": scale_init(rng, (c,), dtype, c),
+            "offset": jnp.zeros((c,), dtype),
+            STATE_KEY: {"mean": jnp.zeros((c,), dtype), "var": jnp.ones((c,), dtype)},
+        }
+        return shape, params
+
+    def apply_fun(params, x, **kwargs):
+        stats = params[STATE_KEY]
+        if not kwargs.get("train", False):
+            inv = jax.lax.rsqrt(stats["var"] + jnp.asarray(eps, stats["var"].dtype))
+            return (x - stats["mean"]) * (inv * params["scale"]) + params["offset"]
+        y = _ops(kwargs).batch_norm(x, params["scale"], params["offset"], eps=eps)
+        updates = kwargs.get("state_updates")
+        if updates is not None:
+            axes = tuple(range(jnp.ndim(x) - 1))
+            m = math.prod(jnp.shape(x)[:-1])
+            xs = jax.lax.stop_gradient(x)
+            mean = jnp.mean(xs, axis=axes)
+            var = jnp.mean(jnp.square(xs - mean), axis=axes) * (m / max(m - 1, 1))
+            mom = jnp.asarray(momentum, stats["mean"].dtype)
+            if id(stats["mean"]) in updates:
+                raise ValueError("BatchNorm: one `batch_stats` array is used by two layers (or one layer twice); "
+                                 "each BatchNorm needs its own running statistics.")
+            updates[id(stats["mean"])] = {
+                "mean": (1 - mom) * stats["mean"] + mom * mean.astype(stats["mean"].dtype),
+                "var": (1 - mom) * stats["var"] + mom * var.astype(stats["var"].dtype),
+            }
+        return y
+
+    return init_fun, apply_fun
+
+
+def _unit_interval(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 1):
+        raise ValueError(f"`{name}` (={value!r}) must be a number in (0, 1].")
+    return float(value)
+
+
+def _positive_real(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"`{name}` (={value!r}) must be a finite number > 0.")
+    return float(value)
+
+
+def _has_state(params) -> bool:
+    if isinstance(params, dict):
+        return STATE_KEY in params or any(_has_state(v) for v in params.values())
+    if isinstance(params, (list, tuple)):
+        return any(_has_state(v) for v in params)
+    return False
+
+
+def partition_state(params):
+    """Split params into ``(trainable, state)``: the weights, and the layers' ``batch_stats``.
+
+    Both keep the params' nesting (lists, tuples, dicts): ``trainable`` drops
+    every ``"batch_stats"`` entry, ``state`` keeps only those (and empty
+    containers elsewhere).  ``merge_state(*partition_state(p))`` is ``p``.  A
+    network without :func:`BatchNorm` has an empty state and ``trainable`` is
+    ``params`` unchanged, so optimizers and checkpoints of stateless networks
+    are unaffected.  Differentiate and optimise ``trainable`` only.
+    """
+    if isinstance(params, dict):
+        parts = {k: partition_state(v) for k, v in params.items() if k != STATE_KEY}
+        trainable = {k: t for k, (t, _) in parts.items()}
+        state = {k: s for k, (_, s) in parts.items()}
+        if STATE_KEY in params:
+            state[STATE_KEY] = params[STATE_KEY]
+        return trainable, state
+    if isinstance(params, (list, tuple)):
+        parts = [partition_state(v) for v in params]
+        return type(params)(t for t, _ in parts), type(params)(s for _, s in parts)
+    return params, None
+
+
+def merge_state(trainable, state):
+    """The inverse of :func:`partition_state`: the full params from weights and state."""
+    if isinstance(trainable, dict):
+        if not isinstance(state, dict):
+            raise ValueError(f"merge_state: `state` does not match `trainable` (a dict vs {type(state).__name__}).")
+        merged = {k: merge_state(v, state.get(k)) for k, v in trainable.items()}
+        if STATE_KEY in state:
+            merged[STATE_KEY] = state[STATE_KEY]
+        return merged
+    if isinstance(trainable, (list, tuple)):
+        if not isinstance(state, (list, tuple)) or len(state) != len(trainable):
+            raise ValueError("merge_state: `state` does not have `trainable`'s nesting.")
+        return type(trainable)(merge_state(t, s) for t, s in zip(trainable, state))
+    return trainable
+
+
+def train_apply(apply_fun, params, x, **kwargs):
+    """Run a network in training mode: ``(y, new_params)`` with the running statistics updated.
+
+    ``apply_fun(params, x, train=True, ...)``: every :func:`BatchNorm`
+    normalises with the batch's statistics and reports its new running
+    statistics, which replace the old ones in ``new_params`` (the weights are
+    the same arrays).  Pure: call it inside ``jax.jit`` / ``jax.grad`` (the
+    state is not differentiated: ``stop_gradient``).  A network without state
+    is called as ``apply_fun(params, x, **kwargs)``, unchanged.
+    """
+    if not _has_state(params):
+        return apply_fun(params, x, **kwargs), params
+    updates: dict = {}
+    y = apply_fun(params, x, train=True, state_updates=updates, **kwargs)
+
+    def replace(tree):
+        if isinstance(tree, dict):
+            out = {k: replace(v) for k, v in tree.items() if k != STATE_KEY}
+            if STATE_KEY in tree:
+                stats = tree[STATE_KEY]
+                key = id(stats["mean"]) if isinstance(stats, dict) and "mean" in stats else None
+                out[STATE_KEY] = updates.get(key, stats)
+            return out
+        if isinstance(tree, (list, tuple)):
+            return type(tree)(replace(v) for v in tree)
+        return tree
+
+    return y, replace(params)
 
 
 # --- layers without parameters --------------------------------------------------

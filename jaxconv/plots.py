@@ -3,6 +3,8 @@
 * :func:`plot_curves`: loss and accuracy per epoch, train and test, two panels.
 * :func:`plot_filters`: the first convolution layer's filters as a grid of
   images, the way learnt filters are usually shown.
+* :func:`plot_confusion`: a confusion matrix (:func:`confusion_matrix`) as a
+  heat map with its counts.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["first_conv_kernel", "plot_curves", "plot_filters"]
+__all__ = ["confusion_matrix", "first_conv_kernel", "plot_confusion", "plot_curves", "plot_filters"]
 
 
 def _pyplot():
@@ -39,7 +41,7 @@ def plot_curves(history: Sequence[dict], path, *, title: str = "") -> pathlib.Pa
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-        for part, style in (("train", "o-"), ("test", "s--")):
+        for part, style in (("train", "o-"), ("val", "^:"), ("test", "s--")):
             key = f"{part}_{metric}"
             if all(key in h for h in history):
                 ax.plot(epochs, [h[key] for h in history], style, label=part, markersize=4)
@@ -105,3 +107,41 @@ def _save(fig, path) -> pathlib.Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def confusion_matrix(labels, predictions, num_classes: int) -> np.ndarray:
+    """``C[i, j]``: how many examples of class ``i`` were predicted as class ``j`` (int64, ``(K, K)``)."""
+    labels, predictions = np.asarray(labels, np.int64), np.asarray(predictions, np.int64)
+    if labels.shape != predictions.shape or labels.ndim != 1:
+        raise ValueError(f"`labels` {labels.shape} and `predictions` {predictions.shape} must be one 1-D shape.")
+    for name, a in (("labels", labels), ("predictions", predictions)):
+        if a.size and (a.min() < 0 or a.max() >= num_classes):
+            raise ValueError(f"`{name}` must lie in [0, {num_classes}).")
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(matrix, (labels, predictions), 1)
+    return matrix
+
+
+def plot_confusion(matrix, path, *, title: str = "", class_names: Sequence[str] | None = None) -> pathlib.Path:
+    """The confusion matrix ``matrix`` (true class per row, predicted per column) with its counts; writes ``path``."""
+    matrix = np.asarray(matrix)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] < 1:
+        raise ValueError(f"`matrix` must be square (K, K), got shape {matrix.shape}.")
+    k = matrix.shape[0]
+    names = [str(i) for i in range(k)] if class_names is None else list(class_names)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * k, 0.8 + 0.5 * k))
+    ax.imshow(matrix, cmap="Blues")
+    high = matrix.max() if matrix.size else 0
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=8,
+                    color="white" if high and matrix[i, j] > high / 2 else "black")
+    ax.set_xticks(range(k), names)
+    ax.set_yticks(range(k), names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)

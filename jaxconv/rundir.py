@@ -29,7 +29,8 @@ import pathlib
 __all__ = ["LOCK_NAME", "OUTPUTS", "RunDirError", "RunLock", "open_run"]
 
 #: The files a run writes into its directory; any of them marks the directory as holding a run.
-OUTPUTS = ("checkpoint.safetensors", "metrics.json", "curves.png", "filters.png")
+OUTPUTS = ("checkpoint.safetensors", "best.safetensors", "metrics.json", "curves.png", "filters.png",
+           "confusion-test.png", "confusion-train.png")
 
 #: The lock file's name inside the run directory.
 LOCK_NAME = ".jaxconv.lock"

@@ -24,7 +24,8 @@ from jaxconv import checkpoint, cli, rundir
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The smallest model and big batches: a digits epoch takes well under a second.
-TINY = ["--model", "dd2424_net", "--batch-size", "64", "--seed", "3"]
+TINY = ["--model", "dd2424_net", "--batch-size", "64", "--optimizer", "momentum", "--lr", "0.05", "--schedule", "constant",
+        "--val-fraction", "0", "--seed", "3"]
 
 
 def _env():

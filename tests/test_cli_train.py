@@ -18,7 +18,8 @@ from jaxconv import checkpoint, cli, models, train
 from tests.test_data import _cifar_dir, _mnist_dir
 
 # The smallest model (one conv, ReLU, FC) and big batches keep each run to a few seconds.
-TINY = ["--model", "dd2424_net", "--batch-size", "64", "--lr", "0.05", "--seed", "3"]
+TINY = ["--model", "dd2424_net", "--batch-size", "64", "--optimizer", "momentum", "--lr", "0.05", "--schedule", "constant",
+        "--val-fraction", "0", "--seed", "3"]
 
 
 def _train(out, *extra):

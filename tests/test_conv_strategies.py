@@ -197,7 +197,8 @@ def test_symbolic_batch_exports_every_model():
         exported = export.export(loss)(params, spec)
         x = jnp.asarray(np.random.default_rng(0).standard_normal((3, *shape)), jnp.float32)
         for a, b in zip(jax.tree.leaves(exported.call(params, x)), jax.tree.leaves(loss(params, x))):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+            # float32, two compilations that may associate sums differently; gradients are O(1).
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     symbolic = jaxconv.plan.conv_plan(batch=export.symbolic_shape("b")[0], out_spatial=(30, 30),
                                       kernel_spatial=(3, 3), in_channels=64, out_channels=64, groups=1,
                                       stride=(1, 1), platform="cpu")

@@ -14,12 +14,15 @@ from jaxconv import models, nn, reference, train
 from jaxconv._suite import REGISTRY
 from jaxconv.verify import relative_error
 
-SHAPES = {"dd2424_net": (8, 8, 1), "lenet5": (28, 28, 1), "alexnet_small": (32, 32, 3), "resnet_small": (8, 8, 1)}
+SHAPES = {"dd2424_net": (8, 8, 1), "lenet5": (28, 28, 1), "alexnet_small": (32, 32, 3), "resnet_small": (8, 8, 1),
+          "resnet_small_nobn": (8, 8, 1)}
 
 
 def _objective(apply, ops):
     def loss(params, x, y):
-        return ops.softmax_cross_entropy(apply(params, x, ops=ops), y) + ops.l2_penalty(params, 1e-3)
+        # Networks with batch normalisation in training mode: through batch_norm's own rule.
+        mode = {"train": True} if nn._has_state(params) else {}
+        return ops.softmax_cross_entropy(apply(params, x, ops=ops, **mode), y) + ops.l2_penalty(params, 1e-3)
 
     return loss
 

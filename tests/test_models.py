@@ -28,6 +28,7 @@ def test_models_registry():
         "lenet5": models.lenet5,
         "alexnet_small": models.alexnet_small,
         "resnet_small": models.resnet_small,
+        "resnet_small_nobn": models.resnet_small_nobn,
     }
 
 
@@ -88,11 +89,17 @@ def test_each_model_uses_the_layers_it_names():
 
 
 def test_resnet_blocks_start_as_identity_plus_shortcut():
+    """The last BN of each branch starts with scale 0 (without BN: the last conv starts at 0)."""
     init, apply = models.resnet_small()
     _, params = init(jax.random.key(0), (-1, 8, 8, 1))
-    block = params[2]  # serial(residual(...), Relu) of the first stage
-    main = block[0][1][0]
-    assert not jnp.any(main[2]["w"]) and jnp.any(main[0]["w"])
+    for block in params[3:6]:  # serial(residual(...), Relu) per stage, after conv, BN, ReLU
+        main = block[0][1][0]  # conv, BN, ReLU, conv, BN
+        assert not jnp.any(main[4]["scale"]) and jnp.all(main[1]["scale"] == 1) and jnp.any(main[3]["w"])
+    init, apply = models.resnet_small_nobn()
+    _, params = init(jax.random.key(0), (-1, 8, 8, 1))
+    for block in params[2:5]:
+        main = block[0][1][0]  # conv, ReLU, conv
+        assert not jnp.any(main[2]["w"]) and jnp.any(main[0]["w"])
 
 
 @pytest.mark.parametrize("name", sorted(models.MODELS))

@@ -38,7 +38,7 @@ def _small_model():
 def _run(apply, params, x, y, *, steps, batch_size=32, seed=0, mesh=None, l2=1e-4, optimizer=None):
     optimizer = optimizer or train.default_optimizer(0.05, 0.9, 5e-4)
     step = train.make_train_step(apply, optimizer, l2=l2, mesh=mesh)
-    opt_state = optimizer.init(params)
+    opt_state = train.init_optimizer(optimizer, params)
     history = []
     done = 0
     for epoch in range(10**6):
@@ -333,9 +333,13 @@ def test_standardize():
 
 
 def test_defaults_name_a_model_and_every_hyperparameter():
-    assert set(train.DEFAULTS) == {"model", "epochs", "batch_size", "learning_rate", "momentum", "weight_decay",
-                                   "l2", "seed"}
-    assert train.DEFAULTS["model"] in models.MODELS
+    keys = {"model", "epochs", "batch_size", "optimizer", "learning_rate", "schedule", "warmup_epochs", "momentum",
+            "weight_decay", "l2", "val_fraction", "augment", "seed"}
+    assert train.DEFAULTS is train.RECIPES["digits"]
+    for recipe in train.RECIPES.values():
+        assert set(recipe) == keys
+        assert recipe["model"] in models.MODELS and recipe["optimizer"] in train.OPTIMIZERS
+        assert recipe["schedule"] in train.SCHEDULES
 
 
 _RECIPE_SCRIPT = """
@@ -349,8 +353,9 @@ d = train.DEFAULTS
 x, y, x_test, y_test = _digits(standardise=standardise)
 init, apply = models.MODELS[d["model"]]()
 _, params = train.init_params(init, x.shape, seed=seed)
-optimizer = train.default_optimizer(d["learning_rate"], d["momentum"], d["weight_decay"])
 steps = d["epochs"] * (len(x) // d["batch_size"])
+schedule = train.make_schedule(d["learning_rate"], d["schedule"], total_steps=steps)
+optimizer = train.make_optimizer(d["optimizer"], schedule, momentum=d["momentum"], weight_decay=d["weight_decay"])
 start = time.perf_counter()
 params, _, _ = _run(apply, params, x, y, steps=steps, batch_size=d["batch_size"], seed=seed, l2=d["l2"],
                     optimizer=optimizer)

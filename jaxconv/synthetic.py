@@ -1,0 +1,141 @@
+"""Realistic stand-ins for MNIST and CIFAR-10, written in their real file formats.
+
+No data set can be downloaded here, yet the command line's defaults must learn
+on 28x28 grey-scale (MNIST-format) and 32x32 colour (CIFAR-format) images.
+These writers make such images from scikit-learn's bundled 8x8 digits, so
+that the real loaders (:func:`jaxconv.data.load_mnist`,
+:func:`jaxconv.data.load_cifar10`) read them from real files:
+
+* **MNIST format** (:func:`write_mnist_like`): each digit is resampled
+  (bilinear) to a random size of 16-22 pixels, placed up to 3 pixels off the
+  centre of a 28x28 frame (MNIST's digits are about 20x20 in a 28x28 frame), blurred by the
+  resampling, with Gaussian pixel noise; four IDX files, unsigned bytes.
+* **CIFAR format** (:func:`write_cifar_like`): the same digits at 16-24
+  pixels, up to 4 pixels off the centre of a 32x32 frame, drawn in a random light colour over a random darker
+  background colour with a colour gradient and noise (the class is the shape,
+  not the colour); the six ``.bin`` files of 3073-byte records.
+
+The train images come only from the digits' training split and the test
+images only from its test split (:func:`jaxconv.data.load_digits`), so a test
+image is never a variant of a training image.  Deterministic in ``seed``.
+
+``python -m jaxconv synth {mnist,cifar10} DIR`` writes them from the command line.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pathlib
+import struct
+
+import numpy as np
+
+__all__ = ["digit_variants", "write_cifar_like", "write_mnist_like"]
+
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resampling of a square ``(h, h)`` image to ``(size, size)`` (pixel centres aligned)."""
+    h = image.shape[0]
+    coords = (np.arange(size) + 0.5) * h / size - 0.5
+    coords = np.clip(coords, 0, h - 1)
+    lo = np.floor(coords).astype(int)
+    hi = np.minimum(lo + 1, h - 1)
+    frac = coords - lo
+    rows = image[lo] * (1 - frac)[:, None] + image[hi] * frac[:, None]
+    return rows[:, lo] * (1 - frac)[None, :] + rows[:, hi] * frac[None, :]
+
+
+def digit_variants(images: np.ndarray, labels: np.ndarray, count: int, *, frame: int, sizes: tuple[int, int],
+                   shift: float, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` digits in ``[0, 1]``, ``(count, frame, frame)``, each a random source image resampled to a
+    random size in ``sizes``, placed off the frame's centre by up to ``shift`` pixels each way, plus
+    Gaussian noise of standard deviation ``noise``."""
+    rng = np.random.default_rng(seed)
+    source = rng.integers(0, len(images), size=count)
+    out = np.zeros((count, frame, frame), np.float32)
+    for i, j in enumerate(source):
+        size = int(rng.integers(sizes[0], sizes[1] + 1))
+        digit = _resize(np.asarray(images[j], np.float64).reshape(8, 8), size)
+        centre = (frame - size) / 2
+        top, left = (int(np.clip(round(centre + rng.uniform(-shift, shift)), 0, frame - size)) for _ in range(2))
+        out[i, top : top + size, left : left + size] = digit
+    out += rng.normal(0.0, noise, out.shape).astype(np.float32)
+    return np.clip(out, 0.0, 1.0), np.asarray(labels)[source].astype(np.uint8)
+
+
+def _digits_splits():
+    from .data import load_digits
+
+    digits = load_digits()
+    return (digits.train_images[..., 0], digits.train_labels), (digits.test_images[..., 0], digits.test_labels)
+
+
+def _to_bytes(x: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _write_idx(path: pathlib.Path, array: np.ndarray, *, compress: bool) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + np.ascontiguousarray(array, np.uint8).tobytes()
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        data = gzip.compress(data, mtime=0)
+    path.write_bytes(data)
+
+
+def write_mnist_like(directory, *, num_train: int = 4000, num_test: int = 1000, seed: int = 0,
+                     compress: bool = False) -> pathlib.Path:
+    """Write MNIST-format (IDX) 28x28 digits to ``directory``: ``train-images-idx3-ubyte`` and the other three.
+
+    ``compress=True`` writes ``.gz`` files, as MNIST is distributed.  Returns the directory.
+    """
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (train_x, train_y), (test_x, test_y) = _digits_splits()
+    for prefix, (x, y), count, stream in (("train", (train_x, train_y), num_train, 0),
+                                          ("t10k", (test_x, test_y), num_test, 1)):
+        images, labels = digit_variants(x, y, count, frame=28, sizes=(16, 22), shift=3, noise=0.08, seed=seed * 2 + stream)
+        _write_idx(directory / f"{prefix}-images-idx3-ubyte", _to_bytes(images), compress=compress)
+        _write_idx(directory / f"{prefix}-labels-idx1-ubyte", labels, compress=compress)
+    return directory
+
+
+def _colour(images: np.ndarray, seed: int) -> np.ndarray:
+    """Grey ``(N, 32, 32)`` digits in ``[0, 1]`` as colour ``(N, 32, 32, 3)``: random foreground over a
+    random background with a gradient, plus noise."""
+    rng = np.random.default_rng(seed)
+    n, h, w = images.shape
+    # Colours vary freely per channel, but the digit is the lighter part of the image (as MNIST's
+    # strokes are): a dark stroke on a light ground is a different image to a small network.
+    bg = rng.uniform(0.0, 0.45, (n, 1, 1, 3))
+    fg = rng.uniform(0.55, 1.0, (n, 1, 1, 3))
+    ramp = np.linspace(-0.5, 0.5, w)[None, None, :, None] * rng.uniform(-0.3, 0.3, (n, 1, 1, 3))
+    alpha = images[..., None]
+    out = alpha * fg + (1 - alpha) * (bg + ramp)
+    out += rng.normal(0.0, 0.05, out.shape)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def write_cifar_like(directory, *, num_train: int = 5000, num_test: int = 1000, seed: int = 0) -> pathlib.Path:
+    """Write CIFAR-10-format 32x32 colour images to ``directory``: ``data_batch_1.bin`` ... ``data_batch_5.bin``
+    and ``test_batch.bin`` (records: a label byte, then the red, green and blue 32x32 planes).
+
+    ``num_train`` is split over the five training files (it must be at least 5).  Returns the directory.
+    """
+    if num_train < 5 or num_test < 1:
+        raise ValueError(f"`num_train` (={num_train}) must be >= 5 and `num_test` (={num_test}) >= 1.")
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (train_x, train_y), (test_x, test_y) = _digits_splits()
+
+    def records(x, y, count, stream):
+        grey, labels = digit_variants(x, y, count, frame=32, sizes=(16, 24), shift=4, noise=0.0, seed=seed * 2 + stream)
+        rgb = _to_bytes(_colour(grey, seed * 2 + stream + 1000))
+        planes = rgb.transpose(0, 3, 1, 2).reshape(count, -1)  # HWC -> CHW, as the records store them
+        return np.concatenate([labels[:, None], planes], axis=1)
+
+    train = records(train_x, train_y, num_train, 0)
+    for i, part in enumerate(np.array_split(train, 5), start=1):
+        (directory / f"data_batch_{i}.bin").write_bytes(part.tobytes())
+    (directory / "test_batch.bin").write_bytes(records(test_x, test_y, num_test, 1).tobytes())
+    return directory
