@@ -131,7 +131,7 @@ def test_bad_settings_and_shared_statistics_are_refused():
     with pytest.raises(ValueError, match="input_shape"):
         init(jax.random.key(0), (-1,))
     _, apply = nn.serial(nn.BatchNorm(), nn.BatchNorm())
-    _, one = _bn()
+    _, _, one = _bn()
     with pytest.raises(ValueError, match="two layers"):
         nn.train_apply(apply, [one, one], np.ones((2, 3, 4, 5), np.float32))
 

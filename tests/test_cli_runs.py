@@ -285,7 +285,7 @@ def _restore(run):
 
 def test_the_checkpoint_alone_is_enough_to_evaluate(finished_run):
     meta = checkpoint.read_metadata(finished_run / "checkpoint.safetensors")
-    assert meta["model"] == {"name": "dd2424_net", "num_classes": 10, "input_shape": [8, 8, 1]}
+    assert meta["model"] == {"name": "dd2424_net", "num_classes": 10, "input_shape": [8, 8, 1], "steps_per_epoch": 22}
     assert set(meta["standardization"]) == {"mean", "std"}
     done = _run("evaluate", str(finished_run / "checkpoint.safetensors"))
     assert done.returncode == 0, done.stderr[-2000:]
