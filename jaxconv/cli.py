@@ -786,6 +786,24 @@ def load_trained(path):
     return apply_fun, state["params"], meta
 
 
+def _command_error(command: str):
+    """``error(message) -> EXIT_BAD_SETTINGS``, printing ``python -m jaxconv COMMAND: error: message``."""
+
+    def error(message):
+        print(f"python -m jaxconv {command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
+
+    return error
+
+
+def _standardized(images, meta):
+    """``images`` standardised with the mean and std the checkpoint's model was trained with."""
+    from . import train
+
+    stats = meta["standardization"]
+    return train.standardize(images, stats=(stats["mean"], stats["std"]))[0]
+
+
 def _add_evaluate_parser(sub) -> None:
     from .data import DATASETS
 
@@ -812,9 +830,7 @@ def _evaluate(args) -> int:
 
     from . import data, plots, train
 
-    def error(message):
-        print(f"python -m jaxconv evaluate: error: {message}", file=sys.stderr)
-        return EXIT_BAD_SETTINGS
+    error = _command_error("evaluate")
 
     try:
         path = _checkpoint_path(args.run, args.best)
@@ -830,8 +846,7 @@ def _evaluate(args) -> int:
     expected = tuple(meta["model"]["input_shape"])
     if images.shape[1:] != expected:
         return error(f"{name} images are {images.shape[1:]}, the model takes {expected}.")
-    stats = meta["standardization"]
-    (x,) = train.standardize(images, stats=(stats["mean"], stats["std"]))
+    x = _standardized(images, meta)
     result = train.evaluate(apply_fun, params, x, labels, batch_size=512)
     predict = jax.jit(lambda p, batch: jax.numpy.argmax(apply_fun(p, batch), axis=-1))
     predictions = np.concatenate([np.asarray(predict(params, x[i : i + 512])) for i in range(0, len(x), 512)])
@@ -901,11 +916,9 @@ def _add_predict_parser(sub) -> None:
 def _predict(args) -> int:
     import jax
 
-    from . import losses, train
+    from . import losses
 
-    def error(message):
-        print(f"python -m jaxconv predict: error: {message}", file=sys.stderr)
-        return EXIT_BAD_SETTINGS
+    error = _command_error("predict")
 
     try:
         path = _checkpoint_path(args.run, args.best)
@@ -914,8 +927,7 @@ def _predict(args) -> int:
         images = np.stack([_read_image(pathlib.Path(p), shape) for p in args.images])
     except (ValueError, OSError) as err:
         return error(err)
-    stats = meta["standardization"]
-    (x,) = train.standardize(images, stats=(stats["mean"], stats["std"]))
+    x = _standardized(images, meta)
     probabilities = np.asarray(jax.jit(lambda p, b: losses.softmax(apply_fun(p, b)))(params, x), np.float64)
     k = min(args.top_k, probabilities.shape[1])
     results = []
