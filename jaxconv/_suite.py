@@ -209,7 +209,9 @@ def _transpose_strategy(ndim: int):
 _CONV_FORMS = ({}, dict(conv_forward="conv", conv_backward="conv"),
                dict(conv_forward="im2row_blocked", conv_backward="im2row"),
                dict(conv_forward="im2row_blocked", conv_backward="im2row_blocked"),
-               dict(conv_forward="conv", conv_backward="mixed"))
+               dict(conv_forward="conv", conv_backward="mixed"),
+               dict(conv_forward="winograd2", conv_backward="winograd2"),
+               dict(conv_forward="winograd4", conv_backward="winograd4"))
 
 
 def _conv_specs() -> list[OpSpec]:

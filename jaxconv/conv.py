@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _args, _window, plan
+from . import _args, _window, plan, winograd
 
 __all__ = ["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"]
 
@@ -110,6 +110,7 @@ def _plan(window: _window.Window, batch, in_channels, out_channels, groups, *arr
     return plan.conv_plan(
         batch=batch, out_spatial=window.out_size, kernel_spatial=window.kernel, in_channels=in_channels,
         out_channels=out_channels, groups=groups, stride=window.stride, platform=plan.platform_of(*arrays),
+        dilation=window.dilation,
     )
 
 
@@ -276,6 +277,50 @@ def _forward_im2row_blocked(config: ConvConfig, x, w):
     return y.reshape(n, *y.shape[2:])
 
 
+# Bytes one batch block of a Winograd form may hold in transformed tiles and
+# their products (alpha^ndim * tiles * (C + O) per image): measured best at
+# 8-16 MiB on the benchmarks' 3x3 layers (smaller blocks repeat the kernel's
+# reads, larger ones leave the cache).
+_WINOGRAD_BLOCK_BYTES = 16 * 2**20
+
+
+def _winograd_block(in_size, kernel, m: int, batch: int, channels: int, itemsize: int) -> int:
+    """Images per block of a Winograd form whose outputs cover ``in_size - kernel + 1`` per axis."""
+    tiles = math.prod(-(-(s - k + 1) // m) for s, k in zip(in_size, kernel))
+    per_image = math.prod(m + k - 1 for k in kernel) * tiles * channels * itemsize
+    return _batch_block(batch, per_image, _WINOGRAD_BLOCK_BYTES)
+
+
+def _forward_winograd(config: ConvConfig, x, w, m: int):
+    """``Y`` by Winograd ``F(m, k)`` per spatial axis (stride 1, dilation 1, one group; jaxconv.winograd)."""
+    window = config.window
+    padded = window.padded
+    block = _winograd_block(padded, window.kernel, m, x.shape[0], x.shape[-1] + w.shape[-1], x.dtype.itemsize)
+    return winograd.correlate(x, w, window.padding, m, block)
+
+
+def _input_grad_winograd(config: ConvConfig, w, g, m: int):
+    """dL/dx, the full correlation of ``g`` with Rot180(w) (docs/convolution.md §5.3), by Winograd ``F(m, k)``.
+
+    At stride 1 the full correlation pads ``g`` by ``k - 1 - lo`` and
+    ``k - 1 - hi`` (negative amounts crop: padding past ``k - 1`` only ever
+    met zeros).
+    """
+    window = config.window
+    pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(window.kernel, window.padding))
+    padded = tuple(s + lo + hi for s, (lo, hi) in zip(g.shape[1:-1], pads))
+    block = _winograd_block(padded, window.kernel, m, g.shape[0], g.shape[-1] + w.shape[-2], g.dtype.itemsize)
+    return winograd.correlate(g, rot180_swap(w, 1), pads, m, block)
+
+
+def _kernel_grad_winograd(config: ConvConfig, x, g, m: int):
+    """dL/dw = sum over images and positions of ``xp[i + k] g[i]``, by Winograd ``F(k, m)`` (jaxconv.winograd)."""
+    window = config.window
+    block = _winograd_block(window.padded, window.kernel, m, x.shape[0], x.shape[-1] + g.shape[-1],
+                            x.dtype.itemsize)
+    return winograd.kernel_grad(x, g, window.padding, window.kernel, m, block)
+
+
 def _forward(config: ConvConfig, x, w, b):
     y = _FORWARD_STRATEGIES[config.forward](config, x, w)
     return y if b is None else y + b
@@ -430,6 +475,11 @@ def _grads(config: ConvConfig, form: str, x, x_shape, w, g, need_dx: bool = True
     ``x`` may be None when only ``dL/dx`` is needed (``x_shape`` gives its shape).
     """
     dx_form, dw_form = _BACKWARD_STRATEGIES[form]
+    if dx_form in plan.WINOGRAD_TILES:
+        m = plan.WINOGRAD_TILES[dx_form]
+        dx = _input_grad_winograd(config, w, g, m) if need_dx else None
+        dw = _kernel_grad_winograd(config, x, g, m) if need_dw else None
+        return dx, dw
     if dx_form == dw_form != "conv":
         blocked = _grads_im2row_blocked if dx_form == "im2row_blocked" else _grads_im2row
         return blocked(config, x, x_shape, w, g, need_dx, need_dw)
@@ -591,10 +641,16 @@ _BACKWARD_STRATEGIES = {
     # correlation is a stride-1 convolution XLA runs as fast as a forward.
     # dF = phi(X)^T dY contracts over batch and space and stays a GEMM.
     "mixed": ("conv", "im2row_blocked"),
+    # Winograd minimal filtering, stride 1 only (plan.winograd_fits): dX as
+    # F(m, k) on the rotated kernel, dF as F(k, m) with gradient tiles as filters.
+    "winograd2": ("winograd2", "winograd2"),
+    "winograd4": ("winograd4", "winograd4"),
 }
 
 # name -> forward(config, x, w) -> y without bias; tested like the backward.
 _FORWARD_STRATEGIES = {
     "conv": _forward_conv,
     "im2row_blocked": _forward_im2row_blocked,
+    "winograd2": partial(_forward_winograd, m=2),
+    "winograd4": partial(_forward_winograd, m=4),
 }

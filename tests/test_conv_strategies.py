@@ -119,7 +119,9 @@ def test_backward_plan_by_platform_and_shape(forms):
     big = ((128, 32, 32, 64), (3, 3, 64, 64))
     tiny = ((2, 6, 6, 3), (3, 3, 3, 4))
     narrow = ((128, 32, 32, 16), (3, 3, 16, 16))  # dY F^T would contract over 16
-    assert _plan(*big).backward == "im2row_blocked"
+    assert _plan(*big).backward == "winograd2"  # 3x3, stride 1, 64 channels: F(2x2, 3x3)
+    assert _plan(*big, stride=(2, 2)).backward == "im2row_blocked"
+    assert _plan((128, 14, 14, 64), (5, 5, 64, 128)).backward == "im2row_blocked"  # 5x5: no tile within 2x
     assert _plan(*tiny).backward == "conv"
     assert _plan((1, 2048, 2048, 64), (3, 3, 64, 64)).backward == "conv"  # phi: 2.4e9 entries
     assert _plan((128, 16, 16, 128), (3, 3, 32, 128), groups=4).backward == "im2row_blocked"
@@ -144,7 +146,8 @@ def test_forward_plan_by_platform_and_shape(forms):
     assert _plan((128, 32, 32, 16), (3, 3, 16, 16)).forward == "conv"  # 16 output channels
     assert _plan((128, 16, 16, 128), (3, 3, 1, 128), groups=128).forward == "conv"  # depthwise: K = 9
     assert _plan((2, 6, 6, 3), (3, 3, 3, 64)).forward == "conv"  # tiny
-    assert _plan((128, 16, 16, 128), (3, 3, 128, 128)).forward == "conv"  # XLA's forward is at peak
+    assert _plan((128, 16, 16, 128), (3, 3, 128, 128), stride=(2, 2)).forward == "conv"  # XLA's is at peak
+    assert _plan((128, 16, 16, 128), (3, 3, 128, 128)).forward == "winograd2"  # stride 1: F(2x2, 3x3)
     assert _plan((128, 16, 16, 128), (3, 3, 64, 128), groups=2).forward == "im2row_blocked"  # 64 per group
     assert _plan((128, 14, 14, 64), (5, 5, 64, 128), platform="gpu").forward == "conv"
     forms(conv_forward="im2row_blocked")

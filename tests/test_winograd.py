@@ -1,0 +1,244 @@
+"""Winograd minimal filtering (jaxconv.winograd) and the conv forms built on it.
+
+The transforms are checked exactly in rational arithmetic; every Winograd
+form (``"winograd2"``, ``"winograd4"``, forward and backward) against
+``jax.grad`` of the plain-lax reference in float64 over a stride-1 grid
+(paddings past the kernel, sizes no tile divides, 1x1 and 5x5 and
+non-square kernels, 1-D and 3-D, several batch blocks), with finite
+differences and grad-of-grad, under vmap, on hypothesis-drawn
+configurations; their float32 error against the direct form's; the
+planner's choice and its fallback; and the residuals they keep.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.ad_checkpoint import print_saved_residuals
+
+import jaxconv
+from jaxconv import conv as conv_module
+from jaxconv import plan, reference, winograd
+from jaxconv.verify import check_vjp
+
+WINOGRAD_FORMS = sorted(plan.WINOGRAD_TILES)
+
+
+@pytest.mark.parametrize("m,r", [(2, 3), (4, 3), (3, 2), (2, 5), (4, 5), (5, 4), (6, 3), (2, 1), (1, 4), (2, 9)])
+def test_transforms_are_exact(m, r):
+    """``A^T ((G g) * (B^T d))`` equals the correlation of d and g, in exact rational arithmetic."""
+    at, g, bt = winograd.transforms(m, r)
+    alpha = m + r - 1
+    assert (len(at), len(at[0]), len(g), len(g[0]), len(bt), len(bt[0])) == (m, alpha, alpha, r, alpha, alpha)
+    rng = np.random.default_rng([m, r])
+    for _ in range(3):
+        d = [Fraction(int(v), int(q)) for v, q in zip(rng.integers(-50, 50, alpha), rng.integers(1, 9, alpha))]
+        k = [Fraction(int(v), int(q)) for v, q in zip(rng.integers(-50, 50, r), rng.integers(1, 9, r))]
+        gk = [sum(a * b for a, b in zip(row, k)) for row in g]
+        bd = [sum(a * b for a, b in zip(row, d)) for row in bt]
+        y = [sum(a * u * v for a, u, v in zip(row, gk, bd)) for row in at]
+        assert y == [sum(d[i + t] * k[t] for t in range(r)) for i in range(m)]
+    # B^T is scaled to integers (G takes the factors): the data transform multiplies by small whole numbers.
+    assert all(v.denominator == 1 for row in bt for v in row)
+
+
+def test_transforms_refuse_sizes_without_points():
+    with pytest.raises(ValueError, match="interpolation points"):
+        winograd.transforms(6, 9)
+    with pytest.raises(ValueError, match="m >= 1"):
+        winograd.transforms(0, 3)
+
+
+# x shape, w shape, options: all stride 1, dilation 1, one group (what Winograd covers).
+GRID = [
+    ((2, 6, 6, 3), (3, 3, 3, 4), dict()),
+    ((2, 7, 5, 2), (3, 3, 2, 3), dict(padding="SAME")),  # odd sizes: the last tile reads padding
+    ((1, 9, 8, 3), (3, 3, 3, 2), dict(padding=((4, 0), (1, 5)))),  # padding past k - 1: dx's pads crop
+    ((2, 8, 9, 2), (5, 5, 2, 3), dict(padding=1)),
+    ((2, 6, 7, 3), (2, 3, 3, 2), dict(padding=((1, 0), (0, 1)))),  # non-square, even kernel
+    ((2, 5, 5, 4), (1, 1, 4, 3), dict()),
+    ((1, 3, 3, 2), (3, 3, 2, 2), dict()),  # one output: one tile, mostly cropped
+]
+
+
+def _conv(options, ndim=2):
+    op, ref = getattr(jaxconv, f"conv{ndim}d"), getattr(reference, f"conv{ndim}d")
+    return (lambda x, w, b: op(x, w, b, **options)), (lambda x, w, b: ref(x, w, b, **options))
+
+
+def _arrays(seed, x_shape, w_shape, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(x_shape).astype(dtype), rng.standard_normal(w_shape).astype(dtype),
+            rng.standard_normal(w_shape[-1]).astype(dtype))
+
+
+def _runs_winograd(form, f, *args):
+    """The form really runs (not the planner's fallback): the traced program has no convolution."""
+    text = str(jax.make_jaxpr(jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1)))(*args))
+    return "conv_general_dilated" not in text
+
+
+@pytest.mark.parametrize("form", WINOGRAD_FORMS)
+@pytest.mark.parametrize("x_shape,w_shape,options", GRID)
+def test_float64_every_tile_on_the_grid(forms, form, x_shape, w_shape, options):
+    forms(conv_forward=form, conv_backward=form)
+    f, ref = _conv(options)
+    args = _arrays(0, x_shape, w_shape)
+    assert _runs_winograd(form, f, *args)
+    report = check_vjp(f, ref, *args, names=("x", "w", "b"), finite_differences=False, second_order=False)
+    report.assert_ok()
+    assert report.worst("vjp") <= 1e-12
+
+
+@pytest.mark.parametrize("form", WINOGRAD_FORMS)
+@pytest.mark.parametrize("index", [1, 3])
+def test_finite_differences_and_second_order(forms, form, index):
+    x_shape, w_shape, options = GRID[index]
+    forms(conv_forward=form, conv_backward=form)
+    f, ref = _conv(options)
+    check_vjp(f, ref, *_arrays(1, x_shape, w_shape), names=("x", "w", "b")).assert_ok()
+
+
+@pytest.mark.parametrize("form", WINOGRAD_FORMS)
+@pytest.mark.parametrize("ndim,x_shape,w_shape,options", [
+    (1, (2, 11, 3), (3, 3, 4), dict(padding="SAME")),
+    (1, (2, 9, 2), (5, 2, 3), dict(padding=((3, 0),))),
+    (3, (2, 5, 6, 4, 2), (3, 2, 3, 2, 3), dict(padding=((1, 1), (0, 2), (1, 0)))),
+])
+def test_1d_and_3d(forms, form, ndim, x_shape, w_shape, options):
+    forms(conv_forward=form, conv_backward=form)
+    f, ref = _conv(options, ndim)
+    args = _arrays(2, x_shape, w_shape)
+    assert _runs_winograd(form, f, *args)
+    report = check_vjp(f, ref, *args, names=("x", "w", "b"), finite_differences=False, second_order=False)
+    report.assert_ok()
+    assert report.worst("vjp") <= 1e-12
+
+
+@pytest.mark.parametrize("form", WINOGRAD_FORMS)
+def test_several_batch_blocks(forms, monkeypatch, form):
+    """A block budget of one image: the forward's and dx's lax.map and dw's scan over blocks."""
+    forms(conv_forward=form, conv_backward=form)
+    monkeypatch.setattr(conv_module, "_WINOGRAD_BLOCK_BYTES", 1)
+    f, ref = _conv(dict(padding="SAME"))
+    args = _arrays(3, (3, 7, 6, 2), (3, 3, 2, 4))
+    text = str(jax.make_jaxpr(jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1)))(*args))
+    assert "scan" in text  # lax.map and the dw accumulation run over blocks
+    check_vjp(f, ref, *args, names=("x", "w", "b"), finite_differences=False).assert_ok()
+
+
+@pytest.mark.parametrize("form", WINOGRAD_FORMS)
+def test_transposed_convolution(forms, form):
+    """conv_transpose2d's forward is the dx formula and its backward the forward and dw: all Winograd here."""
+    forms(conv_forward=form, conv_backward=form)
+    rng = np.random.default_rng(4)
+    y, w, b = rng.standard_normal((2, 6, 5, 3)), rng.standard_normal((3, 3, 2, 3)), rng.standard_normal(2)
+    opts = dict(padding=1)
+    check_vjp(lambda y, w, b: jaxconv.conv_transpose2d(y, w, b, **opts),
+              lambda y, w, b: reference.conv_transpose2d(y, w, b, **opts), y, w, b).assert_ok()
+
+
+@pytest.mark.parametrize("form", WINOGRAD_FORMS)
+def test_vmap_and_jit(forms, form):
+    forms(conv_forward=form, conv_backward=form)
+    rng = np.random.default_rng(5)
+    xs, ws = rng.standard_normal((3, 2, 6, 6, 2)), rng.standard_normal((3, 3, 3, 2, 4))
+    batched = lambda op: jax.vmap(lambda x, w: op(x, w, padding="SAME"))
+    check_vjp(batched(jaxconv.conv2d), batched(reference.conv2d), xs, ws, finite_differences=False).assert_ok()
+
+
+@st.composite
+def _stride1_configs(draw):
+    kernel = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
+    pads = tuple((draw(st.integers(0, 4)), draw(st.integers(0, 4))) for _ in range(2))
+    size = tuple(max(1, k - lo - hi) + draw(st.integers(0, 6)) for k, (lo, hi) in zip(kernel, pads))
+    c, o = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    return (draw(st.integers(1, 3)), *size, c), (*kernel, c, o), dict(padding=pads)
+
+
+@settings(max_examples=6, deadline=None)
+@given(config=_stride1_configs(), form=st.sampled_from(WINOGRAD_FORMS))
+def test_hypothesis_stride1(config, form):
+    x_shape, w_shape, options = config
+    with plan.forms(conv_forward=form, conv_backward=form):
+        f, ref = _conv(options)
+        report = check_vjp(f, ref, *_arrays(6, x_shape, w_shape), names=("x", "w", "b"),
+                           finite_differences=False, second_order=False)
+    report.assert_ok()
+    assert report.worst("vjp") <= 1e-12
+
+
+def _float32_errors(form, x, w, g, options):
+    """Normwise relative error of (y, dx, dw) in float32 against float64, for one forced form."""
+    with plan.forms(conv_forward=form, conv_backward=form):
+        def run(x, w, g):
+            y, pullback = jax.vjp(lambda x, w: jaxconv.conv2d(x, w, **options), x, w)
+            return (y, *pullback(g))
+
+        exact = jax.jit(run)(x, w, g)
+        low = jax.jit(run)(*(a.astype(np.float32) for a in (x, w, g)))
+    return [float(np.linalg.norm(np.asarray(b, np.float64) - np.asarray(a)) / np.linalg.norm(np.asarray(a)))
+            for a, b in zip(exact, low)]
+
+
+def test_float32_error_against_the_direct_form():
+    """F(2x2, 3x3), the tile the planner uses, stays within 2x the direct form's float32 error in y,
+    dx and dw (benchmarks/README.md reports the ratios for every tile); F(4x4, 3x3), a forced-only
+    form, loses more (about 3x) but stays usable."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((8, 16, 16, 32)))
+    w = jnp.asarray(rng.standard_normal((3, 3, 32, 32)) / np.sqrt(9 * 32))
+    g = jnp.asarray(rng.standard_normal((8, 16, 16, 32)))
+    options = dict(padding="SAME")
+    direct = _float32_errors("conv", x, w, g, options)
+    tile2 = _float32_errors("winograd2", x, w, g, options)
+    tile4 = _float32_errors("winograd4", x, w, g, options)
+    for name, d, e2, e4 in zip(("y", "dx", "dw"), direct, tile2, tile4):
+        print(f"{name}: direct {d:.2e}  F(2,3) {e2:.2e} ({e2 / d:.2f}x)  F(4,3) {e4:.2e} ({e4 / d:.2f}x)")
+        assert e2 <= 2 * d, (name, e2, d)
+        assert e4 <= 2e-5, (name, e4)
+
+
+def test_planner_picks_f2x2_3x3_only_where_it_applies(forms):
+    def choice(kernel=(3, 3), c=64, o=64, stride=(1, 1), dilation=None, groups=1, platform="cpu", size=32):
+        return plan.conv_plan(batch=128, out_spatial=(size, size), kernel_spatial=kernel, in_channels=c,
+                              out_channels=o, groups=groups, stride=stride, dilation=dilation, platform=platform)
+
+    assert choice()[:2] == ("winograd2", "winograd2")
+    assert "Winograd" in choice().reason
+    assert choice(stride=(2, 2)).forward != "winograd2"
+    assert choice(dilation=(2, 2)).forward != "winograd2"
+    assert choice(groups=2).forward != "winograd2"
+    assert choice(kernel=(5, 5)).forward != "winograd2"  # no 5x5 tile keeps float32 within 2x
+    assert choice(kernel=(1, 1)).forward != "winograd2"
+    assert choice(c=16, o=16).backward == "mixed"  # narrow GEMMs: XLA's convolution forms
+    assert choice(platform="gpu")[:2] == ("conv", "conv")
+    # Forced on a convolution it cannot run, a Winograd form gives way to the planner's own choice.
+    forms(conv_forward="winograd4", conv_backward="winograd2")
+    strided = choice(stride=(2, 2))
+    assert strided[:2] == ("im2row_blocked", "im2row_blocked") and "needs stride 1" in strided.reason
+    assert choice(kernel=(5, 5))[:2] == ("winograd4", "winograd2")
+
+
+def test_forced_on_a_strided_convolution_runs_the_fallback(forms):
+    forms(conv_forward="winograd2", conv_backward="winograd2")
+    f, ref = _conv(dict(stride=2, padding=1))
+    check_vjp(f, ref, *_arrays(8, (2, 7, 7, 2), (3, 3, 2, 3)), names=("x", "w", "b"),
+              finite_differences=False, second_order=False).assert_ok()
+
+
+@pytest.mark.parametrize("form", WINOGRAD_FORMS)
+def test_saves_x_and_w_only(forms, capsys, form):
+    """Like every conv form, the Winograd ones keep x and w (autodiff's residuals), no transformed tiles."""
+    forms(conv_forward=form, conv_backward=form)
+    x, w, b = jnp.zeros((4, 10, 10, 3)), jnp.zeros((3, 3, 3, 5)), jnp.zeros(5)
+    capsys.readouterr()
+    print_saved_residuals(lambda x, w: jaxconv.conv2d(x, w, b, padding="SAME").sum(), x, w)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and "[4,10,10,3] from the argument x" in lines[0] and "[3,3,3,5] from the argument w" in lines[1], lines
