@@ -49,7 +49,7 @@ import jaxconv
 from jaxconv import reference
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("peak", "conv", "pool", "lrn", "loss", "step")
+SECTIONS = ("peak", "conv", "forms", "pool", "lrn", "loss", "step", "accuracy")
 
 # (N, H, W, C) -> O with a k x k kernel: the issue's shapes.  The 5x5 ones are
 # LeNet-CIFAR's two layers (VALID), the 3x3 ones ResNet-style (SAME).
@@ -60,6 +60,15 @@ CONV_SHAPES = [
     dict(x=(128, 16, 16, 128), o=128, k=3, stride=1, padding="SAME"),
     dict(x=(128, 32, 32, 64), o=128, k=3, stride=2, padding="SAME"),
 ]
+# resnet_small's stride-1 3x3 layers (16, 32, 64 channels), for the forms section.
+RESNET_SHAPES = [
+    dict(x=(128, 32, 32, 16), o=16, k=3, stride=1, padding="SAME"),
+    dict(x=(128, 16, 16, 32), o=32, k=3, stride=1, padding="SAME"),
+    dict(x=(128, 8, 8, 64), o=64, k=3, stride=1, padding="SAME"),
+]
+# (forward, backward) pairs the forms section forces; the Winograd ones only at stride 1.
+FORM_PAIRS = [("conv", "conv"), ("im2row_blocked", "im2row_blocked"), ("conv", "mixed"),
+              ("winograd2", "winograd2"), ("winograd4", "winograd4")]
 
 
 # --- timing --------------------------------------------------------------------
@@ -114,6 +123,8 @@ def compare_vjp(name, ours, ref, args, runs, flops=None, extra=None):
     got, want = ours_vjp(*args, g), ref_vjp(*args, g)
     error = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30)) for a, b in zip(got, want))
     forward, forward_ref = jax.jit(ours), jax.jit(ref)
+    # A training forward: y and the residuals its backward will need (max pooling's selection S).
+    forward_train, forward_train_ref = (jax.jit(lambda *a, f=f: jax.vjp(f, *a)) for f in (ours, ref))
     # jax.vjp's pullback is a pytree of its residuals: computed once, then timed alone.
     pullbacks = {who: jax.block_until_ready(jax.jit(lambda *a, f=f: jax.vjp(f, *a)[1])(*args))
                  for who, f in (("ours", ours), ("ref", ref))}
@@ -128,10 +139,13 @@ def compare_vjp(name, ours, ref, args, runs, flops=None, extra=None):
         backward_jaxconv=lambda: jax.block_until_ready(apply(pullbacks["ours"], g)),
         backward_autodiff=lambda: jax.block_until_ready(apply(pullbacks["ref"], g)),
         forward=lambda: jax.block_until_ready(forward(*args)),
-        forward_reference=lambda: jax.block_until_ready(forward_ref(*args))), runs))
+        forward_reference=lambda: jax.block_until_ready(forward_ref(*args)),
+        forward_train=lambda: jax.block_until_ready(forward_train(*args)),
+        forward_train_reference=lambda: jax.block_until_ready(forward_train_ref(*args))), runs))
     row["speedup"] = row["autodiff"]["median_s"] / row["jaxconv"]["median_s"]
     row["speedup_backward"] = row["backward_autodiff"]["median_s"] / row["backward_jaxconv"]["median_s"]
     row["speedup_forward"] = row["forward_reference"]["median_s"] / row["forward"]["median_s"]
+    row["speedup_forward_train"] = row["forward_train_reference"]["median_s"] / row["forward_train"]["median_s"]
     row["residual_bytes"] = {who: int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(pb)))
                              for who, pb in (("jaxconv", pullbacks["ours"]), ("autodiff", pullbacks["ref"]))}
     if flops:
@@ -183,6 +197,88 @@ def bench_conv(runs, quick):
         row = compare_vjp(name, ours, ref, (x, wt), runs, flops=4 * macs,
                           extra=dict(forward_flops=2 * macs, strategy=strategy))
         row["gflops_forward"] = 2 * macs / row["forward"]["median_s"] / 1e9
+        rows.append(row)
+    return rows
+
+
+def _conv_case(spec, dtype=jnp.float32, batch=None, seed=0):
+    n, h, w, c = spec["x"]
+    n = batch or n
+    k, o = spec["k"], spec["o"]
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((n, h, w, c)), dtype)
+    wt = jnp.asarray(rng.standard_normal((k, k, c, o)) / np.sqrt(k * k * c), dtype)
+    opts = dict(stride=spec["stride"], padding=spec["padding"])
+    out = jax.eval_shape(lambda x, w: reference.conv2d(x, w, **opts), x, wt).shape
+    g = jnp.asarray(rng.standard_normal(out), dtype)
+    name = f"({spec['x'][0] if batch is None else n},{h},{w},{c}->{o},{k}) s{spec['stride']} {spec['padding']}"
+    return name, x, wt, g, opts, int(np.prod(out)) * k * k * c
+
+
+def _pairs(spec):
+    return [p for p in FORM_PAIRS if spec["stride"] == 1 or not p[0].startswith("winograd")]
+
+
+def bench_forms(runs, quick):
+    """Every conv form forced on each layer: forward alone and backward alone (pullback on saved residuals),
+    all forms of one layer interleaved; the planner's pick named."""
+    rows = []
+    for spec in (CONV_SHAPES[1:3] if quick else CONV_SHAPES + RESNET_SHAPES):
+        name, x, wt, g, opts, macs = _conv_case(spec)
+        calls = {}
+        for fwd, bwd in _pairs(spec):
+            with jaxconv.plan.forms(conv_forward=fwd, conv_backward=bwd):
+                forward = jax.jit(lambda x, w: jaxconv.conv2d(x, w, **opts))
+                pullback = jax.block_until_ready(jax.jit(lambda x, w: jax.vjp(
+                    lambda x, w: jaxconv.conv2d(x, w, **opts), x, w)[1])(x, wt))
+                backward = jax.jit(lambda pb, g: pb(g))
+                forward(x, wt), backward(pullback, g)  # traced inside the block
+            calls[f"{fwd}|{bwd}|forward"] = lambda f=forward: jax.block_until_ready(f(x, wt))
+            calls[f"{fwd}|{bwd}|backward"] = lambda b=backward, p=pullback: jax.block_until_ready(b(p, g))
+        times = interleaved(calls, runs)
+        n, h, w, c = spec["x"]
+        planned = jaxconv.plan.conv_plan(
+            batch=n, out_spatial=g.shape[1:3], kernel_spatial=(spec["k"],) * 2, in_channels=c, out_channels=spec["o"],
+            groups=1, stride=(spec["stride"],) * 2, platform=jaxconv.plan.platform_of(x))
+        row = dict(op=f"conv {name}", macs=macs, planned=[planned.forward, planned.backward], forms={})
+        for fwd, bwd in _pairs(spec):
+            tf, tb = times[f"{fwd}|{bwd}|forward"], times[f"{fwd}|{bwd}|backward"]
+            row["forms"][f"{fwd}/{bwd}"] = dict(forward=tf, backward=tb, gflops_forward=2 * macs / tf["median_s"] / 1e9,
+                                                 gflops_backward=4 * macs / tb["median_s"] / 1e9)
+        print(f"  conv {name:34s} " + "  ".join(
+            f"{k}: {v['forward']['median_s']*1e3:.1f}+{v['backward']['median_s']*1e3:.1f}" for k, v in row["forms"].items())
+            + f"  planner: {planned.forward}/{planned.backward}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def bench_accuracy(runs, quick):
+    """float32 error of every conv form against float64 (normwise, relative), y, dL/dx and dL/dw, and its
+    ratio to XLA's direct convolution's float32 error: the planner keeps a Winograd tile only within 2x.
+    Turns on float64 for the rest of the process: run it last."""
+    del runs
+    jax.config.update("jax_enable_x64", True)
+    rows = []
+    for spec in (CONV_SHAPES[1:3] if quick else CONV_SHAPES + RESNET_SHAPES):
+        name, x, wt, g, opts, _ = _conv_case(spec, jnp.float64, batch=16, seed=1)
+
+        def run(x, w, g):
+            y, pullback = jax.vjp(lambda x, w: jaxconv.conv2d(x, w, **opts), x, w)
+            return (y, *pullback(g))
+
+        # A fresh jit per form: jit's cache does not see the forms context.
+        with jaxconv.plan.forms(conv_forward="conv", conv_backward="conv"):
+            exact = [np.asarray(a) for a in jax.jit(lambda *a: run(*a))(x, wt, g)]
+        row = dict(op=f"conv {name}", errors={})
+        for fwd, bwd in _pairs(spec):
+            with jaxconv.plan.forms(conv_forward=fwd, conv_backward=bwd):
+                low = jax.jit(lambda *a: run(*a))(*(a.astype(jnp.float32) for a in (x, wt, g)))
+            row["errors"][f"{fwd}/{bwd}"] = [float(np.linalg.norm(np.asarray(b, np.float64) - a) / np.linalg.norm(a))
+                                            for a, b in zip(exact, low)]
+        direct = row["errors"]["conv/conv"]
+        row["ratio_to_direct"] = {k: [e / d for e, d in zip(v, direct)] for k, v in row["errors"].items()}
+        print(f"  conv {name:34s} " + "  ".join(
+            f"{k}: {max(r):.2f}x" for k, r in row["ratio_to_direct"].items()), flush=True)
         rows.append(row)
     return rows
 
@@ -252,41 +348,47 @@ def lenet(channels, hidden=256, classes=10):
     return model, torch_module
 
 
-def resnet_small(widths=(16, 32, 64), classes=10):
-    """``jaxconv.models.resnet_small``: conv3x3 16, one basic block per stage (16,
-    32, 64 channels; stride 2 and a 1x1 projection from stage 2), global average
-    pool, FC; no batch norm."""
+def resnet_small(widths=(16, 32, 64), classes=10, batch_norm=True):
+    """``jaxconv.models.resnet_small``: conv3x3 16 - BN - ReLU, one basic block per
+    stage (16, 32, 64 channels; conv-BN-ReLU-conv-BN; stride 2 and a 1x1
+    conv-BN projection from stage 2), global average pool, FC.  BN in training
+    mode (batch statistics, running statistics updated).  ``batch_norm=False``:
+    biased convolutions and no normalisation."""
     from jaxconv import models
 
     def torch_module(in_shape, flat):
         import torch
         import torch.nn as tnn
 
+        def conv_bn(cin, cout, k, stride, pad):
+            if not batch_norm:
+                return [tnn.Conv2d(cin, cout, k, stride, pad)]
+            return [tnn.Conv2d(cin, cout, k, stride, pad, bias=False), tnn.BatchNorm2d(cout)]
+
         class Block(tnn.Module):
             def __init__(self, cin, cout, stride):
                 super().__init__()
-                self.a = tnn.Conv2d(cin, cout, 3, stride, 1)
-                self.b = tnn.Conv2d(cout, cout, 3, 1, 1)
-                self.p = tnn.Conv2d(cin, cout, 1, stride) if stride > 1 else None
+                self.a = tnn.Sequential(*conv_bn(cin, cout, 3, stride, 1), tnn.ReLU(), *conv_bn(cout, cout, 3, 1, 1))
+                self.p = tnn.Sequential(*conv_bn(cin, cout, 1, stride, 0)) if stride > 1 else None
 
             def forward(self, x):
-                h = self.b(torch.relu(self.a(x)))
-                return torch.relu(h + (x if self.p is None else self.p(x)))
+                return torch.relu(self.a(x) + (x if self.p is None else self.p(x)))
 
-        layers = [tnn.Conv2d(in_shape[3], widths[0], 3, 1, 1), tnn.ReLU()]
+        layers = [*conv_bn(in_shape[3], widths[0], 3, 1, 1), tnn.ReLU()]
         prev = widths[0]
         for i, wd in enumerate(widths):
             layers.append(Block(prev, wd, 1 if i == 0 else 2))
             prev = wd
         return tnn.Sequential(*layers, tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(prev, classes))
 
-    return models.resnet_small(classes, widths=widths), torch_module
+    return models.resnet_small(classes, widths=widths, batch_norm=batch_norm), torch_module
 
 
 NETS = {
     "LeNet-MNIST": (lambda: lenet((32, 64)), (128, 28, 28, 1)),
     "LeNet-CIFAR": (lambda: lenet((64, 128)), (128, 32, 32, 3)),
     "resnet_small": (resnet_small, (128, 32, 32, 3)),
+    "resnet_small (no BN)": (lambda: resnet_small(batch_norm=False), (128, 32, 32, 3)),
 }
 
 
@@ -334,6 +436,8 @@ def bench_steps(runs, quick):
         torch.set_num_threads(os.cpu_count() or 1)
     except ImportError:
         torch = None
+    from jaxconv import nn
+
     rows = []
     for net_name, (make, x_shape) in NETS.items():
         if quick and net_name != "LeNet-CIFAR":
@@ -350,11 +454,14 @@ def bench_steps(runs, quick):
         calls, compiled = {}, {}
         for column, ops in (("jaxconv", jaxconv), ("autodiff", reference)):
             def loss(p, x, y, ops=ops):
-                return ops.softmax_cross_entropy(apply(p, x, ops=ops), y)
+                # Training mode: batch norm on the batch's statistics, running statistics updated.
+                logits, updated = nn.train_apply(apply, p, x, ops=ops)
+                return ops.softmax_cross_entropy(logits, y), updated
 
             def step(p, x, y, loss=loss):
-                value, grads = jax.value_and_grad(loss)(p, x, y)
-                return jax.tree.map(lambda a, g: a - 0.01 * g, p, grads), value
+                (value, updated), grads = jax.value_and_grad(loss, has_aux=True)(p, x, y)
+                # The running statistics' gradient is zero (stop_gradient): SGD moves the weights only.
+                return jax.tree.map(lambda a, g: a - 0.01 * g, updated, grads), value
 
             compiled[column] = program = jax.jit(step).lower(params, x, labels).compile()
             calls[column] = lambda program=program: jax.block_until_ready(program(params, x, labels))
@@ -420,11 +527,12 @@ def markdown(result) -> str:
                 "backward needs; backward: the pullback alone on residuals already saved; forward: y alone. "
                 "Residuals: bytes the pullback keeps.", "",
                 "| op | VJP ms jaxconv / autodiff | VJP speedup | backward ms jaxconv / autodiff | backward speedup "
-                "| forward ms jaxconv / XLA | VJP GFLOP/s jaxconv / autodiff (of peak) | residual MiB jaxconv / autodiff |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                "| forward ms jaxconv / XLA | training forward ms (y + residuals) jaxconv / XLA "
+                "| VJP GFLOP/s jaxconv / autodiff (of peak) | residual MiB jaxconv / autodiff |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in ops:
             if "skipped" in r:
-                out.append(f"| {r['op']} | — | — | — | — | — | {r['skipped']} | |")
+                out.append(f"| {r['op']} | — | — | — | — | — | — | {r['skipped']} | |")
                 continue
             gf = (f"{r['gflops_jaxconv']:.0f} / {r['gflops_autodiff']:.0f}" if "gflops_jaxconv" in r else "")
             if gf and peak:
@@ -434,12 +542,47 @@ def markdown(result) -> str:
             strategy = f" [{r['strategy']}]" if "strategy" in r else ""
             out.append(f"| {r['op']}{strategy} | {ms(r['jaxconv'])} / {ms(r['autodiff'])} | {r['speedup']:.2f}× | "
                        f"{ms(r['backward_jaxconv'])} / {ms(r['backward_autodiff'])} | {r['speedup_backward']:.2f}× | "
-                       f"{ms(r['forward'])} / {ms(r['forward_reference'])} | {gf} | {res} |")
+                       f"{ms(r['forward'])} / {ms(r['forward_reference'])} | "
+                       f"{ms(r['forward_train'])} / {ms(r['forward_train_reference'])} | {gf} | {res} |")
+        out.append("")
+    forms = result.get("forms", [])
+    if forms:
+        names = [f"{f}/{b}" for f, b in FORM_PAIRS]
+        out += ["Every conv form forced (`jaxconv.plan.forms`), float32: forward ms + backward ms (the pullback "
+                "alone), all of a layer's forms interleaved; **bold**: the planner's pick, GFLOP/s of its "
+                "forward + backward (of peak).", "",
+                "| layer | " + " | ".join(names) + " | planner's GFLOP/s |", "|---|" + "---:|" * (len(names) + 1)]
+        for r in forms:
+            planned = "/".join(r["planned"])
+            cells = []
+            for name in names:
+                t = r["forms"].get(name)
+                cell = f"{ms(t['forward'])} + {ms(t['backward'])}" if t else "—"
+                cells.append(f"**{cell}**" if name == planned and t else cell)
+            pick = r["forms"].get(planned)
+            gf = ""
+            if pick:
+                total = pick["forward"]["median_s"] + pick["backward"]["median_s"]
+                gf = f"{6 * r['macs'] / total / 1e9:.0f}"
+                if peak:
+                    gf += f" ({6 * r['macs'] / total / 1e9 / peak['gflops']:.0%})"
+            out.append(f"| {r['op']} | " + " | ".join(cells) + f" | {gf} |")
+        out.append("")
+    accuracy = result.get("accuracy", [])
+    if accuracy:
+        names = [f"{f}/{b}" for f, b in FORM_PAIRS]
+        out += ["float32 error of each form against float64 (normwise relative, batch 16): the direct form's "
+                "(XLA's convolution) for y, dL/dx, dL/dw, and every form's worst ratio to it over the three.", "",
+                "| layer | direct: y, dx, dw | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+        for r in accuracy:
+            d = r["errors"]["conv/conv"]
+            cells = [f"{max(r['ratio_to_direct'][n]):.2f}×" if n in r["ratio_to_direct"] else "—" for n in names]
+            out.append(f"| {r['op']} | {d[0]:.1e}, {d[1]:.1e}, {d[2]:.1e} | " + " | ".join(cells) + " |")
         out.append("")
     steps = result.get("step", [])
     if steps:
         out += ["| training step (batch 128, SGD) | jaxconv ms | jax.grad (plain lax) ms | PyTorch CPU ms | "
-                "vs autodiff | vs PyTorch | jaxconv GFLOP/s (of peak) | XLA temp MiB (jaxconv / autodiff) |",
+                "vs autodiff | vs PyTorch | GFLOP/s (of peak) jaxconv / PyTorch | XLA temp MiB (jaxconv / autodiff) |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in steps:
             if "skipped" in r:
@@ -451,7 +594,8 @@ def markdown(result) -> str:
                 f"| {r['net']} | {ms(r['jaxconv']['time'])} | {ms(r['autodiff']['time'])} | "
                 f"{ms(pt['time']) if pt else 'n/a'} | {r['speedup_vs_autodiff']:.2f}× | "
                 f"{(str(round(r['speedup_vs_pytorch'], 2)) + '×') if pt else 'n/a'} | "
-                f"{r['jaxconv']['gflops']:.0f} ({r['jaxconv']['peak_fraction']:.0%}) | "
+                f"{r['jaxconv']['gflops']:.0f} ({r['jaxconv']['peak_fraction']:.0%})"
+                + (f" / {pt['gflops']:.0f} ({pt['peak_fraction']:.0%})" if pt else "") + " | "
                 f"{mib(r['jaxconv']['temp_bytes'])} / {mib(r['autodiff']['temp_bytes'])} |")
         out.append("")
     return "\n".join(out)
@@ -493,14 +637,12 @@ def main(argv=None):
     # The peak is the yardstick of every GFLOP/s fraction, so it is always measured.
     print("peak:", flush=True)
     result["peak"] = bench_peak(args.runs)
-    sections = dict(conv=bench_conv, pool=bench_pool, lrn=bench_lrn, loss=bench_loss)
+    sections = dict(conv=bench_conv, forms=bench_forms, pool=bench_pool, lrn=bench_lrn, loss=bench_loss,
+                    step=bench_steps)
     for name in only:
         if name in sections:
             print(f"{name}:", flush=True)
             result[name] = sections[name](args.runs, args.quick)
-    if "step" in only:
-        print("step:", flush=True)
-        result["step"] = bench_steps(args.runs, args.quick)
     # The peak again at the end: the run's best matrix product is the yardstick.
     print("peak (again):", flush=True)
     again = bench_peak(args.runs)
@@ -513,6 +655,9 @@ def main(argv=None):
         for column in ("jaxconv", "autodiff", "pytorch"):
             if column in row:
                 row[column]["peak_fraction"] = row[column]["gflops"] / peak
+    if "accuracy" in only:  # last: it turns float64 on
+        print("accuracy:", flush=True)
+        result["accuracy"] = bench_accuracy(args.runs, args.quick)
     result["total_seconds"] = time.perf_counter() - started
 
     out = Path(args.out)

@@ -31,8 +31,9 @@ The set ``{k : d in G(k)}`` is the *transposed* window
 other way.  Both window sums are one ``lax.reduce_window`` add over the channel
 axis with the two paddings swapped.  Writing ``q_k = g_k y_k / L_k``
 (``= g_k x_k L_k^{-beta-1}``) the rule is ``dx = g L^{-beta} - 2 alpha beta x
-Gᵀ(q)``.  The residuals are ``x`` and ``L``; the rule is written in ``jnp``/``lax``,
-so grad-of-grad differentiates through it.
+Gᵀ(q)``.  The residuals are ``x`` and ``L^{-beta}`` (the power is the costly
+part); the backward recomputes ``L``, one window sum.  The rule is written in
+``jnp``/``lax``, so grad-of-grad differentiates through it.
 """
 
 from __future__ import annotations
@@ -169,15 +170,17 @@ def _lrn(config: LRNConfig, x):
 
 
 def _lrn_fwd(config: LRNConfig, x):
-    big_l = _denominator(config, x)
-    return x * big_l ** (-config.beta), (x, big_l)
+    # Residuals x and L^(-beta): the power (an exp and a log per entry) is the
+    # costly part, taken once here; the backward recomputes L, one window sum
+    # of x^2.  Two arrays of x's size, where autodiff keeps three.
+    l_pow = _denominator(config, x) ** (-config.beta)
+    return x * l_pow, (x, l_pow)
 
 
 def _lrn_bwd(config: LRNConfig, residuals, g):
-    x, big_l = residuals
+    x, l_pow = residuals
     below, above = _clipped_extent(config.size, x.shape[-1])
-    l_pow = big_l ** (-config.beta)
-    q = g * x * l_pow / big_l  # g_k x_k L_k^(-beta-1)
+    q = g * x * l_pow / _denominator(config, x)  # g_k x_k L_k^(-beta-1)
     # {k : d in G(k)} = [d - above, d + below]: the window transposed.
     spread = _channel_window_sum(q, above, below)
     dx = g * l_pow - (2.0 * config.alpha * config.beta) * x * spread
