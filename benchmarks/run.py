@@ -32,6 +32,7 @@ into benchmarks/README.md between this device's markers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -452,7 +453,10 @@ def bench_steps(runs, quick):
         row = dict(net=net_name, batch=x_shape, step_flops=flops,
                    params=int(sum(np.prod(a.shape) for a in jax.tree.leaves(params))))
         calls, compiled = {}, {}
-        for column, ops in (("jaxconv", jaxconv), ("autodiff", reference)):
+        columns = [("jaxconv", jaxconv, None), ("autodiff", reference, None)]
+        if jaxconv.onednn.available():  # the optional oneDNN conv forms (pip install 'jaxconv[onednn]')
+            columns.append(("jaxconv_onednn", jaxconv, dict(conv_forward="onednn", conv_backward="onednn")))
+        for column, ops, forms in columns:
             def loss(p, x, y, ops=ops):
                 # Training mode: batch norm on the batch's statistics, running statistics updated.
                 logits, updated = nn.train_apply(apply, p, x, ops=ops)
@@ -463,7 +467,8 @@ def bench_steps(runs, quick):
                 # The running statistics' gradient is zero (stop_gradient): SGD moves the weights only.
                 return jax.tree.map(lambda a, g: a - 0.01 * g, updated, grads), value
 
-            compiled[column] = program = jax.jit(step).lower(params, x, labels).compile()
+            with jaxconv.plan.forms(**forms) if forms else contextlib.nullcontext():
+                compiled[column] = program = jax.jit(step).lower(params, x, labels).compile()
             calls[column] = lambda program=program: jax.block_until_ready(program(params, x, labels))
         if torch is not None:
             model = torch_module(x_shape, flat)
@@ -493,10 +498,15 @@ def bench_steps(runs, quick):
         row["speedup_vs_autodiff"] = row["autodiff"]["time"]["median_s"] / row["jaxconv"]["time"]["median_s"]
         if "pytorch" in row:
             row["speedup_vs_pytorch"] = row["pytorch"]["time"]["median_s"] / row["jaxconv"]["time"]["median_s"]
+            if "jaxconv_onednn" in row:
+                row["speedup_onednn_vs_pytorch"] = (row["pytorch"]["time"]["median_s"]
+                                                    / row["jaxconv_onednn"]["time"]["median_s"])
         print(f"  {net_name:13s} jaxconv {row['jaxconv']['time']['median_s']*1e3:7.1f} ms "
               f"({row['jaxconv']['gflops']:.0f} GFLOP/s)  "
               f"autodiff {row['autodiff']['time']['median_s']*1e3:7.1f} ms  "
-              + (f"pytorch {row['pytorch']['time']['median_s']*1e3:7.1f} ms" if "pytorch" in row else "pytorch n/a"),
+              + (f"pytorch {row['pytorch']['time']['median_s']*1e3:7.1f} ms" if "pytorch" in row else "pytorch n/a")
+              + (f"  jaxconv+oneDNN {row['jaxconv_onednn']['time']['median_s']*1e3:7.1f} ms"
+                 if "jaxconv_onednn" in row else ""),
               flush=True)
         rows.append(row)
     return rows
@@ -581,22 +591,30 @@ def markdown(result) -> str:
         out.append("")
     steps = result.get("step", [])
     if steps:
-        out += ["| training step (batch 128, SGD) | jaxconv ms | jax.grad (plain lax) ms | PyTorch CPU ms | "
-                "vs autodiff | vs PyTorch | GFLOP/s (of peak) jaxconv / PyTorch | XLA temp MiB (jaxconv / autodiff) |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        out += ["`jaxconv`: the planner's forms (XLA only); `+ oneDNN`: the same step with the optional oneDNN "
+                "conv forms forced (`jaxconv.plan.forms(conv_forward=\"onednn\", conv_backward=\"onednn\")`, "
+                "`pip install 'jaxconv[onednn]'`).", "",
+                "| training step (batch 128, SGD) | jaxconv ms | jaxconv + oneDNN ms | jax.grad (plain lax) ms "
+                "| PyTorch CPU ms | vs autodiff | vs PyTorch (+ oneDNN) | GFLOP/s (of peak) jaxconv / + oneDNN / PyTorch "
+                "| XLA temp MiB (jaxconv / + oneDNN / autodiff) |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in steps:
             if "skipped" in r:
                 out.append(f"| {r['net']} | {r['skipped']} | | | | | | |")
                 continue
             pt = r.get("pytorch")
             mib = lambda b: f"{b / 2**20:.0f}" if b is not None else "?"
+            dn = r.get("jaxconv_onednn")
+            gflops = lambda c: f"{c['gflops']:.0f} ({c['peak_fraction']:.0%})" if c else "n/a"
+            versus = f"{r['speedup_vs_pytorch']:.2f}×" if pt else "n/a"
+            if pt and dn:
+                versus += f" ({r['speedup_onednn_vs_pytorch']:.2f}×)"
             out.append(
-                f"| {r['net']} | {ms(r['jaxconv']['time'])} | {ms(r['autodiff']['time'])} | "
-                f"{ms(pt['time']) if pt else 'n/a'} | {r['speedup_vs_autodiff']:.2f}× | "
-                f"{(str(round(r['speedup_vs_pytorch'], 2)) + '×') if pt else 'n/a'} | "
-                f"{r['jaxconv']['gflops']:.0f} ({r['jaxconv']['peak_fraction']:.0%})"
-                + (f" / {pt['gflops']:.0f} ({pt['peak_fraction']:.0%})" if pt else "") + " | "
-                f"{mib(r['jaxconv']['temp_bytes'])} / {mib(r['autodiff']['temp_bytes'])} |")
+                f"| {r['net']} | {ms(r['jaxconv']['time'])} | {ms(dn['time']) if dn else 'n/a'} | "
+                f"{ms(r['autodiff']['time'])} | {ms(pt['time']) if pt else 'n/a'} | {r['speedup_vs_autodiff']:.2f}× | "
+                f"{versus} | {gflops(r['jaxconv'])} / {gflops(dn)} / {gflops(pt)} | "
+                f"{mib(r['jaxconv']['temp_bytes'])} / {mib(dn['temp_bytes']) if dn else 'n/a'} / "
+                f"{mib(r['autodiff']['temp_bytes'])} |")
         out.append("")
     return "\n".join(out)
 
@@ -652,7 +670,7 @@ def main(argv=None):
     for row in result.get("conv", []):
         row["peak_fraction"] = row["gflops_jaxconv"] / peak
     for row in result.get("step", []):
-        for column in ("jaxconv", "autodiff", "pytorch"):
+        for column in ("jaxconv", "jaxconv_onednn", "autodiff", "pytorch"):
             if column in row:
                 row[column]["peak_fraction"] = row[column]["gflops"] / peak
     if "accuracy" in only:  # last: it turns float64 on

@@ -1,6 +1,6 @@
 """jaxconv: convnet layers whose backward passes are hand-derived, verified custom_vjp rules."""
 
-from . import plan, reference, verify
+from . import onednn, plan, reference, verify, winograd
 from . import matrix
 from .conv import conv1d, conv2d, conv3d, conv_transpose1d, conv_transpose2d, conv_transpose3d
 from .layers import flatten, linear, relu
@@ -51,10 +51,12 @@ __all__ = [
     "train",
     "checkpoint",
     "data",
+    "onednn",
     "plan",
     "plots",
     "reference",
     "testing",
     "verify",
+    "winograd",
     "__version__",
 ]

@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _args, _window, plan, winograd
+from . import _args, _window, onednn, plan, winograd
 
 __all__ = ["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"]
 
@@ -110,7 +110,7 @@ def _plan(window: _window.Window, batch, in_channels, out_channels, groups, *arr
     return plan.conv_plan(
         batch=batch, out_spatial=window.out_size, kernel_spatial=window.kernel, in_channels=in_channels,
         out_channels=out_channels, groups=groups, stride=window.stride, platform=plan.platform_of(*arrays),
-        dilation=window.dilation,
+        dilation=window.dilation, dtype=arrays[0].dtype,
     )
 
 
@@ -321,6 +321,60 @@ def _kernel_grad_winograd(config: ConvConfig, x, g, m: int):
     return winograd.kernel_grad(x, g, window.padding, window.kernel, m, block)
 
 
+def _onednn_geometry(config: ConvConfig):
+    window = config.window
+    return dict(stride=window.stride, padding=window.padding, dilation=window.dilation)
+
+
+# The "onednn" forms: each of the three formulas as a host callback into oneDNN
+# (jaxconv.onednn; float32, one group, only when forced).  A callback has no
+# derivative of its own; each formula is bilinear, so its tangent is the same
+# formula of the tangents, written here with the lax forms.  First-order
+# gradients run the callbacks (the conv rule calls them directly); second and
+# higher orders differentiate through the lax tangents.
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _forward_onednn(config: ConvConfig, x, w):
+    """``Y`` by oneDNN's forward convolution (docs/convolution.md §1)."""
+    out = jax.ShapeDtypeStruct((x.shape[0], *config.window.out_size, w.shape[-1]), x.dtype)
+    return jax.pure_callback(partial(onednn.forward, **_onednn_geometry(config)), out, x, w,
+                             vmap_method="sequential")
+
+
+@_forward_onednn.defjvp
+def _forward_onednn_jvp(config, primals, tangents):
+    (x, w), (dx, dw) = primals, tangents
+    return _forward_onednn(config, x, w), _forward_conv(config, dx, w) + _forward_conv(config, x, dw)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _input_grad_onednn(config: ConvConfig, w, g):
+    """dL/dx (docs/convolution.md §5.3) by oneDNN's backward-data convolution."""
+    x_shape = (g.shape[0], *config.window.in_size, w.shape[-2])
+    return jax.pure_callback(partial(onednn.input_grad, x_shape=x_shape, **_onednn_geometry(config)),
+                             jax.ShapeDtypeStruct(x_shape, g.dtype), w, g, vmap_method="sequential")
+
+
+@_input_grad_onednn.defjvp
+def _input_grad_onednn_jvp(config, primals, tangents):
+    (w, g), (dw, dg) = primals, tangents
+    return _input_grad_onednn(config, w, g), _input_grad_conv(config, dw, g) + _input_grad_conv(config, w, dg)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _kernel_grad_onednn(config: ConvConfig, x, g):
+    """dL/dw (docs/convolution.md §5.4) by oneDNN's backward-weights convolution."""
+    w_shape = (*config.window.kernel, x.shape[-1], g.shape[-1])
+    return jax.pure_callback(partial(onednn.kernel_grad, w_shape=w_shape, **_onednn_geometry(config)),
+                             jax.ShapeDtypeStruct(w_shape, x.dtype), x, g, vmap_method="sequential")
+
+
+@_kernel_grad_onednn.defjvp
+def _kernel_grad_onednn_jvp(config, primals, tangents):
+    (x, g), (dx, dg) = primals, tangents
+    return _kernel_grad_onednn(config, x, g), _kernel_grad_conv(config, dx, g) + _kernel_grad_conv(config, x, dg)
+
+
 def _forward(config: ConvConfig, x, w, b):
     y = _FORWARD_STRATEGIES[config.forward](config, x, w)
     return y if b is None else y + b
@@ -475,6 +529,10 @@ def _grads(config: ConvConfig, form: str, x, x_shape, w, g, need_dx: bool = True
     ``x`` may be None when only ``dL/dx`` is needed (``x_shape`` gives its shape).
     """
     dx_form, dw_form = _BACKWARD_STRATEGIES[form]
+    if dx_form == "onednn":
+        dx = _input_grad_onednn(config, w, g) if need_dx else None
+        dw = _kernel_grad_onednn(config, x, g) if need_dw else None
+        return dx, dw
     if dx_form in plan.WINOGRAD_TILES:
         m = plan.WINOGRAD_TILES[dx_form]
         dx = _input_grad_winograd(config, w, g, m) if need_dx else None
@@ -645,6 +703,9 @@ _BACKWARD_STRATEGIES = {
     # F(m, k) on the rotated kernel, dF as F(k, m) with gradient tiles as filters.
     "winograd2": ("winograd2", "winograd2"),
     "winograd4": ("winograd4", "winograd4"),
+    # oneDNN's backward data and backward weights, host callbacks (jaxconv.onednn;
+    # float32, one group, only when forced: plan.forms).
+    "onednn": ("onednn", "onednn"),
 }
 
 # name -> forward(config, x, w) -> y without bias; tested like the backward.
@@ -653,4 +714,5 @@ _FORWARD_STRATEGIES = {
     "im2row_blocked": _forward_im2row_blocked,
     "winograd2": partial(_forward_winograd, m=2),
     "winograd4": partial(_forward_winograd, m=4),
+    "onednn": _forward_onednn,
 }

@@ -44,15 +44,16 @@ from typing import Iterator, NamedTuple, Sequence
 
 import jax
 
+from . import onednn
 from .winograd import POINTS
 
 __all__ = ["CONV_BACKWARD_FORMS", "CONV_FORWARD_FORMS", "POOL_FORMS", "WINOGRAD_TILES", "ConvPlan", "conv_plan",
-           "forms", "is_static", "platform_of", "pool_form", "winograd_fits"]
+           "forms", "is_static", "onednn_fits", "platform_of", "pool_form", "winograd_fits"]
 
 #: The conv forward forms (``jaxconv.conv`` implements each).
-CONV_FORWARD_FORMS = ("conv", "im2row_blocked", "winograd2", "winograd4")
+CONV_FORWARD_FORMS = ("conv", "im2row_blocked", "winograd2", "winograd4", "onednn")
 #: The conv backward forms.
-CONV_BACKWARD_FORMS = ("conv", "im2row", "im2row_blocked", "mixed", "winograd2", "winograd4")
+CONV_BACKWARD_FORMS = ("conv", "im2row", "im2row_blocked", "mixed", "winograd2", "winograd4", "onednn")
 #: The Winograd forms and their output tile (per spatial axis).  They need
 #: stride 1, dilation 1 and one group (:func:`winograd_fits`); forced on any
 #: other convolution, the planner's own choice runs instead.
@@ -79,6 +80,9 @@ def forms(*, conv_forward: str | None = None, conv_backward: str | None = None,
             continue
         if value not in known:
             raise ValueError(f"`{name}` (={value!r}) must be one of {list(known)}.")
+        if value == "onednn" and not onednn.available():
+            raise ValueError(f"`{name}` (='onednn') needs the oneDNN library, which is not installed: "
+                             f"{onednn.INSTALL_HINT}, or set ${onednn.LIBRARY_ENV} to a libdnnl.so.")
         forced[name] = value
     token = _FORCED.set(forced)
     try:
@@ -168,8 +172,16 @@ def winograd_fits(kernel_spatial, stride, dilation, groups, tile: int = 2) -> bo
             and all(tile + k - 2 <= len(POINTS) for k in kernel_spatial))
 
 
+def onednn_fits(kernel_spatial, groups, platform: str, dtype) -> bool:
+    """The ``"onednn"`` forms apply: float32 on CPU, 1-3 spatial dimensions, one group, the library installed."""
+    import numpy as np
+
+    return (platform == "cpu" and dtype is not None and np.dtype(dtype) == np.float32
+            and onednn.fits(len(kernel_spatial), groups) and onednn.available())
+
+
 def conv_plan(*, batch, out_spatial, kernel_spatial, in_channels, out_channels, groups, stride,
-              platform: str, dilation=None) -> ConvPlan:
+              platform: str, dilation=None, dtype=None) -> ConvPlan:
     """The forms for one convolution (any number of spatial dimensions).
 
     ``batch`` and ``out_spatial`` may hold symbolic dimensions: then every size
@@ -194,7 +206,9 @@ def conv_plan(*, batch, out_spatial, kernel_spatial, in_channels, out_channels, 
     with float32 error within 2x the direct form's.
     On GPU both are XLA's convolutions (cuDNN).
 
-    ``dilation`` (default 1 everywhere) only matters for the Winograd forms.
+    ``dilation`` (default 1 everywhere) only matters for the Winograd forms,
+    ``dtype`` (default unknown) for the ``"onednn"`` forms, which run only
+    when forced (:mod:`jaxconv.onednn`).
     """
     dilation = tuple(dilation) if dilation is not None else (1,) * len(kernel_spatial)
     forced_forward, forced_backward = forced("conv_forward"), forced("conv_backward")
@@ -208,6 +222,10 @@ def conv_plan(*, batch, out_spatial, kernel_spatial, in_channels, out_channels, 
         if wanted in WINOGRAD_TILES and not winograd_fits(kernel_spatial, stride, dilation, groups,
                                                           WINOGRAD_TILES[wanted]):
             reason += f"; {wanted} needs stride 1, dilation 1, one group: {own} runs"
+            wanted = own
+        if wanted == "onednn" and not (is_static((batch,), out_spatial)
+                                       and onednn_fits(kernel_spatial, groups, platform, dtype)):
+            reason += f"; onednn needs float32 on CPU, static shapes, one group: {own} runs"
             wanted = own
         chosen.append(wanted or own)
     return ConvPlan(*chosen, reason)
