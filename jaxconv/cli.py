@@ -153,6 +153,10 @@ def _add_train_parser(sub) -> None:
                    help=f"initialisation, batch order and augmentation, 0 to {MAX_SEED} (default: 0)")
     p.add_argument("--devices", type=positive, default=1,
                    help="data parallel over this many local devices, a batch-sharded mesh (default: 1)")
+    p.add_argument("--onednn", action="store_true",
+                   help="run float32 convolutions through oneDNN's kernels (the optional 'onednn' forms, "
+                   "pip install 'jaxconv[onednn]'; one process, one device); faster on CPU for LeNet-sized "
+                   "nets (benchmarks/README.md)")
     p.add_argument("--out", help="output directory (default: runs/<dataset>-<model>)")
     p.add_argument("--stop-after", type=positive, metavar="N",
                    help="train at most N epochs in this invocation, then stop with a checkpoint (e.g. a job with a "
@@ -450,6 +454,14 @@ def _train(args) -> int:
     multi = _distributed(args)
     if isinstance(multi, str):
         return _fail(multi)
+    if args.onednn:
+        from . import onednn
+
+        if args.devices > 1 or multi:
+            return _fail("--onednn runs its kernels as host callbacks on one device: leave out --devices and the "
+                         "several-process options.")
+        if not onednn.available():
+            return _fail(f"--onednn: the oneDNN library is not installed: {onednn.INSTALL_HINT}.")
     import jax
 
     lock, code = None, 0
@@ -465,6 +477,11 @@ def _train(args) -> int:
               f"without releasing it (killed?); the lock is stale and now held by process {os.getpid()}.",
               file=sys.stderr)
     try:
+        if args.onednn:
+            from . import plan
+
+            with plan.forms(conv_forward="onednn", conv_backward="onednn"):  # traced inside: these forms
+                return _run(args, config, out)
         return _run(args, config, out)
     finally:
         if lock is not None:
