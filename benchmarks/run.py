@@ -216,8 +216,13 @@ def _conv_case(spec, dtype=jnp.float32, batch=None, seed=0):
     return name, x, wt, g, opts, int(np.prod(out)) * k * k * c
 
 
+def _form_pairs():
+    """FORM_PAIRS, and oneDNN's forms where the optional library is installed."""
+    return FORM_PAIRS + ([("onednn", "onednn")] if jaxconv.onednn.available() else [])
+
+
 def _pairs(spec):
-    return [p for p in FORM_PAIRS if spec["stride"] == 1 or not p[0].startswith("winograd")]
+    return [p for p in _form_pairs() if spec["stride"] == 1 or not p[0].startswith("winograd")]
 
 
 def bench_forms(runs, quick):
@@ -557,7 +562,7 @@ def markdown(result) -> str:
         out.append("")
     forms = result.get("forms", [])
     if forms:
-        names = [f"{f}/{b}" for f, b in FORM_PAIRS]
+        names = [f"{f}/{b}" for f, b in _form_pairs()]
         out += ["Every conv form forced (`jaxconv.plan.forms`), float32: forward ms + backward ms (the pullback "
                 "alone), all of a layer's forms interleaved; **bold**: the planner's pick, GFLOP/s of its "
                 "forward + backward (of peak).", "",
@@ -580,7 +585,7 @@ def markdown(result) -> str:
         out.append("")
     accuracy = result.get("accuracy", [])
     if accuracy:
-        names = [f"{f}/{b}" for f, b in FORM_PAIRS]
+        names = [f"{f}/{b}" for f, b in _form_pairs()]
         out += ["float32 error of each form against float64 (normwise relative, batch 16): the direct form's "
                 "(XLA's convolution) for y, dL/dx, dL/dw, and every form's worst ratio to it over the three.", "",
                 "| layer | direct: y, dx, dw | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]

@@ -193,9 +193,11 @@ def conv_plan(*, batch, out_spatial, kernel_spatial, in_channels, out_channels, 
     dilation and group count; tiny convolutions, and images so large that one
     image's phi would be a large temporary, keep ``"conv"``.  With fewer than
     :data:`MIN_GEMM_SIDE` output channels per group at stride 1, dX's product
-    ``dY F^T`` would contract over those few channels: ``"mixed"`` takes dX
-    from the convolution form (XLA runs it like a forward) and dF from the
-    blocked products.  The forward is the blocked product where the backward
+    ``dY F^T`` would contract over those few channels and dF's GEMM is as
+    narrow: both stay in the convolution form (``"conv"``; with jax 0.10's
+    XNNPACK-backed CPU convolutions 1.3x faster on resnet_small's 16-channel
+    layers than ``"mixed"``, dX by the convolution and dF by the blocked
+    products, which was the faster pair before).  The forward is the blocked product where the backward
     is blocked, both GEMM sides are at least :data:`MIN_GEMM_SIDE` wide and
     the input has fewer than :data:`XLA_FORWARD_CHANNELS` channels per group.
     Both are Winograd ``F(2x2, 3x3)`` (``"winograd2"``) for a 2-D, stride-1,
@@ -249,7 +251,7 @@ def _conv_choice(batch, out_spatial, kernel_spatial, in_channels, out_channels, 
             and min(cg, og) >= MIN_GEMM_SIDE and winograd_fits(kernel_spatial, stride, dilation, groups)):
         return "winograd2", "winograd2", facts + ", stride 1: Winograd F(2x2, 3x3)"
     narrow = og < MIN_GEMM_SIDE
-    backward = "mixed" if narrow and all(s == 1 for s in stride) else "im2row_blocked"
+    backward = "conv" if narrow and all(s == 1 for s in stride) else "im2row_blocked"
     contraction = math.prod(kernel_spatial) * cg
     wide = og >= MIN_GEMM_SIDE and contraction >= MIN_GEMM_SIDE
     forward = "im2row_blocked" if wide and cg < XLA_FORWARD_CHANNELS else "conv"

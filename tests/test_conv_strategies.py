@@ -125,9 +125,9 @@ def test_backward_plan_by_platform_and_shape(forms):
     assert _plan(*tiny).backward == "conv"
     assert _plan((1, 2048, 2048, 64), (3, 3, 64, 64)).backward == "conv"  # phi: 2.4e9 entries
     assert _plan((128, 16, 16, 128), (3, 3, 32, 128), groups=4).backward == "im2row_blocked"
-    assert _plan(*narrow).backward == "mixed"
+    assert _plan(*narrow).backward == "conv"  # narrow GEMMs both ways: XLA's convolutions
     assert _plan(*narrow, stride=(2, 2)).backward == "im2row_blocked"  # strided: dX's conv form is slow
-    assert _plan((128, 16, 16, 64), (3, 3, 16, 64), groups=4).backward == "mixed"  # 16 per group
+    assert _plan((128, 16, 16, 64), (3, 3, 16, 64), groups=4).backward == "conv"  # 16 per group
     assert _plan(*big, platform="gpu") == ("conv", "conv", "on gpu, XLA's convolutions")
     forms(conv_backward="im2row")
     forced = _plan(*big, platform="gpu")

@@ -217,7 +217,7 @@ def test_planner_picks_f2x2_3x3_only_where_it_applies(forms):
     assert choice(groups=2).forward != "winograd2"
     assert choice(kernel=(5, 5)).forward != "winograd2"  # no 5x5 tile keeps float32 within 2x
     assert choice(kernel=(1, 1)).forward != "winograd2"
-    assert choice(c=16, o=16).backward == "mixed"  # narrow GEMMs: XLA's convolution forms
+    assert choice(c=16, o=16).backward == "conv"  # narrow GEMMs: XLA's convolution forms
     assert choice(platform="gpu")[:2] == ("conv", "conv")
     # Forced on a convolution it cannot run, a Winograd form gives way to the planner's own choice.
     forms(conv_forward="winograd4", conv_backward="winograd2")
