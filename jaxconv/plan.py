@@ -9,7 +9,9 @@ dY``, ``dX = phi*(dY F^T)`` (``"im2row"``, or ``"im2row_blocked"`` over batch
 blocks), or dX by the convolution and dF by the blocked products
 (``"mixed"``); at stride 1 both also run as Winograd minimal filtering
 (``"winograd2"``, ``"winograd4"``: ``F(2, r)`` or ``F(4, r)`` per spatial
-axis, ``jaxconv.winograd``), forward and backward.  Pooling runs either on a reshape of non-overlapping windows
+axis, ``jaxconv.winograd``), forward and backward; with the optional
+oneDNN library, all three formulas run as oneDNN's kernels (``"onednn"``,
+``jaxconv.onednn``; float32 on CPU, only when forced).  Pooling runs either on a reshape of non-overlapping windows
 (``"reshape"``) or on strided slices (``"slices"``).
 
 The choice is made once per trace, from static facts only:
