@@ -333,46 +333,39 @@ def _onednn_geometry(config: ConvConfig):
 # gradients run the callbacks (the conv rule calls them directly); second and
 # higher orders differentiate through the lax tangents.
 
-@partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _forward_onednn(config: ConvConfig, x, w):
-    """``Y`` by oneDNN's forward convolution (docs/convolution.md §1)."""
-    out = jax.ShapeDtypeStruct((x.shape[0], *config.window.out_size, w.shape[-1]), x.dtype)
-    return jax.pure_callback(partial(onednn.forward, **_onednn_geometry(config)), out, x, w,
-                             vmap_method="sequential")
+def _onednn_formula(kernel, shape, shape_name, lax_formula, doc: str):
+    """One of the three formulas, ``(config, a, b) -> out``, as a oneDNN callback with the lax tangent.
+
+    ``shape(config, a, b)`` is the output's shape, passed to ``kernel`` as
+    ``shape_name`` (the forward reads it off its inputs).  Bilinear: the tangent
+    is ``lax_formula(da, b) + lax_formula(a, db)``.
+    """
+
+    @partial(jax.custom_jvp, nondiff_argnums=(0,))
+    def formula(config: ConvConfig, a, b):
+        out = shape(config, a, b)
+        extra = {shape_name: out} if shape_name else {}
+        return jax.pure_callback(partial(kernel, **extra, **_onednn_geometry(config)),
+                                 jax.ShapeDtypeStruct(out, a.dtype), a, b, vmap_method="sequential")
+
+    @formula.defjvp
+    def formula_jvp(config, primals, tangents):
+        (a, b), (da, db) = primals, tangents
+        return formula(config, a, b), lax_formula(config, da, b) + lax_formula(config, a, db)
+
+    formula.__doc__ = doc
+    return formula
 
 
-@_forward_onednn.defjvp
-def _forward_onednn_jvp(config, primals, tangents):
-    (x, w), (dx, dw) = primals, tangents
-    return _forward_onednn(config, x, w), _forward_conv(config, dx, w) + _forward_conv(config, x, dw)
-
-
-@partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _input_grad_onednn(config: ConvConfig, w, g):
-    """dL/dx (docs/convolution.md §5.3) by oneDNN's backward-data convolution."""
-    x_shape = (g.shape[0], *config.window.in_size, w.shape[-2])
-    return jax.pure_callback(partial(onednn.input_grad, x_shape=x_shape, **_onednn_geometry(config)),
-                             jax.ShapeDtypeStruct(x_shape, g.dtype), w, g, vmap_method="sequential")
-
-
-@_input_grad_onednn.defjvp
-def _input_grad_onednn_jvp(config, primals, tangents):
-    (w, g), (dw, dg) = primals, tangents
-    return _input_grad_onednn(config, w, g), _input_grad_conv(config, dw, g) + _input_grad_conv(config, w, dg)
-
-
-@partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _kernel_grad_onednn(config: ConvConfig, x, g):
-    """dL/dw (docs/convolution.md §5.4) by oneDNN's backward-weights convolution."""
-    w_shape = (*config.window.kernel, x.shape[-1], g.shape[-1])
-    return jax.pure_callback(partial(onednn.kernel_grad, w_shape=w_shape, **_onednn_geometry(config)),
-                             jax.ShapeDtypeStruct(w_shape, x.dtype), x, g, vmap_method="sequential")
-
-
-@_kernel_grad_onednn.defjvp
-def _kernel_grad_onednn_jvp(config, primals, tangents):
-    (x, g), (dx, dg) = primals, tangents
-    return _kernel_grad_onednn(config, x, g), _kernel_grad_conv(config, dx, g) + _kernel_grad_conv(config, x, dg)
+_forward_onednn = _onednn_formula(
+    onednn.forward, lambda config, x, w: (x.shape[0], *config.window.out_size, w.shape[-1]), None, _forward_conv,
+    "``Y`` by oneDNN's forward convolution (docs/convolution.md §1).")
+_input_grad_onednn = _onednn_formula(
+    onednn.input_grad, lambda config, w, g: (g.shape[0], *config.window.in_size, w.shape[-2]), "x_shape",
+    lambda *a: _input_grad_conv(*a), "dL/dx (docs/convolution.md §5.3) by oneDNN's backward-data convolution, from (w, g).")
+_kernel_grad_onednn = _onednn_formula(
+    onednn.kernel_grad, lambda config, x, g: (*config.window.kernel, x.shape[-1], g.shape[-1]), "w_shape",
+    lambda *a: _kernel_grad_conv(*a), "dL/dw (docs/convolution.md §5.4) by oneDNN's backward-weights convolution, from (x, g).")
 
 
 def _forward(config: ConvConfig, x, w, b):
