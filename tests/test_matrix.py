@@ -18,6 +18,10 @@ from jaxconv.verify import check_vjp, relative_error
 
 from .strategies import conv_configs
 
+# The eager matrix identities compile once per drawn shape: five draws in the fast suite, the
+# profile's count under HYPOTHESIS_PROFILE=slow.
+_FEW = 5 if settings.default.max_examples < 60 else settings.default.max_examples
+
 
 def _symbols_x(planes=1, size=6):
     """The X of docs/convolution.md §3 with symbols as numbers: plane c (1-based) holds X_ij = 100(c-1) + 10i + j."""
@@ -169,6 +173,7 @@ def test_im2row_and_row2im_are_adjoint(config):
     assert relative_error(back, autodiff_back)[1] <= 1e-12
 
 
+@settings(max_examples=_FEW)
 @given(config=conv_configs())
 def test_im2row_times_kernel_is_conv2d(config):
     opts, groups = _options(config)
@@ -183,6 +188,7 @@ def test_im2row_times_kernel_is_conv2d(config):
     assert relative_error(rows @ w.reshape(-1, o), y.reshape(n, -1, o))[1] <= 1e-12
 
 
+@settings(max_examples=_FEW)
 @given(config=conv_configs())
 def test_filter_matrix_times_vec_x_is_vec_conv2d(config):
     opts, groups = _options(config)
@@ -195,6 +201,7 @@ def test_filter_matrix_times_vec_x_is_vec_conv2d(config):
     assert relative_error(matrix.vec(x) @ m.T, matrix.vec(y))[1] <= 1e-12
 
 
+@settings(max_examples=_FEW)
 @given(config=conv_configs())
 def test_patch_matrix_times_vec_f_is_vec_s(config):
     opts, _ = _options(config)
@@ -206,6 +213,7 @@ def test_patch_matrix_times_vec_f_is_vec_s(config):
     assert relative_error(m @ matrix.vec(f), matrix.vec(s))[1] <= 1e-12
 
 
+@settings(max_examples=_FEW)
 @given(config=conv_configs())
 def test_kernel_from_filter_matrix_round_trip(config):
     opts, groups = _options(config)
