@@ -179,24 +179,13 @@ def bench_peak(runs):
 
 def bench_conv(runs, quick):
     rows = []
-    rng = np.random.default_rng(0)
     for spec in CONV_SHAPES[:2] if quick else CONV_SHAPES:
-        n, h, w, c = spec["x"]
-        k, o = spec["k"], spec["o"]
-        opts = dict(stride=spec["stride"], padding=spec["padding"])
-        x = jnp.asarray(rng.standard_normal(spec["x"]), jnp.float32)
-        wt = jnp.asarray(rng.standard_normal((k, k, c, o)) / np.sqrt(k * k * c), jnp.float32)
+        name, x, wt, g, opts, macs = _conv_case(spec)
         ours = lambda x, w, opts=opts: jaxconv.conv2d(x, w, **opts)
         ref = lambda x, w, opts=opts: reference.conv2d(x, w, **opts)
-        out = jax.eval_shape(ref, x, wt).shape
-        macs = int(np.prod(out)) * k * k * c
-        name = f"conv ({n},{h},{w},{c}->{o},{k}) s{spec['stride']} {spec['padding']}"
-        chosen = jaxconv.plan.conv_plan(  # which forms the planner picks
-            batch=n, out_spatial=out[1:3], kernel_spatial=(k, k), in_channels=c, out_channels=o, groups=1,
-            stride=(spec["stride"],) * 2, platform=jaxconv.plan.platform_of(x))
-        strategy = f"fwd {chosen.forward}, bwd {chosen.backward}"
-        row = compare_vjp(name, ours, ref, (x, wt), runs, flops=4 * macs,
-                          extra=dict(forward_flops=2 * macs, strategy=strategy))
+        chosen = _planned(spec, x, g)
+        row = compare_vjp(f"conv {name}", ours, ref, (x, wt), runs, flops=4 * macs,
+                          extra=dict(forward_flops=2 * macs, strategy=f"fwd {chosen.forward}, bwd {chosen.backward}"))
         row["gflops_forward"] = 2 * macs / row["forward"]["median_s"] / 1e9
         rows.append(row)
     return rows
@@ -214,6 +203,14 @@ def _conv_case(spec, dtype=jnp.float32, batch=None, seed=0):
     g = jnp.asarray(rng.standard_normal(out), dtype)
     name = f"({spec['x'][0] if batch is None else n},{h},{w},{c}->{o},{k}) s{spec['stride']} {spec['padding']}"
     return name, x, wt, g, opts, int(np.prod(out)) * k * k * c
+
+
+def _planned(spec, x, g):
+    """The forms the planner picks for this layer (``g``: an output gradient, for the output size)."""
+    return jaxconv.plan.conv_plan(
+        batch=x.shape[0], out_spatial=g.shape[1:3], kernel_spatial=(spec["k"],) * 2, in_channels=x.shape[-1],
+        out_channels=spec["o"], groups=1, stride=(spec["stride"],) * 2, platform=jaxconv.plan.platform_of(x),
+        dtype=x.dtype)
 
 
 def _form_pairs():
@@ -242,10 +239,7 @@ def bench_forms(runs, quick):
             calls[f"{fwd}|{bwd}|forward"] = lambda f=forward: jax.block_until_ready(f(x, wt))
             calls[f"{fwd}|{bwd}|backward"] = lambda b=backward, p=pullback: jax.block_until_ready(b(p, g))
         times = interleaved(calls, runs)
-        n, h, w, c = spec["x"]
-        planned = jaxconv.plan.conv_plan(
-            batch=n, out_spatial=g.shape[1:3], kernel_spatial=(spec["k"],) * 2, in_channels=c, out_channels=spec["o"],
-            groups=1, stride=(spec["stride"],) * 2, platform=jaxconv.plan.platform_of(x))
+        planned = _planned(spec, x, g)
         row = dict(op=f"conv {name}", macs=macs, planned=[planned.forward, planned.backward], forms={})
         for fwd, bwd in _pairs(spec):
             tf, tb = times[f"{fwd}|{bwd}|forward"], times[f"{fwd}|{bwd}|backward"]

@@ -294,8 +294,8 @@ def _winograd_block(in_size, kernel, m: int, batch: int, channels: int, itemsize
 def _forward_winograd(config: ConvConfig, x, w, m: int):
     """``Y`` by Winograd ``F(m, k)`` per spatial axis (stride 1, dilation 1, one group; jaxconv.winograd)."""
     window = config.window
-    padded = window.padded
-    block = _winograd_block(padded, window.kernel, m, x.shape[0], x.shape[-1] + w.shape[-1], x.dtype.itemsize)
+    block = _winograd_block(window.padded, window.kernel, m, x.shape[0], x.shape[-1] + w.shape[-1],
+                            x.dtype.itemsize)
     return winograd.correlate(x, w, window.padding, m, block)
 
 
@@ -522,15 +522,9 @@ def _grads(config: ConvConfig, form: str, x, x_shape, w, g, need_dx: bool = True
     ``x`` may be None when only ``dL/dx`` is needed (``x_shape`` gives its shape).
     """
     dx_form, dw_form = _BACKWARD_STRATEGIES[form]
-    if dx_form == "onednn":
-        dx = _input_grad_onednn(config, w, g) if need_dx else None
-        dw = _kernel_grad_onednn(config, x, g) if need_dw else None
-        return dx, dw
-    if dx_form in plan.WINOGRAD_TILES:
-        m = plan.WINOGRAD_TILES[dx_form]
-        dx = _input_grad_winograd(config, w, g, m) if need_dx else None
-        dw = _kernel_grad_winograd(config, x, g, m) if need_dw else None
-        return dx, dw
+    if dx_form in _FORMULA_PAIRS:  # Winograd and oneDNN: (dx from w and g, dw from x and g)
+        input_grad, kernel_grad = _FORMULA_PAIRS[dx_form]
+        return (input_grad(config, w, g) if need_dx else None, kernel_grad(config, x, g) if need_dw else None)
     if dx_form == dw_form != "conv":
         blocked = _grads_im2row_blocked if dx_form == "im2row_blocked" else _grads_im2row
         return blocked(config, x, x_shape, w, g, need_dx, need_dw)
@@ -699,6 +693,13 @@ _BACKWARD_STRATEGIES = {
     # oneDNN's backward data and backward weights, host callbacks (jaxconv.onednn;
     # float32, one group, only when forced: plan.forms).
     "onednn": ("onednn", "onednn"),
+}
+
+# Backward forms whose dx and dw are one pair of functions (config, w, g) and (config, x, g).
+_FORMULA_PAIRS = {
+    **{name: (partial(_input_grad_winograd, m=m), partial(_kernel_grad_winograd, m=m))
+       for name, m in plan.WINOGRAD_TILES.items()},
+    "onednn": (_input_grad_onednn, _kernel_grad_onednn),
 }
 
 # name -> forward(config, x, w) -> y without bias; tested like the backward.

@@ -32,12 +32,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import threading
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from . import _window
 
 __all__ = ["LIBRARY_ENV", "available", "forward", "input_grad", "kernel_grad", "library_path"]
 
@@ -69,12 +72,9 @@ def library_path() -> str | None:
     except Exception:
         return None
     for file in dist.files or ():
-        if file.name.startswith("libdnnl.so"):
-            # Wheel data files are installed under the environment's prefix (lib/libdnnl.so.3).
-            path = Path(dist.locate_file(file)).resolve()
-            for candidate in (path, Path(dist.locate_file("")).parent.parent.parent / "lib" / file.name):
-                if candidate.exists():
-                    return str(candidate)
+        # Wheel data files are installed under the environment's prefix (lib/libdnnl.so.3).
+        if file.name.startswith("libdnnl.so") and Path(dist.locate_file(file)).exists():
+            return str(Path(dist.locate_file(file)).resolve())
     return None
 
 
@@ -140,22 +140,19 @@ def _strided(shape: Sequence[int], strides: Sequence[int]):
     return md
 
 
+def _outer_strides(sizes: Sequence[int], inner: int) -> list[int]:
+    """Row-major strides of ``sizes`` laid out in front of a contiguous block of ``inner`` elements."""
+    return [inner * math.prod(sizes[i + 1:]) for i in range(len(sizes))]
+
+
 def _channels_last(n: int, c: int, spatial: Sequence[int]):
     """(N, C, *spatial) logical dims stored as (N, *spatial, C)."""
-    strides, step = [], c
-    for size in reversed(spatial):
-        strides.insert(0, step)
-        step *= size
-    return _strided((n, c, *spatial), (step, 1, *strides))
+    return _strided((n, c, *spatial), (c * math.prod(spatial), 1, *_outer_strides(spatial, c)))
 
 
 def _kernel_layout(o: int, i: int, kernel: Sequence[int]):
     """(O, I, *K) logical dims stored as (*K, I, O) (jaxconv's HWIO)."""
-    strides, step = [], i * o
-    for size in reversed(kernel):
-        strides.insert(0, step)
-        step *= size
-    return _strided((o, i, *kernel), (1, o, *strides))
+    return _strided((o, i, *kernel), (1, o, *_outer_strides(kernel, i * o)))
 
 
 class _Geometry:
@@ -165,7 +162,7 @@ class _Geometry:
         lib, engine, _ = _runtime()
         n, *spatial, c = x_shape
         *kernel, _, o = w_shape
-        out = [(s + lo + hi - d * (k - 1) - 1) // st + 1
+        out = [_window.output_size(s, lo, hi, k, st, d)
                for s, (lo, hi), k, st, d in zip(spatial, padding, kernel, stride, dilation)]
         self.x_shape, self.w_shape, self.y_shape = tuple(x_shape), tuple(w_shape), (n, *out, o)
         self.src, self.dst = _channels_last(n, c, spatial), _channels_last(n, o, out)

@@ -45,6 +45,7 @@ import math
 from typing import Iterator, NamedTuple, Sequence
 
 import jax
+import numpy as np
 
 from . import onednn
 from .winograd import POINTS
@@ -176,8 +177,6 @@ def winograd_fits(kernel_spatial, stride, dilation, groups, tile: int = 2) -> bo
 
 def onednn_fits(kernel_spatial, groups, platform: str, dtype) -> bool:
     """The ``"onednn"`` forms apply: float32 on CPU, 1-3 spatial dimensions, one group, the library installed."""
-    import numpy as np
-
     return (platform == "cpu" and dtype is not None and np.dtype(dtype) == np.float32
             and onednn.fits(len(kernel_spatial), groups) and onednn.available())
 

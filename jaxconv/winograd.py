@@ -128,26 +128,31 @@ def transforms(m: int, r: int) -> tuple[tuple, tuple, tuple]:
     return tuple(map(tuple, at)), tuple(map(tuple, g)), tuple(map(tuple, bt))
 
 
-def _array(rows, dtype) -> np.ndarray:
-    return np.array([[float(v) for v in row] for row in rows], dtype=dtype)
+def _array(rows) -> np.ndarray:
+    return np.array([[float(v) for v in row] for row in rows], dtype=np.float64)
+
+
+def _weighted_sum(coeffs, piece, dtype):
+    """``sum_t coeffs[t] * piece(t)`` over the nonzero coefficients (no multiply for +-1); None if all are 0.
+
+    The transforms are written this way, not as a dot with a tiny
+    contraction, so that XLA fuses each into one elementwise pass.
+    """
+    total = None
+    for t, c in enumerate(coeffs):
+        if c == 0:
+            continue
+        term = piece(t)
+        term = term if c == 1 else (-term if c == -1 else term * jnp.asarray(c, dtype))
+        total = term if total is None else total + term
+    return total
 
 
 def _along(a, matrix: np.ndarray, axis: int, new_axis: int):
-    """Apply ``matrix`` (``p x q``) to axis ``axis`` (length ``q``) of ``a`` and put the result's ``p`` at ``new_axis``.
-
-    Written as a weighted sum of slices, skipping zero coefficients, so that
-    XLA fuses it into one elementwise pass instead of a dot with a tiny
-    contraction.
-    """
+    """Apply ``matrix`` (``p x q``) to axis ``axis`` (length ``q``) of ``a`` and put the result's ``p`` at ``new_axis``."""
     rows = []
     for coeffs in matrix:
-        total = None
-        for t, c in enumerate(coeffs):
-            if c == 0:
-                continue
-            piece = lax.index_in_dim(a, t, axis, keepdims=False)
-            piece = piece if c == 1 else (-piece if c == -1 else piece * jnp.asarray(c, a.dtype))
-            total = piece if total is None else total + piece
+        total = _weighted_sum(coeffs, lambda t: lax.index_in_dim(a, t, axis, keepdims=False), a.dtype)
         rows.append(jnp.zeros_like(lax.index_in_dim(a, 0, axis, keepdims=False)) if total is None else total)
     return jnp.stack(rows, axis=new_axis)
 
@@ -157,10 +162,14 @@ def _pad(x, pads):
     return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)))
 
 
-def _tiling(padded: Sequence[int], kernel: Sequence[int], m: int):
+def _tiling(size: Sequence[int], pads, kernel: Sequence[int], m: int):
+    """``(out, tiles, pads)``: the stride-1 output size, the tiles of ``m`` covering it, and ``pads``
+    with the high side extended so that the last tile's ``m + k - 1`` inputs exist (zeros)."""
+    padded = [s + lo + hi for s, (lo, hi) in zip(size, pads)]
     out = tuple(p - k + 1 for p, k in zip(padded, kernel))
     tiles = tuple(-(-o // m) for o in out)
-    return out, tiles
+    pads = tuple((lo, hi + t * m + k - 1 - p) for (lo, hi), t, k, p in zip(pads, tiles, kernel, padded))
+    return out, tiles, pads
 
 
 def correlate(x, w, pads, m: int, block: int | None = None):
@@ -173,10 +182,7 @@ def correlate(x, w, pads, m: int, block: int | None = None):
     ndim = x.ndim - 2
     n, o = x.shape[0], w.shape[-1]
     kernel = w.shape[:ndim]
-    padded = tuple(s + lo + hi for s, (lo, hi) in zip(x.shape[1:-1], pads))
-    out, tiles = _tiling(padded, kernel, m)
-    # Extend the high side so that the last tile's alpha inputs exist (zeros).
-    pads = tuple((lo, hi + t * m + k - 1 - p) for (lo, hi), t, k, p in zip(pads, tiles, kernel, padded))
+    out, tiles, pads = _tiling(x.shape[1:-1], pads, kernel, m)
     u = _kernel_transform(w, m)  # (alpha^ndim, C, O)
 
     def run(xb):
@@ -201,7 +207,7 @@ def _transformed_tiles(xp, m, kernel, tiles, dual: bool = False):
     v = xp
     for axis, k in enumerate(kernel):
         _, _, bt = transforms(k, m) if dual else transforms(m, k)
-        v = _tile_axis(v, axis, m, tiles[axis], _array(bt, np.float64))
+        v = _tile_axis(v, axis, m, tiles[axis], _array(bt))
     return v.reshape(-1, xp.shape[0] * math.prod(tiles), xp.shape[-1])
 
 
@@ -213,21 +219,13 @@ def _tile_axis(v, axis: int, step: int, count: int, bt: np.ndarray):
     tile counts; the new transformed axis goes after the earlier ones.
     """
     pos = axis + 1 + axis  # transformed axes in front, then N, then the spatial axes
-    out = []
-    for coeffs in bt:
-        total = None
-        for t, cf in enumerate(coeffs):
-            if cf == 0:
-                continue
-            start = [0] * v.ndim
-            limit = list(v.shape)
-            strides = [1] * v.ndim
-            start[pos], limit[pos], strides[pos] = t, t + step * (count - 1) + 1, step
-            piece = lax.slice(v, start, limit, strides)
-            piece = piece if cf == 1 else (-piece if cf == -1 else piece * jnp.asarray(cf, v.dtype))
-            total = piece if total is None else total + piece
-        out.append(total)
-    return jnp.stack(out, axis=axis)
+
+    def offset(t):  # the t-th entry of every tile: a strided slice
+        start, limit, strides = [0] * v.ndim, list(v.shape), [1] * v.ndim
+        start[pos], limit[pos], strides[pos] = t, t + step * (count - 1) + 1, step
+        return lax.slice(v, start, limit, strides)
+
+    return jnp.stack([_weighted_sum(coeffs, offset, v.dtype) for coeffs in bt], axis=axis)
 
 
 def _kernel_transform(w, m: int):
@@ -236,7 +234,7 @@ def _kernel_transform(w, m: int):
     u = w
     for axis in range(ndim):
         _, g, _ = transforms(m, w.shape[axis])
-        gm = jnp.asarray(_array(g, np.float64), w.dtype)
+        gm = jnp.asarray(_array(g), w.dtype)
         u = jnp.tensordot(gm, u, axes=((1,), (axis,)), precision=lax.Precision.HIGHEST)  # new axis in front
         u = jnp.moveaxis(u, 0, axis)
     alphas = u.shape[:ndim]
@@ -250,7 +248,7 @@ def _output_transform(prod, m, kernel, n, tiles, o, out):
     v = prod.reshape(*alphas, n, *tiles, o)
     for axis in range(ndim):
         at, _, _ = transforms(m, kernel[axis])
-        v = _along(v, _array(at, np.float64), axis, axis)  # (alpha -> m) on axis `axis`, in place
+        v = _along(v, _array(at), axis, axis)  # (alpha -> m) on axis `axis`, in place
     # v: (m,)*ndim + (N, *tiles, O) -> (N, t1, m, t2, m, ..., O)
     perm = [ndim] + [p for axis in range(ndim) for p in (ndim + 1 + axis, axis)] + [2 * ndim + 1]
     v = v.transpose(perm).reshape(n, *(t * m for t in tiles), o)
@@ -269,9 +267,7 @@ def kernel_grad(x, g, pads, kernel: Sequence[int], m: int, block: int | None = N
     """
     ndim = x.ndim - 2
     n, c, o = x.shape[0], x.shape[-1], g.shape[-1]
-    padded = tuple(s + lo + hi for s, (lo, hi) in zip(x.shape[1:-1], pads))
-    out, tiles = _tiling(padded, kernel, m)
-    pads = tuple((lo, hi + t * m + k - 1 - p) for (lo, hi), t, k, p in zip(pads, tiles, kernel, padded))
+    out, tiles, pads = _tiling(x.shape[1:-1], pads, kernel, m)
     alphas = [m + k - 1 for k in kernel]
     gpads = tuple((0, t * m - s) for t, s in zip(tiles, out))
 
@@ -290,7 +286,7 @@ def kernel_grad(x, g, pads, kernel: Sequence[int], m: int, block: int | None = N
     v = acc.reshape(*alphas, c, o)
     for axis in range(ndim):
         at, _, _ = transforms(kernel[axis], m)  # F(k, m): k outputs
-        v = _along(v, _array(at, np.float64), axis, axis)
+        v = _along(v, _array(at), axis, axis)
     return v
 
 
@@ -304,5 +300,5 @@ def _gradient_transform(gp, m, kernel, tiles):
     v = v.transpose(perm)
     for axis in range(ndim):
         _, gmat, _ = transforms(kernel[axis], m)  # alpha x m
-        v = _along(v, _array(gmat, np.float64), axis, axis)
+        v = _along(v, _array(gmat), axis, axis)
     return v.reshape(-1, n * math.prod(tiles), o)

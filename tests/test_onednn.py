@@ -23,6 +23,8 @@ import jaxconv
 from jaxconv import onednn, plan, reference
 from jaxconv.verify import check_vjp
 
+from .test_winograd import float32_errors  # one float32-error measure for every form
+
 pytestmark = pytest.mark.skipif(
     not (platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")),
     reason="oneDNN's wheel (onednn-cpu-gomp) exists for Linux x86-64 only")
@@ -34,17 +36,6 @@ def test_library_is_installed_and_loads():
     """CI installs the extra: these forms are tested, not skipped, wherever the wheel exists."""
     assert onednn.library_path() is not None, onednn.INSTALL_HINT
     assert onednn.available()
-
-
-def _errors(op, ref, x, w, g, forms, **options):
-    """Normwise float32 error of (y, dx, dw) against float64, under ``forms``."""
-    with plan.forms(**forms):
-        run = jax.jit(lambda x, w, g: (lambda yp: (yp[0], *yp[1](g)))(jax.vjp(lambda x, w: op(x, w, **options), x, w)))
-        low = run(*(a.astype(np.float32) for a in (x, w, g)))
-    exact_y, pullback = jax.vjp(lambda x, w: ref(x, w, **options), jnp.asarray(x), jnp.asarray(w))
-    exact = (exact_y, *pullback(jnp.asarray(g)))
-    return [float(np.linalg.norm(np.asarray(b, np.float64) - np.asarray(a)) / np.linalg.norm(np.asarray(a)))
-            for a, b in zip(exact, low)]
 
 
 @pytest.mark.parametrize("ndim,x_shape,w_shape,options", [
@@ -63,8 +54,8 @@ def test_float32_error_within_twice_the_direct_form(ndim, x_shape, w_shape, opti
     op, ref = getattr(jaxconv, f"conv{ndim}d"), getattr(reference, f"conv{ndim}d")
     y = jax.eval_shape(lambda x, w: ref(x, w, **options), x, w)
     g = rng.standard_normal(y.shape)
-    ours = _errors(op, ref, x, w, g, ONEDNN, **options)
-    direct = _errors(op, ref, x, w, g, dict(conv_forward="conv", conv_backward="conv"), **options)
+    ours = float32_errors(op, ref, x, w, g, ONEDNN, **options)
+    direct = float32_errors(op, ref, x, w, g, dict(conv_forward="conv", conv_backward="conv"), **options)
     for name, e, d in zip(("y", "dx", "dw"), ours, direct):
         assert e <= 2 * d + 1e-7, (name, e, d)
 

@@ -78,22 +78,21 @@ def _arrays(seed, x_shape, w_shape, dtype=np.float64):
             rng.standard_normal(w_shape[-1]).astype(dtype))
 
 
-def _runs_winograd(form, f, *args):
-    """The form really runs (not the planner's fallback): the traced program has no convolution."""
+def _check_float64(f, ref, args):
+    """The forced form really runs (the traced gradient has no XLA convolution, so it is not the
+    planner's fallback), and its VJP is the reference's to 1e-12."""
     text = str(jax.make_jaxpr(jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1)))(*args))
-    return "conv_general_dilated" not in text
+    assert "conv_general_dilated" not in text
+    report = check_vjp(f, ref, *args, names=("x", "w", "b"), finite_differences=False, second_order=False)
+    report.assert_ok()
+    assert report.worst("vjp") <= 1e-12
 
 
 @pytest.mark.parametrize("form", WINOGRAD_FORMS)
 @pytest.mark.parametrize("x_shape,w_shape,options", GRID)
 def test_float64_every_tile_on_the_grid(forms, form, x_shape, w_shape, options):
     forms(conv_forward=form, conv_backward=form)
-    f, ref = _conv(options)
-    args = _arrays(0, x_shape, w_shape)
-    assert _runs_winograd(form, f, *args)
-    report = check_vjp(f, ref, *args, names=("x", "w", "b"), finite_differences=False, second_order=False)
-    report.assert_ok()
-    assert report.worst("vjp") <= 1e-12
+    _check_float64(*_conv(options), _arrays(0, x_shape, w_shape))
 
 
 @pytest.mark.parametrize("form", WINOGRAD_FORMS)
@@ -113,12 +112,7 @@ def test_finite_differences_and_second_order(forms, form, index):
 ])
 def test_1d_and_3d(forms, form, ndim, x_shape, w_shape, options):
     forms(conv_forward=form, conv_backward=form)
-    f, ref = _conv(options, ndim)
-    args = _arrays(2, x_shape, w_shape)
-    assert _runs_winograd(form, f, *args)
-    report = check_vjp(f, ref, *args, names=("x", "w", "b"), finite_differences=False, second_order=False)
-    report.assert_ok()
-    assert report.worst("vjp") <= 1e-12
+    _check_float64(*_conv(options, ndim), _arrays(2, x_shape, w_shape))
 
 
 @pytest.mark.parametrize("form", WINOGRAD_FORMS)
@@ -174,15 +168,14 @@ def test_hypothesis_stride1(config, form):
     assert report.worst("vjp") <= 1e-12
 
 
-def _float32_errors(form, x, w, g, options):
-    """Normwise relative error of (y, dx, dw) in float32 against float64, for one forced form."""
-    with plan.forms(conv_forward=form, conv_backward=form):
-        def run(x, w, g):
-            y, pullback = jax.vjp(lambda x, w: jaxconv.conv2d(x, w, **options), x, w)
-            return (y, *pullback(g))
-
-        exact = jax.jit(run)(x, w, g)
-        low = jax.jit(run)(*(a.astype(np.float32) for a in (x, w, g)))
+def float32_errors(op, ref, x, w, g, forms, **options):
+    """Normwise relative error of (y, dx, dw) of ``op`` in float32 under ``forms`` (``jaxconv.plan.forms``
+    arguments), against ``ref`` in float64."""
+    with plan.forms(**forms):
+        run = jax.jit(lambda x, w, g: (lambda yp: (yp[0], *yp[1](g)))(jax.vjp(lambda x, w: op(x, w, **options), x, w)))
+        low = run(*(np.asarray(a, np.float32) for a in (x, w, g)))
+    exact_y, pullback = jax.vjp(lambda x, w: ref(x, w, **options), jnp.asarray(x), jnp.asarray(w))
+    exact = (exact_y, *pullback(jnp.asarray(g)))
     return [float(np.linalg.norm(np.asarray(b, np.float64) - np.asarray(a)) / np.linalg.norm(np.asarray(a)))
             for a, b in zip(exact, low)]
 
@@ -195,10 +188,9 @@ def test_float32_error_against_the_direct_form():
     x = jnp.asarray(rng.standard_normal((8, 16, 16, 32)))
     w = jnp.asarray(rng.standard_normal((3, 3, 32, 32)) / np.sqrt(9 * 32))
     g = jnp.asarray(rng.standard_normal((8, 16, 16, 32)))
-    options = dict(padding="SAME")
-    direct = _float32_errors("conv", x, w, g, options)
-    tile2 = _float32_errors("winograd2", x, w, g, options)
-    tile4 = _float32_errors("winograd4", x, w, g, options)
+    direct, tile2, tile4 = (float32_errors(jaxconv.conv2d, reference.conv2d, x, w, g,
+                                           dict(conv_forward=form, conv_backward=form), padding="SAME")
+                            for form in ("conv", "winograd2", "winograd4"))
     for name, d, e2, e4 in zip(("y", "dx", "dw"), direct, tile2, tile4):
         print(f"{name}: direct {d:.2e}  F(2,3) {e2:.2e} ({e2 / d:.2f}x)  F(4,3) {e4:.2e} ({e4 / d:.2f}x)")
         assert e2 <= 2 * d, (name, e2, d)
