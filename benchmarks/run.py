@@ -215,7 +215,7 @@ def _planned(spec, x, g):
 
 def _form_pairs():
     """FORM_PAIRS, and oneDNN's forms where the optional library is installed."""
-    return FORM_PAIRS + ([("onednn", "onednn")] if jaxconv.onednn.available() else [])
+    return FORM_PAIRS + ([("onednn", "onednn")] if jaxconv.plan.onednn.available() else [])
 
 
 def _pairs(spec):
@@ -349,12 +349,12 @@ def lenet(channels, hidden=256, classes=10):
 
 
 def resnet_small(widths=(16, 32, 64), classes=10, batch_norm=True):
-    """``jaxconv.models.resnet_small``: conv3x3 16 - BN - ReLU, one basic block per
+    """``jaxconv.nn.models.resnet_small``: conv3x3 16 - BN - ReLU, one basic block per
     stage (16, 32, 64 channels; conv-BN-ReLU-conv-BN; stride 2 and a 1x1
     conv-BN projection from stage 2), global average pool, FC.  BN in training
     mode (batch statistics, running statistics updated).  ``batch_norm=False``:
     biased convolutions and no normalisation."""
-    from jaxconv import models
+    from jaxconv.nn import models
 
     def torch_module(in_shape, flat):
         import torch
@@ -453,7 +453,7 @@ def bench_steps(runs, quick):
                    params=int(sum(np.prod(a.shape) for a in jax.tree.leaves(params))))
         calls, compiled = {}, {}
         columns = [("jaxconv", jaxconv, None), ("autodiff", reference, None)]
-        if jaxconv.onednn.available():  # the optional oneDNN conv forms (pip install 'jaxconv[onednn]')
+        if jaxconv.plan.onednn.available():  # the optional oneDNN conv forms (pip install 'jaxconv[onednn]')
             columns.append(("jaxconv_onednn", jaxconv, dict(conv_forward="onednn", conv_backward="onednn")))
         for column, ops, forms in columns:
             def loss(p, x, y, ops=ops):

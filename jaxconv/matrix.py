@@ -63,7 +63,8 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-from . import _args, _window
+from ._core import args as _args
+from ._core import window as _window
 
 __all__ = ["im2row", "row2im", "patch_matrix", "filter_matrix", "kernel_from_matrix", "vec"]
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _window
+from ._core import window as _window
 
 
 # --- convolution (conv1d/2d/3d, conv_transpose1d/2d/3d) ------------------------

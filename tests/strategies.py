@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import assume
 from hypothesis import strategies as st
 
-from jaxconv import _window
+from jaxconv._core import window as _window
 
 
 def int_or_pair(low, high):

@@ -10,7 +10,8 @@ import optax
 import pytest
 
 import jaxconv
-from jaxconv import models, nn, train
+from jaxconv import nn, train
+from jaxconv.nn import models
 from jaxconv.verify import check_vjp
 
 
@@ -140,7 +141,7 @@ def test_resnet_small_has_bn_and_the_no_bn_variant_has_none():
     for name, expect in (("resnet_small", True), ("resnet_small_nobn", False)):
         init, _ = models.MODELS[name](10)
         _, params = init(jax.random.key(0), (-1, 8, 8, 1))
-        assert nn._has_state(params) is expect
+        assert nn.has_state(params) is expect
     opt = optax.sgd(0.1)
     init, apply = models.resnet_small_nobn(10)
     _, params = init(jax.random.key(0), (-1, 8, 8, 1))

@@ -1,7 +1,7 @@
 """``python -m jaxconv check``: a user's rule in a module outside the package, checked from the command line.
 
 The subprocess tests write a real module file into ``tmp_path`` and run the
-command there, as a user would (``python -m jaxconv.check_cli`` is the same
+command there, as a user would (``python -m jaxconv check`` is the same
 code as ``python -m jaxconv check``: ``add_parser`` registers it, tested below).
 The usage errors run in-process through ``check_cli.main``.
 """
@@ -18,7 +18,7 @@ import textwrap
 
 import pytest
 
-from jaxconv import check_cli
+from jaxconv.verify import command as check_cli
 
 RULES = textwrap.dedent('''
     """A user's rules, not in jaxconv: a strided 'valid' correlation with a nondiff stride."""

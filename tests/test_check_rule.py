@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxconv.testing import array, arguments, assert_report_ok, assert_rule_ok, sample, shapes, sweep
+from jaxconv.verify import array, arguments, assert_report_ok, assert_rule_ok, sample, shapes, sweep
 from jaxconv.verify import check_rule, low_precision_tolerance, reduction_size
 
 FAST = dict(second_order=False, jit_consistency=False, residuals=False, num_cotangents=1)
@@ -680,7 +680,7 @@ def test_missing_hypothesis_says_which_extra_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "hypothesis", None)
     with pytest.raises(ImportError, match=r"pip install 'jaxconv\[test\]'"):
         sweep(correlate_right, CONV_ARGS, dims=CONV_DIMS)
-    # Everything else in jaxconv.testing works without it.
+    # Everything else in jaxconv.verify works without it.
     assert_rule_ok(make_power(), np.array([1.0, 2.0]), 2, **FAST)
 
 

@@ -1,4 +1,4 @@
-"""jaxconv.checkpoint: exact round trips of params and optax states, template checks, atomic saves under crashes,
+"""jaxconv.train.checkpoint: exact round trips of params and optax states, template checks, atomic saves under crashes,
 checksums and header checks on real (corrupted, truncated, hand-edited) files, non-regular paths, file modes."""
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import numpy as np
 import optax
 import pytest
 
-from jaxconv import checkpoint, models, train
+from jaxconv import train
+from jaxconv.train import checkpoint
+from jaxconv.nn import models
 
 
 def _state(optimizer=None, seed=0):
@@ -157,7 +159,7 @@ def test_a_failure_mid_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch
 _KILLED_MID_SAVE = """
 import os, sys
 import numpy as np
-from jaxconv import checkpoint
+from jaxconv.train import checkpoint
 path = sys.argv[1]
 real_fdopen = os.fdopen
 class DieHalfway:
@@ -404,7 +406,7 @@ _READ_EACH = """
 import json, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))  # reading /dev/zero "to the end" fails fast
 import numpy as np
-from jaxconv import checkpoint
+from jaxconv.train import checkpoint
 template = {"w": np.zeros((2, 3), np.float32)}
 errors = []
 for path in sys.argv[1:]:

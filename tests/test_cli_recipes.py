@@ -13,7 +13,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxconv import checkpoint, cli, data, synthetic, train
+from jaxconv import train
+from jaxconv.train import checkpoint
+from jaxconv.cli import commands as cli
+from jaxconv.train import data
+from jaxconv.train import synthetic
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = ["--model", "dd2424_net", "--batch-size", "64", "--seed", "3"]

@@ -20,7 +20,9 @@ import time
 import numpy as np
 import pytest
 
-from jaxconv import checkpoint, cli, rundir
+from jaxconv.train import checkpoint
+from jaxconv.cli import commands as cli
+from jaxconv.train import rundir
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The smallest model and big batches: a digits epoch takes well under a second.
@@ -202,7 +204,7 @@ def test_a_run_that_diverges_at_once_writes_no_weights_and_says_so(tmp_path):
 
 
 def test_metrics_are_strict_json_with_non_finite_values_as_null():
-    from jaxconv._json import strict_json_bytes
+    from jaxconv._core.jsonsafe import strict_json_bytes
 
     assert strict_json_bytes({"a": float("nan"), "b": [float("inf"), 1.5], "c": {"d": -float("inf")}}) == (
         b'{\n "a": null,\n "b": [\n  null,\n  1.5\n ],\n "c": {\n  "d": null\n }\n}\n'
@@ -367,7 +369,7 @@ def test_verify_fails_on_a_planted_wrong_rule_and_rejects_unknown_ops(monkeypatc
         return jnp.maximum(x, 0)
 
     bad_relu.defvjp(lambda x: (jnp.maximum(x, 0), x), lambda x, g: (g * (x > 0) * (1 + 1e-9),))
-    monkeypatch.setattr(sys.modules["jaxconv.layers"], "relu", bad_relu)
+    monkeypatch.setattr(sys.modules["jaxconv.ops.layers"], "relu", bad_relu)
     assert cli.main(["verify", "--op", "relu"]) == 1
     captured = capsys.readouterr()
     assert "FAILED" in captured.out and "relu" in captured.err

@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 
 import jaxconv
-from jaxconv import checkpoint, cli, models, train
+from jaxconv import train
+from jaxconv.train import checkpoint
+from jaxconv.cli import commands as cli
+from jaxconv.nn import models
 from tests.test_data import _cifar_dir, _mnist_dir
 
 # The smallest model (one conv, ReLU, FC) and big batches keep each run to a few seconds.
@@ -65,7 +68,7 @@ def test_final_line_and_the_checkpoint_reproduce_the_test_accuracy(two_epochs, t
     accuracy = json.loads((tmp_path / "metrics.json").read_text())["epochs"][-1]["test_accuracy"]
     assert last.startswith(f"test accuracy {accuracy:.2%} after 1 epochs") and str(tmp_path) in last
     state, _ = _params(tmp_path)
-    dataset = jaxconv.data.load_digits()
+    dataset = jaxconv.train.data.load_digits()
     _, x_test = train.standardize(dataset.train_images, dataset.test_images)
     result = train.evaluate(models.dd2424_net(10)[1], state["params"], x_test, dataset.test_labels)
     assert result["accuracy"] == accuracy
@@ -124,7 +127,7 @@ def test_check_grads_fails_on_a_planted_wrong_rule(tmp_path, monkeypatch, capsys
 
     # Off by 1% on the positive side: a plausible slip, invisible in the forward pass.
     bad_relu.defvjp(lambda x: (bad_relu(x), x), lambda x, g: (g * (x > 0) * 1.01,))
-    monkeypatch.setattr(jaxconv, "relu", bad_relu)
+    monkeypatch.setattr(jaxconv.ops, "relu", bad_relu)
     assert _train(tmp_path, "--epochs", "1", "--check-grads") == 1
     captured = capsys.readouterr()
     assert "--check-grads: FAILED" in captured.out and "not training" in captured.err
@@ -207,13 +210,13 @@ def test_the_readme_command_reaches_97_percent_in_under_two_minutes(tmp_path):
 @pytest.mark.parametrize("channels", [1, 2, 3])
 def test_filter_grid_for_any_input_channels(tmp_path, channels):
     kernel = np.random.default_rng(0).normal(size=(5, 5, channels, 7))
-    path = jaxconv.plots.plot_filters(kernel, tmp_path / "f.png")
+    path = jaxconv.train.plots.plot_filters(kernel, tmp_path / "f.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert jaxconv.plots.first_conv_kernel([{"b": np.zeros(7), "w": kernel}, {"w": np.zeros((3, 2))}]) is not None
+    assert jaxconv.train.plots.first_conv_kernel([{"b": np.zeros(7), "w": kernel}, {"w": np.zeros((3, 2))}]) is not None
 
 
 def test_plot_bad_input(tmp_path):
     with pytest.raises(ValueError, match=r"`kernel` must be HWIO"):
-        jaxconv.plots.plot_filters(np.zeros((3, 3, 1)), tmp_path / "f.png")
+        jaxconv.train.plots.plot_filters(np.zeros((3, 3, 1)), tmp_path / "f.png")
     with pytest.raises(ValueError, match=r"`history` is empty"):
-        jaxconv.plots.plot_curves([], tmp_path / "c.png")
+        jaxconv.train.plots.plot_curves([], tmp_path / "c.png")

@@ -1,4 +1,4 @@
-"""The conformance harness: every op of ``jaxconv._suite.REGISTRY`` through the same checks.
+"""The conformance harness: every op of ``jaxconv.verify.registry.REGISTRY`` through the same checks.
 
 Per op, from its registered grid, reference and hypothesis strategy:
 float64 VJP against ``jax.vjp`` of the reference (relative error <= 1e-12,
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import jaxconv
 from jaxconv import plan
-from jaxconv._suite import REGISTRY
+from jaxconv.verify.registry import REGISTRY
 from jaxconv.verify import check_vjp
 
 OPS = sorted(REGISTRY)

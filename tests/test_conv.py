@@ -13,8 +13,9 @@ import pytest
 from hypothesis import given
 
 import jaxconv
-from jaxconv import conv as conv_module
-from jaxconv import _window, reference
+from jaxconv.ops import conv as conv_module
+from jaxconv import reference
+from jaxconv._core import window as _window
 from jaxconv.verify import check_vjp
 
 from .strategies import conv_configs

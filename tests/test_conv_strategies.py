@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from jax.ad_checkpoint import print_saved_residuals
 
 import jaxconv
-from jaxconv import conv as conv_module
+from jaxconv.ops import conv as conv_module
 from jaxconv import reference
 from jaxconv.verify import check_vjp
 
@@ -134,7 +134,7 @@ def test_backward_plan_by_platform_and_shape(forms):
     assert forced.backward == "im2row" and forced.forward == "conv" and "forced" in forced.reason
     assert set(jaxconv.plan.CONV_BACKWARD_FORMS) == set(conv_module._BACKWARD_STRATEGIES)
     assert set(jaxconv.plan.CONV_FORWARD_FORMS) == set(conv_module._FORWARD_STRATEGIES)
-    assert set(jaxconv.plan.POOL_FORMS) == set(jaxconv.pool._STRATEGIES)
+    assert set(jaxconv.plan.POOL_FORMS) == set(jaxconv.ops.pool._STRATEGIES)
 
 
 def test_forward_plan_by_platform_and_shape(forms):
@@ -190,7 +190,8 @@ def test_symbolic_batch_exports_every_model():
     """jax.export with a symbolic batch: the planner takes the forms that need no size."""
     from jax import export
 
-    from jaxconv import models, train
+    from jaxconv import train
+    from jaxconv.nn import models
 
     for name, shape in [("resnet_small", (8, 8, 1)), ("lenet5", (28, 28, 1)), ("alexnet_small", (32, 32, 3))]:
         init, apply = models.MODELS[name](10)

@@ -1,4 +1,4 @@
-"""jaxconv.data: the digits split, IDX and CIFAR-10 binary readers on files written here, clear errors, batch order."""
+"""jaxconv.train.data: the digits split, IDX and CIFAR-10 binary readers on files written here, clear errors, batch order."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from jaxconv import data
+from jaxconv.train import data
 
 
 # --- writers of the real formats (independent of the readers) ------------------------

@@ -1,4 +1,4 @@
-"""jaxconv.data never reads what a header does not promise, nor anything but a regular file, and refuses
+"""jaxconv.train.data never reads what a header does not promise, nor anything but a regular file, and refuses
 data no training could start on: scenarios with real files written here (sparse files, gzip bombs,
 directories, FIFOs, devices)."""
 
@@ -18,7 +18,7 @@ import zlib
 import numpy as np
 import pytest
 
-from jaxconv import data
+from jaxconv.train import data
 from tests.test_data import _cifar_dir, _mnist_dir, _write_cifar, _write_idx
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def _peak_bytes(fn, *args):
 
 _CAPPED = """
 import resource, sys
-from jaxconv import data
+from jaxconv.train import data
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     getattr(data, sys.argv[1])(sys.argv[2])

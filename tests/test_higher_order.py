@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import jaxconv
-from jaxconv import models, nn, reference, train
-from jaxconv._suite import REGISTRY
+from jaxconv import nn, reference, train
+from jaxconv.nn import models
+from jaxconv.verify.registry import REGISTRY
 from jaxconv.verify import relative_error
 
 SHAPES = {"dd2424_net": (8, 8, 1), "lenet5": (28, 28, 1), "alexnet_small": (32, 32, 3), "resnet_small": (8, 8, 1),
@@ -21,7 +22,7 @@ SHAPES = {"dd2424_net": (8, 8, 1), "lenet5": (28, 28, 1), "alexnet_small": (32, 
 def _objective(apply, ops):
     def loss(params, x, y):
         # Networks with batch normalisation in training mode: through batch_norm's own rule.
-        mode = {"train": True} if nn._has_state(params) else {}
+        mode = {"train": True} if nn.has_state(params) else {}
         return ops.softmax_cross_entropy(apply(params, x, ops=ops, **mode), y) + ops.l2_penalty(params, 1e-3)
 
     return loss

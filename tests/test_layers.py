@@ -16,7 +16,7 @@ from jaxconv.verify import check_vjp
 
 from .strategies import permutation_input
 
-layers_module = sys.modules["jaxconv.layers"]
+layers_module = sys.modules["jaxconv.ops.layers"]
 
 
 # --- relu ----------------------------------------------------------------------

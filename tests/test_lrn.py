@@ -15,7 +15,7 @@ import jaxconv
 from jaxconv.verify import relative_error
 
 # The function jaxconv.lrn shadows the submodule's attribute on the package.
-lrn_module = sys.modules["jaxconv.lrn"]
+lrn_module = sys.modules["jaxconv.ops.local_response"]
 
 
 def _numpy_lrn(x, size, kappa, alpha, beta):

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 
 import jaxconv
-from jaxconv import _window
-from jaxconv import conv as conv_module
+from jaxconv._core import window as _window
+from jaxconv.ops import conv as conv_module
 from jaxconv import matrix, reference
 from jaxconv.verify import check_vjp, relative_error
 

@@ -1,4 +1,4 @@
-"""jaxconv.models: shapes on 8x8x1, 28x28x1 and 32x32x3, the layers each model really uses, and its VJP against the reference."""
+"""jaxconv.nn.models: shapes on 8x8x1, 28x28x1 and 32x32x3, the layers each model really uses, and its VJP against the reference."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import jaxconv
-from jaxconv import models, reference
+from jaxconv import reference
+from jaxconv.nn import models
 from jaxconv.verify import check_vjp
 
 from .strategies import permutation_input

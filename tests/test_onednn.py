@@ -1,4 +1,4 @@
-"""The optional ``"onednn"`` conv forms (jaxconv.onednn): float32 host callbacks into oneDNN.
+"""The optional ``"onednn"`` conv forms (jaxconv.plan.onednn): float32 host callbacks into oneDNN.
 
 oneDNN computes in float32 only, so these forms are checked against the
 float64 reference by their float32 error (within 2x the direct form's, as the
@@ -20,7 +20,8 @@ import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
 import jaxconv
-from jaxconv import onednn, plan, reference
+from jaxconv import plan, reference
+from jaxconv.plan import onednn
 from jaxconv.verify import check_vjp
 
 from .test_winograd import float32_errors  # one float32-error measure for every form

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 import jaxconv
-from jaxconv import _args, reference
-from jaxconv.lrn import window_extent
+from jaxconv import reference
+from jaxconv._core import args as _args
+from jaxconv.ops.local_response import window_extent
 
 RNG = np.random.default_rng(0)
 

@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 from jax.ad_checkpoint import print_saved_residuals
 
 import jaxconv
-from jaxconv import _window, matrix, reference
-from jaxconv import pool as pool_module
+from jaxconv import matrix, reference
+from jaxconv._core import window as _window
+from jaxconv.ops import pool as pool_module
 from jaxconv.verify import check_vjp, relative_error
 
 from .strategies import permutation_input, pool_configs

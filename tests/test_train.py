@@ -12,7 +12,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxconv
-from jaxconv import models, nn, reference, train
+from jaxconv import nn, reference, train
+from jaxconv.nn import models
 
 
 def _digits(n=None, standardise=True):
@@ -345,7 +346,8 @@ def test_defaults_name_a_model_and_every_hyperparameter():
 _RECIPE_SCRIPT = """
 import json, sys, time
 import jax
-from jaxconv import models, train
+from jaxconv import train
+from jaxconv.nn import models
 from tests.test_train import _digits, _run
 
 seed, standardise = int(sys.argv[1]), sys.argv[2] == "True"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jaxconv
-from jaxconv import conv as conv_module
+from jaxconv.ops import conv as conv_module
 from jaxconv import reference
 from jaxconv.verify import check_vjp, relative_error
 

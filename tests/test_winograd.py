@@ -1,4 +1,4 @@
-"""Winograd minimal filtering (jaxconv.winograd) and the conv forms built on it.
+"""Winograd minimal filtering (jaxconv.plan.winograd) and the conv forms built on it.
 
 The transforms are checked exactly in rational arithmetic; every Winograd
 form (``"winograd2"``, ``"winograd4"``, forward and backward) against
@@ -23,8 +23,9 @@ from hypothesis import strategies as st
 from jax.ad_checkpoint import print_saved_residuals
 
 import jaxconv
-from jaxconv import conv as conv_module
-from jaxconv import plan, reference, winograd
+from jaxconv.ops import conv as conv_module
+from jaxconv import plan, reference
+from jaxconv.plan import winograd
 from jaxconv.verify import check_vjp
 
 WINOGRAD_FORMS = sorted(plan.WINOGRAD_TILES)

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _args
+from .._core import args as _args
 
 __all__ = ["l2_penalty", "log_loss", "softmax", "softmax_cross_entropy"]
 

@@ -42,7 +42,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import losses, nn
+from ..nn import layers as nn
+from ..ops import losses
 
 __all__ = [
     "DEFAULTS",
@@ -50,7 +51,6 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
     "default_optimizer",
-    "epoch_batches",
     "evaluate",
     "init_optimizer",
     "init_params",
@@ -75,7 +75,7 @@ __all__ = [
 #: steps), 10% of the training set held out for validation (the best-on-validation checkpoint
 #: is kept).  Measured figures: README, "Train on MNIST / CIFAR-10".
 #: ``tests/test_cli_recipes.py`` checks each on realistic check data in the real file formats
-#: (:mod:`jaxconv.synthetic`): two epochs in the fast suite, the whole recipe (>= 97%) in the
+#: (:mod:`jaxconv.train.synthetic`): two epochs in the fast suite, the whole recipe (>= 97%) in the
 #: slow one.
 _BASE_RECIPE = {
     "model": "resnet_small",
@@ -442,23 +442,6 @@ def _evaluation_sums(apply_fun):
             _EVALUATION_CACHE.clear()
         _EVALUATION_CACHE[apply_fun] = sums
     return _EVALUATION_CACHE[apply_fun]
-
-
-def epoch_batches(num_examples: int, batch_size: int, *, seed: int, epoch: int, drop_last: bool = True):
-    """The index arrays of one epoch's mini-batches, a shuffle fixed by ``(seed, epoch)``.
-
-    ``drop_last=True`` drops the last partial batch (one compiled shape, and a
-    batch size divisible by the devices stays so); the dropped examples differ
-    from epoch to epoch.  Resuming at ``epoch`` gives the same batches as an
-    uninterrupted run.
-    """
-    if batch_size < 1 or num_examples < 1:
-        raise ValueError(f"`batch_size` (={batch_size}) and `num_examples` (={num_examples}) must be >= 1.")
-    if drop_last and batch_size > num_examples:
-        raise ValueError(f"`batch_size` (={batch_size}) exceeds `num_examples` (={num_examples}) with drop_last.")
-    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
-    stop = num_examples - num_examples % batch_size if drop_last else num_examples
-    return [order[i : i + batch_size] for i in range(0, stop, batch_size)]
 
 
 # --- data parallel ------------------------------------------------------------------

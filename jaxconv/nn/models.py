@@ -11,7 +11,7 @@ would otherwise shrink a small image below its window uses SAME padding.
 
 from __future__ import annotations
 
-from . import nn
+from . import layers as nn
 
 __all__ = ["MODELS", "alexnet_small", "dd2424_net", "lenet5", "resnet_small", "resnet_small_nobn"]
 

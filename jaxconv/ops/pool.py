@@ -2,7 +2,7 @@ r"""Average and max pooling in 1, 2 and 3 spatial dimensions with hand-derived b
 
 One N-d implementation per kind under the names ``avg_pool1d/2d/3d`` and
 ``max_pool1d/2d/3d`` (NWC, NHWC, NDHWC); the window geometry is
-``jaxconv._window``'s.  Written below for 2-D; every sum and every
+``jaxconv._core.window``'s.  Written below for 2-D; every sum and every
 offset runs over all spatial dimensions alike, in row-major order.
 
 Both take ``x`` (N, H, W, C) in NHWC, a window ``(KH, KW)``, a stride
@@ -56,7 +56,7 @@ is replaced by each next candidate unless ``choice >= candidate``.  So:
   order (ties: all-equal windows, integer-valued inputs, overlapping windows);
 * a window of ``-inf`` selects its first position; if that is padding, the
   gradient is dropped.  (No window reads padding only: padding is at most half
-  the window, :func:`jaxconv._window.check_pool_padding`.)
+  the window, :func:`jaxconv._core.window.check_pool_padding`.)
 * **NaN**: the output of a window holding a NaN is NaN, eager and under
   ``jit``, whatever XLA fuses it with (set explicitly: XLA's CPU max reductions
   drop NaN, see :func:`_window_max`; ``reference.max_pool2d`` puts it back the
@@ -125,7 +125,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _args, _window, plan
+from .._core import args as _args
+from .._core import window as _window
+from ..plan import planner as plan
 
 __all__ = ["avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d"]
 
@@ -290,7 +292,7 @@ def avg_pool2d(x, window, *, stride=None, padding="VALID", count_include_pad=Tru
 
     Sizes (both pools): window, stride, padding and the padded height and width
     at most ``2**31 - 1``, the padded input and the output at most ``2**31 - 1``
-    elements (``jaxconv._args.MAX_DIM``, ``MAX_ELEMENTS``); past them, or with
+    elements (``jaxconv._core.args.MAX_DIM``, ``MAX_ELEMENTS``); past them, or with
     padding past half the window, a ``ValueError`` at trace time naming the
     argument and the size.
 

@@ -5,7 +5,7 @@ hand-derived backward pass.
 One N-d implementation under every name: ``conv1d`` (NWC input, WIO kernel),
 ``conv2d`` (NHWC, HWIO), ``conv3d`` (NDHWC, DHWIO), and
 ``conv_transpose1d/2d/3d``; the window geometry (sizes, padding, phi and
-phi*) is ``jaxconv._window``'s.  Written below for 2-D; every sum over
+phi*) is ``jaxconv._core.window``'s.  Written below for 2-D; every sum over
 ``(m, p)`` runs over all spatial dimensions alike.
 
 Forward (docs/convolution.md §1),
@@ -64,7 +64,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _args, _window, onednn, plan, winograd
+from .._core import args as _args
+from .._core import window as _window
+from ..plan import planner as plan
+from ..plan import onednn, winograd
 
 __all__ = ["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"]
 
@@ -189,7 +192,7 @@ def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
 
     Sizes: stride, dilation, every padding amount, and the padded input's
     height and width at most ``2**31 - 1``; the padded input and the output
-    at most ``2**31 - 1`` elements each (``jaxconv._args.MAX_DIM`` and
+    at most ``2**31 - 1`` elements each (``jaxconv._core.args.MAX_DIM`` and
     ``MAX_ELEMENTS``).  Past them: ``ValueError`` at trace time, naming the
     argument and the size.
 
@@ -292,7 +295,7 @@ def _winograd_block(in_size, kernel, m: int, batch: int, channels: int, itemsize
 
 
 def _forward_winograd(config: ConvConfig, x, w, m: int):
-    """``Y`` by Winograd ``F(m, k)`` per spatial axis (stride 1, dilation 1, one group; jaxconv.winograd)."""
+    """``Y`` by Winograd ``F(m, k)`` per spatial axis (stride 1, dilation 1, one group; jaxconv.plan.winograd)."""
     window = config.window
     block = _winograd_block(window.padded, window.kernel, m, x.shape[0], x.shape[-1] + w.shape[-1],
                             x.dtype.itemsize)
@@ -314,7 +317,7 @@ def _input_grad_winograd(config: ConvConfig, w, g, m: int):
 
 
 def _kernel_grad_winograd(config: ConvConfig, x, g, m: int):
-    """dL/dw = sum over images and positions of ``xp[i + k] g[i]``, by Winograd ``F(k, m)`` (jaxconv.winograd)."""
+    """dL/dw = sum over images and positions of ``xp[i + k] g[i]``, by Winograd ``F(k, m)`` (jaxconv.plan.winograd)."""
     window = config.window
     block = _winograd_block(window.padded, window.kernel, m, x.shape[0], x.shape[-1] + g.shape[-1],
                             x.dtype.itemsize)
@@ -327,7 +330,7 @@ def _onednn_geometry(config: ConvConfig):
 
 
 # The "onednn" forms: each of the three formulas as a host callback into oneDNN
-# (jaxconv.onednn; float32, one group, only when forced).  A callback has no
+# (jaxconv.plan.onednn; float32, one group, only when forced).  A callback has no
 # derivative of its own; each formula is bilinear, so its tangent is the same
 # formula of the tangents, written here with the lax forms.  First-order
 # gradients run the callbacks (the conv rule calls them directly); second and
@@ -451,7 +454,7 @@ def _grads_im2row(config: ConvConfig, x, x_shape, w, g, need_dx: bool, need_dw: 
     matrix, ``dY`` the ``(N*prod(out), O/G)`` output gradient:
     ``dF = phi(X)^T dY`` and ``dX = phi*(dY F^T)``, ``phi*`` = row2im, the
     adjoint.  Groups are a batch of these matrix products; stride, padding
-    and dilation live in ``phi`` and ``phi*`` (``jaxconv._window``).
+    and dilation live in ``phi`` and ``phi*`` (``jaxconv._core.window``).
     ``dX`` needs only ``x``'s shape.
     """
     window, groups = config.window, config.groups
@@ -690,7 +693,7 @@ _BACKWARD_STRATEGIES = {
     # F(m, k) on the rotated kernel, dF as F(k, m) with gradient tiles as filters.
     "winograd2": ("winograd2", "winograd2"),
     "winograd4": ("winograd4", "winograd4"),
-    # oneDNN's backward data and backward weights, host callbacks (jaxconv.onednn;
+    # oneDNN's backward data and backward weights, host callbacks (jaxconv.plan.onednn;
     # float32, one group, only when forced: plan.forms).
     "onednn": ("onednn", "onednn"),
 }

@@ -3,8 +3,8 @@
 No data set can be downloaded here, yet the command line's defaults must learn
 on 28x28 grey-scale (MNIST-format) and 32x32 colour (CIFAR-format) images.
 These writers make such images from scikit-learn's bundled 8x8 digits, so
-that the real loaders (:func:`jaxconv.data.load_mnist`,
-:func:`jaxconv.data.load_cifar10`) read them from real files:
+that the real loaders (:func:`jaxconv.train.data.load_mnist`,
+:func:`jaxconv.train.data.load_cifar10`) read them from real files:
 
 * **MNIST format** (:func:`write_mnist_like`): each digit is resampled
   (bilinear) to a random size of 16-22 pixels, placed up to 3 pixels off the
@@ -16,7 +16,7 @@ that the real loaders (:func:`jaxconv.data.load_mnist`,
   not the colour); the six ``.bin`` files of 3073-byte records.
 
 The train images come only from the digits' training split and the test
-images only from its test split (:func:`jaxconv.data.load_digits`), so a test
+images only from its test split (:func:`jaxconv.train.data.load_digits`), so a test
 image is never a variant of a training image.  Deterministic in ``seed``.
 
 ``python -m jaxconv synth {mnist,cifar10} DIR`` writes them from the command line.

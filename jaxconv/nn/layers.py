@@ -45,7 +45,10 @@ import math
 import jax
 import jax.numpy as jnp
 
-from . import _args, _window
+from .. import ops
+from .._core import args as _args
+from .._core import window as _window
+from ..ops import local_response
 
 __all__ = [
     "AvgPool",
@@ -75,6 +78,7 @@ __all__ = [
     "STATE_KEY",
     "he_normal",
     "merge_state",
+    "has_state",
     "ones",
     "partition_state",
     "train_apply",
@@ -85,32 +89,11 @@ __all__ = [
 ]
 
 
-_OP_MODULES = {
-    **{f"conv{n}d": "conv" for n in (1, 2, 3)},
-    **{f"conv_transpose{n}d": "conv" for n in (1, 2, 3)},
-    **{f"{kind}_pool{n}d": "pool" for kind in ("avg", "max") for n in (1, 2, 3)},
-    "lrn": "lrn",
-    "relu": "layers",
-    "linear": "layers",
-    "flatten": "layers",
-    "batch_norm": "norm",
-}
-
-
 class _HandOps:
-    """The hand-rule ops, looked up at call time in the ``jaxconv`` package, else
-    in their own module (so a rule patched in either place is the one used)."""
+    """The hand-rule ops, looked up at call time in :mod:`jaxconv.ops` (so a rule patched there is the one used)."""
 
     def __getattr__(self, name):
-        import importlib
-
-        import jaxconv
-
-        if hasattr(jaxconv, name):
-            return getattr(jaxconv, name)
-        if name in _OP_MODULES:
-            return getattr(importlib.import_module(f"jaxconv.{_OP_MODULES[name]}"), name)
-        raise AttributeError(name)
+        return getattr(ops, name)
 
 
 _HAND_OPS = _HandOps()
@@ -441,11 +424,12 @@ def _positive_real(value, name: str) -> float:
     return float(value)
 
 
-def _has_state(params) -> bool:
+def has_state(params) -> bool:
+    """Whether ``params`` holds layer state (a batch norm's running statistics): such a model applies with ``train=``."""
     if isinstance(params, dict):
-        return STATE_KEY in params or any(_has_state(v) for v in params.values())
+        return STATE_KEY in params or any(has_state(v) for v in params.values())
     if isinstance(params, (list, tuple)):
-        return any(_has_state(v) for v in params)
+        return any(has_state(v) for v in params)
     return False
 
 
@@ -498,7 +482,7 @@ def train_apply(apply_fun, params, x, **kwargs):
     state is not differentiated: ``stop_gradient``).  A network without state
     is called as ``apply_fun(params, x, **kwargs)``, unchanged.
     """
-    if not _has_state(params):
+    if not has_state(params):
         return apply_fun(params, x, **kwargs), params
     updates: dict = {}
     y = apply_fun(params, x, train=True, state_updates=updates, **kwargs)
@@ -590,9 +574,7 @@ MaxPool2D, AvgPool2D = MaxPool, AvgPool
 
 def LRN(size=5, kappa=2.0, alpha=1e-4, beta=0.75):
     """Local response normalisation across channels, :func:`jaxconv.lrn` (AlexNet; docs/layers.md)."""
-    import importlib
-
-    lrn_module = importlib.import_module("jaxconv.lrn")  # the package's `lrn` attribute is the function
+    lrn_module = local_response
     # Validate now, with lrn's own checks, rather than at the first apply.
     lrn_module._positive_int(size, "size")
     lrn_module._real(kappa, "kappa", minimum=0.0)

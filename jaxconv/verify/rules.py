@@ -49,7 +49,7 @@ Example::
     print(report)          # a table, notes and the residual audit
     report.assert_ok()     # AssertionError: which check, argument, index, both values
 
-For tests, :mod:`jaxconv.testing` turns a report into one readable assertion
+For tests, :mod:`jaxconv.verify` turns a report into one readable assertion
 (``assert_rule_ok``) and sweeps shapes with hypothesis (``sweep``).
 """
 
@@ -66,7 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._json import json_safe
+from .._core.jsonsafe import json_safe
 
 __all__ = [
     "Check",
@@ -78,7 +78,6 @@ __all__ = [
     "low_precision_tolerance",
     "reduction_size",
     "relative_error",
-    "sweep",
 ]
 
 
@@ -944,7 +943,7 @@ def check_rule(
 
     Returns:
       A :class:`Report` (``title="check_rule"``): ``print`` it, or
-      ``report.assert_ok()`` / :func:`jaxconv.testing.assert_report_ok`.
+      ``report.assert_ok()`` / :func:`jaxconv.verify.assert_report_ok`.
     """
     rule, kind, args, kw = _unwrap_rule(f, tuple(args), dict(kwargs or {}))
     args, param_names = _bind(rule.fun, args, kw)
@@ -1187,13 +1186,3 @@ def _low_precision_checks(prob, rule, kind, low, o: _Options, low_rtol, reductio
 #: A low-precision row may be off by up to this many times autodiff of the
 #: primal's own error in the same dtype (see :func:`low_precision_tolerance`).
 AD_FACTOR = 4
-
-
-# --- sweeps -------------------------------------------------------------------------------
-
-
-def sweep(f: Callable, description: dict, **options):
-    """Property sweep over shapes and values: see :func:`jaxconv.testing.sweep` (needs hypothesis)."""
-    from .testing import sweep as _sweep
-
-    return _sweep(f, description, **options)

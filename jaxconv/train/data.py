@@ -68,12 +68,13 @@ from typing import BinaryIO, Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from . import _files
+from . import files as _files
 
 __all__ = [
     "DATASETS",
     "Dataset",
     "batches",
+    "epoch_batches",
     "load_cifar10",
     "load_dataset",
     "load_digits",
@@ -438,16 +439,31 @@ def load_dataset(name: str, data_dir=None) -> Dataset:
 # --- mini-batches ------------------------------------------------------------------------
 
 
+def epoch_batches(num_examples: int, batch_size: int, *, seed: int, epoch: int, drop_last: bool = True):
+    """The index arrays of one epoch's mini-batches, a shuffle fixed by ``(seed, epoch)``.
+
+    ``drop_last=True`` drops the last partial batch (one compiled shape, and a
+    batch size divisible by the devices stays so); the dropped examples differ
+    from epoch to epoch.  Resuming at ``epoch`` gives the same batches as an
+    uninterrupted run.
+    """
+    if batch_size < 1 or num_examples < 1:
+        raise ValueError(f"`batch_size` (={batch_size}) and `num_examples` (={num_examples}) must be >= 1.")
+    if drop_last and batch_size > num_examples:
+        raise ValueError(f"`batch_size` (={batch_size}) exceeds `num_examples` (={num_examples}) with drop_last.")
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    stop = num_examples - num_examples % batch_size if drop_last else num_examples
+    return [order[i : i + batch_size] for i in range(0, stop, batch_size)]
+
+
 def batches(images, labels, batch_size: int, *, seed: int, epoch: int, drop_last: bool = True
             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """One epoch's ``(images, labels)`` mini-batches in a shuffled order fixed by ``(seed, epoch)``.
 
-    The order is :func:`jaxconv.train.epoch_batches`' (a generator seeded with
+    The order is :func:`epoch_batches`' (a generator seeded with
     ``[seed, epoch]``), so a run resumed at ``epoch`` sees exactly the batches an
     uninterrupted run sees.  ``drop_last`` drops the final partial batch.
     """
-    from .train import epoch_batches
-
     n = int(np.shape(images)[0])
     if np.shape(labels) != (n,):
         raise ValueError(f"`labels` {np.shape(labels)} must be (N,) with N = {n} images.")

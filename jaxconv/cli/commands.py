@@ -9,16 +9,38 @@ import pathlib
 import sys
 import time
 
-import numpy as np
+import importlib
+import inspect
+import math
+from functools import partial
 
-from ._json import json_safe, strict_json_bytes
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+
+
+from .. import __version__, ops, plan
+from .._core.jsonsafe import json_safe, strict_json_bytes
+from ..nn import layers as nn
+from ..nn import models
+from ..nn.models import MODELS
+from ..ops import losses
+from ..plan import onednn
+from ..train import checkpoint, data, plots, rundir, synthetic
+from ..train import step as train
+from ..train.data import DATASETS
+from ..train.step import OPTIMIZERS, RECIPES, SCHEDULES
+from ..verify import check_vjp
+from ..verify import command as check_cli
+from ..verify.registry import REGISTRY, SUITES, reference_ops
 
 
 def _verify(args) -> int:
-    import jax
 
-    from ._suite import SUITES
-    from .verify import check_vjp
 
     ops = args.op or list(SUITES)
     unknown = [op for op in ops if op not in SUITES]
@@ -74,7 +96,6 @@ MAX_SEED = 2**32 - 1
 
 def _number(kind, *, low=None, high=None, low_open=False, high_open=False):
     """An argparse ``type=``: a finite ``kind`` in [low, high] (or open at either end), else a parser error."""
-    import math
 
     def parse(text: str):
         try:
@@ -96,7 +117,6 @@ def _number(kind, *, low=None, high=None, low_open=False, high_open=False):
 
 
 def _recipe_table() -> str:
-    from .train import RECIPES
 
     keys = ("model", "epochs", "batch_size", "optimizer", "learning_rate", "schedule", "warmup_epochs",
             "momentum", "weight_decay", "l2", "val_fraction", "augment")
@@ -107,9 +127,6 @@ def _recipe_table() -> str:
 
 
 def _add_train_parser(sub) -> None:
-    from .data import DATASETS
-    from .models import MODELS
-    from .train import OPTIMIZERS, SCHEDULES
 
     p = sub.add_parser(
         "train",
@@ -194,10 +211,9 @@ class _RecordingOps:
         self.calls = []
 
     def __getattr__(self, name):
-        from ._suite import REGISTRY
 
         if name not in REGISTRY:
-            raise AttributeError(f"{name}: no reference registered in jaxconv._suite.REGISTRY")
+            raise AttributeError(f"{name}: no reference registered in jaxconv.verify.registry.REGISTRY")
         reference_op = REGISTRY[name].ref
 
         def op(*args, **kwargs):
@@ -208,7 +224,6 @@ class _RecordingOps:
 
 
 def _shapes(tree) -> str:
-    import jax
 
     shapes = [str(tuple(leaf.shape)) for leaf in jax.tree.leaves(tree) if hasattr(leaf, "shape")]
     return " ".join(shapes) if len(shapes) <= 3 else f"{len(shapes)} arrays"
@@ -234,18 +249,9 @@ def check_model_grads(apply_fun, params, images, labels, *, l2=0.0, finite_diffe
     params and images, jaxconv ops against reference ops.  Prints a table to
     ``stream``; returns whether everything passed.
     """
-    import inspect
-    from functools import partial
 
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
 
-    import jaxconv
 
-    from . import nn
-    from ._suite import REGISTRY, reference_ops
-    from .verify import check_vjp
 
     reference = reference_ops()
     with jax.enable_x64(True):
@@ -254,7 +260,7 @@ def check_model_grads(apply_fun, params, images, labels, *, l2=0.0, finite_diffe
         labels = jnp.asarray(np.asarray(labels), jnp.int32)
         recorder = _RecordingOps()
         # Networks with batch normalisation are checked in training mode, the mode their gradients are taken in.
-        mode = {"train": True} if nn._has_state(params64) else {}
+        mode = {"train": True} if nn.has_state(params64) else {}
         logits = apply_fun(params64, x64, ops=recorder, **mode)
         recorder.softmax_cross_entropy(logits, labels)
         if l2 > 0:
@@ -269,7 +275,7 @@ def check_model_grads(apply_fun, params, images, labels, *, l2=0.0, finite_diffe
             seen.add(key)
             arg_names = list(inspect.signature(REGISTRY[name].op).parameters)[: len(args)]
             report = check_vjp(
-                lambda *a, _name=name, _kw=kwargs: getattr(jaxconv, _name)(*a, **_kw),
+                lambda *a, _name=name, _kw=kwargs: getattr(ops, _name)(*a, **_kw),
                 partial(getattr(reference, name), **kwargs),
                 *args,
                 names=arg_names,
@@ -286,7 +292,7 @@ def check_model_grads(apply_fun, params, images, labels, *, l2=0.0, finite_diffe
 
             return loss
 
-        report = check_vjp(objective(None, jaxconv), objective(reference, reference), params64, x64, labels,
+        report = check_vjp(objective(None, ops), objective(reference, reference), params64, x64, labels,
                            names=["params", "images", "labels"], finite_differences=False, second_order=False,
                            name="whole objective")
         passed &= report.passed
@@ -321,7 +327,6 @@ class _Diverged(Exception):
 
 def _resumed(ckpt_path, template, config, stats):
     """``(state, epoch, history, best)`` from the checkpoint of the run being resumed; ``ValueError`` if it does not fit."""
-    from . import checkpoint
 
     state, meta = checkpoint.restore(ckpt_path, template)
     problems = []
@@ -354,7 +359,6 @@ _TRAIN_EXTRAS = {"sklearn": "scikit-learn", "tqdm": "tqdm", "matplotlib": "matpl
 
 
 def _missing_extras() -> list[str]:
-    import importlib
 
     missing = []
     for module, package in _TRAIN_EXTRAS.items():
@@ -367,7 +371,6 @@ def _missing_extras() -> list[str]:
 
 def _settings(args) -> dict:
     """The run's settings: the flags given, the rest from the data set's recipe."""
-    from .train import RECIPES
 
     recipe = RECIPES[args.dataset]
     given = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "optimizer": args.optimizer,
@@ -386,7 +389,6 @@ def build_optimizer(config: dict, steps_per_epoch: int):
     Checkpoints of the previous release (no ``optimizer`` entry) were SGD with
     momentum at a constant rate.
     """
-    from . import train
 
     total = int(config["epochs"]) * steps_per_epoch
     schedule = config.get("schedule", "constant")
@@ -411,7 +413,6 @@ def _distributed(args):
         return f"--process-id {args.process_id} must be less than --num-processes {args.num_processes}."
     if args.devices != 1:
         return "--devices is for one process; with several, the mesh spans every process's devices."
-    import jax
 
     # CPU processes need a collectives implementation for their all-reduces (GPUs bring NCCL).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -427,17 +428,14 @@ def _distributed(args):
 
 def _all_agree(code: int) -> int:
     """The largest of every process's ``code`` (0 = ready): all go on, or all stop."""
-    import jax
 
     if jax.process_count() == 1:
         return code
-    from jax.experimental import multihost_utils
 
     return int(np.max(multihost_utils.process_allgather(np.asarray(code, np.int32))))
 
 
 def _train(args) -> int:
-    from . import rundir
 
     missing = _missing_extras()
     if missing:
@@ -455,14 +453,12 @@ def _train(args) -> int:
     if isinstance(multi, str):
         return _fail(multi)
     if args.onednn:
-        from . import onednn
 
         if args.devices > 1 or multi:
             return _fail("--onednn runs its kernels as host callbacks on one device: leave out --devices and the "
                          "several-process options.")
         if not onednn.available():
             return _fail(f"--onednn: the oneDNN library is not installed: {onednn.INSTALL_HINT}.")
-    import jax
 
     lock, code = None, 0
     if jax.process_index() == 0:
@@ -478,7 +474,6 @@ def _train(args) -> int:
               file=sys.stderr)
     try:
         if args.onednn:
-            from . import plan
 
             with plan.forms(conv_forward="onednn", conv_backward="onednn"):  # traced inside: these forms
                 return _run(args, config, out)
@@ -495,7 +490,6 @@ def _train(args) -> int:
 
 def _host(tree):
     """Numpy copies of ``tree``'s arrays, from this process's first shard (replicated arrays: the whole)."""
-    import jax
 
     def get(leaf):
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
@@ -507,7 +501,6 @@ def _host(tree):
 
 def _global(tree, sharding):
     """Every array of ``tree`` (the same in every process) as a global array with ``sharding``."""
-    import jax
 
     def put(leaf):
         leaf = np.asarray(leaf)
@@ -519,9 +512,6 @@ def _global(tree, sharding):
 def _batch_on_mesh(images, labels, indices, mesh):
     """The global batch ``images[indices]``, ``labels[indices]`` split over ``mesh``: each process gathers
     only the rows its own devices hold."""
-    import jax
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     sharding = NamedSharding(mesh, P("batch"))
 
@@ -535,9 +525,7 @@ def _batch_on_mesh(images, labels, indices, mesh):
 def _augmentation(config: dict, height: int, flip: bool):
     """``augment(step_number, images)``: :func:`jaxconv.train.augment_images` keyed by ``(seed, step)``,
     padding 1/8 of the image size (at least 1 pixel), flipping only where asked (CIFAR's scenes, not digits)."""
-    import jax
 
-    from . import train
 
     base_key = jax.random.fold_in(jax.random.key(config["seed"]), 0xA06)
     pad = max(1, height // 8)
@@ -549,12 +537,7 @@ def _augmentation(config: dict, height: int, flip: bool):
 
 
 def _run(args, config: dict, out: pathlib.Path) -> int:
-    import jax
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
-    from tqdm import tqdm
-
-    from . import __version__, checkpoint, data, models, nn, plots, train
+    from tqdm import tqdm  # optional extra: train
 
     writer = jax.process_index() == 0
     ckpt_path, best_path = out / "checkpoint.safetensors", out / "best.safetensors"
@@ -654,7 +637,7 @@ def _run(args, config: dict, out: pathlib.Path) -> int:
         try:
             with tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config['epochs']}", unit="batch",
                       file=sys.stderr, dynamic_ncols=True, disable=not writer) as bar:
-                for i, indices in enumerate(train.epoch_batches(len(y_train), config["batch_size"],
+                for i, indices in enumerate(data.epoch_batches(len(y_train), config["batch_size"],
                                                                 seed=config["seed"], epoch=epoch)):
                     if mesh is not None:
                         batch = _batch_on_mesh(x_train, y_train, indices, mesh)
@@ -785,7 +768,6 @@ def load_trained(path):
     mode (batch normalisation with its running statistics).  ``ValueError`` if
     the file is not such a checkpoint.
     """
-    from . import checkpoint, models, train
 
     path = _checkpoint_path(path, best=False)
     meta = checkpoint.read_metadata(path)
@@ -815,14 +797,12 @@ def _command_error(command: str):
 
 def _standardized(images, meta):
     """``images`` standardised with the mean and std the checkpoint's model was trained with."""
-    from . import train
 
     stats = meta["standardization"]
     return train.standardize(images, stats=(stats["mean"], stats["std"]))[0]
 
 
 def _add_evaluate_parser(sub) -> None:
-    from .data import DATASETS
 
     p = sub.add_parser(
         "evaluate",
@@ -843,9 +823,7 @@ def _add_evaluate_parser(sub) -> None:
 
 
 def _evaluate(args) -> int:
-    import jax
 
-    from . import data, plots, train
 
     error = _command_error("evaluate")
 
@@ -890,7 +868,7 @@ def _read_image(path: pathlib.Path, shape: tuple) -> np.ndarray:
     if suffix == ".npy":
         array = np.load(path, allow_pickle=False)
     elif suffix == ".png":
-        import matplotlib.image
+        import matplotlib.image  # optional extra: train
 
         array = matplotlib.image.imread(path)  # float in [0, 1] for PNG
     else:
@@ -931,9 +909,7 @@ def _add_predict_parser(sub) -> None:
 
 
 def _predict(args) -> int:
-    import jax
 
-    from . import losses
 
     error = _command_error("predict")
 
@@ -977,7 +953,6 @@ def _add_synth_parser(sub) -> None:
 
 
 def _synth(args) -> int:
-    from . import synthetic
 
     write = synthetic.write_mnist_like if args.format == "mnist" else synthetic.write_cifar_like
     num_train = args.num_train or (4000 if args.format == "mnist" else 5000)
@@ -991,7 +966,6 @@ def _synth(args) -> int:
 
 
 def main(argv=None) -> int:
-    from . import __version__
 
     parser = argparse.ArgumentParser(
         prog="python -m jaxconv", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -1013,7 +987,6 @@ def main(argv=None) -> int:
     _add_evaluate_parser(sub)
     _add_predict_parser(sub)
     _add_synth_parser(sub)
-    from . import check_cli
 
     check_cli.add_parser(sub)
     try:

@@ -74,7 +74,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from . import _files
+from . import files as _files
 
 __all__ = ["atomic_write_bytes", "read_metadata", "restore", "save"]
 

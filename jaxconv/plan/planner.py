@@ -9,9 +9,9 @@ dY``, ``dX = phi*(dY F^T)`` (``"im2row"``, or ``"im2row_blocked"`` over batch
 blocks), or dX by the convolution and dF by the blocked products
 (``"mixed"``); at stride 1 both also run as Winograd minimal filtering
 (``"winograd2"``, ``"winograd4"``: ``F(2, r)`` or ``F(4, r)`` per spatial
-axis, ``jaxconv.winograd``), forward and backward; with the optional
+axis, ``jaxconv.plan.winograd``), forward and backward; with the optional
 oneDNN library, all three formulas run as oneDNN's kernels (``"onednn"``,
-``jaxconv.onednn``; float32 on CPU, only when forced).  Pooling runs either on a reshape of non-overlapping windows
+``jaxconv.plan.onednn``; float32 on CPU, only when forced).  Pooling runs either on a reshape of non-overlapping windows
 (``"reshape"``) or on strided slices (``"slices"``).
 
 The choice is made once per trace, from static facts only:
@@ -53,7 +53,7 @@ from .winograd import POINTS
 __all__ = ["CONV_BACKWARD_FORMS", "CONV_FORWARD_FORMS", "POOL_FORMS", "WINOGRAD_TILES", "ConvPlan", "conv_plan",
            "forms", "is_static", "onednn_fits", "platform_of", "pool_form", "winograd_fits"]
 
-#: The conv forward forms (``jaxconv.conv`` implements each).
+#: The conv forward forms (``jaxconv.ops.conv`` implements each).
 CONV_FORWARD_FORMS = ("conv", "im2row_blocked", "winograd2", "winograd4", "onednn")
 #: The conv backward forms.
 CONV_BACKWARD_FORMS = ("conv", "im2row", "im2row_blocked", "mixed", "winograd2", "winograd4", "onednn")
@@ -211,7 +211,7 @@ def conv_plan(*, batch, out_spatial, kernel_spatial, in_channels, out_channels, 
 
     ``dilation`` (default 1 everywhere) only matters for the Winograd forms,
     ``dtype`` (default unknown) for the ``"onednn"`` forms, which run only
-    when forced (:mod:`jaxconv.onednn`).
+    when forced (:mod:`jaxconv.plan.onednn`).
     """
     dilation = tuple(dilation) if dilation is not None else (1,) * len(kernel_spatial)
     forced_forward, forced_backward = forced("conv_forward"), forced("conv_backward")

@@ -32,8 +32,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import _window, conv, layers, losses, norm, pool, reference
-from .lrn import lrn
+from .. import reference
+from .._core import window as _window
+from ..ops import conv, layers, losses, norm, pool
+from ..ops.local_response import lrn
 
 __all__ = ["Case", "OpSpec", "REGISTRY", "SUITES", "reference_ops"]
 

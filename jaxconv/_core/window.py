@@ -36,7 +36,7 @@ from typing import NamedTuple, Sequence
 import jax.numpy as jnp
 from jax import lax
 
-from ._args import MAX_DIM, _is_int, check_elements
+from .args import MAX_DIM, _is_int, check_elements
 
 __all__ = ["Window", "dim_names", "ints", "output_size", "parse", "patches", "unpatches"]
 
@@ -71,7 +71,7 @@ def ints(value, name: str, ndim: int, *, minimum: int = 1) -> Sizes:
     if min(items) < minimum:
         raise ValueError(f"`{name}` (={value!r}) must be >= {minimum} in every dimension.")
     if max(items) > MAX_DIM:
-        raise ValueError(f"`{name}` (={value!r}) must be <= {MAX_DIM} (2**31 - 1, jaxconv._args.MAX_DIM) "
+        raise ValueError(f"`{name}` (={value!r}) must be <= {MAX_DIM} (2**31 - 1, jaxconv._core.args.MAX_DIM) "
                          "in every dimension.")
     return items
 
@@ -126,7 +126,7 @@ def padding(value, in_size: Sequence, kernel: Sizes, stride: Sizes, dilation: Si
     if min(amounts) < 0:
         raise ValueError(f"`padding` (={value!r}) must be non-negative.")
     if max(amounts) > MAX_DIM:
-        raise ValueError(f"`padding` (={value!r}) must be <= {MAX_DIM} (2**31 - 1, jaxconv._args.MAX_DIM) "
+        raise ValueError(f"`padding` (={value!r}) must be <= {MAX_DIM} (2**31 - 1, jaxconv._core.args.MAX_DIM) "
                          "on every side.")
     return result
 
@@ -220,7 +220,7 @@ def check_fits(window: Window, kernel_name: str) -> None:
         if size + lo + hi > MAX_DIM:
             raise ValueError(
                 f"`padding` ({lo}, {hi}) makes the padded {name} {size} + {lo} + {hi} = {size + lo + hi}, "
-                f"more than {MAX_DIM} (2**31 - 1, jaxconv._args.MAX_DIM)."
+                f"more than {MAX_DIM} (2**31 - 1, jaxconv._core.args.MAX_DIM)."
             )
         if extent > size + lo + hi:
             raise ValueError(

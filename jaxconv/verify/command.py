@@ -162,8 +162,8 @@ def _values(text: str, what: str):
 
 
 def parse_arg(text: str):
-    """``NAME=SHAPE[:VALUES]`` -> ``(name, jaxconv.testing.Array)``."""
-    from .testing import Array
+    """``NAME=SHAPE[:VALUES]`` -> ``(name, jaxconv.verify.Array)``."""
+    from .sweeps import Array
 
     name, rest = _split(text, "--arg")
     shape_text, _, values_text = rest.partition(":")
@@ -231,7 +231,7 @@ def load(target: str):
 
 
 def _description(args):
-    from .testing import Array
+    from .sweeps import Array
 
     description, dims, fixed_only = {}, {}, args.sweep is None
     for text in args.arg:
@@ -270,7 +270,7 @@ def _description(args):
 
 
 def _fixed_arguments(description, dims, seed):
-    from .testing import Array, sample
+    from .sweeps import Array, sample
 
     named = {}
     for k, (name, spec) in enumerate(description.items()):
@@ -309,7 +309,7 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from .verify import check_rule, check_vjp
+    from .rules import check_rule, check_vjp
 
     description, dims, choices = _description(args)
     f = load(args.target)
@@ -321,7 +321,7 @@ def _run(args) -> int:
 
     if args.sweep is not None:
         try:
-            from .testing import sweep
+            from .sweeps import sweep
             from hypothesis import strategies as st
         except ImportError as exc:
             raise UsageError(str(exc)) from exc

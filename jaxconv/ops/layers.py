@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _args
+from .._core import args as _args
 
 __all__ = ["flatten", "linear", "relu"]
 

@@ -40,7 +40,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import _window
+from .._core import window as _window
 
 __all__ = ["LIBRARY_ENV", "available", "forward", "input_grad", "kernel_grad", "library_path"]
 

@@ -3,7 +3,7 @@
 Assertions (no hypothesis needed; float64 is switched on inside, so a test never
 flips ``jax_enable_x64`` itself)::
 
-    from jaxconv.testing import assert_rule_ok
+    from jaxconv.verify import assert_rule_ok
 
     def test_my_rule():
         assert_rule_ok(my_rule, x, w, kwargs={"stride": 2})
@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .verify import Report, check_rule, check_vjp
+from .rules import Report, check_rule, check_vjp
 
 __all__ = [
     "Array",
@@ -369,7 +369,7 @@ def _import_line(f) -> tuple[str, str]:
 
 def _reproducer(f, ref, config: Config, options: dict) -> str:
     imports, call = _import_line(f)
-    lines = ["import numpy as np", "from jaxconv.testing import sample"]
+    lines = ["import numpy as np", "from jaxconv.verify import sample"]
     lines.append("from jaxconv.verify import check_vjp" if ref is not None else "from jaxconv.verify import check_rule")
     lines.append(imports)
     if ref is not None:

@@ -35,7 +35,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from . import _args
+from .._core import args as _args
 
 __all__ = ["batch_norm"]
 

@@ -46,7 +46,7 @@ import jax
 import numpy as np
 from jax import lax
 
-from . import _args
+from .._core import args as _args
 
 __all__ = [
     "lrn",

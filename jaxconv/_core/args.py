@@ -1,7 +1,7 @@
 """Array and dtype validation and the size limits shared by every op.
 
 (The window geometry — kernel, stride, padding, dilation, output sizes — is
-``jaxconv._window``'s.)
+``jaxconv._core.window``'s.)
 
 Every public op calls these helpers before it traces anything, so a bad
 argument fails with a ``ValueError`` (a ``TypeError`` for something that is
@@ -105,7 +105,7 @@ def check_elements(shape, name: str, what: str) -> None:
     if count > MAX_ELEMENTS:
         raise ValueError(
             f"{name} make {what} of shape {tuple(shape)}: {count} elements, more than "
-            f"{MAX_ELEMENTS} (2**31 - 1, jaxconv._args.MAX_ELEMENTS) in one array."
+            f"{MAX_ELEMENTS} (2**31 - 1, jaxconv._core.args.MAX_ELEMENTS) in one array."
         )
 
 
@@ -137,5 +137,5 @@ def reverse_mode_rule(op):
                 f"For forward mode itself use jaxconv.reference.{op.__name__}, the same op in plain lax."
             ) from err
 
-    wrapped.is_hand_rule = True  # tests/test_conformance.py: every such op is in jaxconv._suite.REGISTRY
+    wrapped.is_hand_rule = True  # tests/test_conformance.py: every such op is in jaxconv.verify.registry.REGISTRY
     return wrapped

@@ -1,0 +1,40 @@
+"""How a rule runs: the planner, the computational forms (Winograd, oneDNN) and a way to force one.
+
+``jaxconv.plan.forms(...)`` forces a form; ``jaxconv.plan.conv_plan(...)`` says which form
+the planner picks for a layer and why.
+"""
+
+from . import onednn, winograd
+from .planner import (
+    CONV_BACKWARD_FORMS,
+    CONV_FORWARD_FORMS,
+    POOL_FORMS,
+    WINOGRAD_TILES,
+    ConvPlan,
+    conv_plan,
+    forced,
+    forms,
+    is_static,
+    onednn_fits,
+    platform_of,
+    pool_form,
+    winograd_fits,
+)
+
+__all__ = [
+    "CONV_BACKWARD_FORMS",
+    "CONV_FORWARD_FORMS",
+    "POOL_FORMS",
+    "WINOGRAD_TILES",
+    "ConvPlan",
+    "conv_plan",
+    "forced",
+    "forms",
+    "is_static",
+    "onednn",
+    "onednn_fits",
+    "platform_of",
+    "pool_form",
+    "winograd",
+    "winograd_fits",
+]
