@@ -78,7 +78,7 @@ def _nd_net(ndim):
     """A network through every N-d op: conv, max pool, transposed conv, average pool."""
     return nn.serial(
         getattr(nn, f"Conv{ndim}D")(3, 2, padding="SAME"), nn.Relu, getattr(nn, f"MaxPool{ndim}D")(2),
-        getattr(nn, f"ConvTranspose{ndim}D")(2, 2, stride=2), getattr(nn, f"AvgPool{ndim}D")(2, 1, 1),
+        getattr(nn, f"ConvTranspose{ndim}D")(2, 2, stride=2), getattr(nn, f"AvgPool{ndim}D")(2, stride=1, padding=1),
         nn.Flatten, nn.Dense(3))
 
 

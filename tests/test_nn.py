@@ -41,10 +41,10 @@ SHAPE_GRID = [
     (nn.Conv(2, 3, padding=((2, 0), (1, 3)), dilation=2, bias=False), (2, 6, 5, 1)),
     (nn.Conv(3, 1, stride=(2, 3)), (1, 5, 7, 2)),
     (nn.MaxPool(2), (2, 6, 6, 3)),
-    (nn.MaxPool(3, 2, "SAME"), (1, 8, 7, 2)),
-    (nn.MaxPool((2, 3), (1, 2), ((1, 0), (0, 1))), (1, 5, 5, 1)),
+    (nn.MaxPool(3, stride=2, padding="SAME"), (1, 8, 7, 2)),
+    (nn.MaxPool((2, 3), stride=(1, 2), padding=((1, 0), (0, 1))), (1, 5, 5, 1)),
     (nn.AvgPool(2, padding="SAME"), (2, 5, 5, 2)),
-    (nn.AvgPool(3, 1, 1, count_include_pad=False), (1, 4, 6, 2)),
+    (nn.AvgPool(3, stride=1, padding=1, count_include_pad=False), (1, 4, 6, 2)),
     (nn.GlobalAvgPool, (3, 5, 4, 6)),
     (nn.LRN(size=3), (2, 3, 3, 5)),
     (nn.Relu, (2, 3, 4, 5)),
@@ -58,7 +58,7 @@ SHAPE_GRID = [
     (nn.ConvTranspose1D(3, 4, stride=2, padding=1), (2, 5, 2)),
     (nn.ConvTranspose2D(4, 3, stride=2, padding=1, output_padding=1, groups=2), (1, 4, 3, 2)),
     (nn.ConvTranspose3D(2, (2, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)), (1, 3, 3, 2, 3)),
-    (nn.MaxPool1D(3, 2, "SAME"), (2, 7, 2)),
+    (nn.MaxPool1D(3, stride=2, padding="SAME"), (2, 7, 2)),
     (nn.AvgPool1D(2, padding=1, count_include_pad=False), (1, 5, 3)),
     (nn.MaxPool3D(2), (1, 4, 5, 4, 2)),
     (nn.AvgPool3D((1, 2, 2), stride=1), (2, 3, 4, 4, 1)),
@@ -86,6 +86,137 @@ def test_conv_shape_inference_hypothesis(config):
     assert ("b" in params) == config["bias"]
     y = jax.eval_shape(layer[1], params, jax.ShapeDtypeStruct((n, h, w, c), jnp.float32))
     assert y.shape == (n, *out_shape[1:])
+
+
+# --- N-d layers: the kernel's (window's) length is the number of spatial dimensions ---------
+
+
+def _draw_geometry(rng, kind: str, ndim: int):
+    """One valid layer and input shape of ``kind`` in ``ndim`` spatial dimensions, every size drawn per dimension."""
+    kernel = tuple(int(k) for k in rng.integers(1, 4, ndim))
+    stride = tuple(int(s) for s in rng.integers(1, 3, ndim))
+    if kind in ("max", "avg"):
+        form = rng.integers(4)
+        padding = ("VALID", "SAME", tuple(int(rng.integers(0, k // 2 + 1)) for k in kernel),
+                   tuple((int(rng.integers(0, k // 2 + 1)), int(rng.integers(0, k // 2 + 1))) for k in kernel))[form]
+        sizes = tuple(int(k + rng.integers(0, 4)) for k in kernel)
+        stride_arg = None if rng.integers(2) else stride
+        if kind == "max":
+            layer = nn.MaxPool(kernel, stride=stride_arg, padding=padding)
+        else:
+            layer = nn.AvgPool(kernel, stride=stride_arg, padding=padding, count_include_pad=bool(rng.integers(2)))
+        return layer, (2, *sizes, 3), (kernel, stride_arg, padding)
+    dilation = tuple(int(d) for d in rng.integers(1, 3, ndim))
+    groups = int(rng.choice([1, 2]))
+    out_channels = 2 * groups
+    if kind == "conv":
+        form = rng.integers(4)
+        padding = ("VALID", "SAME", tuple(int(p) for p in rng.integers(0, 3, ndim)),
+                   tuple((int(lo), int(hi)) for lo, hi in rng.integers(0, 3, (ndim, 2))))[form]
+        sizes = tuple(int(d * (k - 1) + 1 + rng.integers(0, 4)) for k, d in zip(kernel, dilation))
+        layer = nn.Conv(out_channels, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                        bias=bool(rng.integers(2)))
+        return layer, (2, *sizes, 2 * groups), (kernel, stride, padding, dilation, groups)
+    sizes = tuple(int(s) for s in rng.integers(1, 5, ndim))
+    output_padding = tuple(int(rng.integers(0, s)) for s in stride)
+    # crop at most what the transposed convolution spans, less one: some output is left
+    full = [(n - 1) * s + d * (k - 1) + 1 + op for n, s, d, k, op in zip(sizes, stride, dilation, kernel, output_padding)]
+    padding = tuple((int(rng.integers(0, f // 2 + 1)), int(rng.integers(0, (f - 1) // 2 + 1))) for f in full)
+    layer = nn.ConvTranspose(out_channels, kernel, stride=stride, padding=padding, output_padding=output_padding,
+                             dilation=dilation, groups=groups)
+    return layer, (2, *sizes, 2 * groups), (kernel, stride, padding, output_padding, dilation, groups)
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+@pytest.mark.parametrize("kind", ["conv", "conv_transpose", "max", "avg"])
+def test_nd_declared_output_shape_is_the_real_one_over_a_grid(kind, ndim):
+    """For drawn geometries of every layer in 1, 2 and 3 dimensions: the shape ``init_fun`` declares is the shape
+    the layer's op produces, on the hand rules and on the reference; the params fit the op."""
+    rng = np.random.default_rng(100 * ndim + len(kind))
+    for _ in range(12):
+        layer, input_shape, geometry = _draw_geometry(rng, kind, ndim)
+        out_shape, params = _init(layer, (-1, *input_shape[1:]))
+        x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
+        for ops in (None, reference):
+            y = jax.eval_shape(partial(layer[1], ops=ops), params, x)
+            assert y.shape == (input_shape[0], *out_shape[1:]), (kind, ndim, input_shape, geometry)
+        assert len(out_shape) == ndim + 2
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_nd_layers_run_in_the_kernels_dimensions(ndim):
+    """A real forward pass of each N-d layer: the output array has the declared shape."""
+    x = jnp.asarray(np.random.default_rng(ndim).standard_normal((2, *(6,) * ndim, 2)), jnp.float32)
+    k = (3,) * ndim
+    for layer in (nn.Conv(4, k, padding="SAME"), nn.ConvTranspose(3, k, stride=2, padding=1, output_padding=1),
+                  nn.MaxPool(k, stride=2), nn.AvgPool(k, stride=1, padding=1, count_include_pad=False)):
+        out_shape, params = _init(layer, x.shape)
+        assert layer[1](params, x).shape == out_shape
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_fixed_dimension_aliases_are_the_nd_layer(ndim):
+    """``Conv{N}D(o, k)`` with an int ``k`` is ``Conv(o, (k,) * N)``: same shapes, same params, same output."""
+    x = jnp.asarray(np.random.default_rng(7).standard_normal((1, *(5,) * ndim, 2)), jnp.float32)
+    pairs = [
+        (getattr(nn, f"Conv{ndim}D")(3, 2, stride=2, padding=1), nn.Conv(3, (2,) * ndim, stride=2, padding=1)),
+        (getattr(nn, f"ConvTranspose{ndim}D")(3, 2, stride=2), nn.ConvTranspose(3, (2,) * ndim, stride=2)),
+        (getattr(nn, f"MaxPool{ndim}D")(2, stride=1), nn.MaxPool((2,) * ndim, stride=1)),
+        (getattr(nn, f"AvgPool{ndim}D")(3, padding="SAME"), nn.AvgPool((3,) * ndim, padding="SAME")),
+    ]
+    for alias, layer in pairs:
+        (shape_a, params_a), (shape_b, params_b) = _init(alias, x.shape), _init(layer, x.shape)
+        assert shape_a == shape_b and len(shape_a) == ndim + 2
+        assert jax.tree.structure(params_a) == jax.tree.structure(params_b)
+        assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params_a, params_b))
+        np.testing.assert_array_equal(alias[1](params_a, x), layer[1](params_b, x))
+
+
+def test_an_int_kernel_or_window_is_2d():
+    """The documented convention: an int kernel (window) is 2-D, as the 2-D alias reads it."""
+    for layer in (nn.Conv(2, 3), nn.ConvTranspose(2, 3), nn.MaxPool(3), nn.AvgPool(3)):
+        out_shape, _ = _init(layer, (-1, 6, 6, 2))
+        assert len(out_shape) == 4
+        with pytest.raises(ValueError, match=r"`input_shape` \(=\(-1, 6, 2\)\) must be \(N, H, W, C\)"):
+            _init(layer, (-1, 6, 2))
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: nn.Conv(2, (3, 3, 3, 3)), r"`kernel` \(=\(3, 3, 3, 3\)\) must be an int \(2-D\) or a tuple of 1, 2 or 3"),
+        (lambda: nn.Conv(2, ()), r"`kernel` \(=\(\)\)"),
+        (lambda: nn.Conv(2, "3"), r"`kernel` \(='3'\)"),
+        (lambda: nn.Conv(2, (3,), stride=(1, 2)), r"`stride` \(=\(1, 2\)\)"),
+        (lambda: nn.Conv1D(2, (3, 3)), r"`kernel` \(=\(3, 3\)\)"),
+        (lambda: nn.Conv3D(2, (3, 3)), r"`kernel` \(=\(3, 3\)\)"),
+        (lambda: nn.ConvTranspose(2, (2, 2), stride=2, output_padding=2), r"`output_padding`"),
+        (lambda: nn.ConvTranspose(2, (2,), padding="SAME"), r"`padding` \(='SAME'\)"),
+        (lambda: nn.ConvTranspose(3, 2, groups=2), r"`groups` \(=2\) must divide `out_channels` \(=3\)"),
+        (lambda: nn.MaxPool((2, 2, 2, 2)), r"`window`"),
+        (lambda: nn.MaxPool2D((2, 2, 2)), r"`window` \(=\(2, 2, 2\)\)"),
+        (lambda: nn.AvgPool((2,), stride=(1, 1)), r"`stride` \(=\(1, 1\)\)"),
+        (lambda: nn.AvgPool1D(2, padding=(2,)), r"`padding`.*window"),
+    ],
+)
+def test_bad_nd_constructor_arguments(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_conv_transpose_that_crops_everything_is_refused_at_init():
+    layer = nn.ConvTranspose(2, (3,), padding=((2, 1),))  # an input of 1 spans 3: nothing is left
+    with pytest.raises(ValueError, match=r"ConvTranspose1D: `padding`.*crops the whole output"):
+        _init(layer, (-1, 1, 2))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Conv(2, 3, 2), lambda: nn.ConvTranspose(2, 3, 2), lambda: nn.MaxPool(3, 2),
+    lambda: nn.AvgPool(3, 2, "SAME"), lambda: nn.MaxPool1D(3, 2), lambda: nn.Conv3D(2, 3, 1),
+])
+def test_geometry_is_keyword_only(make):
+    with pytest.raises(TypeError):
+        make()
 
 
 # --- initialisation -----------------------------------------------------------------
@@ -136,16 +267,16 @@ VJP_GRID = [
     ("conv_groups", nn.Conv(4, (2, 3), dilation=(2, 1), groups=2, padding="SAME"), (1, 5, 6, 4)),
     ("dense", nn.Dense(3), (4, 5)),
     ("relu", nn.Relu, (2, 3, 3, 2)),
-    ("max_pool", nn.MaxPool(3, 2, "SAME"), (2, 5, 5, 2)),
-    ("avg_pool", nn.AvgPool(2, 1, 1, count_include_pad=False), (1, 4, 5, 2)),
+    ("max_pool", nn.MaxPool(3, stride=2, padding="SAME"), (2, 5, 5, 2)),
+    ("avg_pool", nn.AvgPool(2, stride=1, padding=1, count_include_pad=False), (1, 4, 5, 2)),
     ("global_avg_pool", nn.GlobalAvgPool, (2, 3, 4, 3)),
     ("lrn", nn.LRN(size=3, kappa=1.0, alpha=0.5, beta=0.75), (2, 2, 2, 4)),
     ("flatten", nn.Flatten, (2, 3, 2, 2)),
     ("residual", nn.residual(nn.Conv(2, 3, padding="SAME"), nn.Relu, nn.Conv(2, 1)), (1, 4, 4, 2)),
     ("net_1d", nn.serial(nn.Conv1D(3, 3, padding="SAME"), nn.Relu, nn.MaxPool1D(2), nn.ConvTranspose1D(2, 2, stride=2),
-                         nn.AvgPool1D(3, 1, 1), nn.Flatten, nn.Dense(2)), (2, 8, 2)),
+                         nn.AvgPool1D(3, stride=1, padding=1), nn.Flatten, nn.Dense(2)), (2, 8, 2)),
     ("net_3d", nn.serial(nn.Conv3D(2, 2, padding=1), nn.Relu, nn.AvgPool3D(2), nn.ConvTranspose3D(2, 2, stride=2),
-                         nn.MaxPool3D(2, 1), nn.Flatten, nn.Dense(2)), (1, 3, 4, 3, 2)),
+                         nn.MaxPool3D(2, stride=1), nn.Flatten, nn.Dense(2)), (1, 3, 4, 3, 2)),
 ]
 
 

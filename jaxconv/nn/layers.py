@@ -8,8 +8,9 @@ A layer is a pair of pure functions:
   pytree: a dict ``{"w": ..., "b": ...}`` for a layer with weights, ``()`` for
   one without, a list of the children's params for a combinator.
 * ``apply_fun(params, x, **kwargs) -> y``: the forward pass.  Every array
-  operation is one of jaxconv's ops (``conv2d``, ``max_pool2d``, ``avg_pool2d``,
-  ``lrn``, ``relu``, ``linear``, ``flatten``), whose backward passes are the
+  operation is one of jaxconv's ops (``conv1d/2d/3d``, ``conv_transpose1d/2d/3d``,
+  ``max_pool1d/2d/3d``, ``avg_pool1d/2d/3d``, ``batch_norm``, ``lrn``, ``relu``,
+  ``linear``, ``flatten``), whose backward passes are the
   hand-derived ``custom_vjp`` rules of docs/, so ``jax.grad`` of a network
   runs those rules and nothing else (besides the additions of ``FanInSum``).
 
@@ -23,8 +24,18 @@ against::
     _, params = init(jax.random.key(0), (-1, 8, 8, 1))
     check_vjp(apply, partial(apply, ops=jaxconv.reference), params, x).assert_ok()
 
-Layout is NHWC; kernels HWIO ``(KH, KW, C // groups, O)``; dense weights
+Layout is channels last: ``(N, W, C)``, ``(N, H, W, C)``, ``(N, D, H, W, C)``;
+kernels ``(*kernel, C // groups, O)`` (HWIO in 2-D); dense weights
 ``(D_in, D_out)`` (``y = x @ w + b``).
+
+Spatial dimensions: :func:`Conv`, :func:`ConvTranspose`, :func:`MaxPool` and
+:func:`AvgPool` take 1, 2 or 3 of them, as many as the kernel (window) tuple
+has entries: ``Conv(8, (3,))`` is 1-D, ``Conv(8, (3, 3))`` 2-D,
+``Conv(8, (3, 3, 3))`` 3-D.  An int kernel is 2-D (``Conv(8, 3)`` is ``3 x 3``
+on images; Flax would read it as 1-D).  ``Conv1D``/``Conv2D``/``Conv3D`` (and
+likewise ``ConvTranspose*``, ``MaxPool*``, ``AvgPool*``) fix the dimension, an
+int then meaning that size in every dimension.  Geometry (``stride``,
+``padding``, ``dilation``, ...) is keyword-only everywhere.
 
 Initialisation (He et al. 2015, "He normal"): weights ``~ N(0, 2 / fan_in)``
 with ``fan_in = KH * KW * C / groups`` for a convolution and ``D_in`` for a dense
@@ -41,6 +52,7 @@ ResNet head ``AvPool, 512`` is :data:`GlobalAvgPool`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +71,7 @@ __all__ = [
     "Conv1D",
     "Conv2D",
     "Conv3D",
+    "ConvTranspose",
     "ConvTranspose1D",
     "ConvTranspose2D",
     "ConvTranspose3D",
@@ -163,23 +176,82 @@ def _dtype(dtype):
 
 # --- layers with parameters -----------------------------------------------------
 
+#: The largest number of spatial dimensions a layer takes (the ops come in 1, 2 and 3).
+_MAX_SPATIAL = 3
 
-def _conv_layer(ndim: int, out_channels, kernel, stride, padding, dilation, groups, bias, w_init, dtype):
+
+def _spatial_ndim(value, name: str) -> int:
+    """The spatial dimensions a layer's ``kernel`` or ``window`` implies: a sequence's length; an int is 2-D."""
+    if _args._is_int(value):
+        return 2
+    if isinstance(value, Sequence) and not isinstance(value, str) and 1 <= len(value) <= _MAX_SPATIAL:
+        return len(value)
+    raise ValueError(f"`{name}` (={value!r}) must be an int (2-D) or a tuple of 1, 2 or 3 ints: its length is "
+                     "the number of spatial dimensions.")
+
+
+def _layer_name(base: str, ndim: int) -> str:
+    return base if ndim == 2 else f"{base}{ndim}D"
+
+
+def _channels(out_channels, groups) -> tuple[int, int]:
     out_channels = _positive_int(out_channels, "out_channels")
-    kernel = _window.ints(kernel, "kernel", ndim)
-    stride = _window.ints(stride, "stride", ndim)
-    dilation = _window.ints(dilation, "dilation", ndim)
     groups = _positive_int(groups, "groups")
     if out_channels % groups:
         raise ValueError(f"`groups` (={groups}) must divide `out_channels` (={out_channels}).")
+    return out_channels, groups
+
+
+def _in_channels(name: str, c: int, groups: int) -> None:
+    if c % groups:
+        raise ValueError(f"{name}: input channels (={c}) must be divisible by `groups` (={groups}).")
+
+
+def Conv(out_channels, kernel, *, stride=1, padding="VALID", dilation=1, groups=1, bias=True,
+         w_init=he_normal, dtype=jnp.float32):
+    """A convolution layer in 1, 2 or 3 spatial dimensions: ``y = conv(x, w, b, ...)`` (docs/convolution.md §1).
+
+    The number of spatial dimensions is ``kernel``'s length: ``(KW,)`` is a
+    1-D layer on ``(N, W, C)`` (:func:`jaxconv.conv1d`), ``(KH, KW)`` a 2-D one
+    on ``(N, H, W, C)`` (:func:`jaxconv.conv2d`), ``(KD, KH, KW)`` a 3-D one on
+    ``(N, D, H, W, C)`` (:func:`jaxconv.conv3d`).  An int kernel is 2-D, a
+    square ``k x k`` filter (images are the common case; note that Flax reads
+    an int as 1-D).  :func:`Conv1D`, :func:`Conv2D` and :func:`Conv3D` fix the
+    dimension, and there an int means the same size in every dimension.
+
+    ``S_i = X * F_i + b_i``: each of the ``out_channels`` filters slides over
+    the input and adds its bias.
+
+    Args:
+      out_channels: ``O``, the number of filters.
+      kernel: the filter's spatial size, an int (2-D) or one int per spatial dimension.
+      stride: an int or one per dimension.
+      padding: ``"VALID"``, ``"SAME"``, an int, one int per dimension or one
+        ``(lo, hi)`` pair per dimension, as :func:`jaxconv.conv2d`.
+      dilation: an int or one per dimension.
+      groups: the channel groups; must divide the input channels and ``out_channels``.
+      bias: whether to add a per-channel bias (zero-initialised).
+      w_init: ``w_init(key, shape, dtype, fan_in)``; default :func:`he_normal`
+        with ``fan_in = prod(kernel) * C / groups``.
+      dtype: the parameters' dtype.
+
+    Returns:
+      ``(init_fun, apply_fun)``.  Params ``{"w": (*kernel, C // groups, O), "b": (O,)}``
+      (no ``"b"`` when ``bias=False``); output ``(N, *out, O)`` with each
+      ``out = floor((n + lo + hi - dilation*(k - 1) - 1) / stride) + 1``.
+    """
+    ndim = _spatial_ndim(kernel, "kernel")
+    out_channels, groups = _channels(out_channels, groups)
+    kernel = _window.ints(kernel, "kernel", ndim)
+    stride = _window.ints(stride, "stride", ndim)
+    dilation = _window.ints(dilation, "dilation", ndim)
     dtype = _dtype(dtype)
     _window.padding(padding, (1,) * ndim, kernel, stride, dilation)  # validates the form early
-    name = f"Conv{ndim}D" if ndim != 2 else "Conv"
+    name = _layer_name("Conv", ndim)
 
     def init_fun(rng, input_shape):
         n, *spatial, c = _shape(input_shape, ndim + 2, name)
-        if c % groups:
-            raise ValueError(f"{name}: input channels (={c}) must be divisible by `groups` (={groups}).")
+        _in_channels(name, c, groups)
         window = _window.parse(tuple(spatial), kernel, stride, padding, dilation, kernel_name="kernel")
         w_shape = (*kernel, c // groups, out_channels)
         params = {"w": w_init(rng, w_shape, dtype, math.prod(kernel) * (c // groups))}
@@ -194,73 +266,77 @@ def _conv_layer(ndim: int, out_channels, kernel, stride, padding, dilation, grou
     return init_fun, apply_fun
 
 
-def Conv(out_channels, kernel, *, stride=1, padding="VALID", dilation=1, groups=1, bias=True,
-         w_init=he_normal, dtype=jnp.float32):
-    """A 2-D convolution layer: ``y = conv2d(x, w, b, ...)`` (``S_i = X * F_i + b_i``, docs/convolution.md §1).
+def Conv1D(out_channels, kernel, **options):
+    """:func:`Conv` on ``(N, W, C)``: ``kernel`` an int or ``(KW,)``; the keyword options as :func:`Conv`."""
+    return Conv(out_channels, _window.ints(kernel, "kernel", 1), **options)
+
+
+def Conv2D(out_channels, kernel, **options):
+    """:func:`Conv` on ``(N, H, W, C)``: ``kernel`` an int or ``(KH, KW)``; the keyword options as :func:`Conv`."""
+    return Conv(out_channels, _window.ints(kernel, "kernel", 2), **options)
+
+
+def Conv3D(out_channels, kernel, **options):
+    """:func:`Conv` on ``(N, D, H, W, C)``: ``kernel`` an int or ``(KD, KH, KW)``; the options as :func:`Conv`."""
+    return Conv(out_channels, _window.ints(kernel, "kernel", 3), **options)
+
+
+def ConvTranspose(out_channels, kernel, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1,
+                  bias=True, w_init=he_normal, dtype=jnp.float32):
+    """A transposed convolution layer in 1, 2 or 3 spatial dimensions (docs/convolution.md §6).
+
+    :func:`jaxconv.conv_transpose1d`, ``2d`` or ``3d`` by ``kernel``'s length,
+    an int kernel being 2-D, as :func:`Conv`; :func:`ConvTranspose1D`,
+    :func:`ConvTranspose2D` and :func:`ConvTranspose3D` fix the dimension.
+    It is the adjoint of a :func:`Conv` with ``out_channels`` input channels
+    (a learnable upsampling): ``(N, *spatial, C_in) -> (N, *out, out_channels)``,
+    each ``out = (n - 1)*stride - lo - hi + dilation*(k - 1) + 1 + output_padding``.
 
     Args:
-      out_channels: ``O``, the number of filters.
-      kernel: ``(KH, KW)``, int or pair.
-      stride, padding, dilation, groups: as :func:`jaxconv.conv2d`.
+      out_channels: the output channels (the convolution's input channels).
+      kernel: an int (2-D) or one int per spatial dimension.
+      stride: an int or one per dimension.
+      padding: the amounts the convolution padded, cropped here: an int, one
+        per dimension or one ``(lo, hi)`` pair per dimension (not ``"SAME"``).
+      output_padding: extra output entries at the high end, each ``< stride``.
+      dilation: an int or one per dimension.
+      groups: the channel groups; must divide the input channels and ``out_channels``.
       bias: whether to add a per-channel bias (zero-initialised).
-      w_init: ``w_init(key, shape, dtype, fan_in)``; default :func:`he_normal`
-        with ``fan_in = KH * KW * C / groups``.
+      w_init: default :func:`he_normal` with ``fan_in = prod(kernel) * C_in / groups``.
       dtype: the parameters' dtype.
 
-    Params: ``{"w": (KH, KW, C // groups, O), "b": (O,)}`` (no ``"b"`` when ``bias=False``).
-    Output shape ``(N, Ho, Wo, O)`` with conv2d's output-size formula.
-    :func:`Conv1D` and :func:`Conv3D` are the same layer on ``(N, W, C)`` and
-    ``(N, D, H, W, C)`` inputs (:func:`jaxconv.conv1d`, :func:`jaxconv.conv3d`).
+    Returns:
+      ``(init_fun, apply_fun)``.  Params ``{"w": (*kernel, out_channels // groups, C_in),
+      "b": (out_channels,)}``: ``w`` in the convolution's layout, as the op takes it.
     """
-    return _conv_layer(2, out_channels, kernel, stride, padding, dilation, groups, bias, w_init, dtype)
-
-
-def Conv1D(out_channels, kernel, *, stride=1, padding="VALID", dilation=1, groups=1, bias=True,
-           w_init=he_normal, dtype=jnp.float32):
-    """A 1-D convolution layer on ``(N, W, C)``, :func:`jaxconv.conv1d`; arguments as :func:`Conv`."""
-    return _conv_layer(1, out_channels, kernel, stride, padding, dilation, groups, bias, w_init, dtype)
-
-
-#: The 2-D convolution layer, :func:`Conv`.
-Conv2D = Conv
-
-
-def Conv3D(out_channels, kernel, *, stride=1, padding="VALID", dilation=1, groups=1, bias=True,
-           w_init=he_normal, dtype=jnp.float32):
-    """A 3-D convolution layer on ``(N, D, H, W, C)``, :func:`jaxconv.conv3d`; arguments as :func:`Conv`."""
-    return _conv_layer(3, out_channels, kernel, stride, padding, dilation, groups, bias, w_init, dtype)
-
-
-def _conv_transpose_layer(ndim: int, out_channels, kernel, stride, padding, output_padding, dilation, groups,
-                          bias, w_init, dtype):
-    out_channels = _positive_int(out_channels, "out_channels")
+    ndim = _spatial_ndim(kernel, "kernel")
+    out_channels, groups = _channels(out_channels, groups)
     kernel = _window.ints(kernel, "kernel", ndim)
     stride = _window.ints(stride, "stride", ndim)
     dilation = _window.ints(dilation, "dilation", ndim)
     output_padding = _window.ints(output_padding, "output_padding", ndim, minimum=0)
-    groups = _positive_int(groups, "groups")
-    if out_channels % groups:
-        raise ValueError(f"`groups` (={groups}) must divide `out_channels` (={out_channels}).")
+    if any(op >= s for op, s in zip(output_padding, stride)):
+        raise ValueError(f"`output_padding` (={output_padding}) must be smaller than `stride` (={stride}) "
+                         "in every dimension.")
     if isinstance(padding, str) and padding.upper() == "SAME":
         raise ValueError("`padding` (='SAME') is not defined for a transposed convolution: give the amounts.")
     pads = _window.padding(padding, (1,) * ndim, kernel, stride, dilation)
     dtype = _dtype(dtype)
-    name = f"ConvTranspose{ndim}D"
+    name = _layer_name("ConvTranspose", ndim)
 
     def init_fun(rng, input_shape):
         n, *spatial, c = _shape(input_shape, ndim + 2, name)
-        if c % groups:
-            raise ValueError(f"{name}: input channels (={c}) must be divisible by `groups` (={groups}).")
+        _in_channels(name, c, groups)
+        out = tuple((size - 1) * s - lo - hi + d * (k - 1) + 1 + op
+                    for size, (lo, hi), k, s, d, op in zip(spatial, pads, kernel, stride, dilation, output_padding))
+        if min(out) < 1:
+            raise ValueError(f"{name}: `padding` (={padding!r}) crops the whole output of an input "
+                             f"{tuple(spatial)} (size {out} before it is refused).")
         w_shape = (*kernel, out_channels // groups, c)
         params = {"w": w_init(rng, w_shape, dtype, math.prod(kernel) * (c // groups))}
         if bias:
             params["b"] = jnp.zeros((out_channels,), dtype)
-        out = jax.eval_shape(
-            lambda y, w: getattr(_hand_ops(), f"conv_transpose{ndim}d")(
-                y, w, stride=stride, padding=pads, output_padding=output_padding, dilation=dilation, groups=groups),
-            jax.ShapeDtypeStruct((1, *spatial, c), dtype), jax.ShapeDtypeStruct(w_shape, dtype),
-        ).shape
-        return (n, *out[1:]), params
+        return (n, *out, out_channels), params
 
     def apply_fun(params, x, **kwargs):
         op = getattr(_ops(kwargs), f"conv_transpose{ndim}d")
@@ -270,50 +346,19 @@ def _conv_transpose_layer(ndim: int, out_channels, kernel, stride, padding, outp
     return init_fun, apply_fun
 
 
-_CONV_TRANSPOSE_DOC = """A {n}-D transposed convolution layer, :func:`jaxconv.conv_transpose{n}d` (docs/convolution.md §6).
-
-    The adjoint of a :func:`{conv}` with ``out_channels`` input channels: it
-    maps ``(N, {spatial}, C_in)`` to ``(N, {spatial_out}, out_channels)``, each
-    size ``(n - 1)*s - lo - hi + d*(k - 1) + 1 + output_padding``
-    (a learnable upsampling).
-
-    Args:
-      out_channels: the output channels (the convolution's input channels).
-      kernel: int or one per dimension.
-      stride, padding, output_padding, dilation, groups: as
-        :func:`jaxconv.conv_transpose{n}d` (padding: amounts, not ``"SAME"``).
-      bias: whether to add a per-channel bias (zero-initialised).
-      w_init: default :func:`he_normal` with ``fan_in = prod(kernel) * C_in / groups``.
-      dtype: the parameters' dtype.
-
-    Params: ``{{"w": (*kernel, out_channels // groups, C_in), "b": (out_channels,)}}``:
-    ``w`` in the convolution's layout, as the op takes it.
-    """
+def ConvTranspose1D(out_channels, kernel, **options):
+    """:func:`ConvTranspose` on ``(N, W, C)``: ``kernel`` an int or ``(KW,)``; options as :func:`ConvTranspose`."""
+    return ConvTranspose(out_channels, _window.ints(kernel, "kernel", 1), **options)
 
 
-def ConvTranspose1D(out_channels, kernel, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1,
-                    bias=True, w_init=he_normal, dtype=jnp.float32):
-    return _conv_transpose_layer(1, out_channels, kernel, stride, padding, output_padding, dilation, groups, bias,
-                                 w_init, dtype)
+def ConvTranspose2D(out_channels, kernel, **options):
+    """:func:`ConvTranspose` on ``(N, H, W, C)``: ``kernel`` an int or a pair; options as :func:`ConvTranspose`."""
+    return ConvTranspose(out_channels, _window.ints(kernel, "kernel", 2), **options)
 
 
-def ConvTranspose2D(out_channels, kernel, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1,
-                    bias=True, w_init=he_normal, dtype=jnp.float32):
-    return _conv_transpose_layer(2, out_channels, kernel, stride, padding, output_padding, dilation, groups, bias,
-                                 w_init, dtype)
-
-
-def ConvTranspose3D(out_channels, kernel, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1,
-                    bias=True, w_init=he_normal, dtype=jnp.float32):
-    return _conv_transpose_layer(3, out_channels, kernel, stride, padding, output_padding, dilation, groups, bias,
-                                 w_init, dtype)
-
-
-ConvTranspose1D.__doc__ = _CONV_TRANSPOSE_DOC.format(n=1, conv="Conv1D", spatial="W", spatial_out="Wo")
-ConvTranspose2D.__doc__ = _CONV_TRANSPOSE_DOC.format(n=2, conv="Conv", spatial="H, W", spatial_out="Ho, Wo")
-ConvTranspose3D.__doc__ = _CONV_TRANSPOSE_DOC.format(n=3, conv="Conv3D", spatial="D, H, W",
-                                                     spatial_out="Do, Ho, Wo")
-
+def ConvTranspose3D(out_channels, kernel, **options):
+    """:func:`ConvTranspose` on ``(N, D, H, W, C)``: ``kernel`` an int or a triple; options as :func:`ConvTranspose`."""
+    return ConvTranspose(out_channels, _window.ints(kernel, "kernel", 3), **options)
 
 def Dense(out_dim, *, bias=True, w_init=he_normal, dtype=jnp.float32):
     """A fully connected layer ``y = x @ w + b`` (``s = W vec(H) + b``, as rows; docs/layers.md, Fully connected layer).
@@ -505,11 +550,11 @@ def train_apply(apply_fun, params, x, **kwargs):
 # --- layers without parameters --------------------------------------------------
 
 
-def _stateless(op_name: str, out_shape, ndim: int | None = None, **options):
+def _stateless(op_name: str, out_shape, ndim: int | None = None, *, name: str | None = None, **options):
     def init_fun(rng, input_shape):
         del rng
         if ndim is not None:
-            _shape(input_shape, ndim, op_name)
+            _shape(input_shape, ndim, name or op_name)
         return out_shape(tuple(input_shape)), ()
 
     def apply_fun(params, x, **kwargs):
@@ -519,57 +564,84 @@ def _stateless(op_name: str, out_shape, ndim: int | None = None, **options):
     return init_fun, apply_fun
 
 
-def _pool(op_name: str, ndim: int, window, stride, padding, **options):
+def _pool(kind: str, window, stride, padding, **options):
+    ndim = _spatial_ndim(window, "window")
     window = _window.ints(window, "window", ndim)
     stride = window if stride is None else _window.ints(stride, "stride", ndim)
     if not isinstance(padding, str):  # "SAME" always satisfies the rule; explicit amounts are checked now
         _window.check_pool_padding(padding, _window.padding(padding, (1,) * ndim, window, stride, (1,) * ndim),
                                    window)
+    name = _layer_name({"max": "MaxPool", "avg": "AvgPool"}[kind], ndim)
 
     def out_shape(shape):
         n, *spatial, c = shape
         win = _window.parse(tuple(spatial), window, stride, padding, kernel_name="window", pool=True)
         return (n, *win.out_size, c)
 
-    return _stateless(op_name, out_shape, ndim + 2, window=window, stride=stride, padding=padding, **options)
+    return _stateless(f"{kind}_pool{ndim}d", out_shape, ndim + 2, name=name, window=window, stride=stride,
+                      padding=padding, **options)
 
 
-def MaxPool(window, stride=None, padding="VALID"):
-    """Max pooling, :func:`jaxconv.max_pool2d` (docs/pooling.md §4); ``stride=None`` means the window.
+def MaxPool(window, *, stride=None, padding="VALID"):
+    """Max pooling in 1, 2 or 3 spatial dimensions, :func:`jaxconv.max_pool2d` etc. (docs/pooling.md §4).
 
-    :func:`MaxPool1D` and :func:`MaxPool3D` pool ``(N, W, C)`` and ``(N, D, H, W, C)``."""
-    return _pool("max_pool2d", 2, window, stride, padding)
+    The number of spatial dimensions is ``window``'s length, an int window
+    being 2-D (``k x k``), as :func:`Conv`: ``(k,)`` pools ``(N, W, C)``,
+    ``(kh, kw)`` ``(N, H, W, C)``, ``(kd, kh, kw)`` ``(N, D, H, W, C)``.
+    :func:`MaxPool1D`, :func:`MaxPool2D` and :func:`MaxPool3D` fix the dimension.
 
-
-def AvgPool(window, stride=None, padding="VALID", count_include_pad=True):
-    """Average pooling, :func:`jaxconv.avg_pool2d` (docs/pooling.md §2).
-
-    :func:`AvgPool1D` and :func:`AvgPool3D` pool ``(N, W, C)`` and ``(N, D, H, W, C)``."""
-    return _pool("avg_pool2d", 2, window, stride, padding, count_include_pad=bool(count_include_pad))
-
-
-def MaxPool1D(window, stride=None, padding="VALID"):
-    """Max pooling over ``(N, W, C)``, :func:`jaxconv.max_pool1d`."""
-    return _pool("max_pool1d", 1, window, stride, padding)
+    Args:
+      window: an int (2-D) or one int per spatial dimension.
+      stride: an int or one per dimension; ``None`` (default) means the window.
+      padding: ``"VALID"``, ``"SAME"``, an int, one per dimension or ``(lo, hi)``
+        pairs; each side at most half the window.
+    """
+    return _pool("max", window, stride, padding)
 
 
-def MaxPool3D(window, stride=None, padding="VALID"):
-    """Max pooling over ``(N, D, H, W, C)``, :func:`jaxconv.max_pool3d`."""
-    return _pool("max_pool3d", 3, window, stride, padding)
+def AvgPool(window, *, stride=None, padding="VALID", count_include_pad=True):
+    """Average pooling in 1, 2 or 3 spatial dimensions, :func:`jaxconv.avg_pool2d` etc. (docs/pooling.md §2).
+
+    Dimensions by ``window``'s length, an int being 2-D, as :func:`MaxPool`;
+    :func:`AvgPool1D`, :func:`AvgPool2D` and :func:`AvgPool3D` fix the dimension.
+
+    Args:
+      window: an int (2-D) or one int per spatial dimension.
+      stride: an int or one per dimension; ``None`` (default) means the window.
+      padding: as :func:`MaxPool`.
+      count_include_pad: whether padded entries count in each window's divisor.
+    """
+    return _pool("avg", window, stride, padding, count_include_pad=bool(count_include_pad))
 
 
-def AvgPool1D(window, stride=None, padding="VALID", count_include_pad=True):
-    """Average pooling over ``(N, W, C)``, :func:`jaxconv.avg_pool1d`."""
-    return _pool("avg_pool1d", 1, window, stride, padding, count_include_pad=bool(count_include_pad))
+def MaxPool1D(window, **options):
+    """:func:`MaxPool` over ``(N, W, C)``: ``window`` an int or ``(k,)``; the keyword options as :func:`MaxPool`."""
+    return MaxPool(_window.ints(window, "window", 1), **options)
 
 
-def AvgPool3D(window, stride=None, padding="VALID", count_include_pad=True):
-    """Average pooling over ``(N, D, H, W, C)``, :func:`jaxconv.avg_pool3d`."""
-    return _pool("avg_pool3d", 3, window, stride, padding, count_include_pad=bool(count_include_pad))
+def MaxPool2D(window, **options):
+    """:func:`MaxPool` over ``(N, H, W, C)``: ``window`` an int or a pair; the keyword options as :func:`MaxPool`."""
+    return MaxPool(_window.ints(window, "window", 2), **options)
 
 
-#: The 2-D pooling layers, :func:`MaxPool` and :func:`AvgPool`.
-MaxPool2D, AvgPool2D = MaxPool, AvgPool
+def MaxPool3D(window, **options):
+    """:func:`MaxPool` over ``(N, D, H, W, C)``: ``window`` an int or a triple; the options as :func:`MaxPool`."""
+    return MaxPool(_window.ints(window, "window", 3), **options)
+
+
+def AvgPool1D(window, **options):
+    """:func:`AvgPool` over ``(N, W, C)``: ``window`` an int or ``(k,)``; the keyword options as :func:`AvgPool`."""
+    return AvgPool(_window.ints(window, "window", 1), **options)
+
+
+def AvgPool2D(window, **options):
+    """:func:`AvgPool` over ``(N, H, W, C)``: ``window`` an int or a pair; the keyword options as :func:`AvgPool`."""
+    return AvgPool(_window.ints(window, "window", 2), **options)
+
+
+def AvgPool3D(window, **options):
+    """:func:`AvgPool` over ``(N, D, H, W, C)``: ``window`` an int or a triple; the options as :func:`AvgPool`."""
+    return AvgPool(_window.ints(window, "window", 3), **options)
 
 
 def LRN(size=5, kappa=2.0, alpha=1e-4, beta=0.75):

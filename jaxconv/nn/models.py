@@ -65,10 +65,10 @@ def alexnet_small(num_classes=10, *, width=32):
     ``size=5, kappa=2, alpha=1e-4, beta=0.75`` (MatConvNet convention).
     """
     return nn.serial(
-        nn.Conv(width, 5, padding="SAME"), nn.Relu, nn.LRN(), nn.MaxPool(3, 2, "SAME"),
-        nn.Conv(2 * width, 3, padding="SAME"), nn.Relu, nn.LRN(), nn.MaxPool(3, 2, "SAME"),
+        nn.Conv(width, 5, padding="SAME"), nn.Relu, nn.LRN(), nn.MaxPool(3, stride=2, padding="SAME"),
+        nn.Conv(2 * width, 3, padding="SAME"), nn.Relu, nn.LRN(), nn.MaxPool(3, stride=2, padding="SAME"),
         nn.Conv(3 * width, 3, padding="SAME"), nn.Relu,
-        nn.Conv(2 * width, 3, padding="SAME"), nn.Relu, nn.MaxPool(3, 2, "SAME"),
+        nn.Conv(2 * width, 3, padding="SAME"), nn.Relu, nn.MaxPool(3, stride=2, padding="SAME"),
         nn.Flatten,
         nn.Dense(128), nn.Relu,
         nn.Dense(_classes(num_classes)),
