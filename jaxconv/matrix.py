@@ -105,7 +105,7 @@ def im2row(x, kernel_size, *, stride=1, padding="VALID", dilation=1):
       ``im2row(x, w.shape[:2], ...) @ w.reshape(-1, O)`` equals ``conv2d(x, w, ...)``
       reshaped to ``(N, Ho*Wo, O)``.  ``Ho = floor((H + top + bottom - d(KH-1) - 1)/s) + 1``.
 
-    Example:
+    Examples:
       >>> im2row(jnp.ones((1, 4, 4, 2)), 3).shape
       (1, 4, 18)
     """
@@ -247,7 +247,7 @@ def filter_matrix(w, input_hw, *, stride=1, padding="VALID", dilation=1, groups=
       ``(O*Ho*Wo, C*H*W)``.  E.g. 6x6x1 input, 3x3 filter: 16x36; 6x6x4: 16x144.
       3x3 input, 2x2 kernel: 4x9.
 
-    Example:
+    Examples:
       >>> filter_matrix(jnp.ones((3, 3, 4, 1)), (6, 6)).shape
       (16, 144)
     """

@@ -398,7 +398,8 @@ def test_a_clean_synthetic_package_passes():
      [("cycle", "jaxconv.nn.a")]),
     (dict(ops__a="from . import a\n"), [("cycle", "jaxconv.ops.a")]),
     # (c) function-level imports of jaxconv, of a runtime dependency, of an extra outside its module
-    (dict(train__data="def f():\n    from . import step\n", train__step=""), [("function-level", "jaxconv.train.data")]),
+    (dict(train__data="def f():\n    from . import step\n", train__step=""),
+     [("function-level", "jaxconv.train.data")]),
     (dict(nn__layers="def f():\n    import jax.numpy as jnp\n"), [("function-level", "jaxconv.nn.layers")]),
     (dict(ops__conv="def f():\n    from importlib import metadata\n"), [("function-level", "jaxconv.ops.conv")]),
     (dict(ops__conv="class A:\n    def m(self):\n        import torch\n"), [("function-level", "jaxconv.ops.conv")]),
@@ -423,7 +424,8 @@ def test_cycle_report_names_every_module_of_the_loop():
 
 def test_relative_imports_resolve_like_python():
     sources = _package(train__step="", nn__layers="", ops__conv="")
-    sources["jaxconv.train.data"] = "from . import step\nfrom .. import nn\nfrom ..ops.conv import f\nfrom ..ops import x\n"
+    sources["jaxconv.train.data"] = ("from . import step\nfrom .. import nn\nfrom ..ops.conv import f\n"
+                                     "from ..ops import x\n")
     sources["jaxconv.train"] = "from .data import load\n"
     found = imports_of(sources)
     assert [i.target for i in found["jaxconv.train.data"]] == [

@@ -120,7 +120,8 @@ def _draw_geometry(rng, kind: str, ndim: int):
     sizes = tuple(int(s) for s in rng.integers(1, 5, ndim))
     output_padding = tuple(int(rng.integers(0, s)) for s in stride)
     # crop at most what the transposed convolution spans, less one: some output is left
-    full = [(n - 1) * s + d * (k - 1) + 1 + op for n, s, d, k, op in zip(sizes, stride, dilation, kernel, output_padding)]
+    full = [(n - 1) * s + d * (k - 1) + 1 + op
+            for n, s, d, k, op in zip(sizes, stride, dilation, kernel, output_padding)]
     padding = tuple((int(rng.integers(0, f // 2 + 1)), int(rng.integers(0, (f - 1) // 2 + 1))) for f in full)
     layer = nn.ConvTranspose(out_channels, kernel, stride=stride, padding=padding, output_padding=output_padding,
                              dilation=dilation, groups=groups)
@@ -184,7 +185,8 @@ def test_an_int_kernel_or_window_is_2d():
 @pytest.mark.parametrize(
     "make,match",
     [
-        (lambda: nn.Conv(2, (3, 3, 3, 3)), r"`kernel` \(=\(3, 3, 3, 3\)\) must be an int \(2-D\) or a tuple of 1, 2 or 3"),
+        (lambda: nn.Conv(2, (3, 3, 3, 3)),
+         r"`kernel` \(=\(3, 3, 3, 3\)\) must be an int \(2-D\) or a tuple of 1, 2 or 3"),
         (lambda: nn.Conv(2, ()), r"`kernel` \(=\(\)\)"),
         (lambda: nn.Conv(2, "3"), r"`kernel` \(='3'\)"),
         (lambda: nn.Conv(2, (3,), stride=(1, 2)), r"`stride` \(=\(1, 2\)\)"),
@@ -291,7 +293,8 @@ def test_layer_vjp_float64(name, layer, input_shape):
     check_vjp(f, ref, params, x, names=("params", "x"), fd_eps=1e-7).assert_ok()
 
 
-@pytest.mark.parametrize("name,layer,input_shape", VJP_GRID[:2] + VJP_GRID[4:6], ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("name,layer,input_shape", VJP_GRID[:2] + VJP_GRID[4:6],
+                         ids=lambda v: v if isinstance(v, str) else "")
 def test_layer_vjp_float32(name, layer, input_shape):
     rng = np.random.default_rng(2)
     _, params = _init(layer, input_shape)

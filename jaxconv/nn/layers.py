@@ -384,9 +384,9 @@ def Dense(out_dim, *, bias=True, w_init=he_normal, dtype=jnp.float32):
 
 # --- batch normalisation and layer state --------------------------------------------
 
-#: The key under which a layer keeps its non-trainable state (running statistics)
-#: in its params dict: Flax's name for the collection.
 STATE_KEY = "batch_stats"
+"""The key under which a layer keeps its non-trainable state (running statistics) in its params dict:
+Flax's name for the collection."""
 
 
 def BatchNorm(*, momentum=0.1, eps=1e-5, scale_init=None, dtype=jnp.float32):
@@ -470,7 +470,8 @@ def _positive_real(value, name: str) -> float:
 
 
 def has_state(params) -> bool:
-    """Whether ``params`` holds layer state (a batch norm's running statistics): such a model applies with ``train=``."""
+    """Whether ``params`` holds layer state (a batch norm's running statistics): such a model applies with
+    ``train=``."""
     if isinstance(params, dict):
         return STATE_KEY in params or any(has_state(v) for v in params.values())
     if isinstance(params, (list, tuple)):
@@ -655,8 +656,8 @@ def LRN(size=5, kappa=2.0, alpha=1e-4, beta=0.75):
     return _stateless("lrn", lambda shape: shape, 4, size=size, kappa=kappa, alpha=alpha, beta=beta)
 
 
-#: ReLU, :func:`jaxconv.relu` (docs/layers.md, ReLU); any shape.
 Relu = _stateless("relu", lambda shape: shape)
+"""ReLU, :func:`jaxconv.relu` (docs/layers.md, ReLU); any shape."""
 
 
 def _flat_shape(shape):
@@ -665,8 +666,8 @@ def _flat_shape(shape):
     return (shape[0], math.prod(shape[1:]))
 
 
-#: ``(N, ...) -> (N, prod(...))``, row-major, :func:`jaxconv.flatten` (docs/layers.md, Flatten and vectorisation).
 Flatten = _stateless("flatten", _flat_shape)
+"""``(N, ...) -> (N, prod(...))``, row-major, :func:`jaxconv.flatten` (docs/layers.md, Flatten and vectorisation)."""
 
 
 def _global_avg_pool():
@@ -686,10 +687,10 @@ def _global_avg_pool():
     return init_fun, apply_fun
 
 
-#: Global average pooling ``(N, H, W, C) -> (N, C)``: an :func:`jaxconv.avg_pool2d`
-#: whose window is the whole image, then :func:`jaxconv.flatten` (ResNet's ``AvPool, 512``; docs/pooling.md §3).
-#: Backward: each pixel gets ``g_{n,c} / (H W)``.
 GlobalAvgPool = _global_avg_pool()
+"""Global average pooling ``(N, H, W, C) -> (N, C)``: an :func:`jaxconv.avg_pool2d`
+whose window is the whole image, then :func:`jaxconv.flatten` (ResNet's ``AvPool, 512``; docs/pooling.md §3).
+Backward: each pixel gets ``g_{n,c} / (H W)``."""
 
 
 # --- combinators ----------------------------------------------------------------
@@ -729,7 +730,8 @@ def parallel(*layers):
             isinstance(s, (tuple, list)) for s in input_shape
         ):
             raise ValueError(f"parallel: `input_shape` (={input_shape!r}) must be a tuple of {len(layers)} shapes.")
-        outputs = [init(key, shape) for init, key, shape in zip(init_funs, jax.random.split(rng, len(layers)), input_shape)]
+        keys = jax.random.split(rng, len(layers))
+        outputs = [init(key, shape) for init, key, shape in zip(init_funs, keys, input_shape)]
         return tuple(shape for shape, _ in outputs), [p for _, p in outputs]
 
     def apply_fun(params, xs, **kwargs):
@@ -757,11 +759,11 @@ def _fan_in_sum():
     return init_fun, apply_fun
 
 
-#: ``(x_1, ..., x_k) -> x_1 + ... + x_k``; the branches must have one shape.
 FanInSum = _fan_in_sum()
+"""``(x_1, ..., x_k) -> x_1 + ... + x_k``; the branches must have one shape."""
 
-#: ``x -> x``.
 Identity = (lambda rng, input_shape: (tuple(input_shape), ())), (lambda params, x, **kwargs: x)
+"""``x -> x``."""
 
 
 def residual(*layers, shortcut=None):

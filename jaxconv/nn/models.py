@@ -131,7 +131,6 @@ def resnet_small_nobn(num_classes=10, *, widths=(16, 32, 64)):
     return resnet_small(num_classes, widths=widths, batch_norm=False)
 
 
-#: Command-line name -> constructor ``f(num_classes=10) -> (init_fun, apply_fun)``.
 MODELS = {
     "dd2424_net": dd2424_net,
     "lenet5": lenet5,
@@ -139,3 +138,4 @@ MODELS = {
     "resnet_small": resnet_small,
     "resnet_small_nobn": resnet_small_nobn,
 }
+"""Command-line name -> constructor ``f(num_classes=10) -> (init_fun, apply_fun)``."""

@@ -166,7 +166,7 @@ def conv1d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
     same forms); output ``(N, Wo, O)`` with
     ``Wo = floor((W + lo + hi - d*(K-1) - 1) / s) + 1``.
 
-    Example:
+    Examples:
       >>> conv1d(jnp.ones((1, 9, 2)), jnp.ones((3, 2, 4)), stride=2).shape
       (1, 4, 4)
     """
@@ -206,7 +206,7 @@ def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
 
     Backward: see the module docstring and docs/convolution.md §5.
 
-    Example:
+    Examples:
       >>> x = jnp.ones((1, 5, 5, 1)); w = jnp.ones((3, 3, 1, 2))
       >>> conv2d(x, w, stride=2, padding=1).shape
       (1, 3, 3, 2)
@@ -221,7 +221,7 @@ def conv3d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
     :func:`conv2d` with three spatial dimensions (same formulas, same checks,
     same forms); output ``(N, Do, Ho, Wo, O)``, each size by conv2d's formula.
 
-    Example:
+    Examples:
       >>> conv3d(jnp.ones((1, 4, 5, 6, 2)), jnp.ones((2, 3, 3, 2, 4)), padding="SAME").shape
       (1, 4, 5, 6, 4)
     """
@@ -669,7 +669,7 @@ conv_transpose1d.__doc__ = _TRANSPOSE_DOC.format(n=1, layout="NWC", spatial="W",
                                                  kspatial="K", count="one")
 conv_transpose2d.__doc__ = _TRANSPOSE_DOC.format(n=2, layout="NHWC", spatial="H, W", spatial_out="Ho, Wo",
                                                  kspatial="KH, KW", count="two") + """
-    Example:
+    Examples:
       >>> y = jnp.ones((1, 3, 3, 4)); w = jnp.ones((3, 3, 2, 4))
       >>> conv_transpose2d(y, w, stride=2, padding=1, output_padding=1).shape
       (1, 6, 6, 2)

@@ -119,7 +119,7 @@ def lrn(x, *, size=5, kappa=2.0, alpha=1e-4, beta=0.75):
       ``G(k)`` holds ``t`` (through the sum of squares), eager and under
       ``jit``; other positions are unaffected.
 
-    Example:
+    Examples:
       >>> y = lrn(jnp.ones((1, 1, 1, 3)), size=3, kappa=1.0, alpha=1.0, beta=1.0)
       >>> y[0, 0, 0].tolist()  # windows {0, 1}, {0, 1, 2}, {1, 2}: 1/3, 1/4, 1/3
       [0.3333333432674408, 0.25, 0.3333333432674408]

@@ -75,7 +75,7 @@ def batch_norm(x, scale, offset, *, eps=1e-5):
     per channel, ``dscale = sum(g * xhat)``, ``doffset = sum(g)`` (module
     docstring; docs/layers.md).
 
-    Example:
+    Examples:
       >>> y = batch_norm(jnp.arange(8.0).reshape(4, 2), jnp.ones(2), jnp.zeros(2))
       >>> [round(float(v), 4) for v in y[:, 0]]
       [-1.3416, -0.4472, 0.4472, 1.3416]

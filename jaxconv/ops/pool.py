@@ -306,7 +306,7 @@ def avg_pool2d(x, window, *, stride=None, padding="VALID", count_include_pad=Tru
     window's divisor and added to every pixel of the window (docs/pooling.md §2;
     see the module docstring).
 
-    Example:
+    Examples:
       >>> avg_pool2d(jnp.arange(16.0).reshape(1, 4, 4, 1), 2)[0, :, :, 0]
       Array([[ 2.5,  4.5],
              [10.5, 12.5]], dtype=float32)
@@ -322,7 +322,7 @@ def avg_pool1d(x, window, *, stride=None, padding="VALID", count_include_pad=Tru
     ``"SAME"``, an int, ``(p,)`` or ``((left, right),)``, at most half the window
     per side.  Output ``(N, Wo, C)``, ``Wo = floor((W + left + right - K) / s) + 1``.
 
-    Example:
+    Examples:
       >>> avg_pool1d(jnp.arange(6.0).reshape(1, 6, 1), 2)[0, :, 0]
       Array([0.5, 2.5, 4.5], dtype=float32)
     """
@@ -337,7 +337,7 @@ def avg_pool3d(x, window, *, stride=None, padding="VALID", count_include_pad=Tru
     ``"SAME"``, an int, three ints or three ``(lo, hi)`` pairs, at most half
     the window per side.  Output ``(N, Do, Ho, Wo, C)``, each by avg_pool2d's formula.
 
-    Example:
+    Examples:
       >>> avg_pool3d(jnp.ones((1, 4, 4, 4, 2)), 2).shape
       (1, 2, 2, 2, 2)
     """
@@ -414,7 +414,7 @@ def max_pool2d(x, window, *, stride=None, padding="VALID"):
     order (XLA's rule, so ties agree with ``jax.grad`` exactly); overlapping
     windows add.  NaN: see the module docstring.
 
-    Example:
+    Examples:
       >>> max_pool2d(jnp.arange(16.0).reshape(1, 4, 4, 1), 2)[0, :, :, 0]
       Array([[ 5.,  7.],
              [13., 15.]], dtype=float32)
@@ -429,7 +429,7 @@ def max_pool1d(x, window, *, stride=None, padding="VALID"):
     Arguments as :func:`avg_pool1d`'s; ties go to the first maximum, padding is
     ``-inf``, a NaN makes its window's output NaN, as in :func:`max_pool2d`.
 
-    Example:
+    Examples:
       >>> max_pool1d(jnp.array([[[1.0], [3.0], [2.0], [0.0]]]), 2)[0, :, 0]
       Array([3., 2.], dtype=float32)
     """
@@ -444,7 +444,7 @@ def max_pool3d(x, window, *, stride=None, padding="VALID"):
     ``(depth, height, width)`` order, so ties go to the first maximum in it,
     as XLA's ``select_and_scatter`` (``jax.grad`` of the reduction) does.
 
-    Example:
+    Examples:
       >>> max_pool3d(jnp.ones((1, 4, 4, 4, 2)), 2, stride=1).shape
       (1, 3, 3, 3, 2)
     """
