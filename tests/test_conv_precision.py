@@ -136,8 +136,10 @@ def test_the_reference_passes_precision_through():
     assert found and all(p == HIGHEST for p in found)
 
 
-@pytest.mark.parametrize("precision,expected", [("highest", HIGHEST), (None, None),
-                                                (lax.DotAlgorithmPreset.F64_F64_F64, lax.DotAlgorithmPreset.F64_F64_F64)])
+F64 = lax.DotAlgorithmPreset.F64_F64_F64
+
+
+@pytest.mark.parametrize("precision,expected", [("highest", HIGHEST), (None, None), (F64, F64)])
 def test_linear_carries_the_precision_forward_and_backward(precision, expected):
     rng = np.random.default_rng(7)
     x, w, b = rng.standard_normal((4, 3)), rng.standard_normal((3, 5)), rng.standard_normal(5)
