@@ -5,7 +5,7 @@
 
 Every public op calls these helpers before it traces anything, so a bad
 argument fails with a ``ValueError`` (a ``TypeError`` for something that is
-not an array at all) that names the argument and its value, at trace time,
+not an array at all, and for arrays whose dtypes differ) that names the argument and its value, at trace time,
 whatever the backend.  Nothing here touches array values: only shapes, dtypes
 and static configuration, so the checks run once per trace under ``jit`` and
 cost nothing at run time.
@@ -143,11 +143,14 @@ def check_float_array(x, name: str, ndim: int | None = None):
 
 
 def check_same_dtype(**arrays) -> None:
-    """All the named arrays share one dtype (no silent promotion inside a rule)."""
+    """All the named arrays share one dtype (no silent promotion inside a rule).
+
+    A mismatch is a ``TypeError``, as lax gives for its own operands, naming
+    every argument and its dtype."""
     dtypes = {name: a.dtype for name, a in arrays.items() if a is not None}
     if len(set(dtypes.values())) > 1:
         listed = ", ".join(f"`{n}` {d}" for n, d in dtypes.items())
-        raise ValueError(f"dtypes must match, got {listed}.")
+        raise TypeError(f"dtypes must match, got {listed}.")
 
 
 def check_elements(shape, name: str, what: str) -> None:
