@@ -575,30 +575,8 @@ def _conv_transpose(ndim: int, y, w, b, stride, padding, output_padding, dilatio
     if b is not None and b.shape[0] != c:
         raise ValueError(f"`b` must have length {c} (groups * w.shape[{ndim}], the output channels), "
                          f"got shape {tuple(b.shape)}.")
-    if isinstance(padding, str) and padding.upper() == "SAME":
-        raise ValueError("`padding` (='SAME') is not defined for a transposed convolution: give the amounts "
-                         "(an int, one per dimension, or (lo, hi) pairs) of the convolution it transposes.")
-    stride = _window.ints(stride, "stride", ndim)
-    dilation = _window.ints(dilation, "dilation", ndim)
-    output_padding = _window.ints(output_padding, "output_padding", ndim, minimum=0)
-    for op, s in zip(output_padding, stride):
-        if op >= s:
-            raise ValueError(f"`output_padding` (={output_padding}) must be smaller than `stride` (={stride}) "
-                             "in every dimension: only then is the output the adjoint of a convolution whose "
-                             "output has y's size.")
-    pads = _window.padding(padding, (1,) * ndim, kernel, stride, dilation)
-    out_size = []
-    for size, (lo, hi), k, s, d, op, name in zip(y.shape[1:-1], pads, kernel, stride, dilation, output_padding,
-                                                 _window.dim_names(ndim)):
-        full = (size - 1) * s + d * (k - 1) + 1 + op
-        if full - lo - hi < 1:
-            raise ValueError(
-                f"`padding` (={padding!r}) crops {lo} + {hi} from the {name}, but the transposed convolution of "
-                f"`y` (size {size}) with this kernel, stride and dilation spans only {full}: no output is left."
-            )
-        out_size.append(full - lo - hi)
-    window = _window.Window(tuple(out_size), kernel, stride, pads, dilation)
-    _window.check_fits(window, f"w.shape[:{ndim}]")
+    window = _window.parse_transpose(y.shape[1:-1], kernel, stride, padding, output_padding, dilation,
+                                     kernel_name=f"w.shape[:{ndim}]")
     _window.check_sizes(window, n, c, o, "`padding`, `stride`, `dilation` and the shapes of `y` and `w`")
     chosen = _plan(window, n, c, o, groups, y, w, b)
     return _conv_transpose_vjp(ConvConfig(window, groups, chosen.forward, chosen.backward, precision), y, w, b)
@@ -648,8 +626,15 @@ _TRANSPOSE_DOC = """{n}-D transposed convolution ({layout} output), the adjoint 
       w: ``({kspatial}, C // groups, O)``, in the *convolution's* layout.
       b: optional bias ``(C,)``, added to the output.
       stride, dilation: int or {count} ints ``>= 1``, the convolution's.
-      padding: int, {count} ints, or {count} ``(lo, hi)`` pairs (``"VALID"``
-        is 0): the convolution's padding, cropped off the output here.
+      padding: the convolution's, in the same forms as :func:`conv{n}d`'s:
+        ``"VALID"`` (the default, no padding), ``"SAME"``, an int, {count}
+        ints or {count} ``(lo, hi)`` pairs; explicit amounts are cropped off
+        the output here.  ``"SAME"`` is the adjoint of :func:`conv{n}d` with
+        ``padding="SAME"``: the output has the smallest size that
+        convolution maps to ``y``'s, ``(n - 1)*s + 1`` per dimension, plus
+        ``output_padding``, and the convolution's own ``"SAME"`` padding for
+        that size (``output_padding = stride - 1`` gives ``n*s``, TensorFlow's
+        ``conv2d_transpose`` with ``padding="SAME"``).
       output_padding: int or {count} ints, ``0 <= output_padding < stride``:
         extra entries at the high end of each dimension, which pick among the
         input sizes a strided convolution maps to ``y``'s size.
@@ -659,7 +644,8 @@ _TRANSPOSE_DOC = """{n}-D transposed convolution ({layout} output), the adjoint 
 
     Returns:
       ``(N, {spatial_out}, C)``, per dimension
-      ``(n - 1)*s - lo - hi + d*(k - 1) + 1 + output_padding``.  Equal to
+      ``(n - 1)*s - lo - hi + d*(k - 1) + 1 + output_padding`` (``"SAME"``:
+      ``(n - 1)*s + 1 + output_padding``).  With explicit padding, equal to
       PyTorch's ``conv_transpose{n}d(y, weight, stride, padding,
       output_padding, groups, dilation)`` (channels first) with ``weight`` =
       ``w`` moved to ``(O, C // groups, {kspatial})``.
@@ -667,19 +653,19 @@ _TRANSPOSE_DOC = """{n}-D transposed convolution ({layout} output), the adjoint 
 
 
 @_args.reverse_mode_rule
-def conv_transpose1d(y, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1,
+def conv_transpose1d(y, w, b=None, *, stride=1, padding="VALID", output_padding=0, dilation=1, groups=1,
                        precision=None):
     return _conv_transpose(1, y, w, b, stride, padding, output_padding, dilation, groups, precision)
 
 
 @_args.reverse_mode_rule
-def conv_transpose2d(y, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1,
+def conv_transpose2d(y, w, b=None, *, stride=1, padding="VALID", output_padding=0, dilation=1, groups=1,
                        precision=None):
     return _conv_transpose(2, y, w, b, stride, padding, output_padding, dilation, groups, precision)
 
 
 @_args.reverse_mode_rule
-def conv_transpose3d(y, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1,
+def conv_transpose3d(y, w, b=None, *, stride=1, padding="VALID", output_padding=0, dilation=1, groups=1,
                        precision=None):
     return _conv_transpose(3, y, w, b, stride, padding, output_padding, dilation, groups, precision)
 
