@@ -192,6 +192,54 @@ def parse(in_size: Sequence, kernel, stride, padding_value, dilation=1, *, kerne
     return window
 
 
+def parse_transpose(out_size: Sequence, kernel: Sizes, stride, padding_value, output_padding=0, dilation=1, *,
+                    kernel_name: str = "kernel") -> Window:
+    """The geometry of the convolution a transposed convolution is the adjoint of, as a :class:`Window`.
+
+    ``out_size`` is the transposed convolution's input (``y``) size, the
+    convolution's output size ``m``; the Window's ``in_size`` is the size the
+    transposed convolution produces.  Per dimension:
+
+    * explicit padding (an int, one per dimension, ``(lo, hi)`` pairs,
+      ``"VALID"`` = 0): ``(m - 1) s - lo - hi + d (k - 1) + 1 + output_padding``;
+    * ``"SAME"``: the smallest size a ``"SAME"`` convolution maps to ``m``,
+      ``(m - 1) s + 1``, plus ``output_padding``, with the padding
+      :func:`padding` gives that convolution (``output_padding = s - 1``: the
+      size ``m s``).
+
+    ``0 <= output_padding < stride``: the output sizes the convolution maps to
+    ``m`` are exactly those.  Every bad value: ``ValueError`` naming it.
+    """
+    ndim = len(kernel)
+    stride = ints(stride, "stride", ndim)
+    dilation = ints(dilation, "dilation", ndim)
+    output_padding = ints(output_padding, "output_padding", ndim, minimum=0)
+    for op, s in zip(output_padding, stride):
+        if op >= s:
+            raise ValueError(f"`output_padding` (={output_padding}) must be smaller than `stride` (={stride}) "
+                             "in every dimension: only then is the output the adjoint of a convolution whose "
+                             "output has y's size.")
+    if isinstance(padding_value, str) and padding_value.upper() == "SAME":
+        in_size = tuple((m - 1) * s + 1 + op for m, s, op in zip(out_size, stride, output_padding))
+        pads = padding(padding_value, in_size, kernel, stride, dilation)
+    else:
+        pads = padding(padding_value, (1,) * ndim, kernel, stride, dilation)
+        in_size = []
+        for size, (lo, hi), k, s, d, op, name in zip(out_size, pads, kernel, stride, dilation, output_padding,
+                                                     dim_names(ndim)):
+            full = (size - 1) * s + d * (k - 1) + 1 + op
+            if full - lo - hi < 1:
+                raise ValueError(
+                    f"`padding` (={padding_value!r}) crops {lo} + {hi} from the {name}, but the transposed "
+                    f"convolution of `y` (size {size}) with this kernel, stride and dilation spans only {full}: "
+                    "no output is left."
+                )
+            in_size.append(full - lo - hi)
+    window = Window(tuple(in_size), kernel, stride, pads, dilation)
+    check_fits(window, kernel_name)
+    return window
+
+
 def check_pool_padding(value, pads: Pads, kernel: Sizes) -> None:
     """PyTorch's pooling rule: each side's padding at most half the window, ``pad <= k // 2``.
 
