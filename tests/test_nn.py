@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -122,7 +123,8 @@ def _draw_geometry(rng, kind: str, ndim: int):
     # crop at most what the transposed convolution spans, less one: some output is left
     full = [(n - 1) * s + d * (k - 1) + 1 + op
             for n, s, d, k, op in zip(sizes, stride, dilation, kernel, output_padding)]
-    padding = tuple((int(rng.integers(0, f // 2 + 1)), int(rng.integers(0, (f - 1) // 2 + 1))) for f in full)
+    padding = ("VALID", "SAME", tuple((int(rng.integers(0, f // 2 + 1)), int(rng.integers(0, (f - 1) // 2 + 1)))
+                                      for f in full))[rng.integers(3)]
     layer = nn.ConvTranspose(out_channels, kernel, stride=stride, padding=padding, output_padding=output_padding,
                              dilation=dilation, groups=groups)
     return layer, (2, *sizes, 2 * groups), (kernel, stride, padding, output_padding, dilation, groups)
@@ -193,7 +195,10 @@ def test_an_int_kernel_or_window_is_2d():
         (lambda: nn.Conv1D(2, (3, 3)), r"`kernel` \(=\(3, 3\)\)"),
         (lambda: nn.Conv3D(2, (3, 3)), r"`kernel` \(=\(3, 3\)\)"),
         (lambda: nn.ConvTranspose(2, (2, 2), stride=2, output_padding=2), r"`output_padding`"),
-        (lambda: nn.ConvTranspose(2, (2,), padding="SAME"), r"`padding` \(='SAME'\)"),
+        (lambda: nn.ConvTranspose(2, (2,), padding="FULL"), r"`padding` \(='FULL'\)"),
+        (lambda: nn.Conv(2, 3, precision="ultra"), r"`precision` \(='ultra'\)"),
+        (lambda: nn.ConvTranspose(2, (3,), precision=3), r"`precision` \(=3\)"),
+        (lambda: nn.Dense(2, precision=("highest",)), r"`precision`"),
         (lambda: nn.ConvTranspose(3, 2, groups=2), r"`groups` \(=2\) must divide `out_channels` \(=3\)"),
         (lambda: nn.MaxPool((2, 2, 2, 2)), r"`window`"),
         (lambda: nn.MaxPool2D((2, 2, 2)), r"`window` \(=\(2, 2, 2\)\)"),
@@ -219,6 +224,65 @@ def test_conv_transpose_that_crops_everything_is_refused_at_init():
 def test_geometry_is_keyword_only(make):
     with pytest.raises(TypeError):
         make()
+
+
+# --- precision= reaches every product, forward and backward ------------------------------
+
+
+def _product_precisions(apply, params, x):
+    """The ``precision`` of every dot_general / conv_general_dilated in the forward and gradient of a layer."""
+    def loss(params, x):
+        return jnp.sum(apply(params, x))
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+                yield eqn.params["precision"]
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        yield from walk(sub.jaxpr)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        yield from walk(sub)
+
+    return list(walk(jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(params, x).jaxpr))
+
+
+@pytest.mark.parametrize("make,input_shape", [
+    (lambda **o: nn.Conv(3, (2,), stride=2, **o), (2, 7, 2)),
+    (lambda **o: nn.Conv(4, 3, padding="SAME", groups=2, **o), (1, 5, 5, 2)),
+    (lambda **o: nn.Conv3D(2, 2, **o), (1, 3, 4, 3, 2)),
+    (lambda **o: nn.ConvTranspose(2, (2, 3), stride=2, padding="SAME", **o), (1, 3, 3, 4)),
+    (lambda **o: nn.Dense(3, **o), (4, 5)),
+])
+def test_precision_reaches_every_product_forward_and_backward(make, input_shape):
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    x = jnp.ones(input_shape, jnp.float32)
+    for precision, expected in (("highest", highest), (jax.lax.Precision.HIGHEST, highest), (None, None)):
+        layer = make(precision=precision)
+        _, params = _init(layer, input_shape)
+        found = _product_precisions(layer[1], params, x)
+        assert len(found) >= 3 and all(p == expected for p in found), (precision, found)
+    # The reference runs the same precision.
+    layer = make(precision="highest")
+    _, params = _init(layer, input_shape)
+    found = _product_precisions(partial(layer[1], ops=reference), params, x)
+    assert found and all(p == highest for p in found), found
+
+
+def test_no_precision_keyword_for_an_ops_namespace_without_one():
+    """A layer built without ``precision`` calls its op as before: an ``ops`` namespace of older signatures runs."""
+    class Plain:
+        conv2d = staticmethod(lambda x, w, b, *, stride, padding, dilation, groups: reference.conv2d(
+            x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups))
+        linear = staticmethod(lambda x, w, b: reference.linear(x, w, b))
+        relu = staticmethod(reference.relu)
+        flatten = staticmethod(reference.flatten)
+
+    net = nn.serial(nn.Conv(2, 3), nn.Relu, nn.Flatten, nn.Dense(3))
+    _, params = _init(net, (2, 5, 5, 1))
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 5, 5, 1)), jnp.float32)
+    np.testing.assert_allclose(net[1](params, x, ops=Plain()), net[1](params, x), rtol=1e-5, atol=1e-6)
 
 
 # --- initialisation -----------------------------------------------------------------

@@ -167,6 +167,13 @@ def _positive_int(value, name: str) -> int:
     return int(value)
 
 
+def _precision_option(precision) -> dict:
+    """``{"precision": p}`` for the op, checked now; ``{}`` for ``None`` (lax's default), so that an ``ops``
+    namespace without the keyword runs a layer that does not ask for one."""
+    precision = _args.precision(precision)
+    return {} if precision is None else {"precision": precision}
+
+
 def _dtype(dtype):
     dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
@@ -208,7 +215,7 @@ def _in_channels(name: str, c: int, groups: int) -> None:
 
 
 def Conv(out_channels, kernel, *, stride=1, padding="VALID", dilation=1, groups=1, bias=True,
-         w_init=he_normal, dtype=jnp.float32):
+         w_init=he_normal, dtype=jnp.float32, precision=None):
     """A convolution layer in 1, 2 or 3 spatial dimensions: ``y = conv(x, w, b, ...)`` (docs/convolution.md §1).
 
     The number of spatial dimensions is ``kernel``'s length: ``(KW,)`` is a
@@ -234,6 +241,8 @@ def Conv(out_channels, kernel, *, stride=1, padding="VALID", dilation=1, groups=
       w_init: ``w_init(key, shape, dtype, fan_in)``; default :func:`he_normal`
         with ``fan_in = prod(kernel) * C / groups``.
       dtype: the parameters' dtype.
+      precision: the products' precision, forward and backward, as :func:`jaxconv.conv2d`
+        takes it (``None``: lax's default; ``"highest"``, a :class:`jax.lax.Precision`, ...).
 
     Returns:
       ``(init_fun, apply_fun)``.  Params ``{"w": (*kernel, C // groups, O), "b": (O,)}``
@@ -247,6 +256,7 @@ def Conv(out_channels, kernel, *, stride=1, padding="VALID", dilation=1, groups=
     dilation = _window.ints(dilation, "dilation", ndim)
     dtype = _dtype(dtype)
     _window.padding(padding, (1,) * ndim, kernel, stride, dilation)  # validates the form early
+    options = _precision_option(precision)
     name = _layer_name("Conv", ndim)
 
     def init_fun(rng, input_shape):
@@ -261,7 +271,8 @@ def Conv(out_channels, kernel, *, stride=1, padding="VALID", dilation=1, groups=
 
     def apply_fun(params, x, **kwargs):
         op = getattr(_ops(kwargs), f"conv{ndim}d")
-        return op(x, params["w"], params.get("b"), stride=stride, padding=padding, dilation=dilation, groups=groups)
+        return op(x, params["w"], params.get("b"), stride=stride, padding=padding, dilation=dilation, groups=groups,
+                  **options)
 
     return init_fun, apply_fun
 
@@ -281,8 +292,8 @@ def Conv3D(out_channels, kernel, **options):
     return Conv(out_channels, _window.ints(kernel, "kernel", 3), **options)
 
 
-def ConvTranspose(out_channels, kernel, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1,
-                  bias=True, w_init=he_normal, dtype=jnp.float32):
+def ConvTranspose(out_channels, kernel, *, stride=1, padding="VALID", output_padding=0, dilation=1, groups=1,
+                  bias=True, w_init=he_normal, dtype=jnp.float32, precision=None):
     """A transposed convolution layer in 1, 2 or 3 spatial dimensions (docs/convolution.md §6).
 
     :func:`jaxconv.conv_transpose1d`, ``2d`` or ``3d`` by ``kernel``'s length,
@@ -290,20 +301,24 @@ def ConvTranspose(out_channels, kernel, *, stride=1, padding=0, output_padding=0
     :func:`ConvTranspose2D` and :func:`ConvTranspose3D` fix the dimension.
     It is the adjoint of a :func:`Conv` with ``out_channels`` input channels
     (a learnable upsampling): ``(N, *spatial, C_in) -> (N, *out, out_channels)``,
-    each ``out = (n - 1)*stride - lo - hi + dilation*(k - 1) + 1 + output_padding``.
+    each ``out = (n - 1)*stride - lo - hi + dilation*(k - 1) + 1 + output_padding``
+    (``"SAME"``: ``(n - 1)*stride + 1 + output_padding``).
 
     Args:
       out_channels: the output channels (the convolution's input channels).
       kernel: an int (2-D) or one int per spatial dimension.
       stride: an int or one per dimension.
-      padding: the amounts the convolution padded, cropped here: an int, one
-        per dimension or one ``(lo, hi)`` pair per dimension (not ``"SAME"``).
-      output_padding: extra output entries at the high end, each ``< stride``.
+      padding: the convolution's: ``"VALID"`` (default), ``"SAME"`` (the adjoint
+        of a ``"SAME"`` convolution), or amounts cropped off the output here: an
+        int, one per dimension or one ``(lo, hi)`` pair per dimension.
+      output_padding: extra output entries at the high end, each ``< stride``
+        (``stride - 1`` with ``"SAME"`` gives ``n * stride``).
       dilation: an int or one per dimension.
       groups: the channel groups; must divide the input channels and ``out_channels``.
       bias: whether to add a per-channel bias (zero-initialised).
       w_init: default :func:`he_normal` with ``fan_in = prod(kernel) * C_in / groups``.
       dtype: the parameters' dtype.
+      precision: as :func:`Conv`.
 
     Returns:
       ``(init_fun, apply_fun)``.  Params ``{"w": (*kernel, out_channels // groups, C_in),
@@ -318,17 +333,20 @@ def ConvTranspose(out_channels, kernel, *, stride=1, padding=0, output_padding=0
     if any(op >= s for op, s in zip(output_padding, stride)):
         raise ValueError(f"`output_padding` (={output_padding}) must be smaller than `stride` (={stride}) "
                          "in every dimension.")
-    if isinstance(padding, str) and padding.upper() == "SAME":
-        raise ValueError("`padding` (='SAME') is not defined for a transposed convolution: give the amounts.")
-    pads = _window.padding(padding, (1,) * ndim, kernel, stride, dilation)
+    same = isinstance(padding, str) and padding.upper() == "SAME"
+    pads = _window.padding(padding, (1,) * ndim, kernel, stride, dilation)  # validates the form early
     dtype = _dtype(dtype)
+    options = _precision_option(precision)
     name = _layer_name("ConvTranspose", ndim)
 
     def init_fun(rng, input_shape):
         n, *spatial, c = _shape(input_shape, ndim + 2, name)
         _in_channels(name, c, groups)
-        out = tuple((size - 1) * s - lo - hi + d * (k - 1) + 1 + op
-                    for size, (lo, hi), k, s, d, op in zip(spatial, pads, kernel, stride, dilation, output_padding))
+        if same:
+            out = tuple((size - 1) * s + 1 + op for size, s, op in zip(spatial, stride, output_padding))
+        else:
+            out = tuple((size - 1) * s - lo - hi + d * (k - 1) + 1 + op
+                        for size, (lo, hi), k, s, d, op in zip(spatial, pads, kernel, stride, dilation, output_padding))
         if min(out) < 1:
             raise ValueError(f"{name}: `padding` (={padding!r}) crops the whole output of an input "
                              f"{tuple(spatial)} (size {out} before it is refused).")
@@ -340,8 +358,8 @@ def ConvTranspose(out_channels, kernel, *, stride=1, padding=0, output_padding=0
 
     def apply_fun(params, x, **kwargs):
         op = getattr(_ops(kwargs), f"conv_transpose{ndim}d")
-        return op(x, params["w"], params.get("b"), stride=stride, padding=pads, output_padding=output_padding,
-                  dilation=dilation, groups=groups)
+        return op(x, params["w"], params.get("b"), stride=stride, padding="SAME" if same else pads,
+                  output_padding=output_padding, dilation=dilation, groups=groups, **options)
 
     return init_fun, apply_fun
 
@@ -360,14 +378,17 @@ def ConvTranspose3D(out_channels, kernel, **options):
     """:func:`ConvTranspose` on ``(N, D, H, W, C)``: ``kernel`` an int or a triple; options as :func:`ConvTranspose`."""
     return ConvTranspose(out_channels, _window.ints(kernel, "kernel", 3), **options)
 
-def Dense(out_dim, *, bias=True, w_init=he_normal, dtype=jnp.float32):
+def Dense(out_dim, *, bias=True, w_init=he_normal, dtype=jnp.float32, precision=None):
     """A fully connected layer ``y = x @ w + b`` (``s = W vec(H) + b``, as rows; docs/layers.md, Fully connected layer).
 
     Input ``(N, D_in)`` (put :data:`Flatten` before it); params
     ``{"w": (D_in, out_dim), "b": (out_dim,)}``; He-normal ``w`` with ``fan_in = D_in``.
+    ``precision``: the product's, forward and backward, as :func:`jaxconv.linear` takes it
+    (``None``: lax's default).
     """
     out_dim = _positive_int(out_dim, "out_dim")
     dtype = _dtype(dtype)
+    options = _precision_option(precision)
 
     def init_fun(rng, input_shape):
         n, d = _shape(input_shape, 2, "Dense")
@@ -377,7 +398,7 @@ def Dense(out_dim, *, bias=True, w_init=he_normal, dtype=jnp.float32):
         return (n, out_dim), params
 
     def apply_fun(params, x, **kwargs):
-        return _ops(kwargs).linear(x, params["w"], params.get("b"))
+        return _ops(kwargs).linear(x, params["w"], params.get("b"), **options)
 
     return init_fun, apply_fun
 
