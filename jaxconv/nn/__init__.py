@@ -4,6 +4,7 @@ from . import models
 from .layers import (
     LRN,
     STATE_KEY,
+    ApplyFun,
     AvgPool,
     AvgPool1D,
     AvgPool2D,
@@ -23,6 +24,9 @@ from .layers import (
     Flatten,
     GlobalAvgPool,
     Identity,
+    InitFun,
+    Initializer,
+    Layer,
     MaxPool,
     MaxPool1D,
     MaxPool2D,
@@ -41,6 +45,10 @@ from .layers import (
 )
 
 __all__ = [
+    "ApplyFun",
+    "InitFun",
+    "Initializer",
+    "Layer",
     "has_state",
     "AvgPool",
     "AvgPool1D",

@@ -52,10 +52,12 @@ ResNet head ``AvPool, 512`` is :data:`GlobalAvgPool`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike, DTypeLike
 
 from .. import ops
 from .._core import args as _args
@@ -63,6 +65,10 @@ from .._core import window as _window
 from ..ops import local_response
 
 __all__ = [
+    "ApplyFun",
+    "InitFun",
+    "Initializer",
+    "Layer",
     "AvgPool",
     "AvgPool1D",
     "AvgPool2D",
@@ -102,6 +108,19 @@ __all__ = [
 ]
 
 
+Shape = tuple[int, ...]
+InitFun = Callable[[jax.Array, Any], tuple[Any, Any]]
+"""``init_fun(rng, input_shape) -> (output_shape, params)``."""
+ApplyFun = Callable[..., Any]
+"""``apply_fun(params, x, **kwargs) -> y``."""
+Layer = tuple[InitFun, ApplyFun]
+"""A layer: its ``(init_fun, apply_fun)`` pair."""
+Initializer = Callable[[jax.Array, Shape, Any, int], jax.Array]
+"""``w_init(key, shape, dtype, fan_in) -> array``, e.g. :func:`he_normal`."""
+Size = int | Sequence[int]
+Padding = str | int | Sequence[int] | Sequence[tuple[int, int]]
+
+
 class _HandOps:
     """The hand-rule ops, looked up at call time in :mod:`jaxconv.ops` (so a rule patched there is the one used)."""
 
@@ -124,18 +143,18 @@ def _ops(kwargs):
 # --- initialisers ---------------------------------------------------------------
 
 
-def he_normal(key, shape, dtype, fan_in: int):
+def he_normal(key: jax.Array, shape: Shape, dtype: DTypeLike, fan_in: int) -> jax.Array:
     """``N(0, 2 / fan_in)`` entries (He et al. 2015), the ReLU-preserving scale."""
     return jax.random.normal(key, shape, dtype) * jnp.asarray(math.sqrt(2.0 / fan_in), dtype)
 
 
-def zeros(key, shape, dtype, fan_in: int):
+def zeros(key: jax.Array, shape: Shape, dtype: DTypeLike, fan_in: int) -> jax.Array:
     """All zeros (e.g. the last convolution of a residual branch: the block starts as the identity)."""
     del key, fan_in
     return jnp.zeros(shape, dtype)
 
 
-def ones(key, shape, dtype, fan_in: int):
+def ones(key: jax.Array, shape: Shape, dtype: DTypeLike, fan_in: int) -> jax.Array:
     """All ones (batch normalisation's default scale)."""
     del key, fan_in
     return jnp.ones(shape, dtype)
@@ -214,8 +233,9 @@ def _in_channels(name: str, c: int, groups: int) -> None:
         raise ValueError(f"{name}: input channels (={c}) must be divisible by `groups` (={groups}).")
 
 
-def Conv(out_channels, kernel, *, stride=1, padding="VALID", dilation=1, groups=1, bias=True,
-         w_init=he_normal, dtype=jnp.float32, precision=None):
+def Conv(out_channels: int, kernel: Size, *, stride: Size = 1, padding: Padding = "VALID", dilation: Size = 1,
+         groups: int = 1, bias: bool = True, w_init: Initializer = he_normal, dtype: DTypeLike = jnp.float32,
+         precision: Any = None) -> Layer:
     """A convolution layer in 1, 2 or 3 spatial dimensions: ``y = conv(x, w, b, ...)`` (docs/convolution.md §1).
 
     The number of spatial dimensions is ``kernel``'s length: ``(KW,)`` is a
@@ -277,23 +297,24 @@ def Conv(out_channels, kernel, *, stride=1, padding="VALID", dilation=1, groups=
     return init_fun, apply_fun
 
 
-def Conv1D(out_channels, kernel, **options):
+def Conv1D(out_channels: int, kernel: Size, **options: Any) -> Layer:
     """:func:`Conv` on ``(N, W, C)``: ``kernel`` an int or ``(KW,)``; the keyword options as :func:`Conv`."""
     return Conv(out_channels, _window.ints(kernel, "kernel", 1), **options)
 
 
-def Conv2D(out_channels, kernel, **options):
+def Conv2D(out_channels: int, kernel: Size, **options: Any) -> Layer:
     """:func:`Conv` on ``(N, H, W, C)``: ``kernel`` an int or ``(KH, KW)``; the keyword options as :func:`Conv`."""
     return Conv(out_channels, _window.ints(kernel, "kernel", 2), **options)
 
 
-def Conv3D(out_channels, kernel, **options):
+def Conv3D(out_channels: int, kernel: Size, **options: Any) -> Layer:
     """:func:`Conv` on ``(N, D, H, W, C)``: ``kernel`` an int or ``(KD, KH, KW)``; the options as :func:`Conv`."""
     return Conv(out_channels, _window.ints(kernel, "kernel", 3), **options)
 
 
-def ConvTranspose(out_channels, kernel, *, stride=1, padding="VALID", output_padding=0, dilation=1, groups=1,
-                  bias=True, w_init=he_normal, dtype=jnp.float32, precision=None):
+def ConvTranspose(out_channels: int, kernel: Size, *, stride: Size = 1, padding: Padding = "VALID",
+                  output_padding: Size = 0, dilation: Size = 1, groups: int = 1, bias: bool = True,
+                  w_init: Initializer = he_normal, dtype: DTypeLike = jnp.float32, precision: Any = None) -> Layer:
     """A transposed convolution layer in 1, 2 or 3 spatial dimensions (docs/convolution.md §6).
 
     :func:`jaxconv.conv_transpose1d`, ``2d`` or ``3d`` by ``kernel``'s length,
@@ -364,21 +385,22 @@ def ConvTranspose(out_channels, kernel, *, stride=1, padding="VALID", output_pad
     return init_fun, apply_fun
 
 
-def ConvTranspose1D(out_channels, kernel, **options):
+def ConvTranspose1D(out_channels: int, kernel: Size, **options: Any) -> Layer:
     """:func:`ConvTranspose` on ``(N, W, C)``: ``kernel`` an int or ``(KW,)``; options as :func:`ConvTranspose`."""
     return ConvTranspose(out_channels, _window.ints(kernel, "kernel", 1), **options)
 
 
-def ConvTranspose2D(out_channels, kernel, **options):
+def ConvTranspose2D(out_channels: int, kernel: Size, **options: Any) -> Layer:
     """:func:`ConvTranspose` on ``(N, H, W, C)``: ``kernel`` an int or a pair; options as :func:`ConvTranspose`."""
     return ConvTranspose(out_channels, _window.ints(kernel, "kernel", 2), **options)
 
 
-def ConvTranspose3D(out_channels, kernel, **options):
+def ConvTranspose3D(out_channels: int, kernel: Size, **options: Any) -> Layer:
     """:func:`ConvTranspose` on ``(N, D, H, W, C)``: ``kernel`` an int or a triple; options as :func:`ConvTranspose`."""
     return ConvTranspose(out_channels, _window.ints(kernel, "kernel", 3), **options)
 
-def Dense(out_dim, *, bias=True, w_init=he_normal, dtype=jnp.float32, precision=None):
+def Dense(out_dim: int, *, bias: bool = True, w_init: Initializer = he_normal, dtype: DTypeLike = jnp.float32,
+          precision: Any = None) -> Layer:
     """A fully connected layer ``y = x @ w + b`` (``s = W vec(H) + b``, as rows; docs/layers.md, Fully connected layer).
 
     Input ``(N, D_in)`` (put :data:`Flatten` before it); params
@@ -410,7 +432,8 @@ STATE_KEY = "batch_stats"
 Flax's name for the collection."""
 
 
-def BatchNorm(*, momentum=0.1, eps=1e-5, scale_init=None, dtype=jnp.float32):
+def BatchNorm(*, momentum: float = 0.1, eps: float = 1e-5, scale_init: Initializer | None = None,
+              dtype: DTypeLike = jnp.float32) -> Layer:
     r"""Batch normalisation over every axis but the last (channels), with running statistics for inference.
 
     Params: ``{"scale": (C,), "offset": (C,), "batch_stats": {"mean": (C,), "var": (C,)}}``;
@@ -490,7 +513,7 @@ def _positive_real(value, name: str) -> float:
     return float(value)
 
 
-def has_state(params) -> bool:
+def has_state(params: Any) -> bool:
     """Whether ``params`` holds layer state (a batch norm's running statistics): such a model applies with
     ``train=``."""
     if isinstance(params, dict):
@@ -500,7 +523,7 @@ def has_state(params) -> bool:
     return False
 
 
-def partition_state(params):
+def partition_state(params: Any) -> tuple[Any, Any]:
     """Split params into ``(trainable, state)``: the weights, and the layers' ``batch_stats``.
 
     Both keep the params' nesting (lists, tuples, dicts): ``trainable`` drops
@@ -518,12 +541,12 @@ def partition_state(params):
             state[STATE_KEY] = params[STATE_KEY]
         return trainable, state
     if isinstance(params, (list, tuple)):
-        parts = [partition_state(v) for v in params]
-        return type(params)(t for t, _ in parts), type(params)(s for _, s in parts)
+        pairs = [partition_state(v) for v in params]
+        return type(params)(t for t, _ in pairs), type(params)(s for _, s in pairs)
     return params, None
 
 
-def merge_state(trainable, state):
+def merge_state(trainable: Any, state: Any) -> Any:
     """The inverse of :func:`partition_state`: the full params from weights and state."""
     if isinstance(trainable, dict):
         if not isinstance(state, dict):
@@ -539,7 +562,7 @@ def merge_state(trainable, state):
     return trainable
 
 
-def train_apply(apply_fun, params, x, **kwargs):
+def train_apply(apply_fun: ApplyFun, params: Any, x: ArrayLike, **kwargs: Any) -> tuple[Any, Any]:
     """Run a network in training mode: ``(y, new_params)`` with the running statistics updated.
 
     ``apply_fun(params, x, train=True, ...)``: every :func:`BatchNorm`
@@ -572,7 +595,7 @@ def train_apply(apply_fun, params, x, **kwargs):
 # --- layers without parameters --------------------------------------------------
 
 
-def _stateless(op_name: str, out_shape, ndim: int | None = None, *, name: str | None = None, **options):
+def _stateless(op_name: str, out_shape, ndim: int | None = None, *, name: str | None = None, **options) -> Layer:
     def init_fun(rng, input_shape):
         del rng
         if ndim is not None:
@@ -604,7 +627,7 @@ def _pool(kind: str, window, stride, padding, **options):
                       padding=padding, **options)
 
 
-def MaxPool(window, *, stride=None, padding="VALID"):
+def MaxPool(window: Size, *, stride: Size | None = None, padding: Padding = "VALID") -> Layer:
     """Max pooling in 1, 2 or 3 spatial dimensions, :func:`jaxconv.max_pool2d` etc. (docs/pooling.md §4).
 
     The number of spatial dimensions is ``window``'s length, an int window
@@ -621,7 +644,8 @@ def MaxPool(window, *, stride=None, padding="VALID"):
     return _pool("max", window, stride, padding)
 
 
-def AvgPool(window, *, stride=None, padding="VALID", count_include_pad=True):
+def AvgPool(window: Size, *, stride: Size | None = None, padding: Padding = "VALID",
+            count_include_pad: bool = True) -> Layer:
     """Average pooling in 1, 2 or 3 spatial dimensions, :func:`jaxconv.avg_pool2d` etc. (docs/pooling.md §2).
 
     Dimensions by ``window``'s length, an int being 2-D, as :func:`MaxPool`;
@@ -636,37 +660,37 @@ def AvgPool(window, *, stride=None, padding="VALID", count_include_pad=True):
     return _pool("avg", window, stride, padding, count_include_pad=bool(count_include_pad))
 
 
-def MaxPool1D(window, **options):
+def MaxPool1D(window: Size, **options: Any) -> Layer:
     """:func:`MaxPool` over ``(N, W, C)``: ``window`` an int or ``(k,)``; the keyword options as :func:`MaxPool`."""
     return MaxPool(_window.ints(window, "window", 1), **options)
 
 
-def MaxPool2D(window, **options):
+def MaxPool2D(window: Size, **options: Any) -> Layer:
     """:func:`MaxPool` over ``(N, H, W, C)``: ``window`` an int or a pair; the keyword options as :func:`MaxPool`."""
     return MaxPool(_window.ints(window, "window", 2), **options)
 
 
-def MaxPool3D(window, **options):
+def MaxPool3D(window: Size, **options: Any) -> Layer:
     """:func:`MaxPool` over ``(N, D, H, W, C)``: ``window`` an int or a triple; the options as :func:`MaxPool`."""
     return MaxPool(_window.ints(window, "window", 3), **options)
 
 
-def AvgPool1D(window, **options):
+def AvgPool1D(window: Size, **options: Any) -> Layer:
     """:func:`AvgPool` over ``(N, W, C)``: ``window`` an int or ``(k,)``; the keyword options as :func:`AvgPool`."""
     return AvgPool(_window.ints(window, "window", 1), **options)
 
 
-def AvgPool2D(window, **options):
+def AvgPool2D(window: Size, **options: Any) -> Layer:
     """:func:`AvgPool` over ``(N, H, W, C)``: ``window`` an int or a pair; the keyword options as :func:`AvgPool`."""
     return AvgPool(_window.ints(window, "window", 2), **options)
 
 
-def AvgPool3D(window, **options):
+def AvgPool3D(window: Size, **options: Any) -> Layer:
     """:func:`AvgPool` over ``(N, D, H, W, C)``: ``window`` an int or a triple; the options as :func:`AvgPool`."""
     return AvgPool(_window.ints(window, "window", 3), **options)
 
 
-def LRN(size=5, kappa=2.0, alpha=1e-4, beta=0.75):
+def LRN(size: int = 5, kappa: float = 2.0, alpha: float = 1e-4, beta: float = 0.75) -> Layer:
     """Local response normalisation across channels, :func:`jaxconv.lrn` (AlexNet; docs/layers.md)."""
     lrn_module = local_response
     # Validate now, with lrn's own checks, rather than at the first apply.
@@ -691,7 +715,7 @@ Flatten = _stateless("flatten", _flat_shape)
 """``(N, ...) -> (N, prod(...))``, row-major, :func:`jaxconv.flatten` (docs/layers.md, Flatten and vectorisation)."""
 
 
-def _global_avg_pool():
+def _global_avg_pool() -> Layer:
     def init_fun(rng, input_shape):
         del rng
         n, _, _, c = _shape(input_shape, 4, "GlobalAvgPool")
@@ -717,7 +741,7 @@ Backward: each pixel gets ``g_{n,c} / (H W)``."""
 # --- combinators ----------------------------------------------------------------
 
 
-def serial(*layers):
+def serial(*layers: Layer) -> Layer:
     """Compose layers left to right; params are a list, one entry per layer."""
     if not layers:
         raise ValueError("serial: needs at least one layer.")
@@ -740,7 +764,7 @@ def serial(*layers):
     return init_fun, apply_fun
 
 
-def parallel(*layers):
+def parallel(*layers: Layer) -> Layer:
     """Apply layer ``i`` to input ``i`` of a tuple; params are a list, one per layer."""
     if not layers:
         raise ValueError("parallel: needs at least one layer.")
@@ -761,13 +785,13 @@ def parallel(*layers):
     return init_fun, apply_fun
 
 
-def FanOut(num):
+def FanOut(num: int) -> Layer:
     """``x -> (x, ..., x)``, ``num`` copies (their gradients add)."""
     num = _positive_int(num, "num")
     return (lambda rng, input_shape: ((tuple(input_shape),) * num, ())), (lambda params, x, **kwargs: (x,) * num)
 
 
-def _fan_in_sum():
+def _fan_in_sum() -> Layer:
     def init_fun(rng, input_shapes):
         shapes = {tuple(s) for s in input_shapes}
         if len(shapes) != 1:
@@ -783,11 +807,11 @@ def _fan_in_sum():
 FanInSum = _fan_in_sum()
 """``(x_1, ..., x_k) -> x_1 + ... + x_k``; the branches must have one shape."""
 
-Identity = (lambda rng, input_shape: (tuple(input_shape), ())), (lambda params, x, **kwargs: x)
+Identity: Layer = (lambda rng, input_shape: (tuple(input_shape), ())), (lambda params, x, **kwargs: x)
 """``x -> x``."""
 
 
-def residual(*layers, shortcut=None):
+def residual(*layers: Layer, shortcut: Layer | None = None) -> Layer:
     """``x -> serial(*layers)(x) + shortcut(x)`` (He et al. 2016's residual block).
 
     ``shortcut`` defaults to :data:`Identity`; give a layer (e.g. a strided 1x1

@@ -11,7 +11,10 @@ would otherwise shrink a small image below its window uses SAME padding.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from . import layers as nn
+from .layers import Layer
 
 __all__ = ["MODELS", "alexnet_small", "dd2424_net", "lenet5", "resnet_small", "resnet_small_nobn"]
 
@@ -22,7 +25,7 @@ def _classes(num_classes) -> int:
     return num_classes
 
 
-def dd2424_net(num_classes=10, *, num_filters=16, filter_size=3):
+def dd2424_net(num_classes: int = 10, *, num_filters: int = 16, filter_size: int = 3) -> Layer:
     """The DD2424 course network: one conv layer, ReLU, one FC layer.
 
     ``S_i = X * F_i + b_i`` (``n_F = num_filters`` filters ``f x f x C``, VALID),
@@ -39,7 +42,7 @@ def dd2424_net(num_classes=10, *, num_filters=16, filter_size=3):
     )
 
 
-def lenet5(num_classes=10):
+def lenet5(num_classes: int = 10) -> Layer:
     """LeNet-5 (LeCun et al. 1998) with ReLU: conv 6@5x5, avg-pool 2, conv 16@5x5, avg-pool 2, FC 120, 84, C.
 
     Both convolutions are SAME so 8x8 digits fit (8 -> 4 -> 2); on 28x28 the
@@ -56,7 +59,7 @@ def lenet5(num_classes=10):
     )
 
 
-def alexnet_small(num_classes=10, *, width=32):
+def alexnet_small(num_classes: int = 10, *, width: int = 32) -> Layer:
     """A scaled-down AlexNet (Krizhevsky et al. 2012): conv-ReLU-LRN-overlapping max-pool, twice; three convs; FC.
 
     ``conv w@5x5 - ReLU - LRN - maxpool 3/2 - conv 2w@3x3 - ReLU - LRN - maxpool 3/2 -
@@ -104,7 +107,7 @@ def _block(channels, stride, *, batch_norm: bool, project: bool):
     return nn.serial(nn.residual(*main, shortcut=shortcut), nn.Relu)
 
 
-def resnet_small(num_classes=10, *, widths=(16, 32, 64), batch_norm=True):
+def resnet_small(num_classes: int = 10, *, widths: Sequence[int] = (16, 32, 64), batch_norm: bool = True) -> Layer:
     """A small ResNet (He et al. 2016): stem conv, one basic block per stage, global average pool, FC.
 
     ``conv w0@3x3 - BN - ReLU``, then per stage ``i`` a residual block of two
@@ -126,12 +129,12 @@ def resnet_small(num_classes=10, *, widths=(16, 32, 64), batch_norm=True):
     return nn.serial(*layers)
 
 
-def resnet_small_nobn(num_classes=10, *, widths=(16, 32, 64)):
+def resnet_small_nobn(num_classes: int = 10, *, widths: Sequence[int] = (16, 32, 64)) -> Layer:
     """:func:`resnet_small` without batch normalisation."""
     return resnet_small(num_classes, widths=widths, batch_norm=False)
 
 
-MODELS = {
+MODELS: dict[str, Callable[..., Layer]] = {
     "dd2424_net": dd2424_net,
     "lenet5": lenet5,
     "alexnet_small": alexnet_small,
