@@ -101,11 +101,18 @@ def atomic_write_bytes(path, data: bytes) -> None:
 
     The file gets the mode ``0o666 & ~umask``; temporary files of earlier,
     killed writes of the same path (``.<name>.tmp-*``) are removed afterwards.
+    A symbolic link at ``path`` is replaced by the file, never followed (its
+    target is untouched).  A failed write (a full disk...) raises
+    :class:`jaxconv.train.files.WriteError` (an ``OSError``) naming ``path``;
+    the temporary file is removed and ``path`` keeps what it held.
     """
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}.tmp-"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix)  # O_EXCL: a new file, no link followed
+    except OSError as err:
+        raise _files.write_error(path, err) from err
     try:
         _chmod_fd(fd, tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
@@ -113,11 +120,13 @@ def atomic_write_bytes(path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(err, OSError):
+            raise _files.write_error(path, err) from err
         raise
     _fsync_directory(path.parent)
     _remove_stale_temporaries(path.parent, prefix)
