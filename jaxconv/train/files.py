@@ -18,6 +18,7 @@ import os
 import stat
 from typing import BinaryIO, Callable, Iterator
 
+
 class WriteError(OSError):
     """A file could not be written (disk full, quota, read-only file system...); the message names the file.
 
