@@ -1,4 +1,4 @@
-"""Run directories on real files: planted symbolic links are refused, never followed; a replaced directory is noticed."""
+"""Run directories on real files: planted symbolic links are refused, never followed; a replaced directory is seen."""
 
 from __future__ import annotations
 

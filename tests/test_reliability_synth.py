@@ -1,4 +1,4 @@
-"""``synth`` on real directories: never overwrites, never shadows real data, follows no link, leaves nothing on failure."""
+"""``synth`` on real directories: no overwrite, no shadowed data, no link followed, nothing left on failure."""
 
 from __future__ import annotations
 
