@@ -30,6 +30,7 @@ import struct
 import zlib
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from . import files as _files
 
@@ -153,8 +154,6 @@ def _decode_png(path, raw: bytes, expected: tuple[int, int]) -> np.ndarray:
 
 def npy_header(path, raw: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     """``(shape, fortran_order, dtype, data offset)`` of the NPY bytes ``raw``, checked against their length."""
-    from numpy.lib import format as npy_format
-
     stream = io.BytesIO(raw)
     try:
         version = npy_format.read_magic(stream)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import stat
 
 __all__ = ["LOCK_NAME", "OUTPUTS", "RunDirError", "RunLock", "open_run"]
 
@@ -201,8 +202,6 @@ def _read_pid(fd: int) -> int | None:
 
 def _open_lock_file(directory: pathlib.Path, dir_fd: int) -> int:
     """``LOCK_NAME`` in the directory ``dir_fd``, opened (created) without following a symbolic link."""
-    import stat
-
     path = directory / LOCK_NAME
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
