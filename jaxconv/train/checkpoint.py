@@ -454,7 +454,7 @@ def check_model_entry(path, model) -> tuple[str, int, tuple[int, int, int]]:
                          f"[1, {MAX_CLASSES}] (the file was edited or is not a jaxconv checkpoint).")
     ok = (isinstance(shape, list) and len(shape) == 3 and all(type(d) is int for d in shape)
           and 1 <= shape[0] <= MAX_SIDE and 1 <= shape[1] <= MAX_SIDE and 1 <= shape[2] <= 4)
-    if not ok:
+    if not ok or not isinstance(shape, list):
         raise ValueError(f"{path}: its metadata declares input_shape={shape!r}; expected [H, W, C] with H and W in "
                          f"[1, {MAX_SIDE}] and C in [1, 4] (the file was edited or is not a jaxconv checkpoint).")
     return name, classes, (shape[0], shape[1], shape[2])
