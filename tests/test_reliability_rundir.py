@@ -146,3 +146,19 @@ def test_stale_note_does_not_say_a_live_pid_ended(tmp_path):
         assert "ended without releasing it" in lock.stale_note()
     with rundir.open_run(run) as lock:
         assert lock.stale_pid is None and lock.stale_note() is None
+
+
+def test_remove_if_empty_removes_only_the_directory_it_created(tmp_path):
+    run = tmp_path / "run"
+    lock = rundir.open_run(run)
+    assert not lock.remove_if_empty()  # still held
+    lock.release()
+    assert lock.remove_if_empty() and not run.exists()
+    lock = rundir.open_run(run)
+    lock.release()
+    os.rmdir(run)
+    run.mkdir()  # another directory at the path now
+    assert not lock.remove_if_empty() and run.is_dir()
+    with rundir.open_run(tmp_path / "run") as existing:
+        pass
+    assert not existing.created_directory and not existing.remove_if_empty() and run.is_dir()

@@ -105,6 +105,20 @@ class RunLock:
             raise RunDirError(f"the lock file {self.path} was removed or replaced while the run held it; another "
                               f"process may be using {where}.")
 
+    def remove_if_empty(self) -> bool:
+        """After :meth:`release`: remove the directory if this lock created it, it is still the same directory
+        (not one made at the path since) and it is empty.  Returns whether it was removed."""
+        if not self.created_directory or self._fd is not None:
+            return False
+        try:
+            info = os.stat(self.directory, follow_symlinks=False)
+            if (info.st_dev, info.st_ino) != self.identity:
+                return False
+            os.rmdir(self.directory)
+        except OSError:
+            return False
+        return True
+
     def stale_note(self) -> str | None:
         """A note for the user on the stale lock file taken over (``None`` if it was not stale)."""
         pid = self.stale_pid
