@@ -148,17 +148,34 @@ def test_stale_note_does_not_say_a_live_pid_ended(tmp_path):
         assert lock.stale_pid is None and lock.stale_note() is None
 
 
-def test_remove_if_empty_removes_only_the_directory_it_created(tmp_path):
+def test_release_removes_only_the_empty_directory_it_created(tmp_path):
+    run = tmp_path / "run"
+    assert rundir.open_run(run).release(remove_directory=True) and not run.exists()
+    lock = rundir.open_run(run)
+    (run / "metrics.json").write_text("{}")
+    assert not lock.release(remove_directory=True) and (run / "metrics.json").exists()  # not empty
+    os.unlink(run / "metrics.json")
+    with rundir.open_run(run) as existing:  # not created by this lock
+        pass
+    assert not existing.created_directory and not existing.release(remove_directory=True) and run.is_dir()
+    os.rmdir(run)
+    lock = rundir.open_run(run)
+    os.unlink(run / rundir.LOCK_NAME)
+    os.rmdir(run)
+    run.mkdir()  # another directory at the path now, empty
+    with pytest.raises(rundir.RunDirError, match="replaced by another directory"):
+        lock.check()
+    assert not lock.release(remove_directory=True) and run.is_dir()
+
+
+def test_check_fails_once_the_directory_is_removed_and_made_again(tmp_path):
+    """The descriptor the lock holds keeps the removed directory's inode from being reused by the new one."""
     run = tmp_path / "run"
     lock = rundir.open_run(run)
-    assert not lock.remove_if_empty()  # still held
-    lock.release()
-    assert lock.remove_if_empty() and not run.exists()
-    lock = rundir.open_run(run)
-    lock.release()
+    os.unlink(run / rundir.LOCK_NAME)
     os.rmdir(run)
-    run.mkdir()  # another directory at the path now
-    assert not lock.remove_if_empty() and run.is_dir()
-    with rundir.open_run(tmp_path / "run") as existing:
-        pass
-    assert not existing.created_directory and not existing.remove_if_empty() and run.is_dir()
+    run.mkdir()
+    with pytest.raises(rundir.RunDirError, match="replaced by another directory"):
+        lock.check()
+    lock.release()
+    assert list(run.iterdir()) == []

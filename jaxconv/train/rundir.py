@@ -88,13 +88,13 @@ class RunLock:
             raise RunDirError(f"the lock on the run directory {str(self.directory)!r} was released.")
         where = f"the run directory {str(self.directory)!r}"
         try:
-            info = os.stat(self.directory, follow_symlinks=False)
+            os.stat(self.directory, follow_symlinks=False)
         except FileNotFoundError:
             raise RunDirError(f"{where} was removed or renamed while the run was using it; nothing more is "
                               f"written.") from None
         except OSError as err:
             raise RunDirError(f"{where} cannot be checked: {_reason(err)}.") from err
-        if (info.st_dev, info.st_ino) != self.identity:
+        if not self._same_directory():
             raise RunDirError(f"{where} was replaced by another directory (or file) while the run was using it "
                               f"(it was removed or renamed and the path made again); nothing more is written.")
         try:
@@ -104,20 +104,6 @@ class RunLock:
         if lock_info is None or not os.path.samestat(lock_info, os.fstat(self._fd)):
             raise RunDirError(f"the lock file {self.path} was removed or replaced while the run held it; another "
                               f"process may be using {where}.")
-
-    def remove_if_empty(self) -> bool:
-        """After :meth:`release`: remove the directory if this lock created it, it is still the same directory
-        (not one made at the path since) and it is empty.  Returns whether it was removed."""
-        if not self.created_directory or self._fd is not None:
-            return False
-        try:
-            info = os.stat(self.directory, follow_symlinks=False)
-            if (info.st_dev, info.st_ino) != self.identity:
-                return False
-            os.rmdir(self.directory)
-        except OSError:
-            return False
-        return True
 
     def stale_note(self) -> str | None:
         """A note for the user on the stale lock file taken over (``None`` if it was not stale)."""
@@ -131,10 +117,16 @@ class RunLock:
                     f"holder runs on another machine or in another container and released its lock); {tail}")
         return f"{head}, which ended without releasing it (killed?); {tail}"
 
-    def release(self) -> None:
-        """Remove the lock file and drop the lock (in that order, so no one locks a file about to vanish)."""
+    def release(self, *, remove_directory: bool = False) -> bool:
+        """Remove the lock file and drop the lock (in that order, so no one locks a file about to vanish).
+
+        With ``remove_directory=True`` the directory is removed too if this
+        lock created it, it is empty and it is still the directory at its path
+        (not one made there since); returns whether it was removed.
+        """
         if self._fd is None:
-            return
+            return False
+        removed = False
         try:
             if self._dir_fd is not None:
                 # Through the directory's descriptor: the lock file of the directory we locked, even if the path
@@ -144,11 +136,27 @@ class RunLock:
                 os.unlink(self.path)
         except OSError:
             pass
+        if remove_directory and self.created_directory and self._same_directory():
+            try:
+                os.rmdir(self.directory)
+                removed = True
+            except OSError:  # not empty: the run wrote something
+                pass
         os.close(self._fd)
         self._fd = None
         if self._dir_fd is not None:
             os.close(self._dir_fd)
             self._dir_fd = None
+        return removed
+
+    def _same_directory(self) -> bool:
+        """Whether the path still names the directory locked (our descriptor keeps its inode from being reused)."""
+        try:
+            info = os.stat(self.directory, follow_symlinks=False)
+            alive = self._dir_fd is None or os.fstat(self._dir_fd).st_nlink > 0
+        except OSError:
+            return False
+        return alive and (info.st_dev, info.st_ino) == self.identity
 
     def __enter__(self):
         return self
