@@ -76,7 +76,8 @@ import numpy as np
 
 from . import files as _files
 
-__all__ = ["atomic_write_bytes", "read_metadata", "restore", "save"]
+__all__ = ["MAX_CLASSES", "MAX_SIDE", "atomic_write_bytes", "check_model_entry", "read_metadata", "restore", "save",
+           "stored_shapes"]
 
 _FORMAT = 2
 _KEY = "jaxconv"
@@ -101,11 +102,18 @@ def atomic_write_bytes(path, data: bytes) -> None:
 
     The file gets the mode ``0o666 & ~umask``; temporary files of earlier,
     killed writes of the same path (``.<name>.tmp-*``) are removed afterwards.
+    A symbolic link at ``path`` is replaced by the file, never followed (its
+    target is untouched).  A failed write (a full disk...) raises
+    :class:`jaxconv.train.files.WriteError` (an ``OSError``) naming ``path``;
+    the temporary file is removed and ``path`` keeps what it held.
     """
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}.tmp-"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix)  # O_EXCL: a new file, no link followed
+    except OSError as err:
+        raise _files.write_error(path, err) from err
     try:
         _chmod_fd(fd, tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
@@ -113,11 +121,13 @@ def atomic_write_bytes(path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(err, OSError):
+            raise _files.write_error(path, err) from err
         raise
     _fsync_directory(path.parent)
     _remove_stale_temporaries(path.parent, prefix)
@@ -365,12 +375,25 @@ def read_metadata(path) -> dict:
     return _load(path)[2]["metadata"]
 
 
+def _leaf_spec(leaf) -> tuple[tuple[int, ...], np.dtype]:
+    """``(shape, dtype)`` of a template leaf: an array, a scalar or a ``jax.ShapeDtypeStruct`` (nothing allocated)."""
+    if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+        return tuple(int(d) for d in leaf.shape), np.dtype(leaf.dtype)
+    return tuple(np.shape(leaf)), np.asarray(leaf).dtype
+
+
 def restore(path, template) -> tuple[Any, dict]:
     """Load ``path`` into the structure of ``template``: ``(tree, metadata)``, after verifying the whole file.
 
     ``tree`` has ``template``'s structure and node types (NamedTuples, dicts,
     lists) with numpy leaves of the stored values; raises ``ValueError`` naming the
     first leaf whose name, shape or dtype differs from the template's.
+
+    ``template``'s leaves may be ``jax.ShapeDtypeStruct``\\ s, e.g.
+    ``jax.eval_shape(make_params)``: build the template that way when its shapes
+    come from the checkpoint's own metadata (a number of classes, an input
+    size), so a file declaring absurd sizes is refused by comparison with the
+    tensors it actually stores, before anything of those sizes is allocated.
     """
     path, arrays, header = _load(path)
     named = _named_leaves(template)
@@ -386,7 +409,7 @@ def restore(path, template) -> tuple[Any, dict]:
     leaves = []
     for name, leaf in named:
         stored = arrays[name]
-        shape, dtype = tuple(np.shape(leaf)), np.dtype(getattr(leaf, "dtype", np.asarray(leaf).dtype))
+        shape, dtype = _leaf_spec(leaf)
         if stored.shape != shape or stored.dtype != dtype:
             raise ValueError(
                 f"{path}: leaf {name} is {stored.dtype}{list(stored.shape)} in the checkpoint, "
@@ -395,3 +418,43 @@ def restore(path, template) -> tuple[Any, dict]:
         leaves.append(stored)
     treedef = jax.tree_util.tree_structure(template)
     return jax.tree_util.tree_unflatten(treedef, leaves), header["metadata"]
+
+
+def stored_shapes(path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{leaf name: (dtype name, shape)}`` of the tensors the checkpoint ``path`` stores (the file verified)."""
+    _, arrays, _ = _load(path)
+    return {name: (a.dtype.name, tuple(a.shape)) for name, a in arrays.items()}
+
+
+#: The most classes a checkpoint's ``"model"`` entry may declare.
+MAX_CLASSES = 100_000
+#: The largest input height or width a checkpoint's ``"model"`` entry may declare.
+MAX_SIDE = 4096
+
+
+def check_model_entry(path, model) -> tuple[str, int, tuple[int, int, int]]:
+    """``(name, num_classes, input_shape)`` of the ``"model"`` entry ``python -m jaxconv train`` writes, bounded.
+
+    The entry is in the checkpoint's signed metadata, but a signature only
+    says the file is whole, not that its numbers are sane: ``num_classes``
+    must be an integer in ``[1, MAX_CLASSES]`` and ``input_shape`` three
+    integers ``(H, W, C)`` with ``1 <= H, W <= MAX_SIDE`` and ``1 <= C <= 4``,
+    else ``ValueError`` naming the file and the entry.  (Then build the
+    template with ``jax.eval_shape`` and :func:`restore` compares it with the
+    stored tensors.)
+    """
+    # ValueError, not TypeError, throughout: these are the contents of a file, not a caller's arguments.
+    if not isinstance(model, dict):
+        raise ValueError(f"{path}: its metadata's 'model' entry is not a JSON object.")  # noqa: TRY004
+    name, classes, shape = model.get("name"), model.get("num_classes"), model.get("input_shape")
+    if not isinstance(name, str):
+        raise ValueError(f"{path}: its metadata's model 'name' (={name!r}) is not a string.")  # noqa: TRY004
+    if type(classes) is not int or not 1 <= classes <= MAX_CLASSES:
+        raise ValueError(f"{path}: its metadata declares num_classes={classes!r}; expected an integer in "
+                         f"[1, {MAX_CLASSES}] (the file was edited or is not a jaxconv checkpoint).")
+    ok = (isinstance(shape, list) and len(shape) == 3 and all(type(d) is int for d in shape)
+          and 1 <= shape[0] <= MAX_SIDE and 1 <= shape[1] <= MAX_SIDE and 1 <= shape[2] <= 4)
+    if not ok or not isinstance(shape, list):
+        raise ValueError(f"{path}: its metadata declares input_shape={shape!r}; expected [H, W, C] with H and W in "
+                         f"[1, {MAX_SIDE}] and C in [1, 4] (the file was edited or is not a jaxconv checkpoint).")
+    return name, classes, (shape[0], shape[1], shape[2])

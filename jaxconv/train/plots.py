@@ -5,15 +5,23 @@
   images, the way learnt filters are usually shown.
 * :func:`plot_confusion`: a confusion matrix (:func:`confusion_matrix`) as a
   heat map with its counts.
+
+Each PNG is rendered in memory and written atomically
+(:func:`jaxconv.train.checkpoint.atomic_write_bytes`): a symbolic link at the
+name is replaced, never followed, and a failed write (a full disk) raises
+:class:`jaxconv.train.files.WriteError` naming the file, leaving what was there.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import pathlib
 from typing import Sequence
 
 import numpy as np
+
+from .checkpoint import atomic_write_bytes
 
 __all__ = ["confusion_matrix", "first_conv_kernel", "plot_confusion", "plot_curves", "plot_filters"]
 
@@ -99,13 +107,16 @@ def plot_filters(kernel, path, *, title: str = "first-layer filters") -> pathlib
 
 
 def _save(fig, path) -> pathlib.Path:
-    """Lay out, write ``fig`` to ``path`` (creating its folder), close it; the path."""
+    """Lay out, write ``fig`` to ``path`` (creating its folder) atomically, close it; the path."""
     plt = _pyplot()
     fig.tight_layout()
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, dpi=100, format="png")
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())  # a link at the name is replaced, not followed
     return path
 
 

@@ -17,6 +17,14 @@ data.  It
   touched then.  With ``overwrite=True`` the previous run's outputs are removed
   (after the lock is held), so the directory never mixes two runs.
 
+Symbolic links are never followed: ``DIR`` itself must not be one (a dangling
+link gets its own message), the directory is opened with ``O_NOFOLLOW`` and
+the lock file is opened relative to that descriptor with ``O_NOFOLLOW``, so a
+link planted at ``DIR/.jaxconv.lock`` is refused, never truncated through;
+``--overwrite`` removes a link at an output's name, not what it points to.
+The lock remembers the directory's identity: :meth:`RunLock.check` fails once
+the path names another directory (the run's was removed or renamed).
+
 POSIX only (``fcntl.flock``).  A lock on a network file system is only as good
 as that file system's ``flock``.
 """
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import stat
 
 __all__ = ["LOCK_NAME", "OUTPUTS", "RunDirError", "RunLock", "open_run"]
 
@@ -44,26 +53,110 @@ class RunLock:
     """An exclusive lock on a run directory; :meth:`release` (or leaving the ``with`` block) gives it back.
 
     ``stale_pid`` is the pid a killed earlier holder had left in the lock file
-    (``None`` if the lock was free and clean).
+    (``None`` if the lock was free and clean); :meth:`stale_note` words it for
+    the user.  The lock keeps a descriptor of the directory and remembers its
+    identity (``st_dev``, ``st_ino``): :meth:`check` raises :class:`RunDirError`
+    once the directory at the path is no longer the one locked (removed,
+    renamed, replaced), so a run never writes into a directory another process
+    created in its place.
     """
 
-    def __init__(self, directory: pathlib.Path, fd: int, stale_pid: int | None, created: bool):
+    def __init__(self, directory: pathlib.Path, fd: int, stale_pid: int | None, created: bool,
+                 dir_fd: int | None = None):
         self.directory = directory
         self.path = directory / LOCK_NAME
         self.stale_pid = stale_pid
         self.created_directory = created
         self._fd: int | None = fd
+        self._dir_fd = dir_fd
+        info = os.fstat(dir_fd) if dir_fd is not None else os.stat(directory)
+        self.identity = (info.st_dev, info.st_ino)
 
-    def release(self) -> None:
-        """Remove the lock file and drop the lock (in that order, so no one locks a file about to vanish)."""
+    @property
+    def held(self) -> bool:
+        """Whether the lock is still held (not released)."""
+        return self._fd is not None
+
+    def check(self) -> None:
+        """Raise :class:`RunDirError` unless ``directory`` is still the directory locked, with our lock file in it.
+
+        Call it before writing into the directory (each checkpoint, the metrics,
+        the plots): a directory removed or renamed while the run trained (and
+        perhaps created again by someone else) is not written into.
+        """
         if self._fd is None:
-            return
+            raise RunDirError(f"the lock on the run directory {str(self.directory)!r} was released.")
+        where = f"the run directory {str(self.directory)!r}"
         try:
-            os.unlink(self.path)
+            os.stat(self.directory, follow_symlinks=False)
+        except FileNotFoundError:
+            raise RunDirError(f"{where} was removed or renamed while the run was using it; nothing more is "
+                              f"written.") from None
+        except OSError as err:
+            raise RunDirError(f"{where} cannot be checked: {_reason(err)}.") from err
+        if not self._same_directory():
+            raise RunDirError(f"{where} was replaced by another directory (or file) while the run was using it "
+                              f"(it was removed or renamed and the path made again); nothing more is written.")
+        try:
+            lock_info = os.stat(self.path, follow_symlinks=False)
+        except OSError:
+            lock_info = None
+        if lock_info is None or not os.path.samestat(lock_info, os.fstat(self._fd)):
+            raise RunDirError(f"the lock file {self.path} was removed or replaced while the run held it; another "
+                              f"process may be using {where}.")
+
+    def stale_note(self) -> str | None:
+        """A note for the user on the stale lock file taken over (``None`` if it was not stale)."""
+        pid = self.stale_pid
+        if pid is None:
+            return None
+        head = f"{self.path} was left by process {pid}"
+        tail = f"the lock is stale and now held by process {os.getpid()}."
+        if _pid_alive(pid):
+            return (f"{head}, which no longer holds it (a process {pid} is running now: the pid was reused, or the "
+                    f"holder runs on another machine or in another container and released its lock); {tail}")
+        return f"{head}, which ended without releasing it (killed?); {tail}"
+
+    def release(self, *, remove_directory: bool = False) -> bool:
+        """Remove the lock file and drop the lock (in that order, so no one locks a file about to vanish).
+
+        With ``remove_directory=True`` the directory is removed too if this
+        lock created it, it is empty and it is still the directory at its path
+        (not one made there since); returns whether it was removed.
+        """
+        if self._fd is None:
+            return False
+        removed = False
+        try:
+            if self._dir_fd is not None:
+                # Through the directory's descriptor: the lock file of the directory we locked, even if the path
+                # now names another directory.
+                os.unlink(LOCK_NAME, dir_fd=self._dir_fd)
+            else:
+                os.unlink(self.path)
         except OSError:
             pass
+        if remove_directory and self.created_directory and self._same_directory():
+            try:
+                os.rmdir(self.directory)
+                removed = True
+            except OSError:  # not empty: the run wrote something
+                pass
         os.close(self._fd)
         self._fd = None
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+        return removed
+
+    def _same_directory(self) -> bool:
+        """Whether the path still names the directory locked (our descriptor keeps its inode from being reused)."""
+        try:
+            info = os.stat(self.directory, follow_symlinks=False)
+            alive = self._dir_fd is None or os.fstat(self._dir_fd).st_nlink > 0
+        except OSError:
+            return False
+        return alive and (info.st_dev, info.st_ino) == self.identity
 
     def __enter__(self):
         return self
@@ -72,12 +165,35 @@ class RunLock:
         self.release()
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (signal 0: nothing is sent)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
 def _reason(err: OSError) -> str:
     return err.strerror or type(err).__name__
 
 
 def _make_directory(directory: pathlib.Path) -> bool:
     """Create ``directory``; returns whether it was created.  ``RunDirError`` if it cannot be."""
+    if os.path.islink(directory):
+        target = os.readlink(directory)
+        if not directory.exists():
+            raise RunDirError(f"{str(directory)!r} is a symbolic link to {target!r}, which does not exist (a "
+                              f"dangling link); the run directory is not created through it. Remove the link or "
+                              f"choose another --out.")
+        raise RunDirError(f"{str(directory)!r} is a symbolic link (to {target!r}); a run directory is not used "
+                          f"through a link: name the directory itself.")
     if directory.exists() and not directory.is_dir():
         raise RunDirError(f"{str(directory)!r} exists and is not a directory.")
     existed = directory.is_dir()
@@ -88,22 +204,56 @@ def _make_directory(directory: pathlib.Path) -> bool:
     return not existed
 
 
+def _open_directory(directory: pathlib.Path) -> int:
+    """A descriptor of the directory ``directory`` itself (a symbolic link there is refused)."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(directory, flags)
+    except OSError as err:
+        if os.path.islink(directory):
+            raise RunDirError(f"{str(directory)!r} became a symbolic link; a run directory is not used through a "
+                              f"link.") from err
+        raise RunDirError(f"cannot open the run directory {str(directory)!r}: {_reason(err)}.") from err
+
+
 def _read_pid(fd: int) -> int | None:
     os.lseek(fd, 0, os.SEEK_SET)
     text = os.read(fd, 64).decode("ascii", "replace").split()
     return int(text[0]) if text and text[0].isdigit() else None
 
 
-def _lock(directory: pathlib.Path) -> tuple[int, int | None]:
-    """Lock ``directory/LOCK_NAME``: ``(fd, pid a dead holder left or None)``."""
+def _open_lock_file(directory: pathlib.Path, dir_fd: int) -> int:
+    """``LOCK_NAME`` in the directory ``dir_fd``, opened (created) without following a symbolic link."""
+    path = directory / LOCK_NAME
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        # O_NONBLOCK: a FIFO planted at the name must not block the open.
+        fd = os.open(LOCK_NAME, flags | getattr(os, "O_NONBLOCK", 0), 0o644, dir_fd=dir_fd)
+    except OSError as err:
+        try:
+            planted = stat.S_ISLNK(os.stat(LOCK_NAME, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+        except OSError:
+            planted = False
+        if planted:
+            raise RunDirError(f"the lock file {path} is a symbolic link; it is not followed (it could make the run "
+                              f"overwrite the file it points to). Remove it if you made it, and look into who did "
+                              f"if you did not.") from err
+        raise RunDirError(f"cannot write in the run directory {str(directory)!r}: {_reason(err)}.") from err
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise RunDirError(f"the lock file {path} is not a regular file; remove it (it is not something this program "
+                          f"wrote).")
+    return fd
+
+
+def _lock(directory: pathlib.Path, dir_fd: int) -> tuple[int, int | None]:
+    """Lock ``LOCK_NAME`` in the directory ``dir_fd``: ``(fd, pid a dead holder left or None)``."""
     import fcntl
 
     path = directory / LOCK_NAME
     while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-        except OSError as err:
-            raise RunDirError(f"cannot write in the run directory {str(directory)!r}: {_reason(err)}.") from err
+        fd = _open_lock_file(directory, dir_fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -115,16 +265,16 @@ def _lock(directory: pathlib.Path) -> tuple[int, int | None]:
                 f"or choose another --out."
             ) from None
         # The holder we waited on may have released (unlinked) the file between our open and our lock:
-        # then we hold a lock on a file no one else will see.  Start over on the file at the path now.
+        # then we hold a lock on a file no one else will see.  Start over on the file at the name now.
         try:
-            same = os.path.samestat(os.stat(path), os.fstat(fd))
+            same = os.path.samestat(os.stat(LOCK_NAME, dir_fd=dir_fd, follow_symlinks=False), os.fstat(fd))
         except FileNotFoundError:
             same = False
         if same:
             break
         os.close(fd)
-    left = _read_pid(fd)
     try:
+        left = _read_pid(fd)
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -133,6 +283,14 @@ def _lock(directory: pathlib.Path) -> tuple[int, int | None]:
         os.close(fd)
         raise RunDirError(f"cannot write in the run directory {str(directory)!r}: {_reason(err)}.") from err
     return fd, (left if left != os.getpid() else None)
+
+
+def _lexists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def open_run(directory, *, resume: bool = False, overwrite: bool = False) -> RunLock:
@@ -152,10 +310,15 @@ def open_run(directory, *, resume: bool = False, overwrite: bool = False) -> Run
         raise RunDirError("--resume and --overwrite exclude each other.")
     directory = pathlib.Path(directory)
     created = _make_directory(directory)
-    fd, stale = _lock(directory)
-    lock = RunLock(directory, fd, stale, created)
+    dir_fd = _open_directory(directory)
     try:
-        existing = [name for name in OUTPUTS if os.path.lexists(directory / name)]
+        fd, stale = _lock(directory, dir_fd)
+    except BaseException:
+        os.close(dir_fd)
+        raise
+    lock = RunLock(directory, fd, stale, created, dir_fd)
+    try:
+        existing = [name for name in OUTPUTS if _lexists(name, dir_fd)]
         if existing and not (resume or overwrite):
             raise RunDirError(
                 f"the run directory {str(directory)!r} already holds a run ({', '.join(existing)}); nothing was "
@@ -165,7 +328,7 @@ def open_run(directory, *, resume: bool = False, overwrite: bool = False) -> Run
         if overwrite:
             for name in existing:
                 try:
-                    os.unlink(directory / name)
+                    os.unlink(name, dir_fd=dir_fd)  # a symbolic link is removed, not what it points to
                 except OSError as err:
                     raise RunDirError(f"--overwrite: cannot remove {str(directory / name)!r}: {_reason(err)}.") from err
     except BaseException:

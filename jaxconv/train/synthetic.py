@@ -20,17 +20,143 @@ images only from its test split (:func:`jaxconv.train.data.load_digits`), so a t
 image is never a variant of a training image.  Deterministic in ``seed``.
 
 ``python -m jaxconv synth {mnist,cifar10} DIR`` writes them from the command line.
+
+A user's files are never touched: the writers refuse a directory that already
+holds any of the files they would write, raw or ``.gz`` (a raw file written
+beside a real ``.gz`` one would shadow it: the loaders read the raw one first),
+or a symbolic link at one of those names, with a :class:`FileExistsError`
+listing them; nothing is written then.  ``DIR`` must be a directory (or not
+exist yet: it is created); a file or a dangling symbolic link there gets its
+own message.  Each file is written to a temporary file and linked to its name
+(``os.link`` fails on any existing name, and follows no link), so a file at
+the name appearing meanwhile is not overwritten either; a failure part way
+(a full disk, :class:`jaxconv.train.files.WriteError`) removes the files this
+call wrote, leaving the directory as it was.  At most :data:`MAX_IMAGES` images
+per split (more than MNIST's 60000 and CIFAR-10's 50000).
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
+import os
 import pathlib
 import struct
+import tempfile
 
 import numpy as np
 
-__all__ = ["digit_variants", "write_cifar_like", "write_mnist_like"]
+from . import files as _files
+
+__all__ = ["MAX_IMAGES", "digit_variants", "write_cifar_like", "write_mnist_like"]
+
+#: The most images per split the writers make (memory grows with it; MNIST has 60000 training images).
+MAX_IMAGES = 100_000
+
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+               "t10k-labels-idx1-ubyte")
+CIFAR_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6)) + ("test_batch.bin",)
+
+
+def _check_counts(num_train, num_test, low_train: int) -> None:
+    for name, value, low in (("num_train", num_train, low_train), ("num_test", num_test, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"`{name}` (={value!r}) must be an integer.")
+        if not low <= value <= MAX_IMAGES:
+            raise ValueError(f"`{name}` (={value}) must lie in [{low}, {MAX_IMAGES}] (MNIST has 60000 training "
+                             f"images; more would only take memory and disk).")
+
+
+def _prepare_directory(directory) -> pathlib.Path:
+    """``directory`` as a Path, created if missing; clear errors for a file or a dangling link there."""
+    directory = pathlib.Path(directory)
+    if os.path.islink(directory) and not directory.exists():
+        raise FileNotFoundError(errno.ENOENT, f"{str(directory)!r} is a symbolic link to "
+                                              f"{os.readlink(directory)!r}, which does not exist (a dangling link); "
+                                              f"nothing is written through it.")
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{str(directory)!r} exists and is not a directory: name a directory "
+                                                f"to write the files into (it is created if missing).")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _files.write_error(directory, err, "the directory") from err
+    return directory
+
+
+def _refuse_existing(directory: pathlib.Path, names) -> None:
+    """``FileExistsError`` if any of ``names`` (or its ``.gz``) is in ``directory`` (a link too)."""
+    taken = [n for name in names for n in (name, name + ".gz") if os.path.lexists(directory / n)]
+    if taken:
+        raise FileExistsError(errno.EEXIST, f"{str(directory)!r} already holds {', '.join(taken)}; nothing was "
+                                            f"written (these files are never overwritten, and a raw file beside a "
+                                            f".gz one would hide it from the loader). Choose an empty directory.")
+
+
+def _write_new_files(directory: pathlib.Path, contents: dict[str, bytes]) -> None:
+    """Write each ``{name: bytes}`` as a new file: all of them, or (on an error) none."""
+    written = []
+    try:
+        for name, data in contents.items():
+            _write_new(directory / name, data)
+            written.append(directory / name)
+    except BaseException:
+        for path in written:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        raise
+
+
+def _write_new(path: pathlib.Path, data: bytes) -> None:
+    """``data`` as the new file ``path``: a temporary file, fsynced, hard-linked to the name (never replacing)."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    except OSError as err:
+        raise _files.write_error(path, err) from err
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path, follow_symlinks=False)
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, f"{str(path)!r} appeared while the data was written; it is not "
+                                                f"overwritten and nothing was written.") from None
+        except OSError as err:
+            if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            _write_exclusive(path, data)  # a file system without hard links
+    except FileExistsError:
+        raise
+    except OSError as err:
+        raise _files.write_error(path, err) from err
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def _write_exclusive(path: pathlib.Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(path)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -74,13 +200,10 @@ def _to_bytes(x: np.ndarray) -> np.ndarray:
     return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _write_idx(path: pathlib.Path, array: np.ndarray, *, compress: bool) -> None:
+def _idx_bytes(array: np.ndarray, *, compress: bool) -> bytes:
     header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     data = header + np.ascontiguousarray(array, np.uint8).tobytes()
-    if compress:
-        path = path.with_name(path.name + ".gz")
-        data = gzip.compress(data, mtime=0)
-    path.write_bytes(data)
+    return gzip.compress(data, mtime=0) if compress else data
 
 
 def write_mnist_like(directory, *, num_train: int = 4000, num_test: int = 1000, seed: int = 0,
@@ -88,15 +211,21 @@ def write_mnist_like(directory, *, num_train: int = 4000, num_test: int = 1000, 
     """Write MNIST-format (IDX) 28x28 digits to ``directory``: ``train-images-idx3-ubyte`` and the other three.
 
     ``compress=True`` writes ``.gz`` files, as MNIST is distributed.  Returns the directory.
+    Refuses (``FileExistsError``, nothing written) a directory already holding
+    any of these files, raw or ``.gz``; see the module docstring.
     """
-    directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    _check_counts(num_train, num_test, 1)
+    directory = _prepare_directory(directory)
+    _refuse_existing(directory, MNIST_FILES)
     (train_x, train_y), (test_x, test_y) = _digits_splits()
+    contents = {}
+    suffix = ".gz" if compress else ""
     for prefix, (x, y), count, stream in (("train", (train_x, train_y), num_train, 0),
                                           ("t10k", (test_x, test_y), num_test, 1)):
         images, labels = digit_variants(x, y, count, frame=28, sizes=(16, 22), shift=3, noise=0.08, seed=seed * 2 + stream)
-        _write_idx(directory / f"{prefix}-images-idx3-ubyte", _to_bytes(images), compress=compress)
-        _write_idx(directory / f"{prefix}-labels-idx1-ubyte", labels, compress=compress)
+        contents[f"{prefix}-images-idx3-ubyte{suffix}"] = _idx_bytes(_to_bytes(images), compress=compress)
+        contents[f"{prefix}-labels-idx1-ubyte{suffix}"] = _idx_bytes(labels, compress=compress)
+    _write_new_files(directory, contents)
     return directory
 
 
@@ -122,10 +251,9 @@ def write_cifar_like(directory, *, num_train: int = 5000, num_test: int = 1000, 
 
     ``num_train`` is split over the five training files (it must be at least 5).  Returns the directory.
     """
-    if num_train < 5 or num_test < 1:
-        raise ValueError(f"`num_train` (={num_train}) must be >= 5 and `num_test` (={num_test}) >= 1.")
-    directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    _check_counts(num_train, num_test, 5)
+    directory = _prepare_directory(directory)
+    _refuse_existing(directory, CIFAR_FILES)
     (train_x, train_y), (test_x, test_y) = _digits_splits()
 
     def records(x, y, count, stream):
@@ -135,7 +263,7 @@ def write_cifar_like(directory, *, num_train: int = 5000, num_test: int = 1000, 
         return np.concatenate([labels[:, None], planes], axis=1)
 
     train = records(train_x, train_y, num_train, 0)
-    for i, part in enumerate(np.array_split(train, 5), start=1):
-        (directory / f"data_batch_{i}.bin").write_bytes(part.tobytes())
-    (directory / "test_batch.bin").write_bytes(records(test_x, test_y, num_test, 1).tobytes())
+    contents = {f"data_batch_{i}.bin": part.tobytes() for i, part in enumerate(np.array_split(train, 5), start=1)}
+    contents["test_batch.bin"] = records(test_x, test_y, num_test, 1).tobytes()
+    _write_new_files(directory, contents)
     return directory

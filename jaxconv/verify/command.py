@@ -17,19 +17,29 @@ VALUES is ``normal`` (default), ``uniform``, ``positive``, ``permutation``
 or ``uniform:LO:HIGH``.  ``--static NAME=VALUE`` passes a Python literal
 (held fixed), ``--choices NAME=V1,V2`` draws one of the values per sweep example.
 
-Exit status: 0 every check passed, 1 a check failed, 2 bad usage (arguments,
-an import that fails, a function that is not a custom rule without ``--ref``,
-arguments the function rejects).
+Keyword-only parameters of the reference given with ``--static`` are passed
+to both functions by keyword (the checker passes the other arguments by
+position).
+
+Exit status: 0 every check passed, 1 a check failed (a function whose output
+has no floating-point array, e.g. one returning ``None``, fails: nothing could
+be checked), 2 bad usage (arguments, an import that fails or calls
+``sys.exit``, a file that is not ``.py``, a function that is not a custom rule
+without ``--ref``, arguments the function rejects, a negative or NaN
+tolerance, an array of more than ten million elements).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
+import functools
 import importlib
 import importlib.util
 import inspect
 import json
+import math
 import os
 import pathlib
 import sys
@@ -75,13 +85,24 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep", type=_positive_int, metavar="N",
                    help="draw N configurations (hypothesis) and shrink a failure to the smallest one")
     p.add_argument("--seed", type=int, default=0, help="seed of the values (and of the sweep)")
-    p.add_argument("--rtol", type=float, help="tolerance of the float64 comparisons (default 1e-12)")
+    p.add_argument("--rtol", type=_tolerance, help="tolerance of the float64 comparisons (default 1e-12)")
     p.add_argument("--no-second-order", action="store_true", help="skip the grad-of-grad check")
     p.add_argument("--no-finite-differences", action="store_true",
                    help="skip the central differences (they still run where they are the only oracle)")
-    p.add_argument("--max-residual-ratio", type=float, metavar="R",
+    p.add_argument("--max-residual-ratio", type=_tolerance, metavar="R",
                    help="fail when the rule saves more than R times the bytes autodiff of the primal saves")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def _tolerance(text: str) -> float:
+    """A finite number >= 0 (argparse names the flag in its message)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -196,14 +217,22 @@ def load(target: str):
         path = pathlib.Path(module_part)
         if not path.is_file():
             raise UsageError(f"{target!r}: no file {module_part}")
+        if path.suffix != ".py":
+            raise UsageError(f"{target!r}: {module_part} is not a Python source file (.py); name a .py file or an "
+                             f"importable module")
         name = path.stem
         spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise UsageError(f"{target!r}: {module_part} cannot be imported as a module")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         if str(path.parent.resolve()) not in sys.path:
             sys.path.insert(0, str(path.parent.resolve()))
         try:
             spec.loader.exec_module(module)
+        except SystemExit as exc:
+            del sys.modules[name]
+            raise UsageError(_exited(module_part, exc)) from None
         except Exception as exc:
             del sys.modules[name]
             raise UsageError(f"importing {module_part} failed: {type(exc).__name__}: {exc}") from exc
@@ -213,6 +242,8 @@ def load(target: str):
             sys.path.insert(0, cwd)
         try:
             module = importlib.import_module(module_part)
+        except SystemExit as exc:
+            raise UsageError(_exited(module_part, exc)) from None
         except Exception as exc:
             raise UsageError(f"importing {module_part!r} failed: {type(exc).__name__}: {exc} "
                              f"(the current directory and PYTHONPATH are searched)") from exc
@@ -227,7 +258,15 @@ def load(target: str):
     return obj
 
 
+def _exited(module: str, exc: SystemExit) -> str:
+    return (f"importing {module} called sys.exit({exc.code!r}) (a script's main code not under "
+            f"`if __name__ == \"__main__\":`?); nothing was checked")
+
+
 # --- running ---------------------------------------------------------------------------------
+
+#: The most elements one array argument may have: every check runs the rule several times in float64.
+MAX_ELEMENTS = 10**7
 
 
 def _description(args):
@@ -261,12 +300,95 @@ def _description(args):
     missing = sorted(used - set(dims))
     if missing:
         raise UsageError(f"dimension(s) {missing} need a size: --dim {missing[0]}=" + ("1-4" if not fixed_only else "3"))
+    _check_sizes(description, dims)
     if fixed_only:
         ranged = sorted(n for n, v in dims.items() if isinstance(v, tuple))
         if ranged or choices or any(isinstance(d, tuple) for spec in description.values()
                                     if isinstance(spec, Array) for d in spec.shape):
             raise UsageError("ranges and --choices need --sweep N" + (f" (ranged: {', '.join(ranged)})" if ranged else ""))
     return description, dims, choices
+
+
+def _check_sizes(description, dims) -> None:
+    """``UsageError`` for an ``--arg`` whose largest shape has more than :data:`MAX_ELEMENTS` elements."""
+    from .sweeps import Array
+
+    def high(d):
+        d = dims.get(d, 0) if isinstance(d, str) else d
+        return d[1] if isinstance(d, tuple) else d
+
+    for name, spec in description.items():
+        if isinstance(spec, Array):
+            count = math.prod(high(d) for d in spec.shape)
+            if count > MAX_ELEMENTS:
+                raise UsageError(f"--arg {name}: {count} elements (at its largest), more than the {MAX_ELEMENTS} a "
+                                 f"check can take (each check runs the rule several times in float64); use smaller "
+                                 f"sizes: a rule that holds on small arrays holds on large ones")
+
+
+def _keyword_only(ref, description, choices):
+    """``(statics for ref's keyword-only parameters, the rest of description)``; ``UsageError`` for a
+    keyword-only array or drawn argument (the checker passes arguments by position)."""
+    from .sweeps import Array
+
+    try:
+        params = inspect.signature(ref).parameters
+    except (TypeError, ValueError):
+        return {}, description
+    keyword = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    drawn = sorted(keyword & set(choices))
+    if drawn:
+        name = drawn[0]
+        raise UsageError(f"--choices {name}: {name} is a keyword-only parameter of the reference, which a sweep "
+                         f"cannot draw; make it positional or give it with --static")
+    for name in sorted(keyword & set(description)):
+        if isinstance(description[name], Array):
+            raise UsageError(f"--arg {name}: {name} is a keyword-only parameter of the reference; the checker "
+                             f"differentiates arguments by position: make it positional")
+    statics = {n: description[n] for n in description if n in keyword}
+    return statics, {n: v for n, v in description.items() if n not in keyword}
+
+
+def _with_statics(reproducer: str, originals, statics: dict) -> str:
+    """The sweep's reproducer of ``partial(f, **statics)`` vs ``partial(ref, **statics)``, calling those partials."""
+    from .sweeps import _import_line
+
+    (f_import, f_name), (ref_import, ref_name) = (_import_line(g) for g in originals)
+    keywords = ", ".join(f"{k}={v!r}" for k, v in statics.items())
+    lines = [line for line in reproducer.splitlines() if not line.startswith("# f: define or import it here (it is "
+                                                                            "functools.")]
+    at = next((i + 1 for i, line in enumerate(lines) if line.startswith("from jaxconv.verify import check_vjp")), 0)
+    lines[at:at] = ["from functools import partial", *dict.fromkeys((f_import, ref_import))]
+    return "\n".join(lines).replace("check_vjp(f, f, ", f"check_vjp(partial({f_name}, {keywords}), "
+                                                        f"partial({ref_name}, {keywords}), ", 1)
+
+
+def _nothing_to_check(f, named: dict) -> str | None:
+    """Why ``f(**named)`` leaves nothing to check (no floating-point output), or None (or if it cannot be run)."""
+    import jax
+    import jax.numpy as jnp
+
+    try:
+        with jax.enable_x64(True):
+            out = jax.eval_shape(lambda: f(**named))
+    except Exception:  # noqa: BLE001 - the checks report this themselves
+        return None
+    leaves = jax.tree.leaves(out)
+    if any(jnp.issubdtype(leaf.dtype, jnp.inexact) for leaf in leaves):
+        return None
+    what = "None" if out is None else ("no arrays" if not leaves else "no floating-point arrays")
+    return f"returned {what}: there is no output to differentiate, so nothing was checked"
+
+
+def _lowest(description, dims, choices, seed):
+    """The arguments at the low end of every range and the first of every choice (a sweep's smallest)."""
+    from .sweeps import Array
+
+    low = {n: (v[0] if isinstance(v, tuple) else v) for n, v in dims.items()}
+    fixed = {n: (Array(tuple(d[0] if isinstance(d, tuple) else d for d in v.shape), v.values, v.dtype)
+                 if isinstance(v, Array) else v) for n, v in description.items()}
+    named = _fixed_arguments(fixed, low, seed)
+    return {**named, **{n: v[0] for n, v in choices.items()}}
 
 
 def _fixed_arguments(description, dims, seed):
@@ -315,9 +437,24 @@ def _run(args) -> int:
     f = load(args.target)
     ref = load(args.ref) if args.ref else None
     options = _options(args)
+    label = getattr(f, "__name__", None)
+    statics, originals = {}, (f, ref)
     if ref is not None:
         options = {k: v for k, v in options.items() if k in ("seed", "dtype", "rtol", "second_order",
                                                               "finite_differences")}
+        # Keyword-only statics reach both functions (the checker passes the others by position).
+        statics, description = _keyword_only(ref, description, choices)
+        if statics:
+            f, ref = functools.partial(f, **statics), functools.partial(ref, **statics)
+    empty = _nothing_to_check(f, _lowest(description, dims, choices, args.seed))
+    if empty is not None:
+        message = f"{args.target} {empty}"
+        if args.json:
+            print(json.dumps({"target": args.target, "mode": "sweep" if args.sweep is not None else "check",
+                              "passed": False, "error": message}))
+        else:
+            print(f"{PROG}: FAILED: {message}")
+        return EXIT_FAILED
 
     if args.sweep is not None:
         try:
@@ -328,9 +465,12 @@ def _run(args) -> int:
         description = {**description, **{n: st.sampled_from(v) for n, v in choices.items()}}
         try:
             result = sweep(f, description, dims=dims, ref=ref, examples=args.sweep, seed=args.seed,
-                           stream=None, **{k: v for k, v in options.items() if k != "seed"})
+                           stream=None, **{k: v for k, v in options.items() if k != "seed"},
+                           **({"name": label} if label and isinstance(f, functools.partial) else {}))
         except (TypeError, ValueError) as exc:
             raise UsageError(str(exc)) from exc
+        if statics and not result.passed:
+            result = dataclasses.replace(result, reproducer=_with_statics(result.reproducer, originals, statics))
         if args.json:
             print(json.dumps({"target": args.target, "mode": "sweep", "passed": result.passed,
                               "sweep": result.to_dict()}, allow_nan=False))
@@ -346,8 +486,9 @@ def _run(args) -> int:
             params = list(inspect.signature(ref).parameters)
             bound = inspect.signature(ref).bind(**named)
             bound.apply_defaults()
-            report = check_vjp(f, ref, *bound.args, names=params[: len(bound.args)],
-                               name=getattr(f, "__name__", None), **options)
+            if bound.kwargs:  # **kwargs of the reference: passed by keyword
+                f, ref = functools.partial(f, **bound.kwargs), functools.partial(ref, **bound.kwargs)
+            report = check_vjp(f, ref, *bound.args, names=params[: len(bound.args)], name=label, **options)
     except TypeError as exc:
         raise UsageError(str(exc) + ("" if ref is not None else " (or pass --ref MODULE:FUNCTION)")) from exc
     except Exception as exc:  # noqa: BLE001 - the function rejected these arguments
