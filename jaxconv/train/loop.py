@@ -356,7 +356,8 @@ def _missing_extras() -> list[str]:
 
 
 def _resumed(ckpt_path, template, settings: dict, stats):
-    """``(state, epoch, history, best)`` from the checkpoint of the run being resumed; ``ValueError`` if it does not fit."""
+    """``(state, epoch, history, best)`` from the checkpoint of the run being resumed;
+    ``ValueError`` if it does not fit."""
     state, meta = checkpoint.restore(ckpt_path, template)
     problems = []
     saved = meta.get("config")
@@ -366,7 +367,8 @@ def _resumed(ckpt_path, template, settings: dict, stats):
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
         raise ValueError(f"{ckpt_path}: its metadata 'epoch' (={epoch!r}) is not an epoch count (hand-edited?).")
     if not (isinstance(history, list) and len(history) == epoch and all(isinstance(h, dict) for h in history)):
-        raise ValueError(f"{ckpt_path}: its metadata 'history' does not list the {epoch} epochs trained (hand-edited?).")
+        raise ValueError(f"{ckpt_path}: its metadata 'history' does not list the {epoch} epochs trained "
+                         f"(hand-edited?).")
     keys = _RESUME_KEYS + (("epochs",) if settings["schedule"] != "constant" else ())
     differ = {k: (saved.get(k), settings[k]) for k in keys if saved.get(k) != settings[k]}
     if differ:
@@ -759,5 +761,6 @@ def _diverged(config: Config, epoch: int, step: int, steps_per_epoch: int, m: di
     message = (f"training diverged at epoch {epoch}, step {step} of {steps_per_epoch}: {' and '.join(what)}. "
                f"Stopped; {ckpt_note}. Try a smaller --lr (now {config.lr}).")
     return Diverged(epoch=epoch, step=step, steps_per_epoch=steps_per_epoch, loss=float(m["loss"]),
-                    objective=float(m["objective"]), finite_loss=bool(m["finite_loss"]), finite_params=bool(m["finite_params"]), nonfinite_params=bad,
+                    objective=float(m["objective"]), finite_loss=bool(m["finite_loss"]),
+                    finite_params=bool(m["finite_params"]), nonfinite_params=bad,
                     checkpoint_epoch=kept, message=message)
