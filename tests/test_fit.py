@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -214,3 +215,175 @@ def test_verbose_false_prints_nothing(tmp_path, capsys):
     fit(Config(**TINY, epochs=1, out=tmp_path), verbose=False)
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
+
+
+# --- replacing a run, other data, Ctrl-C ------------------------------------------------------------
+
+TINY_ARGV = ["--model", "dd2424_net", "--batch-size", "64", "--optimizer", "momentum", "--lr", "0.05",
+             "--schedule", "constant", "--val-fraction", "0", "--seed", "3"]
+
+
+def _snapshot(directory):
+    """Every entry's name, and each file's bytes and mtime: a directory left untouched compares equal."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else "dir"
+            for p in sorted(directory.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 1-epoch run with a validation split: checkpoint, best, metrics, plots."""
+    out = tmp_path_factory.mktemp("finished")
+    result = fit(Config(**dict(TINY, val_fraction=0.2), epochs=1, out=out), verbose=False)
+    assert set(result.outputs) >= {"checkpoint.safetensors", "best.safetensors", "metrics.json"}
+    return out
+
+
+@pytest.mark.parametrize("argv, code, match", [
+    (["--batch-size", "5000"], 2, "--batch-size 5000 exceeds the 1437 training images"),
+    (["--warmup-epochs", "2", "--epochs", "2"], 2, "--warmup-epochs 2.0 is the whole run"),
+    (["--dataset", "mnist", "--data-dir", "{empty}"], 2, "--dataset mnist: "),
+    (["--lr", "1e30"], 3, "that --overwrite was to replace is kept as it was"),
+])
+def test_a_failed_overwrite_leaves_the_previous_run_byte_identical(finished, tmp_path, capsys, argv, code, match):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    before = _snapshot(out)
+    (tmp_path / "empty").mkdir()
+    argv = [a.replace("{empty}", str(tmp_path / "empty")) for a in argv]
+    assert cli.main(["train", *TINY_ARGV, "--overwrite", "--out", str(out), *argv]) == code
+    assert match in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+def test_an_overwrite_that_fails_at_its_first_checkpoint_puts_the_previous_run_back(finished, tmp_path,
+                                                                                     monkeypatch):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    before = _snapshot(out)
+    real_save, calls = checkpoint.save, []
+
+    def full_disk(path, tree, metadata=None):
+        calls.append(path.name)
+        if len(calls) == 2:  # best.safetensors is written, then the checkpoint fails
+            raise OSError(28, "No space left on device")
+        real_save(path, tree, metadata)
+
+    monkeypatch.setattr(checkpoint, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        fit(Config(**dict(TINY, val_fraction=0.2), epochs=1, overwrite=True, out=out), verbose=False)
+    assert calls == ["best.safetensors", "checkpoint.safetensors"]
+    assert _snapshot(out) == before  # the new best.safetensors is gone, the old one back
+
+
+def test_a_successful_overwrite_leaves_only_the_new_run(finished, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    result = fit(Config(**TINY, epochs=1, overwrite=True, out=out), verbose=False)  # no validation: no best
+    assert result.status == Completed(epochs=1)
+    assert sorted(p.name for p in out.iterdir()) == sorted(result.outputs)
+    assert not (out / "best.safetensors").exists()
+
+
+def _killed_while_replacing(out, writes: str):
+    """A process that opens ``out`` to overwrite it, sets the previous run aside, writes ``writes`` (a
+    file name) as the new run would, and is killed (SIGKILL) before it can clean up."""
+    import subprocess
+    import sys
+
+    script = ("import os, signal, sys\n"
+              "from jaxconv.train import rundir\n"
+              "lock = rundir.open_run(sys.argv[1], overwrite=True)\n"
+              "lock.set_previous_aside()\n"
+              "open(os.path.join(sys.argv[1], sys.argv[2]), 'wb').write(b'the new run')\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(out), writes], capture_output=True, text=True,
+                          timeout=120, cwd=pathlib.Path(__file__).resolve().parent.parent)
+    assert done.returncode == -9, done.stderr[-2000:]
+    assert [p.name for p in out.iterdir() if p.name.startswith(rundir.REPLACED_PREFIX)]  # left behind
+
+
+def test_a_replacement_killed_midway_is_recovered_by_the_next_open(finished, tmp_path):
+    import shutil
+
+    # Killed after the previous run was set aside, before the new run's first checkpoint: restored.
+    out = tmp_path / "killed-early"
+    shutil.copytree(finished, out)
+    before = _snapshot(out)
+    _killed_while_replacing(out, "best.safetensors")
+    with pytest.raises(rundir.RunDirError, match="already holds a run"):
+        rundir.open_run(out)
+    assert {k: v for k, v in _snapshot(out).items() if k != rundir.LOCK_NAME} == before
+    # Killed after the new run's first checkpoint: the previous run is gone for good.
+    out = tmp_path / "killed-late"
+    shutil.copytree(finished, out)
+    _killed_while_replacing(out, "checkpoint.safetensors")
+    rundir.open_run(out, resume=True).release()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.safetensors"]
+    assert (out / "checkpoint.safetensors").read_bytes() == b"the new run"
+
+
+def test_resume_refuses_other_training_data_naming_what_changed(tmp_path):
+    from tests.test_data import _mnist_dir, _write_idx
+
+    data_dir = tmp_path / "mnist"
+    data_dir.mkdir()
+    arrays = _mnist_dir(data_dir, n_train=128, n_test=16)
+    out = tmp_path / "run"
+    settings = dict(TINY, dataset="mnist", data_dir=data_dir, out=out)
+    fit(Config(**settings, epochs=1), verbose=False)
+    recorded = checkpoint.read_metadata(out / "checkpoint.safetensors")["data"]
+    assert recorded["images"] == 128 and recorded["shape"] == [28, 28, 1] and len(recorded["sha256"]) == 64
+
+    # One label changed: the images' mean and std are the same, the fingerprint is not.
+    labels = arrays["train"][1].copy()
+    labels[0] = (labels[0] + 1) % 10
+    _write_idx(data_dir / "train-labels-idx1-ubyte", labels)
+    with pytest.raises(FitError, match=r"--resume: .*the same training images \(sha256 '[0-9a-f]{64}' then, "):
+        fit(Config(**settings, epochs=2, resume=True), verbose=False)
+    # More images: the count is named.
+    _mnist_dir(data_dir, n_train=192, n_test=16)
+    with pytest.raises(FitError, match="images 128 then, 192 now"):
+        fit(Config(**settings, epochs=2, resume=True), verbose=False)
+
+
+def test_ctrl_c_exits_130_with_a_resumable_checkpoint_and_no_traceback(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "jaxconv", "train", *TINY_ARGV, "--out", str(out)]
+    proc = subprocess.Popen([*command, "--epochs", "100000"], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint.safetensors").exists():
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "no checkpoint in 120 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == cli.EXIT_INTERRUPTED == 130, err[-2000:]
+    assert "python -m jaxconv train: error: interrupted; resume with --resume" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert not (out / rundir.LOCK_NAME).exists()
+    epoch = checkpoint.read_metadata(out / "checkpoint.safetensors")["epoch"]
+    resumed = subprocess.run([*command, "--epochs", str(epoch + 1), "--resume"], cwd=root, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert checkpoint.read_metadata(out / "checkpoint.safetensors")["epoch"] == epoch + 1

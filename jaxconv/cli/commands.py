@@ -123,7 +123,8 @@ def _add_train_parser(sub) -> None:
         "best-on-validation one.\n\n"
         "The run directory is locked for the run; one that already holds a run is refused unless --resume or "
         "--overwrite is given. A run whose loss or weights become NaN or infinite stops (exit 3) and keeps the "
-        "last finite checkpoint. Exit codes: 0 done, 1 --check-grads failed, 2 bad settings, 3 diverged.\n\n"
+        "last finite checkpoint. Exit codes: 0 done, 1 --check-grads failed, 2 bad settings, 3 diverged, "
+        "130 interrupted (Ctrl-C).\n\n"
         "Defaults: every setting left out comes from the data set's recipe (a recipe learns without tuning; "
         "the README gives the accuracies and times measured):\n\n" + _recipe_table(),
     )
@@ -167,7 +168,8 @@ def _add_train_parser(sub) -> None:
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     again.add_argument("--overwrite", action="store_true",
-                       help="replace the run in --out (its checkpoints, metrics and plots are deleted first)")
+                       help="replace the run in --out: its checkpoints, metrics and plots are deleted once the new "
+                       "run has written its first checkpoint (until then, and if it fails before, they stay)")
     p.add_argument("--check-grads", action="store_true",
                    help="before training, check every hand rule the model uses against jax.grad (float64) on the "
                    "first batch; exit 1 on a mismatch")
@@ -192,6 +194,7 @@ def _train(args) -> int:
         print(f"python -m jaxconv train: error: {message}", file=sys.stderr)
         return code
 
+    config = None
     try:
         config = Config(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Config)})
         result = fit(config)
@@ -199,8 +202,10 @@ def _train(args) -> int:
         return fail(err)
     except GradCheckFailed as err:
         return fail(err, EXIT_CHECK_FAILED)
-    except KeyboardInterrupt:
-        return fail("interrupted; resume with --resume", EXIT_INTERRUPTED)
+    except KeyboardInterrupt:  # Ctrl-C: fit has released the run directory; the last checkpoint is whole
+        if config is not None and (pathlib.Path(config.out) / "checkpoint.safetensors").exists():
+            return fail("interrupted; resume with --resume", EXIT_INTERRUPTED)
+        return fail("interrupted before the first checkpoint; nothing to resume", EXIT_INTERRUPTED)
     if isinstance(result.status, loop.Diverged):
         return fail(result.status.message, EXIT_DIVERGED)
     if jax.process_index() != 0:

@@ -18,6 +18,7 @@ checkpoint, a resumed run reaches the bit-identical parameters, and with
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import io
 import math
@@ -60,7 +61,7 @@ from .step import (
 )
 
 __all__ = ["MAX_SEED", "Completed", "Config", "Diverged", "FitError", "FitResult", "GradCheckFailed", "Status",
-           "StopTraining", "Stopped", "fit"]
+           "StopTraining", "Stopped", "data_fingerprint", "fit"]
 
 #: The largest seed: seeds are stored as uint32 in the PRNG keys and the shuffles.
 MAX_SEED = 2**32 - 1
@@ -355,7 +356,7 @@ def _missing_extras() -> list[str]:
     return missing
 
 
-def _resumed(ckpt_path, template, settings: dict, stats):
+def _resumed(ckpt_path, template, settings: dict, stats, fingerprint: dict):
     """``(state, epoch, history, best)`` from the checkpoint of the run being resumed;
     ``ValueError`` if it does not fit."""
     state, meta = checkpoint.restore(ckpt_path, template)
@@ -375,14 +376,32 @@ def _resumed(ckpt_path, template, settings: dict, stats):
         problems.append(", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in differ.items()))
         if "epochs" in differ:
             problems.append(f"the same --epochs: the {settings['schedule']} schedule spans the whole run")
+    saved_data = meta.get("data")
+    if not isinstance(saved_data, dict):
+        raise ValueError(f"{ckpt_path}: its metadata has no 'data' fingerprint of the training images (hand-edited?).")
+    if saved_data != fingerprint:
+        changed = [f"{key} {saved_data.get(key)!r} then, {fingerprint[key]!r} now" for key in fingerprint
+                   if saved_data.get(key) != fingerprint[key]]
+        problems.append("the same training images (" + "; ".join(changed) + ")")
     saved_stats = meta.get("standardization")
-    if saved_stats is not None and [saved_stats.get("mean"), saved_stats.get("std")] != list(stats):
+    if saved_data == fingerprint and saved_stats is not None and \
+            [saved_stats.get("mean"), saved_stats.get("std")] != list(stats):
         problems.append(f"the same training images (their mean/std were {saved_stats.get('mean')}/"
                         f"{saved_stats.get('std')}, now {stats[0]}/{stats[1]})")
     if problems:
         raise ValueError(f"{ckpt_path} was written with other settings; --resume needs the same " + "; ".join(problems))
     best = meta.get("best") if isinstance(meta.get("best"), dict) else None
     return state, epoch, history, best
+
+
+def data_fingerprint(images: np.ndarray, labels: np.ndarray) -> dict:
+    """What identifies a training set: ``{"images": count, "shape": image shape, "sha256": of the images'
+    float32 bytes then the labels' int64 bytes}``; recorded in each checkpoint and compared on resume."""
+    images = np.ascontiguousarray(images, np.float32)
+    labels = np.ascontiguousarray(labels, np.int64)
+    digest = hashlib.sha256(images.data)
+    digest.update(labels.data)
+    return {"images": int(images.shape[0]), "shape": list(images.shape[1:]), "sha256": digest.hexdigest()}
 
 
 def _initialize_distributed(config: Config) -> bool:
@@ -506,10 +525,11 @@ def fit(config: Config, *, callbacks: Iterable[Callback] = (), verbose: bool = T
     try:
         if config.onednn:
             with plan.forms(conv_forward="onednn", conv_backward="onednn"):  # traced inside: these forms
-                return _train(config, out, callbacks, say, several=multi)
-        return _train(config, out, callbacks, say, several=multi)
+                return _train(config, out, callbacks, say, lock, several=multi)
+        return _train(config, out, callbacks, say, lock, several=multi)
     finally:
         if lock is not None:
+            lock.restore_previous()  # a replaced run whose replacement failed before its first checkpoint
             lock.release()
             if lock.created_directory:
                 try:
@@ -518,7 +538,8 @@ def fit(config: Config, *, callbacks: Iterable[Callback] = (), verbose: bool = T
                     pass
 
 
-def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, *, several: bool) -> FitResult:
+def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock: rundir.RunLock | None, *,
+           several: bool) -> FitResult:
     from tqdm import tqdm  # optional extra: train
 
     settings = config.settings()
@@ -536,6 +557,7 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, *, se
         x_fit, y_fit, x_val_raw, y_val = split_validation(dataset.train_images, dataset.train_labels,
                                                           config.val_fraction)
         stats = standardization(x_fit)
+        fingerprint = data_fingerprint(dataset.train_images, dataset.train_labels)
     except (ValueError, OSError) as err:
         raise FitError(f"--dataset {config.dataset}: {err}", "dataset", "data_dir") from err
     if config.batch_size > len(y_fit):
@@ -559,7 +581,7 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, *, se
     if config.resume:
         try:
             state, start_epoch, history, best = _resumed(ckpt_path, {"params": params, "opt_state": opt_state},
-                                                         settings, stats)
+                                                         settings, stats, fingerprint)
         except (ValueError, OSError) as err:
             raise FitError(f"--resume: {err}", "resume") from err
         params, opt_state = state["params"], state["opt_state"]
@@ -643,8 +665,13 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, *, se
                 bar.update(1)
         if diverged is not None:
             index, m = diverged
-            kept = (history[-1]["epoch"] if history else start_epoch) if ckpt_path.exists() else None
-            status = _diverged(config, epoch + 1, index + 1, steps_per_epoch, m, _host(params), kept)
+            replacing = lock is not None and bool(lock.previous)
+            kept = (history[-1]["epoch"] if history else start_epoch) if ckpt_path.exists() and not replacing \
+                else None
+            status = _diverged(config, epoch + 1, index + 1, steps_per_epoch, m, _host(params), kept,
+                               replacing=replacing)
+            if replacing:  # nothing of this run is kept: the run it was to replace stays as it was
+                return result(status, _host(epoch_params))
             write_metrics(stopped={"reason": "diverged", "epoch": status.epoch, "step": status.step,
                                    "loss": status.loss, "objective": status.objective,
                                    "finite_loss": status.finite_loss, "finite_params": status.finite_params})
@@ -686,9 +713,12 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, *, se
             "model": {"name": config.model, "num_classes": dataset.num_classes,
                       "input_shape": list(x_train.shape[1:]), "steps_per_epoch": steps_per_epoch},
             "standardization": {"mean": stats[0], "std": stats[1]},
+            "data": fingerprint,
             "best": best,
         }
         if writer:
+            if lock is not None:
+                lock.set_previous_aside()  # --overwrite: the previous run makes way for this one's first files
             tree = {"params": host_params, "opt_state": _host(opt_state)}
             if improved:
                 checkpoint.save(best_path, tree, meta)
@@ -698,6 +728,8 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, *, se
         write_metrics(best=best)
         if writer:
             outputs.append("metrics.json")
+            if lock is not None:
+                lock.discard_previous()
         # Every process calls its callbacks and takes part in the vote (one all-gather an epoch; none alone).
         if _all_agree(int(_ask_callbacks(callbacks, history[-1]))) and epoch + 1 < config.epochs:
             stop = Stopped(epoch=epoch + 1, epochs=config.epochs, reason="callback")
@@ -749,7 +781,7 @@ def _ask_callbacks(callbacks: tuple, record: dict) -> bool:
 
 
 def _diverged(config: Config, epoch: int, step: int, steps_per_epoch: int, m: dict, params,
-              kept: int | None) -> Diverged:
+              kept: int | None, *, replacing: bool = False) -> Diverged:
     what = []
     bad = tuple(nonfinite_leaves(params)) if not m["finite_params"] else ()
     if not m["finite_loss"]:
@@ -758,6 +790,8 @@ def _diverged(config: Config, epoch: int, step: int, steps_per_epoch: int, m: di
         what.append(f"the updated parameters are not finite ({len(bad)} arrays, first {bad[0] if bad else '?'})")
     ckpt_path = pathlib.Path(config.out) / "checkpoint.safetensors"
     ckpt_note = f"{ckpt_path} is kept as it was, at epoch {kept}" if kept is not None else "no checkpoint was written"
+    if replacing:
+        ckpt_note += f" and the run in {config.out} that --overwrite was to replace is kept as it was"
     message = (f"training diverged at epoch {epoch}, step {step} of {steps_per_epoch}: {' and '.join(what)}. "
                f"Stopped; {ckpt_note}. Try a smaller --lr (now {config.lr}).")
     return Diverged(epoch=epoch, step=step, steps_per_epoch=steps_per_epoch, loss=float(m["loss"]),
