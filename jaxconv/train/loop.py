@@ -331,7 +331,7 @@ class Config:
 
     def settings(self) -> dict:
         """The run's settings as its checkpoints and ``metrics.json`` record them (``"config"``)."""
-        record = {"dataset": self.dataset}
+        record: dict[str, Any] = {"dataset": self.dataset}
         record.update({key: getattr(self, name) for name, key in RECIPE_FIELDS.items()})
         record.update(seed=self.seed, devices=self.devices)
         return record
@@ -630,7 +630,7 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock:
                          status=status, config=config, outputs=tuple(sorted(set(outputs))))
 
     end_epoch = config.epochs if config.stop_after is None else min(config.epochs, start_epoch + config.stop_after)
-    stop = None
+    stop: Stopped | None = None
     for epoch in range(start_epoch, end_epoch):
         start = time.perf_counter()
         epoch_params = params  # finite: the last checkpoint's (nothing is donated, so it stays valid)
@@ -668,16 +668,17 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock:
             replacing = lock is not None and bool(lock.previous)
             kept = (history[-1]["epoch"] if history else start_epoch) if ckpt_path.exists() and not replacing \
                 else None
-            status = _diverged(config, epoch + 1, index + 1, steps_per_epoch, m, _host(params), kept,
-                               replacing=replacing)
+            diverged_status = _diverged(config, epoch + 1, index + 1, steps_per_epoch, m, _host(params), kept,
+                                        replacing=replacing)
             if replacing:  # nothing of this run is kept: the run it was to replace stays as it was
-                return result(status, _host(epoch_params))
-            write_metrics(stopped={"reason": "diverged", "epoch": status.epoch, "step": status.step,
-                                   "loss": status.loss, "objective": status.objective,
-                                   "finite_loss": status.finite_loss, "finite_params": status.finite_params})
+                return result(diverged_status, _host(epoch_params))
+            d = diverged_status
+            write_metrics(stopped={"reason": "diverged", "epoch": d.epoch, "step": d.step, "loss": d.loss,
+                                   "objective": d.objective, "finite_loss": d.finite_loss,
+                                   "finite_params": d.finite_params})
             if writer:
                 outputs.append("metrics.json")
-            return result(status, _host(epoch_params))
+            return result(diverged_status, _host(epoch_params))
         jax.block_until_ready(params)
         seconds = time.perf_counter() - start
         batch_metrics = _host(batch_metrics)
@@ -736,6 +737,7 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock:
             break
 
     final_epoch = history[-1]["epoch"] if history else start_epoch
+    status: Status
     if start_epoch >= config.epochs:
         say.err(f"nothing to train: {ckpt_path} is at epoch {start_epoch} >= --epochs {config.epochs}")
         status = Completed(epochs=final_epoch)
@@ -748,7 +750,7 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock:
                 f"continue with --resume")
     else:
         status = Completed(epochs=config.epochs)
-    if status.kind == "stopped":
+    if isinstance(status, Stopped):
         write_metrics(best=best, stopped={"reason": status.reason, "epoch": status.epoch})
     final_params = _host(params)
     if writer:
