@@ -7,7 +7,10 @@ The ops are re-exported here from :mod:`jaxconv.ops`; the wings are
 :mod:`jaxconv.train` (steps, ``fit``, data, checkpoints).
 """
 
-from . import matrix, nn, plan, reference, train, verify
+#: Defined before the subpackages are imported: jaxconv.train records it in every run.
+__version__ = "0.1.0"
+
+from . import matrix, nn, plan, reference, train, verify  # noqa: E402
 from .ops import (
     avg_pool1d,
     avg_pool2d,
@@ -36,7 +39,6 @@ from .ops import (
     softmax_cross_entropy,
 )
 
-__version__ = "0.1.0"
 
 __all__ = [
     "__version__",

@@ -16,6 +16,7 @@ import pytest
 from jaxconv import train
 from jaxconv.train import checkpoint
 from jaxconv.cli import commands as cli
+from jaxconv.train.inference import load_trained
 from jaxconv.train import data
 from jaxconv.train import synthetic
 
@@ -123,7 +124,7 @@ def test_every_optimizer_and_schedule_trains(optimizer, schedule, tmp_path):
     losses = [e["train_loss"] for e in record["epochs"]]
     assert losses[-1] < losses[0] and record["epochs"][-1]["test_accuracy"] > 0.8
     # The checkpoint restores into the optimizer its settings describe (evaluate rebuilds it).
-    _, params, meta = cli.load_trained(tmp_path)
+    _, params, meta = load_trained(tmp_path)
     assert meta["config"]["optimizer"] == optimizer
 
 
@@ -148,7 +149,7 @@ def test_validation_split_and_the_best_checkpoint(tmp_path, capsys):
 
 
 def _leaves(path):
-    _, params, meta = cli.load_trained(path)
+    _, params, meta = load_trained(path)
     return jax.tree.leaves(params), meta
 
 
@@ -180,7 +181,7 @@ def test_a_bn_model_resumes_bit_identically_with_its_running_statistics(tmp_path
     assert cli.main(["train", *flags, "--out", str(tmp_path / "a")]) == 0
     assert cli.main(["train", *flags, "--stop-after", "1", "--out", str(tmp_path / "b")]) == 0
     assert cli.main(["train", *flags, "--resume", "--out", str(tmp_path / "b")]) == 0
-    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(cli.load_trained(tmp_path / "a")[1])[0]]
+    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(load_trained(tmp_path / "a")[1])[0]]
     assert any("batch_stats" in n for n in names)
     for a, b in zip(_leaves(tmp_path / "a")[0], _leaves(tmp_path / "b")[0]):
         np.testing.assert_array_equal(a, b)
@@ -244,7 +245,7 @@ def test_predict_png_and_npy_agree_with_evaluate(digits_run, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["predict", str(digits_run), *paths, "--top-k", "4", "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
-    apply_fun, params, meta = cli.load_trained(digits_run)
+    apply_fun, params, meta = load_trained(digits_run)
     stats = meta["standardization"]
     (x,) = train.standardize(dataset.test_images[:6], stats=(stats["mean"], stats["std"]))
     expected = np.argmax(np.asarray(apply_fun(params, x)), axis=-1)

@@ -22,6 +22,7 @@ import pytest
 
 from jaxconv.train import checkpoint
 from jaxconv.cli import commands as cli
+from jaxconv.train.inference import load_trained
 from jaxconv.train import rundir
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -277,7 +278,7 @@ def test_resume_rejects_other_training_images(finished_run, tmp_path, capsys):
 
 
 def _restore(run):
-    apply_fun, params, meta = cli.load_trained(run / "checkpoint.safetensors")
+    apply_fun, params, meta = load_trained(run / "checkpoint.safetensors")
     from jaxconv import train
 
     optimizer = train.default_optimizer(meta["config"]["learning_rate"], meta["config"]["momentum"],

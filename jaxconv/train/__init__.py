@@ -1,7 +1,21 @@
-"""Training: jitted optax steps, optimisers and schedules, data, checkpoints, run directories and plots."""
+"""Training: ``fit(Config(...))`` (the ``train`` command's loop), jitted optax steps, optimisers and schedules,
+data, checkpoints, run directories, plots, and using a trained run (:mod:`.inference`)."""
 
-from . import checkpoint, data, plots, rundir, synthetic
+from . import checkpoint, data, gradcheck, inference, plots, rundir, synthetic
 from .data import epoch_batches
+from .gradcheck import check_model_grads
+from .inference import evaluate_run, load_trained, predict
+from .loop import (
+    Completed,
+    Config,
+    Diverged,
+    FitError,
+    FitResult,
+    GradCheckFailed,
+    Stopped,
+    StopTraining,
+    fit,
+)
 from .step import (
     DEFAULTS,
     all_finite,
@@ -13,6 +27,7 @@ from .step import (
     init_params,
     RECIPES,
     augment_images,
+    build_optimizer,
     split_validation,
     make_mesh,
     make_optimizer,
@@ -27,6 +42,22 @@ from .step import (
 
 __all__ = [
     "DEFAULTS",
+    "Completed",
+    "Config",
+    "Diverged",
+    "FitError",
+    "FitResult",
+    "GradCheckFailed",
+    "StopTraining",
+    "Stopped",
+    "build_optimizer",
+    "check_model_grads",
+    "evaluate_run",
+    "fit",
+    "gradcheck",
+    "inference",
+    "load_trained",
+    "predict",
     "OPTIMIZERS",
     "RECIPES",
     "SCHEDULES",

@@ -14,8 +14,17 @@ data.  It
   its pid still written) is reported as stale and taken over;
 * refuses a directory that already holds a run's outputs (see :data:`OUTPUTS`)
   unless the caller resumes it or asked to overwrite it; nothing in it is
-  touched then.  With ``overwrite=True`` the previous run's outputs are removed
-  (after the lock is held), so the directory never mixes two runs.
+  touched then.  With ``overwrite=True`` the previous run's outputs stay where
+  they are until the new run writes its first file: then
+  :meth:`RunLock.set_previous_aside` moves them (renames) into a hidden
+  directory inside the run directory, :meth:`RunLock.discard_previous` deletes
+  them once the new run's first checkpoint is written, and
+  :meth:`RunLock.restore_previous` puts them back if the new run fails before
+  that.  So settings or data that fail, a run that diverges at once, or an
+  interrupted first epoch leave the previous run as it was, and the directory
+  never mixes two runs.  A process killed between the two steps leaves the
+  hidden directory; the next :func:`open_run` restores it (no new checkpoint)
+  or deletes it (the new run's checkpoint is there).
 
 Symbolic links are never followed: ``DIR`` itself must not be one (a dangling
 link gets its own message), the directory is opened with ``O_NOFOLLOW`` and
@@ -33,9 +42,11 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import stat
+import tempfile
 
-__all__ = ["LOCK_NAME", "OUTPUTS", "RunDirError", "RunLock", "open_run"]
+__all__ = ["LOCK_NAME", "OUTPUTS", "REPLACED_PREFIX", "RunDirError", "RunLock", "open_run"]
 
 #: The files a run writes into its directory; any of them marks the directory as holding a run.
 OUTPUTS = ("checkpoint.safetensors", "best.safetensors", "metrics.json", "curves.png", "filters.png",
@@ -43,6 +54,10 @@ OUTPUTS = ("checkpoint.safetensors", "best.safetensors", "metrics.json", "curves
 
 #: The lock file's name inside the run directory.
 LOCK_NAME = ".jaxconv.lock"
+
+#: The prefix of the hidden directory that holds a replaced run's outputs until the new run's first checkpoint.
+REPLACED_PREFIX = ".jaxconv-replaced-"
+_MANIFEST = "moved"
 
 
 class RunDirError(Exception):
@@ -67,10 +82,57 @@ class RunLock:
         self.path = directory / LOCK_NAME
         self.stale_pid = stale_pid
         self.created_directory = created
+        #: The outputs of the run ``overwrite=True`` replaces, still in place until :meth:`set_previous_aside`.
+        self.previous: list[str] = []
+        self._aside: pathlib.Path | None = None
         self._fd: int | None = fd
         self._dir_fd = dir_fd
         info = os.fstat(dir_fd) if dir_fd is not None else os.stat(directory)
         self.identity = (info.st_dev, info.st_ino)
+
+    def set_previous_aside(self) -> None:
+        """Move the replaced run's outputs (:attr:`previous`) into a hidden directory inside the run
+        directory, by renames; a no-op if there are none or they are aside already.  ``RunDirError``
+        (everything moved back) if a rename fails."""
+        if not self.previous or self._aside is not None:
+            return
+        try:
+            aside = pathlib.Path(tempfile.mkdtemp(prefix=REPLACED_PREFIX, dir=self.directory))
+        except OSError as err:
+            raise RunDirError(f"--overwrite: cannot set the previous run aside in {str(self.directory)!r}: "
+                              f"{_reason(err)}.") from err
+        try:  # what is being moved, for a later open_run() if this process is killed midway
+            (aside / _MANIFEST).write_text("".join(f"{name}\n" for name in self.previous))
+        except OSError as err:
+            shutil.rmtree(aside, ignore_errors=True)
+            raise RunDirError(f"--overwrite: cannot set the previous run aside in {str(self.directory)!r}: "
+                              f"{_reason(err)}.") from err
+        # From here on restore_previous() (called however the run ends) can put back what was moved.
+        self._aside = aside
+        # The checkpoint first: a process killed in between leaves no checkpoint in the run directory, which
+        # tells the next open_run() to restore the previous run, not to delete it (_recover_replaced).
+        for name in sorted(self.previous, key=lambda name: name != "checkpoint.safetensors"):
+            try:
+                os.replace(self.directory / name, aside / name)
+            except OSError as err:
+                self.restore_previous()
+                raise RunDirError(f"--overwrite: cannot move {str(self.directory / name)!r} aside: "
+                                  f"{_reason(err)}.") from err
+
+    def restore_previous(self) -> None:
+        """Put the replaced run's outputs back (over anything the new run wrote under their names) and
+        remove what the new run wrote besides; a no-op unless they are aside."""
+        if self._aside is None:
+            return
+        _restore(self.directory, self._aside, self.previous)
+        self._aside = None
+
+    def discard_previous(self) -> None:
+        """Delete the replaced run's outputs for good (the new run has its first checkpoint)."""
+        if self._aside is not None:
+            shutil.rmtree(self._aside, ignore_errors=True)
+            self._aside = None
+        self.previous = []
 
     @property
     def held(self) -> bool:
@@ -182,6 +244,35 @@ def _pid_alive(pid: int) -> bool:
 
 def _reason(err: OSError) -> str:
     return err.strerror or type(err).__name__
+
+
+def _restore(directory: pathlib.Path, aside: pathlib.Path, names) -> None:
+    """Put the previous run's outputs ``names`` back from ``aside`` (those not moved yet are still in
+    place) and remove the other outputs in ``directory``: the new run's."""
+    for name in OUTPUTS:
+        if name not in names and os.path.lexists(directory / name):
+            os.unlink(directory / name)
+    for name in names:
+        if os.path.lexists(aside / name):
+            os.replace(aside / name, directory / name)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _recover_replaced(directory: pathlib.Path) -> None:
+    """Finish what a process killed while replacing a run left: restore the previous run if the new
+    one has no checkpoint, else delete it.  (:meth:`RunLock.set_previous_aside` moves the previous
+    checkpoint first, so a checkpoint in the directory beside a set-aside run is the new run's.)"""
+    for aside in directory.glob(REPLACED_PREFIX + "*"):
+        if aside.is_symlink() or not aside.is_dir():
+            continue
+        try:
+            names = [n for n in (aside / _MANIFEST).read_text().split("\n") if n in OUTPUTS]
+        except OSError:  # killed before the list was written: nothing was moved
+            names = None
+        if names is None or os.path.lexists(directory / "checkpoint.safetensors"):
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            _restore(directory, aside, names)
 
 
 def _make_directory(directory: pathlib.Path) -> bool:
@@ -299,7 +390,8 @@ def open_run(directory, *, resume: bool = False, overwrite: bool = False) -> Run
     Args:
       directory: the run's output directory.
       resume: the run continues the one in ``directory``: its outputs are kept.
-      overwrite: the run replaces the one in ``directory``: its outputs are removed.
+      overwrite: the run replaces the one in ``directory``: its outputs are listed in the lock's
+        ``previous``, to be set aside when the new run first writes (see the module docstring).
 
     Returns the held :class:`RunLock`.  Raises :class:`RunDirError` (nothing in
     the directory changed) when it cannot be created or written, is locked by
@@ -318,6 +410,7 @@ def open_run(directory, *, resume: bool = False, overwrite: bool = False) -> Run
         raise
     lock = RunLock(directory, fd, stale, created, dir_fd)
     try:
+        _recover_replaced(directory)
         existing = [name for name in OUTPUTS if _lexists(name, dir_fd)]
         if existing and not (resume or overwrite):
             raise RunDirError(
@@ -326,11 +419,7 @@ def open_run(directory, *, resume: bool = False, overwrite: bool = False) -> Run
                 f"or choose another --out."
             )
         if overwrite:
-            for name in existing:
-                try:
-                    os.unlink(name, dir_fd=dir_fd)  # a symbolic link is removed, not what it points to
-                except OSError as err:
-                    raise RunDirError(f"--overwrite: cannot remove {str(directory / name)!r}: {_reason(err)}.") from err
+            lock.previous = existing  # replaced from the new run's first write on (RunLock.set_previous_aside)
     except BaseException:
         lock.release()
         raise

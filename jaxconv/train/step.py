@@ -56,6 +56,7 @@ __all__ = [
     "init_params",
     "RECIPES",
     "augment_images",
+    "build_optimizer",
     "split_validation",
     "make_mesh",
     "make_optimizer",
@@ -225,6 +226,27 @@ def make_optimizer(name: str = "momentum", learning_rate=0.05, *, momentum: floa
     if name == "sgd":
         return optax.chain(*decay, optax.sgd(learning_rate))
     return optax.chain(*decay, optax.adam(learning_rate))
+
+
+def build_optimizer(config: dict, steps_per_epoch: int) -> optax.GradientTransformation:
+    """The optax optimizer a run's settings describe, ``config`` as :func:`jaxconv.train.fit` records it.
+
+    ``config`` holds ``optimizer``, ``learning_rate``, ``schedule``,
+    ``warmup_epochs``, ``momentum``, ``weight_decay`` and ``epochs`` (a
+    checkpoint's ``metadata["config"]``, ``Config.settings()``); the schedule
+    spans ``epochs * steps_per_epoch`` steps.  ``ValueError`` if the warm-up is
+    the whole run.
+    """
+    if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+        raise ValueError(f"`steps_per_epoch` (={steps_per_epoch!r}) must be an int >= 1.")
+    total = int(config["epochs"]) * steps_per_epoch
+    warmup = round(float(config["warmup_epochs"]) * steps_per_epoch)
+    if warmup >= total:
+        raise ValueError(f"--warmup-epochs {config['warmup_epochs']} is the whole run ({config['epochs']} epochs).")
+    lr = config["learning_rate"]
+    if config["schedule"] != "constant" or warmup:
+        lr = make_schedule(lr, config["schedule"], total_steps=total, warmup_steps=warmup)
+    return make_optimizer(config["optimizer"], lr, momentum=config["momentum"], weight_decay=config["weight_decay"])
 
 
 def split_validation(images, labels, fraction: float):
@@ -461,17 +483,35 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     return Mesh(np.asarray(devices[:num_devices]), ("batch",))
 
 
+def _put(leaf, sharding: NamedSharding):
+    """``leaf`` placed with ``sharding``: a host array is read only where this process's devices need it."""
+    if isinstance(leaf, jax.Array):
+        return jax.device_put(leaf, sharding)
+    host = np.asarray(leaf)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def shard_batch(batch, mesh: Mesh):
-    """Put every array of ``batch`` on ``mesh`` split along its leading axis (``P("batch")``)."""
+    """Put every array of ``batch`` on ``mesh`` split along its leading axis (``P("batch")``).
+
+    Several processes (``jax.distributed``): every process passes the same
+    global batch; each copies only the rows its own devices hold, and the
+    result is one global array.
+    """
     leaves = jax.tree.leaves(batch)
     for leaf in leaves:
         if jnp.ndim(leaf) < 1:
             raise ValueError(f"shard_batch: every array needs a leading batch axis, got shape {jnp.shape(leaf)}.")
         _check_divisible(jnp.shape(leaf)[0], mesh)
     sharding = NamedSharding(mesh, P("batch"))
-    return jax.tree.map(lambda leaf: jax.device_put(leaf, sharding), batch)
+    return jax.tree.map(lambda leaf: _put(leaf, sharding), batch)
 
 
 def replicate(tree, mesh: Mesh):
-    """A copy of every array of ``tree`` on each device of ``mesh`` (``P()``)."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    """A copy of every array of ``tree`` on each device of ``mesh`` (``P()``).
+
+    Several processes: every process passes the same values (e.g. the same
+    restored checkpoint); the result is one global, replicated array per leaf.
+    """
+    sharding = NamedSharding(mesh, P())
+    return jax.tree.map(lambda leaf: _put(leaf, sharding), tree)

@@ -1,0 +1,175 @@
+"""Using a trained run: load its checkpoint, evaluate it on a data split, classify images.
+
+Everything here works from a checkpoint alone (``python -m jaxconv evaluate``
+and ``predict`` call these): the checkpoint written by :func:`jaxconv.train.fit`
+names its model, its number of classes, its input shape and the mean and
+standard deviation its training images were standardised with.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from ..nn import models
+from ..ops import losses
+from . import checkpoint, data, plots
+from .step import build_optimizer, evaluate, init_optimizer, init_params, standardize
+
+__all__ = ["checkpoint_path", "evaluate_run", "load_trained", "predict", "read_image", "standardized"]
+
+
+def checkpoint_path(run: str | os.PathLike, best: bool = False) -> pathlib.Path:
+    """The checkpoint file of ``run``: a run directory (its last or, ``best=True``, its best-on-validation
+    checkpoint) or a checkpoint file.  ``FileNotFoundError`` / ``ValueError`` if there is no such checkpoint."""
+    path = pathlib.Path(run)
+    if path.is_dir():
+        path = path / ("best.safetensors" if best else "checkpoint.safetensors")
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: {run} holds no such checkpoint"
+                                    + (" (was the run trained with --val-fraction 0?)" if best else "") + ".")
+    elif best:
+        raise ValueError(f"--best needs a run directory, got the file {run}.")
+    return path
+
+
+def load_trained(run: str | os.PathLike, *, best: bool = False) -> tuple[Callable, Any, dict]:
+    """``(apply_fun, params, metadata)`` from a checkpoint :func:`jaxconv.train.fit` wrote: everything evaluation needs.
+
+    ``run`` is a checkpoint file or a run directory (its ``checkpoint.safetensors``,
+    or with ``best=True`` its ``best.safetensors``).  The model is rebuilt from
+    the metadata's ``model`` entry and the parameters restored into it
+    (checksums verified).  Standardise inputs with :func:`standardized`.
+    ``apply_fun(params, x)`` runs in evaluation mode (batch normalisation with
+    its running statistics).  ``ValueError`` if the file is not such a checkpoint.
+    """
+    path = checkpoint_path(run, best)
+    meta = checkpoint.read_metadata(path)
+    model, config, stats = meta.get("model"), meta.get("config"), meta.get("standardization")
+    if not (isinstance(model, dict) and isinstance(config, dict) and isinstance(stats, dict)):
+        raise ValueError(f"{path}: no 'model', 'config' and 'standardization' in its metadata: not a checkpoint "
+                         f"written by `python -m jaxconv train` of this version.")
+    try:
+        init_fun, apply_fun = models.MODELS[model["name"]](int(model["num_classes"]))
+        _, params = init_params(init_fun, (-1, *model["input_shape"]), seed=0)
+        optimizer = build_optimizer(config, int(model["steps_per_epoch"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: its metadata does not describe a model and optimizer ({err!r}).") from err
+    state, meta = checkpoint.restore(path, {"params": params, "opt_state": init_optimizer(optimizer, params)})
+    return apply_fun, state["params"], meta
+
+
+def standardized(images: ArrayLike, metadata: dict) -> np.ndarray:
+    """``images`` standardised with the mean and std the checkpoint's model was trained with."""
+    stats = metadata["standardization"]
+    return standardize(images, stats=(stats["mean"], stats["std"]))[0]
+
+
+def evaluate_run(run: str | os.PathLike, *, best: bool = False, dataset: str | None = None,
+                 data_dir: str | os.PathLike | None = None, split: str = "test",
+                 confusion_png: str | os.PathLike | None = None) -> dict:
+    """Accuracy, loss and confusion matrix of a trained run on a data split.
+
+    Args:
+      run: a run directory or a checkpoint file.
+      best: the run's best-on-validation checkpoint, not its last.
+      dataset: a :data:`jaxconv.train.data.DATASETS` name; default: the one the run was trained on.
+      data_dir: the data set's directory (not needed for ``"digits"``).
+      split: ``"test"`` or ``"train"``.
+      confusion_png: where to draw the confusion matrix (needs matplotlib); ``None`` draws nothing.
+
+    Returns ``{"checkpoint", "epoch", "model", "dataset", "split", "images",
+    "accuracy", "loss", "confusion_matrix" (a list of rows), "confusion_png"}``.
+    ``ValueError`` / ``OSError`` for a missing or foreign checkpoint, data that
+    cannot be read or does not fit the model, or a PNG that cannot be written.
+    """
+    if split not in ("test", "train"):
+        raise ValueError(f"`split` (={split!r}) must be 'test' or 'train'.")
+    path = checkpoint_path(run, best)
+    apply_fun, params, meta = load_trained(path)
+    name = dataset or meta["config"]["dataset"]
+    if name != "digits" and data_dir is None:
+        raise ValueError(f"the {name} files are read from a directory: name it with --data-dir (`data_dir`).")
+    loaded = data.load_dataset(name, data_dir)
+    images, labels = ((loaded.test_images, loaded.test_labels) if split == "test"
+                      else (loaded.train_images, loaded.train_labels))
+    expected = tuple(meta["model"]["input_shape"])
+    if images.shape[1:] != expected:
+        raise ValueError(f"{name} images are {images.shape[1:]}, the model takes {expected}.")
+    x = standardized(images, meta)
+    result = evaluate(apply_fun, params, x, labels, batch_size=512)
+    predict_batch = jax.jit(lambda p, batch: jnp.argmax(apply_fun(p, batch), axis=-1))
+    predictions = np.concatenate([np.asarray(predict_batch(params, x[i : i + 512])) for i in range(0, len(x), 512)])
+    matrix = plots.confusion_matrix(labels, predictions, loaded.num_classes)
+    if confusion_png is not None:
+        title = f"{meta['model']['name']}, epoch {meta.get('epoch')}, {name} {split}: {result['accuracy']:.2%}"
+        try:
+            plots.plot_confusion(matrix, confusion_png, title=title)
+        except OSError as err:
+            raise OSError(f"cannot write the confusion matrix to {confusion_png}: {err}") from err
+    return {"checkpoint": str(path), "epoch": meta.get("epoch"), "model": meta["model"]["name"], "dataset": name,
+            "split": split, "images": len(labels), "accuracy": result["accuracy"], "loss": result["loss"],
+            "confusion_matrix": matrix.tolist(), "confusion_png": None if confusion_png is None else str(confusion_png)}
+
+
+def read_image(path: str | os.PathLike, shape: Sequence[int]) -> np.ndarray:
+    """An image file (PNG, or NPY with values in [0, 1] or uint8) as float32 ``shape`` ``(H, W, C)`` in [0, 1]."""
+    path = pathlib.Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        array = np.load(path, allow_pickle=False)
+    elif suffix == ".png":
+        import matplotlib.image  # optional extra: train
+
+        array = matplotlib.image.imread(path)  # float in [0, 1] for PNG
+    else:
+        raise ValueError(f"{path}: not a .png or .npy file.")
+    if array.dtype == np.uint8:
+        array = array.astype(np.float32) / 255.0
+    if not np.issubdtype(array.dtype, np.floating) and not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{path}: holds {array.dtype}, not pixel values.")
+    array = np.asarray(array, np.float32)
+    h, w, c = shape
+    if array.ndim == 3 and array.shape[-1] == 4:
+        array = array[..., :3]  # drop PNG's alpha
+    if array.ndim == 3 and c == 1 and array.shape[-1] == 3:
+        array = array.mean(axis=-1)  # a colour image for a grey-scale model
+    if array.ndim == 2 and c == 1:
+        array = array[..., None]
+    if array.shape != (h, w, c):
+        raise ValueError(f"{path}: image {array.shape}, but the model takes {h}x{w} with {c} channel(s).")
+    if not np.all(np.isfinite(array)) or array.min() < 0 or array.max() > 1:
+        raise ValueError(f"{path}: pixel values must be finite and in [0, 1] (or uint8).")
+    return array
+
+
+def predict(run: str | os.PathLike, images: Sequence[str | os.PathLike], *, best: bool = False,
+            top_k: int = 3) -> list[dict]:
+    """The ``top_k`` classes and their probabilities for each image file, by a trained run.
+
+    ``images`` are ``.png`` or ``.npy`` files (:func:`read_image`) of the
+    model's input size.  Returns one ``{"image": str(path), "top": [{"class",
+    "probability"}, ...]}`` per image, most probable first.  ``ValueError`` /
+    ``OSError`` for a missing or foreign checkpoint or an unreadable image.
+    """
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"`top_k` (={top_k!r}) must be an int >= 1.")
+    if isinstance(images, (str, os.PathLike)) or not len(images):
+        raise ValueError(f"`images` (={images!r}) must be a non-empty list of image files.")
+    apply_fun, params, meta = load_trained(checkpoint_path(run, best))
+    shape = tuple(meta["model"]["input_shape"])
+    x = standardized(np.stack([read_image(p, shape) for p in images]), meta)
+    probabilities = np.asarray(jax.jit(lambda p, b: losses.softmax(apply_fun(p, b)))(params, x), np.float64)
+    k = min(top_k, probabilities.shape[1])
+    results = []
+    for name, probs in zip(images, probabilities):
+        top = np.argsort(-probs, kind="stable")[:k]
+        results.append({"image": str(name), "top": [{"class": int(c), "probability": float(probs[c])} for c in top]})
+    return results
