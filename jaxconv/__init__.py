@@ -7,10 +7,8 @@ The ops are re-exported here from :mod:`jaxconv.ops`; the wings are
 :mod:`jaxconv.train` (steps, ``fit``, data, checkpoints).
 """
 
-#: Defined before the subpackages are imported: jaxconv.train records it in every run.
-__version__ = "0.1.0"
-
-from . import matrix, nn, plan, reference, train, verify  # noqa: E402
+from . import matrix, nn, plan, reference, train, verify
+from ._core.version import __version__
 from .ops import (
     avg_pool1d,
     avg_pool2d,

@@ -28,6 +28,7 @@ names the argument and the offending size.
 from __future__ import annotations
 
 import operator
+import functools
 from typing import Any, Union
 
 import jax
@@ -178,7 +179,6 @@ def reverse_mode_rule(op):
     ``jax.hessian``) is reverse mode first and works.  Under ``jax.jit`` of a
     ``jax.jvp``, JAX raises its own message later, when the program is built.
     """
-    import functools
 
     @functools.wraps(op)
     def wrapped(*args, **kwargs):

@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from .. import __version__
+from .._core.version import __version__
 from ..nn.models import MODELS
 from ..train import inference, loop, synthetic
 from ..train.data import DATASETS
@@ -309,8 +309,10 @@ def _add_synth_parser(sub) -> None:
     )
     p.add_argument("format", choices=("mnist", "cifar10"))
     p.add_argument("directory", help="where to write the files (created if missing)")
-    p.add_argument("--num-train", type=_number(int, low=5), help="default: 4000 (mnist), 5000 (cifar10)")
-    p.add_argument("--num-test", type=_number(int, low=1), default=1000, help="default: 1000")
+    p.add_argument("--num-train", type=_number(int, low=5, high=synthetic.MAX_IMAGES),
+                   help="default: 4000 (mnist), 5000 (cifar10)")
+    p.add_argument("--num-test", type=_number(int, low=1, high=synthetic.MAX_IMAGES), default=1000,
+                   help="default: 1000")
     p.add_argument("--seed", type=_number(int, low=0, high=MAX_SEED), default=0, help="default: 0")
     p.set_defaults(func=_synth)
 
@@ -320,7 +322,7 @@ def _synth(args) -> int:
     num_train = args.num_train or (4000 if args.format == "mnist" else 5000)
     try:
         directory = write(args.directory, num_train=num_train, num_test=args.num_test, seed=args.seed)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         print(f"python -m jaxconv synth: error: {err}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
     print(f"wrote {num_train} train and {args.num_test} test {args.format}-format images to {directory}")

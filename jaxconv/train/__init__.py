@@ -1,7 +1,7 @@
 """Training: ``fit(Config(...))`` (the ``train`` command's loop), jitted optax steps, optimisers and schedules,
 data, checkpoints, run directories, plots, and using a trained run (:mod:`.inference`)."""
 
-from . import checkpoint, data, gradcheck, inference, plots, rundir, synthetic
+from . import checkpoint, data, files, gradcheck, images, inference, plots, rundir, synthetic
 from .data import epoch_batches
 from .gradcheck import check_model_grads
 from .inference import evaluate_run, load_trained, predict
@@ -64,6 +64,8 @@ __all__ = [
     "all_finite",
     "augment_images",
     "checkpoint",
+    "files",
+    "images",
     "data",
     "default_optimizer",
     "epoch_batches",

@@ -21,9 +21,10 @@ from jax.typing import ArrayLike
 from ..nn import models
 from ..ops import losses
 from . import checkpoint, data, plots
+from .images import read_image
 from .step import build_optimizer, evaluate, init_optimizer, init_params, standardize
 
-__all__ = ["checkpoint_path", "evaluate_run", "load_trained", "predict", "read_image", "standardized"]
+__all__ = ["checkpoint_path", "evaluate_run", "load_trained", "predict", "standardized"]
 
 
 def checkpoint_path(run: str | os.PathLike, best: bool = False) -> pathlib.Path:
@@ -56,13 +57,19 @@ def load_trained(run: str | os.PathLike, *, best: bool = False) -> tuple[Callabl
     if not (isinstance(model, dict) and isinstance(config, dict) and isinstance(stats, dict)):
         raise ValueError(f"{path}: no 'model', 'config' and 'standardization' in its metadata: not a checkpoint "
                          f"written by `python -m jaxconv train` of this version.")
+    name, classes, input_shape = checkpoint.check_model_entry(path, model)  # bounded before anything is built
     try:
-        init_fun, apply_fun = models.MODELS[model["name"]](int(model["num_classes"]))
-        _, params = init_params(init_fun, (-1, *model["input_shape"]), seed=0)
+        init_fun, apply_fun = models.MODELS[name](classes)
         optimizer = build_optimizer(config, int(model["steps_per_epoch"]))
+
+        def template():
+            params = init_params(init_fun, (-1, *input_shape), seed=0)[1]
+            return {"params": params, "opt_state": init_optimizer(optimizer, params)}
+
+        abstract = jax.eval_shape(template)  # shapes only: nothing the metadata declares is allocated
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path}: its metadata does not describe a model and optimizer ({err!r}).") from err
-    state, meta = checkpoint.restore(path, {"params": params, "opt_state": init_optimizer(optimizer, params)})
+    state, meta = checkpoint.restore(path, abstract)
     return apply_fun, state["params"], meta
 
 
@@ -117,37 +124,6 @@ def evaluate_run(run: str | os.PathLike, *, best: bool = False, dataset: str | N
     return {"checkpoint": str(path), "epoch": meta.get("epoch"), "model": meta["model"]["name"], "dataset": name,
             "split": split, "images": len(labels), "accuracy": result["accuracy"], "loss": result["loss"],
             "confusion_matrix": matrix.tolist(), "confusion_png": None if confusion_png is None else str(confusion_png)}
-
-
-def read_image(path: str | os.PathLike, shape: Sequence[int]) -> np.ndarray:
-    """An image file (PNG, or NPY with values in [0, 1] or uint8) as float32 ``shape`` ``(H, W, C)`` in [0, 1]."""
-    path = pathlib.Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        array = np.load(path, allow_pickle=False)
-    elif suffix == ".png":
-        import matplotlib.image  # optional extra: train
-
-        array = matplotlib.image.imread(path)  # float in [0, 1] for PNG
-    else:
-        raise ValueError(f"{path}: not a .png or .npy file.")
-    if array.dtype == np.uint8:
-        array = array.astype(np.float32) / 255.0
-    if not np.issubdtype(array.dtype, np.floating) and not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"{path}: holds {array.dtype}, not pixel values.")
-    array = np.asarray(array, np.float32)
-    h, w, c = shape
-    if array.ndim == 3 and array.shape[-1] == 4:
-        array = array[..., :3]  # drop PNG's alpha
-    if array.ndim == 3 and c == 1 and array.shape[-1] == 3:
-        array = array.mean(axis=-1)  # a colour image for a grey-scale model
-    if array.ndim == 2 and c == 1:
-        array = array[..., None]
-    if array.shape != (h, w, c):
-        raise ValueError(f"{path}: image {array.shape}, but the model takes {h}x{w} with {c} channel(s).")
-    if not np.all(np.isfinite(array)) or array.min() < 0 or array.max() > 1:
-        raise ValueError(f"{path}: pixel values must be finite and in [0, 1] (or uint8).")
-    return array
 
 
 def predict(run: str | os.PathLike, images: Sequence[str | os.PathLike], *, best: bool = False,

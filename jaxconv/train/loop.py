@@ -33,12 +33,13 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from .. import __version__, plan
+from .. import plan
+from .._core.version import __version__
 from .._core.jsonsafe import json_safe, strict_json_bytes
 from ..nn import layers as nn
 from ..nn.models import MODELS
 from ..plan import onednn
-from . import checkpoint, data, plots, rundir
+from . import checkpoint, data, files, plots, rundir
 from .data import DATASETS
 from .gradcheck import check_model_grads
 from .step import (
@@ -519,23 +520,22 @@ def fit(config: Config, *, callbacks: Iterable[Callback] = (), verbose: bool = T
             message = f"--out: {err}"
     if _all_agree(int(message is not None)):
         raise FitError(message or "another process could not open the run directory; see its message.", "out")
-    if lock is not None and lock.stale_pid is not None:
-        say.err(f"python -m jaxconv train: note: {lock.path} was left by process {lock.stale_pid}, which ended "
-                f"without releasing it (killed?); the lock is stale and now held by process {os.getpid()}.")
+    note = lock.stale_note() if lock is not None else None
+    if note is not None:
+        say.err(f"python -m jaxconv train: note: {note}")
     try:
         if config.onednn:
             with plan.forms(conv_forward="onednn", conv_backward="onednn"):  # traced inside: these forms
                 return _train(config, out, callbacks, say, lock, several=multi)
         return _train(config, out, callbacks, say, lock, several=multi)
+    except (rundir.RunDirError, files.WriteError) as err:
+        # The run directory went away under the run, or a write failed (a full disk): the last whole checkpoint
+        # stays; nothing more is written.
+        raise FitError(f"--out: {err}", "out") from err
     finally:
         if lock is not None:
             lock.restore_previous()  # a replaced run whose replacement failed before its first checkpoint
-            lock.release()
-            if lock.created_directory:
-                try:
-                    out.rmdir()  # only if the run left nothing in it (it failed before writing)
-                except OSError:
-                    pass
+            lock.release(remove_directory=True)  # only if the run left nothing in it (it failed before writing)
 
 
 def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock: rundir.RunLock | None, *,
@@ -619,8 +619,13 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock:
                    "device": device.device_kind, "num_devices": num_devices, "num_processes": jax.process_count()}
     outputs: list[str] = []
 
+    def guard():
+        if lock is not None:
+            lock.check()  # RunDirError: the directory was removed or replaced while the run trained
+
     def write_metrics(**extra):
         if writer:
+            guard()
             record = {**environment, "config": settings, "epochs": history, **extra}
             checkpoint.atomic_write_bytes(out / "metrics.json", strict_json_bytes(record))
 
@@ -721,6 +726,7 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock:
             if lock is not None:
                 lock.set_previous_aside()  # --overwrite: the previous run makes way for this one's first files
             tree = {"params": host_params, "opt_state": _host(opt_state)}
+            guard()
             if improved:
                 checkpoint.save(best_path, tree, meta)
                 outputs.append(best_path.name)
@@ -754,6 +760,7 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock:
         write_metrics(best=best, stopped={"reason": status.reason, "epoch": status.epoch})
     final_params = _host(params)
     if writer:
+        guard()
         plots.plot_curves(history, out / "curves.png", title=f"{config.model} on {dataset.name}")
         outputs.append("curves.png")
         kernel = plots.first_conv_kernel(final_params)

@@ -20,6 +20,7 @@ import pathlib
 from typing import Sequence
 
 import numpy as np
+import jax
 
 from .checkpoint import atomic_write_bytes
 
@@ -67,7 +68,6 @@ def plot_curves(history: Sequence[dict], path, *, title: str = "") -> pathlib.Pa
 
 def first_conv_kernel(params):
     """The first 4-D leaf of ``params`` (in pytree order: a ``serial`` network's first conv's HWIO kernel), or None."""
-    import jax
 
     for leaf in jax.tree.leaves(params):
         if np.ndim(leaf) == 4:

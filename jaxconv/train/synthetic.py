@@ -47,6 +47,7 @@ import tempfile
 import numpy as np
 
 from . import files as _files
+from .data import load_digits
 
 __all__ = ["MAX_IMAGES", "digit_variants", "write_cifar_like", "write_mnist_like"]
 
@@ -190,7 +191,6 @@ def digit_variants(images: np.ndarray, labels: np.ndarray, count: int, *, frame:
 
 
 def _digits_splits():
-    from .data import load_digits
 
     digits = load_digits()
     return (digits.train_images[..., 0], digits.train_labels), (digits.test_images[..., 0], digits.test_labels)

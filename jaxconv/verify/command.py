@@ -44,6 +44,12 @@ import os
 import pathlib
 import sys
 
+import jax
+import jax.numpy as jnp
+
+from .rules import check_rule, check_vjp
+from .sweeps import Array, _import_line, sample, sweep
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PROG = "python -m jaxconv check"
 
@@ -184,7 +190,6 @@ def _values(text: str, what: str):
 
 def parse_arg(text: str):
     """``NAME=SHAPE[:VALUES]`` -> ``(name, jaxconv.verify.Array)``."""
-    from .sweeps import Array
 
     name, rest = _split(text, "--arg")
     shape_text, _, values_text = rest.partition(":")
@@ -270,7 +275,6 @@ MAX_ELEMENTS = 10**7
 
 
 def _description(args):
-    from .sweeps import Array
 
     description, dims, fixed_only = {}, {}, args.sweep is None
     for text in args.arg:
@@ -311,7 +315,6 @@ def _description(args):
 
 def _check_sizes(description, dims) -> None:
     """``UsageError`` for an ``--arg`` whose largest shape has more than :data:`MAX_ELEMENTS` elements."""
-    from .sweeps import Array
 
     def high(d):
         d = dims.get(d, 0) if isinstance(d, str) else d
@@ -329,7 +332,6 @@ def _check_sizes(description, dims) -> None:
 def _keyword_only(ref, description, choices):
     """``(statics for ref's keyword-only parameters, the rest of description)``; ``UsageError`` for a
     keyword-only array or drawn argument (the checker passes arguments by position)."""
-    from .sweeps import Array
 
     try:
         params = inspect.signature(ref).parameters
@@ -351,7 +353,6 @@ def _keyword_only(ref, description, choices):
 
 def _with_statics(reproducer: str, originals, statics: dict) -> str:
     """The sweep's reproducer of ``partial(f, **statics)`` vs ``partial(ref, **statics)``, calling those partials."""
-    from .sweeps import _import_line
 
     (f_import, f_name), (ref_import, ref_name) = (_import_line(g) for g in originals)
     keywords = ", ".join(f"{k}={v!r}" for k, v in statics.items())
@@ -365,8 +366,6 @@ def _with_statics(reproducer: str, originals, statics: dict) -> str:
 
 def _nothing_to_check(f, named: dict) -> str | None:
     """Why ``f(**named)`` leaves nothing to check (no floating-point output), or None (or if it cannot be run)."""
-    import jax
-    import jax.numpy as jnp
 
     try:
         with jax.enable_x64(True):
@@ -382,7 +381,6 @@ def _nothing_to_check(f, named: dict) -> str | None:
 
 def _lowest(description, dims, choices, seed):
     """The arguments at the low end of every range and the first of every choice (a sweep's smallest)."""
-    from .sweeps import Array
 
     low = {n: (v[0] if isinstance(v, tuple) else v) for n, v in dims.items()}
     fixed = {n: (Array(tuple(d[0] if isinstance(d, tuple) else d for d in v.shape), v.values, v.dtype)
@@ -392,7 +390,6 @@ def _lowest(description, dims, choices, seed):
 
 
 def _fixed_arguments(description, dims, seed):
-    from .sweeps import Array, sample
 
     named = {}
     for k, (name, spec) in enumerate(description.items()):
@@ -405,7 +402,6 @@ def _fixed_arguments(description, dims, seed):
 
 
 def _options(args) -> dict:
-    import jax.numpy as jnp
 
     options = {"seed": args.seed}
     if args.dtype != "float64":
@@ -431,7 +427,6 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from .rules import check_rule, check_vjp
 
     description, dims, choices = _description(args)
     f = load(args.target)
@@ -458,7 +453,6 @@ def _run(args) -> int:
 
     if args.sweep is not None:
         try:
-            from .sweeps import sweep
             from hypothesis import strategies as st
         except ImportError as exc:
             raise UsageError(str(exc)) from exc

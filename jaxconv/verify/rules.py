@@ -65,6 +65,9 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import custom_jvp, custom_vjp
+from jax._src.ad_checkpoint import saved_residuals  # what print_saved_residuals prints
+from jax.extend import core as jex_core
 
 from .._core.jsonsafe import json_safe
 
@@ -803,7 +806,6 @@ def check_vjp(
 
 
 def _custom_kind(f) -> str | None:
-    from jax import custom_jvp, custom_vjp
 
     if isinstance(f, custom_vjp):
         return "custom_vjp"
@@ -982,7 +984,6 @@ def check_rule(
 
 
 def _saved(fn, primals, leaf_names) -> list[Residual]:
-    from jax._src.ad_checkpoint import saved_residuals  # what print_saved_residuals prints
 
     out = []
     for aval, source in saved_residuals(fn, *primals):
@@ -1031,7 +1032,6 @@ def _reduction_of(eqn) -> int:
 
 
 def _subjaxprs(params):
-    from jax.extend import core as jex_core
 
     for value in params.values():
         items = value if isinstance(value, (tuple, list)) else (value,)
