@@ -132,6 +132,13 @@ def _pool_window(x, window, stride, padding):
     stride = kernel if stride is None else _tuple(stride, ndim)
     pads = _pads(padding, ndim)
     if not isinstance(pads, str):  # a string covers the batch and channel axes too (window 1: no padding)
+        # The ops' domain (PyTorch's rule): at most half the window on a side, so every window holds an
+        # input entry; past it a max would be -inf and an exclusive average 0 / 0.
+        for i, ((lo, hi), k) in enumerate(zip(pads, kernel)):
+            for side, amount in (("low", lo), ("high", hi)):
+                if amount > k // 2:
+                    raise ValueError(f"`padding` (={padding!r}) puts {amount} on the {side} side of spatial "
+                                     f"dimension {i}, more than half the window ({k} // 2 = {k // 2}).")
         pads = ((0, 0), *pads, (0, 0))
     return (1, *kernel, 1), (1, *stride, 1), pads
 
