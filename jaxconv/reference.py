@@ -8,8 +8,9 @@ reads them on its own.  ``"SAME"`` and ``"VALID"`` go straight to
 ``lax.padtype_to_pads``; explicit amounts become ``(lo, hi)`` pairs in
 :func:`_pads`.  A mistake in the ops' window geometry (``jaxconv._core.window``)
 therefore shows up as a disagreement with this module instead of being copied
-into it.  Arguments are not validated beyond what lax needs: call the public op
-for the error messages.
+into it.  Arguments are checked only where lax would otherwise overflow (amounts
+past int32) or the op is undefined (pooling windows of padding alone); the
+public ops give the full error messages.
 """
 
 from __future__ import annotations
