@@ -1,18 +1,57 @@
 """Every op again in plain ``lax``/``jnp``, differentiated by ``jax.grad``: the oracle.
 
-Nothing here has a custom rule.  Each function takes the same arguments as its
-public counterpart and normalises them with the same helpers, so a test can call
-``jax.vjp(reference.op, ...)`` next to ``jax.vjp(jaxconv.op, ...)``.
+Nothing here has a custom rule, and nothing here shares code with the ops:
+each function takes the same arguments as its public counterpart, so a test can
+call ``jax.vjp(reference.op, ...)`` next to ``jax.vjp(jaxconv.op, ...)``, but
+reads them on its own.  ``"SAME"`` and ``"VALID"`` go straight to
+``lax.conv_general_dilated`` / ``lax.reduce_window``, which resolve them with
+``lax.padtype_to_pads``; explicit amounts become ``(lo, hi)`` pairs in
+:func:`_pads`.  A mistake in the ops' window geometry (``jaxconv._core.window``)
+therefore shows up as a disagreement with this module instead of being copied
+into it.  Arguments are checked only where lax would otherwise overflow (amounts
+past int32) or the op is undefined (pooling windows of padding alone); the
+public ops give the full error messages.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._core import window as _window
+# lax's sizes are int32: an amount past this would overflow (or make XLA allocate
+# an input padded by terabytes) instead of failing.
+_INT32_MAX = 2**31 - 1
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _tuple(value, ndim: int) -> tuple[int, ...]:
+    """An int, or one int per spatial dimension, as an ``ndim``-tuple."""
+    return (int(value),) * ndim if _is_int(value) else tuple(int(v) for v in value)
+
+
+def _pads(padding, ndim: int):
+    """``padding`` as lax takes it: ``"SAME"``/``"VALID"`` unchanged (any case), an int for every
+    side, one int per dimension for both its sides, or one ``(lo, hi)`` pair per dimension."""
+    if isinstance(padding, str):
+        return padding.upper()
+    if _is_int(padding):
+        pads = ((int(padding), int(padding)),) * ndim
+    elif isinstance(padding, Sequence) and all(_is_int(p) for p in padding):
+        pads = tuple((int(p), int(p)) for p in padding)
+    else:
+        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if len(pads) != ndim:
+        raise ValueError(f"`padding` (={padding!r}) must give {ndim} spatial dimension(s).")
+    if max(max(abs(lo), abs(hi)) for lo, hi in pads) > _INT32_MAX:
+        raise ValueError(f"`padding` (={padding!r}) must be <= {_INT32_MAX} (2**31 - 1, lax's int32 sizes).")
+    return pads
 
 
 # --- convolution (conv1d/2d/3d, conv_transpose1d/2d/3d) ------------------------
@@ -24,14 +63,13 @@ def _spatial_letters(ndim):
 def conv_nd(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1, precision=None):
     """Plain ``lax.conv_general_dilated`` over ``x.ndim - 2`` spatial dims; its gradient is XLA's autodiff."""
     ndim = x.ndim - 2
-    window = _window.parse(x.shape[1:-1], w.shape[:-2], stride, padding, dilation, kernel_name="w.shape[:-2]")
     sp = _spatial_letters(ndim)
     y = lax.conv_general_dilated(
         x,
         w,
-        window_strides=window.stride,
-        padding=window.padding,
-        rhs_dilation=window.dilation,
+        window_strides=_tuple(stride, ndim),
+        padding=_pads(padding, ndim),
+        rhs_dilation=_tuple(dilation, ndim),
         dimension_numbers=(f"N{sp}C", f"{sp}IO", f"N{sp}C"),
         feature_group_count=groups,
         precision=precision,
@@ -60,14 +98,18 @@ def conv_transpose_nd(y, w, b=None, *, stride=1, padding=0, output_padding=0, di
     The convolution's input has ``(n-1)*s - lo - hi + d*(k-1) + 1 + output_padding``
     entries per dimension; ``jax.vjp`` of :func:`conv_nd` at that shape, pulled
     back along ``y``, is the transposed convolution, and it is differentiable
-    (in ``y`` and ``w``) by autodiff like any other lax program.
+    (in ``y`` and ``w``) by autodiff like any other lax program.  ``"SAME"`` has
+    no meaning here (it depends on the size being solved for); ``"VALID"`` is 0.
     """
     ndim = y.ndim - 2
     kernel = tuple(w.shape[:-2])
-    stride = _window.ints(stride, "stride", ndim)
-    dilation = _window.ints(dilation, "dilation", ndim)
-    output_padding = _window.ints(output_padding, "output_padding", ndim, minimum=0)
-    pads = _window.padding(padding, (1,) * ndim, kernel, stride, dilation)
+    stride, dilation = _tuple(stride, ndim), _tuple(dilation, ndim)
+    output_padding = _tuple(output_padding, ndim)
+    pads = _pads(padding, ndim)
+    if pads == "VALID":
+        pads = ((0, 0),) * ndim
+    elif isinstance(pads, str):
+        raise ValueError(f"`padding` (={padding!r}) is not defined for a transposed convolution.")
     in_size = tuple((n - 1) * s - lo - hi + d * (k - 1) + 1 + op for n, (lo, hi), k, s, d, op
                     in zip(y.shape[1:-1], pads, kernel, stride, dilation, output_padding))
     x_shape = (y.shape[0], *in_size, w.shape[-2] * groups)
@@ -86,15 +128,26 @@ conv_transpose1d = conv_transpose2d = conv_transpose3d = conv_transpose_nd
 # --- pooling (avg_pool1d/2d/3d, max_pool1d/2d/3d) -----------------------------
 
 def _pool_window(x, window, stride, padding):
+    """``reduce_window``'s dimensions, strides and padding over ``(N, *spatial, C)``."""
     ndim = x.ndim - 2
-    stride = window if stride is None else stride
-    win = _window.parse(x.shape[1:-1], window, stride, padding, kernel_name="window", pool=True)
-    return (1, *win.kernel, 1), (1, *win.stride, 1), ((0, 0), *win.padding, (0, 0)), ndim
+    kernel = _tuple(window, ndim)
+    stride = kernel if stride is None else _tuple(stride, ndim)
+    pads = _pads(padding, ndim)
+    if not isinstance(pads, str):  # a string covers the batch and channel axes too (window 1: no padding)
+        # The ops' domain (PyTorch's rule): at most half the window on a side, so every window holds an
+        # input entry; past it a max would be -inf and an exclusive average 0 / 0.
+        for i, ((lo, hi), k) in enumerate(zip(pads, kernel)):
+            for side, amount in (("low", lo), ("high", hi)):
+                if amount > k // 2:
+                    raise ValueError(f"`padding` (={padding!r}) puts {amount} on the {side} side of spatial "
+                                     f"dimension {i}, more than half the window ({k} // 2 = {k // 2}).")
+        pads = ((0, 0), *pads, (0, 0))
+    return (1, *kernel, 1), (1, *stride, 1), pads
 
 
 def avg_pool_nd(x, window, *, stride=None, padding="VALID", count_include_pad=True):
     """``reduce_window(add)`` divided by the window volume, or by ``reduce_window(add)`` of ones (the real count)."""
-    dims, strides, pads, _ = _pool_window(x, window, stride, padding)
+    dims, strides, pads = _pool_window(x, window, stride, padding)
     # NumPy scalars as init values: lax recognises the monoid and so can differentiate it.
     zero = np.zeros((), x.dtype)
     sums = lax.reduce_window(x, zero, lax.add, dims, strides, pads)
@@ -111,7 +164,7 @@ def max_pool_nd(x, window, *, stride=None, padding="VALID"):
     holds one by adding a constant (``stop_gradient``): NaN there, ``-0.0``
     elsewhere (``y + -0.0`` is ``y`` bit for bit, signed zeros included).
     Autodiff's gradient is the reduction's, unchanged."""
-    dims, strides, pads, _ = _pool_window(x, window, stride, padding)
+    dims, strides, pads = _pool_window(x, window, stride, padding)
     y = lax.reduce_window(x, np.array(-np.inf, x.dtype), lax.max, dims, strides, pads)
     has_nan = lax.reduce_window(jnp.isnan(x).astype(x.dtype), np.zeros((), x.dtype), lax.max, dims, strides, pads)
     return y + lax.stop_gradient(jnp.where(has_nan > 0, np.array(np.nan, x.dtype), np.array(-0.0, x.dtype)))

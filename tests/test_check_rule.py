@@ -684,13 +684,17 @@ def test_missing_hypothesis_says_which_extra_to_install(monkeypatch):
     assert_rule_ok(make_power(), np.array([1.0, 2.0]), 2, **FAST)
 
 
-def test_verify_sweep_is_the_testing_sweep():
-    from jaxconv import verify
-
-    result = verify.sweep(make_power(), {"x": shapes(rank=1, min=1, max=3, values="positive"), "n": 3},
-                          examples=2, stream=None)
+def test_sweep_passes_a_static_argument_unchanged_and_needs_no_named_dimensions():
+    """A non-array entry of the description (``n``: 3) reaches the rule as given, every example; array
+    shapes need no ``dims``.  A right rule passes with nothing to report; the same description
+    catches the rule that forgets ``n``, and its failing configuration carries ``n``."""
+    description = {"x": shapes(rank=1, min=1, max=3, values="positive"), "n": 3}
+    result = sweep(make_power(), description, examples=2, stream=None)
     assert result.passed and result.examples == 2
     assert result.report is None and result.config is None
+    bad = sweep(make_power("forgot n"), description, examples=2, stream=None)
+    assert not bad.passed and ("vjp", "x") in _failed(bad.report)
+    assert bad.config.arguments()["n"] == 3 and bad.config.arguments()["x"].ndim == 1
 
 
 def test_sweep_takes_a_users_own_strategy_and_spells_out_the_arrays():

@@ -227,7 +227,7 @@ def test_the_file_records_sha256_of_each_tensors_bytes_and_of_the_header(tmp_pat
     text = header["__metadata__"]["jaxconv"]
     assert header["__metadata__"]["jaxconv.sha256"] == hashlib.sha256(text.encode()).hexdigest()
     jaxconv_header = json.loads(text)
-    assert jaxconv_header["format"] == 2 and jaxconv_header["metadata"] == {"epoch": 2}
+    assert jaxconv_header["format"] == 1 and jaxconv_header["metadata"] == {"epoch": 2}
     names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
     assert jaxconv_header["names"] == names and sorted(jaxconv_header["tensors"]) == sorted(names)
     for name, leaf in zip(names, jax.tree.leaves(tree)):
@@ -329,7 +329,7 @@ _HAND_EDITS = {
     "jaxconv not JSON": (lambda h: h["__metadata__"].update(jaxconv="{not json"),
                          r"'jaxconv' header is not valid JSON"),
     "jaxconv a list": (lambda h: h["__metadata__"].update(jaxconv="[]"), r"'jaxconv' header is not a JSON object"),
-    "format 3": (_in_jaxconv(_set("format", 3)), r"'format' 3; this version reads formats 1 and 2"),
+    "format 2": (_in_jaxconv(_set("format", 2)), r"'format' 2; this version reads format 1\."),
     "no format": (_in_jaxconv(_delete("format")), r"'format' None"),
     "no names": (_in_jaxconv(_delete("names")), r"'names' is missing or not a list of strings"),
     "names not str": (_in_jaxconv(_set("names", [1, 2, 3])), r"'names' is missing or not a list of strings"),
@@ -373,33 +373,6 @@ def test_edits_the_checksums_do_not_cover_are_caught_too(tmp_path):
     with pytest.raises(ValueError, match=r"tensor \['w'\] is stored as float32\[3, 2\] but its header records "
                                          r"float32\[2, 3\]"):
         checkpoint.restore(path, {"w": np.zeros((3, 2), np.float32), "b": tree["b"], "step": tree["step"]})
-
-
-def _save_format_1(path, tree, metadata):
-    """The previous release's ``save``: no checksums."""
-    from safetensors.numpy import save_file
-
-    named = [(jax.tree_util.keystr(p), np.array(np.asarray(leaf), order="C", copy=True))
-             for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    header = {"format": 1, "names": [name for name, _ in named], "metadata": metadata}
-    save_file(dict(named), str(path), metadata={"jaxconv": json.dumps(header)})
-
-
-def test_format_1_files_load_with_a_warning_that_they_cannot_be_verified(tmp_path):
-    path = tmp_path / "old.safetensors"
-    tree, meta = _state(), {"epoch": 4, "history": [{"loss": 1.0}] * 4}
-    _save_format_1(path, tree, meta)
-    with pytest.warns(UserWarning, match=r"old\.safetensors: a format-1 checkpoint .* no checksums and cannot be "
-                                         r"verified") as warned:
-        restored, restored_meta = checkpoint.restore(path, _state(seed=1))
-    assert warned[0].filename == __file__  # it points at the caller
-    _assert_identical(restored, tree)
-    assert restored_meta == meta
-    with pytest.warns(UserWarning, match="no checksums"):
-        assert checkpoint.read_metadata(path) == meta
-    _rewrite_header(path, _in_jaxconv(_set("names", "oops")))  # its header is still checked
-    with pytest.raises(ValueError, match=r"old\.safetensors: .*'names' is missing or not a list of strings"):
-        checkpoint.read_metadata(path)
 
 
 _READ_EACH = """

@@ -25,6 +25,8 @@ from jaxconv.cli import commands as cli
 from jaxconv.train.inference import load_trained
 from jaxconv.train import rundir
 
+from ._datasets import mnist_dir, write_idx
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The smallest model and big batches: a digits epoch takes well under a second.
 TINY = ["--model", "dd2424_net", "--batch-size", "64", "--optimizer", "momentum", "--lr", "0.05", "--schedule", "constant",
@@ -321,20 +323,18 @@ def test_resume_from_a_corrupted_checkpoint_exits_2_naming_the_tensor_and_leaves
 
 @pytest.mark.parametrize("fault", ["constant", "empty-test", "zero-size", "directory"])
 def test_bad_data_is_refused_before_training_naming_the_file(tmp_path, fault):
-    from tests.test_data import _mnist_dir, _write_idx
-
     data_dir = tmp_path / "mnist"
     data_dir.mkdir()
-    _mnist_dir(data_dir, n_train=64, n_test=8)
+    mnist_dir(data_dir, n_train=64, n_test=8)
     if fault == "constant":
-        _write_idx(data_dir / "train-images-idx3-ubyte", np.full((64, 28, 28), 7, np.uint8))
+        write_idx(data_dir / "train-images-idx3-ubyte", np.full((64, 28, 28), 7, np.uint8))
         culprit = "train-images-idx3-ubyte"
     elif fault == "empty-test":
-        _write_idx(data_dir / "t10k-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8))
-        _write_idx(data_dir / "t10k-labels-idx1-ubyte", np.zeros((0,), np.uint8))
+        write_idx(data_dir / "t10k-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8))
+        write_idx(data_dir / "t10k-labels-idx1-ubyte", np.zeros((0,), np.uint8))
         culprit = "t10k-images-idx3-ubyte"
     elif fault == "zero-size":
-        _write_idx(data_dir / "train-images-idx3-ubyte", np.zeros((64, 0, 0), np.uint8))
+        write_idx(data_dir / "train-images-idx3-ubyte", np.zeros((64, 0, 0), np.uint8))
         culprit = "train-images-idx3-ubyte"
     else:
         (data_dir / "t10k-labels-idx1-ubyte").unlink()

@@ -18,7 +18,8 @@ from jaxconv import train
 from jaxconv.train import checkpoint
 from jaxconv.cli import commands as cli
 from jaxconv.nn import models
-from tests.test_data import _cifar_dir, _mnist_dir
+
+from ._datasets import cifar_dir, mnist_dir
 
 # The smallest model (one conv, ReLU, FC) and big batches keep each run to a few seconds.
 TINY = ["--model", "dd2424_net", "--batch-size", "64", "--optimizer", "momentum", "--lr", "0.05", "--schedule", "constant",
@@ -138,11 +139,11 @@ def test_check_grads_fails_on_a_planted_wrong_rule(tmp_path, monkeypatch, capsys
 def test_mnist_and_cifar_directories(tmp_path, capsys):
     mnist = tmp_path / "mnist"
     mnist.mkdir()
-    _mnist_dir(mnist, n_train=128, n_test=16, gz=True)
+    mnist_dir(mnist, n_train=128, n_test=16, gz=True)
     assert cli.main(["train", "--dataset", "fashion-mnist", "--data-dir", str(mnist), *TINY,
                      "--epochs", "1", "--out", str(tmp_path / "f")]) == 0
     assert json.loads((tmp_path / "f" / "metrics.json").read_text())["config"]["dataset"] == "fashion-mnist"
-    _cifar_dir(tmp_path / "cifar", per_file=26)
+    cifar_dir(tmp_path / "cifar", per_file=26)
     assert cli.main(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar"), *TINY,
                      "--epochs", "1", "--out", str(tmp_path / "c")]) == 0
     assert "test accuracy" in capsys.readouterr().out.strip().splitlines()[-1]
@@ -161,7 +162,7 @@ def test_mnist_and_cifar_directories(tmp_path, capsys):
 def test_bad_settings_exit_2_with_a_clear_message(tmp_path, capsys, argv, match):
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
-    _mnist_dir(corrupt)
+    mnist_dir(corrupt)
     labels = corrupt / "train-labels-idx1-ubyte"
     labels.write_bytes(labels.read_bytes()[:-1])
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

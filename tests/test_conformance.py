@@ -12,6 +12,8 @@ hypothesis sweep with the full check.  A new op is one registry entry.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import pkgutil
 
 import jax
 import jax.numpy as jnp
@@ -49,12 +51,43 @@ def _forms(name, index):
     return plan.forms(**forms) if forms else contextlib.nullcontext()
 
 
-def test_every_hand_rule_is_registered():
-    """Every public op with a hand rule has a registry entry (its reference, grid, strategy), and
-    every entry is a public op: a new op cannot be left out of the checks."""
-    rules = {name for name in jaxconv.__all__ if getattr(getattr(jaxconv, name), "is_hand_rule", False)}
-    assert rules == set(REGISTRY)
-    assert len(rules) == 21
+def _ops_rules():
+    """Every ``jax.custom_vjp`` defined at module level in a module of :mod:`jaxconv.ops`, by (module, name)."""
+    rules = {}
+    for info in pkgutil.iter_modules(jaxconv.ops.__path__):
+        module = importlib.import_module(f"{jaxconv.ops.__name__}.{info.name}")
+        for attr, value in vars(module).items():
+            if isinstance(value, jax.custom_vjp):
+                rules[(module.__name__, attr)] = module
+    return rules
+
+
+def test_every_hand_rule_is_registered(monkeypatch):
+    """Every ``jax.custom_vjp`` rule in jaxconv.ops (found in its modules, not listed) is reached by a
+    registered op, and every registered op reaches one; every public op marked as a hand rule is
+    registered, and every entry is that public op with the reference of the same name: a new op or
+    rule cannot be left out of the checks."""
+    rules = _ops_rules()
+    reached: dict[str, set] = {}
+    current = [None]
+    for key, module in rules.items():
+        rule = getattr(module, key[1])
+
+        def recording(*args, _key=key, _rule=rule, **kwargs):
+            reached.setdefault(current[0], set()).add(_key)
+            return _rule(*args, **kwargs)
+
+        monkeypatch.setattr(module, key[1], recording)
+    for name in OPS:
+        current[0] = name
+        case = _case(name)
+        jax.eval_shape(case.f, *case.args)
+        assert reached.get(name), f"{name} is registered but runs no custom_vjp rule of jaxconv.ops"
+    unreached = set(rules) - set().union(*reached.values())
+    assert not unreached, f"custom_vjp rules no registered op runs: {sorted(unreached)}"
+
+    marked = {name for name in jaxconv.__all__ if getattr(getattr(jaxconv, name), "is_hand_rule", False)}
+    assert marked == set(REGISTRY)
     for name, spec in REGISTRY.items():
         assert spec.op is getattr(jaxconv, name)
         assert spec.ref is getattr(jaxconv.reference, name)

@@ -18,21 +18,8 @@ from jaxconv import reference
 from jaxconv._core import window as _window
 from jaxconv.verify import check_vjp
 
+from ._grids import CONV2D_GRID, conv_arrays, conv_pair
 from .strategies import conv_configs
-
-GRID = [
-    # x shape, w shape, options
-    ((2, 6, 6, 3), (3, 3, 3, 4), dict()),
-    ((2, 7, 8, 4), (3, 3, 2, 6), dict(stride=2, padding=1, groups=2)),
-    ((1, 9, 9, 3), (3, 2, 3, 2), dict(stride=3, padding="SAME", dilation=2)),
-    ((2, 6, 5, 6), (3, 3, 1, 6), dict(padding=((2, 0), (1, 3)), groups=6)),  # depthwise
-    ((2, 6, 5, 3), (3, 3, 1, 6), dict(padding=1, groups=3)),  # depthwise, multiplier 2
-    ((2, 12, 11, 2), (5, 5, 2, 3), dict(stride=3)),  # stride remainder on both axes
-    ((1, 5, 7, 2), (2, 3, 1, 4), dict(stride=(2, 1), padding=((0, 2), (3, 1)), dilation=(3, 1), groups=2)),
-    ((3, 1, 1, 2), (1, 1, 2, 3), dict()),
-    ((1, 4, 4, 1), (4, 4, 1, 1), dict(padding="SAME", stride=2)),
-]
-
 
 def forward_for(backward: str) -> str:
     """The forward run with each backward in the tests: the same form (so every
@@ -47,29 +34,12 @@ def strategy(request, forms):
     return request.param
 
 
-def _arrays(rng, x_shape, w_shape, bias, dtype=np.float64):
-    x = rng.standard_normal(x_shape).astype(dtype)
-    w = rng.standard_normal(w_shape).astype(dtype)
-    b = rng.standard_normal(w_shape[-1]).astype(dtype) if bias else None
-    return x, w, b
-
-
-def _pair(options):
-    def f(x, w, b):
-        return jaxconv.conv2d(x, w, b, **options)
-
-    def ref(x, w, b):
-        return reference.conv2d(x, w, b, **options)
-
-    return f, ref
-
-
-@pytest.mark.parametrize("x_shape,w_shape,options", GRID)
+@pytest.mark.parametrize("x_shape,w_shape,options", CONV2D_GRID)
 def test_every_form_on_the_grid(strategy, x_shape, w_shape, options):
     """Each backward form (with the forward of its kind) on every grid configuration: VJP against
     the reference in float64 (the harness adds finite differences and second order on its grids)."""
-    f, ref = _pair(options)
-    args = _arrays(np.random.default_rng(0), x_shape, w_shape, True)
+    f, ref = conv_pair(options)
+    args = conv_arrays(np.random.default_rng(0), x_shape, w_shape)
     check_vjp(f, ref, *args, names=("x", "w", "b"), finite_differences=False, second_order=False).assert_ok()
 
 
@@ -133,7 +103,7 @@ def test_rule_is_used_not_autodiff(monkeypatch):
     assert float(jnp.abs(jax.grad(loss)(x)).sum()) == 0.0
 
 
-def test_float64_worked_example_seed_003():
+def test_stride_two_backward_is_inserted_gradient_times_rot180_kernel():
     """docs/convolution.md §5.3: 5x5 input, 3x3 kernel, stride 2: dL/dx is Inserted Grad * Rot180(w)."""
     x = jnp.arange(25.0).reshape(1, 5, 5, 1)
     w = jnp.arange(9.0).reshape(3, 3, 1, 1)

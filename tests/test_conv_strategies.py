@@ -18,18 +18,12 @@ from jaxconv.ops import conv as conv_module
 from jaxconv import reference
 from jaxconv.verify import check_vjp
 
+from ._grids import CONV2D_GRID, conv_arrays, conv_pair
 from .strategies import conv_configs
 
-from .test_conv import _arrays, _pair  # shared conv test helpers
-
-BLOCKED_GRID = [
-    # x shape, w shape, options: batches of 4-6 images cut into blocks of 1-3.
-    ((4, 6, 6, 3), (3, 3, 3, 4), dict()),
-    ((6, 7, 8, 4), (3, 3, 2, 6), dict(stride=2, padding=1, groups=2)),
-    ((4, 9, 9, 3), (3, 2, 3, 2), dict(stride=3, padding="SAME", dilation=2)),
-    ((4, 6, 5, 6), (3, 3, 1, 6), dict(padding=((2, 0), (1, 3)), groups=6)),
-    ((6, 12, 11, 2), (5, 5, 2, 3), dict(stride=3)),
-]
+# CONV2D_GRID's first five configurations with batches of 4-6 images, cut into blocks of 1-3.
+BLOCKED_GRID = [((batch, *x_shape[1:]), w_shape, options)
+                for batch, (x_shape, w_shape, options) in zip((4, 6, 4, 4, 6), CONV2D_GRID)]
 
 
 @pytest.fixture(params=[(1, "im2row_blocked"), (2, "im2row_blocked"), (1, "mixed")])
@@ -56,8 +50,8 @@ def _set_budget(monkeypatch, images, x_shape, w_shape, options):
 @pytest.mark.parametrize("x_shape,w_shape,options", BLOCKED_GRID)
 def test_blocked_float64_full_check(blocked, monkeypatch, x_shape, w_shape, options):
     _set_budget(monkeypatch, blocked, x_shape, w_shape, options)
-    f, ref = _pair(options)
-    report = check_vjp(f, ref, *_arrays(np.random.default_rng(0), x_shape, w_shape, True), names=("x", "w", "b"))
+    f, ref = conv_pair(options)
+    report = check_vjp(f, ref, *conv_arrays(np.random.default_rng(0), x_shape, w_shape), names=("x", "w", "b"))
     report.assert_ok()
     assert report.worst("vjp") <= 1e-12
 
@@ -66,8 +60,8 @@ def test_blocked_float64_full_check(blocked, monkeypatch, x_shape, w_shape, opti
 def test_blocked_float32(monkeypatch, forms, x_shape, w_shape, options):
     forms(conv_backward="im2row_blocked", conv_forward="im2row_blocked")
     _set_budget(monkeypatch, 2, x_shape, w_shape, options)
-    f, ref = _pair(options)
-    report = check_vjp(f, ref, *_arrays(np.random.default_rng(1), x_shape, w_shape, True, np.float32),
+    f, ref = conv_pair(options)
+    report = check_vjp(f, ref, *conv_arrays(np.random.default_rng(1), x_shape, w_shape, dtype=np.float32),
                        dtype=jnp.float32, finite_differences=False, second_order=False)
     report.assert_ok()
     assert report.worst("vjp") <= 1e-5
@@ -81,8 +75,8 @@ def test_blocked_hypothesis(config):
     previous, conv_module._IM2ROW_BLOCK_BYTES = conv_module._IM2ROW_BLOCK_BYTES, 1
     try:
         with jaxconv.plan.forms(conv_backward="im2row_blocked", conv_forward="im2row_blocked"):
-            f, ref = _pair(config["options"])
-            args = _arrays(np.random.default_rng(2), x_shape, config["w_shape"], config["bias"])
+            f, ref = conv_pair(config["options"])
+            args = conv_arrays(np.random.default_rng(2), x_shape, config["w_shape"], config["bias"])
             check_vjp(f, ref, *args, finite_differences=False, second_order=False).assert_ok()
     finally:
         conv_module._IM2ROW_BLOCK_BYTES = previous

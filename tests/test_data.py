@@ -2,60 +2,12 @@
 
 from __future__ import annotations
 
-import gzip
-import struct
-
 import numpy as np
 import pytest
 
 from jaxconv.train import data
 
-
-# --- writers of the real formats (independent of the readers) ------------------------
-
-
-def _write_idx(path, array: np.ndarray, *, gz=False, magic=None):
-    array = np.asarray(array, np.uint8)
-    header = struct.pack(">I", magic if magic is not None else (0x0800 | array.ndim))
-    header += b"".join(struct.pack(">I", d) for d in array.shape)
-    payload = header + array.tobytes()
-    if gz:
-        with gzip.open(str(path) + ".gz", "wb") as f:
-            f.write(payload)
-    else:
-        path.write_bytes(payload)
-
-
-def _mnist_dir(tmp_path, *, n_train=12, n_test=5, hw=(28, 28), gz=False, seed=0):
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images = rng.integers(0, 256, (n, *hw), dtype=np.uint8)
-        labels = rng.integers(0, 10, n, dtype=np.uint8)
-        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", images, gz=gz)
-        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", labels, gz=gz)
-        arrays[prefix] = (images, labels)
-    return arrays
-
-
-def _write_cifar(path, images_hwc: np.ndarray, labels):
-    """Records of 1 label byte + the R, G, B planes, each 32x32 row-major."""
-    records = [bytes([int(label)]) + np.asarray(img, np.uint8).transpose(2, 0, 1).tobytes()
-               for img, label in zip(images_hwc, labels)]
-    path.write_bytes(b"".join(records))
-
-
-def _cifar_dir(directory, *, per_file=3, seed=0):
-    rng = np.random.default_rng(seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    written = {}
-    for name in (*data.CIFAR10_TRAIN_FILES, data.CIFAR10_TEST_FILE):
-        images = rng.integers(0, 256, (per_file, 32, 32, 3), dtype=np.uint8)
-        labels = rng.integers(0, 10, per_file)
-        _write_cifar(directory / name, images, labels)
-        written[name] = (images, labels)
-    return written
-
+from ._datasets import cifar_dir, mnist_dir, write_idx
 
 # --- digits --------------------------------------------------------------------------
 
@@ -86,7 +38,7 @@ def test_digits_fixed_stratified_split():
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_mnist_reader_roundtrip(tmp_path, gz):
-    written = _mnist_dir(tmp_path, gz=gz)
+    written = mnist_dir(tmp_path, gz=gz)
     ds = data.load_mnist(tmp_path, name="fashion-mnist")
     assert ds.name == "fashion-mnist" and ds.num_classes == 10
     assert ds.train_images.shape == (12, 28, 28, 1) and ds.test_images.shape == (5, 28, 28, 1)
@@ -99,12 +51,12 @@ def test_mnist_reader_roundtrip(tmp_path, gz):
 
 def test_read_idx_declared_dims_and_row_major_order(tmp_path):
     array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
-    _write_idx(tmp_path / "x", array)
+    write_idx(tmp_path / "x", array)
     np.testing.assert_array_equal(data.read_idx(tmp_path / "x"), array)
 
 
 def test_load_dataset_by_name(tmp_path):
-    _mnist_dir(tmp_path, hw=(6, 5))
+    mnist_dir(tmp_path, hw=(6, 5))
     assert data.load_dataset("mnist", tmp_path).train_images.shape == (12, 6, 5, 1)
     assert data.load_dataset("digits").name == "digits"
     with pytest.raises(ValueError, match=r"`name` \(='svhn'\)"):
@@ -116,7 +68,7 @@ def test_load_dataset_by_name(tmp_path):
 def test_missing_directory_and_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         data.load_mnist(tmp_path / "nowhere")
-    _mnist_dir(tmp_path)
+    mnist_dir(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
         data.load_mnist(tmp_path)
@@ -135,7 +87,7 @@ def test_missing_directory_and_file(tmp_path):
     ],
 )
 def test_corrupt_idx_files_are_named(tmp_path, damage, file, match):
-    _mnist_dir(tmp_path)
+    mnist_dir(tmp_path)
     path = tmp_path / file
     raw = path.read_bytes()
     if damage == "truncate":
@@ -147,17 +99,17 @@ def test_corrupt_idx_files_are_named(tmp_path, damage, file, match):
     elif damage == "header":
         path.write_bytes(raw[:2])
     elif damage == "count":
-        _write_idx(path, np.zeros(11, np.uint8))
+        write_idx(path, np.zeros(11, np.uint8))
     elif damage == "label":
-        _write_idx(path, np.array([0, 1, 10, 2, 3], np.uint8))
+        write_idx(path, np.array([0, 1, 10, 2, 3], np.uint8))
     elif damage == "ndim":
-        _write_idx(path, np.zeros((12, 784), np.uint8))
+        write_idx(path, np.zeros((12, 784), np.uint8))
     with pytest.raises(ValueError, match=match):
         data.load_mnist(tmp_path)
 
 
 def test_truncated_gzip_is_named(tmp_path):
-    _mnist_dir(tmp_path, gz=True)
+    mnist_dir(tmp_path, gz=True)
     path = tmp_path / "train-images-idx3-ubyte.gz"
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
     with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz: cannot read it"):
@@ -169,7 +121,7 @@ def test_truncated_gzip_is_named(tmp_path):
 
 @pytest.mark.parametrize("nested", [False, True])
 def test_cifar_reader_roundtrip_chw_to_hwc(tmp_path, nested):
-    written = _cifar_dir(tmp_path / "cifar-10-batches-bin" if nested else tmp_path)
+    written = cifar_dir(tmp_path / "cifar-10-batches-bin" if nested else tmp_path)
     ds = data.load_cifar10(tmp_path)
     assert ds.name == "cifar10" and ds.num_classes == 10
     assert ds.train_images.shape == (15, 32, 32, 3) and ds.test_images.shape == (3, 32, 32, 3)
@@ -194,16 +146,16 @@ def test_cifar_record_layout_by_hand(tmp_path):
 def test_cifar_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="absent"):
         data.load_cifar10(tmp_path / "absent")
-    _cifar_dir(tmp_path)
+    cifar_dir(tmp_path)
     (tmp_path / "data_batch_3.bin").unlink()
     with pytest.raises(FileNotFoundError, match="data_batch_3.bin"):
         data.load_cifar10(tmp_path)
-    _cifar_dir(tmp_path)
+    cifar_dir(tmp_path)
     path = tmp_path / "data_batch_2.bin"
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ValueError, match=r"data_batch_2.bin: .* not a whole number of 3073-byte records"):
         data.load_cifar10(tmp_path)
-    _cifar_dir(tmp_path)
+    cifar_dir(tmp_path)
     raw = bytearray((tmp_path / "test_batch.bin").read_bytes())
     raw[3073] = 11
     (tmp_path / "test_batch.bin").write_bytes(bytes(raw))

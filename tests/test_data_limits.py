@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from jaxconv.train import data
-from tests.test_data import _cifar_dir, _mnist_dir, _write_cifar, _write_idx
+
+from ._datasets import cifar_dir, mnist_dir, write_cifar, write_idx
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -150,7 +151,7 @@ def test_a_gzip_bomb_is_refused_after_a_few_kb(tmp_path, extra):
     With 4 GiB of extra zeros the trailer's ISIZE (length mod 2^32) agrees with the header: only streaming,
     stopped one byte past the declared size, catches it.
     """
-    _mnist_dir(tmp_path, n_train=10, gz=True)
+    mnist_dir(tmp_path, n_train=10, gz=True)
     path = tmp_path / "train-images-idx3-ubyte.gz"
     _gzip_of_zeros(path, _idx_header((10, 28, 28)) + bytes(range(256)) * 30 + bytes(160), extra)
     assert path.stat().st_size < 5_000_000
@@ -161,7 +162,7 @@ def test_a_gzip_bomb_is_refused_after_a_few_kb(tmp_path, extra):
 
 
 def test_a_gzip_header_promising_more_than_deflate_can_give_is_refused_from_the_header(tmp_path):
-    _mnist_dir(tmp_path, n_train=10, gz=True)
+    mnist_dir(tmp_path, n_train=10, gz=True)
     path = tmp_path / "train-images-idx3-ubyte.gz"
     images = np.random.default_rng(0).integers(0, 256, (10, 28, 28), dtype=np.uint8)
     path.write_bytes(gzip.compress(_idx_header((60000, 28, 28)) + images.tobytes()))
@@ -189,7 +190,7 @@ def test_a_gzip_whose_trailer_disagrees_with_its_header_is_counted_not_loaded(tm
 
 def test_a_multi_member_gzip_is_read_whole(tmp_path):
     """Concatenated members: the trailer's ISIZE covers only the last one, so the reader counts, then reads."""
-    written = _mnist_dir(tmp_path, gz=True)
+    written = mnist_dir(tmp_path, gz=True)
     images = written["train"][0]
     payload = _idx_header(images.shape) + images.tobytes()
     _gzip_members(tmp_path / "train-images-idx3-ubyte.gz", payload[:5000], payload[5000:])
@@ -214,7 +215,7 @@ def test_a_last_member_forged_to_agree_with_a_4gb_header_costs_only_the_data_tha
 
 @pytest.mark.parametrize("damage", ["short", "long"])
 def test_single_member_gzip_lengths_name_the_file(tmp_path, damage):
-    written = _mnist_dir(tmp_path, gz=True)
+    written = mnist_dir(tmp_path, gz=True)
     labels = written["t10k"][1]
     payload = _idx_header(labels.shape) + labels.tobytes()
     path = tmp_path / "t10k-labels-idx1-ubyte.gz"
@@ -230,7 +231,7 @@ def test_single_member_gzip_lengths_name_the_file(tmp_path, damage):
 
 
 def test_a_directory_where_an_idx_file_should_be_is_named_as_such(tmp_path):
-    _mnist_dir(tmp_path)
+    mnist_dir(tmp_path)
     path = tmp_path / "train-images-idx3-ubyte"
     path.unlink()
     path.mkdir()
@@ -242,13 +243,13 @@ def test_a_directory_where_an_idx_file_should_be_is_named_as_such(tmp_path):
 
 
 def test_a_directory_beside_the_gz_file_is_passed_over(tmp_path):
-    written = _mnist_dir(tmp_path, gz=True)
+    written = mnist_dir(tmp_path, gz=True)
     (tmp_path / "train-images-idx3-ubyte").mkdir()
     np.testing.assert_array_equal(data.load_mnist(tmp_path).train_labels, written["train"][1])
 
 
 def test_a_directory_where_a_cifar_file_should_be_is_named_as_such(tmp_path):
-    _cifar_dir(tmp_path)
+    cifar_dir(tmp_path)
     path = tmp_path / "data_batch_4.bin"
     path.unlink()
     path.mkdir()
@@ -276,9 +277,9 @@ def test_a_file_given_as_the_data_directory(tmp_path):
 )
 def test_fifos_and_devices_are_refused_without_blocking_or_reading(tmp_path, loader, name, kind):
     if loader == "load_mnist":
-        _mnist_dir(tmp_path, gz=name.endswith(".gz"))
+        mnist_dir(tmp_path, gz=name.endswith(".gz"))
     elif loader == "load_cifar10":
-        _cifar_dir(tmp_path)
+        cifar_dir(tmp_path)
     path = tmp_path / name
     path.unlink(missing_ok=True)
     if kind == "fifo":
@@ -291,7 +292,7 @@ def test_fifos_and_devices_are_refused_without_blocking_or_reading(tmp_path, loa
 
 
 def test_a_6gb_sparse_cifar_file_is_refused_from_its_size(tmp_path):
-    _cifar_dir(tmp_path)
+    cifar_dir(tmp_path)
     path = tmp_path / "data_batch_1.bin"
     with open(path, "r+b") as f:
         f.truncate(6_000_000_000)
@@ -304,9 +305,9 @@ def test_a_6gb_sparse_cifar_file_is_refused_from_its_size(tmp_path):
 
 
 def _replace_split(directory, prefix, images, labels=None):
-    _write_idx(directory / f"{prefix}-images-idx3-ubyte", images)
+    write_idx(directory / f"{prefix}-images-idx3-ubyte", images)
     labels = np.zeros(len(images), np.uint8) if labels is None else labels
-    _write_idx(directory / f"{prefix}-labels-idx1-ubyte", labels)
+    write_idx(directory / f"{prefix}-labels-idx1-ubyte", labels)
 
 
 @pytest.mark.parametrize(
@@ -327,7 +328,7 @@ def _replace_split(directory, prefix, images, labels=None):
 )
 @pytest.mark.parametrize("via", ["load_mnist", "load_dataset"])
 def test_idx_splits_no_training_can_start_on_are_refused_naming_the_file(tmp_path, prefix, images, message, via):
-    _mnist_dir(tmp_path)
+    mnist_dir(tmp_path)
     _replace_split(tmp_path, prefix, images)
     with pytest.raises(ValueError) as info:
         data.load_mnist(tmp_path) if via == "load_mnist" else data.load_dataset("fashion-mnist", tmp_path)
@@ -336,20 +337,20 @@ def test_idx_splits_no_training_can_start_on_are_refused_naming_the_file(tmp_pat
 
 def test_constant_test_images_are_allowed(tmp_path):
     """Standardisation uses the training split's statistics only; an all-black test split is data."""
-    _mnist_dir(tmp_path)
+    mnist_dir(tmp_path)
     _replace_split(tmp_path, "t10k", np.zeros((5, 28, 28)))
     assert data.load_mnist(tmp_path).test_images.max() == 0.0
 
 
 def test_a_constant_cifar_training_split_names_its_five_files(tmp_path):
     for name in data.CIFAR10_TRAIN_FILES:
-        _write_cifar(tmp_path / name, np.full((2, 32, 32, 3), 7), [1, 2])
-    _cifar_dir(tmp_path / "varied")
+        write_cifar(tmp_path / name, np.full((2, 32, 32, 3), 7), [1, 2])
+    cifar_dir(tmp_path / "varied")
     (tmp_path / "varied" / data.CIFAR10_TEST_FILE).rename(tmp_path / data.CIFAR10_TEST_FILE)
     files = ", ".join(str(tmp_path / name) for name in data.CIFAR10_TRAIN_FILES)
     with pytest.raises(ValueError) as info:
         data.load_dataset("cifar10", tmp_path)
     assert str(info.value).startswith(f"{files}: every pixel of its 10 training images is {7 / 255:g}: constant")
     # One constant file among varied ones is data.
-    _write_cifar(tmp_path / "data_batch_1.bin", np.arange(32 * 32 * 3).reshape(1, 32, 32, 3) % 256, [3])
+    write_cifar(tmp_path / "data_batch_1.bin", np.arange(32 * 32 * 3).reshape(1, 32, 32, 3) % 256, [3])
     assert data.load_cifar10(tmp_path).train_images.shape == (9, 32, 32, 3)

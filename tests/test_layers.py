@@ -55,7 +55,7 @@ def _linear_args(rng, n, d_in, d_out, bias, dtype=np.float64):
     return x, w, b
 
 
-def test_linear_backward_is_seed_002s_table():
+def test_linear_backward_is_g_wt_xt_g_and_batch_sum():
     """dx = g W^T, dW = x^T g, db = sum over the batch of g, entry by entry."""
     rng = np.random.default_rng(6)
     x, w, b = _linear_args(rng, 3, 4, 2, True)
@@ -77,7 +77,7 @@ def test_flatten_is_row_major_and_backward_is_reshape():
     np.testing.assert_array_equal(np.asarray(jax.vjp(jaxconv.flatten, x)[1](g)[0]), np.asarray(g).reshape(2, 2, 3, 2))
 
 
-def test_layers_compose_like_the_lectures_network_head():
+def test_relu_flatten_linear_head_matches_the_reference_chain():
     """relu -> flatten -> linear, grads of all three against the reference chain."""
     rng = np.random.default_rng(12)
     s = permutation_input(rng, (2, 3, 3, 2))

@@ -21,7 +21,7 @@ def _probabilities(rng, n, d):
 # --- softmax -------------------------------------------------------------------
 
 
-def test_softmax_backward_is_seed_004s_simplified_formula():
+def test_softmax_backward_is_the_simplified_jacobian_product():
     """dz/dx_d = Y_d (dz/dY_d - sum_k dz/dY_k Y_k), and equals the unsimplified Jacobian sum."""
     rng = np.random.default_rng(2)
     s, g = rng.standard_normal(6), rng.standard_normal(6)
@@ -46,7 +46,7 @@ def test_softmax_large_scores_finite():
 # --- log_loss ------------------------------------------------------------------
 
 
-def test_log_loss_backward_is_seed_004s_formula():
+def test_log_loss_backward_is_minus_one_over_n_p_at_the_label():
     """dL/dp[n, k] = -[k = c_n] / (N p[n, c_n]); zero elsewhere, exactly."""
     p = jnp.array([[0.2, 0.5, 0.3], [0.6, 0.3, 0.1]])
     labels = jnp.array([1, 2])
@@ -59,7 +59,7 @@ def test_log_loss_backward_is_seed_004s_formula():
 # --- softmax_cross_entropy -----------------------------------------------------
 
 
-def test_cross_entropy_backward_is_the_lectures_p_minus_y_over_n():
+def test_cross_entropy_backward_is_p_minus_onehot_over_n():
     """(p - onehot(y)) / N, and the column-vector form -y^T/(y^T p) (diag(p) - p p^T) per example is the same."""
     rng = np.random.default_rng(9)
     logits, labels = rng.standard_normal((3, 4)), np.array([2, 0, 3])
@@ -69,8 +69,8 @@ def test_cross_entropy_backward_is_the_lectures_p_minus_y_over_n():
     np.testing.assert_allclose(grad, (p - onehot) / 3, rtol=1e-13, atol=1e-16)
     for n in range(3):
         y, pn = onehot[n], p[n]
-        lecture = -y / (y @ pn) @ (np.diag(pn) - np.outer(pn, pn))
-        np.testing.assert_allclose(grad[n], lecture / 3, rtol=1e-12, atol=1e-16)
+        column_form = -y / (y @ pn) @ (np.diag(pn) - np.outer(pn, pn))
+        np.testing.assert_allclose(grad[n], column_form / 3, rtol=1e-12, atol=1e-16)
 
 
 def test_cross_entropy_equals_softmax_then_log_loss():

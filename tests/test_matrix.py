@@ -13,9 +13,10 @@ from hypothesis import given, settings
 import jaxconv
 from jaxconv._core import window as _window
 from jaxconv.ops import conv as conv_module
-from jaxconv import matrix, reference
+from jaxconv import matrix
 from jaxconv.verify import check_vjp, relative_error
 
+from ._grids import conv_arrays, conv_pair
 from .strategies import conv_configs
 
 # The eager matrix identities compile once per drawn shape: five draws in the fast suite, the
@@ -37,12 +38,13 @@ def _symbols_f(planes=1, size=3):
 # --- M_X^im (docs/convolution.md §3) ------------------------------------------------------------
 
 
-def test_seed001_patch_matrix_6x6_3x3_is_16x9_with_the_slide_rows():
+def test_patch_matrix_6x6_3x3_is_16x9_with_the_documented_rows():
     x = _symbols_x()
     m = np.asarray(matrix.patch_matrix(x, 3))
     assert m.shape == (16, 9)
-    # The rows written out on the slides (1-5 and the last), symbol for symbol.
-    slide = {
+    # The rows written out in docs/convolution.md §3 (the first five and the last), symbol for symbol
+    # (1-based symbols here: X_ij = 10i + j).
+    documented = {
         0: [11, 12, 13, 21, 22, 23, 31, 32, 33],
         1: [12, 13, 14, 22, 23, 24, 32, 33, 34],
         2: [13, 14, 15, 23, 24, 25, 33, 34, 35],
@@ -50,16 +52,16 @@ def test_seed001_patch_matrix_6x6_3x3_is_16x9_with_the_slide_rows():
         4: [21, 22, 23, 31, 32, 33, 41, 42, 43],
         15: [44, 45, 46, 54, 55, 56, 64, 65, 66],
     }
-    for row, symbols in slide.items():
+    for row, symbols in documented.items():
         np.testing.assert_array_equal(m[row], symbols)
     # Every row: S_lm's window X_{l+a-1, m+b-1}, a, b = 1..3, read row-major.
     expected = [[10 * (l + a) + (mm + b) for a in range(1, 4) for b in range(1, 4)] for l in range(4) for mm in range(4)]
     np.testing.assert_array_equal(m, expected)
-    # The red columns: column 2 is X12 X13 X14 X15 X22 ... X45 (the 4x4 block at offset (1, 2)).
+    # A column: column 2 is X12 X13 X14 X15 X22 ... X45 (the 4x4 block at offset (1, 2)).
     np.testing.assert_array_equal(m[:, 1], [10 * i + j for i in range(1, 5) for j in range(2, 6)])
 
 
-def test_seed001_patch_matrix_4_planes_is_16x36_blocks_per_plane():
+def test_patch_matrix_4_planes_is_16x36_blocks_per_plane():
     x = _symbols_x(planes=4)
     m = np.asarray(matrix.patch_matrix(x, 3))
     assert m.shape == (16, 36)
@@ -69,7 +71,7 @@ def test_seed001_patch_matrix_4_planes_is_16x36_blocks_per_plane():
         np.testing.assert_array_equal(block[0], [100 * c + v for v in (11, 12, 13, 21, 22, 23, 31, 32, 33)])
 
 
-def test_seed001_vec_s_equals_patch_matrix_times_vec_f():
+def test_vec_s_equals_patch_matrix_times_vec_f():
     x, f = _symbols_x(planes=4), _symbols_f(planes=4)
     s = jaxconv.conv2d(jnp.asarray(x)[None], jnp.asarray(f))[0]  # (4, 4, 1)
     np.testing.assert_array_equal(np.asarray(matrix.vec(s)), np.asarray(matrix.patch_matrix(x, 3) @ matrix.vec(f[..., 0])))
@@ -78,7 +80,7 @@ def test_seed001_vec_s_equals_patch_matrix_times_vec_f():
 # --- M_F^filter (docs/convolution.md §3) --------------------------------------------------------------
 
 
-def test_seed001_filter_matrix_6x6_3x3_is_16x36_with_the_slide_rows():
+def test_filter_matrix_6x6_3x3_is_16x36_with_the_documented_rows():
     f = _symbols_f()
     m = np.asarray(matrix.filter_matrix(f, (6, 6)))
     assert m.shape == (16, 36)
@@ -102,7 +104,7 @@ def test_seed001_filter_matrix_6x6_3x3_is_16x36_with_the_slide_rows():
     np.testing.assert_array_equal(m, expected)
 
 
-def test_seed001_filter_matrix_4_planes_is_16x144_blocks_per_plane():
+def test_filter_matrix_4_planes_is_16x144_blocks_per_plane():
     f = _symbols_f(planes=4)
     m = np.asarray(matrix.filter_matrix(f, (6, 6)))
     assert m.shape == (16, 144)
@@ -115,8 +117,8 @@ def test_seed001_filter_matrix_4_planes_is_16x144_blocks_per_plane():
     np.testing.assert_array_equal(np.asarray(m @ matrix.vec(x)), np.asarray(matrix.vec(s)))
 
 
-def test_seed001_transpose_product_is_full_correlation_with_rot180():
-    """v^T = g^T M_F^filter is G_zero-pad * F^rot180 (the slide's pattern)."""
+def test_transpose_product_is_full_correlation_with_rot180():
+    """v^T = g^T M_F^filter is G_zero-pad * F^rot180: the backward's Rot180 form (docs/convolution.md)."""
     f = _symbols_f()
     g = np.arange(1.0, 17.0)
     v = (g @ np.asarray(matrix.filter_matrix(f, (6, 6)))).reshape(6, 6)
@@ -124,14 +126,14 @@ def test_seed001_transpose_product_is_full_correlation_with_rot180():
     rot = f[::-1, ::-1, 0, 0]
     expected = np.array([[np.sum(padded[i:i + 3, j:j + 3] * rot) for j in range(6)] for i in range(6)])
     np.testing.assert_array_equal(v, expected)
-    # v13 = g1 F31 + g5 F21 + g9 F11 (1-based, as on the slide).
+    # v13 = g1 F31 + g5 F21 + g9 F11 (1-based): three entries of g reach x's third row, first column.
     assert v[2, 0] == 1 * 31 + 5 * 21 + 9 * 11
 
 
 # --- K_conv: 3x3 input, 2x2 kernel ----------------------------------------------------------------------
 
 
-def test_seed002_k_conv_3x3_input_2x2_kernel_is_4x9():
+def test_filter_matrix_3x3_input_2x2_kernel_is_4x9():
     k1, k2, k3, k4 = 1.0, 2.0, 3.0, 4.0
     w = np.array([[k1, k2], [k3, k4]])[:, :, None, None]
     # Each row is the kernel shifted one step along vec(x).
@@ -152,8 +154,7 @@ def _options(config):
     return opts, opts.pop("groups")
 
 
-@given(config=conv_configs())
-def test_im2row_and_row2im_are_adjoint(config):
+def _check_adjoint(config):
     """<phi(x), y> = <x, phi*(y)>, and row2im is also what autodiff transposes im2row to."""
     opts, _ = _options(config)
     rng = np.random.default_rng(10)
@@ -173,6 +174,11 @@ def test_im2row_and_row2im_are_adjoint(config):
     assert relative_error(back, autodiff_back)[1] <= 1e-12
 
 
+@given(config=conv_configs())
+def test_im2row_and_row2im_are_adjoint(config):
+    _check_adjoint(config)
+
+
 @settings(max_examples=_FEW)
 @given(config=conv_configs())
 def test_im2row_times_kernel_is_conv2d(config):
@@ -188,9 +194,7 @@ def test_im2row_times_kernel_is_conv2d(config):
     assert relative_error(rows @ w.reshape(-1, o), y.reshape(n, -1, o))[1] <= 1e-12
 
 
-@settings(max_examples=_FEW)
-@given(config=conv_configs())
-def test_filter_matrix_times_vec_x_is_vec_conv2d(config):
+def _check_filter_matrix(config):
     opts, groups = _options(config)
     rng = np.random.default_rng(12)
     x = jnp.asarray(rng.standard_normal(config["x_shape"]))
@@ -199,6 +203,12 @@ def test_filter_matrix_times_vec_x_is_vec_conv2d(config):
     m = matrix.filter_matrix(w, x.shape[1:3], groups=groups, **opts)
     assert m.shape == (y.shape[1] * y.shape[2] * y.shape[3], x.shape[1] * x.shape[2] * x.shape[3])
     assert relative_error(matrix.vec(x) @ m.T, matrix.vec(y))[1] <= 1e-12
+
+
+@settings(max_examples=_FEW)
+@given(config=conv_configs())
+def test_filter_matrix_times_vec_x_is_vec_conv2d(config):
+    _check_filter_matrix(config)
 
 
 @settings(max_examples=_FEW)
@@ -213,9 +223,7 @@ def test_patch_matrix_times_vec_f_is_vec_s(config):
     assert relative_error(m @ matrix.vec(f), matrix.vec(s))[1] <= 1e-12
 
 
-@settings(max_examples=_FEW)
-@given(config=conv_configs())
-def test_kernel_from_filter_matrix_round_trip(config):
+def _check_round_trip(config):
     opts, groups = _options(config)
     rng = np.random.default_rng(14)
     h, w_ = config["x_shape"][1:3]
@@ -226,6 +234,12 @@ def test_kernel_from_filter_matrix_round_trip(config):
     # Weights that never meet a real pixel are not in m: they come back as 0.
     seen = jnp.asarray(matrix._structure((h, w_), tuple(w.shape), *_static(opts, (h, w_), w.shape), groups)[3] > 0)
     assert relative_error(w_back, jnp.where(seen.reshape(w.shape), w, 0.0))[1] <= 1e-12
+
+
+@settings(max_examples=_FEW)
+@given(config=conv_configs())
+def test_kernel_from_filter_matrix_round_trip(config):
+    _check_round_trip(config)
 
 
 def _static(opts, in_hw, w_shape):
@@ -318,25 +332,18 @@ def test_errors_at_trace_time():
 # --- conv2d's im2row backward strategy ------------------------------------------------------------
 
 
+def _arrays(rng, config, dtype=np.float64):
+    return conv_arrays(rng, config["x_shape"], config["w_shape"], config["bias"], dtype)
+
+
 def _im2row_strategy():
     """Force conv2d's im2row backward (a context, not a fixture: hypothesis reruns the body)."""
     return jaxconv.plan.forms(conv_backward="im2row")
 
 
-def _pair(options):
-    return (lambda x, w, b: jaxconv.conv2d(x, w, b, **options)), (lambda x, w, b: reference.conv2d(x, w, b, **options))
-
-
-def _arrays(rng, config, dtype=np.float64):
-    x = rng.standard_normal(config["x_shape"]).astype(dtype)
-    w = rng.standard_normal(config["w_shape"]).astype(dtype)
-    b = rng.standard_normal(config["w_shape"][-1]).astype(dtype) if config["bias"] else None
-    return x, w, b
-
-
 @given(config=conv_configs())
 def test_im2row_strategy_hypothesis_vjp(config):
-    f, ref = _pair(config["options"])
+    f, ref = conv_pair(config["options"])
     with _im2row_strategy():
         check_vjp(f, ref, *_arrays(np.random.default_rng(20), config), finite_differences=False,
                   second_order=False).assert_ok()
@@ -346,7 +353,7 @@ def test_im2row_strategy_hypothesis_vjp(config):
 @given(config=conv_configs(max_channels=4, max_hw=8, max_kernel=3))
 def test_im2row_strategy_hypothesis_full_check(config):
     """Finite differences and grad-of-grad through phi and phi*, eagerly."""
-    f, ref = _pair(config["options"])
+    f, ref = conv_pair(config["options"])
     with _im2row_strategy():
         check_vjp(f, ref, *_arrays(np.random.default_rng(21), config), jit=False).assert_ok()
 
@@ -354,7 +361,7 @@ def test_im2row_strategy_hypothesis_full_check(config):
 @settings(max_examples=4)
 @given(config=conv_configs())
 def test_im2row_strategy_float32(config):
-    f, ref = _pair(config["options"])
+    f, ref = conv_pair(config["options"])
     with _im2row_strategy():
         report = check_vjp(f, ref, *_arrays(np.random.default_rng(22), config, np.float32), dtype=jnp.float32,
                            finite_differences=False, second_order=False)
@@ -377,7 +384,7 @@ def test_im2row_strategy_is_what_runs(monkeypatch, forms):
 @settings(max_examples=80)
 @given(config=conv_configs())
 def test_im2row_strategy_sweep_slow(config):
-    f, ref = _pair(config["options"])
+    f, ref = conv_pair(config["options"])
     with _im2row_strategy():
         check_vjp(f, ref, *_arrays(np.random.default_rng(23), config)).assert_ok()
 
@@ -386,6 +393,6 @@ def test_im2row_strategy_sweep_slow(config):
 @settings(max_examples=80)
 @given(config=conv_configs(max_channels=8, max_hw=16))
 def test_matrix_views_sweep_slow(config):
-    test_im2row_and_row2im_are_adjoint.hypothesis.inner_test(config)
-    test_filter_matrix_times_vec_x_is_vec_conv2d.hypothesis.inner_test(config)
-    test_kernel_from_filter_matrix_round_trip.hypothesis.inner_test(config)
+    _check_adjoint(config)
+    _check_filter_matrix(config)
+    _check_round_trip(config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from functools import partial
 
 import jax
@@ -23,14 +24,16 @@ def _f64(tree):
     return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
 
 
-def test_models_registry():
-    assert models.MODELS == {
-        "dd2424_net": models.dd2424_net,
-        "lenet5": models.lenet5,
-        "alexnet_small": models.alexnet_small,
-        "resnet_small": models.resnet_small,
-        "resnet_small_nobn": models.resnet_small_nobn,
-    }
+def test_every_public_model_is_registered_under_its_own_name():
+    """MODELS (what ``--model`` offers) holds every public function of jaxconv.nn.models, found by
+    introspection, each under its ``__name__``, and each builds a classifier of ``num_classes`` outputs."""
+    public = {name for name, f in inspect.getmembers(models, inspect.isfunction)
+              if f.__module__ == models.__name__ and not name.startswith("_")}
+    assert set(models.MODELS) == public
+    for name, constructor in models.MODELS.items():
+        assert constructor.__name__ == name and name in models.__all__
+        init, _ = constructor(num_classes=3)
+        assert init(jax.random.key(0), (-1, 8, 8, 1))[0] == (-1, 3), name
 
 
 @pytest.mark.parametrize("name", sorted(models.MODELS))
@@ -44,7 +47,7 @@ def test_output_shape_on_every_image_size(name, image_shape):
 
 
 @pytest.mark.parametrize("w,h,c,f,n_f,classes", [(8, 8, 1, 3, 16, 10), (32, 32, 3, 5, 3, 10), (28, 28, 1, 4, 2, 4)])
-def test_dd2424_net_is_the_lecture_network(w, h, c, f, n_f, classes):
+def test_dd2424_net_is_conv_relu_dense_with_these_shapes(w, h, c, f, n_f, classes):
     """F_i f x f x C with scalar b_i; S, H (w-f+1)(h-f+1) n_F; W C x (w-f+1)(h-f+1) n_F; b C."""
     init, apply = models.dd2424_net(classes, num_filters=n_f, filter_size=f)
     _, params = init(jax.random.key(0), (-1, h, w, c))

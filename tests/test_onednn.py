@@ -24,7 +24,7 @@ from jaxconv import plan, reference
 from jaxconv.plan import onednn
 from jaxconv.verify import check_vjp
 
-from .test_winograd import float32_errors  # one float32-error measure for every form
+from ._grids import float32_errors  # one float32-error measure for every form
 
 pytestmark = pytest.mark.skipif(
     not (platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")),

@@ -59,8 +59,14 @@ def test_each_optimizer_is_the_named_update():
         train.make_optimizer("rmsprop", 0.1)
     with pytest.raises(ValueError, match="weight_decay"):
         train.make_optimizer("adam", 0.1, weight_decay=-1.0)
-    schedule = optax.linear_schedule(0.0, 1.0, 10)
-    assert train.make_optimizer("adamw", schedule).init(w)  # a schedule is accepted
+    # A schedule is followed step by step: 0 at step 0 (no update at all), then lr, which gives the
+    # constant-lr step (plain SGD has no state; Adam's bias-corrected moments of a constant gradient are too).
+    for name in ("sgd", "adam", "adamw"):
+        opt = train.make_optimizer(name, optax.linear_schedule(0.0, lr, 1), weight_decay=wd)
+        first, state = opt.update(g, opt.init(w), w)
+        np.testing.assert_array_equal(np.asarray(first["w"]), 0.0)
+        second, _ = opt.update(g, state, w)
+        np.testing.assert_allclose(np.asarray(second["w"]), first_update(name), rtol=1e-5)
 
 
 def test_validation_split_is_fixed_disjoint_and_complete():

@@ -262,7 +262,7 @@ def test_nan_with_overlap_and_padding_equals_jax_grad(force, strategy):
         assert np.isfinite(dx).all()
 
 
-def test_seed_004_selection_matrix():
+def test_max_pool_backward_is_row2im_of_g_times_first_max_selection():
     """dL/dX = phi*(dY S^T) with phi, phi* = jaxconv.matrix.im2row/row2im and S the
     first maximum of each row of phi(X): per channel, on integer-valued (tied) input."""
     rng = np.random.default_rng(8)
@@ -422,7 +422,7 @@ def test_grad_of_grad_through_the_integer_residual(force, strategy):
 
 
 @pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
-def test_seed_003_worked_example(force, strategy):
+def test_avg_pool_2x2_backward_spreads_a_quarter_of_g(force, strategy):
     """docs/pooling.md §2: 4x4 -> 2x2, dL/dx_ij = (1/4) dL/dz_(i/2)(j/2)."""
     force(strategy)
     x = jnp.arange(16.0).reshape(1, 4, 4, 1)
@@ -519,9 +519,12 @@ def test_padding_past_half_the_window_is_rejected_as_pytorch_does(op):
     """max_pool2d(x, 2, padding=3) used to return -inf (windows of padding only);
     now half the window is the most padding, and the hand rules and references agree."""
     x = jnp.asarray(np.random.default_rng(13).standard_normal((1, 2, 2, 1)))
-    with pytest.raises(ValueError, match=r"`padding` \(=3\) puts 3 on the top, more than half the window"):
+    # The references name sides by position (they share no naming code with the ops).
+    with pytest.raises(ValueError, match=r"`padding` \(=3\) puts 3 on the (top|low side of spatial dimension 0), "
+                                         r"more than half the window"):
         op(x, 2, stride=2, padding=3)
-    with pytest.raises(ValueError, match=r"`padding` \(=\(\(0, 0\), \(2, 0\)\)\) puts 2 on the left"):
+    with pytest.raises(ValueError, match=r"`padding` \(=\(\(0, 0\), \(2, 0\)\)\) puts 2 on the "
+                                         r"(left|low side of spatial dimension 1)"):
         jax.eval_shape(lambda x: op(x, 3, stride=1, padding=((0, 0), (2, 0))), x)
     assert op(x, 2, stride=1, padding=1).shape == (1, 3, 3, 1)  # half the window: allowed
 

@@ -11,7 +11,7 @@ import pytest
 import jaxconv
 from jaxconv.ops import conv as conv_module
 from jaxconv import reference
-from jaxconv.verify import check_vjp, relative_error
+from jaxconv.verify import assert_vjp_ok, check_vjp, relative_error
 
 OPTIONS = dict(stride=2, padding=1)
 
@@ -37,8 +37,8 @@ def test_right_rule_passes():
     assert "second-order" in str(report) and "vjp" in str(report)
 
 
-def test_planted_scale_is_caught():
-    """A gradient off by a factor 1.001 fails the VJP check for that argument only."""
+def _dw_scaled_rule():
+    """The reference's convolution with a hand rule whose dL/dw is off by a factor 1.001."""
 
     @jax.custom_vjp
     def scaled(x, w, b):
@@ -52,13 +52,32 @@ def test_planted_scale_is_caught():
         return dx, dw * 1.001, db
 
     scaled.defvjp(fwd, bwd)
-    report = check_vjp(scaled, _ref, *_conv_args(), names=("x", "w", "b"))
+    return scaled
+
+
+def test_planted_scale_is_caught():
+    """A gradient off by a factor 1.001 fails the VJP check for that argument only."""
+    report = check_vjp(_dw_scaled_rule(), _ref, *_conv_args(), names=("x", "w", "b"))
     assert not report.passed
     failed = {(c.kind, c.argument) for c in report.failures}
     assert ("vjp", "w") in failed
     assert not any(arg in ("x", "b") for kind, arg in failed if kind == "vjp")
     with pytest.raises(AssertionError, match=r"vjp: argument w: relative error 1\.000e-03"):
         report.assert_ok()
+
+
+def test_assert_vjp_ok_passes_a_right_rule_and_fails_a_planted_wrong_one():
+    """The pytest one-liner: check_vjp's report back when every check passes; one AssertionError
+    naming the failed check, argument and error when one fails (here dL/dw off by 1.001)."""
+    fast = dict(names=("x", "w", "b"), finite_differences=False, second_order=False)
+    report = assert_vjp_ok(_conv, _ref, *_conv_args(), **fast)
+    assert report.passed and report.worst("vjp") <= 1e-12
+    with pytest.raises(AssertionError) as info:
+        assert_vjp_ok(_dw_scaled_rule(), _ref, *_conv_args(), **fast)
+    lines = str(info.value).splitlines()
+    assert lines[0] == "check_vjp(scaled) failed:"
+    failures = [line.strip() for line in lines[1:] if line.startswith("  ")]
+    assert failures and all(line.startswith("vjp: argument w: relative error 1.000e-03") for line in failures)
 
 
 def test_planted_missing_flip_is_caught(monkeypatch):

@@ -28,6 +28,8 @@ from jaxconv import plan, reference
 from jaxconv.plan import winograd
 from jaxconv.verify import check_vjp
 
+from ._grids import conv_arrays, conv_pair, float32_errors
+
 WINOGRAD_FORMS = sorted(plan.WINOGRAD_TILES)
 
 
@@ -68,17 +70,6 @@ GRID = [
 ]
 
 
-def _conv(options, ndim=2):
-    op, ref = getattr(jaxconv, f"conv{ndim}d"), getattr(reference, f"conv{ndim}d")
-    return (lambda x, w, b: op(x, w, b, **options)), (lambda x, w, b: ref(x, w, b, **options))
-
-
-def _arrays(seed, x_shape, w_shape, dtype=np.float64):
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal(x_shape).astype(dtype), rng.standard_normal(w_shape).astype(dtype),
-            rng.standard_normal(w_shape[-1]).astype(dtype))
-
-
 def _check_float64(f, ref, args):
     """The forced form really runs (the traced gradient has no XLA convolution, so it is not the
     planner's fallback), and its VJP is the reference's to 1e-12."""
@@ -93,7 +84,7 @@ def _check_float64(f, ref, args):
 @pytest.mark.parametrize("x_shape,w_shape,options", GRID)
 def test_float64_every_tile_on_the_grid(forms, form, x_shape, w_shape, options):
     forms(conv_forward=form, conv_backward=form)
-    _check_float64(*_conv(options), _arrays(0, x_shape, w_shape))
+    _check_float64(*conv_pair(options), conv_arrays(np.random.default_rng(0), x_shape, w_shape))
 
 
 @pytest.mark.parametrize("form", WINOGRAD_FORMS)
@@ -101,8 +92,8 @@ def test_float64_every_tile_on_the_grid(forms, form, x_shape, w_shape, options):
 def test_finite_differences_and_second_order(forms, form, index):
     x_shape, w_shape, options = GRID[index]
     forms(conv_forward=form, conv_backward=form)
-    f, ref = _conv(options)
-    check_vjp(f, ref, *_arrays(1, x_shape, w_shape), names=("x", "w", "b")).assert_ok()
+    f, ref = conv_pair(options)
+    check_vjp(f, ref, *conv_arrays(np.random.default_rng(1), x_shape, w_shape), names=("x", "w", "b")).assert_ok()
 
 
 @pytest.mark.parametrize("form", WINOGRAD_FORMS)
@@ -113,7 +104,7 @@ def test_finite_differences_and_second_order(forms, form, index):
 ])
 def test_1d_and_3d(forms, form, ndim, x_shape, w_shape, options):
     forms(conv_forward=form, conv_backward=form)
-    _check_float64(*_conv(options, ndim), _arrays(2, x_shape, w_shape))
+    _check_float64(*conv_pair(options, ndim), conv_arrays(np.random.default_rng(2), x_shape, w_shape))
 
 
 @pytest.mark.parametrize("form", WINOGRAD_FORMS)
@@ -121,8 +112,8 @@ def test_several_batch_blocks(forms, monkeypatch, form):
     """A block budget of one image: the forward's and dx's lax.map and dw's scan over blocks."""
     forms(conv_forward=form, conv_backward=form)
     monkeypatch.setattr(conv_module, "_WINOGRAD_BLOCK_BYTES", 1)
-    f, ref = _conv(dict(padding="SAME"))
-    args = _arrays(3, (3, 7, 6, 2), (3, 3, 2, 4))
+    f, ref = conv_pair(dict(padding="SAME"))
+    args = conv_arrays(np.random.default_rng(3), (3, 7, 6, 2), (3, 3, 2, 4))
     text = str(jax.make_jaxpr(jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1)))(*args))
     assert "scan" in text  # lax.map and the dw accumulation run over blocks
     check_vjp(f, ref, *args, names=("x", "w", "b"), finite_differences=False).assert_ok()
@@ -162,23 +153,11 @@ def _stride1_configs(draw):
 def test_hypothesis_stride1(config, form):
     x_shape, w_shape, options = config
     with plan.forms(conv_forward=form, conv_backward=form):
-        f, ref = _conv(options)
-        report = check_vjp(f, ref, *_arrays(6, x_shape, w_shape), names=("x", "w", "b"),
+        f, ref = conv_pair(options)
+        report = check_vjp(f, ref, *conv_arrays(np.random.default_rng(6), x_shape, w_shape), names=("x", "w", "b"),
                            finite_differences=False, second_order=False)
     report.assert_ok()
     assert report.worst("vjp") <= 1e-12
-
-
-def float32_errors(op, ref, x, w, g, forms, **options):
-    """Normwise relative error of (y, dx, dw) of ``op`` in float32 under ``forms`` (``jaxconv.plan.forms``
-    arguments), against ``ref`` in float64."""
-    with plan.forms(**forms):
-        run = jax.jit(lambda x, w, g: (lambda yp: (yp[0], *yp[1](g)))(jax.vjp(lambda x, w: op(x, w, **options), x, w)))
-        low = run(*(np.asarray(a, np.float32) for a in (x, w, g)))
-    exact_y, pullback = jax.vjp(lambda x, w: ref(x, w, **options), jnp.asarray(x), jnp.asarray(w))
-    exact = (exact_y, *pullback(jnp.asarray(g)))
-    return [float(np.linalg.norm(np.asarray(b, np.float64) - np.asarray(a)) / np.linalg.norm(np.asarray(a)))
-            for a, b in zip(exact, low)]
 
 
 def test_float32_error_against_the_direct_form():
@@ -221,8 +200,8 @@ def test_planner_picks_f2x2_3x3_only_where_it_applies(forms):
 
 def test_forced_on_a_strided_convolution_runs_the_fallback(forms):
     forms(conv_forward="winograd2", conv_backward="winograd2")
-    f, ref = _conv(dict(stride=2, padding=1))
-    check_vjp(f, ref, *_arrays(8, (2, 7, 7, 2), (3, 3, 2, 3)), names=("x", "w", "b"),
+    f, ref = conv_pair(dict(stride=2, padding=1))
+    check_vjp(f, ref, *conv_arrays(np.random.default_rng(8), (2, 7, 7, 2), (3, 3, 2, 3)), names=("x", "w", "b"),
               finite_differences=False, second_order=False).assert_ok()
 
 

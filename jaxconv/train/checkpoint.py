@@ -1,6 +1,6 @@
 """Checkpoints: any pytree of arrays (params, optax state) plus JSON metadata, in one safetensors file.
 
-Format (``"format": 2``): a safetensors file whose tensors are the pytree's
+Format (``"format": 1``): a safetensors file whose tensors are the pytree's
 leaves, each named by its key path (``jax.tree_util.keystr``, e.g.
 ``['params'][0]['w']`` or ``['opt_state'][1][0].trace[0]['w']``), and whose
 safetensors header metadata (``"__metadata__"``, a string-to-string map) holds
@@ -8,7 +8,7 @@ two entries:
 
 * ``"jaxconv"``: a JSON object ::
 
-    {"format": 2,
+    {"format": 1,
      "names": [...leaf names, in the pytree's order],
      "tensors": {name: {"dtype": "float32", "shape": [5, 5, 1, 6],
                         "sha256": hex digest of the tensor's raw bytes as stored
@@ -20,9 +20,6 @@ two entries:
   the tensor checksums).
 
 No pickle: the file holds only arrays and JSON, so loading one runs no code.
-Format 1 (the previous release) is the same without ``"tensors"`` and
-``"jaxconv.sha256"``; such files still load, with a ``UserWarning`` that they
-have no checksums and cannot be verified.
 
 Verified, not trusted: :func:`restore` and :func:`read_metadata` check the whole
 file before returning anything.  The path must be a regular file (checked with
@@ -68,7 +65,6 @@ import os
 import pathlib
 import re
 import tempfile
-import warnings
 from typing import Any, Callable
 
 import jax
@@ -79,7 +75,7 @@ from . import files as _files
 __all__ = ["MAX_CLASSES", "MAX_SIDE", "atomic_write_bytes", "check_model_entry", "read_metadata", "restore", "save",
            "stored_shapes"]
 
-_FORMAT = 2
+_FORMAT = 1
 _KEY = "jaxconv"
 _SHA_KEY = "jaxconv.sha256"
 _TMP_RANDOM = re.compile(r"[A-Za-z0-9_]+")  # the random part mkstemp appends to the prefix
@@ -281,16 +277,11 @@ def _safetensors_parts(path, data: bytes) -> tuple[dict, dict[str, memoryview]]:
 
 
 def _jaxconv_header(path, safetensors_header: dict) -> dict:
-    """The ``"jaxconv"`` header, its checksum verified (format 2) and every key checked."""
+    """The ``"jaxconv"`` header, its checksum verified and every key checked."""
     text, checksum = _header_text(path, safetensors_header)
     header = _parse_header(path, text)
-    if header["format"] == 1:
-        warnings.warn(f"{path}: a format-1 checkpoint (an earlier jaxconv): it has no checksums and cannot be "
-                      f"verified; save it again to add them.", UserWarning, stacklevel=4)
-        return header
     if checksum is None:
-        raise _unreadable(path, f"its safetensors metadata has no '{_SHA_KEY}' entry (the header checksum), "
-                                f"which format 2 requires")
+        raise _unreadable(path, f"its safetensors metadata has no '{_SHA_KEY}' entry (the header checksum)")
     _check_tensor_records(path, header.get("tensors"), header["names"])
     return header
 
@@ -317,8 +308,8 @@ def _parse_header(path, text: str) -> dict:
     if not isinstance(header, dict):
         raise _unreadable(path, f"its '{_KEY}' header is not a JSON object")
     version = header.get("format")
-    if type(version) is not int or version not in (1, 2):
-        raise _unreadable(path, f"its '{_KEY}' header has 'format' {version!r}; this version reads formats 1 and 2")
+    if type(version) is not int or version != _FORMAT:
+        raise _unreadable(path, f"its '{_KEY}' header has 'format' {version!r}; this version reads format {_FORMAT}")
     names = header.get("names")
     if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         raise _unreadable(path, f"its '{_KEY}' header's 'names' is missing or not a list of strings")
@@ -365,8 +356,7 @@ def _load(path):
         raise _unreadable(path, f"{type(err).__name__}: {err}") from err
     if sorted(header["names"]) != sorted(arrays):
         raise _unreadable(path, f"the '{_KEY}' header's leaf names do not match the stored tensors")
-    if header["format"] == 2:
-        _verify_tensors(path, arrays, raw, header["tensors"])
+    _verify_tensors(path, arrays, raw, header["tensors"])
     return path, arrays, header
 
 
