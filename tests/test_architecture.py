@@ -301,8 +301,6 @@ def check(sources: dict[str, str]) -> list[Violation]:
 #: Violations in today's tree, each to be fixed (then removed here): the test fails on any other
 #: violation, and on an entry here that no longer occurs (so the list only shrinks).
 KNOWN: frozenset[Violation] = frozenset({
-    # reference imports the window helpers of _core; it is to be standalone (its own copies).
-    Violation("direction", "jaxconv.reference", "imports jaxconv._core.window (reference -> _core)"),
 })
 
 
