@@ -5,12 +5,14 @@ checked when concrete."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
 import subprocess
 import sys
 import textwrap
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -393,3 +395,32 @@ def test_log_loss_under_jit_checks_nothing_and_gives_what_the_docstring_says():
     # The same values eagerly: the check runs.
     with pytest.raises(ValueError, match=r"`p` \(=-3.0 at index \(0, 1\)\)"):
         jaxconv.log_loss(at((0, 1), -3.0), labels)
+
+
+# --- the public signatures ---------------------------------------------------------
+
+
+_ARRAY_PARAMETERS = {"x", "w", "b", "y", "s", "p", "labels", "logits", "scale", "offset", "params", "lam"}
+
+
+@pytest.mark.parametrize("name", sorted(jaxconv.ops.__all__))
+def test_every_public_op_is_typed_and_takes_its_configuration_by_keyword(name):
+    """Arrays (and a pool's window) positional; everything after them keyword-only; every parameter and the
+    return annotated (the package ships py.typed)."""
+    op = getattr(jaxconv.ops, name)
+    signature = inspect.signature(op)
+    hints = typing.get_type_hints(op)
+    assert "return" in hints, name
+    for parameter in signature.parameters.values():
+        assert parameter.name in hints, (name, parameter.name)
+        if name.startswith("lrn_params_from_"):  # converters of another framework's positional signature
+            continue
+        positional = parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        allowed = parameter.name in _ARRAY_PARAMETERS or (parameter.name == "window" and "pool" in name)
+        assert positional == allowed, (name, parameter.name, parameter.kind)
+    if hasattr(op, "is_hand_rule"):
+        assert hints["return"] is jax.Array, name
+
+
+def test_the_package_ships_py_typed():
+    assert os.path.isfile(os.path.join(os.path.dirname(jaxconv.__file__), "py.typed"))

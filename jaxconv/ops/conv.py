@@ -62,12 +62,17 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
+from jax import Array, lax
+from jax.typing import ArrayLike
 
 from .._core import args as _args
 from .._core import window as _window
 from ..plan import planner as plan
 from ..plan import onednn, winograd
+
+PrecisionLike = lax.PrecisionLike
+SizeLike = _window.SizeLike
+PaddingLike = _window.PaddingLike
 
 __all__ = ["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"]
 
@@ -95,12 +100,6 @@ def _dimension_numbers(ndim: int, kind: str = "forward"):
     return (f"C{sp}N", f"I{sp}O", f"{sp}NC")
 
 
-def _positive_groups(groups) -> int:
-    if not _args._is_int(groups) or int(groups) < 1:
-        raise ValueError(f"`groups` (={groups!r}) must be a positive int.")
-    return int(groups)
-
-
 def _check_arrays(ndim: int, first: str, a, w, b):
     a = _args.check_float_array(a, first, ndim + 2)
     w = _args.check_float_array(w, "w", ndim + 2)
@@ -124,7 +123,7 @@ def _plan(window: _window.Window, batch, in_channels, out_channels, groups, *arr
 def _conv(ndim: int, x, w, b, stride, padding, dilation, groups, precision):
     """Validate (``ValueError`` naming each argument), plan, and run the N-d convolution."""
     x, w, b = _check_arrays(ndim, "x", x, w, b)
-    groups = _positive_groups(groups)
+    groups = _args.positive_int(groups, "groups")
     precision = _args.precision(precision)
     n, c = x.shape[0], x.shape[-1]
     ci, o = w.shape[-2], w.shape[-1]
@@ -162,7 +161,9 @@ _CONV_ARGS = """
 
 
 @_args.reverse_mode_rule
-def conv1d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1, precision=None):
+def conv1d(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, *, stride: SizeLike = 1,
+           padding: PaddingLike = "VALID", dilation: SizeLike = 1, groups: int = 1,
+           precision: PrecisionLike = None) -> Array:
     """1-D convolution, NWC input and WIO kernel, with a hand-derived VJP.
 
     :func:`conv2d` with one spatial dimension (same formulas, same checks,
@@ -177,7 +178,9 @@ def conv1d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1, pre
 
 
 @_args.reverse_mode_rule
-def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1, precision=None):
+def conv2d(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, *, stride: SizeLike = 1,
+           padding: PaddingLike = "VALID", dilation: SizeLike = 1, groups: int = 1,
+           precision: PrecisionLike = None) -> Array:
     """2-D convolution, NHWC input and HWIO kernel, with a hand-derived VJP.
 
     Args:
@@ -226,7 +229,9 @@ def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1, pre
 
 
 @_args.reverse_mode_rule
-def conv3d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1, precision=None):
+def conv3d(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, *, stride: SizeLike = 1,
+           padding: PaddingLike = "VALID", dilation: SizeLike = 1, groups: int = 1,
+           precision: PrecisionLike = None) -> Array:
     """3-D convolution, NDHWC input and DHWIO kernel, with a hand-derived VJP.
 
     :func:`conv2d` with three spatial dimensions (same formulas, same checks,
@@ -560,7 +565,7 @@ def _grads(config: ConvConfig, form: str, x, x_shape, w, g, need_dx: bool = True
 def _conv_transpose(ndim: int, y, w, b, stride, padding, output_padding, dilation, groups, precision):
     """Validate, plan and run the N-d transposed convolution (the adjoint of :func:`_conv` in ``x``)."""
     y, w, b = _check_arrays(ndim, "y", y, w, b)
-    groups = _positive_groups(groups)
+    groups = _args.positive_int(groups, "groups")
     precision = _args.precision(precision)
     n, o = y.shape[0], y.shape[-1]
     kernel, ci, wo = tuple(w.shape[:-2]), w.shape[-2], w.shape[-1]
@@ -653,20 +658,23 @@ _TRANSPOSE_DOC = """{n}-D transposed convolution ({layout} output), the adjoint 
 
 
 @_args.reverse_mode_rule
-def conv_transpose1d(y, w, b=None, *, stride=1, padding="VALID", output_padding=0, dilation=1, groups=1,
-                       precision=None):
+def conv_transpose1d(y: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, *, stride: SizeLike = 1,
+                     padding: PaddingLike = "VALID", output_padding: SizeLike = 0, dilation: SizeLike = 1,
+                     groups: int = 1, precision: PrecisionLike = None) -> Array:
     return _conv_transpose(1, y, w, b, stride, padding, output_padding, dilation, groups, precision)
 
 
 @_args.reverse_mode_rule
-def conv_transpose2d(y, w, b=None, *, stride=1, padding="VALID", output_padding=0, dilation=1, groups=1,
-                       precision=None):
+def conv_transpose2d(y: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, *, stride: SizeLike = 1,
+                     padding: PaddingLike = "VALID", output_padding: SizeLike = 0, dilation: SizeLike = 1,
+                     groups: int = 1, precision: PrecisionLike = None) -> Array:
     return _conv_transpose(2, y, w, b, stride, padding, output_padding, dilation, groups, precision)
 
 
 @_args.reverse_mode_rule
-def conv_transpose3d(y, w, b=None, *, stride=1, padding="VALID", output_padding=0, dilation=1, groups=1,
-                       precision=None):
+def conv_transpose3d(y: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, *, stride: SizeLike = 1,
+                     padding: PaddingLike = "VALID", output_padding: SizeLike = 0, dilation: SizeLike = 1,
+                     groups: int = 1, precision: PrecisionLike = None) -> Array:
     return _conv_transpose(3, y, w, b, stride, padding, output_padding, dilation, groups, precision)
 
 

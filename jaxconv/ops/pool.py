@@ -123,7 +123,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
+from jax import Array, lax
+from jax.typing import ArrayLike
 
 from .._core import args as _args
 from .._core import window as _window
@@ -275,7 +276,8 @@ def _avg_pool(ndim: int, x, window, stride, padding, count_include_pad):
 
 
 @_args.reverse_mode_rule
-def avg_pool2d(x, window, *, stride=None, padding="VALID", count_include_pad=True):
+def avg_pool2d(x: ArrayLike, window: _window.SizeLike, *, stride: _window.SizeLike | None = None,
+               padding: _window.PaddingLike = "VALID", count_include_pad: bool = True) -> Array:
     """Average pooling over ``window`` (NHWC) with the hand-derived backward (docs/pooling.md §2).
 
     Args:
@@ -315,7 +317,8 @@ def avg_pool2d(x, window, *, stride=None, padding="VALID", count_include_pad=Tru
 
 
 @_args.reverse_mode_rule
-def avg_pool1d(x, window, *, stride=None, padding="VALID", count_include_pad=True):
+def avg_pool1d(x: ArrayLike, window: _window.SizeLike, *, stride: _window.SizeLike | None = None,
+               padding: _window.PaddingLike = "VALID", count_include_pad: bool = True) -> Array:
     """Average pooling over ``(N, W, C)``: :func:`avg_pool2d` with one spatial dimension.
 
     ``window``, ``stride``: an int (or a 1-tuple); ``padding``: ``"VALID"``,
@@ -330,7 +333,8 @@ def avg_pool1d(x, window, *, stride=None, padding="VALID", count_include_pad=Tru
 
 
 @_args.reverse_mode_rule
-def avg_pool3d(x, window, *, stride=None, padding="VALID", count_include_pad=True):
+def avg_pool3d(x: ArrayLike, window: _window.SizeLike, *, stride: _window.SizeLike | None = None,
+               padding: _window.PaddingLike = "VALID", count_include_pad: bool = True) -> Array:
     """Average pooling over ``(N, D, H, W, C)``: :func:`avg_pool2d` with three spatial dimensions.
 
     ``window``, ``stride``: an int or a triple; ``padding``: ``"VALID"``,
@@ -393,7 +397,8 @@ def _max_pool(ndim: int, x, window, stride, padding):
 
 
 @_args.reverse_mode_rule
-def max_pool2d(x, window, *, stride=None, padding="VALID"):
+def max_pool2d(x: ArrayLike, window: _window.SizeLike, *, stride: _window.SizeLike | None = None,
+               padding: _window.PaddingLike = "VALID") -> Array:
     """Max pooling over ``window`` (NHWC) with the hand-derived backward (docs/pooling.md §4).
 
     Args:
@@ -423,7 +428,8 @@ def max_pool2d(x, window, *, stride=None, padding="VALID"):
 
 
 @_args.reverse_mode_rule
-def max_pool1d(x, window, *, stride=None, padding="VALID"):
+def max_pool1d(x: ArrayLike, window: _window.SizeLike, *, stride: _window.SizeLike | None = None,
+               padding: _window.PaddingLike = "VALID") -> Array:
     """Max pooling over ``(N, W, C)``: :func:`max_pool2d` with one spatial dimension.
 
     Arguments as :func:`avg_pool1d`'s; ties go to the first maximum, padding is
@@ -437,7 +443,8 @@ def max_pool1d(x, window, *, stride=None, padding="VALID"):
 
 
 @_args.reverse_mode_rule
-def max_pool3d(x, window, *, stride=None, padding="VALID"):
+def max_pool3d(x: ArrayLike, window: _window.SizeLike, *, stride: _window.SizeLike | None = None,
+               padding: _window.PaddingLike = "VALID") -> Array:
     """Max pooling over ``(N, D, H, W, C)``: :func:`max_pool2d` with three spatial dimensions.
 
     Arguments as :func:`avg_pool3d`'s; the window is scanned in row-major

@@ -121,7 +121,7 @@ def platform_of(*arrays) -> str:
                 continue
             if devices:
                 return _normalise(next(iter(devices)).platform)
-    default = jax.config.jax_default_device
+    default = jax.config.jax_default_device  # type: ignore[attr-defined]  # a flag set up at run time
     if default is not None:
         return _normalise(default.platform if hasattr(default, "platform") else str(default))
     return _normalise(jax.default_backend())
@@ -231,7 +231,7 @@ def conv_plan(*, batch, out_spatial, kernel_spatial, in_channels, out_channels, 
             reason += f"; onednn needs float32 on CPU, static shapes, one group: {own} runs"
             wanted = own
         chosen.append(wanted or own)
-    return ConvPlan(*chosen, reason)
+    return ConvPlan(chosen[0], chosen[1], reason)
 
 
 def _conv_choice(batch, out_spatial, kernel_spatial, in_channels, out_channels, groups, stride, dilation,
