@@ -68,7 +68,7 @@ from jax.typing import ArrayLike
 from .._core import args as _args
 from .._core import window as _window
 from ..plan import planner as plan
-from ..plan import onednn, winograd
+from ..plan import winograd
 
 PrecisionLike = lax.PrecisionLike
 SizeLike = _window.SizeLike
@@ -86,8 +86,8 @@ class ConvConfig(NamedTuple):
 
     window: _window.Window
     groups: int
-    forward: str  # a key of _FORWARD_STRATEGIES
-    backward: str  # a key of _BACKWARD_STRATEGIES
+    forward: str  # a key of _FORWARD_FORMS
+    backward: str  # a key of _BACKWARD_FORMS
     precision: _args.Precision = None  # every product's, forward and backward (_args.precision's form)
 
 
@@ -353,19 +353,29 @@ def _onednn_geometry(config: ConvConfig):
 # gradients run the callbacks (the conv rule calls them directly); second and
 # higher orders differentiate through the lax tangents.
 
-def _onednn_formula(kernel, shape, shape_name, lax_formula, doc: str):
+def _onednn_kernel(name: str, *args, **kwargs):
+    """``jaxconv.plan.onednn.<name>(*args, **kwargs)``, the module imported on first use (the optional extra:
+    ctypes and a shared library, loaded only when an ``"onednn"`` form runs)."""
+    from ..plan import onednn
+
+    return getattr(onednn, name)(*args, **kwargs)
+
+
+def _onednn_formula(kernel: str, shape, shape_name, lax_formula, doc: str):
     """One of the three formulas, ``(config, a, b) -> out``, as a oneDNN callback with the lax tangent.
 
-    ``shape(config, a, b)`` is the output's shape, passed to ``kernel`` as
-    ``shape_name`` (the forward reads it off its inputs).  Bilinear: the tangent
-    is ``lax_formula(da, b) + lax_formula(a, db)``.
+    ``kernel`` names the function of :mod:`jaxconv.plan.onednn`; ``shape(config,
+    a, b)`` is the output's shape, passed to it as ``shape_name`` (the forward
+    reads it off its inputs).  Bilinear: the tangent is ``lax_formula(da, b) +
+    lax_formula(a, db)``.  ``precision`` has no effect on the callback (oneDNN
+    computes in float32); the lax tangents honour it.
     """
 
     @partial(jax.custom_jvp, nondiff_argnums=(0,))
     def formula(config: ConvConfig, a, b):
         out = shape(config, a, b)
         extra = {shape_name: out} if shape_name else {}
-        return jax.pure_callback(partial(kernel, **extra, **_onednn_geometry(config)),
+        return jax.pure_callback(partial(_onednn_kernel, kernel, **extra, **_onednn_geometry(config)),
                                  jax.ShapeDtypeStruct(out, a.dtype), a, b, vmap_method="sequential")
 
     @formula.defjvp
@@ -378,18 +388,18 @@ def _onednn_formula(kernel, shape, shape_name, lax_formula, doc: str):
 
 
 _forward_onednn = _onednn_formula(
-    onednn.forward, lambda config, x, w: (x.shape[0], *config.window.out_size, w.shape[-1]), None, _forward_conv,
+    "forward", lambda config, x, w: (x.shape[0], *config.window.out_size, w.shape[-1]), None, _forward_conv,
     "``Y`` by oneDNN's forward convolution (docs/convolution.md §1).")
 _input_grad_onednn = _onednn_formula(
-    onednn.input_grad, lambda config, w, g: (g.shape[0], *config.window.in_size, w.shape[-2]), "x_shape",
+    "input_grad", lambda config, w, g: (g.shape[0], *config.window.in_size, w.shape[-2]), "x_shape",
     lambda *a: _input_grad_conv(*a), "dL/dx (docs/convolution.md §5.3) by oneDNN's backward-data convolution, from (w, g).")
 _kernel_grad_onednn = _onednn_formula(
-    onednn.kernel_grad, lambda config, x, g: (*config.window.kernel, x.shape[-1], g.shape[-1]), "w_shape",
+    "kernel_grad", lambda config, x, g: (*config.window.kernel, x.shape[-1], g.shape[-1]), "w_shape",
     lambda *a: _kernel_grad_conv(*a), "dL/dw (docs/convolution.md §5.4) by oneDNN's backward-weights convolution, from (x, g).")
 
 
 def _forward(config: ConvConfig, x, w, b):
-    y = _FORWARD_STRATEGIES[config.forward](config, x, w)
+    y = _FORWARD_FORMS[config.forward](config, x, w)
     return y if b is None else y + b
 
 
@@ -542,7 +552,7 @@ def _grads(config: ConvConfig, form: str, x, x_shape, w, g, need_dx: bool = True
 
     ``x`` may be None when only ``dL/dx`` is needed (``x_shape`` gives its shape).
     """
-    dx_form, dw_form = _BACKWARD_STRATEGIES[form]
+    dx_form, dw_form = _BACKWARD_FORMS[form]
     if dx_form in _FORMULA_PAIRS:  # Winograd and oneDNN: (dx from w and g, dw from x and g)
         input_grad, kernel_grad = _FORMULA_PAIRS[dx_form]
         return (input_grad(config, w, g) if need_dx else None, kernel_grad(config, x, g) if need_dw else None)
@@ -608,7 +618,7 @@ def _conv_transpose_bwd(config: ConvConfig, residuals, g):
     # so dL/dy is the convolution of G, and dL/dw is the convolution's kernel
     # gradient with G in the place of x and y in the place of its output gradient.
     y, w, has_bias = residuals
-    dy = _FORWARD_STRATEGIES[config.forward](config, g, w)
+    dy = _FORWARD_FORMS[config.forward](config, g, w)
     _, dw = _grads(config, config.backward, g, g.shape, w, y, need_dx=False)
     db = None if has_bias is None else g.sum(axis=tuple(range(g.ndim - 1)))
     return dy, dw, db
@@ -691,25 +701,23 @@ conv_transpose3d.__doc__ = _TRANSPOSE_DOC.format(n=3, layout="NDHWC", spatial="D
                                                  spatial_out="Do, Ho, Wo", kspatial="KD, KH, KW", count="three")
 
 
-# name -> (dx form, dw form).  Every entry computes the same formulas and is
-# tested against jax.grad (tests/test_conv.py runs each).
-_BACKWARD_STRATEGIES = {
-    "conv": ("conv", "conv"),
-    "im2row": ("im2row", "im2row"),
-    "im2row_blocked": ("im2row_blocked", "im2row_blocked"),
-    # dX = phi*(dY F^T) contracts over the O/G output channels: with few of them
-    # that product runs far from the GEMM peak, while dX as the Rot180
-    # correlation is a stride-1 convolution XLA runs as fast as a forward.
-    # dF = phi(X)^T dY contracts over batch and space and stays a GEMM.
-    "mixed": ("conv", "im2row_blocked"),
-    # Winograd minimal filtering, stride 1 only (plan.winograd_fits): dX as
-    # F(m, k) on the rotated kernel, dF as F(k, m) with gradient tiles as filters.
-    "winograd2": ("winograd2", "winograd2"),
-    "winograd4": ("winograd4", "winograd4"),
-    # oneDNN's backward data and backward weights, host callbacks (jaxconv.plan.onednn;
-    # float32, one group, only when forced: plan.forms).
-    "onednn": ("onednn", "onednn"),
-}
+# The form names are the planner's (plan.CONV_FORWARD_FORMS, plan.CONV_BACKWARD_FORMS,
+# listed once there); each table below is built from them, so a name without
+# an implementation fails at import.  Every entry computes the same formulas and
+# is tested against jax.grad (tests/test_conv.py runs each).
+
+# Backward forms whose dx and dw are not the same-named form: "mixed".
+# dX = phi*(dY F^T) contracts over the O/G output channels: with few of them
+# that product runs far from the GEMM peak, while dX as the Rot180
+# correlation is a stride-1 convolution XLA runs as fast as a forward.
+# dF = phi(X)^T dY contracts over batch and space and stays a GEMM.
+# (Winograd, stride 1 only (plan.winograd_fits): dX as F(m, k) on the rotated
+# kernel, dF as F(k, m) with gradient tiles as filters.  oneDNN: its backward
+# data and backward weights, host callbacks, float32, one group, only when forced.)
+_SPLIT_BACKWARD = {"mixed": ("conv", "im2row_blocked")}
+
+# backward form name -> (dx form, dw form).
+_BACKWARD_FORMS = {name: _SPLIT_BACKWARD.get(name, (name, name)) for name in plan.CONV_BACKWARD_FORMS}
 
 # Backward forms whose dx and dw are one pair of functions (config, w, g) and (config, x, g).
 _FORMULA_PAIRS = {
@@ -718,11 +726,10 @@ _FORMULA_PAIRS = {
     "onednn": (_input_grad_onednn, _kernel_grad_onednn),
 }
 
-# name -> forward(config, x, w) -> y without bias; tested like the backward.
-_FORWARD_STRATEGIES = {
+# forward form name -> forward(config, x, w) -> y without bias; tested like the backward.
+_FORWARD_FORMS = {name: {
     "conv": _forward_conv,
     "im2row_blocked": _forward_im2row_blocked,
-    "winograd2": partial(_forward_winograd, m=2),
-    "winograd4": partial(_forward_winograd, m=4),
+    **{form: partial(_forward_winograd, m=m) for form, m in plan.WINOGRAD_TILES.items()},
     "onednn": _forward_onednn,
-}
+}[name] for name in plan.CONV_FORWARD_FORMS}

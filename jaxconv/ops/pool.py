@@ -73,7 +73,7 @@ that: ``N*Ho*Wo*C`` bytes where autodiff keeps ``x`` (``N*H*W*C*itemsize``)
 for ``select_and_scatter``.  The backward routes ``g`` by ``S`` alone; it never
 reads ``x``.
 
-Strategies (chosen by :func:`jaxconv.plan.pool_form`; both are the
+Forms (chosen by :func:`jaxconv.plan.pool_form`; both are the
 same formula and both are tested against ``jax.grad``):
 
 * ``"slices"``: any window, stride and padding.  The ``KH*KW`` window
@@ -138,18 +138,17 @@ class PoolConfig(NamedTuple):
 
     window: _window.Window  # the geometry: in_size, kernel (the window), stride, padding; dilation 1
     count_include_pad: bool  # average pooling only
-    strategy: str
+    form: str  # a name in plan.POOL_FORMS
 
     @property
     def ndim(self) -> int:
         return self.window.ndim
 
 
-# The registered forms; the planner (:func:`jaxconv.plan.pool_form`) picks
-# "reshape" for non-overlapping windows and "slices" otherwise, and
+# The forms are plan.POOL_FORMS; the planner (:func:`jaxconv.plan.pool_form`)
+# picks "reshape" for non-overlapping windows and "slices" otherwise, and
 # ``jaxconv.plan.forms(pool=...)`` forces one ("reshape" falls back to
 # "slices" where windows overlap).
-_STRATEGIES = plan.POOL_FORMS
 
 
 def _config(x, ndim: int, window, stride, padding, count_include_pad=True) -> PoolConfig:
@@ -351,7 +350,7 @@ def avg_pool3d(x: ArrayLike, window: _window.SizeLike, *, stride: _window.SizeLi
 def _avg_forward(config: PoolConfig, x):
     divisor = _divisor(config, x.dtype)
     win = config.window
-    if config.strategy == "reshape":
+    if config.form == "reshape":
         return _tiles(x, config, 0).sum(axis=tuple(2 + 2 * d for d in range(win.ndim))) / divisor
     sums = lax.reduce_window(
         x, np.zeros((), x.dtype), lax.add, (1, *win.kernel, 1), (1, *win.stride, 1),
@@ -373,7 +372,7 @@ def _avg_pool_fwd(config: PoolConfig, x):
 def _avg_pool_bwd(config: PoolConfig, _, g):
     spread = g / _divisor(config, g.dtype)
     win = config.window
-    if config.strategy == "reshape":
+    if config.form == "reshape":
         n, c = g.shape[0], g.shape[-1]
         split = [d for m, k in zip(win.out_size, win.kernel) for d in (m, k)]
         return (_untile(jnp.broadcast_to(_tile_view(spread, win.ndim), (n, *split, c)), config),)
@@ -497,7 +496,7 @@ def _selection(candidates):
 def _candidates(x, config: PoolConfig):
     """The window entries in row-major order, padding as ``-inf``: the columns of
     ``phi(x)``, as tile slices ("reshape") or strided slices ("slices")."""
-    if config.strategy == "reshape":
+    if config.form == "reshape":
         tiles = _tiles(x, config, -jnp.inf)
         return [tiles[(slice(None),) + tuple(v for t in offset for v in (slice(None), t)) + (slice(None),)]
                 for offset in _offsets(config)]
@@ -523,7 +522,7 @@ def _max_pool_bwd(config: PoolConfig, chosen, g):
     # phi*(dY S^T) from S alone: no x; the shapes come from the config (x's N
     # and C are g's).
     win = config.window
-    if config.strategy == "reshape":
+    if config.form == "reshape":
         # dY S^T as tiles (N, o_1, k_1, ..., C): g where the offset is the
         # chosen one, else 0.  One broadcast comparison, not one per offset:
         # when S is computed in the same program, XLA fuses it into its users,
@@ -544,7 +543,7 @@ def _route_by_phases(config: PoolConfig, chosen, g):
     ``i = a - (t - r)/s``, so phase ``r`` (one per dimension) of the padded
     gradient is a sum of masked ``g`` shifted by whole output positions, and
     the phases interleave into the padded grid by stacks and a reshape (the
-    "reshape" strategy is the case ``s = k``: one offset per phase, no shift).
+    "reshape" form is the case ``s = k``: one offset per phase, no shift).
 
     This is the zero-inserted pieces of the module docstring written without
     interior padding: ``g`` and ``S`` are padded once (``g`` with zeros, ``S``

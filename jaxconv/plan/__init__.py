@@ -4,7 +4,9 @@
 the planner picks for a layer and why.
 """
 
-from . import onednn, winograd
+import importlib
+
+from . import winograd
 from .planner import (
     CONV_BACKWARD_FORMS,
     CONV_FORWARD_FORMS,
@@ -38,3 +40,11 @@ __all__ = [
     "winograd",
     "winograd_fits",
 ]
+
+
+def __getattr__(name: str):
+    """``jaxconv.plan.onednn``, imported on first use: the optional oneDNN forms load a shared library through
+    ctypes, which importing an op must not do."""
+    if name == "onednn":
+        return importlib.import_module(f"{__name__}.onednn")  # the optional extra, loaded only when asked for
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

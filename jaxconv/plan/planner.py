@@ -29,9 +29,13 @@ The choice is made once per trace, from static facts only:
       with jaxconv.plan.forms(conv_forward="conv", conv_backward="im2row"):
           grads = jax.grad(loss)(params)   # traced here: these forms
 
-  The choice is baked into what is traced inside the block.  A function
-  ``jax.jit`` compiled before keeps the forms it was traced with (jit's cache
-  does not see this context): wrap a fresh function, or trace inside the block.
+  The choice is baked into what is traced inside the block.  The forced
+  forms are part of ``jax.jit``'s cache key (a ``jax.make_user_context``), so
+  a function jitted and called before the block is traced again inside it,
+  with the forced forms, and its earlier compilation is used again after it.
+  (What was traced once and is called as a value, such as the exported
+  program of ``jax.export`` or an ahead-of-time ``.lower(...).compile()``,
+  keeps the forms it was traced with.)
 
 :func:`conv_plan` returns a :class:`ConvPlan` that names the two forms and
 why they were chosen; ``repr`` it to see the planner's reasoning.
@@ -47,7 +51,6 @@ from typing import Iterator, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from . import onednn
 from .winograd import POINTS
 
 __all__ = ["CONV_BACKWARD_FORMS", "CONV_FORWARD_FORMS", "POOL_FORMS", "WINOGRAD_TILES", "ConvPlan", "conv_plan",
@@ -64,7 +67,34 @@ WINOGRAD_TILES = {"winograd2": 2, "winograd4": 4}
 #: The pooling forms.
 POOL_FORMS = ("reshape", "slices")
 
-_FORCED: contextvars.ContextVar[dict] = contextvars.ContextVar("jaxconv_forced_forms", default={})
+# The forced forms, as a sorted tuple of (name, form) pairs: a jax user context,
+# so that the value is part of jit's cache key (and of its trace context): a
+# function jitted outside a ``forms`` block is traced again inside it.  (jax
+# versions without ``jax.make_user_context`` keep it in a context variable,
+# which jit's cache does not see.)
+if hasattr(jax, "make_user_context"):
+    _FORCED_CONTEXT = jax.make_user_context(default_value=())
+
+    def _current() -> dict:
+        return dict(_FORCED_CONTEXT.value or ())
+
+    @contextlib.contextmanager
+    def _set(forced: dict) -> Iterator[None]:
+        with _FORCED_CONTEXT(tuple(sorted(forced.items()))):
+            yield
+else:  # pragma: no cover - older jax
+    _FORCED_VAR: contextvars.ContextVar[tuple] = contextvars.ContextVar("jaxconv_forced_forms", default=())
+
+    def _current() -> dict:
+        return dict(_FORCED_VAR.get())
+
+    @contextlib.contextmanager
+    def _set(forced: dict) -> Iterator[None]:
+        token = _FORCED_VAR.set(tuple(sorted(forced.items())))
+        try:
+            yield
+        finally:
+            _FORCED_VAR.reset(token)
 
 
 @contextlib.contextmanager
@@ -73,30 +103,30 @@ def forms(*, conv_forward: str | None = None, conv_backward: str | None = None,
     """Force the named forms for everything traced inside the ``with`` block (``None``: the planner's).
 
     Nested blocks override the forms they name and keep the outer ones.
-    ``ValueError`` for a form name that does not exist.
+    ``ValueError`` for a form name that does not exist.  The forced forms are
+    part of ``jax.jit``'s cache key: a function jitted and called before the
+    block is traced again inside it (with these forms), and again after it
+    (with the planner's; each trace is cached as usual).
     """
     requested = {"conv_forward": (conv_forward, CONV_FORWARD_FORMS),
                  "conv_backward": (conv_backward, CONV_BACKWARD_FORMS), "pool": (pool, POOL_FORMS)}
-    forced = dict(_FORCED.get())
+    forced = _current()
     for name, (value, known) in requested.items():
         if value is None:
             continue
         if value not in known:
             raise ValueError(f"`{name}` (={value!r}) must be one of {list(known)}.")
-        if value == "onednn" and not onednn.available():
+        if value == "onednn" and not _onednn().available():
             raise ValueError(f"`{name}` (='onednn') needs the oneDNN library, which is not installed: "
-                             f"{onednn.INSTALL_HINT}, or set ${onednn.LIBRARY_ENV} to a libdnnl.so.")
+                             f"{_onednn().INSTALL_HINT}, or set ${_onednn().LIBRARY_ENV} to a libdnnl.so.")
         forced[name] = value
-    token = _FORCED.set(forced)
-    try:
+    with _set(forced):
         yield
-    finally:
-        _FORCED.reset(token)
 
 
 def forced(name: str) -> str | None:
     """The form forced for ``name`` (``"conv_forward"``, ``"conv_backward"``, ``"pool"``) in this context."""
-    return _FORCED.get().get(name)
+    return _current().get(name)
 
 
 def is_static(*shapes: Sequence) -> bool:
@@ -178,7 +208,15 @@ def winograd_fits(kernel_spatial, stride, dilation, groups, tile: int = 2) -> bo
 def onednn_fits(kernel_spatial, groups, platform: str, dtype) -> bool:
     """The ``"onednn"`` forms apply: float32 on CPU, 1-3 spatial dimensions, one group, the library installed."""
     return (platform == "cpu" and dtype is not None and np.dtype(dtype) == np.float32
-            and onednn.fits(len(kernel_spatial), groups) and onednn.available())
+            and _onednn().fits(len(kernel_spatial), groups) and _onednn().available())
+
+
+def _onednn():
+    """The optional oneDNN module (ctypes, a shared library), imported only where an ``"onednn"`` form is
+    forced or asked about: importing an op never loads it."""
+    from . import onednn  # the optional extra
+
+    return onednn
 
 
 def conv_plan(*, batch, out_spatial, kernel_spatial, in_channels, out_channels, groups, stride,
