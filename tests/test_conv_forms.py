@@ -19,6 +19,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 import jaxconv
 from jaxconv.ops import conv as conv_module
+from jaxconv.plan import im2row
 from jaxconv import reference
 from jaxconv.verify import check_vjp
 
@@ -50,9 +51,9 @@ def _set_budget(monkeypatch, images, x_shape, w_shape, options):
     out = jax.eval_shape(lambda x, w: reference.conv2d(x, w, **options),
                          jnp.zeros(x_shape), jnp.zeros(w_shape)).shape
     per_image = out[1] * out[2] * w_shape[0] * w_shape[1] * x_shape[3] * 8
-    monkeypatch.setattr(conv_module, "_IM2ROW_BLOCK_BYTES", images * per_image)
+    monkeypatch.setattr(im2row, "BLOCK_BYTES", images * per_image)
     n = x_shape[0]
-    block = conv_module._batch_block(n, per_image, images * per_image)
+    block = im2row.batch_block(n, per_image, images * per_image)
     assert block < n and n % block == 0  # really split into several blocks
     return block
 
@@ -82,19 +83,19 @@ def test_blocked_float32(monkeypatch, forms, x_shape, w_shape, options):
 def test_blocked_hypothesis(config):
     """Drawn configurations with batch 2-6, blocks of one image: every block path."""
     x_shape = (2 * config["x_shape"][0],) + config["x_shape"][1:]
-    previous, conv_module._IM2ROW_BLOCK_BYTES = conv_module._IM2ROW_BLOCK_BYTES, 1
+    previous, im2row.BLOCK_BYTES = im2row.BLOCK_BYTES, 1
     try:
         with jaxconv.plan.forms(conv_backward="im2row_blocked", conv_forward="im2row_blocked"):
             f, ref = _pair(config["options"])
             args = _arrays(np.random.default_rng(2), x_shape, config["w_shape"], config["bias"])
             check_vjp(f, ref, *args, finite_differences=False, second_order=False).assert_ok()
     finally:
-        conv_module._IM2ROW_BLOCK_BYTES = previous
+        im2row.BLOCK_BYTES = previous
 
 
 def test_blocked_vmap_and_jit(monkeypatch, forms):
     forms(conv_backward="im2row_blocked", conv_forward="im2row_blocked")
-    monkeypatch.setattr(conv_module, "_IM2ROW_BLOCK_BYTES", 1)
+    monkeypatch.setattr(im2row, "BLOCK_BYTES", 1)
     rng = np.random.default_rng(3)
     xs = jnp.asarray(rng.standard_normal((3, 4, 6, 6, 2)))
     ws = jnp.asarray(rng.standard_normal((3, 3, 3, 2, 4)))
@@ -107,7 +108,7 @@ def test_blocked_vmap_and_jit(monkeypatch, forms):
     (128, 10, 45, 4), (128, 10, 10**9, 128), (128, 10, 5, 1), (7, 1, 6, 1), (12, 1, 5, 4), (1, 100, 1, 1),
 ])
 def test_batch_block_is_largest_fitting_divisor(n, per_image, budget, expected):
-    assert conv_module._batch_block(n, per_image, budget) == expected
+    assert im2row.batch_block(n, per_image, budget) == expected
 
 
 def _plan(x_shape, w_shape, stride=(1, 1), groups=1, platform="cpu"):
@@ -216,7 +217,7 @@ def test_symbolic_batch_exports_every_model():
 def test_forward_forms_agree_in_float32(monkeypatch, forms, forward):
     """Each forward on a LeNet-sized layer, in float32, within rounding of XLA's."""
     forms(conv_forward=forward)
-    monkeypatch.setattr(conv_module, "_IM2ROW_BLOCK_BYTES", 2**16)  # several blocks
+    monkeypatch.setattr(im2row, "BLOCK_BYTES", 2**16)  # several blocks
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((8, 14, 14, 16)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((5, 5, 16, 32)) / 20, jnp.float32)
@@ -302,3 +303,30 @@ def test_a_function_jitted_before_a_forms_block_is_traced_again_inside_it():
     assert len(traces) == len(set(traces)) == 2, traces  # after the block: the first trace, from jit's cache
     for a, b in zip(outside, inside):
         np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+@pytest.mark.parametrize("forward,backward", [(f, b) for f in jaxconv.plan.CONV_FORWARD_FORMS
+                                              for b in jaxconv.plan.CONV_BACKWARD_FORMS
+                                              if f == b or (f, b) in {("conv", "mixed"), ("conv", "im2row"),
+                                                                      ("im2row_blocked", "conv")}])
+def test_export_with_a_symbolic_batch_under_every_forced_form(forms, forward, backward):
+    """Forms that need every size (the blocked products, mixed, Winograd) give way to "conv" when the batch is
+    symbolic (the plan's reason says so); the exported gradient runs at any batch and equals the reference's."""
+    from jax import export
+
+    forms(conv_forward=forward, conv_backward=backward)
+    plan = jaxconv.plan.conv_plan(batch=export.symbolic_shape("b")[0], out_spatial=(8, 8), kernel_spatial=(3, 3),
+                                  in_channels=3, out_channels=4, groups=1, stride=(1, 1), platform="cpu",
+                                  dtype=np.float32)
+    for wanted, got in ((forward, plan.forward), (backward, plan.backward)):
+        if wanted in jaxconv.plan.SIZED_FORMS:
+            assert got == "conv" and f"{wanted} needs every size" in plan.reason, plan
+    loss = lambda op: lambda x, w: (op(x, w, padding=1) ** 2).sum()  # noqa: E731
+    spec = (jax.ShapeDtypeStruct(export.symbolic_shape("b, 8, 8, 3"), jnp.float32),
+            jax.ShapeDtypeStruct((3, 3, 3, 4), jnp.float32))
+    exported = export.export(jax.jit(jax.grad(loss(jaxconv.conv2d), argnums=(0, 1))))(*spec)
+    rng = np.random.default_rng(0)
+    for n in (1, 3):
+        x, w = rng.standard_normal((n, 8, 8, 3)).astype(np.float32), rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
+        for a, b in zip(exported.call(x, w), jax.grad(loss(reference.conv2d), argnums=(0, 1))(x, w)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-3)

@@ -67,8 +67,8 @@ from jax.typing import ArrayLike
 
 from .._core import args as _args
 from .._core import window as _window
+from ..plan import im2row, winograd
 from ..plan import planner as plan
-from ..plan import winograd
 
 PrecisionLike = lax.PrecisionLike
 SizeLike = _window.SizeLike
@@ -212,11 +212,21 @@ def conv2d(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, *, stride: Si
 
     Returns:
       ``(N, Ho, Wo, O)`` with ``Ho = floor((H + top + bottom - d*(KH-1) - 1) / s) + 1``
-      and likewise ``Wo``.  NaN: a NaN in ``x`` makes every output whose window
-      reads it NaN (in all ``O`` channels of its group; ``0 * NaN`` is NaN,
-      so a zero weight does not hide it); a NaN in ``w[..., o]`` or ``b[o]``
-      makes every output of channel ``o`` NaN (padding too is ``0 * NaN``).
-      Eager and under ``jit``.
+      and likewise ``Wo``.  NaN and ``inf``, in every form, eager and under
+      ``jit``: a NaN in ``x`` makes every output whose window reads it NaN
+      (in all ``O`` channels of its group; ``0 * NaN`` is NaN, so a zero
+      weight does not hide it), and no other output; an ``inf`` gives
+      ``inf`` or NaN (``inf - inf``, ``0 * inf``) exactly in the outputs
+      whose window reads it, as the direct sum does.  A NaN in ``b[o]``
+      makes every output of channel ``o`` NaN.  A NaN in ``w[t, c, o]``
+      (kernel offset ``t``) makes NaN every output of channel ``o`` whose
+      window reads an input entry at offset ``t``; where offset ``t`` falls
+      on padding it depends on the form: XLA's convolution (``"conv"``, the
+      Winograd forms' fallback) skips padding, the matrix-product forms
+      multiply the padded zeros (``0 * NaN``).  The Winograd forms, whose
+      tile transforms would turn one ``inf`` into NaN and spread a NaN over
+      a whole tile, compute the direct form's result whenever an input is
+      not finite (a run-time ``lax.cond``).
 
     Backward: see the module docstring and docs/convolution.md §5.
 
@@ -258,43 +268,9 @@ def _forward_conv(config: ConvConfig, x, w):
     )
 
 
-def _phi_by_group(config: ConvConfig, x):
-    """phi(X) per group, ``(G, N*prod(out), prod(K)*C/G)`` (im2row, docs/convolution.md §2; kernel-major columns)."""
-    window, groups = config.window, config.groups
-    rows = _window.patches(x, window)  # (N, *out, *K, C)
-    m = x.shape[0] * math.prod(window.out_size)
-    cg = x.shape[-1] // groups
-    return rows.reshape(m, window.volume, groups, cg).transpose(2, 0, 1, 3).reshape(groups, m, window.volume * cg)
-
-
-def _kernel_by_group(w, groups: int):
-    """The kernel matrix F per group, ``(G, prod(K)*C/G, O/G)``."""
-    o = w.shape[-1]
-    return w.reshape(-1, groups, o // groups).transpose(1, 0, 2)
-
-
-def _images_per_block(config: ConvConfig, batch: int, channels: int, itemsize: int) -> int:
-    """The batch block of the blocked im2row forms: its phi fits ``_IM2ROW_BLOCK_BYTES``."""
-    entries = plan.phi_entries_per_image(config.window.out_size, config.window.kernel, channels)
-    return _batch_block(batch, entries * itemsize, _IM2ROW_BLOCK_BYTES)
-
-
-def _forward_im2row(config: ConvConfig, x, w):
-    """``Y = phi(X) F`` (docs/convolution.md §2), one matrix product per group."""
-    n, o = x.shape[0], w.shape[-1]
-    y = jnp.matmul(_phi_by_group(config, x), _kernel_by_group(w, config.groups),
-                   precision=config.precision)  # (G, N*prod(out), O/G)
-    return y.transpose(1, 0, 2).reshape(n, *config.window.out_size, o)
-
-
 def _forward_im2row_blocked(config: ConvConfig, x, w):
-    """``Y_b = phi(X_b) F`` over cache-sized batch blocks (see :func:`_grads_im2row_blocked`)."""
-    n = x.shape[0]
-    block = _images_per_block(config, n, x.shape[-1], x.dtype.itemsize)
-    if block == n:
-        return _forward_im2row(config, x, w)
-    y = lax.map(lambda xb: _forward_im2row(config, xb, w), x.reshape(n // block, block, *x.shape[1:]))
-    return y.reshape(n, *y.shape[2:])
+    """``Y_b = phi(X_b) F`` over cache-sized batch blocks (jaxconv.plan.im2row)."""
+    return im2row.forward_blocked(config, x, w)
 
 
 # Bytes one batch block of a Winograd form may hold in transformed tiles and
@@ -308,7 +284,7 @@ def _winograd_block(in_size, kernel, m: int, batch: int, channels: int, itemsize
     """Images per block of a Winograd form whose outputs cover ``in_size - kernel + 1`` per axis."""
     tiles = math.prod(-(-(s - k + 1) // m) for s, k in zip(in_size, kernel))
     per_image = math.prod(m + k - 1 for k in kernel) * tiles * channels * itemsize
-    return _batch_block(batch, per_image, _WINOGRAD_BLOCK_BYTES)
+    return im2row.batch_block(batch, per_image, _WINOGRAD_BLOCK_BYTES)
 
 
 def _forward_winograd(config: ConvConfig, x, w, m: int):
@@ -474,77 +450,9 @@ def _kernel_grad_conv(config: ConvConfig, x, g):
     )
 
 
-def _grads_im2row(config: ConvConfig, x, x_shape, w, g, need_dx: bool, need_dw: bool):
-    """The im2row form (docs/convolution.md §5.2): (dL/dx, dL/dw), each None unless needed.
-
-    With ``phi`` = im2row (one row per output position, one column per kernel
-    entry, kernel-major) and per group ``F`` the ``(prod(K)*C/G, O/G)`` kernel
-    matrix, ``dY`` the ``(N*prod(out), O/G)`` output gradient:
-    ``dF = phi(X)^T dY`` and ``dX = phi*(dY F^T)``, ``phi*`` = row2im, the
-    adjoint.  Groups are a batch of these matrix products; stride, padding
-    and dilation live in ``phi`` and ``phi*`` (``jaxconv._core.window``).
-    ``dX`` needs only ``x``'s shape.
-    """
-    window, groups = config.window, config.groups
-    o = w.shape[-1]
-    og, cg = o // groups, w.shape[-2]
-    n = g.shape[0]
-    m = n * math.prod(window.out_size)
-    dy = g.reshape(m, groups, og).transpose(1, 0, 2)  # (G, N*prod(out), O/G)
-    hi = config.precision
-    dx = dw = None
-    if need_dw:
-        df = jnp.matmul(_phi_by_group(config, x).transpose(0, 2, 1), dy, precision=hi)
-        dw = df.transpose(1, 0, 2).reshape(w.shape)
-    if need_dx:
-        drows = jnp.matmul(dy, _kernel_by_group(w, groups).transpose(0, 2, 1), precision=hi)
-        ndim = window.ndim
-        drows = drows.reshape(groups, n, *window.out_size, *window.kernel, cg)
-        # (G, N, *out, *K, C/G) -> (N, *out, *K, G, C/G): the group joins the channels.
-        drows = drows.transpose(*range(1, 2 * ndim + 2), 0, 2 * ndim + 2)
-        dx = _window.unpatches(drows.reshape(n, *window.out_size, *window.kernel, groups * cg), window)
-    return dx, dw
-
-
-# Bytes of phi(X) one block of the blocked im2row form may hold: a few MiB,
-# so that a block is written and read back while still in cache.
-_IM2ROW_BLOCK_BYTES = 4 * 2**20
-
-
-def _batch_block(n: int, bytes_per_image: int, budget: int) -> int:
-    """The largest divisor of ``n`` whose images' phi rows fit in ``budget`` (at least 1)."""
-    fits = max(1, budget // max(1, bytes_per_image))
-    return max(d for d in range(1, min(n, fits) + 1) if n % d == 0)
-
-
 def _grads_im2row_blocked(config: ConvConfig, x, x_shape, w, g, need_dx: bool, need_dw: bool):
-    """The im2row form (docs/convolution.md §5.2) over blocks of the batch.
-
-    ``phi(X)^T dY`` is a sum over the rows of phi, one row per output position,
-    so it splits over images: ``dF = sum_b phi(X_b)^T dY_b``; and ``phi*`` acts
-    on each image alone, so ``dX_b = phi*(dY_b F^T)``.  A ``lax.scan`` over
-    batch blocks runs :func:`_grads_im2row` on each block, sized so that the
-    block's phi (``B*prod(out)`` rows of ``prod(K)*C``) stays in cache; the
-    products are then GEMMs at close to the machine's matrix-product speed,
-    where the whole phi would be ``prod(K)`` times the input, streamed from
-    memory.  Same formula, same sums, only grouped by image.
-    """
-    n = g.shape[0]
-    block = _images_per_block(config, n, x_shape[-1], g.dtype.itemsize)
-    if block == n:
-        return _grads_im2row(config, x, x_shape, w, g, need_dx, need_dw)
-    blocks = n // block
-    block_shape = (block, *x_shape[1:])
-
-    def one_block(dw, xg):
-        xb, gb = xg
-        dxb, dwb = _grads_im2row(config, xb, block_shape, w, gb, need_dx, need_dw)
-        return (None if dw is None else dw + dwb), dxb
-
-    xs = x.reshape(blocks, *block_shape) if need_dw else None
-    dw, dx = lax.scan(one_block, jnp.zeros(w.shape, w.dtype) if need_dw else None,
-                      (xs, g.reshape(blocks, block, *g.shape[1:])))
-    return (None if dx is None else dx.reshape(x_shape)), dw
+    """``dF = sum_b phi(X_b)^T dY_b``, ``dX_b = phi*(dY_b F^T)`` over batch blocks (jaxconv.plan.im2row)."""
+    return im2row.grads_blocked(config, x, x_shape, w, g, need_dx, need_dw)
 
 
 def _grads(config: ConvConfig, form: str, x, x_shape, w, g, need_dx: bool = True, need_dw: bool = True):
@@ -557,7 +465,7 @@ def _grads(config: ConvConfig, form: str, x, x_shape, w, g, need_dx: bool = True
         input_grad, kernel_grad = _FORMULA_PAIRS[dx_form]
         return (input_grad(config, w, g) if need_dx else None, kernel_grad(config, x, g) if need_dw else None)
     if dx_form == dw_form != "conv":
-        blocked = _grads_im2row_blocked if dx_form == "im2row_blocked" else _grads_im2row
+        blocked = im2row.grads_blocked if dx_form == "im2row_blocked" else im2row.grads
         return blocked(config, x, x_shape, w, g, need_dx, need_dw)
     dx = dw = None
     if need_dx:
@@ -719,9 +627,30 @@ _SPLIT_BACKWARD = {"mixed": ("conv", "im2row_blocked")}
 # backward form name -> (dx form, dw form).
 _BACKWARD_FORMS = {name: _SPLIT_BACKWARD.get(name, (name, name)) for name in plan.CONV_BACKWARD_FORMS}
 
+def _finite_or_direct(winograd_formula, direct_formula):
+    """``(config, a, b) -> winograd_formula(...)`` when every entry of ``a`` and ``b`` is finite, else the
+    direct form's ``direct_formula(...)`` (a ``lax.cond`` in the program, decided at run time).
+
+    Winograd's transforms add and subtract the inputs of a whole tile, so one
+    ``inf`` becomes ``inf - inf = NaN`` and a NaN or ``inf`` reaches every
+    output of its tile, also those whose window never reads it.  The direct
+    form gives what the formula gives: ``inf`` where the direct sum is ``inf``,
+    NaN only in the outputs that read a NaN (or an ``inf`` times 0).  Checking
+    finiteness costs one pass over the two inputs; the direct form runs only
+    when one is not finite.
+    """
+
+    def formula(config: ConvConfig, a, b):
+        finite = jnp.isfinite(a).all() & jnp.isfinite(b).all()
+        return lax.cond(finite, partial(winograd_formula, config), partial(direct_formula, config), a, b)
+
+    return formula
+
+
 # Backward forms whose dx and dw are one pair of functions (config, w, g) and (config, x, g).
 _FORMULA_PAIRS = {
-    **{name: (partial(_input_grad_winograd, m=m), partial(_kernel_grad_winograd, m=m))
+    **{name: (_finite_or_direct(partial(_input_grad_winograd, m=m), _input_grad_conv),
+              _finite_or_direct(partial(_kernel_grad_winograd, m=m), _kernel_grad_conv))
        for name, m in plan.WINOGRAD_TILES.items()},
     "onednn": (_input_grad_onednn, _kernel_grad_onednn),
 }
@@ -730,6 +659,7 @@ _FORMULA_PAIRS = {
 _FORWARD_FORMS = {name: {
     "conv": _forward_conv,
     "im2row_blocked": _forward_im2row_blocked,
-    **{form: partial(_forward_winograd, m=m) for form, m in plan.WINOGRAD_TILES.items()},
+    **{form: _finite_or_direct(partial(_forward_winograd, m=m), _forward_conv)
+       for form, m in plan.WINOGRAD_TILES.items()},
     "onednn": _forward_onednn,
 }[name] for name in plan.CONV_FORWARD_FORMS}

@@ -1,4 +1,4 @@
-"""How a rule runs: the planner, the computational forms (Winograd, oneDNN) and a way to force one.
+"""How a rule runs: the planner, the computational forms (im2row products, Winograd, oneDNN) and a way to force one.
 
 ``jaxconv.plan.forms(...)`` forces a form; ``jaxconv.plan.conv_plan(...)`` says which form
 the planner picks for a layer and why.
@@ -6,11 +6,12 @@ the planner picks for a layer and why.
 
 import importlib
 
-from . import winograd
+from . import im2row, winograd
 from .planner import (
     CONV_BACKWARD_FORMS,
     CONV_FORWARD_FORMS,
     POOL_FORMS,
+    SIZED_FORMS,
     WINOGRAD_TILES,
     ConvPlan,
     conv_plan,
@@ -27,11 +28,13 @@ __all__ = [
     "CONV_BACKWARD_FORMS",
     "CONV_FORWARD_FORMS",
     "POOL_FORMS",
+    "SIZED_FORMS",
     "WINOGRAD_TILES",
     "ConvPlan",
     "conv_plan",
     "forced",
     "forms",
+    "im2row",
     "is_static",
     "onednn",
     "onednn_fits",

@@ -21,8 +21,9 @@ The choice is made once per trace, from static facts only:
   ``jax.default_device`` when it is set, else the default backend;
 * the static shapes and arguments; a *symbolic* dimension (``jax.export``
   with ``jax.export.symbolic_shape("b, 8, 8, 1")``) makes every size unknown,
-  and then the forms that need no size are chosen (``"conv"``), so
-  shape-polymorphic export works for every op;
+  and then the forms that need no size are chosen (``"conv"``), even in place
+  of a forced form that needs them (:data:`SIZED_FORMS`), so
+  shape-polymorphic export works for every op under every form;
 * :func:`forms`, a context manager that forces a form, for tests,
   benchmarks and users who know better::
 
@@ -53,7 +54,7 @@ import numpy as np
 
 from .winograd import POINTS
 
-__all__ = ["CONV_BACKWARD_FORMS", "CONV_FORWARD_FORMS", "POOL_FORMS", "WINOGRAD_TILES", "ConvPlan", "conv_plan",
+__all__ = ["CONV_BACKWARD_FORMS", "CONV_FORWARD_FORMS", "POOL_FORMS", "SIZED_FORMS", "WINOGRAD_TILES", "ConvPlan", "conv_plan",
            "forms", "is_static", "onednn_fits", "platform_of", "pool_form", "winograd_fits"]
 
 #: The conv forward forms (``jaxconv.ops.conv`` implements each).
@@ -66,6 +67,10 @@ CONV_BACKWARD_FORMS = ("conv", "im2row", "im2row_blocked", "mixed", "winograd2",
 WINOGRAD_TILES = {"winograd2": 2, "winograd4": 4}
 #: The pooling forms.
 POOL_FORMS = ("reshape", "slices")
+#: The conv forms that need every size known at trace time (they cut the batch
+#: into blocks, or the image into tiles): with a symbolic dimension
+#: (``jax.export``), forced or not, ``"conv"`` runs in their place.
+SIZED_FORMS = frozenset({"im2row_blocked", "mixed", *WINOGRAD_TILES})
 
 # The forced forms, as a sorted tuple of (name, form) pairs: a jax user context,
 # so that the value is part of jit's cache key (and of its trace context): a
@@ -224,7 +229,9 @@ def conv_plan(*, batch, out_spatial, kernel_spatial, in_channels, out_channels, 
     """The forms for one convolution (any number of spatial dimensions).
 
     ``batch`` and ``out_spatial`` may hold symbolic dimensions: then every size
-    is unknown and the plan is ``("conv", "conv")``.
+    is unknown and the plan is ``("conv", "conv")``; a forced form that needs
+    the sizes (:data:`SIZED_FORMS`: the blocked products, ``"mixed"``,
+    Winograd) gives way to ``"conv"`` too, and the plan's ``reason`` says so.
 
     On CPU, XLA's convolution backward runs at 3-60 GFLOP/s, while the same
     formulas as cache-sized GEMMs (``"im2row_blocked"``) run near the matrix
@@ -259,13 +266,16 @@ def conv_plan(*, batch, out_spatial, kernel_spatial, in_channels, out_channels, 
         reason = "forced by jaxconv.plan.forms" + (f"; the planner would pick ({forward}, {backward}): {reason}"
                                                    if reason else "")
     chosen = []
+    static = is_static((batch,), out_spatial)
     for wanted, own in ((forced_forward, forward), (forced_backward, backward)):
+        if wanted in SIZED_FORMS and not static:
+            reason += f"; {wanted} needs every size, and a dimension is symbolic: conv runs"
+            wanted = "conv"
         if wanted in WINOGRAD_TILES and not winograd_fits(kernel_spatial, stride, dilation, groups,
                                                           WINOGRAD_TILES[wanted]):
             reason += f"; {wanted} needs stride 1, dilation 1, one group: {own} runs"
             wanted = own
-        if wanted == "onednn" and not (is_static((batch,), out_spatial)
-                                       and onednn_fits(kernel_spatial, groups, platform, dtype)):
+        if wanted == "onednn" and not (static and onednn_fits(kernel_spatial, groups, platform, dtype)):
             reason += f"; onednn needs float32 on CPU, static shapes, one group: {own} runs"
             wanted = own
         chosen.append(wanted or own)
