@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Sequence, Union
 
 import jax.numpy as jnp
 from jax import lax
@@ -42,6 +42,10 @@ __all__ = ["Window", "dim_names", "ints", "output_size", "parse", "patches", "un
 
 Sizes = tuple[int, ...]
 Pads = tuple[tuple[int, int], ...]
+#: A size as users give it: an int (every spatial dimension alike) or one per dimension.
+SizeLike = Union[int, Sequence[int]]
+#: Padding as users give it: "VALID", "SAME", an int, one per dimension, or one (lo, hi) pair per dimension.
+PaddingLike = Union[str, int, Sequence[int], Sequence[tuple[int, int]]]
 
 _COUNT_WORDS = {1: "one int", 2: "a pair of ints", 3: "a triple of ints"}
 
@@ -220,11 +224,11 @@ def parse_transpose(out_size: Sequence, kernel: Sizes, stride, padding_value, ou
                              "in every dimension: only then is the output the adjoint of a convolution whose "
                              "output has y's size.")
     if isinstance(padding_value, str) and padding_value.upper() == "SAME":
-        in_size = tuple((m - 1) * s + 1 + op for m, s, op in zip(out_size, stride, output_padding))
-        pads = padding(padding_value, in_size, kernel, stride, dilation)
+        sizes = [(m - 1) * s + 1 + op for m, s, op in zip(out_size, stride, output_padding)]
+        pads = padding(padding_value, sizes, kernel, stride, dilation)
     else:
         pads = padding(padding_value, (1,) * ndim, kernel, stride, dilation)
-        in_size = []
+        sizes = []
         for size, (lo, hi), k, s, d, op, name in zip(out_size, pads, kernel, stride, dilation, output_padding,
                                                      dim_names(ndim)):
             full = (size - 1) * s + d * (k - 1) + 1 + op
@@ -234,8 +238,8 @@ def parse_transpose(out_size: Sequence, kernel: Sizes, stride, padding_value, ou
                     f"convolution of `y` (size {size}) with this kernel, stride and dilation spans only {full}: "
                     "no output is left."
                 )
-            in_size.append(full - lo - hi)
-    window = Window(tuple(in_size), kernel, stride, pads, dilation)
+            sizes.append(full - lo - hi)
+    window = Window(tuple(sizes), kernel, stride, pads, dilation)
     check_fits(window, kernel_name)
     return window
 

@@ -180,12 +180,6 @@ def _shape(input_shape, ndim: int, layer: str) -> tuple[int, ...]:
     return shape
 
 
-def _positive_int(value, name: str) -> int:
-    if not _args._is_int(value) or int(value) < 1:
-        raise ValueError(f"`{name}` (={value!r}) must be a positive int.")
-    return int(value)
-
-
 def _precision_option(precision) -> dict:
     """``{"precision": p}`` for the op, checked now; ``{}`` for ``None`` (lax's default), so that an ``ops``
     namespace without the keyword runs a layer that does not ask for one."""
@@ -221,8 +215,8 @@ def _layer_name(base: str, ndim: int) -> str:
 
 
 def _channels(out_channels, groups) -> tuple[int, int]:
-    out_channels = _positive_int(out_channels, "out_channels")
-    groups = _positive_int(groups, "groups")
+    out_channels = _args.positive_int(out_channels, "out_channels")
+    groups = _args.positive_int(groups, "groups")
     if out_channels % groups:
         raise ValueError(f"`groups` (={groups}) must divide `out_channels` (={out_channels}).")
     return out_channels, groups
@@ -408,7 +402,7 @@ def Dense(out_dim: int, *, bias: bool = True, w_init: Initializer = he_normal, d
     ``precision``: the product's, forward and backward, as :func:`jaxconv.linear` takes it
     (``None``: lax's default).
     """
-    out_dim = _positive_int(out_dim, "out_dim")
+    out_dim = _args.positive_int(out_dim, "out_dim")
     dtype = _dtype(dtype)
     options = _precision_option(precision)
 
@@ -787,7 +781,7 @@ def parallel(*layers: Layer) -> Layer:
 
 def FanOut(num: int) -> Layer:
     """``x -> (x, ..., x)``, ``num`` copies (their gradients add)."""
-    num = _positive_int(num, "num")
+    num = _args.positive_int(num, "num")
     return (lambda rng, input_shape: ((tuple(input_shape),) * num, ())), (lambda params, x, **kwargs: (x,) * num)
 
 
