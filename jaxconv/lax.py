@@ -47,7 +47,8 @@ from __future__ import annotations
 import math
 import operator
 from functools import partial
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

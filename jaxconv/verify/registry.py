@@ -31,7 +31,6 @@ import types
 from typing import Any, Callable
 
 import numpy as np
-
 from jax import lax as _jax_lax
 
 from .. import lax as droplax
