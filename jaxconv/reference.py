@@ -21,7 +21,7 @@ def _spatial_letters(ndim):
     return "DHW"[3 - ndim:]
 
 
-def conv_nd(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
+def conv_nd(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1, precision=None):
     """Plain ``lax.conv_general_dilated`` over ``x.ndim - 2`` spatial dims; its gradient is XLA's autodiff."""
     ndim = x.ndim - 2
     window = _window.parse(x.shape[1:-1], w.shape[:-2], stride, padding, dilation, kernel_name="w.shape[:-2]")
@@ -34,26 +34,27 @@ def conv_nd(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
         rhs_dilation=window.dilation,
         dimension_numbers=(f"N{sp}C", f"{sp}IO", f"N{sp}C"),
         feature_group_count=groups,
+        precision=precision,
     )
     return y if b is None else y + b
 
 
-def conv1d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
+def conv1d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1, precision=None):
     """:func:`conv_nd` on NWC / WIO."""
-    return conv_nd(x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return conv_nd(x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups, precision=precision)
 
 
-def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
+def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1, precision=None):
     """:func:`conv_nd` on NHWC / HWIO."""
-    return conv_nd(x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return conv_nd(x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups, precision=precision)
 
 
-def conv3d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
+def conv3d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1, precision=None):
     """:func:`conv_nd` on NDHWC / DHWIO."""
-    return conv_nd(x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return conv_nd(x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups, precision=precision)
 
 
-def conv_transpose_nd(y, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1):
+def conv_transpose_nd(y, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1, precision=None):
     """The adjoint of ``conv_nd(., w, same arguments)`` with respect to its input, by ``jax.vjp``.
 
     The convolution's input has ``(n-1)*s - lo - hi + d*(k-1) + 1 + output_padding``
@@ -72,7 +73,7 @@ def conv_transpose_nd(y, w, b=None, *, stride=1, padding=0, output_padding=0, di
     x_shape = (y.shape[0], *in_size, w.shape[-2] * groups)
 
     def conv(x):
-        return conv_nd(x, w, stride=stride, padding=pads, dilation=dilation, groups=groups)
+        return conv_nd(x, w, stride=stride, padding=pads, dilation=dilation, groups=groups, precision=precision)
 
     _, pullback = jax.vjp(conv, jnp.zeros(x_shape, y.dtype))
     (x,) = pullback(y)
@@ -185,9 +186,9 @@ def relu(x):
     return jnp.where(x > 0, x, lax.stop_gradient(jnp.where(jnp.isnan(x), x, jnp.zeros((), x.dtype))))
 
 
-def linear(x, w, b=None):
-    """``x @ w + b``."""
-    y = jnp.matmul(x, w, precision=lax.Precision.HIGHEST)
+def linear(x, w, b=None, *, precision=None):
+    """``x @ w + b`` (``precision``: lax's, passed through)."""
+    y = jnp.matmul(x, w, precision=precision)
     return y if b is None else y + b
 
 

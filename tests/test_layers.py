@@ -105,7 +105,6 @@ def test_layers_compose_like_the_lectures_network_head():
         (lambda: jaxconv.linear(np.ones((2, 3)), np.ones((4, 2))), r"`x.shape\[1\]` \(=3\) must equal `w.shape\[0\]` \(=4\)"),
         (lambda: jaxconv.linear(np.ones((2, 3)), np.ones((3, 2)), np.ones(3)), r"`b` must have length 2"),
         (lambda: jaxconv.linear(np.ones((2, 3)), np.ones((3, 2)), np.ones((1, 2))), r"`b` must have rank 1"),
-        (lambda: jaxconv.linear(np.ones((2, 3)), np.ones((3, 2), np.float32)), r"dtypes must match"),
         (lambda: jaxconv.linear(np.ones((2, 3), np.int32), np.ones((3, 2))), r"`x` must have a floating dtype"),
         (lambda: jaxconv.flatten(np.ones(5)), r"`x` must have rank >= 2"),
         (lambda: jaxconv.flatten(np.ones((2, 3), np.int64)), r"`x` must have a floating dtype"),
@@ -114,6 +113,15 @@ def test_layers_compose_like_the_lectures_network_head():
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("x,w,b,match", [
+    (np.ones((2, 3)), np.ones((3, 2), np.float32), None, r"dtypes must match, got `x` float64, `w` float32\."),
+    (np.ones((2, 3)), np.ones((3, 2)), np.ones(2, np.float32), r"got `x` float64, `w` float64, `b` float32"),
+])
+def test_linear_dtype_mismatch_is_a_type_error_naming_the_arguments(x, w, b, match):
+    with pytest.raises(TypeError, match=match):
+        jaxconv.linear(x, w, b)
 
 
 def test_bad_input_fails_at_trace_time_under_jit():

@@ -5,7 +5,7 @@
 
 Every public op calls these helpers before it traces anything, so a bad
 argument fails with a ``ValueError`` (a ``TypeError`` for something that is
-not an array at all) that names the argument and its value, at trace time,
+not an array at all, and for arrays whose dtypes differ) that names the argument and its value, at trace time,
 whatever the backend.  Nothing here touches array values: only shapes, dtypes
 and static configuration, so the checks run once per trace under ``jit`` and
 cost nothing at run time.
@@ -28,10 +28,12 @@ names the argument and the offending size.
 from __future__ import annotations
 
 import operator
+from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 #: The largest size of one dimension, and of each configured size (window,
 #: stride, dilation, padding amount): int32's maximum (module docstring).
@@ -48,6 +50,58 @@ def _is_int(value) -> bool:
     except TypeError:
         return False
     return True
+
+
+#: A precision as every multiplying op stores it in its static configuration (hashable):
+#: ``None`` (lax's default, ``jax_default_matmul_precision``), a pair of
+#: :class:`jax.lax.Precision` (left operand, right operand), or a
+#: :class:`jax.lax.DotAlgorithmPreset` / :class:`jax.lax.DotAlgorithm`.
+Precision = Union[None, tuple, Any]
+
+
+def precision(value, name: str = "precision") -> Precision:
+    """``value``, any precision ``lax.dot_general`` and ``lax.conv_general_dilated`` accept, in one hashable form.
+
+    ``None`` stays ``None`` (lax's default, resolved by lax itself, exactly as
+    when the op is called with ``precision=None``); a :class:`jax.lax.Precision`
+    or its name (``"highest"``, ``"float32"``, ...) becomes the pair
+    ``(p, p)``; a pair of them stays a pair; a :class:`jax.lax.DotAlgorithmPreset`
+    (or its name) and a :class:`jax.lax.DotAlgorithm` pass through.  Anything
+    else: ``ValueError`` naming the argument and its value.
+    """
+    if value is None or isinstance(value, (lax.DotAlgorithm, lax.DotAlgorithmPreset)):
+        return value
+    if isinstance(value, (str, lax.Precision)):
+        one = _one_precision(value)
+        if one is not None:
+            return (one, one)
+        if isinstance(value, str) and value in lax.DotAlgorithmPreset.__members__:
+            return lax.DotAlgorithmPreset[value]
+    elif isinstance(value, (tuple, list)) and len(value) == 2:
+        pair = tuple(_one_precision(v) if isinstance(v, (str, lax.Precision)) else None for v in value)
+        if None not in pair:
+            return pair
+    raise ValueError(
+        f"`{name}` (={value!r}) must be None, a jax.lax.Precision or its name "
+        f"({', '.join(repr(p.name.lower()) for p in lax.Precision)}, ...), a pair of them, "
+        "or a jax.lax.DotAlgorithmPreset / jax.lax.DotAlgorithm."
+    )
+
+
+def _one_precision(value):
+    if isinstance(value, lax.Precision):
+        return value
+    try:
+        return lax.Precision(value)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def positive_int(value, name: str, *, minimum: int = 1) -> int:
+    """``value`` as an int ``>= minimum`` (not a bool); else ``ValueError`` naming the argument and its value."""
+    if not _is_int(value) or int(value) < minimum:
+        raise ValueError(f"`{name}` (={value!r}) must be an int >= {minimum}.")
+    return int(value)
 
 
 def _type_name(x) -> str:
@@ -89,11 +143,14 @@ def check_float_array(x, name: str, ndim: int | None = None):
 
 
 def check_same_dtype(**arrays) -> None:
-    """All the named arrays share one dtype (no silent promotion inside a rule)."""
+    """All the named arrays share one dtype (no silent promotion inside a rule).
+
+    A mismatch is a ``TypeError``, as lax gives for its own operands, naming
+    every argument and its dtype."""
     dtypes = {name: a.dtype for name, a in arrays.items() if a is not None}
     if len(set(dtypes.values())) > 1:
         listed = ", ".join(f"`{n}` {d}" for n, d in dtypes.items())
-        raise ValueError(f"dtypes must match, got {listed}.")
+        raise TypeError(f"dtypes must match, got {listed}.")
 
 
 def check_elements(shape, name: str, what: str) -> None:

@@ -83,6 +83,7 @@ class ConvConfig(NamedTuple):
     groups: int
     forward: str  # a key of _FORWARD_STRATEGIES
     backward: str  # a key of _BACKWARD_STRATEGIES
+    precision: _args.Precision = None  # every product's, forward and backward (_args.precision's form)
 
 
 def _dimension_numbers(ndim: int, kind: str = "forward"):
@@ -120,10 +121,11 @@ def _plan(window: _window.Window, batch, in_channels, out_channels, groups, *arr
 # --- convolution -----------------------------------------------------------------------
 
 
-def _conv(ndim: int, x, w, b, stride, padding, dilation, groups):
+def _conv(ndim: int, x, w, b, stride, padding, dilation, groups, precision):
     """Validate (``ValueError`` naming each argument), plan, and run the N-d convolution."""
     x, w, b = _check_arrays(ndim, "x", x, w, b)
     groups = _positive_groups(groups)
+    precision = _args.precision(precision)
     n, c = x.shape[0], x.shape[-1]
     ci, o = w.shape[-2], w.shape[-1]
     if c != groups * ci:
@@ -139,7 +141,7 @@ def _conv(ndim: int, x, w, b, stride, padding, dilation, groups):
                            kernel_name=f"w.shape[:{ndim}]")
     _window.check_sizes(window, n, c, o, "`padding`, `stride`, `dilation` and the shapes of `x` and `w`")
     chosen = _plan(window, n, c, o, groups, x, w, b)
-    return _conv_vjp(ConvConfig(window, groups, chosen.forward, chosen.backward), x, w, b)
+    return _conv_vjp(ConvConfig(window, groups, chosen.forward, chosen.backward, precision), x, w, b)
 
 
 _CONV_ARGS = """
@@ -155,11 +157,12 @@ _CONV_ARGS = """
       dilation: kernel (atrous) dilation, int or {count} ints, ``>= 1``.
       groups: feature groups; must divide ``C`` and ``O``.  ``groups == C`` with
         ``w.shape[-2] == 1`` is a depthwise convolution.
+      precision: as :func:`conv2d`'s.
 """
 
 
 @_args.reverse_mode_rule
-def conv1d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
+def conv1d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1, precision=None):
     """1-D convolution, NWC input and WIO kernel, with a hand-derived VJP.
 
     :func:`conv2d` with one spatial dimension (same formulas, same checks,
@@ -170,11 +173,11 @@ def conv1d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
       >>> conv1d(jnp.ones((1, 9, 2)), jnp.ones((3, 2, 4)), stride=2).shape
       (1, 4, 4)
     """
-    return _conv(1, x, w, b, stride, padding, dilation, groups)
+    return _conv(1, x, w, b, stride, padding, dilation, groups, precision)
 
 
 @_args.reverse_mode_rule
-def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
+def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1, precision=None):
     """2-D convolution, NHWC input and HWIO kernel, with a hand-derived VJP.
 
     Args:
@@ -189,6 +192,14 @@ def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
       dilation: kernel (atrous) dilation, int or pair, ``>= 1``.
       groups: feature groups; must divide ``C`` and ``O``.  ``groups == C`` with
         ``w.shape[2] == 1`` is a depthwise convolution.
+      precision: the precision of every product the op runs, forward and
+        backward, in whichever form (XLA's convolution, the im2row matrix
+        products, Winograd's channel products and kernel transform): what
+        ``lax.conv_general_dilated`` accepts (``None``, a ``lax.Precision``,
+        a name such as ``"highest"``, a pair of them, a
+        ``lax.DotAlgorithmPreset``).  ``None`` is lax's default
+        (``jax_default_matmul_precision``).  The ``"onednn"`` forms (float32
+        on CPU only) compute in float32 whatever it says.
 
     Sizes: stride, dilation, every padding amount, and the padded input's
     height and width at most ``2**31 - 1``; the padded input and the output
@@ -211,11 +222,11 @@ def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
       >>> conv2d(x, w, stride=2, padding=1).shape
       (1, 3, 3, 2)
     """
-    return _conv(2, x, w, b, stride, padding, dilation, groups)
+    return _conv(2, x, w, b, stride, padding, dilation, groups, precision)
 
 
 @_args.reverse_mode_rule
-def conv3d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
+def conv3d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1, precision=None):
     """3-D convolution, NDHWC input and DHWIO kernel, with a hand-derived VJP.
 
     :func:`conv2d` with three spatial dimensions (same formulas, same checks,
@@ -225,7 +236,7 @@ def conv3d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1):
       >>> conv3d(jnp.ones((1, 4, 5, 6, 2)), jnp.ones((2, 3, 3, 2, 4)), padding="SAME").shape
       (1, 4, 5, 6, 4)
     """
-    return _conv(3, x, w, b, stride, padding, dilation, groups)
+    return _conv(3, x, w, b, stride, padding, dilation, groups, precision)
 
 
 conv1d.__doc__ += _CONV_ARGS.format(spatial="W", kspatial="K", count="one")
@@ -238,6 +249,7 @@ def _forward_conv(config: ConvConfig, x, w):
     return lax.conv_general_dilated(
         x, w, window_strides=window.stride, padding=window.padding, rhs_dilation=window.dilation,
         dimension_numbers=_dimension_numbers(window.ndim), feature_group_count=config.groups,
+        precision=config.precision,
     )
 
 
@@ -266,7 +278,7 @@ def _forward_im2row(config: ConvConfig, x, w):
     """``Y = phi(X) F`` (docs/convolution.md §2), one matrix product per group."""
     n, o = x.shape[0], w.shape[-1]
     y = jnp.matmul(_phi_by_group(config, x), _kernel_by_group(w, config.groups),
-                   precision=lax.Precision.HIGHEST)  # (G, N*prod(out), O/G)
+                   precision=config.precision)  # (G, N*prod(out), O/G)
     return y.transpose(1, 0, 2).reshape(n, *config.window.out_size, o)
 
 
@@ -299,7 +311,7 @@ def _forward_winograd(config: ConvConfig, x, w, m: int):
     window = config.window
     block = _winograd_block(window.padded, window.kernel, m, x.shape[0], x.shape[-1] + w.shape[-1],
                             x.dtype.itemsize)
-    return winograd.correlate(x, w, window.padding, m, block)
+    return winograd.correlate(x, w, window.padding, m, block, precision=config.precision)
 
 
 def _input_grad_winograd(config: ConvConfig, w, g, m: int):
@@ -313,7 +325,7 @@ def _input_grad_winograd(config: ConvConfig, w, g, m: int):
     pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(window.kernel, window.padding))
     padded = tuple(s + lo + hi for s, (lo, hi) in zip(g.shape[1:-1], pads))
     block = _winograd_block(padded, window.kernel, m, g.shape[0], g.shape[-1] + w.shape[-2], g.dtype.itemsize)
-    return winograd.correlate(g, rot180_swap(w, 1), pads, m, block)
+    return winograd.correlate(g, rot180_swap(w, 1), pads, m, block, precision=config.precision)
 
 
 def _kernel_grad_winograd(config: ConvConfig, x, g, m: int):
@@ -321,7 +333,7 @@ def _kernel_grad_winograd(config: ConvConfig, x, g, m: int):
     window = config.window
     block = _winograd_block(window.padded, window.kernel, m, x.shape[0], x.shape[-1] + g.shape[-1],
                             x.dtype.itemsize)
-    return winograd.kernel_grad(x, g, window.padding, window.kernel, m, block)
+    return winograd.kernel_grad(x, g, window.padding, window.kernel, m, block, precision=config.precision)
 
 
 def _onednn_geometry(config: ConvConfig):
@@ -427,7 +439,7 @@ def _input_grad_conv(config: ConvConfig, w, g):
         g, rot180_swap(w, config.groups), window_strides=(1,) * window.ndim, padding=pads,
         lhs_dilation=window.stride,  # the zero insertion: s - 1 zeros between entries
         rhs_dilation=window.dilation, dimension_numbers=_dimension_numbers(window.ndim),
-        feature_group_count=config.groups,
+        feature_group_count=config.groups, precision=config.precision,
     )
 
 
@@ -443,6 +455,7 @@ def _kernel_grad_conv(config: ConvConfig, x, g):
         x, g, window_strides=window.dilation, padding=pads,
         rhs_dilation=window.stride,  # Inserted Grad
         dimension_numbers=_dimension_numbers(window.ndim, "kernel"), batch_group_count=config.groups,
+        precision=config.precision,
     )
 
 
@@ -463,7 +476,7 @@ def _grads_im2row(config: ConvConfig, x, x_shape, w, g, need_dx: bool, need_dw: 
     n = g.shape[0]
     m = n * math.prod(window.out_size)
     dy = g.reshape(m, groups, og).transpose(1, 0, 2)  # (G, N*prod(out), O/G)
-    hi = lax.Precision.HIGHEST
+    hi = config.precision
     dx = dw = None
     if need_dw:
         df = jnp.matmul(_phi_by_group(config, x).transpose(0, 2, 1), dy, precision=hi)
@@ -544,10 +557,11 @@ def _grads(config: ConvConfig, form: str, x, x_shape, w, g, need_dx: bool = True
 # --- transposed convolution --------------------------------------------------------------
 
 
-def _conv_transpose(ndim: int, y, w, b, stride, padding, output_padding, dilation, groups):
+def _conv_transpose(ndim: int, y, w, b, stride, padding, output_padding, dilation, groups, precision):
     """Validate, plan and run the N-d transposed convolution (the adjoint of :func:`_conv` in ``x``)."""
     y, w, b = _check_arrays(ndim, "y", y, w, b)
     groups = _positive_groups(groups)
+    precision = _args.precision(precision)
     n, o = y.shape[0], y.shape[-1]
     kernel, ci, wo = tuple(w.shape[:-2]), w.shape[-2], w.shape[-1]
     if o != wo:
@@ -587,7 +601,7 @@ def _conv_transpose(ndim: int, y, w, b, stride, padding, output_padding, dilatio
     _window.check_fits(window, f"w.shape[:{ndim}]")
     _window.check_sizes(window, n, c, o, "`padding`, `stride`, `dilation` and the shapes of `y` and `w`")
     chosen = _plan(window, n, c, o, groups, y, w, b)
-    return _conv_transpose_vjp(ConvConfig(window, groups, chosen.forward, chosen.backward), y, w, b)
+    return _conv_transpose_vjp(ConvConfig(window, groups, chosen.forward, chosen.backward, precision), y, w, b)
 
 
 def _transpose_forward(config: ConvConfig, y, w, b):
@@ -640,6 +654,8 @@ _TRANSPOSE_DOC = """{n}-D transposed convolution ({layout} output), the adjoint 
         extra entries at the high end of each dimension, which pick among the
         input sizes a strided convolution maps to ``y``'s size.
       groups: as in :func:`conv{n}d`.
+      precision: as in :func:`conv2d`: every product, forward and backward
+        (``None``: lax's default; no effect on the float32 ``"onednn"`` forms).
 
     Returns:
       ``(N, {spatial_out}, C)``, per dimension
@@ -651,18 +667,21 @@ _TRANSPOSE_DOC = """{n}-D transposed convolution ({layout} output), the adjoint 
 
 
 @_args.reverse_mode_rule
-def conv_transpose1d(y, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1):
-    return _conv_transpose(1, y, w, b, stride, padding, output_padding, dilation, groups)
+def conv_transpose1d(y, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1,
+                       precision=None):
+    return _conv_transpose(1, y, w, b, stride, padding, output_padding, dilation, groups, precision)
 
 
 @_args.reverse_mode_rule
-def conv_transpose2d(y, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1):
-    return _conv_transpose(2, y, w, b, stride, padding, output_padding, dilation, groups)
+def conv_transpose2d(y, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1,
+                       precision=None):
+    return _conv_transpose(2, y, w, b, stride, padding, output_padding, dilation, groups, precision)
 
 
 @_args.reverse_mode_rule
-def conv_transpose3d(y, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1):
-    return _conv_transpose(3, y, w, b, stride, padding, output_padding, dilation, groups)
+def conv_transpose3d(y, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1,
+                       precision=None):
+    return _conv_transpose(3, y, w, b, stride, padding, output_padding, dilation, groups, precision)
 
 
 conv_transpose1d.__doc__ = _TRANSPOSE_DOC.format(n=1, layout="NWC", spatial="W", spatial_out="Wo",

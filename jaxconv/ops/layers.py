@@ -22,14 +22,10 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from .._core import args as _args
 
 __all__ = ["flatten", "linear", "relu"]
-
-_HIGHEST = lax.Precision.HIGHEST
-
 
 # --- relu ----------------------------------------------------------------------
 
@@ -80,13 +76,18 @@ _relu.defvjp(_relu_fwd, _relu_bwd)
 
 
 @_args.reverse_mode_rule
-def linear(x, w, b=None):
+def linear(x, w, b=None, *, precision=None):
     """Fully connected layer ``y = x @ w + b`` (docs/layers.md, Fully connected layer).
 
     Args:
       x: inputs, shape ``(N, D_in)``, floating dtype.
       w: weights, shape ``(D_in, D_out)``, same dtype.
       b: optional bias, shape ``(D_out,)``, same dtype.
+      precision: the precision of the forward product and both backward
+        products, what ``lax.dot_general`` accepts (``None``, a
+        ``lax.Precision``, a name such as ``"highest"``, a pair of them, a
+        ``lax.DotAlgorithmPreset``); ``None`` is lax's default
+        (``jax_default_matmul_precision``).
 
     Returns:
       ``(N, D_out)``, at most ``2**31 - 1`` elements (``ValueError`` past it).
@@ -102,6 +103,7 @@ def linear(x, w, b=None):
     if b is not None:
         b = _args.check_float_array(b, "b", 1)
     _args.check_same_dtype(x=x, w=w, b=b)
+    precision = _args.precision(precision)
     if x.shape[1] != w.shape[0]:
         raise ValueError(
             f"`x.shape[1]` (={x.shape[1]}) must equal `w.shape[0]` (={w.shape[0]}), the input width D_in."
@@ -109,28 +111,28 @@ def linear(x, w, b=None):
     if b is not None and b.shape[0] != w.shape[1]:
         raise ValueError(f"`b` must have length {w.shape[1]} (= `w.shape[1]`, D_out), got shape {tuple(b.shape)}.")
     _args.check_elements((x.shape[0], w.shape[1]), "`x.shape[0]` and `w.shape[1]`", "the output")
-    return _linear(x, w, b)
+    return _linear(precision, x, w, b)
 
 
-def _linear_forward(x, w, b):
-    y = jnp.matmul(x, w, precision=_HIGHEST)
+def _linear_forward(precision, x, w, b):
+    y = jnp.matmul(x, w, precision=precision)
     return y if b is None else y + b
 
 
-@jax.custom_vjp
-def _linear(x, w, b):
-    return _linear_forward(x, w, b)
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _linear(precision, x, w, b):
+    return _linear_forward(precision, x, w, b)
 
 
-def _linear_fwd(x, w, b):
+def _linear_fwd(precision, x, w, b):
     # The backward needs only whether b exists (D_out numbers, or None).
-    return _linear_forward(x, w, b), (x, w, b)
+    return _linear_forward(precision, x, w, b), (x, w, b)
 
 
-def _linear_bwd(residuals, g):
+def _linear_bwd(precision, residuals, g):
     x, w, b = residuals
-    dx = jnp.matmul(g, w.T, precision=_HIGHEST)
-    dw = jnp.matmul(x.T, g, precision=_HIGHEST)
+    dx = jnp.matmul(g, w.T, precision=precision)
+    dw = jnp.matmul(x.T, g, precision=precision)
     db = None if b is None else g.sum(axis=0)
     return dx, dw, db
 

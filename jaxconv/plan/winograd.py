@@ -172,23 +172,24 @@ def _tiling(size: Sequence[int], pads, kernel: Sequence[int], m: int):
     return out, tiles, pads
 
 
-def correlate(x, w, pads, m: int, block: int | None = None):
+def correlate(x, w, pads, m: int, block: int | None = None, *, precision=None):
     """Stride-1, dilation-1 correlation of ``x`` ``(N, *S, C)`` with ``w`` ``(*K, C, O)`` by ``F(m, k)`` per axis.
 
     ``pads`` are ``(lo, hi)`` zeros per spatial axis (negative crops).  Output
     ``(N, *(S + lo + hi - K + 1), O)``.  ``block`` images at a time (a
-    ``lax.map`` over the batch) when given and smaller than ``N``.
+    ``lax.map`` over the batch) when given and smaller than ``N``.  ``precision``
+    (lax's, ``None`` its default) is that of the kernel transform and the channel products.
     """
     ndim = x.ndim - 2
     n, o = x.shape[0], w.shape[-1]
     kernel = w.shape[:ndim]
     out, tiles, pads = _tiling(x.shape[1:-1], pads, kernel, m)
-    u = _kernel_transform(w, m)  # (alpha^ndim, C, O)
+    u = _kernel_transform(w, m, precision)  # (alpha^ndim, C, O)
 
     def run(xb):
         nb = xb.shape[0]
         v = _transformed_tiles(_pad(xb, pads), m, kernel, tiles)  # (alpha^ndim, nb*T, C)
-        prod = jnp.matmul(v, u, precision=lax.Precision.HIGHEST)  # (alpha^ndim, nb*T, O)
+        prod = jnp.matmul(v, u, precision=precision)  # (alpha^ndim, nb*T, O)
         return _output_transform(prod, m, kernel, nb, tiles, o, out)
 
     if block is None or block >= n:
@@ -228,14 +229,14 @@ def _tile_axis(v, axis: int, step: int, count: int, bt: np.ndarray):
     return jnp.stack([_weighted_sum(coeffs, offset, v.dtype) for coeffs in bt], axis=axis)
 
 
-def _kernel_transform(w, m: int):
+def _kernel_transform(w, m: int, precision=None):
     """``G g G^T`` (per axis) of the kernel: ``(*K, C, O) -> (alpha^ndim, C, O)``."""
     ndim = w.ndim - 2
     u = w
     for axis in range(ndim):
         _, g, _ = transforms(m, w.shape[axis])
         gm = jnp.asarray(_array(g), w.dtype)
-        u = jnp.tensordot(gm, u, axes=((1,), (axis,)), precision=lax.Precision.HIGHEST)  # new axis in front
+        u = jnp.tensordot(gm, u, axes=((1,), (axis,)), precision=precision)  # new axis in front
         u = jnp.moveaxis(u, 0, axis)
     alphas = u.shape[:ndim]
     return u.reshape(math.prod(alphas), *u.shape[ndim:])
@@ -255,7 +256,7 @@ def _output_transform(prod, m, kernel, n, tiles, o, out):
     return v[(slice(None), *(slice(0, s) for s in out))]
 
 
-def kernel_grad(x, g, pads, kernel: Sequence[int], m: int, block: int | None = None):
+def kernel_grad(x, g, pads, kernel: Sequence[int], m: int, block: int | None = None, *, precision=None):
     """``dL/dw[k, c, o] = sum_{n, i} xp[n, i + k, c] g[n, i, o]`` by ``F(k, m)`` per axis (stride 1, dilation 1).
 
     ``x`` ``(N, *S, C)``, ``g`` ``(N, *out, O)`` with ``out = S + lo + hi - K + 1``;
@@ -263,7 +264,7 @@ def kernel_grad(x, g, pads, kernel: Sequence[int], m: int, block: int | None = N
     its end); each tile and the ``m + k - 1`` inputs it meets give a
     correlation evaluated at the ``k`` kernel offsets, ``F(k, m)`` with the
     gradient tile as the filter.  Summed over images and tiles in the
-    transformed domain, transformed back once.
+    transformed domain, transformed back once.  ``precision``: the channel products' (lax's).
     """
     ndim = x.ndim - 2
     n, c, o = x.shape[0], x.shape[-1], g.shape[-1]
@@ -275,7 +276,7 @@ def kernel_grad(x, g, pads, kernel: Sequence[int], m: int, block: int | None = N
         xb, gb = xg
         v = _transformed_tiles(_pad(xb, pads), m, kernel, tiles, dual=True)  # (alpha^ndim, nb*T, C)
         h = _gradient_transform(_pad(gb, gpads), m, kernel, tiles)  # (alpha^ndim, nb*T, O)
-        return acc + jnp.matmul(v.transpose(0, 2, 1), h, precision=lax.Precision.HIGHEST), None
+        return acc + jnp.matmul(v.transpose(0, 2, 1), h, precision=precision), None
 
     zero = jnp.zeros((math.prod(alphas), c, o), x.dtype)
     if block is None or block >= n:
