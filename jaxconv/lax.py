@@ -33,7 +33,8 @@ How each call maps onto jaxconv's ops (docs/interop.md):
 * ``preferred_element_type`` wider than the inputs: the inputs are cast to it
   first (exact: every product of two bfloat16 or float16 numbers is a float32
   number) and the op accumulates in it; the result has lax's dtype;
-* ``out_sharding``: the result goes through ``jax.lax.with_sharding_constraint``.
+* ``out_sharding``: the result goes through ``jax.sharding.reshard``, which
+  accepts (and rejects) what lax's ``out_sharding`` does (explicit mesh axes).
 
 Everything else is a ``ValueError`` naming the argument: ``batch_group_count
 > 1`` (lax uses it inside its own convolution gradients, models do not),
@@ -175,8 +176,8 @@ def _finish(y, expected: jax.ShapeDtypeStruct, out_sharding):
         raise RuntimeError(f"jaxconv.lax computed shape {tuple(y.shape)} where jax.lax gives "
                            f"{tuple(expected.shape)}; please report this.")
     y = y.astype(expected.dtype)
-    if out_sharding is not None:
-        y = jax.lax.with_sharding_constraint(y, out_sharding)
+    if out_sharding is not None:  # lax's meaning (explicit sharding), and lax's errors for Auto mesh axes
+        y = jax.sharding.reshard(y, out_sharding)
     return y
 
 
@@ -215,7 +216,8 @@ def conv_general_dilated(
         and backward).
       preferred_element_type: as lax's: the result's dtype; when wider than
         the inputs, they are cast to it first and the op accumulates in it.
-      out_sharding: as lax's; applied with ``jax.lax.with_sharding_constraint``.
+      out_sharding: as lax's (a ``NamedSharding``, or a ``PartitionSpec`` under
+        ``jax.set_mesh``, over explicit mesh axes); applied with ``jax.sharding.reshard``.
 
     Returns:
       What ``jax.lax.conv_general_dilated`` returns (shape and dtype checked
