@@ -632,6 +632,6 @@ SUITES: dict[str, Callable[[np.random.Generator], list[Case]]] = {name: spec.cas
 
 
 def reference_ops() -> types.SimpleNamespace:
-    """The references of every registered op, by the op's name: the ``ops=`` namespace that
-    rebuilds a :mod:`jaxconv.nn` network in plain ``lax`` (``train --check-grads``)."""
-    return types.SimpleNamespace(**{name: spec.ref for name, spec in REGISTRY.items()})
+    """The references of every registered op (the ``jaxconv.lax`` drop-ins aside), by the op's name: the
+    ``ops=`` namespace that rebuilds a :mod:`jaxconv.nn` network in plain ``lax`` (``train --check-grads``)."""
+    return types.SimpleNamespace(**{name: spec.ref for name, spec in REGISTRY.items() if "." not in name})
