@@ -47,8 +47,8 @@ from __future__ import annotations
 
 import math
 import operator
-from functools import partial
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import jax
