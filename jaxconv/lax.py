@@ -18,8 +18,8 @@ How each call maps onto jaxconv's ops (docs/interop.md):
 
 * the layouts: ``lhs`` is transposed to channels-last ``(N, *spatial, C)``,
   ``rhs`` to ``(*spatial, I, O)``, the result back to ``dimension_numbers``'
-  output layout.  XLA folds these transposes into the convolution (and does
-  nothing for NHWC/HWIO, Flax's default);
+  output layout (nothing to do for NHWC/HWIO, Flax's default; elsewhere real
+  copies where the planner's form is not XLA's convolution, docs/interop.md);
 * string padding is resolved with lax's own rule (``lax.padtype_to_pads``);
   negative amounts crop the input before the convolution runs;
 * ``lhs_dilation = a > 1`` (``a - 1`` zeros between input entries) is the
