@@ -30,6 +30,7 @@ import dataclasses
 import types
 from typing import Any, Callable
 
+import jax
 import numpy as np
 from jax import lax as _jax_lax
 
@@ -378,10 +379,11 @@ def _lax_conv_strategy(transpose: bool = False):
             sizes = dict(spatial, N=n, C=c)
             lhs_shape = tuple(sizes[a] for a in specs[0])
             rhs_shape = tuple(dict(kernel, O=o, I=c // groups)[a] for a in specs[1])
-            if draw(st.booleans()):  # the defaults or a ConvDimensionNumbers instead of strings
-                dn = None if draw(st.booleans()) and specs[0][:2] == "NC" else specs
+            form = draw(st.sampled_from(["strings", "ConvDimensionNumbers", "None"]))
+            if form == "ConvDimensionNumbers":
+                dn = _jax_lax.conv_dimension_numbers(lhs_shape, rhs_shape, specs)
             else:
-                dn = specs
+                dn = specs if form == "strings" else None
             if dn is None:
                 lhs_shape = (n, c, *spatial.values())
                 rhs_shape = (o, c // groups, *kernel.values()) if not transpose else rhs_shape
@@ -410,8 +412,6 @@ def _lax_conv_strategy(transpose: bool = False):
                                feature_group_count=groups)
                 fn = _jax_lax.conv_general_dilated
             try:
-                import jax
-
                 shape = jax.eval_shape(lambda a, b: fn(a, b, **options), np.zeros(lhs_shape), np.zeros(rhs_shape)).shape
             except (ValueError, TypeError):
                 assume(False)
