@@ -135,26 +135,38 @@ def _crop_negative(x, pads):
     limit = list(x.shape)
     left = []
     for axis, (lo, hi) in enumerate(pads, start=1):
-        start[axis] = max(-lo, 0)
-        limit[axis] = x.shape[axis] - max(-hi, 0)
+        # lax allows crops past the input (the padding on the other side then keeps outputs): clamp, and the
+        # caller finds an empty input.
+        start[axis] = min(max(-lo, 0), x.shape[axis])
+        limit[axis] = max(x.shape[axis] - max(-hi, 0), start[axis])
         left.append((max(lo, 0), max(hi, 0)))
     if any(lo < 0 or hi < 0 for lo, hi in pads):
         x = _lax.slice(x, start, limit)
     return x, tuple(left)
 
 
-def _conv_channels_last(x, w, strides, pads, lhs_dilation, rhs_dilation, groups, precision):
-    """lax's general dilated convolution on ``(N, *spatial, C)`` and ``(*spatial, I, O)`` by jaxconv's ops."""
+def _conv_channels_last(x, w, strides, pads, lhs_dilation, rhs_dilation, groups, precision, out_shape):
+    """lax's general dilated convolution on ``(N, *spatial, C)`` and ``(*spatial, I, O)`` by jaxconv's ops.
+
+    ``out_shape``: the result's shape (lax's, channels-last).  Where a crop leaves
+    no input entry for any output to read, every output reads padding alone: zeros.
+    """
     ndim = x.ndim - 2
     extra = _precision_kwargs(precision)
     if all(a == 1 for a in lhs_dilation):
         x, pads = _crop_negative(x, pads)
+        if min(x.shape[1:-1]) < 1:
+            return jnp.zeros(out_shape, x.dtype)
         return _CONVS[ndim](x, w, stride=strides, padding=pads, dilation=rhs_dilation, groups=groups, **extra)
     # lhs dilation: the transposed convolution with the kernel rotated and its channels swapped per group
     # (module docstring), stride 1; padding past e - 1 adds outputs of zeros, appended afterwards.
     kernel = w.shape[:-2]
     extents = [d * (k - 1) + 1 for k, d in zip(kernel, rhs_dilation)]
     within = [(min(lo, e - 1), min(hi, e - 1)) for (lo, hi), e in zip(pads, extents)]
+    sizes = [(n - 1) * a + 1 + lo + hi - e + 1
+             for n, a, (lo, hi), e in zip(x.shape[1:-1], lhs_dilation, within, extents)]
+    if min(sizes) < 1:  # every output past the crop reads padding alone
+        return jnp.zeros(out_shape, x.dtype)
     y = _TRANSPOSES[ndim](x, _conv.rot180_swap(w, groups), stride=lhs_dilation,
                           padding=tuple((e - 1 - lo, e - 1 - hi) for (lo, hi), e in zip(within, extents)),
                           dilation=rhs_dilation, groups=groups, **extra)
@@ -252,7 +264,9 @@ def conv_general_dilated(
         return _finish(jnp.zeros(expected.shape, expected.dtype), expected, out_sharding)
     if expected.dtype != x.dtype:  # preferred_element_type wider than the inputs
         x, w = x.astype(expected.dtype), w.astype(expected.dtype)
-    y = _conv_channels_last(x, w, strides, pads, lhs_dil, rhs_dil, int(feature_group_count), precision)
+    out_spec = dnums.out_spec
+    out_shape = tuple(expected.shape[a] for a in (out_spec[0], *out_spec[2:], out_spec[1]))
+    y = _conv_channels_last(x, w, strides, pads, lhs_dil, rhs_dil, int(feature_group_count), precision, out_shape)
     return _finish(_from_channels_last(y, dnums), expected, out_sharding)
 
 

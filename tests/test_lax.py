@@ -285,3 +285,12 @@ def test_pool_errors_name_the_argument():
         jaxconv.lax.max_pool(np.ones((6, 6)), (2, 2))
     with pytest.raises(ValueError, match="`strides`"):
         jaxconv.lax.max_pool(x, (2, 2), strides=(0, 1))
+
+
+@pytest.mark.parametrize("lhs_dilation,padding", [(1, (1, -1)), (2, (3, -1)), (3, (-3, 2)), (1, (-2, 2))])
+def test_crops_that_leave_outputs_reading_padding_alone(lhs_dilation, padding):
+    """A crop that removes every input entry while padding on the other side keeps outputs: they are zeros,
+    as lax's (and their gradients zero)."""
+    config = dict(lhs_shape=(2, 2, 1 if lhs_dilation == 1 else 2), rhs_shape=(3, 2, 1),
+                  options=dict(window_strides=(1,), padding=(padding,), lhs_dilation=(lhs_dilation,)))
+    _assert_same_as_lax("conv_general_dilated", config)
