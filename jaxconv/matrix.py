@@ -3,7 +3,7 @@ r"""Matrix views of a convolution (docs/convolution.md §2-§4): im2row, row2im,
 A convolution is linear in its input and linear in its kernel, so it is a matrix
 product either way round.  This module builds both matrices, their inverse
 (a kernel from a matrix), and the im2row operator with its adjoint, which
-``conv2d``'s second backward strategy uses.
+``conv2d``'s im2row backward form uses.
 
 **vec()** is the one of docs/convolution.md §3 (``M_F = (M_F1 M_F2 ...)`` blocks): the
 channel planes stacked, each plane row-major.  For one image ``X`` of shape

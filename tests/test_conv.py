@@ -2,7 +2,7 @@
 
 (The float64 VJP / finite-difference / second-order / float32 / jit / vmap /
 hypothesis checks of every conv op run in test_conformance.py; every form over
-a grid in test_conv_strategies.py.)"""
+a grid in test_conv_forms.py.)"""
 
 from __future__ import annotations
 
@@ -36,13 +36,13 @@ GRID = [
 
 def forward_for(backward: str) -> str:
     """The forward run with each backward in the tests: the same form (so every
-    forward strategy meets the whole grid too)."""
+    forward form meets the whole grid too)."""
     return "conv" if backward == "conv" else "im2row_blocked"
 
 
-@pytest.fixture(params=sorted(conv_module._BACKWARD_STRATEGIES))
-def strategy(request, forms):
-    """Run the test once per backward strategy (with the forward of the same form)."""
+@pytest.fixture(params=sorted(conv_module._BACKWARD_FORMS))
+def form(request, forms):
+    """Run the test once per backward form (with the forward of the same form)."""
     forms(conv_backward=request.param, conv_forward=forward_for(request.param))
     return request.param
 
@@ -65,7 +65,7 @@ def _pair(options):
 
 
 @pytest.mark.parametrize("x_shape,w_shape,options", GRID)
-def test_every_form_on_the_grid(strategy, x_shape, w_shape, options):
+def test_every_form_on_the_grid(form, x_shape, w_shape, options):
     """Each backward form (with the forward of its kind) on every grid configuration: VJP against
     the reference in float64 (the harness adds finite differences and second order on its grids)."""
     f, ref = _pair(options)

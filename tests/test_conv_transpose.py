@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 
 import jax
@@ -129,9 +130,62 @@ def test_jit_symbolic_batch_export_and_planner():
             np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-12, atol=1e-12)
 
 
+SAME_CASES = [
+    # ndim, y spatial, kernel, stride, dilation, groups
+    (2, (3, 4), (3, 3), (2, 2), (1, 1), 1),
+    (2, (4, 3), (2, 4), (3, 2), (1, 2), 2),
+    (1, (5,), (4,), (2,), (2,), 1),
+    (3, (2, 3, 2), (3, 2, 3), (2, 1, 3), (1, 1, 1), 1),
+    (2, (3, 3), (1, 1), (2, 2), (1, 1), 1),
+]
+
+
+@pytest.mark.parametrize("ndim,spatial,kernel,stride,dilation,groups", SAME_CASES)
+def test_same_is_the_adjoint_of_the_same_convolution(form, ndim, spatial, kernel, stride, dilation, groups):
+    """``padding="SAME"``: for every output_padding (every input size the SAME convolution maps to y's size),
+    conv_transpose(y) is the VJP of ``conv(x, padding="SAME")`` with respect to x, and its bias is added."""
+    rng = np.random.default_rng(11)
+    cg, o = 2, 2 * groups
+    y = rng.standard_normal((2, *spatial, o))
+    w = rng.standard_normal((*kernel, cg, o))
+    b = rng.standard_normal(cg * groups)
+    opts = dict(stride=stride, dilation=dilation, groups=groups)
+    for output_padding in itertools.product(*(range(s) for s in stride)):
+        x_shape = (2, *((m - 1) * s + 1 + op for m, s, op in zip(spatial, stride, output_padding)), cg * groups)
+        conv = lambda x: reference.conv_nd(x, w, padding="SAME", **opts)  # noqa: E731
+        assert jax.eval_shape(conv, jnp.zeros(x_shape)).shape == y.shape
+        (expected,) = jax.vjp(conv, jnp.zeros(x_shape))[1](y)
+        got = OPS[ndim](y, w, b, padding="SAME", output_padding=output_padding, **opts)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected) + b, rtol=1e-12, atol=1e-12)
+        # The gradients of the rule (forward and kernel) against autodiff of the reference pullback.
+        def ref(y, w):
+            return jax.vjp(lambda x: reference.conv_nd(x, w, padding="SAME", **opts), jnp.zeros(x_shape))[1](y)[0]
+        ours = jax.grad(lambda y, w: (OPS[ndim](y, w, padding="SAME", output_padding=output_padding, **opts) ** 2
+                                      ).sum(), argnums=(0, 1))(y, w)
+        theirs = jax.grad(lambda y, w: (ref(y, w) ** 2).sum(), argnums=(0, 1))(y, w)
+        for a, c in zip(ours, theirs):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-11, atol=1e-11)
+
+
+def test_same_sizes_and_the_output_padding_that_gives_n_times_stride():
+    y, w = jnp.ones((1, 5, 4, 3)), jnp.ones((3, 3, 2, 3))
+    assert jaxconv.conv_transpose2d(y, w, padding="SAME").shape == (1, 5, 4, 2)
+    assert jaxconv.conv_transpose2d(y, w, padding="same", stride=2).shape == (1, 9, 7, 2)
+    assert jaxconv.conv_transpose2d(y, w, padding="SAME", stride=2, output_padding=1).shape == (1, 10, 8, 2)
+    assert jaxconv.conv_transpose2d(y, w, padding="SAME", stride=(3, 2), output_padding=(2, 0)).shape == (1, 15, 7, 2)
+    # The default is "VALID", the same as padding 0.
+    np.testing.assert_array_equal(np.asarray(jaxconv.conv_transpose2d(y, w, stride=2)),
+                                  np.asarray(jaxconv.conv_transpose2d(y, w, stride=2, padding=0)))
+    np.testing.assert_array_equal(np.asarray(jaxconv.conv_transpose2d(y, w, stride=2, padding="VALID")),
+                                  np.asarray(jaxconv.conv_transpose2d(y, w, stride=2, padding=((0, 0), (0, 0)))))
+    assert inspect.signature(jaxconv.conv_transpose2d).parameters["padding"].default == "VALID"
+
+
 @pytest.mark.parametrize("call,match", [
-    (lambda: jaxconv.conv_transpose2d(jnp.ones((1, 3, 3, 4)), jnp.ones((3, 3, 2, 4)), padding="SAME"),
-     "not defined for a transposed convolution"),
+    (lambda: jaxconv.conv_transpose2d(jnp.ones((1, 3, 3, 4)), jnp.ones((3, 3, 2, 4)), padding="FULL"),
+     r"`padding` \(='FULL'\) must be 'VALID', 'SAME'"),
+    (lambda: jaxconv.conv_transpose2d(jnp.ones((1, 3, 3, 4)), jnp.ones((3, 3, 2, 4)), padding="SAME", stride=2,
+                                      output_padding=2), "`output_padding`.*smaller than `stride`"),
     (lambda: jaxconv.conv_transpose2d(jnp.ones((1, 3, 3, 4)), jnp.ones((3, 3, 2, 4)), stride=2, output_padding=2),
      "`output_padding`.*smaller than `stride`"),
     (lambda: jaxconv.conv_transpose2d(jnp.ones((1, 3, 3, 5)), jnp.ones((3, 3, 2, 4))),

@@ -5,12 +5,14 @@ checked when concrete."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
 import subprocess
 import sys
 import textwrap
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -393,3 +395,50 @@ def test_log_loss_under_jit_checks_nothing_and_gives_what_the_docstring_says():
     # The same values eagerly: the check runs.
     with pytest.raises(ValueError, match=r"`p` \(=-3.0 at index \(0, 1\)\)"):
         jaxconv.log_loss(at((0, 1), -3.0), labels)
+
+
+# --- the public signatures ---------------------------------------------------------
+
+
+_ARRAY_PARAMETERS = {"x", "w", "b", "y", "s", "p", "labels", "logits", "scale", "offset", "params", "lam"}
+
+
+@pytest.mark.parametrize("name", sorted(jaxconv.ops.__all__))
+def test_every_public_op_is_typed_and_takes_its_configuration_by_keyword(name):
+    """Arrays (and a pool's window) positional; everything after them keyword-only; every parameter and the
+    return annotated (the package ships py.typed)."""
+    op = getattr(jaxconv.ops, name)
+    signature = inspect.signature(op)
+    hints = typing.get_type_hints(op)
+    assert "return" in hints, name
+    for parameter in signature.parameters.values():
+        assert parameter.name in hints, (name, parameter.name)
+        if name.startswith("lrn_params_from_"):  # converters of another framework's positional signature
+            continue
+        positional = parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        allowed = parameter.name in _ARRAY_PARAMETERS or (parameter.name == "window" and "pool" in name)
+        assert positional == allowed, (name, parameter.name, parameter.kind)
+    if hasattr(op, "is_hand_rule"):
+        assert hints["return"] is jax.Array, name
+
+
+def test_the_package_ships_py_typed():
+    assert os.path.isfile(os.path.join(os.path.dirname(jaxconv.__file__), "py.typed"))
+
+
+@pytest.mark.parametrize("form", ["conv", "im2row_blocked", "winograd2", "winograd4"])
+def test_a_nan_weight_with_same_padding_reaches_what_the_docstring_says(forms, form):
+    """conv2d's docstring: a NaN in ``w[t, c, o]`` makes NaN every output of channel ``o`` whose window reads an
+    input entry at offset ``t`` (outputs where ``t`` falls on padding: the form decides), no other channel; a
+    NaN in ``b[o]`` makes all of channel ``o`` NaN, padding or not."""
+    forms(conv_forward=form)
+    x, w, b = _normal(2, 7, 7, 3), _normal(3, 3, 3, 4), _normal(4)
+    w[0, 0, 2, 3] = np.nan  # the top-left tap: on padding for the first row and column of outputs
+    for how, f in (("eager", jaxconv.conv2d), ("jit", jax.jit(jaxconv.conv2d, static_argnames="padding"))):
+        y = np.asarray(f(x, w, b, padding="SAME"))
+        assert np.isnan(y[:, 1:, 1:, 3]).all(), (form, how)  # offset (0, 0) reads an input entry there
+        assert not np.isnan(y[..., :3]).any(), (form, how)  # the other channels: untouched
+        b_nan = b.copy()
+        b_nan[1] = np.nan
+        y = np.asarray(f(x, np.nan_to_num(w), b_nan, padding="SAME"))
+        assert np.isnan(y[..., 1]).all() and not np.isnan(y[..., [0, 2, 3]]).any(), (form, how)

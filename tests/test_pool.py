@@ -26,7 +26,7 @@ from jaxconv.verify import check_vjp, relative_error
 from .strategies import permutation_input, pool_configs
 
 # x shape, window, stride, padding.  Non-overlapping entries (stride == window)
-# run under both backward strategies; the others only have "slices".
+# run under both backward forms; the others only have "slices".
 GRID = [
     ((2, 6, 6, 3), 2, None, "VALID"),
     ((2, 7, 5, 2), 2, None, "VALID"),  # stride remainder: last row gets no window
@@ -53,7 +53,7 @@ def _tiles(window, stride) -> bool:
 
 @pytest.fixture
 def force(forms):
-    """Force a backward strategy ("reshape" where windows do not tile falls back to "slices")."""
+    """Force a backward form ("reshape" where windows do not tile falls back to "slices")."""
     return lambda name: forms(pool=name)
 
 
@@ -81,26 +81,26 @@ def _grid_functions(f_op, ref_op, extra, cases):
     return f, ref
 
 
-def _grid(strategy):
-    """The grid entries the strategy covers: a forced "reshape" only where windows tile."""
-    return [case for case in GRID if strategy != "reshape" or _tiles(case[1], case[2])]
+def _grid(form):
+    """The grid entries the form covers: a forced "reshape" only where windows tile."""
+    return [case for case in GRID if form != "reshape" or _tiles(case[1], case[2])]
 
 
 def _labels(cases):
     return tuple(f"x{shape} w={w} s={s} p={p}" for shape, w, s, p in cases)
 
 
-@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
+@pytest.mark.parametrize("form", jaxconv.plan.POOL_FORMS)
 @pytest.mark.parametrize("op", OPS, ids=[op[0] for op in OPS])
-def test_grid_float64_full_check(force, op, strategy):
+def test_grid_float64_full_check(force, op, form):
     """vjp <= 1e-12, finite differences, grad-of-grad, under jit; tie-free input."""
-    force(strategy)
+    force(form)
     name, f_op, ref_op, extra = op
-    cases = _grid(strategy)
+    cases = _grid(form)
     f, ref = _grid_functions(f_op, ref_op, extra, cases)
     rng = np.random.default_rng(0)
     xs = [permutation_input(rng, case[0]) for case in cases]
-    report = check_vjp(f, ref, *xs, names=_labels(cases), name=f"{name}[{strategy}]")
+    report = check_vjp(f, ref, *xs, names=_labels(cases), name=f"{name}[{form}]")
     report.assert_ok()
     assert report.worst("vjp") <= 1e-12
 
@@ -150,14 +150,14 @@ def _exact_vjp(f, x, g):
 @dataclasses.dataclass(frozen=True)
 class _MaxPool:
     """A hashable max pool (a static argument of the jitted vjp: one compile per
-    configuration, shared by every input of that shape); the strategy is part of
+    configuration, shared by every input of that shape); the form is part of
     the key because the switch is read at trace time."""
 
     op: object
     window: object
     stride: object
     padding: object
-    strategy: str | None
+    form: str | None
 
     def __call__(self, x):
         return self.op(x, self.window, stride=self.stride, padding=self.padding)
@@ -180,10 +180,10 @@ def _assert_same_as_jax_grad(x, window, stride, padding, g_seed=0):
     return dx
 
 
-@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
+@pytest.mark.parametrize("form", jaxconv.plan.POOL_FORMS)
 @pytest.mark.parametrize("shape,window,stride,padding", TIE_CASES)
-def test_ties_equal_jax_grad_exactly(force, strategy, shape, window, stride, padding):
-    force(strategy)
+def test_ties_equal_jax_grad_exactly(force, form, shape, window, stride, padding):
+    force(form)
     rng = np.random.default_rng(5)
     for x in (
         np.ones(shape),  # every window all-equal
@@ -235,11 +235,11 @@ NAN_WINDOWS = [
 ]
 
 
-@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
+@pytest.mark.parametrize("form", jaxconv.plan.POOL_FORMS)
 @pytest.mark.parametrize("window,picked", NAN_WINDOWS)
-def test_nan_output_and_gradient(force, strategy, window, picked):
+def test_nan_output_and_gradient(force, form, window, picked):
     """A NaN makes the output NaN; the gradient (finite) goes where the docstring says, as jax.grad's."""
-    force(strategy)
+    force(form)
     x = jnp.asarray(window).reshape(1, 2, 2, 1)
     y, vjp = jax.vjp(lambda x: jaxconv.max_pool2d(x, 2), x)
     assert np.isnan(np.asarray(y)).all()
@@ -250,9 +250,9 @@ def test_nan_output_and_gradient(force, strategy, window, picked):
     _assert_same_as_jax_grad(x, 2, None, "VALID")
 
 
-@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
-def test_nan_with_overlap_and_padding_equals_jax_grad(force, strategy):
-    force(strategy)
+@pytest.mark.parametrize("form", jaxconv.plan.POOL_FORMS)
+def test_nan_with_overlap_and_padding_equals_jax_grad(force, form):
+    force(form)
     rng = np.random.default_rng(7)
     x = rng.integers(0, 3, (2, 7, 6, 2)).astype(np.float64)
     x[rng.random(x.shape) < 0.15] = np.nan
@@ -291,10 +291,10 @@ def test_not_lowered_to_select_and_scatter():
         assert "select_and_scatter" in ref  # the check above can fail
 
 
-@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
-def test_rule_is_used_not_autodiff(monkeypatch, force, strategy):
+@pytest.mark.parametrize("form", jaxconv.plan.POOL_FORMS)
+def test_rule_is_used_not_autodiff(monkeypatch, force, form):
     """Breaking the selection breaks jax.grad of max_pool2d: the rule is what runs."""
-    force(strategy)
+    force(form)
     x = jnp.asarray(permutation_input(np.random.default_rng(9), (1, 4, 4, 1)))
     grad = jax.jit(jax.grad(lambda x: jaxconv.max_pool2d(x, 2).sum()))
     good = grad(x)
@@ -322,11 +322,11 @@ def _saved(op, x, window, stride, padding):
     return [leaf for leaf in jax.tree.leaves(pullback) if hasattr(leaf, "dtype")]
 
 
-@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
+@pytest.mark.parametrize("form", jaxconv.plan.POOL_FORMS)
 @pytest.mark.parametrize("shape,window,stride,padding", RESIDUAL_CASES)
-def test_max_pool_saves_the_int8_selection_not_x(force, strategy, shape, window, stride, padding):
+def test_max_pool_saves_the_int8_selection_not_x(force, form, shape, window, stride, padding):
     """One int8 per output (N*Ho*Wo*C bytes) is all the backward keeps; autodiff keeps x."""
-    force(strategy)
+    force(form)
     x = jnp.asarray(permutation_input(np.random.default_rng(14), shape))
     y_shape = jax.eval_shape(lambda x: jaxconv.max_pool2d(x, window, stride=stride, padding=padding), x).shape
     saved = _saved(jaxconv.max_pool2d, x, window, stride, padding)
@@ -368,10 +368,10 @@ def test_window_of_more_than_127_entries_saves_int32(stride, width, dtype):
     assert dx[0, 0, width - 1, 0] != 0 and dx[0, 1, 0, 1] != 0
 
 
-@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
-def test_pullback_vmapped_over_cotangents_with_one_saved_selection(force, strategy):
+@pytest.mark.parametrize("form", jaxconv.plan.POOL_FORMS)
+def test_pullback_vmapped_over_cotangents_with_one_saved_selection(force, form):
     """vmap of the backward alone: batched g, unbatched int8 residual, equal to autodiff's."""
-    force(strategy)
+    force(form)
     x = jnp.asarray(np.random.default_rng(16).integers(0, 3, (2, 7, 8, 2)).astype(np.float64))
     for window, stride, padding in [(2, None, "VALID"), (3, 2, 1), (2, 3, ((1, 0), (1, 1)))]:
         y, pullback = jax.vjp(lambda x: jaxconv.max_pool2d(x, window, stride=stride, padding=padding), x)
@@ -381,10 +381,10 @@ def test_pullback_vmapped_over_cotangents_with_one_saved_selection(force, strate
         np.testing.assert_array_equal(np.asarray(dx), np.asarray(jax.vmap(lambda g: pullback_ref(g)[0])(gs)))
 
 
-@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
-def test_vmap_of_vjp_batches_the_saved_selection(force, strategy):
+@pytest.mark.parametrize("form", jaxconv.plan.POOL_FORMS)
+def test_vmap_of_vjp_batches_the_saved_selection(force, form):
     """vmap over x: each example saves its own S (a batched int8 residual); exact on ties."""
-    force(strategy)
+    force(form)
     rng = np.random.default_rng(18)
     xs = jnp.asarray(rng.integers(0, 3, (3, 2, 6, 7, 2)).astype(np.float64))
     gs = jnp.asarray(rng.integers(1, 9, (3, 2, 3, 4, 2)).astype(np.float64))
@@ -396,11 +396,11 @@ def test_vmap_of_vjp_batches_the_saved_selection(force, strategy):
                                   np.asarray(vjp_of(reference.max_pool2d)(xs, gs)))
 
 
-@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
-def test_grad_of_grad_through_the_integer_residual(force, strategy):
+@pytest.mark.parametrize("form", jaxconv.plan.POOL_FORMS)
+def test_grad_of_grad_through_the_integer_residual(force, form):
     """jax.grad(jax.grad(...)) and a Hessian-vector product: the int8 residual's cotangent
     is float0, the second derivative flows through g = dL/dy only, as autodiff's."""
-    force(strategy)
+    force(form)
     x = jnp.asarray(permutation_input(np.random.default_rng(19), (2, 6, 6, 2)))
     v = jnp.asarray(np.random.default_rng(20).standard_normal(x.shape))
 
@@ -421,10 +421,10 @@ def test_grad_of_grad_through_the_integer_residual(force, strategy):
 # --- average pooling: worked examples and divisors --------------------------------
 
 
-@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
-def test_seed_003_worked_example(force, strategy):
+@pytest.mark.parametrize("form", jaxconv.plan.POOL_FORMS)
+def test_seed_003_worked_example(force, form):
     """docs/pooling.md §2: 4x4 -> 2x2, dL/dx_ij = (1/4) dL/dz_(i/2)(j/2)."""
-    force(strategy)
+    force(form)
     x = jnp.arange(16.0).reshape(1, 4, 4, 1)
     g = jnp.array([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 2, 2, 1)
     y, vjp = jax.vjp(lambda x: jaxconv.avg_pool2d(x, 2), x)
@@ -433,10 +433,10 @@ def test_seed_003_worked_example(force, strategy):
     np.testing.assert_array_equal(np.asarray(vjp(g)[0][0, :, :, 0]), expected)
 
 
-@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
-def test_count_include_pad_divisors(force, strategy):
+@pytest.mark.parametrize("form", jaxconv.plan.POOL_FORMS)
+def test_count_include_pad_divisors(force, form):
     """3x3 windows, stride 3, padding 1 on 5x5: the corner window holds 4 real pixels."""
-    force(strategy)
+    force(form)
     x = jnp.asarray(np.arange(1.0, 26.0).reshape(1, 5, 5, 1))
     g = jnp.ones((1, 2, 2, 1))
     include, vjp_in = jax.vjp(lambda x: jaxconv.avg_pool2d(x, 3, stride=3, padding=1), x)
@@ -563,13 +563,13 @@ ND_GRID = [
 ]
 
 
-@pytest.mark.parametrize("strategy", pool_module._STRATEGIES)
+@pytest.mark.parametrize("form", jaxconv.plan.POOL_FORMS)
 @pytest.mark.parametrize("shape,window,stride,padding", ND_GRID)
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
-def test_1d_and_3d_equal_the_reference_float64(force, strategy, shape, window, stride, padding, ties):
+def test_1d_and_3d_equal_the_reference_float64(force, form, shape, window, stride, padding, ties):
     """Values and VJPs of avg (both divisors) and max pooling in 1-D and 3-D equal jax.vjp of the
     reference to 1e-12; with ties (integer-valued input) max pooling's gradient goes where XLA's does."""
-    force(strategy)
+    force(form)
     ndim = len(shape) - 2
     rng = np.random.default_rng(31)
     x = np.round(3 * rng.standard_normal(shape)) if ties else permutation_input(rng, shape)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from fractions import Fraction
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -79,11 +80,26 @@ def _arrays(seed, x_shape, w_shape, dtype=np.float64):
             rng.standard_normal(w_shape[-1]).astype(dtype))
 
 
+def _outside_cond(jaxpr):
+    """The primitives of ``jaxpr`` and its nested jaxprs, except those inside a ``cond``'s branches."""
+    for eqn in jaxpr.eqns:
+        yield eqn.primitive.name
+        if eqn.primitive.name == "cond":
+            continue
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from _outside_cond(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from _outside_cond(sub)
+
+
 def _check_float64(f, ref, args):
-    """The forced form really runs (the traced gradient has no XLA convolution, so it is not the
-    planner's fallback), and its VJP is the reference's to 1e-12."""
-    text = str(jax.make_jaxpr(jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1)))(*args))
-    assert "conv_general_dilated" not in text
+    """The forced form really runs (the traced gradient's XLA convolutions are only the direct form inside
+    the non-finite guard's cond, so it is not the planner's fallback), and its VJP is the reference's to
+    1e-12."""
+    names = list(_outside_cond(jax.make_jaxpr(jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1)))(*args).jaxpr))
+    assert "conv_general_dilated" not in names and "cond" in names
     report = check_vjp(f, ref, *args, names=("x", "w", "b"), finite_differences=False, second_order=False)
     report.assert_ok()
     assert report.worst("vjp") <= 1e-12
@@ -235,3 +251,68 @@ def test_saves_x_and_w_only(forms, capsys, form):
     print_saved_residuals(lambda x, w: jaxconv.conv2d(x, w, b, padding="SAME").sum(), x, w)
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and "[4,10,10,3] from the argument x" in lines[0] and "[3,3,3,5] from the argument w" in lines[1], lines
+
+
+def _nonfinite_input(n=4, size=16, channels=32, dtype=np.float32):
+    """x with an inf, a -inf and a NaN in separate images, away from each other."""
+    x = np.random.default_rng(0).standard_normal((n, size, size, channels)).astype(dtype)
+    x[0, 5, 6, 3] = np.inf
+    x[1, 9, 2, 0] = -np.inf
+    x[2, 12, 13, 7] = np.nan
+    return x
+
+
+def _same_pattern(got, want, what):
+    """inf, -inf and NaN in the same entries, the finite entries close."""
+    got, want = np.asarray(got), np.asarray(want)
+    for name, test in (("NaN", np.isnan), ("+inf", np.isposinf), ("-inf", np.isneginf)):
+        np.testing.assert_array_equal(test(got), test(want), err_msg=f"{what}: {name} entries differ")
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=2e-4, atol=2e-3, err_msg=what)
+
+
+@pytest.mark.parametrize("form", [None, *plan.WINOGRAD_TILES])
+def test_inf_and_nan_reach_what_the_direct_form_gives_them(forms, form):
+    """An inf gives inf (not inf - inf = NaN from a tile transform), and a NaN or inf reaches only the outputs
+    whose window reads it, as in the "conv" form: forward, dx and dw; eager and jitted.  ``None``: the
+    planner's own choice, which is Winograd for this layer."""
+    x = _nonfinite_input()
+    w = np.random.default_rng(1).standard_normal((3, 3, 32, 32)).astype(np.float32) * 0.1
+    chosen = plan.conv_plan(batch=4, out_spatial=(16, 16), kernel_spatial=(3, 3), in_channels=32, out_channels=32,
+                            groups=1, stride=(1, 1), platform="cpu", dtype=np.float32)
+    assert chosen.forward in plan.WINOGRAD_TILES and chosen.backward in plan.WINOGRAD_TILES, chosen
+    g = np.random.default_rng(2).standard_normal((4, 16, 16, 32)).astype(np.float32)
+    g[3, 4, 4, 5] = np.inf  # dx and dw from a non-finite output gradient too
+
+    def run(x, w, g):
+        y, pull = jax.vjp(lambda x, w: jaxconv.conv2d(x, w, padding=1), x, w)
+        return (y, *pull(g))
+
+    with plan.forms(conv_forward="conv", conv_backward="conv"):
+        want = jax.jit(run)(x, w, g)
+    if form is not None:
+        forms(conv_forward=form, conv_backward=form)
+    for how, f in (("eager", run), ("jit", jax.jit(run))):
+        for name, got, expected in zip(("y", "dx", "dw"), f(x, w, g), want):
+            _same_pattern(got, expected, f"{form} {how} {name}")
+    # The forward's pattern is the one the formula gives: inf where only the inf is read (not NaN).
+    y = np.asarray(want[0])
+    assert np.isposinf(y[0, 5, 6]).any() and np.isnan(y[2, 11:14, 12:15]).all()
+    assert np.isfinite(y[2, :10]).all()  # far from every non-finite input: finite in every form
+
+
+def test_all_finite_inputs_still_run_winograd(forms):
+    """The guard picks the Winograd branch for finite inputs: its float32 rounding differs from the direct
+    form's, and the program holds both branches under one cond."""
+    forms(conv_forward="winograd4", conv_backward="winograd4")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 12, 12, 8)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 8, 8)).astype(np.float32)
+    text = jax.jit(lambda x, w: jaxconv.conv2d(x, w, padding=1)).lower(x, w).as_text()
+    assert "stablehlo.case" in text or "stablehlo.if" in text
+    winograd_y = np.asarray(jaxconv.conv2d(x, w, padding=1))
+    with plan.forms(conv_forward="conv"):
+        direct_y = np.asarray(jaxconv.conv2d(x, w, padding=1))
+    exact = np.asarray(reference.conv2d(x.astype(np.float64), w.astype(np.float64), padding=1))
+    assert not np.array_equal(winograd_y, direct_y)  # a different computation ...
+    np.testing.assert_allclose(winograd_y, exact, rtol=1e-3, atol=1e-3)  # ... of the same sum

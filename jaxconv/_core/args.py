@@ -98,9 +98,11 @@ def _one_precision(value):
 
 
 def positive_int(value, name: str, *, minimum: int = 1) -> int:
-    """``value`` as an int ``>= minimum`` (not a bool); else ``ValueError`` naming the argument and its value."""
+    """``value`` as an int ``>= minimum`` (default 1; not a bool); else ``ValueError`` naming the argument and
+    its value.  The one check of every integer count an op or layer takes (groups, channels, sizes)."""
     if not _is_int(value) or int(value) < minimum:
-        raise ValueError(f"`{name}` (={value!r}) must be an int >= {minimum}.")
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"`{name}` (={value!r}) must be {what}.")
     return int(value)
 
 
@@ -108,7 +110,7 @@ def _type_name(x) -> str:
     return type(x).__name__
 
 
-def as_array(x, name: str, what: str = "an array"):
+def as_array(x, name: str, what: str = "an array") -> Any:
     """``x`` if it is an array (a JAX array or tracer, a NumPy array or scalar), else
     ``jnp.asarray(x)`` for what converts to a numeric array (a Python number, a
     nested list or tuple of numbers, an object with ``__array__``).  Anything
@@ -127,12 +129,13 @@ def as_array(x, name: str, what: str = "an array"):
     raise TypeError(f"`{name}` must be {what}, got {_type_name(x)}.")
 
 
-def check_float_array(x, name: str, ndim: int | None = None):
+def check_float_array(x, name: str, ndim: int | None = None) -> jax.Array:
     """``x`` as a JAX array of a floating dtype, of rank ``ndim`` if given.
 
     Not an array at all (``None``, a string, a dict, an object): ``TypeError``
     naming the argument and the type (see :func:`as_array`); a wrong rank or a
-    non-floating dtype: ``ValueError``."""
+    non-floating dtype: ``ValueError``.  (A NumPy array comes back as given:
+    typed ``jax.Array`` for its shape and dtype, which it shares.)"""
     x = as_array(x, name, "an array of a floating dtype")
     shape, dtype = x.shape, x.dtype
     if ndim is not None and len(shape) != ndim:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Sequence, Union
 
 import jax.numpy as jnp
 from jax import lax
@@ -42,6 +42,10 @@ __all__ = ["Window", "dim_names", "ints", "output_size", "parse", "patches", "un
 
 Sizes = tuple[int, ...]
 Pads = tuple[tuple[int, int], ...]
+#: A size as users give it: an int (every spatial dimension alike) or one per dimension.
+SizeLike = Union[int, Sequence[int]]
+#: Padding as users give it: "VALID", "SAME", an int, one per dimension, or one (lo, hi) pair per dimension.
+PaddingLike = Union[str, int, Sequence[int], Sequence[tuple[int, int]]]
 
 _COUNT_WORDS = {1: "one int", 2: "a pair of ints", 3: "a triple of ints"}
 
@@ -188,6 +192,54 @@ def parse(in_size: Sequence, kernel, stride, padding_value, dilation=1, *, kerne
     if pool:
         check_pool_padding(padding_value, pads, kernel)
     window = Window(tuple(in_size), kernel, stride, pads, dilation)
+    check_fits(window, kernel_name)
+    return window
+
+
+def parse_transpose(out_size: Sequence, kernel: Sizes, stride, padding_value, output_padding=0, dilation=1, *,
+                    kernel_name: str = "kernel") -> Window:
+    """The geometry of the convolution a transposed convolution is the adjoint of, as a :class:`Window`.
+
+    ``out_size`` is the transposed convolution's input (``y``) size, the
+    convolution's output size ``m``; the Window's ``in_size`` is the size the
+    transposed convolution produces.  Per dimension:
+
+    * explicit padding (an int, one per dimension, ``(lo, hi)`` pairs,
+      ``"VALID"`` = 0): ``(m - 1) s - lo - hi + d (k - 1) + 1 + output_padding``;
+    * ``"SAME"``: the smallest size a ``"SAME"`` convolution maps to ``m``,
+      ``(m - 1) s + 1``, plus ``output_padding``, with the padding
+      :func:`padding` gives that convolution (``output_padding = s - 1``: the
+      size ``m s``).
+
+    ``0 <= output_padding < stride``: the output sizes the convolution maps to
+    ``m`` are exactly those.  Every bad value: ``ValueError`` naming it.
+    """
+    ndim = len(kernel)
+    stride = ints(stride, "stride", ndim)
+    dilation = ints(dilation, "dilation", ndim)
+    output_padding = ints(output_padding, "output_padding", ndim, minimum=0)
+    for op, s in zip(output_padding, stride):
+        if op >= s:
+            raise ValueError(f"`output_padding` (={output_padding}) must be smaller than `stride` (={stride}) "
+                             "in every dimension: only then is the output the adjoint of a convolution whose "
+                             "output has y's size.")
+    if isinstance(padding_value, str) and padding_value.upper() == "SAME":
+        sizes = [(m - 1) * s + 1 + op for m, s, op in zip(out_size, stride, output_padding)]
+        pads = padding(padding_value, sizes, kernel, stride, dilation)
+    else:
+        pads = padding(padding_value, (1,) * ndim, kernel, stride, dilation)
+        sizes = []
+        for size, (lo, hi), k, s, d, op, name in zip(out_size, pads, kernel, stride, dilation, output_padding,
+                                                     dim_names(ndim)):
+            full = (size - 1) * s + d * (k - 1) + 1 + op
+            if full - lo - hi < 1:
+                raise ValueError(
+                    f"`padding` (={padding_value!r}) crops {lo} + {hi} from the {name}, but the transposed "
+                    f"convolution of `y` (size {size}) with this kernel, stride and dilation spans only {full}: "
+                    "no output is left."
+                )
+            sizes.append(full - lo - hi)
+    window = Window(tuple(sizes), kernel, stride, pads, dilation)
     check_fits(window, kernel_name)
     return window
 

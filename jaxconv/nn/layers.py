@@ -148,12 +148,6 @@ def _shape(input_shape, ndim: int, layer: str) -> tuple[int, ...]:
     return shape
 
 
-def _positive_int(value, name: str) -> int:
-    if not _args._is_int(value) or int(value) < 1:
-        raise ValueError(f"`{name}` (={value!r}) must be a positive int.")
-    return int(value)
-
-
 def _dtype(dtype):
     dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
@@ -165,11 +159,11 @@ def _dtype(dtype):
 
 
 def _conv_layer(ndim: int, out_channels, kernel, stride, padding, dilation, groups, bias, w_init, dtype):
-    out_channels = _positive_int(out_channels, "out_channels")
+    out_channels = _args.positive_int(out_channels, "out_channels")
     kernel = _window.ints(kernel, "kernel", ndim)
     stride = _window.ints(stride, "stride", ndim)
     dilation = _window.ints(dilation, "dilation", ndim)
-    groups = _positive_int(groups, "groups")
+    groups = _args.positive_int(groups, "groups")
     if out_channels % groups:
         raise ValueError(f"`groups` (={groups}) must divide `out_channels` (={out_channels}).")
     dtype = _dtype(dtype)
@@ -233,12 +227,12 @@ def Conv3D(out_channels, kernel, *, stride=1, padding="VALID", dilation=1, group
 
 def _conv_transpose_layer(ndim: int, out_channels, kernel, stride, padding, output_padding, dilation, groups,
                           bias, w_init, dtype):
-    out_channels = _positive_int(out_channels, "out_channels")
+    out_channels = _args.positive_int(out_channels, "out_channels")
     kernel = _window.ints(kernel, "kernel", ndim)
     stride = _window.ints(stride, "stride", ndim)
     dilation = _window.ints(dilation, "dilation", ndim)
     output_padding = _window.ints(output_padding, "output_padding", ndim, minimum=0)
-    groups = _positive_int(groups, "groups")
+    groups = _args.positive_int(groups, "groups")
     if out_channels % groups:
         raise ValueError(f"`groups` (={groups}) must divide `out_channels` (={out_channels}).")
     if isinstance(padding, str) and padding.upper() == "SAME":
@@ -321,7 +315,7 @@ def Dense(out_dim, *, bias=True, w_init=he_normal, dtype=jnp.float32):
     Input ``(N, D_in)`` (put :data:`Flatten` before it); params
     ``{"w": (D_in, out_dim), "b": (out_dim,)}``; He-normal ``w`` with ``fan_in = D_in``.
     """
-    out_dim = _positive_int(out_dim, "out_dim")
+    out_dim = _args.positive_int(out_dim, "out_dim")
     dtype = _dtype(dtype)
 
     def init_fun(rng, input_shape):
@@ -576,7 +570,7 @@ def LRN(size=5, kappa=2.0, alpha=1e-4, beta=0.75):
     """Local response normalisation across channels, :func:`jaxconv.lrn` (AlexNet; docs/layers.md)."""
     lrn_module = local_response
     # Validate now, with lrn's own checks, rather than at the first apply.
-    lrn_module._positive_int(size, "size")
+    _args.positive_int(size, "size")
     lrn_module._real(kappa, "kappa", minimum=0.0)
     lrn_module._real(alpha, "alpha", minimum=0.0)
     lrn_module._real(beta, "beta")
@@ -668,7 +662,7 @@ def parallel(*layers):
 
 def FanOut(num):
     """``x -> (x, ..., x)``, ``num`` copies (their gradients add)."""
-    num = _positive_int(num, "num")
+    num = _args.positive_int(num, "num")
     return (lambda rng, input_shape: ((tuple(input_shape),) * num, ())), (lambda params, x, **kwargs: (x,) * num)
 
 

@@ -62,12 +62,17 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
+from jax import Array, lax
+from jax.typing import ArrayLike
 
 from .._core import args as _args
 from .._core import window as _window
+from ..plan import im2row, winograd
 from ..plan import planner as plan
-from ..plan import onednn, winograd
+
+PrecisionLike = lax.PrecisionLike
+SizeLike = _window.SizeLike
+PaddingLike = _window.PaddingLike
 
 __all__ = ["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"]
 
@@ -81,8 +86,8 @@ class ConvConfig(NamedTuple):
 
     window: _window.Window
     groups: int
-    forward: str  # a key of _FORWARD_STRATEGIES
-    backward: str  # a key of _BACKWARD_STRATEGIES
+    forward: str  # a key of _FORWARD_FORMS
+    backward: str  # a key of _BACKWARD_FORMS
     precision: _args.Precision = None  # every product's, forward and backward (_args.precision's form)
 
 
@@ -93,12 +98,6 @@ def _dimension_numbers(ndim: int, kind: str = "forward"):
     if kind == "forward":
         return (f"N{sp}C", f"{sp}IO", f"N{sp}C")
     return (f"C{sp}N", f"I{sp}O", f"{sp}NC")
-
-
-def _positive_groups(groups) -> int:
-    if not _args._is_int(groups) or int(groups) < 1:
-        raise ValueError(f"`groups` (={groups!r}) must be a positive int.")
-    return int(groups)
 
 
 def _check_arrays(ndim: int, first: str, a, w, b):
@@ -124,7 +123,7 @@ def _plan(window: _window.Window, batch, in_channels, out_channels, groups, *arr
 def _conv(ndim: int, x, w, b, stride, padding, dilation, groups, precision):
     """Validate (``ValueError`` naming each argument), plan, and run the N-d convolution."""
     x, w, b = _check_arrays(ndim, "x", x, w, b)
-    groups = _positive_groups(groups)
+    groups = _args.positive_int(groups, "groups")
     precision = _args.precision(precision)
     n, c = x.shape[0], x.shape[-1]
     ci, o = w.shape[-2], w.shape[-1]
@@ -162,7 +161,9 @@ _CONV_ARGS = """
 
 
 @_args.reverse_mode_rule
-def conv1d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1, precision=None):
+def conv1d(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, *, stride: SizeLike = 1,
+           padding: PaddingLike = "VALID", dilation: SizeLike = 1, groups: int = 1,
+           precision: PrecisionLike = None) -> Array:
     """1-D convolution, NWC input and WIO kernel, with a hand-derived VJP.
 
     :func:`conv2d` with one spatial dimension (same formulas, same checks,
@@ -177,7 +178,9 @@ def conv1d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1, pre
 
 
 @_args.reverse_mode_rule
-def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1, precision=None):
+def conv2d(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, *, stride: SizeLike = 1,
+           padding: PaddingLike = "VALID", dilation: SizeLike = 1, groups: int = 1,
+           precision: PrecisionLike = None) -> Array:
     """2-D convolution, NHWC input and HWIO kernel, with a hand-derived VJP.
 
     Args:
@@ -209,11 +212,21 @@ def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1, pre
 
     Returns:
       ``(N, Ho, Wo, O)`` with ``Ho = floor((H + top + bottom - d*(KH-1) - 1) / s) + 1``
-      and likewise ``Wo``.  NaN: a NaN in ``x`` makes every output whose window
-      reads it NaN (in all ``O`` channels of its group; ``0 * NaN`` is NaN,
-      so a zero weight does not hide it); a NaN in ``w[..., o]`` or ``b[o]``
-      makes every output of channel ``o`` NaN (padding too is ``0 * NaN``).
-      Eager and under ``jit``.
+      and likewise ``Wo``.  NaN and ``inf``, in every form, eager and under
+      ``jit``: a NaN in ``x`` makes every output whose window reads it NaN
+      (in all ``O`` channels of its group; ``0 * NaN`` is NaN, so a zero
+      weight does not hide it), and no other output; an ``inf`` gives
+      ``inf`` or NaN (``inf - inf``, ``0 * inf``) exactly in the outputs
+      whose window reads it, as the direct sum does.  A NaN in ``b[o]``
+      makes every output of channel ``o`` NaN.  A NaN in ``w[t, c, o]``
+      (kernel offset ``t``) makes NaN every output of channel ``o`` whose
+      window reads an input entry at offset ``t``; where offset ``t`` falls
+      on padding it depends on the form: XLA's convolution (``"conv"``, the
+      Winograd forms' fallback) skips padding, the matrix-product forms
+      multiply the padded zeros (``0 * NaN``).  The Winograd forms, whose
+      tile transforms would turn one ``inf`` into NaN and spread a NaN over
+      a whole tile, compute the direct form's result whenever an input is
+      not finite (a run-time ``lax.cond``).
 
     Backward: see the module docstring and docs/convolution.md §5.
 
@@ -226,7 +239,9 @@ def conv2d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1, pre
 
 
 @_args.reverse_mode_rule
-def conv3d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1, precision=None):
+def conv3d(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, *, stride: SizeLike = 1,
+           padding: PaddingLike = "VALID", dilation: SizeLike = 1, groups: int = 1,
+           precision: PrecisionLike = None) -> Array:
     """3-D convolution, NDHWC input and DHWIO kernel, with a hand-derived VJP.
 
     :func:`conv2d` with three spatial dimensions (same formulas, same checks,
@@ -253,43 +268,9 @@ def _forward_conv(config: ConvConfig, x, w):
     )
 
 
-def _phi_by_group(config: ConvConfig, x):
-    """phi(X) per group, ``(G, N*prod(out), prod(K)*C/G)`` (im2row, docs/convolution.md §2; kernel-major columns)."""
-    window, groups = config.window, config.groups
-    rows = _window.patches(x, window)  # (N, *out, *K, C)
-    m = x.shape[0] * math.prod(window.out_size)
-    cg = x.shape[-1] // groups
-    return rows.reshape(m, window.volume, groups, cg).transpose(2, 0, 1, 3).reshape(groups, m, window.volume * cg)
-
-
-def _kernel_by_group(w, groups: int):
-    """The kernel matrix F per group, ``(G, prod(K)*C/G, O/G)``."""
-    o = w.shape[-1]
-    return w.reshape(-1, groups, o // groups).transpose(1, 0, 2)
-
-
-def _images_per_block(config: ConvConfig, batch: int, channels: int, itemsize: int) -> int:
-    """The batch block of the blocked im2row forms: its phi fits ``_IM2ROW_BLOCK_BYTES``."""
-    entries = plan.phi_entries_per_image(config.window.out_size, config.window.kernel, channels)
-    return _batch_block(batch, entries * itemsize, _IM2ROW_BLOCK_BYTES)
-
-
-def _forward_im2row(config: ConvConfig, x, w):
-    """``Y = phi(X) F`` (docs/convolution.md §2), one matrix product per group."""
-    n, o = x.shape[0], w.shape[-1]
-    y = jnp.matmul(_phi_by_group(config, x), _kernel_by_group(w, config.groups),
-                   precision=config.precision)  # (G, N*prod(out), O/G)
-    return y.transpose(1, 0, 2).reshape(n, *config.window.out_size, o)
-
-
 def _forward_im2row_blocked(config: ConvConfig, x, w):
-    """``Y_b = phi(X_b) F`` over cache-sized batch blocks (see :func:`_grads_im2row_blocked`)."""
-    n = x.shape[0]
-    block = _images_per_block(config, n, x.shape[-1], x.dtype.itemsize)
-    if block == n:
-        return _forward_im2row(config, x, w)
-    y = lax.map(lambda xb: _forward_im2row(config, xb, w), x.reshape(n // block, block, *x.shape[1:]))
-    return y.reshape(n, *y.shape[2:])
+    """``Y_b = phi(X_b) F`` over cache-sized batch blocks (jaxconv.plan.im2row)."""
+    return im2row.forward_blocked(config, x, w)
 
 
 # Bytes one batch block of a Winograd form may hold in transformed tiles and
@@ -303,7 +284,7 @@ def _winograd_block(in_size, kernel, m: int, batch: int, channels: int, itemsize
     """Images per block of a Winograd form whose outputs cover ``in_size - kernel + 1`` per axis."""
     tiles = math.prod(-(-(s - k + 1) // m) for s, k in zip(in_size, kernel))
     per_image = math.prod(m + k - 1 for k in kernel) * tiles * channels * itemsize
-    return _batch_block(batch, per_image, _WINOGRAD_BLOCK_BYTES)
+    return im2row.batch_block(batch, per_image, _WINOGRAD_BLOCK_BYTES)
 
 
 def _forward_winograd(config: ConvConfig, x, w, m: int):
@@ -348,19 +329,29 @@ def _onednn_geometry(config: ConvConfig):
 # gradients run the callbacks (the conv rule calls them directly); second and
 # higher orders differentiate through the lax tangents.
 
-def _onednn_formula(kernel, shape, shape_name, lax_formula, doc: str):
+def _onednn_kernel(name: str, *args, **kwargs):
+    """``jaxconv.plan.onednn.<name>(*args, **kwargs)``, the module imported on first use (the optional extra:
+    ctypes and a shared library, loaded only when an ``"onednn"`` form runs)."""
+    from ..plan import onednn
+
+    return getattr(onednn, name)(*args, **kwargs)
+
+
+def _onednn_formula(kernel: str, shape, shape_name, lax_formula, doc: str):
     """One of the three formulas, ``(config, a, b) -> out``, as a oneDNN callback with the lax tangent.
 
-    ``shape(config, a, b)`` is the output's shape, passed to ``kernel`` as
-    ``shape_name`` (the forward reads it off its inputs).  Bilinear: the tangent
-    is ``lax_formula(da, b) + lax_formula(a, db)``.
+    ``kernel`` names the function of :mod:`jaxconv.plan.onednn`; ``shape(config,
+    a, b)`` is the output's shape, passed to it as ``shape_name`` (the forward
+    reads it off its inputs).  Bilinear: the tangent is ``lax_formula(da, b) +
+    lax_formula(a, db)``.  ``precision`` has no effect on the callback (oneDNN
+    computes in float32); the lax tangents honour it.
     """
 
     @partial(jax.custom_jvp, nondiff_argnums=(0,))
     def formula(config: ConvConfig, a, b):
         out = shape(config, a, b)
         extra = {shape_name: out} if shape_name else {}
-        return jax.pure_callback(partial(kernel, **extra, **_onednn_geometry(config)),
+        return jax.pure_callback(partial(_onednn_kernel, kernel, **extra, **_onednn_geometry(config)),
                                  jax.ShapeDtypeStruct(out, a.dtype), a, b, vmap_method="sequential")
 
     @formula.defjvp
@@ -373,18 +364,18 @@ def _onednn_formula(kernel, shape, shape_name, lax_formula, doc: str):
 
 
 _forward_onednn = _onednn_formula(
-    onednn.forward, lambda config, x, w: (x.shape[0], *config.window.out_size, w.shape[-1]), None, _forward_conv,
+    "forward", lambda config, x, w: (x.shape[0], *config.window.out_size, w.shape[-1]), None, _forward_conv,
     "``Y`` by oneDNN's forward convolution (docs/convolution.md §1).")
 _input_grad_onednn = _onednn_formula(
-    onednn.input_grad, lambda config, w, g: (g.shape[0], *config.window.in_size, w.shape[-2]), "x_shape",
+    "input_grad", lambda config, w, g: (g.shape[0], *config.window.in_size, w.shape[-2]), "x_shape",
     lambda *a: _input_grad_conv(*a), "dL/dx (docs/convolution.md §5.3) by oneDNN's backward-data convolution, from (w, g).")
 _kernel_grad_onednn = _onednn_formula(
-    onednn.kernel_grad, lambda config, x, g: (*config.window.kernel, x.shape[-1], g.shape[-1]), "w_shape",
+    "kernel_grad", lambda config, x, g: (*config.window.kernel, x.shape[-1], g.shape[-1]), "w_shape",
     lambda *a: _kernel_grad_conv(*a), "dL/dw (docs/convolution.md §5.4) by oneDNN's backward-weights convolution, from (x, g).")
 
 
 def _forward(config: ConvConfig, x, w, b):
-    y = _FORWARD_STRATEGIES[config.forward](config, x, w)
+    y = _FORWARD_FORMS[config.forward](config, x, w)
     return y if b is None else y + b
 
 
@@ -459,77 +450,9 @@ def _kernel_grad_conv(config: ConvConfig, x, g):
     )
 
 
-def _grads_im2row(config: ConvConfig, x, x_shape, w, g, need_dx: bool, need_dw: bool):
-    """The im2row form (docs/convolution.md §5.2): (dL/dx, dL/dw), each None unless needed.
-
-    With ``phi`` = im2row (one row per output position, one column per kernel
-    entry, kernel-major) and per group ``F`` the ``(prod(K)*C/G, O/G)`` kernel
-    matrix, ``dY`` the ``(N*prod(out), O/G)`` output gradient:
-    ``dF = phi(X)^T dY`` and ``dX = phi*(dY F^T)``, ``phi*`` = row2im, the
-    adjoint.  Groups are a batch of these matrix products; stride, padding
-    and dilation live in ``phi`` and ``phi*`` (``jaxconv._core.window``).
-    ``dX`` needs only ``x``'s shape.
-    """
-    window, groups = config.window, config.groups
-    o = w.shape[-1]
-    og, cg = o // groups, w.shape[-2]
-    n = g.shape[0]
-    m = n * math.prod(window.out_size)
-    dy = g.reshape(m, groups, og).transpose(1, 0, 2)  # (G, N*prod(out), O/G)
-    hi = config.precision
-    dx = dw = None
-    if need_dw:
-        df = jnp.matmul(_phi_by_group(config, x).transpose(0, 2, 1), dy, precision=hi)
-        dw = df.transpose(1, 0, 2).reshape(w.shape)
-    if need_dx:
-        drows = jnp.matmul(dy, _kernel_by_group(w, groups).transpose(0, 2, 1), precision=hi)
-        ndim = window.ndim
-        drows = drows.reshape(groups, n, *window.out_size, *window.kernel, cg)
-        # (G, N, *out, *K, C/G) -> (N, *out, *K, G, C/G): the group joins the channels.
-        drows = drows.transpose(*range(1, 2 * ndim + 2), 0, 2 * ndim + 2)
-        dx = _window.unpatches(drows.reshape(n, *window.out_size, *window.kernel, groups * cg), window)
-    return dx, dw
-
-
-# Bytes of phi(X) one block of the blocked im2row form may hold: a few MiB,
-# so that a block is written and read back while still in cache.
-_IM2ROW_BLOCK_BYTES = 4 * 2**20
-
-
-def _batch_block(n: int, bytes_per_image: int, budget: int) -> int:
-    """The largest divisor of ``n`` whose images' phi rows fit in ``budget`` (at least 1)."""
-    fits = max(1, budget // max(1, bytes_per_image))
-    return max(d for d in range(1, min(n, fits) + 1) if n % d == 0)
-
-
 def _grads_im2row_blocked(config: ConvConfig, x, x_shape, w, g, need_dx: bool, need_dw: bool):
-    """The im2row form (docs/convolution.md §5.2) over blocks of the batch.
-
-    ``phi(X)^T dY`` is a sum over the rows of phi, one row per output position,
-    so it splits over images: ``dF = sum_b phi(X_b)^T dY_b``; and ``phi*`` acts
-    on each image alone, so ``dX_b = phi*(dY_b F^T)``.  A ``lax.scan`` over
-    batch blocks runs :func:`_grads_im2row` on each block, sized so that the
-    block's phi (``B*prod(out)`` rows of ``prod(K)*C``) stays in cache; the
-    products are then GEMMs at close to the machine's matrix-product speed,
-    where the whole phi would be ``prod(K)`` times the input, streamed from
-    memory.  Same formula, same sums, only grouped by image.
-    """
-    n = g.shape[0]
-    block = _images_per_block(config, n, x_shape[-1], g.dtype.itemsize)
-    if block == n:
-        return _grads_im2row(config, x, x_shape, w, g, need_dx, need_dw)
-    blocks = n // block
-    block_shape = (block, *x_shape[1:])
-
-    def one_block(dw, xg):
-        xb, gb = xg
-        dxb, dwb = _grads_im2row(config, xb, block_shape, w, gb, need_dx, need_dw)
-        return (None if dw is None else dw + dwb), dxb
-
-    xs = x.reshape(blocks, *block_shape) if need_dw else None
-    dw, dx = lax.scan(one_block, jnp.zeros(w.shape, w.dtype) if need_dw else None,
-                      (xs, g.reshape(blocks, block, *g.shape[1:])))
-    return (None if dx is None else dx.reshape(x_shape)), dw
+    """``dF = sum_b phi(X_b)^T dY_b``, ``dX_b = phi*(dY_b F^T)`` over batch blocks (jaxconv.plan.im2row)."""
+    return im2row.grads_blocked(config, x, x_shape, w, g, need_dx, need_dw)
 
 
 def _grads(config: ConvConfig, form: str, x, x_shape, w, g, need_dx: bool = True, need_dw: bool = True):
@@ -537,12 +460,12 @@ def _grads(config: ConvConfig, form: str, x, x_shape, w, g, need_dx: bool = True
 
     ``x`` may be None when only ``dL/dx`` is needed (``x_shape`` gives its shape).
     """
-    dx_form, dw_form = _BACKWARD_STRATEGIES[form]
+    dx_form, dw_form = _BACKWARD_FORMS[form]
     if dx_form in _FORMULA_PAIRS:  # Winograd and oneDNN: (dx from w and g, dw from x and g)
         input_grad, kernel_grad = _FORMULA_PAIRS[dx_form]
         return (input_grad(config, w, g) if need_dx else None, kernel_grad(config, x, g) if need_dw else None)
     if dx_form == dw_form != "conv":
-        blocked = _grads_im2row_blocked if dx_form == "im2row_blocked" else _grads_im2row
+        blocked = im2row.grads_blocked if dx_form == "im2row_blocked" else im2row.grads
         return blocked(config, x, x_shape, w, g, need_dx, need_dw)
     dx = dw = None
     if need_dx:
@@ -560,7 +483,7 @@ def _grads(config: ConvConfig, form: str, x, x_shape, w, g, need_dx: bool = True
 def _conv_transpose(ndim: int, y, w, b, stride, padding, output_padding, dilation, groups, precision):
     """Validate, plan and run the N-d transposed convolution (the adjoint of :func:`_conv` in ``x``)."""
     y, w, b = _check_arrays(ndim, "y", y, w, b)
-    groups = _positive_groups(groups)
+    groups = _args.positive_int(groups, "groups")
     precision = _args.precision(precision)
     n, o = y.shape[0], y.shape[-1]
     kernel, ci, wo = tuple(w.shape[:-2]), w.shape[-2], w.shape[-1]
@@ -575,30 +498,8 @@ def _conv_transpose(ndim: int, y, w, b, stride, padding, output_padding, dilatio
     if b is not None and b.shape[0] != c:
         raise ValueError(f"`b` must have length {c} (groups * w.shape[{ndim}], the output channels), "
                          f"got shape {tuple(b.shape)}.")
-    if isinstance(padding, str) and padding.upper() == "SAME":
-        raise ValueError("`padding` (='SAME') is not defined for a transposed convolution: give the amounts "
-                         "(an int, one per dimension, or (lo, hi) pairs) of the convolution it transposes.")
-    stride = _window.ints(stride, "stride", ndim)
-    dilation = _window.ints(dilation, "dilation", ndim)
-    output_padding = _window.ints(output_padding, "output_padding", ndim, minimum=0)
-    for op, s in zip(output_padding, stride):
-        if op >= s:
-            raise ValueError(f"`output_padding` (={output_padding}) must be smaller than `stride` (={stride}) "
-                             "in every dimension: only then is the output the adjoint of a convolution whose "
-                             "output has y's size.")
-    pads = _window.padding(padding, (1,) * ndim, kernel, stride, dilation)
-    out_size = []
-    for size, (lo, hi), k, s, d, op, name in zip(y.shape[1:-1], pads, kernel, stride, dilation, output_padding,
-                                                 _window.dim_names(ndim)):
-        full = (size - 1) * s + d * (k - 1) + 1 + op
-        if full - lo - hi < 1:
-            raise ValueError(
-                f"`padding` (={padding!r}) crops {lo} + {hi} from the {name}, but the transposed convolution of "
-                f"`y` (size {size}) with this kernel, stride and dilation spans only {full}: no output is left."
-            )
-        out_size.append(full - lo - hi)
-    window = _window.Window(tuple(out_size), kernel, stride, pads, dilation)
-    _window.check_fits(window, f"w.shape[:{ndim}]")
+    window = _window.parse_transpose(y.shape[1:-1], kernel, stride, padding, output_padding, dilation,
+                                     kernel_name=f"w.shape[:{ndim}]")
     _window.check_sizes(window, n, c, o, "`padding`, `stride`, `dilation` and the shapes of `y` and `w`")
     chosen = _plan(window, n, c, o, groups, y, w, b)
     return _conv_transpose_vjp(ConvConfig(window, groups, chosen.forward, chosen.backward, precision), y, w, b)
@@ -625,7 +526,7 @@ def _conv_transpose_bwd(config: ConvConfig, residuals, g):
     # so dL/dy is the convolution of G, and dL/dw is the convolution's kernel
     # gradient with G in the place of x and y in the place of its output gradient.
     y, w, has_bias = residuals
-    dy = _FORWARD_STRATEGIES[config.forward](config, g, w)
+    dy = _FORWARD_FORMS[config.forward](config, g, w)
     _, dw = _grads(config, config.backward, g, g.shape, w, y, need_dx=False)
     db = None if has_bias is None else g.sum(axis=tuple(range(g.ndim - 1)))
     return dy, dw, db
@@ -648,8 +549,15 @@ _TRANSPOSE_DOC = """{n}-D transposed convolution ({layout} output), the adjoint 
       w: ``({kspatial}, C // groups, O)``, in the *convolution's* layout.
       b: optional bias ``(C,)``, added to the output.
       stride, dilation: int or {count} ints ``>= 1``, the convolution's.
-      padding: int, {count} ints, or {count} ``(lo, hi)`` pairs (``"VALID"``
-        is 0): the convolution's padding, cropped off the output here.
+      padding: the convolution's, in the same forms as :func:`conv{n}d`'s:
+        ``"VALID"`` (the default, no padding), ``"SAME"``, an int, {count}
+        ints or {count} ``(lo, hi)`` pairs; explicit amounts are cropped off
+        the output here.  ``"SAME"`` is the adjoint of :func:`conv{n}d` with
+        ``padding="SAME"``: the output has the smallest size that
+        convolution maps to ``y``'s, ``(n - 1)*s + 1`` per dimension, plus
+        ``output_padding``, and the convolution's own ``"SAME"`` padding for
+        that size (``output_padding = stride - 1`` gives ``n*s``, TensorFlow's
+        ``conv2d_transpose`` with ``padding="SAME"``).
       output_padding: int or {count} ints, ``0 <= output_padding < stride``:
         extra entries at the high end of each dimension, which pick among the
         input sizes a strided convolution maps to ``y``'s size.
@@ -659,7 +567,8 @@ _TRANSPOSE_DOC = """{n}-D transposed convolution ({layout} output), the adjoint 
 
     Returns:
       ``(N, {spatial_out}, C)``, per dimension
-      ``(n - 1)*s - lo - hi + d*(k - 1) + 1 + output_padding``.  Equal to
+      ``(n - 1)*s - lo - hi + d*(k - 1) + 1 + output_padding`` (``"SAME"``:
+      ``(n - 1)*s + 1 + output_padding``).  With explicit padding, equal to
       PyTorch's ``conv_transpose{n}d(y, weight, stride, padding,
       output_padding, groups, dilation)`` (channels first) with ``weight`` =
       ``w`` moved to ``(O, C // groups, {kspatial})``.
@@ -667,20 +576,23 @@ _TRANSPOSE_DOC = """{n}-D transposed convolution ({layout} output), the adjoint 
 
 
 @_args.reverse_mode_rule
-def conv_transpose1d(y, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1,
-                       precision=None):
+def conv_transpose1d(y: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, *, stride: SizeLike = 1,
+                     padding: PaddingLike = "VALID", output_padding: SizeLike = 0, dilation: SizeLike = 1,
+                     groups: int = 1, precision: PrecisionLike = None) -> Array:
     return _conv_transpose(1, y, w, b, stride, padding, output_padding, dilation, groups, precision)
 
 
 @_args.reverse_mode_rule
-def conv_transpose2d(y, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1,
-                       precision=None):
+def conv_transpose2d(y: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, *, stride: SizeLike = 1,
+                     padding: PaddingLike = "VALID", output_padding: SizeLike = 0, dilation: SizeLike = 1,
+                     groups: int = 1, precision: PrecisionLike = None) -> Array:
     return _conv_transpose(2, y, w, b, stride, padding, output_padding, dilation, groups, precision)
 
 
 @_args.reverse_mode_rule
-def conv_transpose3d(y, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1,
-                       precision=None):
+def conv_transpose3d(y: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, *, stride: SizeLike = 1,
+                     padding: PaddingLike = "VALID", output_padding: SizeLike = 0, dilation: SizeLike = 1,
+                     groups: int = 1, precision: PrecisionLike = None) -> Array:
     return _conv_transpose(3, y, w, b, stride, padding, output_padding, dilation, groups, precision)
 
 
@@ -697,38 +609,57 @@ conv_transpose3d.__doc__ = _TRANSPOSE_DOC.format(n=3, layout="NDHWC", spatial="D
                                                  spatial_out="Do, Ho, Wo", kspatial="KD, KH, KW", count="three")
 
 
-# name -> (dx form, dw form).  Every entry computes the same formulas and is
-# tested against jax.grad (tests/test_conv.py runs each).
-_BACKWARD_STRATEGIES = {
-    "conv": ("conv", "conv"),
-    "im2row": ("im2row", "im2row"),
-    "im2row_blocked": ("im2row_blocked", "im2row_blocked"),
-    # dX = phi*(dY F^T) contracts over the O/G output channels: with few of them
-    # that product runs far from the GEMM peak, while dX as the Rot180
-    # correlation is a stride-1 convolution XLA runs as fast as a forward.
-    # dF = phi(X)^T dY contracts over batch and space and stays a GEMM.
-    "mixed": ("conv", "im2row_blocked"),
-    # Winograd minimal filtering, stride 1 only (plan.winograd_fits): dX as
-    # F(m, k) on the rotated kernel, dF as F(k, m) with gradient tiles as filters.
-    "winograd2": ("winograd2", "winograd2"),
-    "winograd4": ("winograd4", "winograd4"),
-    # oneDNN's backward data and backward weights, host callbacks (jaxconv.plan.onednn;
-    # float32, one group, only when forced: plan.forms).
-    "onednn": ("onednn", "onednn"),
-}
+# The form names are the planner's (plan.CONV_FORWARD_FORMS, plan.CONV_BACKWARD_FORMS,
+# listed once there); each table below is built from them, so a name without
+# an implementation fails at import.  Every entry computes the same formulas and
+# is tested against jax.grad (tests/test_conv.py runs each).
+
+# Backward forms whose dx and dw are not the same-named form: "mixed".
+# dX = phi*(dY F^T) contracts over the O/G output channels: with few of them
+# that product runs far from the GEMM peak, while dX as the Rot180
+# correlation is a stride-1 convolution XLA runs as fast as a forward.
+# dF = phi(X)^T dY contracts over batch and space and stays a GEMM.
+# (Winograd, stride 1 only (plan.winograd_fits): dX as F(m, k) on the rotated
+# kernel, dF as F(k, m) with gradient tiles as filters.  oneDNN: its backward
+# data and backward weights, host callbacks, float32, one group, only when forced.)
+_SPLIT_BACKWARD = {"mixed": ("conv", "im2row_blocked")}
+
+# backward form name -> (dx form, dw form).
+_BACKWARD_FORMS = {name: _SPLIT_BACKWARD.get(name, (name, name)) for name in plan.CONV_BACKWARD_FORMS}
+
+def _finite_or_direct(winograd_formula, direct_formula):
+    """``(config, a, b) -> winograd_formula(...)`` when every entry of ``a`` and ``b`` is finite, else the
+    direct form's ``direct_formula(...)`` (a ``lax.cond`` in the program, decided at run time).
+
+    Winograd's transforms add and subtract the inputs of a whole tile, so one
+    ``inf`` becomes ``inf - inf = NaN`` and a NaN or ``inf`` reaches every
+    output of its tile, also those whose window never reads it.  The direct
+    form gives what the formula gives: ``inf`` where the direct sum is ``inf``,
+    NaN only in the outputs that read a NaN (or an ``inf`` times 0).  Checking
+    finiteness costs one pass over the two inputs; the direct form runs only
+    when one is not finite.
+    """
+
+    def formula(config: ConvConfig, a, b):
+        finite = jnp.isfinite(a).all() & jnp.isfinite(b).all()
+        return lax.cond(finite, partial(winograd_formula, config), partial(direct_formula, config), a, b)
+
+    return formula
+
 
 # Backward forms whose dx and dw are one pair of functions (config, w, g) and (config, x, g).
 _FORMULA_PAIRS = {
-    **{name: (partial(_input_grad_winograd, m=m), partial(_kernel_grad_winograd, m=m))
+    **{name: (_finite_or_direct(partial(_input_grad_winograd, m=m), _input_grad_conv),
+              _finite_or_direct(partial(_kernel_grad_winograd, m=m), _kernel_grad_conv))
        for name, m in plan.WINOGRAD_TILES.items()},
     "onednn": (_input_grad_onednn, _kernel_grad_onednn),
 }
 
-# name -> forward(config, x, w) -> y without bias; tested like the backward.
-_FORWARD_STRATEGIES = {
+# forward form name -> forward(config, x, w) -> y without bias; tested like the backward.
+_FORWARD_FORMS = {name: {
     "conv": _forward_conv,
     "im2row_blocked": _forward_im2row_blocked,
-    "winograd2": partial(_forward_winograd, m=2),
-    "winograd4": partial(_forward_winograd, m=4),
+    **{form: _finite_or_direct(partial(_forward_winograd, m=m), _forward_conv)
+       for form, m in plan.WINOGRAD_TILES.items()},
     "onednn": _forward_onednn,
-}
+}[name] for name in plan.CONV_FORWARD_FORMS}

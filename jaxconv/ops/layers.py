@@ -22,6 +22,8 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax import Array, lax
+from jax.typing import ArrayLike
 
 from .._core import args as _args
 
@@ -31,7 +33,7 @@ __all__ = ["flatten", "linear", "relu"]
 
 
 @_args.reverse_mode_rule
-def relu(x):
+def relu(x: ArrayLike) -> Array:
     """Rectified linear unit ``max(0, x)``, elementwise (docs/layers.md, ReLU).
 
     Args:
@@ -76,7 +78,8 @@ _relu.defvjp(_relu_fwd, _relu_bwd)
 
 
 @_args.reverse_mode_rule
-def linear(x, w, b=None, *, precision=None):
+def linear(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, *,
+           precision: lax.PrecisionLike = None) -> Array:
     """Fully connected layer ``y = x @ w + b`` (docs/layers.md, Fully connected layer).
 
     Args:
@@ -144,7 +147,7 @@ _linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 @_args.reverse_mode_rule
-def flatten(x):
+def flatten(x: ArrayLike) -> Array:
     """``(N, d_1, ..., d_r) -> (N, d_1 * ... * d_r)``, row-major (docs/layers.md, Flatten and vectorisation).
 
     Args:

@@ -44,7 +44,8 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-from jax import lax
+from jax import Array, lax
+from jax.typing import ArrayLike
 
 from .._core import args as _args
 
@@ -86,14 +87,8 @@ def _real(value, name: str, *, minimum: float | None = None) -> float:
     return result
 
 
-def _positive_int(value, name: str, *, minimum: int = 1) -> int:
-    if not _args._is_int(value) or int(value) < minimum:
-        raise ValueError(f"`{name}` (={value!r}) must be an int >= {minimum}.")
-    return int(value)
-
-
 @_args.reverse_mode_rule
-def lrn(x, *, size=5, kappa=2.0, alpha=1e-4, beta=0.75):
+def lrn(x: ArrayLike, *, size: int = 5, kappa: float = 2.0, alpha: float = 1e-4, beta: float = 0.75) -> Array:
     """Local response normalisation across channels (MatConvNet / AlexNet convention).
 
     ``y[..., k] = x[..., k] * (kappa + alpha * sum_{t in G(k)} x[..., t]**2) ** (-beta)``
@@ -126,7 +121,7 @@ def lrn(x, *, size=5, kappa=2.0, alpha=1e-4, beta=0.75):
     """
     x = _args.check_float_array(x, "x", 4)
     config = LRNConfig(
-        size=_positive_int(size, "size"),
+        size=_args.positive_int(size, "size"),
         kappa=_real(kappa, "kappa", minimum=0.0),
         alpha=_real(alpha, "alpha", minimum=0.0),
         beta=_real(beta, "beta"),
@@ -193,7 +188,7 @@ _lrn.defvjp(_lrn_fwd, _lrn_bwd)
 # --- converters from other frameworks' parameterisations ----------------------
 
 
-def lrn_params_from_pytorch(size, alpha=1e-4, beta=0.75, k=1.0) -> dict:
+def lrn_params_from_pytorch(size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> dict:
     r"""``lrn`` keyword arguments equal to PyTorch's ``LocalResponseNorm(size, alpha, beta, k)``.
 
     PyTorch's implementation (``torch.nn.functional.local_response_norm``) pads the
@@ -220,7 +215,7 @@ def lrn_params_from_pytorch(size, alpha=1e-4, beta=0.75, k=1.0) -> dict:
 
 
 def _pytorch_params(size, alpha, beta, k, *, mirrored: bool) -> dict:
-    n = _positive_int(size, "size")
+    n = _args.positive_int(size, "size")
     if n % 2 == 0 and not mirrored:
         raise ValueError(
             f"`size` (={size!r}) is even: PyTorch's window [c - {n // 2}, c + {(n - 1) // 2}] is the mirror "
@@ -235,7 +230,7 @@ def _pytorch_params(size, alpha, beta, k, *, mirrored: bool) -> dict:
     )
 
 
-def lrn_params_from_pytorch_mirrored(size, alpha=1e-4, beta=0.75, k=1.0) -> dict:
+def lrn_params_from_pytorch_mirrored(size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> dict:
     """As :func:`lrn_params_from_pytorch`, also for even ``size``, to be used on reversed channels.
 
     ``lrn(x[..., ::-1], **p)[..., ::-1]`` equals PyTorch's
@@ -245,7 +240,7 @@ def lrn_params_from_pytorch_mirrored(size, alpha=1e-4, beta=0.75, k=1.0) -> dict
     return _pytorch_params(size, alpha, beta, k, mirrored=True)
 
 
-def lrn_params_from_caffe(local_size=5, alpha=1.0, beta=0.75, k=1.0) -> dict:
+def lrn_params_from_caffe(local_size: int = 5, alpha: float = 1.0, beta: float = 0.75, k: float = 1.0) -> dict:
     r"""``lrn`` keyword arguments equal to Caffe's ``LRN`` layer, ``norm_region: ACROSS_CHANNELS``.
 
     Caffe computes
@@ -260,7 +255,7 @@ def lrn_params_from_caffe(local_size=5, alpha=1.0, beta=0.75, k=1.0) -> dict:
     Caffe's ``WITHIN_CHANNEL`` (spatial) region is a different operation and not
     covered.
     """
-    n = _positive_int(local_size, "local_size")
+    n = _args.positive_int(local_size, "local_size")
     if n % 2 == 0:
         raise ValueError(f"`local_size` (={local_size!r}) must be odd, as Caffe's LRN layer requires.")
     return dict(
@@ -271,7 +266,8 @@ def lrn_params_from_caffe(local_size=5, alpha=1.0, beta=0.75, k=1.0) -> dict:
     )
 
 
-def lrn_params_from_tensorflow(depth_radius=5, bias=1.0, alpha=1.0, beta=0.5) -> dict:
+def lrn_params_from_tensorflow(depth_radius: int = 5, bias: float = 1.0, alpha: float = 1.0,
+                               beta: float = 0.5) -> dict:
     r"""``lrn`` keyword arguments equal to ``tf.nn.local_response_normalization``.
 
     TensorFlow computes, over the last (depth) axis,
@@ -285,7 +281,7 @@ def lrn_params_from_tensorflow(depth_radius=5, bias=1.0, alpha=1.0, beta=0.5) ->
     window of ``2r + 1`` channels and ``alpha`` *not* divided by the window size.
     Hence ``size = 2 * depth_radius + 1``, ``kappa = bias``, ``alpha``, ``beta``.
     """
-    r = _positive_int(depth_radius, "depth_radius", minimum=0)
+    r = _args.positive_int(depth_radius, "depth_radius", minimum=0)
     return dict(
         size=2 * r + 1,
         kappa=_real(bias, "bias", minimum=0.0),

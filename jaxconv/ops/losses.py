@@ -36,11 +36,13 @@ dicts, objects) are a ``TypeError`` naming the argument.
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
+from jax import Array, lax
+from jax.typing import ArrayLike
 
 from .._core import args as _args
 
@@ -107,7 +109,7 @@ def _onehot(labels, num_classes: int, dtype):
 
 
 @_args.reverse_mode_rule
-def softmax(s):
+def softmax(s: ArrayLike) -> Array:
     """Softmax over the last axis, ``p = exp(s) / sum(exp(s))`` (docs/losses.md, Softmax).
 
     Args:
@@ -152,7 +154,7 @@ _softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
 @_args.reverse_mode_rule
-def log_loss(p, labels):
+def log_loss(p: ArrayLike, labels: ArrayLike) -> Array:
     """Mean over the batch of ``-log p[n, labels[n]]`` (docs/losses.md, Log-loss).
 
     Args:
@@ -209,7 +211,7 @@ _log_loss.defvjp(_log_loss_fwd, _log_loss_bwd)
 
 
 @_args.reverse_mode_rule
-def softmax_cross_entropy(logits, labels):
+def softmax_cross_entropy(logits: ArrayLike, labels: ArrayLike) -> Array:
     """Mean over the batch of ``-log softmax(logits)[n, labels[n]]``, fused and stable.
 
     ``L = (1/N) sum_n (m_n + log sum_k exp(s[n, k] - m_n) - s[n, labels[n]])``
@@ -272,7 +274,7 @@ _softmax_cross_entropy.defvjp(_softmax_cross_entropy_fwd, _softmax_cross_entropy
 
 
 @_args.reverse_mode_rule
-def l2_penalty(params, lam):
+def l2_penalty(params: Any, lam: float | Array) -> Array:
     """``lam * sum over the leaves of params of sum(leaf ** 2)`` (docs/losses.md, L2 penalty).
 
     Args:

@@ -34,6 +34,8 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax import Array
+from jax.typing import ArrayLike
 
 from .._core import args as _args
 
@@ -54,7 +56,7 @@ def _eps(value) -> float:
 
 
 @_args.reverse_mode_rule
-def batch_norm(x, scale, offset, *, eps=1e-5):
+def batch_norm(x: ArrayLike, scale: ArrayLike, offset: ArrayLike, *, eps: float = 1e-5) -> Array:
     """Training-mode batch normalisation over every axis but the last, with a hand-derived VJP.
 
     Args:

@@ -73,7 +73,7 @@ that: ``N*Ho*Wo*C`` bytes where autodiff keeps ``x`` (``N*H*W*C*itemsize``)
 for ``select_and_scatter``.  The backward routes ``g`` by ``S`` alone; it never
 reads ``x``.
 
-Strategies (chosen by :func:`jaxconv.plan.pool_form`; both are the
+Forms (chosen by :func:`jaxconv.plan.pool_form`; both are the
 same formula and both are tested against ``jax.grad``):
 
 * ``"slices"``: any window, stride and padding.  The ``KH*KW`` window
@@ -123,7 +123,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
+from jax import Array, lax
+from jax.typing import ArrayLike
 
 from .._core import args as _args
 from .._core import window as _window
@@ -137,18 +138,17 @@ class PoolConfig(NamedTuple):
 
     window: _window.Window  # the geometry: in_size, kernel (the window), stride, padding; dilation 1
     count_include_pad: bool  # average pooling only
-    strategy: str
+    form: str  # a name in plan.POOL_FORMS
 
     @property
     def ndim(self) -> int:
         return self.window.ndim
 
 
-# The registered forms; the planner (:func:`jaxconv.plan.pool_form`) picks
-# "reshape" for non-overlapping windows and "slices" otherwise, and
+# The forms are plan.POOL_FORMS; the planner (:func:`jaxconv.plan.pool_form`)
+# picks "reshape" for non-overlapping windows and "slices" otherwise, and
 # ``jaxconv.plan.forms(pool=...)`` forces one ("reshape" falls back to
 # "slices" where windows overlap).
-_STRATEGIES = plan.POOL_FORMS
 
 
 def _config(x, ndim: int, window, stride, padding, count_include_pad=True) -> PoolConfig:
@@ -275,7 +275,8 @@ def _avg_pool(ndim: int, x, window, stride, padding, count_include_pad):
 
 
 @_args.reverse_mode_rule
-def avg_pool2d(x, window, *, stride=None, padding="VALID", count_include_pad=True):
+def avg_pool2d(x: ArrayLike, window: _window.SizeLike, *, stride: _window.SizeLike | None = None,
+               padding: _window.PaddingLike = "VALID", count_include_pad: bool = True) -> Array:
     """Average pooling over ``window`` (NHWC) with the hand-derived backward (docs/pooling.md §2).
 
     Args:
@@ -315,7 +316,8 @@ def avg_pool2d(x, window, *, stride=None, padding="VALID", count_include_pad=Tru
 
 
 @_args.reverse_mode_rule
-def avg_pool1d(x, window, *, stride=None, padding="VALID", count_include_pad=True):
+def avg_pool1d(x: ArrayLike, window: _window.SizeLike, *, stride: _window.SizeLike | None = None,
+               padding: _window.PaddingLike = "VALID", count_include_pad: bool = True) -> Array:
     """Average pooling over ``(N, W, C)``: :func:`avg_pool2d` with one spatial dimension.
 
     ``window``, ``stride``: an int (or a 1-tuple); ``padding``: ``"VALID"``,
@@ -330,7 +332,8 @@ def avg_pool1d(x, window, *, stride=None, padding="VALID", count_include_pad=Tru
 
 
 @_args.reverse_mode_rule
-def avg_pool3d(x, window, *, stride=None, padding="VALID", count_include_pad=True):
+def avg_pool3d(x: ArrayLike, window: _window.SizeLike, *, stride: _window.SizeLike | None = None,
+               padding: _window.PaddingLike = "VALID", count_include_pad: bool = True) -> Array:
     """Average pooling over ``(N, D, H, W, C)``: :func:`avg_pool2d` with three spatial dimensions.
 
     ``window``, ``stride``: an int or a triple; ``padding``: ``"VALID"``,
@@ -347,7 +350,7 @@ def avg_pool3d(x, window, *, stride=None, padding="VALID", count_include_pad=Tru
 def _avg_forward(config: PoolConfig, x):
     divisor = _divisor(config, x.dtype)
     win = config.window
-    if config.strategy == "reshape":
+    if config.form == "reshape":
         return _tiles(x, config, 0).sum(axis=tuple(2 + 2 * d for d in range(win.ndim))) / divisor
     sums = lax.reduce_window(
         x, np.zeros((), x.dtype), lax.add, (1, *win.kernel, 1), (1, *win.stride, 1),
@@ -369,7 +372,7 @@ def _avg_pool_fwd(config: PoolConfig, x):
 def _avg_pool_bwd(config: PoolConfig, _, g):
     spread = g / _divisor(config, g.dtype)
     win = config.window
-    if config.strategy == "reshape":
+    if config.form == "reshape":
         n, c = g.shape[0], g.shape[-1]
         split = [d for m, k in zip(win.out_size, win.kernel) for d in (m, k)]
         return (_untile(jnp.broadcast_to(_tile_view(spread, win.ndim), (n, *split, c)), config),)
@@ -393,7 +396,8 @@ def _max_pool(ndim: int, x, window, stride, padding):
 
 
 @_args.reverse_mode_rule
-def max_pool2d(x, window, *, stride=None, padding="VALID"):
+def max_pool2d(x: ArrayLike, window: _window.SizeLike, *, stride: _window.SizeLike | None = None,
+               padding: _window.PaddingLike = "VALID") -> Array:
     """Max pooling over ``window`` (NHWC) with the hand-derived backward (docs/pooling.md §4).
 
     Args:
@@ -423,7 +427,8 @@ def max_pool2d(x, window, *, stride=None, padding="VALID"):
 
 
 @_args.reverse_mode_rule
-def max_pool1d(x, window, *, stride=None, padding="VALID"):
+def max_pool1d(x: ArrayLike, window: _window.SizeLike, *, stride: _window.SizeLike | None = None,
+               padding: _window.PaddingLike = "VALID") -> Array:
     """Max pooling over ``(N, W, C)``: :func:`max_pool2d` with one spatial dimension.
 
     Arguments as :func:`avg_pool1d`'s; ties go to the first maximum, padding is
@@ -437,7 +442,8 @@ def max_pool1d(x, window, *, stride=None, padding="VALID"):
 
 
 @_args.reverse_mode_rule
-def max_pool3d(x, window, *, stride=None, padding="VALID"):
+def max_pool3d(x: ArrayLike, window: _window.SizeLike, *, stride: _window.SizeLike | None = None,
+               padding: _window.PaddingLike = "VALID") -> Array:
     """Max pooling over ``(N, D, H, W, C)``: :func:`max_pool2d` with three spatial dimensions.
 
     Arguments as :func:`avg_pool3d`'s; the window is scanned in row-major
@@ -490,7 +496,7 @@ def _selection(candidates):
 def _candidates(x, config: PoolConfig):
     """The window entries in row-major order, padding as ``-inf``: the columns of
     ``phi(x)``, as tile slices ("reshape") or strided slices ("slices")."""
-    if config.strategy == "reshape":
+    if config.form == "reshape":
         tiles = _tiles(x, config, -jnp.inf)
         return [tiles[(slice(None),) + tuple(v for t in offset for v in (slice(None), t)) + (slice(None),)]
                 for offset in _offsets(config)]
@@ -516,7 +522,7 @@ def _max_pool_bwd(config: PoolConfig, chosen, g):
     # phi*(dY S^T) from S alone: no x; the shapes come from the config (x's N
     # and C are g's).
     win = config.window
-    if config.strategy == "reshape":
+    if config.form == "reshape":
         # dY S^T as tiles (N, o_1, k_1, ..., C): g where the offset is the
         # chosen one, else 0.  One broadcast comparison, not one per offset:
         # when S is computed in the same program, XLA fuses it into its users,
@@ -537,7 +543,7 @@ def _route_by_phases(config: PoolConfig, chosen, g):
     ``i = a - (t - r)/s``, so phase ``r`` (one per dimension) of the padded
     gradient is a sum of masked ``g`` shifted by whole output positions, and
     the phases interleave into the padded grid by stacks and a reshape (the
-    "reshape" strategy is the case ``s = k``: one offset per phase, no shift).
+    "reshape" form is the case ``s = k``: one offset per phase, no shift).
 
     This is the zero-inserted pieces of the module docstring written without
     interior padding: ``g`` and ``S`` are padded once (``g`` with zeros, ``S``

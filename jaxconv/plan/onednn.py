@@ -73,8 +73,8 @@ def library_path() -> str | None:
         return None
     for file in dist.files or ():
         # Wheel data files are installed under the environment's prefix (lib/libdnnl.so.3).
-        if file.name.startswith("libdnnl.so") and Path(dist.locate_file(file)).exists():
-            return str(Path(dist.locate_file(file)).resolve())
+        if file.name.startswith("libdnnl.so") and Path(str(dist.locate_file(file))).exists():
+            return str(Path(str(dist.locate_file(file))).resolve())
     return None
 
 

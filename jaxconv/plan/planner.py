@@ -21,17 +21,22 @@ The choice is made once per trace, from static facts only:
   ``jax.default_device`` when it is set, else the default backend;
 * the static shapes and arguments; a *symbolic* dimension (``jax.export``
   with ``jax.export.symbolic_shape("b, 8, 8, 1")``) makes every size unknown,
-  and then the forms that need no size are chosen (``"conv"``), so
-  shape-polymorphic export works for every op;
+  and then the forms that need no size are chosen (``"conv"``), even in place
+  of a forced form that needs them (:data:`SIZED_FORMS`), so
+  shape-polymorphic export works for every op under every form;
 * :func:`forms`, a context manager that forces a form, for tests,
   benchmarks and users who know better::
 
       with jaxconv.plan.forms(conv_forward="conv", conv_backward="im2row"):
           grads = jax.grad(loss)(params)   # traced here: these forms
 
-  The choice is baked into what is traced inside the block.  A function
-  ``jax.jit`` compiled before keeps the forms it was traced with (jit's cache
-  does not see this context): wrap a fresh function, or trace inside the block.
+  The choice is baked into what is traced inside the block.  The forced
+  forms are part of ``jax.jit``'s cache key (a ``jax.make_user_context``), so
+  a function jitted and called before the block is traced again inside it,
+  with the forced forms, and its earlier compilation is used again after it.
+  (What was traced once and is called as a value, such as the exported
+  program of ``jax.export`` or an ahead-of-time ``.lower(...).compile()``,
+  keeps the forms it was traced with.)
 
 :func:`conv_plan` returns a :class:`ConvPlan` that names the two forms and
 why they were chosen; ``repr`` it to see the planner's reasoning.
@@ -47,10 +52,9 @@ from typing import Iterator, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from . import onednn
 from .winograd import POINTS
 
-__all__ = ["CONV_BACKWARD_FORMS", "CONV_FORWARD_FORMS", "POOL_FORMS", "WINOGRAD_TILES", "ConvPlan", "conv_plan",
+__all__ = ["CONV_BACKWARD_FORMS", "CONV_FORWARD_FORMS", "POOL_FORMS", "SIZED_FORMS", "WINOGRAD_TILES", "ConvPlan", "conv_plan",
            "forms", "is_static", "onednn_fits", "platform_of", "pool_form", "winograd_fits"]
 
 #: The conv forward forms (``jaxconv.ops.conv`` implements each).
@@ -63,8 +67,39 @@ CONV_BACKWARD_FORMS = ("conv", "im2row", "im2row_blocked", "mixed", "winograd2",
 WINOGRAD_TILES = {"winograd2": 2, "winograd4": 4}
 #: The pooling forms.
 POOL_FORMS = ("reshape", "slices")
+#: The conv forms that need every size known at trace time (they cut the batch
+#: into blocks, or the image into tiles): with a symbolic dimension
+#: (``jax.export``), forced or not, ``"conv"`` runs in their place.
+SIZED_FORMS = frozenset({"im2row_blocked", "mixed", *WINOGRAD_TILES})
 
-_FORCED: contextvars.ContextVar[dict] = contextvars.ContextVar("jaxconv_forced_forms", default={})
+# The forced forms, as a sorted tuple of (name, form) pairs: a jax user context,
+# so that the value is part of jit's cache key (and of its trace context): a
+# function jitted outside a ``forms`` block is traced again inside it.  (jax
+# versions without ``jax.make_user_context`` keep it in a context variable,
+# which jit's cache does not see.)
+if hasattr(jax, "make_user_context"):
+    _FORCED_CONTEXT = jax.make_user_context(default_value=())
+
+    def _current() -> dict:
+        return dict(_FORCED_CONTEXT.value or ())
+
+    @contextlib.contextmanager
+    def _set(forced: dict) -> Iterator[None]:
+        with _FORCED_CONTEXT(tuple(sorted(forced.items()))):
+            yield
+else:  # pragma: no cover - older jax
+    _FORCED_VAR: contextvars.ContextVar[tuple] = contextvars.ContextVar("jaxconv_forced_forms", default=())
+
+    def _current() -> dict:
+        return dict(_FORCED_VAR.get())
+
+    @contextlib.contextmanager
+    def _set(forced: dict) -> Iterator[None]:
+        token = _FORCED_VAR.set(tuple(sorted(forced.items())))
+        try:
+            yield
+        finally:
+            _FORCED_VAR.reset(token)
 
 
 @contextlib.contextmanager
@@ -73,30 +108,30 @@ def forms(*, conv_forward: str | None = None, conv_backward: str | None = None,
     """Force the named forms for everything traced inside the ``with`` block (``None``: the planner's).
 
     Nested blocks override the forms they name and keep the outer ones.
-    ``ValueError`` for a form name that does not exist.
+    ``ValueError`` for a form name that does not exist.  The forced forms are
+    part of ``jax.jit``'s cache key: a function jitted and called before the
+    block is traced again inside it (with these forms), and again after it
+    (with the planner's; each trace is cached as usual).
     """
     requested = {"conv_forward": (conv_forward, CONV_FORWARD_FORMS),
                  "conv_backward": (conv_backward, CONV_BACKWARD_FORMS), "pool": (pool, POOL_FORMS)}
-    forced = dict(_FORCED.get())
+    forced = _current()
     for name, (value, known) in requested.items():
         if value is None:
             continue
         if value not in known:
             raise ValueError(f"`{name}` (={value!r}) must be one of {list(known)}.")
-        if value == "onednn" and not onednn.available():
+        if value == "onednn" and not _onednn().available():
             raise ValueError(f"`{name}` (='onednn') needs the oneDNN library, which is not installed: "
-                             f"{onednn.INSTALL_HINT}, or set ${onednn.LIBRARY_ENV} to a libdnnl.so.")
+                             f"{_onednn().INSTALL_HINT}, or set ${_onednn().LIBRARY_ENV} to a libdnnl.so.")
         forced[name] = value
-    token = _FORCED.set(forced)
-    try:
+    with _set(forced):
         yield
-    finally:
-        _FORCED.reset(token)
 
 
 def forced(name: str) -> str | None:
     """The form forced for ``name`` (``"conv_forward"``, ``"conv_backward"``, ``"pool"``) in this context."""
-    return _FORCED.get().get(name)
+    return _current().get(name)
 
 
 def is_static(*shapes: Sequence) -> bool:
@@ -121,7 +156,7 @@ def platform_of(*arrays) -> str:
                 continue
             if devices:
                 return _normalise(next(iter(devices)).platform)
-    default = jax.config.jax_default_device
+    default = jax.config.jax_default_device  # type: ignore[attr-defined]  # a flag set up at run time
     if default is not None:
         return _normalise(default.platform if hasattr(default, "platform") else str(default))
     return _normalise(jax.default_backend())
@@ -178,7 +213,15 @@ def winograd_fits(kernel_spatial, stride, dilation, groups, tile: int = 2) -> bo
 def onednn_fits(kernel_spatial, groups, platform: str, dtype) -> bool:
     """The ``"onednn"`` forms apply: float32 on CPU, 1-3 spatial dimensions, one group, the library installed."""
     return (platform == "cpu" and dtype is not None and np.dtype(dtype) == np.float32
-            and onednn.fits(len(kernel_spatial), groups) and onednn.available())
+            and _onednn().fits(len(kernel_spatial), groups) and _onednn().available())
+
+
+def _onednn():
+    """The optional oneDNN module (ctypes, a shared library), imported only where an ``"onednn"`` form is
+    forced or asked about: importing an op never loads it."""
+    from . import onednn  # the optional extra
+
+    return onednn
 
 
 def conv_plan(*, batch, out_spatial, kernel_spatial, in_channels, out_channels, groups, stride,
@@ -186,7 +229,9 @@ def conv_plan(*, batch, out_spatial, kernel_spatial, in_channels, out_channels, 
     """The forms for one convolution (any number of spatial dimensions).
 
     ``batch`` and ``out_spatial`` may hold symbolic dimensions: then every size
-    is unknown and the plan is ``("conv", "conv")``.
+    is unknown and the plan is ``("conv", "conv")``; a forced form that needs
+    the sizes (:data:`SIZED_FORMS`: the blocked products, ``"mixed"``,
+    Winograd) gives way to ``"conv"`` too, and the plan's ``reason`` says so.
 
     On CPU, XLA's convolution backward runs at 3-60 GFLOP/s, while the same
     formulas as cache-sized GEMMs (``"im2row_blocked"``) run near the matrix
@@ -221,17 +266,20 @@ def conv_plan(*, batch, out_spatial, kernel_spatial, in_channels, out_channels, 
         reason = "forced by jaxconv.plan.forms" + (f"; the planner would pick ({forward}, {backward}): {reason}"
                                                    if reason else "")
     chosen = []
+    static = is_static((batch,), out_spatial)
     for wanted, own in ((forced_forward, forward), (forced_backward, backward)):
+        if wanted in SIZED_FORMS and not static:
+            reason += f"; {wanted} needs every size, and a dimension is symbolic: conv runs"
+            wanted = "conv"
         if wanted in WINOGRAD_TILES and not winograd_fits(kernel_spatial, stride, dilation, groups,
                                                           WINOGRAD_TILES[wanted]):
             reason += f"; {wanted} needs stride 1, dilation 1, one group: {own} runs"
             wanted = own
-        if wanted == "onednn" and not (is_static((batch,), out_spatial)
-                                       and onednn_fits(kernel_spatial, groups, platform, dtype)):
+        if wanted == "onednn" and not (static and onednn_fits(kernel_spatial, groups, platform, dtype)):
             reason += f"; onednn needs float32 on CPU, static shapes, one group: {own} runs"
             wanted = own
         chosen.append(wanted or own)
-    return ConvPlan(*chosen, reason)
+    return ConvPlan(chosen[0], chosen[1], reason)
 
 
 def _conv_choice(batch, out_spatial, kernel_spatial, in_channels, out_channels, groups, stride, dilation,

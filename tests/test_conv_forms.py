@@ -1,10 +1,14 @@
-"""conv2d's backward strategies beyond tests/test_conv.py: the blocked im2row form
+"""conv2d's backward forms beyond tests/test_conv.py: the blocked im2row form
 split into several batch blocks (test_conv.py's small shapes fit in one block),
 the platform/shape switch, and residual memory against autodiff."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +19,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 import jaxconv
 from jaxconv.ops import conv as conv_module
+from jaxconv.plan import im2row
 from jaxconv import reference
 from jaxconv.verify import check_vjp
 
@@ -46,9 +51,9 @@ def _set_budget(monkeypatch, images, x_shape, w_shape, options):
     out = jax.eval_shape(lambda x, w: reference.conv2d(x, w, **options),
                          jnp.zeros(x_shape), jnp.zeros(w_shape)).shape
     per_image = out[1] * out[2] * w_shape[0] * w_shape[1] * x_shape[3] * 8
-    monkeypatch.setattr(conv_module, "_IM2ROW_BLOCK_BYTES", images * per_image)
+    monkeypatch.setattr(im2row, "BLOCK_BYTES", images * per_image)
     n = x_shape[0]
-    block = conv_module._batch_block(n, per_image, images * per_image)
+    block = im2row.batch_block(n, per_image, images * per_image)
     assert block < n and n % block == 0  # really split into several blocks
     return block
 
@@ -78,19 +83,19 @@ def test_blocked_float32(monkeypatch, forms, x_shape, w_shape, options):
 def test_blocked_hypothesis(config):
     """Drawn configurations with batch 2-6, blocks of one image: every block path."""
     x_shape = (2 * config["x_shape"][0],) + config["x_shape"][1:]
-    previous, conv_module._IM2ROW_BLOCK_BYTES = conv_module._IM2ROW_BLOCK_BYTES, 1
+    previous, im2row.BLOCK_BYTES = im2row.BLOCK_BYTES, 1
     try:
         with jaxconv.plan.forms(conv_backward="im2row_blocked", conv_forward="im2row_blocked"):
             f, ref = _pair(config["options"])
             args = _arrays(np.random.default_rng(2), x_shape, config["w_shape"], config["bias"])
             check_vjp(f, ref, *args, finite_differences=False, second_order=False).assert_ok()
     finally:
-        conv_module._IM2ROW_BLOCK_BYTES = previous
+        im2row.BLOCK_BYTES = previous
 
 
 def test_blocked_vmap_and_jit(monkeypatch, forms):
     forms(conv_backward="im2row_blocked", conv_forward="im2row_blocked")
-    monkeypatch.setattr(conv_module, "_IM2ROW_BLOCK_BYTES", 1)
+    monkeypatch.setattr(im2row, "BLOCK_BYTES", 1)
     rng = np.random.default_rng(3)
     xs = jnp.asarray(rng.standard_normal((3, 4, 6, 6, 2)))
     ws = jnp.asarray(rng.standard_normal((3, 3, 3, 2, 4)))
@@ -103,7 +108,7 @@ def test_blocked_vmap_and_jit(monkeypatch, forms):
     (128, 10, 45, 4), (128, 10, 10**9, 128), (128, 10, 5, 1), (7, 1, 6, 1), (12, 1, 5, 4), (1, 100, 1, 1),
 ])
 def test_batch_block_is_largest_fitting_divisor(n, per_image, budget, expected):
-    assert conv_module._batch_block(n, per_image, budget) == expected
+    assert im2row.batch_block(n, per_image, budget) == expected
 
 
 def _plan(x_shape, w_shape, stride=(1, 1), groups=1, platform="cpu"):
@@ -132,9 +137,8 @@ def test_backward_plan_by_platform_and_shape(forms):
     forms(conv_backward="im2row")
     forced = _plan(*big, platform="gpu")
     assert forced.backward == "im2row" and forced.forward == "conv" and "forced" in forced.reason
-    assert set(jaxconv.plan.CONV_BACKWARD_FORMS) == set(conv_module._BACKWARD_STRATEGIES)
-    assert set(jaxconv.plan.CONV_FORWARD_FORMS) == set(conv_module._FORWARD_STRATEGIES)
-    assert set(jaxconv.plan.POOL_FORMS) == set(jaxconv.ops.pool._STRATEGIES)
+    assert set(jaxconv.plan.CONV_BACKWARD_FORMS) == set(conv_module._BACKWARD_FORMS)
+    assert set(jaxconv.plan.CONV_FORWARD_FORMS) == set(conv_module._FORWARD_FORMS)
 
 
 def test_forward_plan_by_platform_and_shape(forms):
@@ -209,11 +213,11 @@ def test_symbolic_batch_exports_every_model():
     assert symbolic.backward == symbolic.forward == "conv" and "symbolic" in symbolic.reason
 
 
-@pytest.mark.parametrize("forward", sorted(conv_module._FORWARD_STRATEGIES))
-def test_forward_strategies_agree_in_float32(monkeypatch, forms, forward):
+@pytest.mark.parametrize("forward", sorted(conv_module._FORWARD_FORMS))
+def test_forward_forms_agree_in_float32(monkeypatch, forms, forward):
     """Each forward on a LeNet-sized layer, in float32, within rounding of XLA's."""
     forms(conv_forward=forward)
-    monkeypatch.setattr(conv_module, "_IM2ROW_BLOCK_BYTES", 2**16)  # several blocks
+    monkeypatch.setattr(im2row, "BLOCK_BYTES", 2**16)  # several blocks
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((8, 14, 14, 16)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((5, 5, 16, 32)) / 20, jnp.float32)
@@ -238,12 +242,12 @@ def _residual_bytes(capsys, f, *args):
     return total, lines
 
 
-@pytest.mark.parametrize("strategy", sorted(conv_module._BACKWARD_STRATEGIES))
-@pytest.mark.parametrize("forward", sorted(conv_module._FORWARD_STRATEGIES))
+@pytest.mark.parametrize("form", sorted(conv_module._BACKWARD_FORMS))
+@pytest.mark.parametrize("forward", sorted(conv_module._FORWARD_FORMS))
 @pytest.mark.parametrize("bias", [False, True])
-def test_saves_no_more_residuals_than_autodiff(forms, capsys, strategy, forward, bias):
+def test_saves_no_more_residuals_than_autodiff(forms, capsys, form, forward, bias):
     """The rule keeps x and w, as autodiff does, never phi, the output or b."""
-    forms(conv_backward=strategy, conv_forward=forward)
+    forms(conv_backward=form, conv_forward=forward)
     x, w = jnp.zeros((8, 12, 12, 4)), jnp.zeros((3, 3, 4, 6))
     b = jnp.zeros(6) if bias else None
     opts = dict(stride=2, padding="SAME")
@@ -251,3 +255,78 @@ def test_saves_no_more_residuals_than_autodiff(forms, capsys, strategy, forward,
     autodiff, _ = _residual_bytes(capsys, lambda x, w: reference.conv2d(x, w, b, **opts).sum(), x, w)
     assert ours <= autodiff, ours_lines
     assert ours == (x.size + w.size) * x.dtype.itemsize
+
+
+def test_importing_and_running_an_op_does_not_load_onednn():
+    """The optional oneDNN module (ctypes, a shared library) loads only when a oneDNN form is forced or asked
+    about: not on ``import jaxconv``, nor when the planner's own forms run; ``jaxconv.plan.onednn`` stays
+    reachable and loads it then."""
+    child = textwrap.dedent("""
+        import sys
+        import jax, jax.numpy as jnp
+        import jaxconv
+        x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
+        jax.grad(lambda x, w: jaxconv.conv2d(x, w, padding=1).sum(), argnums=(0, 1))(x, w)
+        jaxconv.plan.conv_plan(batch=2, out_spatial=(8, 8), kernel_spatial=(3, 3), in_channels=3, out_channels=4,
+                               groups=1, stride=(1, 1), platform="cpu")
+        before = "jaxconv.plan.onednn" in sys.modules
+        available = jaxconv.plan.onednn.available()
+        print(before, "jaxconv.plan.onednn" in sys.modules, callable(jaxconv.plan.onednn.forward))
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(jaxconv.__file__)), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True", "True"], out.stdout
+
+
+def test_a_function_jitted_before_a_forms_block_is_traced_again_inside_it():
+    """The forced forms are part of jit's cache key: the same jitted function traces again inside the block
+    (with the forced forms: matrix products, no convolution), and reuses its first trace after it."""
+    traces = []
+
+    def grads(x, w):
+        traces.append(jaxconv.plan.forced("conv_backward"))
+        return jax.grad(lambda x, w: (jaxconv.conv2d(x, w, padding=1) ** 2).sum(), argnums=(0, 1))(x, w)
+
+    f = jax.jit(grads)
+    x, w = jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 4))
+    outside = f(x, w)
+    text = f.lower(x, w).as_text()
+    assert "stablehlo.convolution" in text and "stablehlo.dot_general" not in text  # the planner's: "conv"
+    with jaxconv.plan.forms(conv_forward="im2row_blocked", conv_backward="im2row"):
+        inside = f(x, w)
+        text = f.lower(x, w).as_text()
+    assert "stablehlo.convolution" not in text and "stablehlo.dot_general" in text
+    assert traces[:2] == [None, "im2row"]
+    f(x, w)
+    assert len(traces) == len(set(traces)) == 2, traces  # after the block: the first trace, from jit's cache
+    for a, b in zip(outside, inside):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+@pytest.mark.parametrize("forward,backward", [(f, b) for f in jaxconv.plan.CONV_FORWARD_FORMS
+                                              for b in jaxconv.plan.CONV_BACKWARD_FORMS
+                                              if f == b or (f, b) in {("conv", "mixed"), ("conv", "im2row"),
+                                                                      ("im2row_blocked", "conv")}])
+def test_export_with_a_symbolic_batch_under_every_forced_form(forms, forward, backward):
+    """Forms that need every size (the blocked products, mixed, Winograd) give way to "conv" when the batch is
+    symbolic (the plan's reason says so); the exported gradient runs at any batch and equals the reference's."""
+    from jax import export
+
+    forms(conv_forward=forward, conv_backward=backward)
+    plan = jaxconv.plan.conv_plan(batch=export.symbolic_shape("b")[0], out_spatial=(8, 8), kernel_spatial=(3, 3),
+                                  in_channels=3, out_channels=4, groups=1, stride=(1, 1), platform="cpu",
+                                  dtype=np.float32)
+    for wanted, got in ((forward, plan.forward), (backward, plan.backward)):
+        if wanted in jaxconv.plan.SIZED_FORMS:
+            assert got == "conv" and f"{wanted} needs every size" in plan.reason, plan
+    loss = lambda op: lambda x, w: (op(x, w, padding=1) ** 2).sum()  # noqa: E731
+    spec = (jax.ShapeDtypeStruct(export.symbolic_shape("b, 8, 8, 3"), jnp.float32),
+            jax.ShapeDtypeStruct((3, 3, 3, 4), jnp.float32))
+    exported = export.export(jax.jit(jax.grad(loss(jaxconv.conv2d), argnums=(0, 1))))(*spec)
+    rng = np.random.default_rng(0)
+    for n in (1, 3):
+        x, w = rng.standard_normal((n, 8, 8, 3)).astype(np.float32), rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
+        for a, b in zip(exported.call(x, w), jax.grad(loss(reference.conv2d), argnums=(0, 1))(x, w)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-3)
