@@ -22,6 +22,10 @@ Sections (see benchmarks/README.md):
   ``jax.grad``, and in PyTorch CPU when ``torch`` is importable; achieved GFLOP/s
   (useful multiply-adds: forward, dX except for the input layer, dW) and their
   fraction of the matrix-product peak; XLA's compiled memory for each step.
+* ``flax``: one jitted SGD step of a Flax linen ResNet of resnet_small's geometry
+  (batch norm in training mode), stock (``lax.conv_general_dilated``) and with
+  the one-line drop-in (``nn.Conv(..., conv_general_dilated=jaxconv.lax.conv_general_dilated)``),
+  interleaved (skipped if Flax is not installed).
 
 Every time is the median of ``--runs`` (>= 10) calls after a warm-up call,
 each ended by ``block_until_ready``, all in this one process.  Results go to
@@ -50,7 +54,7 @@ import jaxconv
 from jaxconv import reference
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("peak", "conv", "forms", "pool", "lrn", "loss", "step", "accuracy")
+SECTIONS = ("peak", "conv", "forms", "pool", "lrn", "loss", "step", "flax", "accuracy")
 
 # (N, H, W, C) -> O with a k x k kernel: the issue's shapes.  The 5x5 ones are
 # LeNet-CIFAR's two layers (VALID), the 3x3 ones ResNet-style (SAME).
@@ -511,6 +515,76 @@ def bench_steps(runs, quick):
     return rows
 
 
+def flax_resnet(conv_general_dilated=None, widths=(16, 32, 64), classes=10):
+    """resnet_small's geometry in Flax linen: conv3x3 16 - BN - ReLU, one basic block per stage (stride 2 and
+    a 1x1 conv-BN projection from stage 2), global average pool, dense.  ``conv_general_dilated``: the drop-in."""
+    import flax.linen as fnn
+
+    extra = {} if conv_general_dilated is None else dict(conv_general_dilated=conv_general_dilated)
+
+    class ConvBN(fnn.Module):
+        features: int
+        kernel: int
+        stride: int
+
+        @fnn.compact
+        def __call__(self, x):
+            x = fnn.Conv(self.features, (self.kernel, self.kernel), (self.stride, self.stride), padding="SAME",
+                         use_bias=False, **extra)(x)
+            return fnn.BatchNorm(use_running_average=False, momentum=0.9)(x)
+
+    class ResNet(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            x = fnn.relu(ConvBN(widths[0], 3, 1)(x))
+            for i, width in enumerate(widths):
+                stride = 1 if i == 0 else 2
+                y = ConvBN(width, 3, 1)(fnn.relu(ConvBN(width, 3, stride)(x)))
+                x = fnn.relu(y + (x if stride == 1 else ConvBN(width, 1, stride)(x)))
+            return fnn.Dense(classes)(x.mean(axis=(1, 2)))
+
+    return ResNet()
+
+
+def bench_flax(runs, quick):
+    """One jitted SGD step of :func:`flax_resnet`, stock and with jaxconv's drop-in, interleaved."""
+    try:
+        import flax  # noqa: F401
+        import optax
+    except ImportError as error:
+        print(f"  skipped: {error}", flush=True)
+        return [dict(net="Flax linen resnet_small", skipped=str(error))]
+    x_shape = (128, 32, 32, 3)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 10, x_shape[0]))
+    variables = flax_resnet().init(jax.random.key(0), x)
+    tx = optax.sgd(0.01)
+    state = tx.init(variables["params"])
+    calls, losses = {}, {}
+    for column, conv in (("flax", None), ("flax_jaxconv", jaxconv.lax.conv_general_dilated)):
+        model = flax_resnet(conv)
+
+        def step(variables, state, x, y, model=model):
+            def loss(params):
+                logits, updated = model.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+                return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updated
+
+            (value, updated), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+            updates, state = tx.update(grads, state)
+            return {"params": optax.apply_updates(variables["params"], updates), **updated}, state, value
+
+        program = jax.jit(step).lower(variables, state, x, labels).compile()
+        losses[column] = float(program(variables, state, x, labels)[2])
+        calls[column] = lambda program=program: jax.block_until_ready(program(variables, state, x, labels))
+    times = interleaved(calls, runs)
+    row = dict(net="Flax linen resnet_small", batch=x_shape, flax=times["flax"], flax_jaxconv=times["flax_jaxconv"],
+               loss=losses, speedup=times["flax"]["median_s"] / times["flax_jaxconv"]["median_s"])
+    print(f"  Flax linen resnet_small: stock {ms(times['flax'])} ms, with jaxconv.lax {ms(times['flax_jaxconv'])} ms "
+          f"({row['speedup']:.2f}x)", flush=True)
+    return [row]
+
+
 # --- report --------------------------------------------------------------------
 
 def device_name() -> str:
@@ -615,6 +689,17 @@ def markdown(result) -> str:
                 f"{mib(r['jaxconv']['temp_bytes'])} / {mib(dn['temp_bytes']) if dn else 'n/a'} / "
                 f"{mib(r['autodiff']['temp_bytes'])} |")
         out.append("")
+    flax_rows = result.get("flax", [])
+    if flax_rows:
+        out += ["Flax linen, one jitted SGD step (batch norm in training mode), stock against the one-line drop-in "
+                "`nn.Conv(..., conv_general_dilated=jaxconv.lax.conv_general_dilated)`:", "",
+                "| training step, batch 128 (ms) | Flax (lax) | Flax + jaxconv.lax | speedup |", "|---|---:|---:|---:|"]
+        for r in flax_rows:
+            if "skipped" in r:
+                out.append(f"| {r['net']} | {r['skipped']} | | |")
+            else:
+                out.append(f"| {r['net']} | {ms(r['flax'])} | {ms(r['flax_jaxconv'])} | {r['speedup']:.2f}× |")
+        out.append("")
     return "\n".join(out)
 
 
@@ -655,7 +740,7 @@ def main(argv=None):
     print("peak:", flush=True)
     result["peak"] = bench_peak(args.runs)
     sections = dict(conv=bench_conv, forms=bench_forms, pool=bench_pool, lrn=bench_lrn, loss=bench_loss,
-                    step=bench_steps)
+                    step=bench_steps, flax=bench_flax)
     for name in only:
         if name in sections:
             print(f"{name}:", flush=True)

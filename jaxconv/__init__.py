@@ -4,10 +4,11 @@ The ops are re-exported here from :mod:`jaxconv.ops`; the wings are
 :mod:`jaxconv.plan` (which computational form runs), :mod:`jaxconv.reference`
 (every op in plain ``lax``), :mod:`jaxconv.matrix` (the matrix views),
 :mod:`jaxconv.verify` (the checkers), :mod:`jaxconv.nn` (layers and models) and
-:mod:`jaxconv.train` (steps, ``fit``, data, checkpoints).
+:mod:`jaxconv.train` (steps, ``fit``, data, checkpoints); :mod:`jaxconv.lax` has
+drop-ins with ``jax.lax``'s and Flax's signatures (docs/interop.md).
 """
 
-from . import matrix, nn, plan, reference, train, verify
+from . import lax, matrix, nn, plan, reference, train, verify
 from ._core.version import __version__
 from .ops import (
     avg_pool1d,
@@ -52,6 +53,7 @@ __all__ = [
     "conv_transpose3d",
     "flatten",
     "l2_penalty",
+    "lax",
     "linear",
     "log_loss",
     "lrn",

@@ -174,6 +174,33 @@ avg_pool1d = avg_pool2d = avg_pool3d = avg_pool_nd
 max_pool1d = max_pool2d = max_pool3d = max_pool_nd
 
 
+def _flax_pool(inputs, init, reduce_fn, window_shape, strides, padding):
+    """``flax.linen.pooling.pool``: ``lax.reduce_window`` over the window dims, any number of leading batch dims."""
+    window = tuple(window_shape)
+    batch = inputs.ndim - (len(window) + 1)
+    strides = tuple(strides or (1,) * len(window))
+    if not isinstance(padding, str):
+        padding = ((0, 0),) * batch + tuple(tuple(p) for p in padding) + ((0, 0),)
+    return lax.reduce_window(inputs, init, reduce_fn, (1,) * batch + window + (1,), (1,) * batch + strides + (1,),
+                             padding)
+
+
+def flax_max_pool(inputs, window_shape, strides=None, padding="VALID"):
+    """``flax.linen.max_pool``'s definition in plain ``lax`` (Flax is not a dependency), the oracle of
+    ``jaxconv.lax.max_pool``; tests/test_lax.py checks it against Flax itself."""
+    return _flax_pool(inputs, np.array(-np.inf, inputs.dtype), lax.max, window_shape, strides, padding)
+
+
+def flax_avg_pool(inputs, window_shape, strides=None, padding="VALID", count_include_pad=True):
+    """``flax.linen.avg_pool``'s definition in plain ``lax``, the oracle of ``jaxconv.lax.avg_pool``."""
+    zero = np.zeros((), inputs.dtype)
+    sums = _flax_pool(inputs, zero, lax.add, window_shape, strides, padding)
+    if count_include_pad:
+        return sums / int(np.prod(window_shape))
+    ones = jnp.ones(inputs.shape[inputs.ndim - len(window_shape) - 1:], inputs.dtype)
+    return sums / lax.stop_gradient(_flax_pool(ones, zero, lax.add, window_shape, strides, padding))
+
+
 # --- local response normalisation --------------------------------------------
 
 def lrn(x, *, size=5, kappa=2.0, alpha=1e-4, beta=0.75):

@@ -30,8 +30,11 @@ import dataclasses
 import types
 from typing import Any, Callable
 
+import jax
 import numpy as np
+from jax import lax as _jax_lax
 
+from .. import lax as droplax
 from .. import reference
 from .._core import window as _window
 from ..ops import conv, layers, losses, norm, pool
@@ -306,6 +309,168 @@ def _pool_specs() -> list[OpSpec]:
     return specs
 
 
+# --- the lax drop-ins (jaxconv.lax): jax.lax's own ops, and Flax's pools in plain lax, as references ---------
+
+# (lhs shape, rhs shape, options): default (channels-first) layouts, channels-last, a ConvDimensionNumbers and mixed
+# layouts; SAME, SAME_LOWER, negative (cropping) padding, lhs dilation (with a stride and padding past the kernel
+# extent), rhs dilation and groups, in 1, 2 and 3 dimensions.
+_LAX_CONV_GRID = (
+    ((2, 3, 7, 6), (4, 3, 3, 3), dict(window_strides=(1, 1), padding="SAME")),
+    ((2, 7, 6, 4), (3, 2, 2, 6), dict(window_strides=(2, 1), padding="SAME_LOWER", rhs_dilation=(1, 2),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2)),
+    ((2, 4, 9), (6, 2, 3), dict(window_strides=(2,), padding=((4, -1),), lhs_dilation=(3,), rhs_dilation=(2,),
+                                feature_group_count=2)),
+    ((1, 6, 5, 3), (3, 2, 3, 4), dict(window_strides=(1, 2), padding=((-1, 2), (1, -2)),
+                                      dimension_numbers=_jax_lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1),
+                                                                                      (0, 3, 1, 2)))),
+    ((2, 4, 5, 6, 3), (2, 2, 3, 2, 2), dict(window_strides=(1, 2, 1), padding=((1, 1), (0, 2), (-1, 1)),
+                                            lhs_dilation=(2, 1, 2), rhs_dilation=(1, 2, 1),
+                                            dimension_numbers=("NCDHW", "DHWIO", "NDHWC"), feature_group_count=2)),
+)
+
+# (lhs shape, rhs shape, options) of jax.lax.conv_transpose: default layouts, string and pair padding, both
+# readings of pairs, Keras' transposed kernel.
+_LAX_TRANSPOSE_GRID = (
+    ((2, 5, 5, 4), (3, 3, 4, 2), dict(strides=(2, 2), padding="SAME")),
+    ((2, 4, 3), (3, 3, 2), dict(strides=(3,), padding="VALID", rhs_dilation=(2,))),
+    ((1, 4, 3, 2), (2, 3, 3, 2), dict(strides=(2, 1), padding=((1, 2), (0, 1)), transpose_kernel=True)),
+    ((1, 3, 2, 3, 2), (2, 2, 3, 2, 3), dict(strides=(1, 2, 2), padding=((1, 0), (0, 1), (1, 1)),
+                                            use_consistent_padding=True)),
+)
+
+# (inputs shape, window_shape, strides, padding, extra): Flax's conventions: stride 1 by default, no batch dim
+# or two, string and pair padding.
+_FLAX_POOL_GRID = (
+    ((2, 6, 6, 3), (2, 2), (2, 2), "VALID"),
+    ((7, 8, 2), (3, 3), None, "SAME"),
+    ((2, 2, 9, 2), (3,), (2,), ((1, 1),)),
+    ((1, 5, 4, 4, 2), (2, 3, 2), (1, 2, 2), ((1, 0), (1, 1), (0, 1))),
+)
+
+
+def _lax_conv_make(name, op, ref):
+    def make(rng, config):
+        lhs, rhs = _normal(rng, *config["lhs_shape"]), _normal(rng, *config["rhs_shape"])
+        options = config["options"]
+        label = f"lhs{config['lhs_shape']} rhs{config['rhs_shape']} {_label(options)}"
+        return Case(name, label, _bound(op, **options), _bound(ref, **options), (lhs, rhs), ("lhs", "rhs"))
+
+    return make
+
+
+def _lax_conv_strategy(transpose: bool = False):
+    """Layouts (a random order of every axis), padding of every kind, strides, both dilations, groups, 1-3 dims;
+    only configurations jax.lax accepts with a non-empty output."""
+
+    def strategy():
+        from hypothesis import assume
+        from hypothesis import strategies as st
+
+        @st.composite
+        def configs(draw):
+            ndim = draw(st.integers(1, 3))
+            letters = "DHW"[3 - ndim:]
+            groups = 1 if transpose else draw(st.integers(1, 2))
+            c, o = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2))
+            n = draw(st.integers(1, 2))
+            spatial = dict(zip(letters, (draw(st.integers(1, 7 if ndim < 3 else 4)) for _ in letters)))
+            kernel = dict(zip(letters, (draw(st.integers(1, 3)) for _ in letters)))
+            specs = [draw(st.permutations("NC" + letters)), draw(st.permutations("OI" + letters)),
+                     draw(st.permutations("NC" + letters))]
+            specs = tuple("".join(spec) for spec in specs)
+            sizes = dict(spatial, N=n, C=c)
+            lhs_shape = tuple(sizes[a] for a in specs[0])
+            rhs_shape = tuple(dict(kernel, O=o, I=c // groups)[a] for a in specs[1])
+            form = draw(st.sampled_from(["strings", "ConvDimensionNumbers", "None"]))
+            if form == "ConvDimensionNumbers":
+                dn = _jax_lax.conv_dimension_numbers(lhs_shape, rhs_shape, specs)
+            else:
+                dn = specs if form == "strings" else None
+            if dn is None:
+                lhs_shape = (n, c, *spatial.values())
+                rhs_shape = (o, c // groups, *kernel.values()) if not transpose else rhs_shape
+            ints = st.lists(st.integers(1, 3), min_size=ndim, max_size=ndim).map(tuple)
+            pairs = st.lists(st.tuples(st.integers(-2, 3), st.integers(-2, 3)), min_size=ndim,
+                             max_size=ndim).map(tuple)
+            if transpose:
+                if dn is None:
+                    lhs_shape = (n, *spatial.values(), c)
+                    rhs_shape = (*kernel.values(), c, o)
+                options = dict(strides=draw(ints), padding=draw(st.one_of(st.sampled_from(["SAME", "VALID"]), pairs)),
+                               rhs_dilation=draw(st.one_of(st.none(), ints)), dimension_numbers=dn,
+                               transpose_kernel=draw(st.booleans()), use_consistent_padding=draw(st.booleans()))
+                if options["transpose_kernel"]:  # the kernel's I and O axes swap
+                    i_axis, o_axis = (specs[1].index("I"), specs[1].index("O")) if dn else (ndim, ndim + 1)
+                    shape = list(rhs_shape)
+                    shape[i_axis], shape[o_axis] = shape[o_axis], shape[i_axis]
+                    rhs_shape = tuple(shape)
+                fn = _jax_lax.conv_transpose
+            else:
+                lhs_dilation = draw(st.one_of(st.none(), ints))
+                dilated = lhs_dilation is not None and max(lhs_dilation) > 1
+                padding = draw(pairs if dilated else st.one_of(st.sampled_from(["SAME", "SAME_LOWER", "VALID"]), pairs))
+                options = dict(window_strides=draw(ints), padding=padding, lhs_dilation=lhs_dilation,
+                               rhs_dilation=draw(st.one_of(st.none(), ints)), dimension_numbers=dn,
+                               feature_group_count=groups)
+                fn = _jax_lax.conv_general_dilated
+            try:
+                shape = jax.eval_shape(lambda a, b: fn(a, b, **options), np.zeros(lhs_shape), np.zeros(rhs_shape)).shape
+            except (ValueError, TypeError):
+                assume(False)
+            assume(min(shape) > 0)
+            return dict(lhs_shape=lhs_shape, rhs_shape=rhs_shape, options=options)
+
+        return configs()
+
+    return strategy
+
+
+def _flax_pool_make(name, op, ref):
+    def make(rng, config):
+        options = dict(strides=config["strides"], padding=config["padding"], **config.get("extra", {}))
+        window = config["window"]
+        label = f"inputs{config['shape']} window_shape={window} {_label(options)}"
+        return Case(name, label, _bound(op, window, **options), _bound(ref, window, **options),
+                    (_permutation(rng, *config["shape"]),), ("inputs",))
+
+    return make
+
+
+def _flax_pool_strategy(extra: bool):
+    """jaxconv's pool configurations (1-3 dims) read with Flax's conventions: no batch dim, one or two, and
+    ``strides=None`` meaning 1 (not the window)."""
+
+    def strategy():
+        from hypothesis import strategies as st
+
+        def flax_config(config, batch):
+            return dict(config, shape=(*batch, *config["x_shape"][1:]), strides=config["stride"])
+
+        return st.integers(1, 3).flatmap(lambda ndim: _pool_strategy(ndim, extra)()).flatmap(
+            lambda config: st.lists(st.integers(1, 2), max_size=2).map(lambda batch: flax_config(config, batch)))
+
+    return strategy
+
+
+def _lax_specs() -> list[OpSpec]:
+    specs = []
+    for name, grid, strategy in (("conv_general_dilated", _LAX_CONV_GRID, _lax_conv_strategy()),
+                                 ("conv_transpose", _LAX_TRANSPOSE_GRID, _lax_conv_strategy(transpose=True))):
+        op, ref = getattr(droplax, name), getattr(_jax_lax, name)
+        configs = tuple(dict(lhs_shape=a, rhs_shape=b, options=o) for a, b, o in grid)
+        specs.append(OpSpec(f"lax.{name}", op, ref, configs, _lax_conv_make(f"lax.{name}", op, ref), strategy,
+                            vmap_args=(0, 1)))
+    for kind in ("max", "avg"):
+        name = f"lax.{kind}_pool"
+        op, ref = getattr(droplax, f"{kind}_pool"), getattr(reference, f"flax_{kind}_pool")
+        configs = [dict(shape=s, window=k, strides=st, padding=p) for s, k, st, p in _FLAX_POOL_GRID]
+        if kind == "avg":
+            configs = [dict(c, extra=dict(count_include_pad=inc)) for c in configs for inc in (True, False)]
+        specs.append(OpSpec(name, op, ref, tuple(configs), _flax_pool_make(name, op, ref),
+                            _flax_pool_strategy(kind == "avg"), ({}, dict(pool="slices")), smooth=kind == "avg"))
+    return specs
+
+
 # --- LRN, layers and losses ---------------------------------------------------------------
 
 
@@ -461,13 +626,14 @@ def _other_specs() -> list[OpSpec]:
 
 
 #: Every op with a hand rule, by name.
-REGISTRY: dict[str, OpSpec] = {spec.name: spec for spec in [*_conv_specs(), *_pool_specs(), *_other_specs()]}
+REGISTRY: dict[str, OpSpec] = {spec.name: spec for spec in [*_conv_specs(), *_pool_specs(), *_other_specs(),
+                                                          *_lax_specs()]}
 
 #: ``op -> (rng -> [Case])``: the grids, as ``python -m jaxconv verify`` runs them.
 SUITES: dict[str, Callable[[np.random.Generator], list[Case]]] = {name: spec.cases for name, spec in REGISTRY.items()}
 
 
 def reference_ops() -> types.SimpleNamespace:
-    """The references of every registered op, by the op's name: the ``ops=`` namespace that
-    rebuilds a :mod:`jaxconv.nn` network in plain ``lax`` (``train --check-grads``)."""
-    return types.SimpleNamespace(**{name: spec.ref for name, spec in REGISTRY.items()})
+    """The references of every registered op (the ``jaxconv.lax`` drop-ins aside), by the op's name: the
+    ``ops=`` namespace that rebuilds a :mod:`jaxconv.nn` network in plain ``lax`` (``train --check-grads``)."""
+    return types.SimpleNamespace(**{name: spec.ref for name, spec in REGISTRY.items() if "." not in name})
