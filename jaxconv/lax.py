@@ -59,14 +59,14 @@ from jax.typing import ArrayLike, DTypeLike
 
 from ._core import args as _args
 from .ops import conv as _conv
-from .ops import pool as _pool
+from .ops import pool as _pool_ops
 
 __all__ = ["avg_pool", "conv_general_dilated", "conv_transpose", "max_pool"]
 
 _CONVS = {1: _conv.conv1d, 2: _conv.conv2d, 3: _conv.conv3d}
 _TRANSPOSES = {1: _conv.conv_transpose1d, 2: _conv.conv_transpose2d, 3: _conv.conv_transpose3d}
-_MAX_POOLS = {1: _pool.max_pool1d, 2: _pool.max_pool2d, 3: _pool.max_pool3d}
-_AVG_POOLS = {1: _pool.avg_pool1d, 2: _pool.avg_pool2d, 3: _pool.avg_pool3d}
+_MAX_POOLS = {1: _pool_ops.max_pool1d, 2: _pool_ops.max_pool2d, 3: _pool_ops.max_pool3d}
+_AVG_POOLS = {1: _pool_ops.avg_pool1d, 2: _pool_ops.avg_pool2d, 3: _pool_ops.avg_pool3d}
 
 
 def _precision_kwargs(precision) -> dict:
@@ -411,6 +411,11 @@ def avg_pool(inputs: ArrayLike, window_shape: Sequence[int], strides: Sequence[i
     return _pool(_AVG_POOLS, inputs, window_shape, strides, padding, count_include_pad=count_include_pad)
 
 
-for _fn in (conv_general_dilated, conv_transpose, max_pool, avg_pool):
-    _fn.is_hand_rule = True  # tests/test_conformance.py: registered in jaxconv.verify.registry.REGISTRY
-del _fn
+# Forward mode names the drop-in and the op to use instead; marks them as hand rules for the harness.
+conv_general_dilated = _args.reverse_mode_rule(conv_general_dilated, name="lax.conv_general_dilated",
+                                               instead="jax.lax.conv_general_dilated")
+conv_transpose = _args.reverse_mode_rule(conv_transpose, name="lax.conv_transpose", instead="jax.lax.conv_transpose")
+max_pool = _args.reverse_mode_rule(max_pool, name="lax.max_pool",
+                                   instead="jaxconv.reference.flax_max_pool (Flax's max_pool in plain lax)")
+avg_pool = _args.reverse_mode_rule(avg_pool, name="lax.avg_pool",
+                                   instead="jaxconv.reference.flax_avg_pool (Flax's avg_pool in plain lax)")

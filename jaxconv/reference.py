@@ -92,14 +92,17 @@ def conv3d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1, pre
     return conv_nd(x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups, precision=precision)
 
 
-def conv_transpose_nd(y, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1, precision=None):
+def conv_transpose_nd(y, w, b=None, *, stride=1, padding="VALID", output_padding=0, dilation=1, groups=1,
+                      precision=None):
     """The adjoint of ``conv_nd(., w, same arguments)`` with respect to its input, by ``jax.vjp``.
 
     The convolution's input has ``(n-1)*s - lo - hi + d*(k-1) + 1 + output_padding``
-    entries per dimension; ``jax.vjp`` of :func:`conv_nd` at that shape, pulled
-    back along ``y``, is the transposed convolution, and it is differentiable
-    (in ``y`` and ``w``) by autodiff like any other lax program.  ``"SAME"`` has
-    no meaning here (it depends on the size being solved for); ``"VALID"`` is 0.
+    entries per dimension (``"VALID"`` is 0 padding); with ``"SAME"`` it has
+    ``(n-1)*s + 1 + output_padding``, the smallest size a ``"SAME"`` convolution
+    maps to ``n`` plus ``output_padding``, and lax pads that convolution itself.
+    ``jax.vjp`` of :func:`conv_nd` at that shape, pulled back along ``y``, is the
+    transposed convolution, and it is differentiable (in ``y`` and ``w``) by
+    autodiff like any other lax program.
     """
     ndim = y.ndim - 2
     kernel = tuple(w.shape[:-2])
@@ -108,10 +111,13 @@ def conv_transpose_nd(y, w, b=None, *, stride=1, padding=0, output_padding=0, di
     pads = _pads(padding, ndim)
     if pads == "VALID":
         pads = ((0, 0),) * ndim
+    if pads == "SAME":
+        in_size = tuple((n - 1) * s + 1 + op for n, s, op in zip(y.shape[1:-1], stride, output_padding))
     elif isinstance(pads, str):
         raise ValueError(f"`padding` (={padding!r}) is not defined for a transposed convolution.")
-    in_size = tuple((n - 1) * s - lo - hi + d * (k - 1) + 1 + op for n, (lo, hi), k, s, d, op
-                    in zip(y.shape[1:-1], pads, kernel, stride, dilation, output_padding))
+    else:
+        in_size = tuple((n - 1) * s - lo - hi + d * (k - 1) + 1 + op for n, (lo, hi), k, s, d, op
+                        in zip(y.shape[1:-1], pads, kernel, stride, dilation, output_padding))
     x_shape = (y.shape[0], *in_size, w.shape[-2] * groups)
 
     def conv(x):

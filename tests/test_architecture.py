@@ -65,6 +65,10 @@ MODULE_EXTRAS: dict[str, frozenset[str]] = {
     "jaxconv.train.rundir": frozenset({"fcntl"}),
 }
 
+#: jaxconv modules that wrap an optional extra and are imported only when used: the oneDNN forms
+#: load a shared library through ctypes, which importing an op must not do.
+OPTIONAL_INTERNAL = frozenset({"jaxconv.plan.onednn"})
+
 #: Third-party packages a module may import at module level (``[project] dependencies``).
 RUNTIME_DEPENDENCIES = frozenset({"jax", "jaxlib", "numpy", "optax"})
 
@@ -259,6 +263,8 @@ def _init_statements(module: str, source: str) -> list[Violation]:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             if all(isinstance(t, ast.Name) and t.id in INIT_NAMES for t in targets):
                 continue
+        if isinstance(node, ast.FunctionDef) and node.name == "__getattr__":
+            continue  # a lazy submodule (PEP 562): jaxconv.plan.onednn, loaded only when asked for
         out.append(Violation("init", module, f"line {node.lineno}: {type(node).__name__}, not a re-export"))
     return out
 
@@ -282,8 +288,9 @@ def check(sources: dict[str, str]) -> list[Violation]:
                 if here is not None and there is not None and there != here and there not in MAY_IMPORT[here]:
                     violations.add(Violation("direction", module, f"imports {imp.target} ({here} -> {there})"))
             if imp.function is not None:
-                allowed = (not internal and (_top(imp.target) in OPTIONAL_EXTRAS
-                                             or _top(imp.target) in MODULE_EXTRAS.get(module, ())))
+                allowed = (imp.target in OPTIONAL_INTERNAL
+                           or not internal and (_top(imp.target) in OPTIONAL_EXTRAS
+                                                or _top(imp.target) in MODULE_EXTRAS.get(module, ())))
                 if not allowed:
                     violations.add(Violation("function-level", module, f"{imp.function} imports {imp.target}"))
             elif not internal and _top(imp.target) not in stdlib | RUNTIME_DEPENDENCIES | {"__future__"}:

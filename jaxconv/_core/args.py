@@ -171,9 +171,11 @@ def check_elements(shape, name: str, what: str) -> None:
 
 
 _JAX_FORWARD_MODE_MESSAGE = "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
+_OUR_FORWARD_MODE_MESSAGE = ("its derivative is a hand-written reverse-mode rule (jax.custom_vjp), which JAX cannot "
+                             "run in forward mode")
 
 
-def reverse_mode_rule(op):
+def reverse_mode_rule(op=None, *, name: str | None = None, instead: str | None = None):
     """Decorate a public op whose derivative is a ``custom_vjp`` rule: forward mode gets a clear error.
 
     JAX cannot run a ``custom_vjp`` rule in pure forward mode (``jax.jvp``,
@@ -181,21 +183,29 @@ def reverse_mode_rule(op):
     what works instead.  Forward-over-reverse (``jax.jvp`` of ``jax.grad``,
     ``jax.hessian``) is reverse mode first and works.  Under ``jax.jit`` of a
     ``jax.jvp``, JAX raises its own message later, when the program is built.
+    ``name`` is the op's public name under ``jaxconv.`` (default: its
+    ``__name__``) and ``instead`` the plain-lax op that runs in forward mode
+    (default: ``jaxconv.reference.<name>``); an op built on other decorated
+    ops (the ``jaxconv.lax`` drop-ins) reports itself, not the op it calls.
     """
+    if op is None:
+        return functools.partial(reverse_mode_rule, name=name, instead=instead)
+    public = name or op.__name__
+    alternative = instead or f"jaxconv.reference.{op.__name__}, the same op in plain lax"
 
     @functools.wraps(op)
     def wrapped(*args, **kwargs):
         try:
             return op(*args, **kwargs)
         except TypeError as err:
-            if _JAX_FORWARD_MODE_MESSAGE not in str(err):
+            text = str(err)
+            if _JAX_FORWARD_MODE_MESSAGE not in text and _OUR_FORWARD_MODE_MESSAGE not in text:
                 raise
             raise TypeError(
-                f"jaxconv.{op.__name__}: its derivative is a hand-written reverse-mode rule (jax.custom_vjp), "
-                f"which JAX cannot run in forward mode (jax.jvp, jax.jacfwd, jax.linearize). Use reverse mode "
+                f"jaxconv.{public}: {_OUR_FORWARD_MODE_MESSAGE} (jax.jvp, jax.jacfwd, jax.linearize). Use reverse mode "
                 f"(jax.grad, jax.vjp, jax.jacrev); forward-over-reverse (jax.jvp of jax.grad, jax.hessian) works. "
-                f"For forward mode itself use jaxconv.reference.{op.__name__}, the same op in plain lax."
-            ) from err
+                f"For forward mode itself use {alternative}."
+            ) from err.__cause__ if _OUR_FORWARD_MODE_MESSAGE in text else err
 
     wrapped.is_hand_rule = True  # tests/test_conformance.py: every such op is in jaxconv.verify.registry.REGISTRY
     return wrapped

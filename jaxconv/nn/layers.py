@@ -688,7 +688,7 @@ def LRN(size: int = 5, kappa: float = 2.0, alpha: float = 1e-4, beta: float = 0.
     """Local response normalisation across channels, :func:`jaxconv.lrn` (AlexNet; docs/layers.md)."""
     lrn_module = local_response
     # Validate now, with lrn's own checks, rather than at the first apply.
-    lrn_module._positive_int(size, "size")
+    _args.positive_int(size, "size")
     lrn_module._real(kappa, "kappa", minimum=0.0)
     lrn_module._real(alpha, "alpha", minimum=0.0)
     lrn_module._real(beta, "beta")
