@@ -29,7 +29,7 @@ import jaxconv  # noqa: E402
 try:
     import torch
 except ImportError as error:  # pragma: no cover - the experiment's one requirement
-    raise SystemExit(f"this experiment needs PyTorch (pip install torch, CPU build): {error}")
+    raise SystemExit(f"this experiment needs PyTorch (pip install torch, CPU build): {error}") from error
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "conv_transpose_vs_pytorch.json"
 

@@ -38,7 +38,6 @@ from .ops import (
     softmax_cross_entropy,
 )
 
-
 __all__ = [
     "__version__",
     "avg_pool1d",

@@ -15,7 +15,7 @@ public ops give the full error messages.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

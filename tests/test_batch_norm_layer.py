@@ -26,7 +26,7 @@ def test_running_statistics_follow_pytorch():
     _, apply, params = _bn(momentum=0.3)
     rng = np.random.default_rng(0)
     running_mean, running_var = np.zeros(5), np.ones(5)
-    for step in range(3):
+    for _ in range(3):
         x = rng.normal(2.0, 3.0, (6, 3, 4, 5)).astype(np.float32)
         y, params = nn.train_apply(apply, params, x)
         flat = x.reshape(-1, 5).astype(np.float64)

@@ -18,8 +18,18 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxconv.verify import array, arguments, assert_report_ok, assert_rule_ok, sample, shapes, sweep
-from jaxconv.verify import check_rule, low_precision_tolerance, reduction_size
+from jaxconv.verify import (
+    arguments,
+    array,
+    assert_report_ok,
+    assert_rule_ok,
+    check_rule,
+    low_precision_tolerance,
+    reduction_size,
+    sample,
+    shapes,
+    sweep,
+)
 
 FAST = dict(second_order=False, jit_consistency=False, residuals=False, num_cotangents=1)
 

@@ -19,8 +19,8 @@ import optax
 import pytest
 
 from jaxconv import train
-from jaxconv.train import checkpoint
 from jaxconv.nn import models
+from jaxconv.train import checkpoint
 
 
 def _state(optimizer=None, seed=0):

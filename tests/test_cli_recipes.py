@@ -14,11 +14,9 @@ import numpy as np
 import pytest
 
 from jaxconv import train
-from jaxconv.train import checkpoint
 from jaxconv.cli import commands as cli
+from jaxconv.train import checkpoint, data, synthetic
 from jaxconv.train.inference import load_trained
-from jaxconv.train import data
-from jaxconv.train import synthetic
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = ["--model", "dd2424_net", "--batch-size", "64", "--seed", "3"]
@@ -317,7 +315,7 @@ def test_two_processes_equal_one(tmp_path):
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     outputs = [p.communicate(timeout=400) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
+    for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
     assert "in 2 processes" in outputs[0][0]
     single = subprocess.run([sys.executable, "-m", "jaxconv", *flags, "--out", str(tmp_path / "single")], cwd=ROOT,

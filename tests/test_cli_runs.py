@@ -20,10 +20,9 @@ import time
 import numpy as np
 import pytest
 
-from jaxconv.train import checkpoint
 from jaxconv.cli import commands as cli
+from jaxconv.train import checkpoint, rundir
 from jaxconv.train.inference import load_trained
-from jaxconv.train import rundir
 
 from ._datasets import mnist_dir, write_idx
 
@@ -360,10 +359,10 @@ def test_verify_prints_a_passing_table_for_the_named_ops():
 
 
 def test_verify_fails_on_a_planted_wrong_rule_and_rejects_unknown_ops(monkeypatch, capsys):
+    import sys
+
     import jax
     import jax.numpy as jnp
-
-    import sys
 
     @jax.custom_vjp
     def bad_relu(x):

@@ -15,9 +15,9 @@ import pytest
 
 import jaxconv
 from jaxconv import train
-from jaxconv.train import checkpoint
 from jaxconv.cli import commands as cli
 from jaxconv.nn import models
+from jaxconv.train import checkpoint
 
 from ._datasets import cifar_dir, mnist_dir
 

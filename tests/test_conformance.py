@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 import jaxconv
 from jaxconv import plan
-from jaxconv.verify.registry import REGISTRY
 from jaxconv.verify import check_vjp
+from jaxconv.verify.registry import REGISTRY
 
 OPS = sorted(REGISTRY)
 GRID = [(name, i) for name in OPS for i in range(len(REGISTRY[name].grid))]

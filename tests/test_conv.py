@@ -13,13 +13,14 @@ import pytest
 from hypothesis import given
 
 import jaxconv
-from jaxconv.ops import conv as conv_module
 from jaxconv import reference
 from jaxconv._core import window as _window
+from jaxconv.ops import conv as conv_module
 from jaxconv.verify import check_vjp
 
 from ._grids import CONV2D_GRID, conv_arrays, conv_pair
 from .strategies import conv_configs
+
 
 def forward_for(backward: str) -> str:
     """The forward run with each backward in the tests: the same form (so every

@@ -18,9 +18,9 @@ from hypothesis import given, settings
 from jax.ad_checkpoint import print_saved_residuals
 
 import jaxconv
+from jaxconv import reference
 from jaxconv.ops import conv as conv_module
 from jaxconv.plan import im2row
-from jaxconv import reference
 from jaxconv.verify import check_vjp
 
 from ._grids import CONV2D_GRID, conv_arrays, conv_pair

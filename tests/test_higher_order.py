@@ -14,8 +14,8 @@ import pytest
 import jaxconv
 from jaxconv import nn, reference, train
 from jaxconv.nn import models
-from jaxconv.verify.registry import REGISTRY
 from jaxconv.verify import relative_error
+from jaxconv.verify.registry import REGISTRY
 
 SHAPES = {"dd2424_net": (8, 8, 1), "lenet5": (28, 28, 1), "alexnet_small": (32, 32, 3), "resnet_small": (8, 8, 1),
           "resnet_small_nobn": (8, 8, 1)}

@@ -3,7 +3,6 @@ M_F^filter against conv2d, K from M, and conv2d's im2row backward against jax.gr
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 
 import jaxconv
+from jaxconv import matrix
 from jaxconv._core import window as _window
 from jaxconv.ops import conv as conv_module
-from jaxconv import matrix
 from jaxconv.verify import check_vjp, relative_error
 
 from ._grids import conv_arrays, conv_pair

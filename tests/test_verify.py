@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxconv
-from jaxconv.ops import conv as conv_module
 from jaxconv import reference
+from jaxconv.ops import conv as conv_module
 from jaxconv.verify import assert_vjp_ok, check_vjp, relative_error
 
 OPTIONS = dict(stride=2, padding=1)

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from jax.ad_checkpoint import print_saved_residuals
 
 import jaxconv
-from jaxconv.ops import conv as conv_module
 from jaxconv import plan, reference
+from jaxconv.ops import conv as conv_module
 from jaxconv.plan import winograd
 from jaxconv.verify import check_vjp
 

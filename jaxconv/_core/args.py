@@ -27,9 +27,9 @@ names the argument and the offending size.
 
 from __future__ import annotations
 
-import operator
 import functools
-from typing import Any, Union
+import operator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +57,7 @@ def _is_int(value) -> bool:
 #: ``None`` (lax's default, ``jax_default_matmul_precision``), a pair of
 #: :class:`jax.lax.Precision` (left operand, right operand), or a
 #: :class:`jax.lax.DotAlgorithmPreset` / :class:`jax.lax.DotAlgorithm`.
-Precision = Union[None, tuple, Any]
+Precision = tuple | Any | None
 
 
 def precision(value, name: str = "precision") -> Precision:

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import NamedTuple, Sequence, Union
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax.numpy as jnp
 from jax import lax
@@ -43,9 +44,9 @@ __all__ = ["Window", "dim_names", "ints", "output_size", "parse", "patches", "un
 Sizes = tuple[int, ...]
 Pads = tuple[tuple[int, int], ...]
 #: A size as users give it: an int (every spatial dimension alike) or one per dimension.
-SizeLike = Union[int, Sequence[int]]
+SizeLike = int | Sequence[int]
 #: Padding as users give it: "VALID", "SAME", an int, one per dimension, or one (lo, hi) pair per dimension.
-PaddingLike = Union[str, int, Sequence[int], Sequence[tuple[int, int]]]
+PaddingLike = str | int | Sequence[int] | Sequence[tuple[int, int]]
 
 _COUNT_WORDS = {1: "one int", 2: "a pair of ints", 3: "a triple of ints"}
 

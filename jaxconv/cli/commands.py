@@ -63,7 +63,7 @@ def _verify(args) -> int:
         for report in bad:
             print(report, file=sys.stderr)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = " | ".join("{:<%d}" % w for w in widths)
+    fmt = " | ".join(f"{{:<{w}}}" for w in widths)
     print(fmt.format(*header))
     print("-+-".join("-" * w for w in widths))
     for row in rows:
@@ -89,7 +89,8 @@ def _number(kind, *, low=None, high=None, low_open=False, high_open=False):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
         if kind is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
         too_low = low is not None and (value <= low if low_open else value < low)

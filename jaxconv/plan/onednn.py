@@ -35,8 +35,8 @@ import functools
 import math
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -78,7 +78,7 @@ def library_path() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _library():
     path = library_path()
     if path is None:
@@ -116,7 +116,7 @@ def _dims(values: Sequence[int]):
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _runtime():
     lib = _library()
     if lib is None:

@@ -47,7 +47,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Iterator, NamedTuple, Sequence
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import jax
 import numpy as np

@@ -60,8 +60,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from fractions import Fraction
-from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -99,7 +99,7 @@ def _inverse(a: list[list[Fraction]]) -> list[list[Fraction]]:
     return [row[n:] for row in aug]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def transforms(m: int, r: int) -> tuple[tuple, tuple, tuple]:
     """``(A^T, G, B^T)`` of ``F(m, r)`` as tuples of rows of :class:`fractions.Fraction`.
 

@@ -65,7 +65,8 @@ import os
 import pathlib
 import re
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np

@@ -64,7 +64,8 @@ import math
 import pathlib
 import struct
 import zlib
-from typing import BinaryIO, Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 

@@ -16,7 +16,8 @@ import contextlib
 import errno
 import os
 import stat
-from typing import BinaryIO, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
 
 
 class WriteError(OSError):

@@ -34,8 +34,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from .. import plan
-from .._core.version import __version__
 from .._core.jsonsafe import json_safe, strict_json_bytes
+from .._core.version import __version__
 from ..nn import layers as nn
 from ..nn.models import MODELS
 from ..plan import onednn

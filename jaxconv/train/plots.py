@@ -17,10 +17,10 @@ from __future__ import annotations
 import io
 import math
 import pathlib
-from typing import Sequence
+from collections.abc import Sequence
 
-import numpy as np
 import jax
+import numpy as np
 
 from .checkpoint import atomic_write_bytes
 

@@ -33,7 +33,7 @@ two runs give bit-identical parameters.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -60,7 +60,8 @@ import functools
 import inspect
 import math
 import re
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -270,7 +271,7 @@ class Report:
             for c in self.checks
         ]
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        fmt = "  ".join("{:<%d}" % w for w in widths)
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         lines = [f"{self.title}: {self.name}", fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths))]
         lines += [fmt.format(*r).rstrip() for r in rows]
         if self.title != "check_vjp" or self.oracle != "reference":
@@ -625,7 +626,7 @@ class _Runner:
         self.ref_jvp_ok = ref_ok
         jvps_f = []
         for j, leaf_name in enumerate(names):
-            a = self.attempt("jvp", [leaf_name], lambda: push_f(primals, tangents(j)))
+            a = self.attempt("jvp", [leaf_name], lambda j=j: push_f(primals, tangents(j)))
             jvps_f.append(a)
             if a is not None and ref_ok:
                 e = push_r(primals, tangents(j))

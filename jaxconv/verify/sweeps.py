@@ -32,7 +32,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -201,7 +202,7 @@ class Config:
     literal: bool = dataclasses.field(repr=False, default=False)  # drawn by a user's strategy: values in `static`
 
     @classmethod
-    def of_values(cls, values: Mapping[str, Any]) -> "Config":
+    def of_values(cls, values: Mapping[str, Any]) -> Config:
         """A configuration holding the drawn argument values themselves (a user's strategy of dicts)."""
         if not isinstance(values, Mapping):
             raise TypeError(f"a sweep strategy must draw dicts of arguments by name, drew {type(values).__name__}")
