@@ -33,6 +33,8 @@ from jaxconv.train import (
 )
 from jaxconv.train.inference import load_trained
 
+from ._datasets import mnist_dir, write_idx
+
 # The smallest model and big batches: a digits epoch takes well under a second.
 TINY = {"model": "dd2424_net", "batch_size": 64, "optimizer": "momentum", "lr": 0.05, "schedule": "constant",
         "val_fraction": 0.0, "seed": 3}
@@ -329,11 +331,9 @@ def test_a_replacement_killed_midway_is_recovered_by_the_next_open(finished, tmp
 
 
 def test_resume_refuses_other_training_data_naming_what_changed(tmp_path):
-    from tests.test_data import _mnist_dir, _write_idx
-
     data_dir = tmp_path / "mnist"
     data_dir.mkdir()
-    arrays = _mnist_dir(data_dir, n_train=128, n_test=16)
+    arrays = mnist_dir(data_dir, n_train=128, n_test=16)
     out = tmp_path / "run"
     settings = dict(TINY, dataset="mnist", data_dir=data_dir, out=out)
     fit(Config(**settings, epochs=1), verbose=False)
@@ -343,11 +343,11 @@ def test_resume_refuses_other_training_data_naming_what_changed(tmp_path):
     # One label changed: the images' mean and std are the same, the fingerprint is not.
     labels = arrays["train"][1].copy()
     labels[0] = (labels[0] + 1) % 10
-    _write_idx(data_dir / "train-labels-idx1-ubyte", labels)
+    write_idx(data_dir / "train-labels-idx1-ubyte", labels)
     with pytest.raises(FitError, match=r"--resume: .*the same training images \(sha256 '[0-9a-f]{64}' then, "):
         fit(Config(**settings, epochs=2, resume=True), verbose=False)
     # More images: the count is named.
-    _mnist_dir(data_dir, n_train=192, n_test=16)
+    mnist_dir(data_dir, n_train=192, n_test=16)
     with pytest.raises(FitError, match="images 128 then, 192 now"):
         fit(Config(**settings, epochs=2, resume=True), verbose=False)
 
