@@ -95,15 +95,15 @@ def _spatial_dims(lhs, name: str = "lhs") -> int:
     return ndim
 
 
-def _float_operands(lhs, rhs):
-    lhs = _args.as_array(lhs, "lhs")
-    rhs = _args.as_array(rhs, "rhs")
-    if lhs.dtype != rhs.dtype:  # lax's rule and lax's error type
-        raise TypeError(f"`lhs` and `rhs` must have the same dtype, got {lhs.dtype} and {rhs.dtype}.")
-    if not jnp.issubdtype(lhs.dtype, jnp.floating):
-        raise ValueError(f"`lhs` and `rhs` must have a floating dtype for jaxconv's rules, got {lhs.dtype} "
+def _float_operands(lhs: ArrayLike, rhs: ArrayLike) -> tuple[jax.Array | np.ndarray, jax.Array | np.ndarray]:
+    a = _args.as_array(lhs, "lhs")
+    b = _args.as_array(rhs, "rhs")
+    if a.dtype != b.dtype:  # lax's rule and lax's error type
+        raise TypeError(f"`lhs` and `rhs` must have the same dtype, got {a.dtype} and {b.dtype}.")
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        raise ValueError(f"`lhs` and `rhs` must have a floating dtype for jaxconv's rules, got {a.dtype} "
                          "(integer convolutions: use jax.lax.conv_general_dilated).")
-    return lhs, rhs
+    return a, b
 
 
 def _to_channels_last(lhs, rhs, dnums: _lax.ConvDimensionNumbers):
@@ -174,7 +174,8 @@ def _conv_channels_last(x, w, strides, pads, lhs_dilation, rhs_dilation, groups,
     if any(lo or hi for lo, hi in beyond):
         y = jnp.pad(y, ((0, 0), *beyond, (0, 0)))
     if any(s > 1 for s in strides):
-        y = y[(slice(None), *(slice(None, None, s) for s in strides), slice(None))]
+        every = (slice(None), *(slice(None, None, s) for s in strides), slice(None))
+        y = y[every]
     return y
 
 
@@ -328,6 +329,7 @@ def conv_transpose(
     strides = _ints(strides, "strides", ndim)
     rhs_dil = _ints(rhs_dilation, "rhs_dilation", ndim)
     extents = [d * (int(rhs.shape[a]) - 1) + 1 for a, d in zip(dnums.rhs_spec[2:], rhs_dil)]
+    pads: str | Sequence[tuple[int, int]]
     if use_consistent_padding or (isinstance(padding, str) and padding in {"SAME", "VALID"}):
         per_dim = [padding] * ndim if isinstance(padding, str) else [tuple(p) for p in padding]
         pads = tuple(_conv_transpose_padding(e, s, p) for e, s, p in zip(extents, strides, per_dim))

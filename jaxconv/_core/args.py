@@ -207,5 +207,7 @@ def reverse_mode_rule(op=None, *, name: str | None = None, instead: str | None =
                 f"For forward mode itself use {alternative}."
             ) from err.__cause__ if _OUR_FORWARD_MODE_MESSAGE in text else err
 
-    wrapped.is_hand_rule = True  # tests/test_conformance.py: every such op is in jaxconv.verify.registry.REGISTRY
+    # tests/test_conformance.py: every such op is in jaxconv.verify.registry.REGISTRY.  A function attribute, which
+    # mypy cannot declare on the functools.wraps result.
+    wrapped.is_hand_rule = True  # type: ignore[attr-defined]
     return wrapped

@@ -204,7 +204,8 @@ def _train(args) -> int:
     except GradCheckFailed as err:
         return fail(err, EXIT_CHECK_FAILED)
     except KeyboardInterrupt:  # Ctrl-C: fit has released the run directory; the last checkpoint is whole
-        if config is not None and (pathlib.Path(config.out) / "checkpoint.safetensors").exists():
+        if (config is not None and config.out is not None
+                and (pathlib.Path(config.out) / "checkpoint.safetensors").exists()):
             return fail("interrupted; resume with --resume", EXIT_INTERRUPTED)
         return fail("interrupted before the first checkpoint; nothing to resume", EXIT_INTERRUPTED)
     if isinstance(result.status, loop.Diverged):

@@ -253,7 +253,8 @@ def _output_transform(prod, m, kernel, n, tiles, o, out):
     # v: (m,)*ndim + (N, *tiles, O) -> (N, t1, m, t2, m, ..., O)
     perm = [ndim] + [p for axis in range(ndim) for p in (ndim + 1 + axis, axis)] + [2 * ndim + 1]
     v = v.transpose(perm).reshape(n, *(t * m for t in tiles), o)
-    return v[(slice(None), *(slice(0, s) for s in out))]
+    crop = (slice(None), *(slice(0, s) for s in out))
+    return v[crop]
 
 
 def kernel_grad(x, g, pads, kernel: Sequence[int], m: int, block: int | None = None, *, precision=None):

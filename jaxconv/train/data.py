@@ -60,12 +60,13 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import io
 import math
 import pathlib
 import struct
 import zlib
 from collections.abc import Callable, Iterator
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -171,7 +172,7 @@ def _refusal(path: pathlib.Path) -> Callable[[str], Exception]:
 
 
 @contextlib.contextmanager
-def _open_regular(path: pathlib.Path) -> Iterator[tuple[BinaryIO, int]]:
+def _open_regular(path: pathlib.Path) -> Iterator[tuple[io.BufferedIOBase, int]]:
     """``(file, size)`` of the regular file ``path``; read errors become a ``ValueError`` naming it."""
     try:
         with _files.open_regular(path, _refusal(path)) as (f, size):
@@ -184,7 +185,7 @@ def _open_regular(path: pathlib.Path) -> Iterator[tuple[BinaryIO, int]]:
         raise FileNotFoundError(f"missing data file: {str(path)!r} does not exist.") from None
 
 
-def _read_upto(f: BinaryIO, limit: int, *, grow_from: int) -> np.ndarray:
+def _read_upto(f: io.BufferedIOBase, limit: int, *, grow_from: int) -> np.ndarray:
     """At most ``limit`` bytes of ``f`` (fewer at its end) as uint8.
 
     The buffer starts at ``grow_from`` bytes and doubles only as data arrives,
@@ -195,14 +196,14 @@ def _read_upto(f: BinaryIO, limit: int, *, grow_from: int) -> np.ndarray:
     while total < limit:
         if total == buf.size:
             buf = np.concatenate([buf, np.empty(min(buf.size, limit - buf.size), np.uint8)])
-        n = f.readinto(memoryview(buf)[total : min(buf.size, total + _READ_CHUNK)])
+        n = f.readinto(buf.data[total : min(buf.size, total + _READ_CHUNK)])
         if not n:
             break
         total += n
     return buf[:total]
 
 
-def _count_upto(f: BinaryIO, limit: int) -> int:
+def _count_upto(f: io.BufferedIOBase, limit: int) -> int:
     """How many bytes are left in ``f``, counting no further than ``limit``; constant memory."""
     scratch = memoryview(bytearray(min(limit, _READ_CHUNK)))
     total = 0
@@ -216,8 +217,9 @@ def _count_upto(f: BinaryIO, limit: int) -> int:
 
 # --- IDX (MNIST, Fashion-MNIST) ---------------------------------------------------------
 
-_IDX_TYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_IDX_TYPES: dict[int, np.dtype] = {
+    0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
 class _IdxHeader(NamedTuple):
@@ -234,7 +236,7 @@ class _IdxHeader(NamedTuple):
         return f"its header {self.dims} of {self.dtype} needs {self.total}"
 
 
-def _idx_header(f: BinaryIO, path: pathlib.Path) -> _IdxHeader:
+def _idx_header(f: io.BufferedIOBase, path: pathlib.Path) -> _IdxHeader:
     """Read and check the magic number and dimensions, and nothing more."""
     magic = f.read(4)
     if len(magic) < 4:
@@ -263,7 +265,8 @@ def _length_error(path: pathlib.Path, header: _IdxHeader, found: int, *, inflate
     return ValueError(f"{path}: {what} {length} bytes, but {header.describe()}: {verdict}.")
 
 
-def _idx_data(f: BinaryIO, path: pathlib.Path, header: _IdxHeader, *, grow_from: int, inflated: bool) -> np.ndarray:
+def _idx_data(f: io.BufferedIOBase, path: pathlib.Path, header: _IdxHeader, *, grow_from: int,
+              inflated: bool) -> np.ndarray:
     """The data after ``header``: exactly as many bytes as it promises, and then the end of the file."""
     nbytes = header.total - header.size
     data = _read_upto(f, nbytes + 1, grow_from=grow_from)
@@ -272,7 +275,7 @@ def _idx_data(f: BinaryIO, path: pathlib.Path, header: _IdxHeader, *, grow_from:
     return data.view(header.dtype).reshape(header.dims)
 
 
-def _gzip_isize(f: BinaryIO, size: int) -> int | None:
+def _gzip_isize(f: io.BufferedIOBase, size: int) -> int | None:
     """The gzip trailer's ISIZE: the last member's inflated length mod 2**32 (``f`` left at its start)."""
     if size < 4:
         return None
@@ -282,7 +285,7 @@ def _gzip_isize(f: BinaryIO, size: int) -> int | None:
     return isize
 
 
-def _read_idx_gzip(f: BinaryIO, size: int, path: pathlib.Path) -> np.ndarray:
+def _read_idx_gzip(f: io.BufferedIOBase, size: int, path: pathlib.Path) -> np.ndarray:
     isize = _gzip_isize(f, size)
     with gzip.GzipFile(fileobj=f, mode="rb") as stream:
         header = _idx_header(stream, path)
@@ -328,7 +331,9 @@ def _find(directory: pathlib.Path, stem: str) -> pathlib.Path:
     if regular:
         return regular[0]
     if existing:
-        raise _refusal(existing[0])(_files.special_kind(existing[0].stat().st_mode))  # says what it is instead
+        # What it is instead (None only if it became a regular file since is_file).
+        kind = _files.special_kind(existing[0].stat().st_mode) or "special file"
+        raise _refusal(existing[0])(kind)
     raise FileNotFoundError(f"missing data file: none of {[str(c) for c in candidates]} exists.")
 
 

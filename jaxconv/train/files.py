@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import stat
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
 
 
 class WriteError(OSError):
@@ -56,7 +56,7 @@ def special_kind(mode: int) -> str | None:
 
 
 @contextlib.contextmanager
-def open_regular(path, refuse: Callable[[str], Exception]) -> Iterator[tuple[BinaryIO, int]]:
+def open_regular(path, refuse: Callable[[str], Exception]) -> Iterator[tuple[io.BufferedIOBase, int]]:
     """``(file, size)`` of ``path`` opened for binary reading, if it is a regular file.
 
     Otherwise raises ``refuse(kind)`` (``kind`` from :func:`special_kind`).  A

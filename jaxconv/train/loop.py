@@ -27,7 +27,7 @@ import pathlib
 import sys
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import jax
 import numpy as np
@@ -215,6 +215,23 @@ def _choice(name: str, value, choices: Iterable[str]):
 def _boolean(name: str, value):
     if not isinstance(value, (bool, np.bool_)):
         raise _bad(name, value, "True or False")
+
+
+_T = TypeVar("_T")
+
+
+def _filled(value: _T | None, name: str) -> _T:
+    """A :class:`Config` field that ``__post_init__`` filled in (from the data set's recipe, or ``out``'s default)."""
+    if value is None:
+        raise FitError(f"{_flag(name)} is not set: the Config did not fill it in.", name)
+    return value
+
+
+def _run_dir(config: Config) -> pathlib.Path:
+    """``config.out``, which ``__post_init__`` made a path (``runs/<dataset>-<model>`` by default)."""
+    if config.out is None:
+        raise FitError("--out is not set: the Config did not fill it in.", "out")
+    return pathlib.Path(config.out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -511,7 +528,7 @@ def fit(config: Config, *, callbacks: Iterable[Callback] = (), verbose: bool = T
     if config.onednn and not onednn.available():
         raise FitError(f"--onednn: the oneDNN library is not installed: {onednn.INSTALL_HINT}.", "onednn")
 
-    out = pathlib.Path(config.out)
+    out = _run_dir(config)
     lock, message = None, None
     if jax.process_index() == 0:
         try:
@@ -543,35 +560,39 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock:
     from tqdm import tqdm  # optional extra: train
 
     settings = config.settings()
+    # The recipe's fields, which Config.__post_init__ filled in.
+    model, epochs, batch_size = (_filled(config.model, "model"), _filled(config.epochs, "epochs"),
+                                 _filled(config.batch_size, "batch_size"))
+    val_fraction, l2 = _filled(config.val_fraction, "val_fraction"), _filled(config.l2, "l2")
     writer = jax.process_index() == 0
     ckpt_path, best_path = out / "checkpoint.safetensors", out / "best.safetensors"
     try:
         mesh = make_mesh() if several else (make_mesh(config.devices) if config.devices > 1 else None)
     except ValueError as err:
         raise FitError(f"--devices {config.devices}: {err}", "devices") from err
-    if mesh is not None and config.batch_size % mesh.size:
-        raise FitError(f"--batch-size {config.batch_size} must be divisible by the {mesh.size} devices of the mesh.",
+    if mesh is not None and batch_size % mesh.size:
+        raise FitError(f"--batch-size {batch_size} must be divisible by the {mesh.size} devices of the mesh.",
                        "batch_size")
     try:
         dataset = data.load_dataset(config.dataset, config.data_dir)
         x_fit, y_fit, x_val_raw, y_val = split_validation(dataset.train_images, dataset.train_labels,
-                                                          config.val_fraction)
+                                                          val_fraction)
         stats = standardization(x_fit)
         fingerprint = data_fingerprint(dataset.train_images, dataset.train_labels)
     except (ValueError, OSError) as err:
         raise FitError(f"--dataset {config.dataset}: {err}", "dataset", "data_dir") from err
-    if config.batch_size > len(y_fit):
-        raise FitError(f"--batch-size {config.batch_size} exceeds the {len(y_fit)} training images.", "batch_size")
-    steps_per_epoch = data.num_batches(len(y_fit), config.batch_size)
+    if batch_size > len(y_fit):
+        raise FitError(f"--batch-size {batch_size} exceeds the {len(y_fit)} training images.", "batch_size")
+    steps_per_epoch = data.num_batches(len(y_fit), batch_size)
     try:
         optimizer = build_optimizer(settings, steps_per_epoch)
     except ValueError as err:
         raise FitError(str(err), "warmup_epochs") from err
-    init_fun, apply_fun = MODELS[config.model](dataset.num_classes)
+    init_fun, apply_fun = MODELS[model](dataset.num_classes)
     augment = None
     if config.augment:
         augment = _augmentation(config.seed, dataset.train_images.shape[1], config.dataset == "cifar10")
-    step = make_train_step(apply_fun, optimizer, l2=config.l2, mesh=mesh, augment=augment)
+    step = make_train_step(apply_fun, optimizer, l2=l2, mesh=mesh, augment=augment)
 
     x_train, x_test, x_val = standardize(x_fit, dataset.test_images, x_val_raw, stats=stats)
     y_train, y_test = y_fit, dataset.test_labels
@@ -594,7 +615,7 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock:
     num_devices = mesh.size if mesh is not None else 1
     num_params = sum(int(np.size(leaf)) for leaf in jax.tree.leaves(nn.partition_state(_host(params))[0]))
     say.out(
-        f"jaxconv train: {config.model} ({num_params:,} params) on {dataset.name} "
+        f"jaxconv train: {model} ({num_params:,} params) on {dataset.name} "
         f"({len(y_train)} train / {len(y_val)} validation / {len(y_test)} test, {x_train.shape[1:]}), "
         f"{config.optimizer} lr {config.lr} {config.schedule}, "
         f"{num_devices} x {device.device_kind}"
@@ -603,11 +624,11 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock:
     )
 
     if config.check_grads:
-        images, labels = next(data.batches(x_train, y_train, config.batch_size, seed=config.seed, epoch=start_epoch))
-        say.out(f"--check-grads: every hand rule of {config.model} on the first batch, float64, vs jax.grad:")
+        images, labels = next(data.batches(x_train, y_train, batch_size, seed=config.seed, epoch=start_epoch))
+        say.out(f"--check-grads: every hand rule of {model} on the first batch, float64, vs jax.grad:")
         start = time.perf_counter()
         table = io.StringIO()
-        ok = check_model_grads(apply_fun, _host(params), images, labels, l2=config.l2, stream=table)
+        ok = check_model_grads(apply_fun, _host(params), images, labels, l2=l2, stream=table)
         if say.verbose:
             sys.stdout.write(table.getvalue())
         say.out(f"--check-grads: {'all rules agree' if ok else 'FAILED'} ({time.perf_counter() - start:.1f} s)")
@@ -634,7 +655,7 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock:
                          test_accuracy=history[-1]["test_accuracy"] if history else None, best=best, run_dir=out,
                          status=status, config=config, outputs=tuple(sorted(set(outputs))))
 
-    end_epoch = config.epochs if config.stop_after is None else min(config.epochs, start_epoch + config.stop_after)
+    end_epoch = epochs if config.stop_after is None else min(epochs, start_epoch + config.stop_after)
     stop: Stopped | None = None
     for epoch in range(start_epoch, end_epoch):
         start = time.perf_counter()
@@ -643,11 +664,11 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock:
         checked = 0
         diverged = None
 
-        with tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
+        with tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
                   file=sys.stderr, dynamic_ncols=True, disable=not (writer and say.verbose)) as bar:
-            for i, indices in enumerate(data.epoch_batches(len(y_train), config.batch_size, seed=config.seed,
+            for i, indices in enumerate(data.epoch_batches(len(y_train), batch_size, seed=config.seed,
                                                            epoch=epoch)):
-                batch = (x_train[indices], y_train[indices])
+                batch: tuple[Any, ...] = (x_train[indices], y_train[indices])
                 if mesh is not None:
                     batch = shard_batch(batch, mesh)
                 if augment is not None:
@@ -664,7 +685,7 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock:
                     bar.set_postfix(
                         loss=f"{np.mean([m['loss'] for m in recent]):.4f}",
                         acc=f"{np.mean([m['accuracy'] for m in recent]):.3f}",
-                        img_s=f"{(i + 1) * config.batch_size / (time.perf_counter() - start):.0f}",
+                        img_s=f"{(i + 1) * batch_size / (time.perf_counter() - start):.0f}",
                         refresh=False,
                     )
                 bar.update(1)
@@ -696,7 +717,7 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock:
             "test_loss": test["loss"],
             "test_accuracy": test["accuracy"],
             "seconds": seconds,
-            "images_per_second": steps_per_epoch * config.batch_size / seconds,
+            "images_per_second": steps_per_epoch * batch_size / seconds,
         }
         improved = False
         if len(y_val):
@@ -716,7 +737,7 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock:
             "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "config": settings, "history": history,
             "jax_version": jax.__version__,
             # What evaluation and prediction need besides the weights: a checkpoint alone is enough.
-            "model": {"name": config.model, "num_classes": dataset.num_classes,
+            "model": {"name": model, "num_classes": dataset.num_classes,
                       "input_shape": list(x_train.shape[1:]), "steps_per_epoch": steps_per_epoch},
             "standardization": {"mean": stats[0], "std": stats[1]},
             "data": fingerprint,
@@ -738,34 +759,34 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock:
             if lock is not None:
                 lock.discard_previous()
         # Every process calls its callbacks and takes part in the vote (one all-gather an epoch; none alone).
-        if _all_agree(int(_ask_callbacks(callbacks, history[-1]))) and epoch + 1 < config.epochs:
-            stop = Stopped(epoch=epoch + 1, epochs=config.epochs, reason="callback")
+        if _all_agree(int(_ask_callbacks(callbacks, history[-1]))) and epoch + 1 < epochs:
+            stop = Stopped(epoch=epoch + 1, epochs=epochs, reason="callback")
             break
 
     final_epoch = history[-1]["epoch"] if history else start_epoch
     status: Status
-    if start_epoch >= config.epochs:
-        say.err(f"nothing to train: {ckpt_path} is at epoch {start_epoch} >= --epochs {config.epochs}")
+    if start_epoch >= epochs:
+        say.err(f"nothing to train: {ckpt_path} is at epoch {start_epoch} >= --epochs {epochs}")
         status = Completed(epochs=final_epoch)
     elif stop is not None:
         status = stop
-        say.err(f"stopped by a callback after epoch {stop.epoch} of {config.epochs}; continue with --resume")
-    elif end_epoch < config.epochs:
-        status = Stopped(epoch=end_epoch, epochs=config.epochs, reason="stop_after")
-        say.err(f"stopped after epoch {end_epoch} of {config.epochs} (--stop-after {config.stop_after}); "
+        say.err(f"stopped by a callback after epoch {stop.epoch} of {epochs}; continue with --resume")
+    elif end_epoch < epochs:
+        status = Stopped(epoch=end_epoch, epochs=epochs, reason="stop_after")
+        say.err(f"stopped after epoch {end_epoch} of {epochs} (--stop-after {config.stop_after}); "
                 f"continue with --resume")
     else:
-        status = Completed(epochs=config.epochs)
+        status = Completed(epochs=epochs)
     if isinstance(status, Stopped):
         write_metrics(best=best, stopped={"reason": status.reason, "epoch": status.epoch})
     final_params = _host(params)
     if writer:
         guard()
-        plots.plot_curves(history, out / "curves.png", title=f"{config.model} on {dataset.name}")
+        plots.plot_curves(history, out / "curves.png", title=f"{model} on {dataset.name}")
         outputs.append("curves.png")
         kernel = plots.first_conv_kernel(final_params)
         if kernel is not None:
-            plots.plot_filters(kernel, out / "filters.png", title=f"{config.model} first-layer filters")
+            plots.plot_filters(kernel, out / "filters.png", title=f"{model} first-layer filters")
             outputs.append("filters.png")
     return result(status, final_params)
 
@@ -797,7 +818,7 @@ def _diverged(config: Config, epoch: int, step: int, steps_per_epoch: int, m: di
         what.append(f"the objective is {float(m['objective'])}")
     if not m["finite_params"]:
         what.append(f"the updated parameters are not finite ({len(bad)} arrays, first {bad[0] if bad else '?'})")
-    ckpt_path = pathlib.Path(config.out) / "checkpoint.safetensors"
+    ckpt_path = _run_dir(config) / "checkpoint.safetensors"
     ckpt_note = f"{ckpt_path} is kept as it was, at epoch {kept}" if kept is not None else "no checkpoint was written"
     if replacing:
         ckpt_note += f" and the run in {config.out} that --overwrite was to replace is kept as it was"

@@ -408,7 +408,7 @@ def make_train_step(apply_fun: Callable, optimizer: optax.GradientTransformation
             _check_batch(batch, mesh)
         return jitted(params, opt_state, tuple(batch))
 
-    train_step.jitted = jitted
+    train_step.jitted = jitted  # type: ignore[attr-defined]  # a function attribute, which mypy cannot declare
     return train_step
 
 

@@ -112,7 +112,7 @@ def _bound(fn, *leading, **options):
 
 # --- convolution (1, 2, 3 dims) and transposed convolution --------------------------------
 
-_CONV_GRIDS = {
+_CONV_GRIDS: dict[int, list[tuple[Any, ...]]] = {
     # (x spatial, kernel, C, O, stride, padding, dilation, groups)
     1: [((9,), (3,), 3, 4, 1, "VALID", 1, 1),
         ((11,), (3,), 4, 6, 2, ((2, 1),), 2, 2),
@@ -214,7 +214,7 @@ def _transpose_strategy(ndim: int):
 
 
 # Every conv form, each on the grid's first configuration; the rest under the planner.
-_CONV_FORMS = ({}, dict(conv_forward="conv", conv_backward="conv"),
+_CONV_FORMS: tuple[dict[str, str], ...] = ({}, dict(conv_forward="conv", conv_backward="conv"),
                dict(conv_forward="im2row_blocked", conv_backward="im2row"),
                dict(conv_forward="im2row_blocked", conv_backward="im2row_blocked"),
                dict(conv_forward="conv", conv_backward="mixed"),
@@ -244,7 +244,7 @@ def _conv_specs() -> list[OpSpec]:
 # Window, stride, padding: non-overlapping (the reshape form), overlapping
 # (the slices form, windows add), SAME, asymmetric padding, a stride
 # remainder (entries no window reads) and a global pool (docs/pooling.md §3).
-_POOL_GRIDS = {
+_POOL_GRIDS: dict[int, list[tuple[Any, ...]]] = {
     1: [((2, 8, 3), 2, None, "VALID"), ((2, 9, 2), 3, 2, "SAME"), ((1, 7, 2), 3, 3, ((1, 0),))],
     2: [((2, 6, 6, 3), 2, None, "VALID"),
         ((2, 7, 8, 2), 3, 2, 1),
@@ -464,10 +464,11 @@ def _lax_specs() -> list[OpSpec]:
     for kind in ("max", "avg"):
         name = f"lax.{kind}_pool"
         op, ref = getattr(droplax, f"{kind}_pool"), getattr(reference, f"flax_{kind}_pool")
-        configs = [dict(shape=s, window=k, strides=st, padding=p) for s, k, st, p in _FLAX_POOL_GRID]
+        pool_configs: list[dict[str, Any]] = [dict(shape=s, window=k, strides=st, padding=p)
+                                              for s, k, st, p in _FLAX_POOL_GRID]
         if kind == "avg":
-            configs = [dict(c, extra=dict(count_include_pad=inc)) for c in configs for inc in (True, False)]
-        specs.append(OpSpec(name, op, ref, tuple(configs), _flax_pool_make(name, op, ref),
+            pool_configs = [dict(c, extra=dict(count_include_pad=inc)) for c in pool_configs for inc in (True, False)]
+        specs.append(OpSpec(name, op, ref, tuple(pool_configs), _flax_pool_make(name, op, ref),
                             _flax_pool_strategy(kind == "avg"), ({}, dict(pool="slices")), smooth=kind == "avg"))
     return specs
 

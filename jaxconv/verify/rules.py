@@ -61,7 +61,7 @@ import inspect
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -179,26 +179,28 @@ class ResidualAudit:
     @property
     def ratio(self) -> float | None:
         """Rule bytes over autodiff bytes (``inf`` if autodiff saves nothing and the rule something)."""
-        if self.autodiff is None:
-            return None
         ad = self.autodiff_bytes
+        if ad is None:
+            return None
         if ad == 0:
             return 1.0 if self.rule_bytes == 0 else math.inf
         return self.rule_bytes / ad
 
     @property
     def saves_more(self) -> bool:
-        return self.autodiff is not None and self.rule_bytes > self.autodiff_bytes
+        ad = self.autodiff_bytes
+        return ad is not None and self.rule_bytes > ad
 
     @property
     def passed(self) -> bool:
         return self.max_ratio is None or self.ratio is None or self.ratio <= self.max_ratio
 
     def summary(self) -> str:
-        if self.autodiff is None:
+        ad = self.autodiff_bytes
+        if self.autodiff is None or ad is None:
             return f"the rule saves {_bytes(self.rule_bytes)} in {len(self.rule)} residuals (no autodiff to compare)"
         line = (f"the rule saves {_bytes(self.rule_bytes)} in {len(self.rule)} residuals, autodiff of the primal "
-                f"{_bytes(self.autodiff_bytes)} in {len(self.autodiff)}")
+                f"{_bytes(ad)} in {len(self.autodiff)}")
         if self.saves_more:
             line = "FLAG: " + line + f": the rule saves {self.ratio:.2f}x as much"
         if not self.passed:
@@ -311,7 +313,7 @@ class Report:
         }
 
 
-def _bytes(n: int) -> str:
+def _bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -424,13 +426,13 @@ def _np_vdot(a, b, absolute: bool = False) -> float:
 def _random_like(rng: np.random.Generator, tree):
     """Standard normal floating leaves (numpy draws: no compile per shape); zero ``float0`` for the others."""
     leaves, treedef = jax.tree.flatten(tree)
-    out = []
+    out: list[jax.Array | np.ndarray] = []
     for leaf in leaves:
         if _is_float_array(leaf):
             out.append(jnp.asarray(rng.standard_normal(tuple(leaf.shape)), leaf.dtype))
         else:
             out.append(np.zeros(np.shape(leaf), jax.dtypes.float0))
-    return treedef.unflatten(out)
+    return jax.tree.unflatten(treedef, out)
 
 
 def _value_and_pullback(fn, primals, u):
@@ -559,7 +561,8 @@ class _Runner:
 
         if first_f is not None:
             y_f = first_f[0]
-            if jax.tree.structure(y_f) != jax.tree.structure(y_r):
+            # jaxlib ships no type stub for PyTreeDef (jax's annotations name an unresolved type).
+            if jax.tree.structure(y_f) != jax.tree.structure(y_r):  # type: ignore[operator]
                 message = (f"`f` and `ref` return different structures: {jax.tree.structure(y_f)} vs "
                            f"{jax.tree.structure(y_r)}.")
                 if not self.rule_mode:
@@ -573,7 +576,7 @@ class _Runner:
         grads_f = first_f[1] if first_f is not None else None
         if first_f is not None and ref_vjp_ok:
             for k, uk in enumerate(cotangents):
-                a = grads_f if k == 0 else vjp_f(primals, uk)[1]
+                a = first_f[1] if k == 0 else vjp_f(primals, uk)[1]
                 e = first_r[1] if k == 0 else vjp_r(primals, uk)[1]
                 for leaf_name, ai, ei in zip(names, a, e):
                     self.checks.append(_compare("vjp", leaf_name, ai, ei, o.rtol, self.against))
@@ -794,10 +797,10 @@ def check_vjp(
         rtol = 1e-12 if dtype == jnp.float64 else 1e-5
     if names is not None and len(names) != len(args):
         raise ValueError(f"`names` (={list(names)!r}) must name each of the {len(args)} arguments.")
-    label = name or getattr(f, "__name__", "f")
+    label = name or str(getattr(f, "__name__", "f"))
     arg_names = list(names) if names is not None else [f"arg{i}" for i in range(len(args))]
     options = _Options(seed, num_cotangents, rtol, fd_eps, fd_rtol, second_order, finite_differences, jit)
-    with jax.enable_x64(dtype == jnp.float64 or jax.config.jax_enable_x64):
+    with jax.enable_x64(dtype == jnp.float64 or bool(jax.config.read("jax_enable_x64"))):
         prob = _Problem(args, arg_names, dtype)
         checks, notes = _Runner(prob, f, ref, options).run()
     return Report(label, checks, notes=notes)
@@ -956,7 +959,7 @@ def check_rule(
     low = jnp.dtype(dtype)
     if not jnp.issubdtype(low, jnp.floating):
         raise ValueError(f"`dtype` (={low}) must be a floating dtype.")
-    label = name or getattr(rule, "__name__", "f")
+    label = name or str(getattr(rule, "__name__", "f"))
     options = _Options(seed, num_cotangents, rtol, fd_eps, fd_rtol, second_order, finite_differences, jit,
                        rule_kind=kind, jit_consistency=jit_consistency)
     fixed = frozenset(int(i) for i in (rule.nondiff_argnums or ()))
@@ -987,7 +990,8 @@ def check_rule(
 def _saved(fn, primals, leaf_names) -> list[Residual]:
 
     out = []
-    for aval, source in saved_residuals(fn, *primals):
+    for abstract, source in saved_residuals(fn, *primals):
+        aval = cast(jax.core.ShapedArray, abstract)  # typed AbstractValue; a residual is an array's
         source = re.sub(r"diff_leaves\[(\d+)\]", lambda m: leaf_names[int(m.group(1))], source)
         shape = tuple(int(d) for d in aval.shape)
         nbytes = int(np.prod(shape, dtype=np.int64)) * jnp.dtype(aval.dtype).itemsize

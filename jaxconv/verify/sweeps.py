@@ -357,7 +357,7 @@ def _import_line(f) -> tuple[str, str]:
     """
     fn = getattr(f, "fun", f)
     module = getattr(f, "__module__", None) or getattr(fn, "__module__", None)
-    name = getattr(f, "__name__", None) or getattr(fn, "__name__", "f")
+    name = str(getattr(f, "__name__", None) or getattr(fn, "__name__", "f"))
     mod = sys.modules.get(module) if module else None
     if mod is not None and module != "__main__":
         if getattr(mod, name, None) is f:
@@ -467,12 +467,13 @@ def sweep(
     options = {**(SWEEP_DEFAULTS if ref is None else {"second_order": False}), **check_options}
     label = check_options.get("name") or _import_line(f)[1]
     options.pop("name", None)
-    state = {"count": 0, "failure": None}
+    count = 0
+    failure: tuple[Config, Report | None, str | None] | None = None
 
     class _Falsified(Exception):
         pass
 
-    def check(config: Config):
+    def check(config: Config) -> Report:
         named = config.arguments()
         if ref is None:
             return check_rule(f, kwargs=named, name=f"{label} {config.label()}", **options)
@@ -486,14 +487,17 @@ def sweep(
                          phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink))
     @hypothesis.seed(seed)
     @hypothesis.given(strategy)
-    def run(config):
-        state["count"] += 1
+    def run(config: Config) -> None:
+        nonlocal count, failure
+        count += 1
+        report: Report | None
+        error: str | None
         try:
             report, error = check(config), None
         except Exception as exc:  # noqa: BLE001 - a configuration the function rejects is a failure to report
             report, error = None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-        if error is not None or not report.passed:
-            state["failure"] = (config, report, error)
+        if report is None or not report.passed:
+            failure = (config, report, error)
             raise _Falsified()
 
     try:
@@ -502,11 +506,11 @@ def sweep(
         pass
     except Unsatisfiable as exc:
         raise ValueError(f"sweep({label}): `where` rejected every configuration drawn; widen `dims`.") from exc
-    if state["failure"] is None:
-        return SweepResult(label, True, state["count"])
-    config, report, error = state["failure"]
+    if failure is None:
+        return SweepResult(label, True, count)
+    config, report, error = failure
     shown = {k: v for k, v in options.items() if k not in SWEEP_DEFAULTS or SWEEP_DEFAULTS[k] != v}
-    result = SweepResult(label, False, state["count"], config, report, error,
+    result = SweepResult(label, False, count, config, report, error,
                          _reproducer(f, ref, config, shown))
     out = sys.stdout if stream == "stdout" else stream
     if out is not None:
