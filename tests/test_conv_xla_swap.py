@@ -35,6 +35,11 @@ CASES = [
     (3, False, (4, 1, 3), (2, 1, 1), (2, 2, 3), (1, 2, 3), ((1, 2), (2, 2), (2, 1))),
     (3, True, (2, 2, 3), (1, 1, 2), (1, 1, 2), (1, 3, 1), ((1, 0), (1, 0), (1, 1))),
 ]
+# jaxconv.lax.conv_general_dilated (NHWC, HWIO): (spatial, kernel, window_strides, padding, lhs_dilation,
+# rhs_dilation); the drop-in runs the same rules, and this one aborted before the fix.
+LAX_CASES = [
+    ((3, 2), (2, 3), (2, 3), ((0, 0), (0, 2)), (2, 2), (1, 1)),
+]
 
 SCRIPT = textwrap.dedent("""
     import sys
@@ -44,13 +49,23 @@ SCRIPT = textwrap.dedent("""
     from jaxconv import reference
 
     module = jaxconv if sys.argv[1] == "jaxconv" else reference
+    lax_conv = jaxconv.lax.conv_general_dilated if sys.argv[1] == "jaxconv" else jax.lax.conv_general_dilated
+    cases, lax_cases = eval(sys.argv[2])
     results = {}
-    for i, (ndim, transposed, spatial, kernel, stride, dilation, padding) in enumerate(eval(sys.argv[2])):
-        name = f"conv_transpose{ndim}d" if transposed else f"conv{ndim}d"
+    for i, case in enumerate(cases + lax_cases):
         rng = np.random.default_rng(i)
-        x = rng.standard_normal((1, *spatial, 3 if transposed else 2))
-        w = rng.standard_normal((*kernel, 2, 3))
-        f = lambda a, b, op=getattr(module, name): op(a, b, stride=stride, padding=padding, dilation=dilation)
+        if i < len(cases):
+            ndim, transposed, spatial, kernel, stride, dilation, padding = case
+            name = f"conv_transpose{ndim}d" if transposed else f"conv{ndim}d"
+            x = rng.standard_normal((1, *spatial, 3 if transposed else 2))
+            w = rng.standard_normal((*kernel, 2, 3))
+            f = lambda a, b, op=getattr(module, name), o=dict(stride=stride, padding=padding, dilation=dilation): \
+                op(a, b, **o)
+        else:
+            spatial, kernel, strides, padding, lhs_dilation, rhs_dilation = case
+            x = rng.standard_normal((1, *spatial, 2))
+            w = rng.standard_normal((*kernel, 2, 3))
+            f = lambda a, b, c=case[2:]: lax_conv(a, b, *c, dimension_numbers=("NHWC", "HWIO", "NHWC"))
         r = rng.standard_normal(jax.eval_shape(f, x, w).shape)
         loss = lambda a, b, f=f, r=r: jnp.sum(jnp.sin(f(a, b)) * r)
         outer = lambda a, b, loss=loss: sum(jnp.sum(jnp.cos(g)) for g in jax.grad(loss, (0, 1))(a, b))
@@ -63,8 +78,8 @@ SCRIPT = textwrap.dedent("""
 def _second_derivatives(module: str, path: Path, xla_flags: str = "") -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     env["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), xla_flags]))
-    return subprocess.run([sys.executable, "-c", SCRIPT, module, repr(CASES), str(path)], capture_output=True,
-                          text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-c", SCRIPT, module, repr((CASES, LAX_CASES)), str(path)],
+                          capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_second_derivatives_compile_and_match_reference(tmp_path):
@@ -76,11 +91,12 @@ def test_second_derivatives_compile_and_match_reference(tmp_path):
     want = _second_derivatives("reference", tmp_path / "reference.npz", "--xla_disable_hlo_passes=algsimp")
     assert want.returncode == 0, (want.returncode, want.stderr[-4000:])
     got, want = np.load(tmp_path / "jaxconv.npz"), np.load(tmp_path / "reference.npz")
-    assert sorted(got.files) == sorted(want.files) and len(got.files) == 2 * len(CASES)
+    cases = CASES + LAX_CASES
+    assert sorted(got.files) == sorted(want.files) and len(got.files) == 2 * len(cases)
     for key in want.files:
         scale = max(float(np.max(np.abs(want[key]))), 1e-300)
         err = float(np.max(np.abs(got[key] - want[key]))) / scale
-        assert err <= 1e-12, (CASES[int(key[:-1])], key[-1], err)
+        assert err <= 1e-12, (cases[int(key[:-1])], key[-1], err)
 
 
 def test_extra_taps_only_for_the_mishandled_shape():
