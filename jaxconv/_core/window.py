@@ -338,3 +338,64 @@ def unpatches(rows, window: Window):
         piece = lax.pad(piece, zero, ((0, 0, 0), *cfg, (0, 0, 0)))
         total = piece if total is None else total + piece
     return total
+
+
+# --- one XLA convolution shape the CPU compiler cannot take --------------------------------
+#
+# XLA's algebraic simplifier swaps a convolution's operands when the kernel is
+# the larger (SwapConvOperands).  It keeps unchanged every spatial dimension it
+# takes for a "group" dimension: no padding, no window dilation, no reversal,
+# lhs (base) dilation equal to the window size k and stride k - 1.  It does not
+# check that the input has size k there, so when it does not, the swapped
+# convolution's window no longer matches its new kernel and the compiler dies
+# on a failed CHECK ("Window dimensions do not match RHS shape"), a process
+# abort, not an exception.  jax.grad of our backward formulas emits such
+# convolutions (JAX's transposes of a convolution trade strides for lhs
+# dilation), e.g. the second derivative of a strided, dilated transposed
+# convolution.  A window of one more tap, a zero, read one more padded entry
+# at the high end: the same values, and a shape outside that pattern for the
+# convolution and for the transposes autodiff derives from it.
+
+
+def _dilated(n: int, d: int) -> int:
+    return 0 if n == 0 else 1 + d * (n - 1)
+
+
+def _xla_group_swap_hazard(lhs: int, k: int, stride: int, lo: int, hi: int, lhs_dil: int, rhs_dil: int,
+                           depth: int) -> bool:
+    """Whether one spatial dimension of ``lax.conv_general_dilated``, or of the convolutions JAX's transpose rules
+    derive from it (``depth`` levels of them: one per further derivative), has the shape XLA's operand swap
+    mishandles: ``rhs_dil == 1``, no padding, ``lhs_dil == k``, ``stride == k - 1``, an input not of size ``k``."""
+    span = _dilated(lhs, lhs_dil) + lo + hi - _dilated(k, rhs_dil)
+    if lhs <= 0 or k <= 0 or span < 0:
+        return False
+    out = span // stride + 1
+    if rhs_dil == 1 and lo == hi == 0 and lhs_dil == k and stride == k - 1 and lhs != k:
+        return True
+    if depth == 0:
+        return False
+    # jax's conv_general_dilated transpose rules: the cotangent correlated with the reversed kernel (for the
+    # lhs; strides and lhs dilation trade places), and the lhs correlated with the cotangent (for the rhs;
+    # strides and rhs dilation trade places), with the paddings jax computes for each.
+    pad_before = _dilated(k, rhs_dil) - lo - 1
+    pad_after = _dilated(lhs, lhs_dil) + _dilated(k, rhs_dil) - 1 - _dilated(out, stride) - pad_before
+    rhs_hi = _dilated(out, stride) - _dilated(lhs, lhs_dil) + _dilated(k, rhs_dil) - lo - 1
+    return (_xla_group_swap_hazard(out, k, lhs_dil, pad_before, pad_after, stride, rhs_dil, depth - 1)
+            or _xla_group_swap_hazard(lhs, out, rhs_dil, lo, rhs_hi, lhs_dil, stride, depth - 1))
+
+
+def xla_extra_taps(lhs: int, k: int, stride: int, lo: int, hi: int, lhs_dil: int = 1, rhs_dil: int = 1,
+                   depth: int = 2) -> int:
+    """How many zero taps to append to a convolution's window along one spatial dimension (its high padding
+    growing by ``rhs_dil`` per tap, so every output stays the same) so that neither the convolution nor the
+    convolutions ``depth`` levels of autodiff derive from it take XLA's mishandled operand-swap shape
+    (:func:`_xla_group_swap_hazard`).  0 for every other convolution."""
+    for taps in range(4):
+        if not _xla_group_swap_hazard(lhs, k + taps, stride, lo, hi + taps * rhs_dil, lhs_dil, rhs_dil, depth):
+            return taps
+    # One tap clears every shape of sizes 1-7, kernels 1-5, strides and dilations 1-4, paddings -2..4; past
+    # them, should three taps not clear every level, clear the first, the one a second derivative meets.
+    for taps in range(1, 4):
+        if not _xla_group_swap_hazard(lhs, k + taps, stride, lo, hi + taps * rhs_dil, lhs_dil, rhs_dil, 1):
+            return taps
+    return 1

@@ -258,10 +258,37 @@ conv1d.__doc__ += _CONV_ARGS.format(spatial="W", kspatial="K", count="one")
 conv3d.__doc__ += _CONV_ARGS.format(spatial="D, H, W", kspatial="KD, KH, KW", count="three")
 
 
+def _conv_general_dilated(lhs, rhs, *, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                          dimension_numbers, feature_group_count=1, batch_group_count=1, precision=None):
+    """``lax.conv_general_dilated``, every convolution the rules emit, with each spatial dimension of XLA's
+    mishandled operand-swap shape given zero taps first (``jaxconv._core.window.xla_extra_taps``: the CPU
+    compiler aborts the process on that shape, here or in the transposes autodiff derives for higher
+    derivatives).  The same values; other convolutions pass through unchanged."""
+    ndim = len(window_strides)
+    lhs_dilation = tuple(lhs_dilation or (1,) * ndim)
+    rhs_dilation = tuple(rhs_dilation or (1,) * ndim)
+    dnums = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    lhs_axes, rhs_axes = dnums.lhs_spec[2:], dnums.rhs_spec[2:]
+    taps = [_window.xla_extra_taps(lhs.shape[a], rhs.shape[b], s, lo, hi, ld, rd)
+            for a, b, s, (lo, hi), ld, rd in zip(lhs_axes, rhs_axes, window_strides, padding, lhs_dilation,
+                                                  rhs_dilation)]
+    if any(taps):
+        config = [(0, 0, 0)] * rhs.ndim
+        for axis, t in zip(rhs_axes, taps):
+            config[axis] = (0, t, 0)
+        rhs = lax.pad(rhs, jnp.zeros((), rhs.dtype), config)
+        padding = [(lo, hi + t * rd) for (lo, hi), t, rd in zip(padding, taps, rhs_dilation)]
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count, precision=precision,
+    )
+
+
 def _forward_conv(config: ConvConfig, x, w):
     """XLA's convolution."""
     window = config.window
-    return lax.conv_general_dilated(
+    return _conv_general_dilated(
         x, w, window_strides=window.stride, padding=window.padding, rhs_dilation=window.dilation,
         dimension_numbers=_dimension_numbers(window.ndim), feature_group_count=config.groups,
         precision=config.precision,
@@ -426,7 +453,7 @@ def _input_grad_conv(config: ConvConfig, w, g):
     # and the remainder restores rows past the last window (they get zero).
     pads = [(e - 1 - lo, e - 1 - hi + r)
             for e, (lo, hi), r in zip(window.extent, window.padding, window.remainder)]
-    return lax.conv_general_dilated(
+    return _conv_general_dilated(
         g, rot180_swap(w, config.groups), window_strides=(1,) * window.ndim, padding=pads,
         lhs_dilation=window.stride,  # the zero insertion: s - 1 zeros between entries
         rhs_dilation=window.dilation, dimension_numbers=_dimension_numbers(window.ndim),
@@ -442,7 +469,7 @@ def _kernel_grad_conv(config: ConvConfig, x, g):
     """
     window = config.window
     pads = [(lo, hi - r) for (lo, hi), r in zip(window.padding, window.remainder)]
-    return lax.conv_general_dilated(
+    return _conv_general_dilated(
         x, g, window_strides=window.dilation, padding=pads,
         rhs_dilation=window.stride,  # Inserted Grad
         dimension_numbers=_dimension_numbers(window.ndim, "kernel"), batch_group_count=config.groups,
