@@ -31,12 +31,16 @@ def main(argv=None):
         w = jnp.asarray(rng.standard_normal((3, 3, c, o)), jnp.float32)
         x_nchw, w_oihw = jnp.transpose(x, (0, 3, 1, 2)), jnp.transpose(w, (3, 2, 0, 1))
         nhwc = lambda a, b: jaxconv.lax.conv_general_dilated(  # noqa: E731
-            a, b, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            a, b, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
         nchw = lambda a, b: jaxconv.lax.conv_general_dilated(a, b, (1, 1), "SAME")  # noqa: E731
         direct = lambda a, b: jaxconv.conv2d(a, b, padding="SAME")  # noqa: E731
         calls = {}
-        for name, fn, args_ in (("conv2d", direct, (x, w)), ("lax NHWC", nhwc, (x, w)),
-                                ("lax NCHW", nchw, (x_nchw, w_oihw))):
+        for name, fn, args_ in (
+            ("conv2d", direct, (x, w)),
+            ("lax NHWC", nhwc, (x, w)),
+            ("lax NCHW", nchw, (x_nchw, w_oihw)),
+        ):
             fwd = jax.jit(fn)
             vjp = jax.jit(lambda a, b, fn=fn: jax.grad(lambda a, b: jnp.sum(fn(a, b) ** 2), (0, 1))(a, b))
             calls[f"{name} forward"] = lambda f=fwd, a=args_: jax.block_until_ready(f(*a))

@@ -72,11 +72,17 @@ RESNET_SHAPES = [
     dict(x=(128, 8, 8, 64), o=64, k=3, stride=1, padding="SAME"),
 ]
 # (forward, backward) pairs the forms section forces; the Winograd ones only at stride 1.
-FORM_PAIRS = [("conv", "conv"), ("im2row_blocked", "im2row_blocked"), ("conv", "mixed"),
-              ("winograd2", "winograd2"), ("winograd4", "winograd4")]
+FORM_PAIRS = [
+    ("conv", "conv"),
+    ("im2row_blocked", "im2row_blocked"),
+    ("conv", "mixed"),
+    ("winograd2", "winograd2"),
+    ("winograd4", "winograd4"),
+]
 
 
 # --- timing --------------------------------------------------------------------
+
 
 def timed(fn, *args, runs: int) -> dict:
     """Median (and min) seconds of ``runs`` calls of ``fn(*args)`` after one warm-up call."""
@@ -106,9 +112,11 @@ def interleaved(calls: dict, runs: int) -> dict:
 
 def vjp_program(f, nargs: int):
     """jit of ``(args, g) -> all cotangents``: the forward is kept only where the rule needs it."""
+
     def pullback(*args_and_g):
         args, g = args_and_g[:nargs], args_and_g[nargs]
         return jax.vjp(f, *args)[1](g)
+
     return jax.jit(pullback)
 
 
@@ -131,36 +139,51 @@ def compare_vjp(name, ours, ref, args, runs, flops=None, extra=None):
     # A training forward: y and the residuals its backward will need (max pooling's selection S).
     forward_train, forward_train_ref = (jax.jit(lambda *a, f=f: jax.vjp(f, *a)) for f in (ours, ref))
     # jax.vjp's pullback is a pytree of its residuals: computed once, then timed alone.
-    pullbacks = {who: jax.block_until_ready(jax.jit(lambda *a, f=f: jax.vjp(f, *a)[1])(*args))
-                 for who, f in (("ours", ours), ("ref", ref))}
+    pullbacks = {
+        who: jax.block_until_ready(jax.jit(lambda *a, f=f: jax.vjp(f, *a)[1])(*args))
+        for who, f in (("ours", ours), ("ref", ref))
+    }
     apply = jax.jit(lambda pullback, g: pullback(g))
     start = time.perf_counter()
     jax.block_until_ready(ref_vjp(*args, g))
     if time.perf_counter() - start < 0.02:
         runs *= 10  # millisecond ops: more rounds, or one load spike decides the median
-    row = dict(op=name, max_rel_error_f32=error, **interleaved(dict(
-        jaxconv=lambda: jax.block_until_ready(ours_vjp(*args, g)),
-        autodiff=lambda: jax.block_until_ready(ref_vjp(*args, g)),
-        backward_jaxconv=lambda: jax.block_until_ready(apply(pullbacks["ours"], g)),
-        backward_autodiff=lambda: jax.block_until_ready(apply(pullbacks["ref"], g)),
-        forward=lambda: jax.block_until_ready(forward(*args)),
-        forward_reference=lambda: jax.block_until_ready(forward_ref(*args)),
-        forward_train=lambda: jax.block_until_ready(forward_train(*args)),
-        forward_train_reference=lambda: jax.block_until_ready(forward_train_ref(*args))), runs))
+    row = dict(
+        op=name,
+        max_rel_error_f32=error,
+        **interleaved(
+            dict(
+                jaxconv=lambda: jax.block_until_ready(ours_vjp(*args, g)),
+                autodiff=lambda: jax.block_until_ready(ref_vjp(*args, g)),
+                backward_jaxconv=lambda: jax.block_until_ready(apply(pullbacks["ours"], g)),
+                backward_autodiff=lambda: jax.block_until_ready(apply(pullbacks["ref"], g)),
+                forward=lambda: jax.block_until_ready(forward(*args)),
+                forward_reference=lambda: jax.block_until_ready(forward_ref(*args)),
+                forward_train=lambda: jax.block_until_ready(forward_train(*args)),
+                forward_train_reference=lambda: jax.block_until_ready(forward_train_ref(*args)),
+            ),
+            runs,
+        ),
+    )
     row["speedup"] = row["autodiff"]["median_s"] / row["jaxconv"]["median_s"]
     row["speedup_backward"] = row["backward_autodiff"]["median_s"] / row["backward_jaxconv"]["median_s"]
     row["speedup_forward"] = row["forward_reference"]["median_s"] / row["forward"]["median_s"]
     row["speedup_forward_train"] = row["forward_train_reference"]["median_s"] / row["forward_train"]["median_s"]
-    row["residual_bytes"] = {who: int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(pb)))
-                             for who, pb in (("jaxconv", pullbacks["ours"]), ("autodiff", pullbacks["ref"]))}
+    row["residual_bytes"] = {
+        who: int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(pb)))
+        for who, pb in (("jaxconv", pullbacks["ours"]), ("autodiff", pullbacks["ref"]))
+    }
     if flops:
         row["backward_flops"] = flops
         row["gflops_jaxconv"] = flops / row["jaxconv"]["median_s"] / 1e9
         row["gflops_autodiff"] = flops / row["autodiff"]["median_s"] / 1e9
     row.update(extra or {})
-    print(f"  {name:42s} VJP jaxconv {row['jaxconv']['median_s']*1e3:7.1f} ms  autodiff "
-          f"{row['autodiff']['median_s']*1e3:7.1f} ms  x{row['speedup']:.2f} | backward x{row['speedup_backward']:.2f}"
-          f" | forward x{row['speedup_forward']:.2f} | err {error:.1e}", flush=True)
+    print(
+        f"  {name:42s} VJP jaxconv {row['jaxconv']['median_s'] * 1e3:7.1f} ms  autodiff "
+        f"{row['autodiff']['median_s'] * 1e3:7.1f} ms  x{row['speedup']:.2f} | backward x{row['speedup_backward']:.2f}"
+        f" | forward x{row['speedup_forward']:.2f} | err {error:.1e}",
+        flush=True,
+    )
     return row
 
 
@@ -169,6 +192,7 @@ def missing(*names, module=jaxconv):
 
 
 # --- sections --------------------------------------------------------------------
+
 
 def bench_peak(runs):
     n = 2048
@@ -188,8 +212,15 @@ def bench_conv(runs, quick):
         ours = lambda x, w, opts=opts: jaxconv.conv2d(x, w, **opts)
         ref = lambda x, w, opts=opts: reference.conv2d(x, w, **opts)
         chosen = _planned(spec, x, g)
-        row = compare_vjp(f"conv {name}", ours, ref, (x, wt), runs, flops=4 * macs,
-                          extra=dict(forward_flops=2 * macs, strategy=f"fwd {chosen.forward}, bwd {chosen.backward}"))
+        row = compare_vjp(
+            f"conv {name}",
+            ours,
+            ref,
+            (x, wt),
+            runs,
+            flops=4 * macs,
+            extra=dict(forward_flops=2 * macs, strategy=f"fwd {chosen.forward}, bwd {chosen.backward}"),
+        )
         row["gflops_forward"] = 2 * macs / row["forward"]["median_s"] / 1e9
         rows.append(row)
     return rows
@@ -212,9 +243,16 @@ def _conv_case(spec, dtype=jnp.float32, batch=None, seed=0):
 def _planned(spec, x, g):
     """The forms the planner picks for this layer (``g``: an output gradient, for the output size)."""
     return jaxconv.plan.conv_plan(
-        batch=x.shape[0], out_spatial=g.shape[1:3], kernel_spatial=(spec["k"],) * 2, in_channels=x.shape[-1],
-        out_channels=spec["o"], groups=1, stride=(spec["stride"],) * 2, platform=jaxconv.plan.platform_of(x),
-        dtype=x.dtype)
+        batch=x.shape[0],
+        out_spatial=g.shape[1:3],
+        kernel_spatial=(spec["k"],) * 2,
+        in_channels=x.shape[-1],
+        out_channels=spec["o"],
+        groups=1,
+        stride=(spec["stride"],) * 2,
+        platform=jaxconv.plan.platform_of(x),
+        dtype=x.dtype,
+    )
 
 
 def _form_pairs():
@@ -230,14 +268,15 @@ def bench_forms(runs, quick):
     """Every conv form forced on each layer: forward alone and backward alone (pullback on saved residuals),
     all forms of one layer interleaved; the planner's pick named."""
     rows = []
-    for spec in (CONV_SHAPES[1:3] if quick else CONV_SHAPES + RESNET_SHAPES):
+    for spec in CONV_SHAPES[1:3] if quick else CONV_SHAPES + RESNET_SHAPES:
         name, x, wt, g, opts, macs = _conv_case(spec)
         calls = {}
         for fwd, bwd in _pairs(spec):
             with jaxconv.plan.forms(conv_forward=fwd, conv_backward=bwd):
                 forward = jax.jit(lambda x, w: jaxconv.conv2d(x, w, **opts))
-                pullback = jax.block_until_ready(jax.jit(lambda x, w: jax.vjp(
-                    lambda x, w: jaxconv.conv2d(x, w, **opts), x, w)[1])(x, wt))
+                pullback = jax.block_until_ready(
+                    jax.jit(lambda x, w: jax.vjp(lambda x, w: jaxconv.conv2d(x, w, **opts), x, w)[1])(x, wt)
+                )
                 backward = jax.jit(lambda pb, g: pb(g))
                 forward(x, wt), backward(pullback, g)  # traced inside the block
             calls[f"{fwd}|{bwd}|forward"] = lambda f=forward: jax.block_until_ready(f(x, wt))
@@ -247,11 +286,21 @@ def bench_forms(runs, quick):
         row = dict(op=f"conv {name}", macs=macs, planned=[planned.forward, planned.backward], forms={})
         for fwd, bwd in _pairs(spec):
             tf, tb = times[f"{fwd}|{bwd}|forward"], times[f"{fwd}|{bwd}|backward"]
-            row["forms"][f"{fwd}/{bwd}"] = dict(forward=tf, backward=tb, gflops_forward=2 * macs / tf["median_s"] / 1e9,
-                                                 gflops_backward=4 * macs / tb["median_s"] / 1e9)
-        print(f"  conv {name:34s} " + "  ".join(
-            f"{k}: {v['forward']['median_s']*1e3:.1f}+{v['backward']['median_s']*1e3:.1f}" for k, v in row["forms"].items())
-            + f"  planner: {planned.forward}/{planned.backward}", flush=True)
+            row["forms"][f"{fwd}/{bwd}"] = dict(
+                forward=tf,
+                backward=tb,
+                gflops_forward=2 * macs / tf["median_s"] / 1e9,
+                gflops_backward=4 * macs / tb["median_s"] / 1e9,
+            )
+        print(
+            f"  conv {name:34s} "
+            + "  ".join(
+                f"{k}: {v['forward']['median_s'] * 1e3:.1f}+{v['backward']['median_s'] * 1e3:.1f}"
+                for k, v in row["forms"].items()
+            )
+            + f"  planner: {planned.forward}/{planned.backward}",
+            flush=True,
+        )
         rows.append(row)
     return rows
 
@@ -263,7 +312,7 @@ def bench_accuracy(runs, quick):
     del runs
     jax.config.update("jax_enable_x64", True)
     rows = []
-    for spec in (CONV_SHAPES[1:3] if quick else CONV_SHAPES + RESNET_SHAPES):
+    for spec in CONV_SHAPES[1:3] if quick else CONV_SHAPES + RESNET_SHAPES:
         name, x, wt, g, opts, _ = _conv_case(spec, jnp.float64, batch=16, seed=1)
 
         def run(x, w, g):
@@ -277,26 +326,35 @@ def bench_accuracy(runs, quick):
         for fwd, bwd in _pairs(spec):
             with jaxconv.plan.forms(conv_forward=fwd, conv_backward=bwd):
                 low = jax.jit(lambda *a: run(*a))(*(a.astype(jnp.float32) for a in (x, wt, g)))
-            row["errors"][f"{fwd}/{bwd}"] = [float(np.linalg.norm(np.asarray(b, np.float64) - a) / np.linalg.norm(a))
-                                            for a, b in zip(exact, low)]
+            row["errors"][f"{fwd}/{bwd}"] = [
+                float(np.linalg.norm(np.asarray(b, np.float64) - a) / np.linalg.norm(a)) for a, b in zip(exact, low)
+            ]
         direct = row["errors"]["conv/conv"]
         row["ratio_to_direct"] = {k: [e / d for e, d in zip(v, direct)] for k, v in row["errors"].items()}
-        print(f"  conv {name:34s} " + "  ".join(
-            f"{k}: {max(r):.2f}x" for k, r in row["ratio_to_direct"].items()), flush=True)
+        print(
+            f"  conv {name:34s} " + "  ".join(f"{k}: {max(r):.2f}x" for k, r in row["ratio_to_direct"].items()),
+            flush=True,
+        )
         rows.append(row)
     return rows
 
 
 def bench_pool(runs, quick):
-    absent = missing("max_pool2d", "avg_pool2d") + [f"reference.{n}" for n in missing("max_pool2d", "avg_pool2d", module=reference)]
+    absent = missing("max_pool2d", "avg_pool2d") + [
+        f"reference.{n}" for n in missing("max_pool2d", "avg_pool2d", module=reference)
+    ]
     if absent:
         print(f"  skipped: {absent} not available", flush=True)
         return [dict(op="pooling", skipped=f"not available: {absent}")]
     rng = np.random.default_rng(0)
     # A permutation: no ties, so every rule routes the gradient the same way.
     x = jnp.asarray(rng.permutation(128 * 32 * 32 * 64).reshape(128, 32, 32, 64) / 1e6, jnp.float32)
-    cases = [("max_pool2d", 2, 2, "VALID"), ("max_pool2d", 3, 2, "VALID"), ("avg_pool2d", 2, 2, "VALID"),
-             ("avg_pool2d", 3, 2, "SAME")]
+    cases = [
+        ("max_pool2d", 2, 2, "VALID"),
+        ("max_pool2d", 3, 2, "VALID"),
+        ("avg_pool2d", 2, 2, "VALID"),
+        ("avg_pool2d", 3, 2, "SAME"),
+    ]
     rows = []
     for op, window, stride, padding in cases[:2] if quick else cases:
         opts = dict(stride=stride, padding=padding)
@@ -311,8 +369,15 @@ def bench_lrn(runs, quick):
         return [dict(op="lrn", skipped="not available")]
     x = jnp.asarray(np.random.default_rng(0).standard_normal((128, 16, 16, 96)), jnp.float32)
     opts = dict(size=5, kappa=2.0, alpha=1e-4, beta=0.75)
-    return [compare_vjp("lrn size 5 (128,16,16,96)", lambda x: jaxconv.lrn(x, **opts),
-                        lambda x: reference.lrn(x, **opts), (x,), runs)]
+    return [
+        compare_vjp(
+            "lrn size 5 (128,16,16,96)",
+            lambda x: jaxconv.lrn(x, **opts),
+            lambda x: reference.lrn(x, **opts),
+            (x,),
+            runs,
+        )
+    ]
 
 
 def bench_loss(runs, quick):
@@ -321,9 +386,15 @@ def bench_loss(runs, quick):
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.standard_normal((1024, 1000)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 1000, 1024))
-    return [compare_vjp("softmax_cross_entropy (1024, 1000)",
-                        lambda s: jaxconv.softmax_cross_entropy(s, labels),
-                        lambda s: reference.softmax_cross_entropy(s, labels), (logits,), runs)]
+    return [
+        compare_vjp(
+            "softmax_cross_entropy (1024, 1000)",
+            lambda s: jaxconv.softmax_cross_entropy(s, labels),
+            lambda s: reference.softmax_cross_entropy(s, labels),
+            (logits,),
+            runs,
+        )
+    ]
 
 
 # --- training steps ------------------------------------------------------------------
@@ -340,14 +411,34 @@ def lenet(channels, hidden=256, classes=10):
     from jaxconv import nn
 
     c1, c2 = channels
-    model = nn.serial(nn.Conv(c1, 5), nn.Relu, nn.MaxPool(2), nn.Conv(c2, 5), nn.Relu, nn.MaxPool(2),
-                      nn.Flatten, nn.Dense(hidden), nn.Relu, nn.Dense(classes))
+    model = nn.serial(
+        nn.Conv(c1, 5),
+        nn.Relu,
+        nn.MaxPool(2),
+        nn.Conv(c2, 5),
+        nn.Relu,
+        nn.MaxPool(2),
+        nn.Flatten,
+        nn.Dense(hidden),
+        nn.Relu,
+        nn.Dense(classes),
+    )
 
     def torch_module(in_shape, flat):
         import torch.nn as tnn
+
         return tnn.Sequential(
-            tnn.Conv2d(in_shape[3], c1, 5), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Conv2d(c1, c2, 5), tnn.ReLU(),
-            tnn.MaxPool2d(2), tnn.Flatten(), tnn.Linear(flat, hidden), tnn.ReLU(), tnn.Linear(hidden, classes))
+            tnn.Conv2d(in_shape[3], c1, 5),
+            tnn.ReLU(),
+            tnn.MaxPool2d(2),
+            tnn.Conv2d(c1, c2, 5),
+            tnn.ReLU(),
+            tnn.MaxPool2d(2),
+            tnn.Flatten(),
+            tnn.Linear(flat, hidden),
+            tnn.ReLU(),
+            tnn.Linear(hidden, classes),
+        )
 
     return model, torch_module
 
@@ -437,6 +528,7 @@ def bench_steps(runs, quick):
         return [dict(net="all", skipped=f"not available: {absent}")]
     try:
         import torch
+
         torch.set_num_threads(os.cpu_count() or 1)
     except ImportError:
         torch = None
@@ -453,13 +545,18 @@ def bench_steps(runs, quick):
         labels = jnp.asarray(rng.integers(0, 10, x_shape[0]))
         flops, layers = training_flops(apply, params, x_shape)
         flat = next(w_shape[0] for kind, _, _, w_shape in layers if kind == "linear")  # torch's first Linear
-        row = dict(net=net_name, batch=x_shape, step_flops=flops,
-                   params=int(sum(np.prod(a.shape) for a in jax.tree.leaves(params))))
+        row = dict(
+            net=net_name,
+            batch=x_shape,
+            step_flops=flops,
+            params=int(sum(np.prod(a.shape) for a in jax.tree.leaves(params))),
+        )
         calls, compiled = {}, {}
         columns = [("jaxconv", jaxconv, None), ("autodiff", reference, None)]
         if jaxconv.plan.onednn.available():  # the optional oneDNN conv forms (pip install 'jaxconv[onednn]')
             columns.append(("jaxconv_onednn", jaxconv, dict(conv_forward="onednn", conv_backward="onednn")))
         for column, ops, forms in columns:
+
             def loss(p, x, y, ops=ops):
                 # Training mode: batch norm on the batch's statistics, running statistics updated.
                 logits, updated = nn.train_apply(apply, p, x, ops=ops)
@@ -492,25 +589,33 @@ def bench_steps(runs, quick):
             row[column] = dict(time=t, gflops=flops / t["median_s"] / 1e9)
             if column in compiled:
                 memory = compiled[column].memory_analysis()
-                row[column].update(loss=float(compiled[column](params, x, labels)[1]),
-                                   temp_bytes=getattr(memory, "temp_size_in_bytes", None),
-                                   argument_bytes=getattr(memory, "argument_size_in_bytes", None),
-                                   output_bytes=getattr(memory, "output_size_in_bytes", None))
+                row[column].update(
+                    loss=float(compiled[column](params, x, labels)[1]),
+                    temp_bytes=getattr(memory, "temp_size_in_bytes", None),
+                    argument_bytes=getattr(memory, "argument_size_in_bytes", None),
+                    output_bytes=getattr(memory, "output_size_in_bytes", None),
+                )
             else:
                 row[column].update(version=torch.__version__, threads=torch.get_num_threads())
         row["speedup_vs_autodiff"] = row["autodiff"]["time"]["median_s"] / row["jaxconv"]["time"]["median_s"]
         if "pytorch" in row:
             row["speedup_vs_pytorch"] = row["pytorch"]["time"]["median_s"] / row["jaxconv"]["time"]["median_s"]
             if "jaxconv_onednn" in row:
-                row["speedup_onednn_vs_pytorch"] = (row["pytorch"]["time"]["median_s"]
-                                                    / row["jaxconv_onednn"]["time"]["median_s"])
-        print(f"  {net_name:13s} jaxconv {row['jaxconv']['time']['median_s']*1e3:7.1f} ms "
-              f"({row['jaxconv']['gflops']:.0f} GFLOP/s)  "
-              f"autodiff {row['autodiff']['time']['median_s']*1e3:7.1f} ms  "
-              + (f"pytorch {row['pytorch']['time']['median_s']*1e3:7.1f} ms" if "pytorch" in row else "pytorch n/a")
-              + (f"  jaxconv+oneDNN {row['jaxconv_onednn']['time']['median_s']*1e3:7.1f} ms"
-                 if "jaxconv_onednn" in row else ""),
-              flush=True)
+                row["speedup_onednn_vs_pytorch"] = (
+                    row["pytorch"]["time"]["median_s"] / row["jaxconv_onednn"]["time"]["median_s"]
+                )
+        print(
+            f"  {net_name:13s} jaxconv {row['jaxconv']['time']['median_s'] * 1e3:7.1f} ms "
+            f"({row['jaxconv']['gflops']:.0f} GFLOP/s)  "
+            f"autodiff {row['autodiff']['time']['median_s'] * 1e3:7.1f} ms  "
+            + (f"pytorch {row['pytorch']['time']['median_s'] * 1e3:7.1f} ms" if "pytorch" in row else "pytorch n/a")
+            + (
+                f"  jaxconv+oneDNN {row['jaxconv_onednn']['time']['median_s'] * 1e3:7.1f} ms"
+                if "jaxconv_onednn" in row
+                else ""
+            ),
+            flush=True,
+        )
         rows.append(row)
     return rows
 
@@ -529,8 +634,14 @@ def flax_resnet(conv_general_dilated=None, widths=(16, 32, 64), classes=10):
 
         @fnn.compact
         def __call__(self, x):
-            x = fnn.Conv(self.features, (self.kernel, self.kernel), (self.stride, self.stride), padding="SAME",
-                         use_bias=False, **extra)(x)
+            x = fnn.Conv(
+                self.features,
+                (self.kernel, self.kernel),
+                (self.stride, self.stride),
+                padding="SAME",
+                use_bias=False,
+                **extra,
+            )(x)
             return fnn.BatchNorm(use_running_average=False, momentum=0.9)(x)
 
     class ResNet(fnn.Module):
@@ -578,14 +689,24 @@ def bench_flax(runs, quick):
         losses[column] = float(program(variables, state, x, labels)[2])
         calls[column] = lambda program=program: jax.block_until_ready(program(variables, state, x, labels))
     times = interleaved(calls, runs)
-    row = dict(net="Flax linen resnet_small", batch=x_shape, flax=times["flax"], flax_jaxconv=times["flax_jaxconv"],
-               loss=losses, speedup=times["flax"]["median_s"] / times["flax_jaxconv"]["median_s"])
-    print(f"  Flax linen resnet_small: stock {ms(times['flax'])} ms, with jaxconv.lax {ms(times['flax_jaxconv'])} ms "
-          f"({row['speedup']:.2f}x)", flush=True)
+    row = dict(
+        net="Flax linen resnet_small",
+        batch=x_shape,
+        flax=times["flax"],
+        flax_jaxconv=times["flax_jaxconv"],
+        loss=losses,
+        speedup=times["flax"]["median_s"] / times["flax_jaxconv"]["median_s"],
+    )
+    print(
+        f"  Flax linen resnet_small: stock {ms(times['flax'])} ms, with jaxconv.lax {ms(times['flax_jaxconv'])} ms "
+        f"({row['speedup']:.2f}x)",
+        flush=True,
+    )
     return [row]
 
 
 # --- report --------------------------------------------------------------------
+
 
 def device_name() -> str:
     dev = jax.devices()[0]
@@ -602,39 +723,51 @@ def markdown(result) -> str:
     out = [f"### {result['device']} ({result['device_kind']}), jax {result['jax_version']}, {result['date']}", ""]
     peak = result.get("peak")
     if peak:
-        out += [f"Matrix-product peak (float32 2048³): **{peak['gflops']:.0f} GFLOP/s**. "
-                f"Times are medians of {peak['time']['runs']} runs, float32.", ""]
+        out += [
+            f"Matrix-product peak (float32 2048³): **{peak['gflops']:.0f} GFLOP/s**. "
+            f"Times are medians of {peak['time']['runs']} runs, float32.",
+            "",
+        ]
     ops = result.get("conv", []) + result.get("pool", []) + result.get("lrn", []) + result.get("loss", [])
     if ops:
-        out += ["VJP: the program (inputs, dL/dy) -> all input cotangents, with what of the forward the "
-                "backward needs; backward: the pullback alone on residuals already saved; forward: y alone. "
-                "Residuals: bytes the pullback keeps.", "",
-                "| op | VJP ms jaxconv / autodiff | VJP speedup | backward ms jaxconv / autodiff | backward speedup "
-                "| forward ms jaxconv / XLA | training forward ms (y + residuals) jaxconv / XLA "
-                "| VJP GFLOP/s jaxconv / autodiff (of peak) | residual MiB jaxconv / autodiff |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        out += [
+            "VJP: the program (inputs, dL/dy) -> all input cotangents, with what of the forward the "
+            "backward needs; backward: the pullback alone on residuals already saved; forward: y alone. "
+            "Residuals: bytes the pullback keeps.",
+            "",
+            "| op | VJP ms jaxconv / autodiff | VJP speedup | backward ms jaxconv / autodiff | backward speedup "
+            "| forward ms jaxconv / XLA | training forward ms (y + residuals) jaxconv / XLA "
+            "| VJP GFLOP/s jaxconv / autodiff (of peak) | residual MiB jaxconv / autodiff |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in ops:
             if "skipped" in r:
                 out.append(f"| {r['op']} | — | — | — | — | — | — | {r['skipped']} | |")
                 continue
-            gf = (f"{r['gflops_jaxconv']:.0f} / {r['gflops_autodiff']:.0f}" if "gflops_jaxconv" in r else "")
+            gf = f"{r['gflops_jaxconv']:.0f} / {r['gflops_autodiff']:.0f}" if "gflops_jaxconv" in r else ""
             if gf and peak:
                 gf += f" ({r['gflops_jaxconv'] / peak['gflops']:.0%})"
             res = r.get("residual_bytes")
             res = f"{res['jaxconv'] / 2**20:.1f} / {res['autodiff'] / 2**20:.1f}" if res else ""
             strategy = f" [{r['strategy']}]" if "strategy" in r else ""
-            out.append(f"| {r['op']}{strategy} | {ms(r['jaxconv'])} / {ms(r['autodiff'])} | {r['speedup']:.2f}× | "
-                       f"{ms(r['backward_jaxconv'])} / {ms(r['backward_autodiff'])} | {r['speedup_backward']:.2f}× | "
-                       f"{ms(r['forward'])} / {ms(r['forward_reference'])} | "
-                       f"{ms(r['forward_train'])} / {ms(r['forward_train_reference'])} | {gf} | {res} |")
+            out.append(
+                f"| {r['op']}{strategy} | {ms(r['jaxconv'])} / {ms(r['autodiff'])} | {r['speedup']:.2f}× | "
+                f"{ms(r['backward_jaxconv'])} / {ms(r['backward_autodiff'])} | {r['speedup_backward']:.2f}× | "
+                f"{ms(r['forward'])} / {ms(r['forward_reference'])} | "
+                f"{ms(r['forward_train'])} / {ms(r['forward_train_reference'])} | {gf} | {res} |"
+            )
         out.append("")
     forms = result.get("forms", [])
     if forms:
         names = [f"{f}/{b}" for f, b in _form_pairs()]
-        out += ["Every conv form forced (`jaxconv.plan.forms`), float32: forward ms + backward ms (the pullback "
-                "alone), all of a layer's forms interleaved; **bold**: the planner's pick, GFLOP/s of its "
-                "forward + backward (of peak).", "",
-                "| layer | " + " | ".join(names) + " | planner's GFLOP/s |", "|---|" + "---:|" * (len(names) + 1)]
+        out += [
+            "Every conv form forced (`jaxconv.plan.forms`), float32: forward ms + backward ms (the pullback "
+            "alone), all of a layer's forms interleaved; **bold**: the planner's pick, GFLOP/s of its "
+            "forward + backward (of peak).",
+            "",
+            "| layer | " + " | ".join(names) + " | planner's GFLOP/s |",
+            "|---|" + "---:|" * (len(names) + 1),
+        ]
         for r in forms:
             planned = "/".join(r["planned"])
             cells = []
@@ -654,9 +787,13 @@ def markdown(result) -> str:
     accuracy = result.get("accuracy", [])
     if accuracy:
         names = [f"{f}/{b}" for f, b in _form_pairs()]
-        out += ["float32 error of each form against float64 (normwise relative, batch 16): the direct form's "
-                "(XLA's convolution) for y, dL/dx, dL/dw, and every form's worst ratio to it over the three.", "",
-                "| layer | direct: y, dx, dw | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+        out += [
+            "float32 error of each form against float64 (normwise relative, batch 16): the direct form's "
+            "(XLA's convolution) for y, dL/dx, dL/dw, and every form's worst ratio to it over the three.",
+            "",
+            "| layer | direct: y, dx, dw | " + " | ".join(names) + " |",
+            "|---|---|" + "---:|" * len(names),
+        ]
         for r in accuracy:
             d = r["errors"]["conv/conv"]
             cells = [f"{max(r['ratio_to_direct'][n]):.2f}×" if n in r["ratio_to_direct"] else "—" for n in names]
@@ -664,13 +801,16 @@ def markdown(result) -> str:
         out.append("")
     steps = result.get("step", [])
     if steps:
-        out += ["`jaxconv`: the planner's forms (XLA only); `+ oneDNN`: the same step with the optional oneDNN "
-                "conv forms forced (`jaxconv.plan.forms(conv_forward=\"onednn\", conv_backward=\"onednn\")`, "
-                "`pip install 'jaxconv[onednn]'`).", "",
-                "| training step (batch 128, SGD) | jaxconv ms | jaxconv + oneDNN ms | jax.grad (plain lax) ms "
-                "| PyTorch CPU ms | vs autodiff | vs PyTorch (+ oneDNN) | GFLOP/s (of peak) jaxconv / + oneDNN / PyTorch "
-                "| XLA temp MiB (jaxconv / + oneDNN / autodiff) |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        out += [
+            "`jaxconv`: the planner's forms (XLA only); `+ oneDNN`: the same step with the optional oneDNN "
+            'conv forms forced (`jaxconv.plan.forms(conv_forward="onednn", conv_backward="onednn")`, '
+            "`pip install 'jaxconv[onednn]'`).",
+            "",
+            "| training step (batch 128, SGD) | jaxconv ms | jaxconv + oneDNN ms | jax.grad (plain lax) ms "
+            "| PyTorch CPU ms | vs autodiff | vs PyTorch (+ oneDNN) | GFLOP/s (of peak) jaxconv / + oneDNN / PyTorch "
+            "| XLA temp MiB (jaxconv / + oneDNN / autodiff) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in steps:
             if "skipped" in r:
                 out.append(f"| {r['net']} | {r['skipped']} | | | | | | |")
@@ -687,13 +827,18 @@ def markdown(result) -> str:
                 f"{ms(r['autodiff']['time'])} | {ms(pt['time']) if pt else 'n/a'} | {r['speedup_vs_autodiff']:.2f}× | "
                 f"{versus} | {gflops(r['jaxconv'])} / {gflops(dn)} / {gflops(pt)} | "
                 f"{mib(r['jaxconv']['temp_bytes'])} / {mib(dn['temp_bytes']) if dn else 'n/a'} / "
-                f"{mib(r['autodiff']['temp_bytes'])} |")
+                f"{mib(r['autodiff']['temp_bytes'])} |"
+            )
         out.append("")
     flax_rows = result.get("flax", [])
     if flax_rows:
-        out += ["Flax linen, one jitted SGD step (batch norm in training mode), stock against the one-line drop-in "
-                "`nn.Conv(..., conv_general_dilated=jaxconv.lax.conv_general_dilated)`:", "",
-                "| training step, batch 128 (ms) | Flax (lax) | Flax + jaxconv.lax | speedup |", "|---|---:|---:|---:|"]
+        out += [
+            "Flax linen, one jitted SGD step (batch norm in training mode), stock against the one-line drop-in "
+            "`nn.Conv(..., conv_general_dilated=jaxconv.lax.conv_general_dilated)`:",
+            "",
+            "| training step, batch 128 (ms) | Flax (lax) | Flax + jaxconv.lax | speedup |",
+            "|---|---:|---:|---:|",
+        ]
         for r in flax_rows:
             if "skipped" in r:
                 out.append(f"| {r['net']} | {r['skipped']} | | |")
@@ -710,7 +855,7 @@ def update_readme(device: str, table: str) -> None:
     text = readme.read_text() if readme.exists() else "# Benchmarks\n"
     block = f"{begin}\n{table}\n{end}"
     if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     readme.write_text(text)
@@ -730,17 +875,33 @@ def main(argv=None):
         parser.error(f"--only: unknown sections {unknown}; choose from {SECTIONS}")
 
     device = device_name()
-    result = dict(device=device, device_kind=jax.devices()[0].device_kind, platform=jax.default_backend(),
-                  jax_version=jax.__version__, jaxconv_version=jaxconv.__version__, python=platform.python_version(),
-                  cpu_count=os.cpu_count(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  runs=args.runs, quick=args.quick, load_average=os.getloadavg() if hasattr(os, "getloadavg") else None)
+    result = dict(
+        device=device,
+        device_kind=jax.devices()[0].device_kind,
+        platform=jax.default_backend(),
+        jax_version=jax.__version__,
+        jaxconv_version=jaxconv.__version__,
+        python=platform.python_version(),
+        cpu_count=os.cpu_count(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        runs=args.runs,
+        quick=args.quick,
+        load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+    )
     print(f"device {device}, jax {jax.__version__}, {args.runs} runs per figure", flush=True)
     started = time.perf_counter()
     # The peak is the yardstick of every GFLOP/s fraction, so it is always measured.
     print("peak:", flush=True)
     result["peak"] = bench_peak(args.runs)
-    sections = dict(conv=bench_conv, forms=bench_forms, pool=bench_pool, lrn=bench_lrn, loss=bench_loss,
-                    step=bench_steps, flax=bench_flax)
+    sections = dict(
+        conv=bench_conv,
+        forms=bench_forms,
+        pool=bench_pool,
+        lrn=bench_lrn,
+        loss=bench_loss,
+        step=bench_steps,
+        flax=bench_flax,
+    )
     for name in only:
         if name in sections:
             print(f"{name}:", flush=True)

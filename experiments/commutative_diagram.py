@@ -69,8 +69,9 @@ def load_data(seed=0, test_fraction=0.3):
 
 def init(key, padding, in_hw=(8, 8)):
     k1, k2 = jax.random.split(key)
-    ho, wo = jax.eval_shape(lambda: jaxconv.conv2d(jnp.zeros((1, *in_hw, 1)), jnp.zeros((*KERNEL, 1, CHANNELS)),
-                                                   padding=padding)).shape[1:3]
+    ho, wo = jax.eval_shape(
+        lambda: jaxconv.conv2d(jnp.zeros((1, *in_hw, 1)), jnp.zeros((*KERNEL, 1, CHANNELS)), padding=padding)
+    ).shape[1:3]
     features = ho * wo * CHANNELS
     return {
         "k": jax.random.normal(k1, (*KERNEL, 1, CHANNELS)) / 3.0,
@@ -124,6 +125,7 @@ def make_steps(padding, out_hw, counts):
             new = {name: p - ETA * grads[name] for name, p in params.items()}
             new["k"] = params["k"] - k_rate * grads["k"]
             return new, loss
+
         return step
 
     @jax.jit
@@ -153,8 +155,10 @@ def make_steps(padding, out_hw, counts):
     @jax.jit
     def mlp_step(params, m, x, y):
         """Route c: gradient descent on M as a dense layer, never projected."""
+
         def loss(params, m):
             return cross_entropy(matrix_logits(params, m, x, out_hw), y)
+
         value, (grads, d_m) = jax.value_and_grad(loss, argnums=(0, 1))(params, m)
         return {n: p - ETA * grads[n] for n, p in params.items()}, m - ETA * d_m, value
 
@@ -201,14 +205,15 @@ def run(padding, seed, data):
     scale = np.abs(k_b).max()
     result = {
         "out_hw": list(out_hw),
-        "entries_per_weight": {"min": int(counts.min()), "max": int(counts.max()),
-                               "distinct": sorted({int(v) for v in counts})},
+        "entries_per_weight": {
+            "min": int(counts.min()),
+            "max": int(counts.max()),
+            "distinct": sorted({int(v) for v in counts}),
+        },
         "final_train_loss": {r: history[r]["loss"][-1] for r in ROUTES},
-        "test_accuracy": {r: accuracy(conv_logits(state[r], x_test, padding), y_test)
-                          for r in ROUTES if r != "c"},
+        "test_accuracy": {r: accuracy(conv_logits(state[r], x_test, padding), y_test) for r in ROUTES if r != "c"},
         "route_b_kernel_distance_to": {
-            r: float(np.abs(np.stack(history[r]["k"]) - k_b).max() / scale)
-            for r in ("a", "a_rescaled", "a_per_weight")
+            r: float(np.abs(np.stack(history[r]["k"]) - k_b).max() / scale) for r in ("a", "a_rescaled", "a_per_weight")
         },
         "route_b_off_structure_of_updated_m": {
             "max": max(history["b"]["off_structure_of_updated_m"]),
@@ -223,7 +228,8 @@ def run(padding, seed, data):
     k_from_c, _ = matrix.kernel_from_matrix(m_c, (8, 8), kshape, padding=padding)
     result["test_accuracy"]["c"] = accuracy(matrix_logits(state["c"], m_c, x_test, out_hw), y_test)
     result["test_accuracy"]["c_projected_to_nearest_k"] = accuracy(
-        conv_logits({**state["c"], "k": k_from_c}, x_test, padding), y_test)
+        conv_logits({**state["c"], "k": k_from_c}, x_test, padding), y_test
+    )
     return result, history
 
 
@@ -234,9 +240,13 @@ def plot(histories, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(PADDINGS), 3, figsize=(15, 4.2 * len(PADDINGS)))
-    labels = {"a": "a: GD on K, rate eta", "b": "b: matrix loop (M step, K by least squares)",
-              "a_rescaled": "a, K rate eta/(Ho*Wo)", "a_per_weight": "a, K rate eta/|P_e|",
-              "c": "c: GD on M, never projected (MLP)"}
+    labels = {
+        "a": "a: GD on K, rate eta",
+        "b": "b: matrix loop (M step, K by least squares)",
+        "a_rescaled": "a, K rate eta/(Ho*Wo)",
+        "a_per_weight": "a, K rate eta/|P_e|",
+        "c": "c: GD on M, never projected (MLP)",
+    }
     for row, padding in enumerate(PADDINGS):
         h = histories[padding]
         ax = axes[row, 0]
@@ -296,20 +306,31 @@ def main():
         "optimiser": f"full-batch gradient descent, eta={ETA}, {STEPS} steps, seeds {list(SEEDS)}",
         "routes": {
             "a": "GD on K at rate eta (jax.grad through jaxconv.conv2d)",
-            "b": "matrix loop: M=filter_matrix(K); dL/dM = dL/dvec(S)^T vec(X); M -= eta dL/dM; K = kernel_from_matrix(M)",
+            "b": "matrix loop: M=filter_matrix(K); dL/dM = dL/dvec(S)^T vec(X); M -= eta dL/dM; "
+            "K = kernel_from_matrix(M)",
             "a_rescaled": "GD on K at rate eta/(Ho*Wo)",
             "a_per_weight": "GD on K at rate eta/|P_e| per weight (|P_e| = entries of M that weight e occupies)",
             "c": "GD on M as a dense layer, never projected",
-            "c_projected_to_nearest_k": "route c's final M replaced by filter_matrix(kernel_from_matrix(M)), other layers kept",
+            "c_projected_to_nearest_k": "route c's final M replaced by filter_matrix(kernel_from_matrix(M)), "
+            "other layers kept",
         },
         "results": results,
         "seconds": round(time.perf_counter() - start, 1),
     }
     (RESULTS / "commutative_diagram.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps({p: {"accuracy": results[p]["test_accuracy_mean"],
-                          "route_b_vs": results[p]["per_seed"][0]["route_b_kernel_distance_to"],
-                          "off_structure_step": results[p]["per_seed"][0]["route_b_off_structure_of_step"]}
-                      for p in PADDINGS}, indent=1))
+    print(
+        json.dumps(
+            {
+                p: {
+                    "accuracy": results[p]["test_accuracy_mean"],
+                    "route_b_vs": results[p]["per_seed"][0]["route_b_kernel_distance_to"],
+                    "off_structure_step": results[p]["per_seed"][0]["route_b_off_structure_of_step"],
+                }
+                for p in PADDINGS
+            },
+            indent=1,
+        )
+    )
     print(f"{record['seconds']} s; wrote {RESULTS}")
 
 

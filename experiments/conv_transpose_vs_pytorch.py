@@ -55,8 +55,9 @@ def compare(ndim, spatial, kernel, stride, padding, output_padding, dilation, gr
     tw = torch.tensor(np.moveaxis(np.moveaxis(w, -1, 0), -1, 1), requires_grad=True)  # (O, C/G, K...)
     tb = torch.tensor(b, requires_grad=True) if bias else None
     fn = getattr(torch.nn.functional, f"conv_transpose{ndim}d")
-    tout = fn(ty, tw, tb, stride=stride, padding=padding, output_padding=output_padding, groups=groups,
-              dilation=dilation)
+    tout = fn(
+        ty, tw, tb, stride=stride, padding=padding, output_padding=output_padding, groups=groups, dilation=dilation
+    )
     (tout * torch.tensor(np.moveaxis(g, last, 1))).sum().backward()
     errors = {
         "output": _rel(out, np.moveaxis(tout.detach().numpy(), 1, last)),
@@ -70,8 +71,14 @@ def compare(ndim, spatial, kernel, stride, padding, output_padding, dilation, gr
 
 def main():
     rng = np.random.default_rng(0)
-    report = {"jax": jax.__version__, "torch": torch.__version__, "jaxconv": jaxconv.__version__,
-              "python": platform.python_version(), "device": jax.devices()[0].device_kind, "dims": {}}
+    report = {
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "jaxconv": jaxconv.__version__,
+        "python": platform.python_version(),
+        "device": jax.devices()[0].device_kind,
+        "dims": {},
+    }
     for ndim in (1, 2, 3):
         size = 5 if ndim < 3 else 3
         worst, count = {}, 0
@@ -85,8 +92,10 @@ def main():
                     worst[key] = max(worst.get(key, 0.0), value)
                 count += 1
         report["dims"][f"{ndim}d"] = {"configurations": count, "max relative error": worst}
-        print(f"conv_transpose{ndim}d: {count} configurations, max relative error vs PyTorch "
-              + ", ".join(f"{key} {value:.1e}" for key, value in worst.items()))
+        print(
+            f"conv_transpose{ndim}d: {count} configurations, max relative error vs PyTorch "
+            + ", ".join(f"{key} {value:.1e}" for key, value in worst.items())
+        )
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
     bad = [v for dim in report["dims"].values() for v in dim["max relative error"].values() if v > 1e-12]

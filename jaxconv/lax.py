@@ -90,8 +90,10 @@ def _ints(value, name: str, ndim: int, default: int = 1) -> tuple[int, ...]:
 def _spatial_dims(lhs, name: str = "lhs") -> int:
     ndim = lhs.ndim - 2
     if ndim not in (1, 2, 3):
-        raise ValueError(f"`{name}` has shape {tuple(lhs.shape)}: jaxconv's convolutions take 1, 2 or 3 spatial "
-                         f"dimensions (rank 3, 4 or 5), got {ndim}.")
+        raise ValueError(
+            f"`{name}` has shape {tuple(lhs.shape)}: jaxconv's convolutions take 1, 2 or 3 spatial "
+            f"dimensions (rank 3, 4 or 5), got {ndim}."
+        )
     return ndim
 
 
@@ -101,8 +103,10 @@ def _float_operands(lhs: ArrayLike, rhs: ArrayLike) -> tuple[jax.Array | np.ndar
     if a.dtype != b.dtype:  # lax's rule and lax's error type
         raise TypeError(f"`lhs` and `rhs` must have the same dtype, got {a.dtype} and {b.dtype}.")
     if not jnp.issubdtype(a.dtype, jnp.floating):
-        raise ValueError(f"`lhs` and `rhs` must have a floating dtype for jaxconv's rules, got {a.dtype} "
-                         "(integer convolutions: use jax.lax.conv_general_dilated).")
+        raise ValueError(
+            f"`lhs` and `rhs` must have a floating dtype for jaxconv's rules, got {a.dtype} "
+            "(integer convolutions: use jax.lax.conv_general_dilated)."
+        )
     return a, b
 
 
@@ -163,13 +167,20 @@ def _conv_channels_last(x, w, strides, pads, lhs_dilation, rhs_dilation, groups,
     kernel = w.shape[:-2]
     extents = [d * (k - 1) + 1 for k, d in zip(kernel, rhs_dilation)]
     within = [(min(lo, e - 1), min(hi, e - 1)) for (lo, hi), e in zip(pads, extents)]
-    sizes = [(n - 1) * a + 1 + lo + hi - e + 1
-             for n, a, (lo, hi), e in zip(x.shape[1:-1], lhs_dilation, within, extents)]
+    sizes = [
+        (n - 1) * a + 1 + lo + hi - e + 1 for n, a, (lo, hi), e in zip(x.shape[1:-1], lhs_dilation, within, extents)
+    ]
     if min(sizes) < 1:  # every output past the crop reads padding alone
         return jnp.zeros(out_shape, x.dtype)
-    y = _TRANSPOSES[ndim](x, _conv.rot180_swap(w, groups), stride=lhs_dilation,
-                          padding=tuple((e - 1 - lo, e - 1 - hi) for (lo, hi), e in zip(within, extents)),
-                          dilation=rhs_dilation, groups=groups, **extra)
+    y = _TRANSPOSES[ndim](
+        x,
+        _conv.rot180_swap(w, groups),
+        stride=lhs_dilation,
+        padding=tuple((e - 1 - lo, e - 1 - hi) for (lo, hi), e in zip(within, extents)),
+        dilation=rhs_dilation,
+        groups=groups,
+        **extra,
+    )
     beyond = [(lo - lo_in, hi - hi_in) for (lo, hi), (lo_in, hi_in) in zip(pads, within)]
     if any(lo or hi for lo, hi in beyond):
         y = jnp.pad(y, ((0, 0), *beyond, (0, 0)))
@@ -186,8 +197,10 @@ def _lax_result(fn, *args, **kwargs) -> jax.ShapeDtypeStruct:
 
 def _finish(y, expected: jax.ShapeDtypeStruct, out_sharding):
     if tuple(y.shape) != tuple(expected.shape):  # a bug here, never a wrong answer passed on
-        raise RuntimeError(f"jaxconv.lax computed shape {tuple(y.shape)} where jax.lax gives "
-                           f"{tuple(expected.shape)}; please report this.")
+        raise RuntimeError(
+            f"jaxconv.lax computed shape {tuple(y.shape)} where jax.lax gives "
+            f"{tuple(expected.shape)}; please report this."
+        )
     y = y.astype(expected.dtype)
     if out_sharding is not None:  # lax's meaning (explicit sharding), and lax's errors for Auto mesh axes
         y = jax.sharding.reshard(y, out_sharding)
@@ -245,13 +258,23 @@ def conv_general_dilated(
     lhs, rhs = _float_operands(lhs, rhs)
     ndim = _spatial_dims(lhs)
     if not _args._is_int(batch_group_count) or int(batch_group_count) != 1:
-        raise ValueError(f"`batch_group_count` (={batch_group_count!r}) must be 1: jaxconv has no rule for "
-                         "batch-grouped convolutions (use jax.lax.conv_general_dilated).")
+        raise ValueError(
+            f"`batch_group_count` (={batch_group_count!r}) must be 1: jaxconv has no rule for "
+            "batch-grouped convolutions (use jax.lax.conv_general_dilated)."
+        )
     expected = _lax_result(
-        _lax.conv_general_dilated, lhs, rhs, window_strides=window_strides, padding=padding,
-        lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-        feature_group_count=feature_group_count, precision=precision,
-        preferred_element_type=preferred_element_type)
+        _lax.conv_general_dilated,
+        lhs,
+        rhs,
+        window_strides=window_strides,
+        padding=padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
     strides = _ints(window_strides, "window_strides", ndim)
     lhs_dil = _ints(lhs_dilation, "lhs_dilation", ndim)
     rhs_dil = _ints(rhs_dilation, "rhs_dilation", ndim)
@@ -316,13 +339,23 @@ def conv_transpose(
     """
     lhs, rhs = _float_operands(lhs, rhs)
     if lhs.ndim != rhs.ndim:
-        raise ValueError(f"`lhs` (shape {tuple(lhs.shape)}) and `rhs` (shape {tuple(rhs.shape)}) must have the "
-                         "same rank.")
+        raise ValueError(
+            f"`lhs` (shape {tuple(lhs.shape)}) and `rhs` (shape {tuple(rhs.shape)}) must have the same rank."
+        )
     ndim = _spatial_dims(lhs)
     expected = _lax_result(
-        _lax.conv_transpose, lhs, rhs, strides=strides, padding=padding, rhs_dilation=rhs_dilation,
-        dimension_numbers=dimension_numbers, transpose_kernel=transpose_kernel, precision=precision,
-        preferred_element_type=preferred_element_type, use_consistent_padding=use_consistent_padding)
+        _lax.conv_transpose,
+        lhs,
+        rhs,
+        strides=strides,
+        padding=padding,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        transpose_kernel=transpose_kernel,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        use_consistent_padding=use_consistent_padding,
+    )
     if dimension_numbers is None:
         dimension_numbers = _DEFAULT_TRANSPOSE_LAYOUTS[lhs.ndim]
     dnums = _lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
@@ -338,8 +371,17 @@ def conv_transpose(
     if transpose_kernel:
         spatial = tuple(dnums.rhs_spec[2:])
         rhs = jnp.flip(rhs, spatial).swapaxes(dnums.rhs_spec[0], dnums.rhs_spec[1])
-    y = conv_general_dilated(lhs, rhs, (1,) * ndim, pads, strides, rhs_dil, dnums, precision=precision,
-                             preferred_element_type=preferred_element_type)
+    y = conv_general_dilated(
+        lhs,
+        rhs,
+        (1,) * ndim,
+        pads,
+        strides,
+        rhs_dil,
+        dnums,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
     return _finish(y, expected, None)
 
 
@@ -357,15 +399,18 @@ def _pool(ops, inputs, window_shape, strides, padding, **options):
         raise ValueError(f"`window_shape` (={window_shape!r}) must have 1, 2 or 3 entries for jaxconv's pools.")
     batch_dims = x.ndim - (ndim + 1)
     if batch_dims < 0:
-        raise ValueError(f"`inputs` (shape {tuple(x.shape)}) must have at least {ndim + 1} dimensions "
-                         f"({ndim} spatial and the features) for a {ndim}-d `window_shape`.")
+        raise ValueError(
+            f"`inputs` (shape {tuple(x.shape)}) must have at least {ndim + 1} dimensions "
+            f"({ndim} spatial and the features) for a {ndim}-d `window_shape`."
+        )
     stride = _ints(strides or None, "strides", ndim)  # flax: None (or empty) is 1 in every dimension
     batch_shape = x.shape[:batch_dims]
     x = x.reshape(math.prod(batch_shape), *x.shape[batch_dims:])
     if isinstance(padding, str):
         if padding not in ("SAME", "SAME_LOWER", "VALID"):
-            raise ValueError(f"`padding` (={padding!r}) must be 'SAME', 'VALID', 'SAME_LOWER' or {ndim} (lo, hi) "
-                             "pairs.")
+            raise ValueError(
+                f"`padding` (={padding!r}) must be 'SAME', 'VALID', 'SAME_LOWER' or {ndim} (lo, hi) pairs."
+            )
         pads = tuple(_lax.padtype_to_pads(x.shape[1:-1], window, stride, padding))
     else:
         try:
@@ -378,8 +423,12 @@ def _pool(ops, inputs, window_shape, strides, padding, **options):
     return y.reshape(*batch_shape, *y.shape[1:])
 
 
-def max_pool(inputs: ArrayLike, window_shape: Sequence[int], strides: Sequence[int] | None = None,
-             padding: str | Sequence[tuple[int, int]] = "VALID") -> jax.Array:
+def max_pool(
+    inputs: ArrayLike,
+    window_shape: Sequence[int],
+    strides: Sequence[int] | None = None,
+    padding: str | Sequence[tuple[int, int]] = "VALID",
+) -> jax.Array:
     """``flax.linen.max_pool``, same signature and result, with jaxconv's max-pool rule (docs/pooling.md §4).
 
     ``inputs``: ``(*batch, *window dims, features)`` with any number of batch
@@ -398,8 +447,13 @@ def max_pool(inputs: ArrayLike, window_shape: Sequence[int], strides: Sequence[i
     return _pool(_MAX_POOLS, inputs, window_shape, strides, padding)
 
 
-def avg_pool(inputs: ArrayLike, window_shape: Sequence[int], strides: Sequence[int] | None = None,
-             padding: str | Sequence[tuple[int, int]] = "VALID", count_include_pad: bool = True) -> jax.Array:
+def avg_pool(
+    inputs: ArrayLike,
+    window_shape: Sequence[int],
+    strides: Sequence[int] | None = None,
+    padding: str | Sequence[tuple[int, int]] = "VALID",
+    count_include_pad: bool = True,
+) -> jax.Array:
     """``flax.linen.avg_pool``, same signature and result, with jaxconv's average-pool rule (docs/pooling.md §2).
 
     Arguments as :func:`max_pool`'s; ``count_include_pad`` as Flax's (divide
@@ -414,10 +468,13 @@ def avg_pool(inputs: ArrayLike, window_shape: Sequence[int], strides: Sequence[i
 
 
 # Forward mode names the drop-in and the op to use instead; marks them as hand rules for the harness.
-conv_general_dilated = _args.reverse_mode_rule(conv_general_dilated, name="lax.conv_general_dilated",
-                                               instead="jax.lax.conv_general_dilated")
+conv_general_dilated = _args.reverse_mode_rule(
+    conv_general_dilated, name="lax.conv_general_dilated", instead="jax.lax.conv_general_dilated"
+)
 conv_transpose = _args.reverse_mode_rule(conv_transpose, name="lax.conv_transpose", instead="jax.lax.conv_transpose")
-max_pool = _args.reverse_mode_rule(max_pool, name="lax.max_pool",
-                                   instead="jaxconv.reference.flax_max_pool (Flax's max_pool in plain lax)")
-avg_pool = _args.reverse_mode_rule(avg_pool, name="lax.avg_pool",
-                                   instead="jaxconv.reference.flax_avg_pool (Flax's avg_pool in plain lax)")
+max_pool = _args.reverse_mode_rule(
+    max_pool, name="lax.max_pool", instead="jaxconv.reference.flax_max_pool (Flax's max_pool in plain lax)"
+)
+avg_pool = _args.reverse_mode_rule(
+    avg_pool, name="lax.avg_pool", instead="jaxconv.reference.flax_avg_pool (Flax's avg_pool in plain lax)"
+)

@@ -189,12 +189,20 @@ def _structure(in_hw, kernel_shape, stride, pads, dilation, groups):
     h, w = in_hw
     kh, kw, cg, o = kernel_shape
     (sh, sw), (dh, dw), ((top, _), (left, _)) = stride, dilation, pads
-    ho, wo = (_window.output_size(size, lo, hi_, k, s_, d_)
-              for size, (lo, hi_), k, s_, d_ in zip(in_hw, pads, (kh, kw), stride, dilation))
+    ho, wo = (
+        _window.output_size(size, lo, hi_, k, s_, d_)
+        for size, (lo, hi_), k, s_, d_ in zip(in_hw, pads, (kh, kw), stride, dilation)
+    )
     og = o // groups
     oo, ii, jj, kk, pp, cc = np.meshgrid(
-        np.arange(o), np.arange(ho), np.arange(wo), np.arange(kh), np.arange(kw), np.arange(cg),
-        indexing="ij", sparse=True,
+        np.arange(o),
+        np.arange(ho),
+        np.arange(wo),
+        np.arange(kh),
+        np.arange(kw),
+        np.arange(cg),
+        indexing="ij",
+        sparse=True,
     )
     u = sh * ii + dh * kk - top
     v = sw * jj + dw * pp - left
@@ -220,10 +228,12 @@ def _filter_config(kernel_shape, input_hw, stride, padding, dilation, groups):
     stride, pads, dilation = window.stride, window.padding, window.dilation
     ho, wo = window.out_size
     # The matrix, and the index arrays (one entry per weight use) built for it.
-    _args.check_elements((o * ho * wo, groups * cg * in_hw[0] * in_hw[1]),
-                         "`input_hw`, `padding` and the kernel's shape", "M_F^filter")
-    _args.check_elements((o * ho * wo, kh * kw * cg), "`input_hw`, `padding` and the kernel's shape",
-                         "M_F^filter's index arrays")
+    _args.check_elements(
+        (o * ho * wo, groups * cg * in_hw[0] * in_hw[1]), "`input_hw`, `padding` and the kernel's shape", "M_F^filter"
+    )
+    _args.check_elements(
+        (o * ho * wo, kh * kw * cg), "`input_hw`, `padding` and the kernel's shape", "M_F^filter's index arrays"
+    )
     return in_hw, stride, pads, dilation, groups
 
 
@@ -258,7 +268,7 @@ def filter_matrix(w, input_hw, *, stride=1, padding="VALID", dilation=1, groups=
 
 
 def kernel_from_matrix(m, input_hw, kernel_shape, *, stride=1, padding="VALID", dilation=1, groups=1):
-    """"Get K from M" (docs/convolution.md §4): the least-squares kernel of a matrix, and the residual.
+    """ "Get K from M" (docs/convolution.md §4): the least-squares kernel of a matrix, and the residual.
 
     Weight ``e`` occupies the entries ``P_e`` of :func:`filter_matrix`, the sets
     are disjoint and all other entries are structural zeros, so

@@ -56,8 +56,9 @@ def _pads(padding, ndim: int):
 
 # --- convolution (conv1d/2d/3d, conv_transpose1d/2d/3d) ------------------------
 
+
 def _spatial_letters(ndim):
-    return "DHW"[3 - ndim:]
+    return "DHW"[3 - ndim :]
 
 
 def conv_nd(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1, precision=None):
@@ -92,8 +93,9 @@ def conv3d(x, w, b=None, *, stride=1, padding="VALID", dilation=1, groups=1, pre
     return conv_nd(x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups, precision=precision)
 
 
-def conv_transpose_nd(y, w, b=None, *, stride=1, padding="VALID", output_padding=0, dilation=1, groups=1,
-                      precision=None):
+def conv_transpose_nd(
+    y, w, b=None, *, stride=1, padding="VALID", output_padding=0, dilation=1, groups=1, precision=None
+):
     """The adjoint of ``conv_nd(., w, same arguments)`` with respect to its input, by ``jax.vjp``.
 
     The convolution's input has ``(n-1)*s - lo - hi + d*(k-1) + 1 + output_padding``
@@ -116,8 +118,10 @@ def conv_transpose_nd(y, w, b=None, *, stride=1, padding="VALID", output_padding
     elif isinstance(pads, str):
         raise ValueError(f"`padding` (={padding!r}) is not defined for a transposed convolution.")
     else:
-        in_size = tuple((n - 1) * s - lo - hi + d * (k - 1) + 1 + op for n, (lo, hi), k, s, d, op
-                        in zip(y.shape[1:-1], pads, kernel, stride, dilation, output_padding))
+        in_size = tuple(
+            (n - 1) * s - lo - hi + d * (k - 1) + 1 + op
+            for n, (lo, hi), k, s, d, op in zip(y.shape[1:-1], pads, kernel, stride, dilation, output_padding)
+        )
     x_shape = (y.shape[0], *in_size, w.shape[-2] * groups)
 
     def conv(x):
@@ -133,6 +137,7 @@ conv_transpose1d = conv_transpose2d = conv_transpose3d = conv_transpose_nd
 
 # --- pooling (avg_pool1d/2d/3d, max_pool1d/2d/3d) -----------------------------
 
+
 def _pool_window(x, window, stride, padding):
     """``reduce_window``'s dimensions, strides and padding over ``(N, *spatial, C)``."""
     ndim = x.ndim - 2
@@ -145,8 +150,10 @@ def _pool_window(x, window, stride, padding):
         for i, ((lo, hi), k) in enumerate(zip(pads, kernel)):
             for side, amount in (("low", lo), ("high", hi)):
                 if amount > k // 2:
-                    raise ValueError(f"`padding` (={padding!r}) puts {amount} on the {side} side of spatial "
-                                     f"dimension {i}, more than half the window ({k} // 2 = {k // 2}).")
+                    raise ValueError(
+                        f"`padding` (={padding!r}) puts {amount} on the {side} side of spatial "
+                        f"dimension {i}, more than half the window ({k} // 2 = {k // 2})."
+                    )
         pads = ((0, 0), *pads, (0, 0))
     return (1, *kernel, 1), (1, *stride, 1), pads
 
@@ -187,8 +194,9 @@ def _flax_pool(inputs, init, reduce_fn, window_shape, strides, padding):
     strides = tuple(strides or (1,) * len(window))
     if not isinstance(padding, str):
         padding = ((0, 0),) * batch + tuple(tuple(p) for p in padding) + ((0, 0),)
-    return lax.reduce_window(inputs, init, reduce_fn, (1,) * batch + window + (1,), (1,) * batch + strides + (1,),
-                             padding)
+    return lax.reduce_window(
+        inputs, init, reduce_fn, (1,) * batch + window + (1,), (1,) * batch + strides + (1,), padding
+    )
 
 
 def flax_max_pool(inputs, window_shape, strides=None, padding="VALID"):
@@ -203,11 +211,12 @@ def flax_avg_pool(inputs, window_shape, strides=None, padding="VALID", count_inc
     sums = _flax_pool(inputs, zero, lax.add, window_shape, strides, padding)
     if count_include_pad:
         return sums / int(np.prod(window_shape))
-    ones = jnp.ones(inputs.shape[inputs.ndim - len(window_shape) - 1:], inputs.dtype)
+    ones = jnp.ones(inputs.shape[inputs.ndim - len(window_shape) - 1 :], inputs.dtype)
     return sums / lax.stop_gradient(_flax_pool(ones, zero, lax.add, window_shape, strides, padding))
 
 
 # --- local response normalisation --------------------------------------------
+
 
 def lrn(x, *, size=5, kappa=2.0, alpha=1e-4, beta=0.75):
     """``x * (kappa + alpha * sum_{t in G(k)} x_t^2) ** -beta``, the window sum as a 0/1 matrix product.
@@ -226,8 +235,8 @@ def lrn(x, *, size=5, kappa=2.0, alpha=1e-4, beta=0.75):
     return x * (kappa + alpha * sums) ** (-beta)
 
 
-
 # --- batch normalisation ------------------------------------------------------
+
 
 def batch_norm(x, scale, offset, *, eps=1e-5):
     """``(x - mean) / sqrt(var + eps) * scale + offset``, ``jnp.mean``/``jnp.var`` over every axis
@@ -236,8 +245,8 @@ def batch_norm(x, scale, offset, *, eps=1e-5):
     return (x - jnp.mean(x, axis=axes)) / jnp.sqrt(jnp.var(x, axis=axes) + eps) * scale + offset
 
 
-
 # --- layers (relu, linear, flatten) ------------------------------------------
+
 
 def relu(x):
     """``x`` where ``x > 0``, a NaN where ``x`` is NaN, else 0: autodiff gives ``g * (x > 0)``,
@@ -256,8 +265,8 @@ def flatten(x):
     return x.reshape(x.shape[0], -1)
 
 
-
 # --- losses (softmax, log_loss, softmax_cross_entropy, l2_penalty) -----------
+
 
 def softmax(s):
     """``exp(s - max) / sum``: the max is a constant shift (stop_gradient), so autodiff sees softmax."""
@@ -286,4 +295,3 @@ def l2_penalty(params, lam):
     leaves = [jnp.asarray(leaf) for leaf in jax.tree.leaves(params)]
     dtype = jnp.result_type(*leaves)
     return jnp.asarray(lam, dtype) * sum(jnp.sum(leaf.astype(dtype) ** 2) for leaf in leaves)
-

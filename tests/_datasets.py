@@ -37,8 +37,10 @@ def mnist_dir(tmp_path, *, n_train=12, n_test=5, hw=(28, 28), gz=False, seed=0):
 
 def write_cifar(path, images_hwc: np.ndarray, labels):
     """Records of 1 label byte + the R, G, B planes, each 32x32 row-major."""
-    records = [bytes([int(label)]) + np.asarray(img, np.uint8).transpose(2, 0, 1).tobytes()
-               for img, label in zip(images_hwc, labels)]
+    records = [
+        bytes([int(label)]) + np.asarray(img, np.uint8).transpose(2, 0, 1).tobytes()
+        for img, label in zip(images_hwc, labels)
+    ]
     path.write_bytes(b"".join(records))
 
 

@@ -49,5 +49,7 @@ def float32_errors(op, ref, x, w, g, forms, **options):
         low = run(*(np.asarray(a, np.float32) for a in (x, w, g)))
     exact_y, pullback = jax.vjp(lambda x, w: ref(x, w, **options), jnp.asarray(x), jnp.asarray(w))
     exact = (exact_y, *pullback(jnp.asarray(g)))
-    return [float(np.linalg.norm(np.asarray(b, np.float64) - np.asarray(a)) / np.linalg.norm(np.asarray(a)))
-            for a, b in zip(exact, low)]
+    return [
+        float(np.linalg.norm(np.asarray(b, np.float64) - np.asarray(a)) / np.linalg.norm(np.asarray(a)))
+        for a, b in zip(exact, low)
+    ]

@@ -288,9 +288,11 @@ def check(sources: dict[str, str]) -> list[Violation]:
                 if here is not None and there is not None and there != here and there not in MAY_IMPORT[here]:
                     violations.add(Violation("direction", module, f"imports {imp.target} ({here} -> {there})"))
             if imp.function is not None:
-                allowed = (imp.target in OPTIONAL_INTERNAL
-                           or not internal and (_top(imp.target) in OPTIONAL_EXTRAS
-                                                or _top(imp.target) in MODULE_EXTRAS.get(module, ())))
+                allowed = (
+                    imp.target in OPTIONAL_INTERNAL
+                    or not internal
+                    and (_top(imp.target) in OPTIONAL_EXTRAS or _top(imp.target) in MODULE_EXTRAS.get(module, ()))
+                )
                 if not allowed:
                     violations.add(Violation("function-level", module, f"{imp.function} imports {imp.target}"))
             elif not internal and _top(imp.target) not in stdlib | RUNTIME_DEPENDENCIES | {"__future__"}:
@@ -307,8 +309,7 @@ def check(sources: dict[str, str]) -> list[Violation]:
 
 #: Violations in today's tree, each to be fixed (then removed here): the test fails on any other
 #: violation, and on an entry here that no longer occurs (so the list only shrinks).
-KNOWN: frozenset[Violation] = frozenset({
-})
+KNOWN: frozenset[Violation] = frozenset({})
 
 
 @pytest.fixture(scope="module")
@@ -319,7 +320,8 @@ def violations():
 def test_every_module_is_read():
     sources = read_package()
     assert {"jaxconv", "jaxconv.nn.layers", "jaxconv.ops.conv", "jaxconv._core.window", "jaxconv.cli.commands"} <= set(
-        sources)
+        sources
+    )
     assert len(sources) == len(list(PACKAGE_DIR.rglob("*.py")))
 
 
@@ -377,34 +379,46 @@ def test_a_clean_synthetic_package_passes():
     assert check(sources) == []
 
 
-@pytest.mark.parametrize("modules,expected", [
-    # (a) a forbidden direction: ops imports nn, plan imports ops, reference imports _core, nn imports train
-    (dict(ops__conv="from ..nn import layers\n", nn__layers=""), [("direction", "jaxconv.ops.conv")]),
-    (dict(plan__planner="import jaxconv.ops.conv\n", ops__conv=""), [("direction", "jaxconv.plan.planner")]),
-    (dict(reference="from ._core import window\n", _core__window=""), [("direction", "jaxconv.reference")]),
-    (dict(train__step="from ..cli import commands\n", cli__commands=""), [("direction", "jaxconv.train.step")]),
-    (dict(nn__layers="from jaxconv import conv2d\n"), [("direction", "jaxconv.nn.layers")]),
-    # (b) cycles: two modules of one wing, and a loop of three
-    (dict(ops__a="from . import b\n", ops__b="from .a import f\n"), [("cycle", "jaxconv.ops.a")]),
-    (dict(nn__a="from .b import x\n", nn__b="from .c import x\n", nn__c="from . import a\n"),
-     [("cycle", "jaxconv.nn.a")]),
-    (dict(ops__a="from . import a\n"), [("cycle", "jaxconv.ops.a")]),
-    # (c) function-level imports of jaxconv, of a runtime dependency, of an extra outside its module
-    (dict(train__data="def f():\n    from . import step\n", train__step=""),
-     [("function-level", "jaxconv.train.data")]),
-    (dict(nn__layers="def f():\n    import jax.numpy as jnp\n"), [("function-level", "jaxconv.nn.layers")]),
-    (dict(ops__conv="def f():\n    from importlib import metadata\n"), [("function-level", "jaxconv.ops.conv")]),
-    (dict(ops__conv="class A:\n    def m(self):\n        import torch\n"), [("function-level", "jaxconv.ops.conv")]),
-    # (d) a module named like what its package exports: the lrn trap, and a function defined in the __init__
-    (dict(ops__lrn="def lrn(x): ...\n", ops="from .lrn import lrn\n"), [("shadow", "jaxconv.ops")]),
-    (dict(plan__forms="", plan="from .planner import forms\n", plan__planner=""), [("shadow", "jaxconv.plan")]),
-    (dict(ops__norm="", ops="from . import norm as norm_module\nnorm = 1\n"),
-     [("init", "jaxconv.ops"), ("shadow", "jaxconv.ops")]),
-    # an __init__ that computes, a non-runtime dependency at module level, a module in no wing
-    (dict(nn="from .layers import Conv\ndef helper():\n    pass\n", nn__layers=""), [("init", "jaxconv.nn")]),
-    (dict(nn__layers="import flax\n"), [("dependency", "jaxconv.nn.layers")]),
-    (dict(extras__thing=""), [("unmapped", "jaxconv.extras"), ("unmapped", "jaxconv.extras.thing")]),
-])
+@pytest.mark.parametrize(
+    "modules,expected",
+    [
+        # (a) a forbidden direction: ops imports nn, plan imports ops, reference imports _core, nn imports train
+        (dict(ops__conv="from ..nn import layers\n", nn__layers=""), [("direction", "jaxconv.ops.conv")]),
+        (dict(plan__planner="import jaxconv.ops.conv\n", ops__conv=""), [("direction", "jaxconv.plan.planner")]),
+        (dict(reference="from ._core import window\n", _core__window=""), [("direction", "jaxconv.reference")]),
+        (dict(train__step="from ..cli import commands\n", cli__commands=""), [("direction", "jaxconv.train.step")]),
+        (dict(nn__layers="from jaxconv import conv2d\n"), [("direction", "jaxconv.nn.layers")]),
+        # (b) cycles: two modules of one wing, and a loop of three
+        (dict(ops__a="from . import b\n", ops__b="from .a import f\n"), [("cycle", "jaxconv.ops.a")]),
+        (
+            dict(nn__a="from .b import x\n", nn__b="from .c import x\n", nn__c="from . import a\n"),
+            [("cycle", "jaxconv.nn.a")],
+        ),
+        (dict(ops__a="from . import a\n"), [("cycle", "jaxconv.ops.a")]),
+        # (c) function-level imports of jaxconv, of a runtime dependency, of an extra outside its module
+        (
+            dict(train__data="def f():\n    from . import step\n", train__step=""),
+            [("function-level", "jaxconv.train.data")],
+        ),
+        (dict(nn__layers="def f():\n    import jax.numpy as jnp\n"), [("function-level", "jaxconv.nn.layers")]),
+        (dict(ops__conv="def f():\n    from importlib import metadata\n"), [("function-level", "jaxconv.ops.conv")]),
+        (
+            dict(ops__conv="class A:\n    def m(self):\n        import torch\n"),
+            [("function-level", "jaxconv.ops.conv")],
+        ),
+        # (d) a module named like what its package exports: the lrn trap, and a function defined in the __init__
+        (dict(ops__lrn="def lrn(x): ...\n", ops="from .lrn import lrn\n"), [("shadow", "jaxconv.ops")]),
+        (dict(plan__forms="", plan="from .planner import forms\n", plan__planner=""), [("shadow", "jaxconv.plan")]),
+        (
+            dict(ops__norm="", ops="from . import norm as norm_module\nnorm = 1\n"),
+            [("init", "jaxconv.ops"), ("shadow", "jaxconv.ops")],
+        ),
+        # an __init__ that computes, a non-runtime dependency at module level, a module in no wing
+        (dict(nn="from .layers import Conv\ndef helper():\n    pass\n", nn__layers=""), [("init", "jaxconv.nn")]),
+        (dict(nn__layers="import flax\n"), [("dependency", "jaxconv.nn.layers")]),
+        (dict(extras__thing=""), [("unmapped", "jaxconv.extras"), ("unmapped", "jaxconv.extras.thing")]),
+    ],
+)
 def test_the_checker_catches_a_planted_violation(modules, expected):
     assert _kinds(check(_package(**modules))) == sorted(expected)
 
@@ -416,24 +430,32 @@ def test_cycle_report_names_every_module_of_the_loop():
 
 def test_relative_imports_resolve_like_python():
     sources = _package(train__step="", nn__layers="", ops__conv="")
-    sources["jaxconv.train.data"] = ("from . import step\nfrom .. import nn\nfrom ..ops.conv import f\n"
-                                     "from ..ops import x\n")
+    sources["jaxconv.train.data"] = (
+        "from . import step\nfrom .. import nn\nfrom ..ops.conv import f\nfrom ..ops import x\n"
+    )
     sources["jaxconv.train"] = "from .data import load\n"
     found = imports_of(sources)
     assert [i.target for i in found["jaxconv.train.data"]] == [
-        "jaxconv.train.step", "jaxconv.nn", "jaxconv.ops.conv", "jaxconv.ops"]
+        "jaxconv.train.step",
+        "jaxconv.nn",
+        "jaxconv.ops.conv",
+        "jaxconv.ops",
+    ]
     assert [i.target for i in found["jaxconv.train"]] == ["jaxconv.train.data"]
     with pytest.raises(ValueError, match="above the top-level package"):
         imports_of({"jaxconv": "from .. import x\n"})
 
 
-@pytest.mark.parametrize("module,line,expected", [
-    ("jaxconv.ops.conv", "from ..nn import layers as _nn\n", "direction"),
-    ("jaxconv._core.window", "from ..ops import conv as _conv\n", "direction"),
-    ("jaxconv.plan.planner", "from ..ops import conv as _conv\n", "cycle"),
-    ("jaxconv.nn.layers", "def _late():\n    from . import models\n", "function-level"),
-    ("jaxconv.ops", "from .pool import max_pool2d as pool\n", "shadow"),
-])
+@pytest.mark.parametrize(
+    "module,line,expected",
+    [
+        ("jaxconv.ops.conv", "from ..nn import layers as _nn\n", "direction"),
+        ("jaxconv._core.window", "from ..ops import conv as _conv\n", "direction"),
+        ("jaxconv.plan.planner", "from ..ops import conv as _conv\n", "cycle"),
+        ("jaxconv.nn.layers", "def _late():\n    from . import models\n", "function-level"),
+        ("jaxconv.ops", "from .pool import max_pool2d as pool\n", "shadow"),
+    ],
+)
 def test_a_violation_planted_in_the_real_tree_is_caught(module, line, expected):
     sources = read_package()
     sources[module] += "\n" + line

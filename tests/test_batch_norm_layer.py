@@ -41,8 +41,12 @@ def test_running_statistics_follow_pytorch():
 
 def test_eval_mode_uses_the_running_statistics():
     _, apply, params = _bn()
-    params = dict(params, scale=jnp.arange(1.0, 6.0), offset=jnp.full(5, 0.5),
-                  batch_stats={"mean": jnp.linspace(-1, 1, 5), "var": jnp.linspace(0.5, 2.0, 5)})
+    params = dict(
+        params,
+        scale=jnp.arange(1.0, 6.0),
+        offset=jnp.full(5, 0.5),
+        batch_stats={"mean": jnp.linspace(-1, 1, 5), "var": jnp.linspace(0.5, 2.0, 5)},
+    )
     x = np.random.default_rng(1).normal(size=(2, 3, 4, 5)).astype(np.float32)
     expected = (x - np.linspace(-1, 1, 5)) / np.sqrt(np.linspace(0.5, 2.0, 5) + 1e-5) * np.arange(1, 6) + 0.5
     np.testing.assert_allclose(apply(params, x), expected, rtol=1e-5, atol=1e-6)
@@ -57,8 +61,9 @@ def test_partition_and_merge_round_trip():
     assert jax.tree_util.tree_structure(nn.merge_state(trainable, state)) == jax.tree_util.tree_structure(params)
     names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
     assert names and all("batch_stats" in n for n in names)
-    assert not any("batch_stats" in jax.tree_util.keystr(p)
-                   for p, _ in jax.tree_util.tree_flatten_with_path(trainable)[0])
+    assert not any(
+        "batch_stats" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]
+    )
     # A network without state: trainable is params, unchanged; the state has no leaves.
     init, _ = models.lenet5(10)
     _, plain = init(jax.random.key(0), (-1, 8, 8, 1))
@@ -68,8 +73,9 @@ def test_partition_and_merge_round_trip():
 
 def test_the_step_updates_statistics_without_gradient_or_decay():
     """Running statistics change only by the momentum formula: no gradient, no weight decay, no optimizer."""
-    init, apply = nn.serial(nn.Conv(4, 3, padding="SAME", bias=False), nn.BatchNorm(momentum=0.5), nn.Relu,
-                            nn.Flatten, nn.Dense(3))
+    init, apply = nn.serial(
+        nn.Conv(4, 3, padding="SAME", bias=False), nn.BatchNorm(momentum=0.5), nn.Relu, nn.Flatten, nn.Dense(3)
+    )
     _, params = init(jax.random.key(1), (-1, 5, 5, 2))
     optimizer = train.make_optimizer("momentum", 0.5, weight_decay=0.3)
     opt_state = train.init_optimizer(optimizer, params)
@@ -82,8 +88,9 @@ def test_the_step_updates_statistics_without_gradient_or_decay():
     np.testing.assert_allclose(new_params[1]["batch_stats"]["var"], 0.5 + 0.5 * conv_out.var(0, ddof=1), rtol=1e-5)
     assert not np.array_equal(new_params[1]["scale"], params[1]["scale"])  # the weights did train
     # The optimizer state covers the weights only.
-    assert not any("batch_stats" in jax.tree_util.keystr(p)
-                   for p, _ in jax.tree_util.tree_flatten_with_path(opt_state)[0])
+    assert not any(
+        "batch_stats" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(opt_state)[0]
+    )
 
 
 def test_a_bn_network_gradient_equals_autodiff_float64():
@@ -95,15 +102,24 @@ def test_a_bn_network_gradient_equals_autodiff_float64():
         # Non-trivial scales everywhere (the zero-initialised ones would hide a branch).
         leaves, tree = jax.tree.flatten(params)
         rng = np.random.default_rng(4)
-        params = jax.tree.unflatten(tree, [jnp.asarray(rng.normal(size=np.shape(a)) * 0.5 + (a if a.ndim == 1 else 0))
-                                           for a in leaves])
+        params = jax.tree.unflatten(
+            tree, [jnp.asarray(rng.normal(size=np.shape(a)) * 0.5 + (a if a.ndim == 1 else 0)) for a in leaves]
+        )
         x = jnp.asarray(rng.normal(size=(5, 6, 6, 2)))
 
         def net(ops):
             return lambda p, images: apply(p, images, ops=ops, train=True)
 
-        check_vjp(net(None), net(jaxconv.reference), params, x, names=["params", "x"], finite_differences=False,
-                  second_order=False, name="resnet_small with BN, training mode").assert_ok()
+        check_vjp(
+            net(None),
+            net(jaxconv.reference),
+            params,
+            x,
+            names=["params", "x"],
+            finite_differences=False,
+            second_order=False,
+            name="resnet_small with BN, training mode",
+        ).assert_ok()
 
 
 def test_train_apply_under_jit_equals_eager_and_leaves_stateless_networks_alone():
@@ -124,8 +140,12 @@ def test_train_apply_under_jit_equals_eager_and_leaves_stateless_networks_alone(
 
 
 def test_bad_settings_and_shared_statistics_are_refused():
-    for kwargs, match in (({"momentum": 0.0}, "momentum"), ({"momentum": 1.5}, "momentum"),
-                          ({"eps": 0.0}, "eps"), ({"eps": float("nan")}, "eps")):
+    for kwargs, match in (
+        ({"momentum": 0.0}, "momentum"),
+        ({"momentum": 1.5}, "momentum"),
+        ({"eps": 0.0}, "eps"),
+        ({"eps": float("nan")}, "eps"),
+    ):
         with pytest.raises(ValueError, match=match):
             nn.BatchNorm(**kwargs)
     init, _ = nn.BatchNorm()
@@ -145,5 +165,6 @@ def test_resnet_small_has_bn_and_the_no_bn_variant_has_none():
     opt = optax.sgd(0.1)
     init, apply = models.resnet_small_nobn(10)
     _, params = init(jax.random.key(0), (-1, 8, 8, 1))
-    assert jax.tree_util.tree_structure(train.init_optimizer(opt, params)) == \
-        jax.tree_util.tree_structure(opt.init(params))
+    assert jax.tree_util.tree_structure(train.init_optimizer(opt, params)) == jax.tree_util.tree_structure(
+        opt.init(params)
+    )

@@ -84,8 +84,14 @@ def _write(directory, name="user_rules", scale=1.0):
 
 
 def _run(args, cwd, env=None):
-    return subprocess.run([sys.executable, "-m", "jaxconv", "check", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "jaxconv", "check", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_right_rule_in_a_user_module_passes(tmp_path):
@@ -102,8 +108,9 @@ def test_right_rule_in_a_user_module_passes(tmp_path):
 
 def test_planted_bug_exits_1_naming_the_argument_and_json_is_strict(tmp_path):
     _write(tmp_path, scale=1.001)
-    done = _run(["user_rules:corr", "--arg", "x=1,5,5,2", "--arg", "w=2,2,2,3", "--json", "--no-second-order"],
-                tmp_path)
+    done = _run(
+        ["user_rules:corr", "--arg", "x=1,5,5,2", "--arg", "w=2,2,2,3", "--json", "--no-second-order"], tmp_path
+    )
     assert done.returncode == 1, done.stderr
     record = json.loads(done.stdout)  # one strict JSON object: no NaN/Infinity
     assert record["passed"] is False and record["mode"] == "check"
@@ -115,8 +122,27 @@ def test_planted_bug_exits_1_naming_the_argument_and_json_is_strict(tmp_path):
 
 def test_sweep_shrinks_a_non_square_kernel_bug_and_prints_a_reproducer(tmp_path):
     _write(tmp_path)
-    done = _run(["user_rules:taps", "--arg", "x=1,H,W,1", "--arg", "w=KH,KW,1,1", "--dim", "H=1-4", "--dim", "W=1-4",
-                 "--dim", "KH=1-3", "--dim", "KW=1-3", "--sweep", "10", "--no-finite-differences"], tmp_path)
+    done = _run(
+        [
+            "user_rules:taps",
+            "--arg",
+            "x=1,H,W,1",
+            "--arg",
+            "w=KH,KW,1,1",
+            "--dim",
+            "H=1-4",
+            "--dim",
+            "W=1-4",
+            "--dim",
+            "KH=1-3",
+            "--dim",
+            "KW=1-3",
+            "--sweep",
+            "10",
+            "--no-finite-differences",
+        ],
+        tmp_path,
+    )
     assert done.returncode == 1, done.stdout + done.stderr
     out = done.stdout
     assert out.startswith("sweep(taps): FAILED")
@@ -158,20 +184,23 @@ def user_module(tmp_path, monkeypatch):
     sys.modules.pop(name, None)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["{m}:corr", "--arg", "x=2,7,7,3", "--arg", "w=3,3,4,4"], "cannot be evaluated at these arguments"),
-    (["{m}:plain", "--arg", "x=1,4,4,1", "--arg", "w=2,2,1,1"], "plain function"),
-    (["{m}:nothing", "--arg", "x=3"], "has no attribute 'nothing'"),
-    (["{m}.corr", "--arg", "x=3"], "expected MODULE:FUNCTION"),
-    (["{m}:corr", "--arg", "x=1-3,4,4,1", "--arg", "w=2,2,1,1"], "ranges and --choices need --sweep"),
-    (["{m}:corr", "--arg", "x=N,4,4,1", "--arg", "w=2,2,1,1"], "dimension(s) ['N'] need a size"),
-    (["{m}:corr", "--arg", "x=2,7x,1", "--arg", "w=2,2,1,1"], "is not a size"),
-    (["{m}:corr", "--arg", "x=2,4,4,1:gauss"], "unknown values 'gauss'"),
-    (["{m}:corr", "--arg", "labels=4:int:5:5"], "needs LO < HIGH"),
-    (["{m}:corr", "--static", "stride=2"], "at least one array argument"),
-    (["{m}:corr", "--arg", "x=2", "--arg", "x=3"], "given twice"),
-    (["{m}:corr", "--arg", "1x=2"], "NAME a Python identifier"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["{m}:corr", "--arg", "x=2,7,7,3", "--arg", "w=3,3,4,4"], "cannot be evaluated at these arguments"),
+        (["{m}:plain", "--arg", "x=1,4,4,1", "--arg", "w=2,2,1,1"], "plain function"),
+        (["{m}:nothing", "--arg", "x=3"], "has no attribute 'nothing'"),
+        (["{m}.corr", "--arg", "x=3"], "expected MODULE:FUNCTION"),
+        (["{m}:corr", "--arg", "x=1-3,4,4,1", "--arg", "w=2,2,1,1"], "ranges and --choices need --sweep"),
+        (["{m}:corr", "--arg", "x=N,4,4,1", "--arg", "w=2,2,1,1"], "dimension(s) ['N'] need a size"),
+        (["{m}:corr", "--arg", "x=2,7x,1", "--arg", "w=2,2,1,1"], "is not a size"),
+        (["{m}:corr", "--arg", "x=2,4,4,1:gauss"], "unknown values 'gauss'"),
+        (["{m}:corr", "--arg", "labels=4:int:5:5"], "needs LO < HIGH"),
+        (["{m}:corr", "--static", "stride=2"], "at least one array argument"),
+        (["{m}:corr", "--arg", "x=2", "--arg", "x=3"], "given twice"),
+        (["{m}:corr", "--arg", "1x=2"], "NAME a Python identifier"),
+    ],
+)
 def test_bad_usage_exits_2_with_a_message(user_module, capsys, argv, message):
     assert check_cli.main([a.format(m=user_module) for a in argv]) == 2
     err = capsys.readouterr().err
@@ -187,12 +216,33 @@ def test_argparse_errors_and_help_exit_codes(capsys):
 
 
 def test_plain_function_with_a_reference_and_float32(user_module, capsys):
-    code = check_cli.main([f"{user_module}:plain", "--ref", f"{user_module}:plain", "--arg", "x=1,4,4,2",
-                           "--arg", "w=2,2,2,1", "--no-second-order"])
+    code = check_cli.main(
+        [
+            f"{user_module}:plain",
+            "--ref",
+            f"{user_module}:plain",
+            "--arg",
+            "x=1,4,4,2",
+            "--arg",
+            "w=2,2,2,1",
+            "--no-second-order",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and out.startswith("check_vjp: plain")
-    code = check_cli.main([f"{user_module}:corr", "--arg", "x=1,5,5,2", "--arg", "w=3,3,2,2", "--dtype", "float32",
-                           "--no-second-order", "--no-finite-differences"])
+    code = check_cli.main(
+        [
+            f"{user_module}:corr",
+            "--arg",
+            "x=1,5,5,2",
+            "--arg",
+            "w=3,3,2,2",
+            "--dtype",
+            "float32",
+            "--no-second-order",
+            "--no-finite-differences",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "float32 forward" in out and "float32 vjp" in out and "reduction size 18" in out
@@ -212,23 +262,70 @@ def test_add_parser_registers_check_on_the_jaxconv_command_line(user_module, cap
     parser = argparse.ArgumentParser(prog="python -m jaxconv")
     sub = parser.add_subparsers(dest="command", required=True)
     check_cli.add_parser(sub)
-    args = parser.parse_args(["check", f"{user_module}:corr", "--arg", "x=1,4,4,1", "--arg", "w=2,2,1,1",
-                              "--static", "stride=2", "--no-second-order"])
+    args = parser.parse_args(
+        [
+            "check",
+            f"{user_module}:corr",
+            "--arg",
+            "x=1,4,4,1",
+            "--arg",
+            "w=2,2,1,1",
+            "--static",
+            "stride=2",
+            "--no-second-order",
+        ]
+    )
     assert args.func is check_cli.run
     assert args.func(args) == 0
     assert "all checks passed" in capsys.readouterr().out
 
 
 def test_sweep_json_with_choices_in_process(user_module, capsys):
-    code = check_cli.main([f"{user_module}:corr", "--arg", "x=1,H,W,C", "--arg", "w=2,2,C,1", "--dim", "H=2-5",
-                           "--dim", "W=2-5", "--dim", "C=1-2", "--choices", "stride=1,2", "--sweep", "4", "--json",
-                           "--no-finite-differences"])
+    code = check_cli.main(
+        [
+            f"{user_module}:corr",
+            "--arg",
+            "x=1,H,W,C",
+            "--arg",
+            "w=2,2,C,1",
+            "--dim",
+            "H=2-5",
+            "--dim",
+            "W=2-5",
+            "--dim",
+            "C=1-2",
+            "--choices",
+            "stride=1,2",
+            "--sweep",
+            "4",
+            "--json",
+            "--no-finite-differences",
+        ]
+    )
     record = json.loads(capsys.readouterr().out)
     assert code == 0 and record["mode"] == "sweep" and record["passed"] is True
     assert record["sweep"]["examples"] == 4 and record["sweep"]["config"] is None
-    code = check_cli.main([f"{user_module}:taps", "--arg", "x=1,H,W,1", "--arg", "w=KH,KW,1,1", "--dim", "H=1-4",
-                           "--dim", "W=1-4", "--dim", "KH=1-3", "--dim", "KW=1-3", "--sweep", "8", "--json",
-                           "--no-finite-differences"])
+    code = check_cli.main(
+        [
+            f"{user_module}:taps",
+            "--arg",
+            "x=1,H,W,1",
+            "--arg",
+            "w=KH,KW,1,1",
+            "--dim",
+            "H=1-4",
+            "--dim",
+            "W=1-4",
+            "--dim",
+            "KH=1-3",
+            "--dim",
+            "KW=1-3",
+            "--sweep",
+            "8",
+            "--json",
+            "--no-finite-differences",
+        ]
+    )
     record = json.loads(capsys.readouterr().out)
     assert code == 1 and record["passed"] is False
     config = record["sweep"]["config"]

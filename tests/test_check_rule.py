@@ -207,8 +207,8 @@ def _tap_backward(row_stride):
         for i in range(kh):
             for j in range(kw):
                 tap = taps[i * row_stride(kh, kw) + j]
-                dx = dx.at[:, i:i + ho, j:j + wo, :].add(jnp.einsum("nhwo,co->nhwc", g, tap))
-                dw.append(jnp.einsum("nhwc,nhwo->co", x[:, i:i + ho, j:j + wo, :], g))
+                dx = dx.at[:, i : i + ho, j : j + wo, :].add(jnp.einsum("nhwo,co->nhwc", g, tap))
+                dw.append(jnp.einsum("nhwc,nhwo->co", x[:, i : i + ho, j : j + wo, :], g))
         return dx, jnp.stack(dw).reshape(kh, kw, c, o)
 
     return bwd
@@ -245,8 +245,11 @@ def test_planted_custom_vjp_bug_is_caught_on_its_argument_with_index_and_values(
     worst = next(c for c in report.failures if c.kind == "vjp")
     # g.mean(0) is g.sum(0) / 4: the rule's value is a quarter of autodiff's.
     assert worst.actual == pytest.approx(worst.expected / 4)
-    with pytest.raises(AssertionError, match=r"vjp: argument b: relative error 7\.500e-01 > 1e-12 \(max abs error "
-                                             r"\S+ at index \(\d,\); rule gives \S+, autodiff gives \S+\)"):
+    with pytest.raises(
+        AssertionError,
+        match=r"vjp: argument b: relative error 7\.500e-01 > 1e-12 \(max abs error "
+        r"\S+ at index \(\d,\); rule gives \S+, autodiff gives \S+\)",
+    ):
         report.assert_ok()
 
 
@@ -268,7 +271,10 @@ def test_pytrees_in_and_out_integer_and_boolean_leaves_held_fixed():
     report = check_rule(make_moments(), batch, residuals=False)
     assert report.passed, str(report)
     assert {c.argument for c in report.checks if c.kind == "forward"} == {
-        "output[0].mean", "output[0].var", "output[1]"}
+        "output[0].mean",
+        "output[0].var",
+        "output[1]",
+    }
     assert {c.argument for c in report.checks if c.kind == "vjp"} == {"batch['x']", "batch['scale']"}
     bad = check_rule(make_moments("scale"), batch, **FAST)
     assert ("vjp", "batch['scale']") in _failed(bad)
@@ -320,8 +326,11 @@ def test_planted_custom_jvp_bug_is_caught_in_forward_and_reverse_mode():
     for kind in ("jvp", "vjp", "finite-diff", "finite-diff-jvp"):
         assert (kind, "beta") in failed
         assert (kind, "x") not in failed
-    with pytest.raises(AssertionError, match=r"jvp: argument beta: relative error .* at index \(\d, \d\); "
-                                             r"rule gives \S+, autodiff gives \S+\)"):
+    with pytest.raises(
+        AssertionError,
+        match=r"jvp: argument beta: relative error .* at index \(\d, \d\); "
+        r"rule gives \S+, autodiff gives \S+\)",
+    ):
         assert_report_ok(report)
 
 
@@ -351,7 +360,8 @@ def test_primal_that_cannot_be_differentiated_falls_back_to_finite_differences()
 
 
 def test_second_order_without_a_differentiable_primal_uses_finite_differences_of_the_vjp():
-    """The primal calls the host, but fwd and bwd are jax: grad-of-grad of the rule runs, against central differences."""
+    """The primal calls the host, but fwd and bwd are jax: grad-of-grad of the rule runs, against central
+    differences."""
 
     def make(derivative):
         @jax.custom_vjp
@@ -452,8 +462,9 @@ def test_residual_audit_lists_bytes_and_flags_a_rule_that_saves_more():
     assert audit.rule_bytes == 480 and audit.autodiff_bytes == 320 and len(audit.autodiff) == 2
     assert audit.saves_more and audit.ratio == 1.5
     assert any("from the argument x" == r.source for r in audit.rule)
-    assert ("FLAG: the rule saves 480 B in 3 residuals, autodiff of the primal 320 B in 2: the rule saves 1.50x "
-            "as much") in str(report)
+    assert (
+        "FLAG: the rule saves 480 B in 3 residuals, autodiff of the primal 320 B in 2: the rule saves 1.50x as much"
+    ) in str(report)
     strict = check_rule(hoarding_tanh, x, second_order=False, max_residual_ratio=1.0)
     assert not strict.passed and strict.failures == []
     with pytest.raises(AssertionError, match=r"residuals: FLAG.*over the budget of 1x"):
@@ -499,8 +510,11 @@ def test_float32_and_bfloat16_checks_against_float64_evaluation_of_the_rule():
     # Overflow only in float32: the float64 checks pass, the float32 one fails with the values.
     bad = check_rule(make_logistic("exp"), x, dtype=jnp.float32, **FAST)
     assert {c.kind for c in bad.failures} == {"float32 vjp"}
-    with pytest.raises(AssertionError, match=r"float32 vjp: argument x: relative error inf .*rule gives nan, "
-                                             r"float64 gives"):
+    with pytest.raises(
+        AssertionError,
+        match=r"float32 vjp: argument x: relative error inf .*rule gives nan, "
+        r"float64 gives",
+    ):
         bad.assert_ok()
 
 
@@ -545,6 +559,7 @@ def test_low_precision_rows_do_not_blame_a_rule_for_the_primal_own_ill_condition
     (row,) = [c for c in same.checks if c.kind == "bfloat16 forward"]
     assert same.passed and row.rel > low_precision_tolerance(jnp.bfloat16, 1)
     assert row.note.startswith("ill-conditioned here: autodiff of the primal in bfloat16 is off by")
+
     # A rule whose own fwd loses what the primal keeps is blamed.
     @jax.custom_vjp
     def exact(x):
@@ -605,8 +620,9 @@ def _fits(d):
 
 def test_sweep_shrinks_a_non_square_kernel_bug_to_a_minimal_reproducer():
     out = io.StringIO()
-    result = sweep(correlate_buggy, CONV_ARGS, dims=CONV_DIMS, where=_fits, examples=12, finite_differences=False,
-                   stream=out)
+    result = sweep(
+        correlate_buggy, CONV_ARGS, dims=CONV_DIMS, where=_fits, examples=12, finite_differences=False, stream=out
+    )
     assert not result.passed
     d = result.config.dims
     # Smallest: one image, one channel in and out, the image no larger than the kernel, KH != KW.
@@ -627,8 +643,9 @@ def test_sweep_shrinks_a_non_square_kernel_bug_to_a_minimal_reproducer():
 
 
 def test_sweep_passes_a_right_rule_and_counts_examples():
-    result = sweep(correlate_right, CONV_ARGS, dims=CONV_DIMS, where=_fits, examples=4, finite_differences=False,
-                   stream=None)
+    result = sweep(
+        correlate_right, CONV_ARGS, dims=CONV_DIMS, where=_fits, examples=4, finite_differences=False, stream=None
+    )
     assert result.passed and result.examples == 4
     assert str(result) == "sweep(correlate_right): 4 configurations passed"
     result.assert_ok()
@@ -641,8 +658,9 @@ def test_sweep_with_a_reference_checks_a_plain_function():
     def mine(x, w):  # a plain function with a wrong flip: no custom rule, so a reference is needed
         return _correlate(x, w[::-1])
 
-    result = sweep(mine, CONV_ARGS, dims=CONV_DIMS, where=_fits, ref=ref, examples=8, finite_differences=False,
-                   stream=None)
+    result = sweep(
+        mine, CONV_ARGS, dims=CONV_DIMS, where=_fits, ref=ref, examples=8, finite_differences=False, stream=None
+    )
     assert not result.passed and result.config.dims["KH"] == 2 and result.report.title == "check_vjp"
     assert "check_vjp(mine, ref, x, w" in result.reproducer
 
@@ -653,9 +671,13 @@ def test_arguments_strategy_shares_named_dimensions_and_respects_where():
     seen = []
 
     @settings(max_examples=25, database=None)
-    @given(arguments({"x": array("N H W C"), "w": array("K K C 4"), "b": shapes(rank=1, min=2, max=3),
-                      "stride": 2}, dims={"N": 1, "H": (2, 6), "W": (2, 6), "C": (1, 3), "K": (1, 3)},
-                     where=lambda d: d["K"] <= min(d["H"], d["W"])))
+    @given(
+        arguments(
+            {"x": array("N H W C"), "w": array("K K C 4"), "b": shapes(rank=1, min=2, max=3), "stride": 2},
+            dims={"N": 1, "H": (2, 6), "W": (2, 6), "C": (1, 3), "K": (1, 3)},
+            where=lambda d: d["K"] <= min(d["H"], d["W"]),
+        )
+    )
     def check(config):
         args = config.arguments()
         assert args["x"].shape[-1] == args["w"].shape[2] and args["x"].shape[0] == 1
@@ -712,8 +734,11 @@ def test_sweep_takes_a_users_own_strategy_and_spells_out_the_arrays():
     from hypothesis.extra import numpy as hnp
 
     elements = st.floats(0.5, 2.0, allow_nan=False, width=64)
-    strategy = st.integers(1, 4).flatmap(lambda n: st.fixed_dictionaries({
-        "x": hnp.arrays(np.float64, (n,), elements=elements), "n": st.sampled_from([2, 3])}))
+    strategy = st.integers(1, 4).flatmap(
+        lambda n: st.fixed_dictionaries(
+            {"x": hnp.arrays(np.float64, (n,), elements=elements), "n": st.sampled_from([2, 3])}
+        )
+    )
     assert sweep(make_power(), strategy, examples=4, stream=None).passed
     buggy = make_power("forgot n")
     result = sweep(buggy, strategy, examples=4, stream=None)

@@ -78,8 +78,11 @@ def test_template_mismatch_names_the_leaf(tmp_path):
     checkpoint.save(path, tree)
     other_shape = jax.tree.map(lambda x: x, tree)
     other_shape["params"][0]["w"] = jnp.zeros((3, 3, 1, 6), jnp.float32)
-    with pytest.raises(ValueError, match=r"leaf \['params'\]\[0\]\['w'\] is float32\[5, 5, 1, 6\] in the checkpoint, "
-                                         r"float32\[3, 3, 1, 6\] in the template"):
+    with pytest.raises(
+        ValueError,
+        match=r"leaf \['params'\]\[0\]\['w'\] is float32\[5, 5, 1, 6\] in the checkpoint, "
+        r"float32\[3, 3, 1, 6\] in the template",
+    ):
         checkpoint.restore(path, other_shape)
     other_dtype = jax.tree.map(lambda x: x, tree)
     other_dtype["params"][0]["b"] = jnp.zeros(6, jnp.float64)
@@ -179,8 +182,9 @@ def test_a_process_killed_mid_save_loses_nothing(tmp_path):
     template = {"w": np.zeros((64, 64), np.float32)}
     checkpoint.save(path, {"w": np.ones((64, 64), np.float32)}, {"epoch": 1})
     root = pathlib.Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, "-c", _KILLED_MID_SAVE, str(path)], cwd=root, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", _KILLED_MID_SAVE, str(path)], cwd=root, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 9, done.stderr
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != path.name]
     assert len(leftovers) == 1 and leftovers[0].startswith(".checkpoint.safetensors.tmp-")  # the torn write
@@ -196,15 +200,18 @@ def test_a_process_killed_mid_save_loses_nothing(tmp_path):
 
 
 def _small_tree():
-    return {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1.5, -2.0, 3.25], np.float32),
-            "step": np.int32(7)}
+    return {
+        "w": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "b": np.array([1.5, -2.0, 3.25], np.float32),
+        "step": np.int32(7),
+    }
 
 
 def _layout(path):
     """``(safetensors header, offset of the data region)`` of the file, parsed independently of jaxconv."""
     data = path.read_bytes()
     length = int.from_bytes(data[:8], "little")
-    return json.loads(data[8: 8 + length]), 8 + length
+    return json.loads(data[8 : 8 + length]), 8 + length
 
 
 def _flip_byte(path, offset):
@@ -233,7 +240,7 @@ def test_the_file_records_sha256_of_each_tensors_bytes_and_of_the_header(tmp_pat
     for name, leaf in zip(names, jax.tree.leaves(tree)):
         begin, end = header[name]["data_offsets"]
         record = jaxconv_header["tensors"][name]
-        assert record["sha256"] == hashlib.sha256(data[start + begin: start + end]).hexdigest()
+        assert record["sha256"] == hashlib.sha256(data[start + begin : start + end]).hexdigest()
         assert (record["dtype"], record["shape"]) == (np.asarray(leaf).dtype.name, list(np.shape(leaf)))
 
 
@@ -278,8 +285,11 @@ def test_truncated_files_and_offsets_past_the_end(tmp_path):
     _, start = _layout(path)
     cases = [
         (data[:-1], r"tensor \['(w|b|step)'\]'s data \(bytes \d+\.\.\d+\) runs past the end .* \(truncated\?\)"),
-        (data[: start - 10], r"its safetensors header is \d+ bytes but the file ends \d+ bytes after "
-                             r".* \(truncated\?\)"),
+        (
+            data[: start - 10],
+            r"its safetensors header is \d+ bytes but the file ends \d+ bytes after "
+            r".* \(truncated\?\)",
+        ),
         (data[:5], r"it is 5 bytes long, too short for a safetensors file"),
         (b"", r"it is 0 bytes long"),
         ((2**40).to_bytes(8, "little") + data[8:], r"its safetensors header is 1099511627776 bytes but the file ends"),
@@ -312,6 +322,7 @@ def _in_jaxconv(edit):
         jaxconv = json.loads(header["__metadata__"]["jaxconv"])
         edit(jaxconv)
         header["__metadata__"]["jaxconv"] = json.dumps(jaxconv)
+
     return edit_header
 
 
@@ -326,8 +337,10 @@ def _delete(key):
 _HAND_EDITS = {
     "no jaxconv entry": (lambda h: h["__metadata__"].pop("jaxconv"), r"no 'jaxconv' entry \(a safetensors file"),
     "no safetensors metadata": (_delete("__metadata__"), r"no 'jaxconv' entry"),
-    "jaxconv not JSON": (lambda h: h["__metadata__"].update(jaxconv="{not json"),
-                         r"'jaxconv' header is not valid JSON"),
+    "jaxconv not JSON": (
+        lambda h: h["__metadata__"].update(jaxconv="{not json"),
+        r"'jaxconv' header is not valid JSON",
+    ),
     "jaxconv a list": (lambda h: h["__metadata__"].update(jaxconv="[]"), r"'jaxconv' header is not a JSON object"),
     "format 2": (_in_jaxconv(_set("format", 2)), r"'format' 2; this version reads format 1\."),
     "no format": (_in_jaxconv(_delete("format")), r"'format' None"),
@@ -339,12 +352,16 @@ _HAND_EDITS = {
     "metadata a list": (_in_jaxconv(_set("metadata", [1])), r"'metadata' is missing or not a JSON object"),
     "no header checksum": (lambda h: h["__metadata__"].pop("jaxconv.sha256"), r"no 'jaxconv.sha256' entry"),
     "no tensor checksums": (_in_jaxconv(_delete("tensors")), r"'tensors' \(the checksums\) is missing"),
-    "no sha256 of w": (_in_jaxconv(lambda j: j["tensors"]["['w']"].pop("sha256")),
-                       r"'tensors' entry for tensor \['w'\] lacks a string 'sha256'"),
+    "no sha256 of w": (
+        _in_jaxconv(lambda j: j["tensors"]["['w']"].pop("sha256")),
+        r"'tensors' entry for tensor \['w'\] lacks a string 'sha256'",
+    ),
     "tensors a list": (_in_jaxconv(_set("tensors", [])), r"'tensors' \(the checksums\) is missing or not"),
     "offsets gone": (lambda h: h["['w']"].pop("data_offsets"), r"tensor \['w'\] has no valid 'data_offsets'"),
-    "offsets past the end": (lambda h: h["['w']"].update(data_offsets=[0, 10**9]),
-                             r"tensor \['w'\]'s data .* past the end"),
+    "offsets past the end": (
+        lambda h: h["['w']"].update(data_offsets=[0, 10**9]),
+        r"tensor \['w'\]'s data .* past the end",
+    ),
 }
 
 
@@ -370,8 +387,11 @@ def test_edits_the_checksums_do_not_cover_are_caught_too(tmp_path):
         checkpoint.read_metadata(path)
     path.write_bytes(original)
     _rewrite_header(path, lambda h: h["['w']"].update(shape=[3, 2]))  # same bytes, transposed: no checksum changes
-    with pytest.raises(ValueError, match=r"tensor \['w'\] is stored as float32\[3, 2\] but its header records "
-                                         r"float32\[2, 3\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"tensor \['w'\] is stored as float32\[3, 2\] but its header records "
+        r"float32\[2, 3\]",
+    ):
         checkpoint.restore(path, {"w": np.zeros((3, 2), np.float32), "b": tree["b"], "step": tree["step"]})
 
 
@@ -398,18 +418,26 @@ def test_fifos_and_devices_in_place_of_the_checkpoint_are_refused_without_blocki
     os.mkfifo(fifo)  # nobody writes to it: opening it for reading would block
     (tmp_path / "fifo-link.safetensors").symlink_to(fifo)
     (tmp_path / "zero-link.safetensors").symlink_to("/dev/zero")
-    kinds = {str(fifo): "a FIFO", str(tmp_path / "fifo-link.safetensors"): "a FIFO", "/dev/null": "a character device",
-             "/dev/zero": "a character device", str(tmp_path / "zero-link.safetensors"): "a character device"}
+    kinds = {
+        str(fifo): "a FIFO",
+        str(tmp_path / "fifo-link.safetensors"): "a FIFO",
+        "/dev/null": "a character device",
+        "/dev/zero": "a character device",
+        str(tmp_path / "zero-link.safetensors"): "a character device",
+    }
     root = pathlib.Path(__file__).resolve().parent.parent
     # A real process with a time limit and a memory cap: a regression fails here instead of hanging the suite.
-    done = subprocess.run([sys.executable, "-c", _READ_EACH, *kinds], cwd=root, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", _READ_EACH, *kinds], cwd=root, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     errors = json.loads(done.stdout)
     assert len(errors) == 2 * len(kinds)
     for path, kind, message in errors:
-        assert (kind, message) == ("ValueError", f"{path}: is not a regular file ({kinds[path]}); a checkpoint is "
-                                                 f"a file written by save().")
+        assert (kind, message) == (
+            "ValueError",
+            f"{path}: is not a regular file ({kinds[path]}); a checkpoint is a file written by save().",
+        )
 
 
 def test_a_directory_or_nothing_in_place_of_the_checkpoint(tmp_path):
@@ -430,15 +458,22 @@ def test_a_directory_or_nothing_in_place_of_the_checkpoint(tmp_path):
 
 def test_a_save_removes_stale_temporaries_of_that_file_and_nothing_else(tmp_path):
     stale = [".c.safetensors.tmp-a1b2c3d4", ".c.safetensors.tmp-zz_9x", ".metrics.json.tmp-0000abcd"]
-    unrelated = [".other.safetensors.tmp-a1b2c3d4", "c.safetensors.tmp-a1b2c3d4", ".c.safetensors.tmp-",
-                 ".c.safetensors.tmp-x.tmp-a1b2c3d4", ".c.safetensors.bak", "notes.txt"]
+    unrelated = [
+        ".other.safetensors.tmp-a1b2c3d4",
+        "c.safetensors.tmp-a1b2c3d4",
+        ".c.safetensors.tmp-",
+        ".c.safetensors.tmp-x.tmp-a1b2c3d4",
+        ".c.safetensors.bak",
+        "notes.txt",
+    ]
     for name in stale + unrelated:
         (tmp_path / name).write_bytes(b"torn")
     (tmp_path / ".c.safetensors.tmp-adir").mkdir()  # matches, but is a directory: not ours
     checkpoint.save(tmp_path / "c.safetensors", _small_tree())
     checkpoint.atomic_write_bytes(tmp_path / "metrics.json", b"{}")
-    assert sorted(os.listdir(tmp_path)) == sorted(unrelated + [".c.safetensors.tmp-adir", "c.safetensors",
-                                                               "metrics.json"])
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        unrelated + [".c.safetensors.tmp-adir", "c.safetensors", "metrics.json"]
+    )
     assert all((tmp_path / name).read_bytes() == b"torn" for name in unrelated)
 
 
@@ -446,8 +481,9 @@ def test_a_save_removes_stale_temporaries_of_that_file_and_nothing_else(tmp_path
 @pytest.mark.parametrize("umask_from", ["/proc/self/status", "os.umask"])
 def test_files_get_the_mode_the_umask_gives_new_files(tmp_path, monkeypatch, umask, mode, umask_from):
     if umask_from == "os.umask":  # as on systems without /proc
-        monkeypatch.setattr(checkpoint, "open", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError(a[0])),
-                            raising=False)
+        monkeypatch.setattr(
+            checkpoint, "open", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError(a[0])), raising=False
+        )
     previous = os.umask(umask)
     try:
         checkpoint.save(tmp_path / "c.safetensors", _small_tree())

@@ -36,8 +36,9 @@ def _cli(*argv, timeout=600):
     """``python -m jaxconv ARGV`` in a fresh process with XLA's default flags (the suite's turn
     optimisation off, which makes training conv nets several times slower)."""
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_ENABLE_X64", "XLA_FLAGS")}
-    done = subprocess.run([sys.executable, "-m", "jaxconv", *argv], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxconv", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -56,11 +57,13 @@ def test_check_data_loads_through_the_real_loaders(tmp_path, mnist_dir, cifar_di
     cifar = data.load_dataset("cifar10", cifar_dir)
     assert cifar.train_images.shape == (5000, 32, 32, 3) and cifar.test_images.shape == (500, 32, 32, 3)
     # Deterministic in the seed, and gzip-compressed IDX loads the same.
-    again = data.load_dataset("mnist", synthetic.write_mnist_like(tmp_path / "gz", num_train=3000, num_test=500,
-                                                                  compress=True))
+    again = data.load_dataset(
+        "mnist", synthetic.write_mnist_like(tmp_path / "gz", num_train=3000, num_test=500, compress=True)
+    )
     np.testing.assert_array_equal(again.train_images, mnist.train_images)
-    other = data.load_dataset("mnist", synthetic.write_mnist_like(tmp_path / "s1", num_train=3000, num_test=500,
-                                                                  seed=1))
+    other = data.load_dataset(
+        "mnist", synthetic.write_mnist_like(tmp_path / "s1", num_train=3000, num_test=500, seed=1)
+    )
     assert not np.array_equal(other.train_images, mnist.train_images)
 
 
@@ -111,12 +114,32 @@ def test_the_default_recipe_reaches_97_percent(dataset, num_train, tmp_path):
 # --- flags -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("optimizer, schedule", [("sgd", "step"), ("momentum", "constant"), ("adam", "cosine"),
-                                                 ("adamw", "cosine")])
+@pytest.mark.parametrize(
+    "optimizer, schedule", [("sgd", "step"), ("momentum", "constant"), ("adam", "cosine"), ("adamw", "cosine")]
+)
 def test_every_optimizer_and_schedule_trains(optimizer, schedule, tmp_path):
     lr = {"sgd": "0.1", "momentum": "0.05", "adam": "0.003", "adamw": "0.003"}[optimizer]
-    assert cli.main(["train", *TINY, "--optimizer", optimizer, "--schedule", schedule, "--lr", lr,
-                     "--warmup-epochs", "0.5", "--epochs", "3", "--out", str(tmp_path)]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                *TINY,
+                "--optimizer",
+                optimizer,
+                "--schedule",
+                schedule,
+                "--lr",
+                lr,
+                "--warmup-epochs",
+                "0.5",
+                "--epochs",
+                "3",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     record = _metrics(tmp_path)
     assert record["config"]["optimizer"] == optimizer and record["config"]["schedule"] == schedule
     losses = [e["train_loss"] for e in record["epochs"]]
@@ -168,8 +191,24 @@ def test_stop_and_resume_with_augmentation_and_a_schedule_is_exact(tmp_path, cap
     # refuses to resume with another length (the schedule spans the run).
     assert cli.main(["train", *flags[:-1], "4", "--resume", "--out", str(tmp_path / "split")]) == 2
     assert "epochs" in capsys.readouterr().err
-    assert cli.main(["train", *TINY, "--no-augment", "--schedule", "cosine", "--warmup-epochs", "1", "--epochs", "3",
-                     "--out", str(tmp_path / "plain")]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                *TINY,
+                "--no-augment",
+                "--schedule",
+                "cosine",
+                "--warmup-epochs",
+                "1",
+                "--epochs",
+                "3",
+                "--out",
+                str(tmp_path / "plain"),
+            ]
+        )
+        == 0
+    )
     plain, _ = _leaves(tmp_path / "plain")
     assert not all(np.array_equal(a, b) for a, b in zip(plain, straight))
 
@@ -179,20 +218,25 @@ def test_a_bn_model_resumes_bit_identically_with_its_running_statistics(tmp_path
     assert cli.main(["train", *flags, "--out", str(tmp_path / "a")]) == 0
     assert cli.main(["train", *flags, "--stop-after", "1", "--out", str(tmp_path / "b")]) == 0
     assert cli.main(["train", *flags, "--resume", "--out", str(tmp_path / "b")]) == 0
-    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(load_trained(tmp_path / "a")[1])[0]]
+    names = [
+        jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(load_trained(tmp_path / "a")[1])[0]
+    ]
     assert any("batch_stats" in n for n in names)
     for a, b in zip(_leaves(tmp_path / "a")[0], _leaves(tmp_path / "b")[0]):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--warmup-epochs", "3", "--epochs", "3"], "warmup"),
-    (["--optimizer", "rmsprop"], "invalid choice"),
-    (["--schedule", "linear"], "invalid choice"),
-    (["--val-fraction", "1"], "val-fraction"),
-    (["--coordinator", "127.0.0.1:1234"], "go together"),
-    (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"], "less than"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--warmup-epochs", "3", "--epochs", "3"], "warmup"),
+        (["--optimizer", "rmsprop"], "invalid choice"),
+        (["--schedule", "linear"], "invalid choice"),
+        (["--val-fraction", "1"], "val-fraction"),
+        (["--coordinator", "127.0.0.1:1234"], "go together"),
+        (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"], "less than"),
+    ],
+)
 def test_bad_flags_exit_2_naming_them(argv, match, tmp_path, capsys):
     assert cli.main(["train", *TINY, *argv, "--out", str(tmp_path / "out")]) == 2
     assert match in capsys.readouterr().err
@@ -280,10 +324,12 @@ def test_help_shows_every_default_and_the_version(capsys):
 
 
 def test_train_without_the_train_extra_says_what_to_install():
-    blocker = ("import sys\n"
-               "sys.modules['tqdm'] = sys.modules['sklearn'] = None  # as if not installed: importing fails\n"
-               "from jaxconv import cli\n"
-               "sys.exit(cli.main(['train', '--epochs', '1']))\n")
+    blocker = (
+        "import sys\n"
+        "sys.modules['tqdm'] = sys.modules['sklearn'] = None  # as if not installed: importing fails\n"
+        "from jaxconv import cli\n"
+        "sys.exit(cli.main(['train', '--epochs', '1']))\n"
+    )
     done = subprocess.run([sys.executable, "-c", blocker], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "pip install 'jaxconv[train]'" in done.stderr and "tqdm" in done.stderr and "Traceback" not in done.stderr
@@ -310,21 +356,51 @@ def test_two_processes_equal_one(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_ENABLE_X64", "XLA_FLAGS")}
     flags = ["train", "--model", "lenet5", "--batch-size", "64", "--epochs", "1", "--val-fraction", "0"]
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "jaxconv", *flags, "--out", str(tmp_path / "multi"),
-                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jaxconv",
+                *flags,
+                "--out",
+                str(tmp_path / "multi"),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outputs = [p.communicate(timeout=400) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
     assert "in 2 processes" in outputs[0][0]
-    single = subprocess.run([sys.executable, "-m", "jaxconv", *flags, "--out", str(tmp_path / "single")], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=400)
+    single = subprocess.run(
+        [sys.executable, "-m", "jaxconv", *flags, "--out", str(tmp_path / "single")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     multi, meta = _leaves(tmp_path / "multi")
     one, _ = _leaves(tmp_path / "single")
     for a, b in zip(multi, one):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert _metrics(tmp_path / "multi")["num_processes"] == 2
-    assert sorted(p.name for p in (tmp_path / "multi").iterdir() if not p.name.startswith(".")) == \
-        ["checkpoint.safetensors", "curves.png", "filters.png", "metrics.json"]
+    assert sorted(p.name for p in (tmp_path / "multi").iterdir() if not p.name.startswith(".")) == [
+        "checkpoint.safetensors",
+        "curves.png",
+        "filters.png",
+        "metrics.json",
+    ]

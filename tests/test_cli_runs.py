@@ -28,8 +28,22 @@ from ._datasets import mnist_dir, write_idx
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The smallest model and big batches: a digits epoch takes well under a second.
-TINY = ["--model", "dd2424_net", "--batch-size", "64", "--optimizer", "momentum", "--lr", "0.05", "--schedule", "constant",
-        "--val-fraction", "0", "--seed", "3"]
+TINY = [
+    "--model",
+    "dd2424_net",
+    "--batch-size",
+    "64",
+    "--optimizer",
+    "momentum",
+    "--lr",
+    "0.05",
+    "--schedule",
+    "constant",
+    "--val-fraction",
+    "0",
+    "--seed",
+    "3",
+]
 
 
 def _env():
@@ -41,13 +55,26 @@ def _env():
 def _run(*argv, timeout=300, umask=None):
     """``python -m jaxconv ARGV`` in a fresh process: ``CompletedProcess`` with text output."""
     preexec = (lambda: os.umask(umask)) if umask is not None else None
-    return subprocess.run([sys.executable, "-m", "jaxconv", *argv], cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=timeout, preexec_fn=preexec)
+    return subprocess.run(
+        [sys.executable, "-m", "jaxconv", *argv],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=preexec,
+    )
 
 
 def _start(*argv):
-    return subprocess.Popen([sys.executable, "-m", "jaxconv", *argv], cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "jaxconv", *argv],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _snapshot(directory: pathlib.Path) -> dict:
@@ -144,8 +171,12 @@ def read_only_directory(tmp_path):
     """A directory no process can write in: a read-only tmpfs (as root), else one without write permission."""
     path = tmp_path / "read-only"
     path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
-                             capture_output=True).returncode == 0 if os.geteuid() == 0 else False
+    mounted = (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True).returncode
+        == 0
+        if os.geteuid() == 0
+        else False
+    )
     if not mounted:
         assert os.geteuid() != 0, "as root a read-only directory needs a read-only mount, and mount failed"
         path.chmod(0o555)
@@ -282,8 +313,9 @@ def _restore(run):
     apply_fun, params, meta = load_trained(run / "checkpoint.safetensors")
     from jaxconv import train
 
-    optimizer = train.default_optimizer(meta["config"]["learning_rate"], meta["config"]["momentum"],
-                                        meta["config"]["weight_decay"])
+    optimizer = train.default_optimizer(
+        meta["config"]["learning_rate"], meta["config"]["momentum"], meta["config"]["weight_decay"]
+    )
     return checkpoint.restore(run / "checkpoint.safetensors", {"params": params, "opt_state": optimizer.init(params)})
 
 

@@ -22,8 +22,22 @@ from jaxconv.train import checkpoint
 from ._datasets import cifar_dir, mnist_dir
 
 # The smallest model (one conv, ReLU, FC) and big batches keep each run to a few seconds.
-TINY = ["--model", "dd2424_net", "--batch-size", "64", "--optimizer", "momentum", "--lr", "0.05", "--schedule", "constant",
-        "--val-fraction", "0", "--seed", "3"]
+TINY = [
+    "--model",
+    "dd2424_net",
+    "--batch-size",
+    "64",
+    "--optimizer",
+    "momentum",
+    "--lr",
+    "0.05",
+    "--schedule",
+    "constant",
+    "--val-fraction",
+    "0",
+    "--seed",
+    "3",
+]
 
 
 def _train(out, *extra):
@@ -140,12 +154,42 @@ def test_mnist_and_cifar_directories(tmp_path, capsys):
     mnist = tmp_path / "mnist"
     mnist.mkdir()
     mnist_dir(mnist, n_train=128, n_test=16, gz=True)
-    assert cli.main(["train", "--dataset", "fashion-mnist", "--data-dir", str(mnist), *TINY,
-                     "--epochs", "1", "--out", str(tmp_path / "f")]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--dataset",
+                "fashion-mnist",
+                "--data-dir",
+                str(mnist),
+                *TINY,
+                "--epochs",
+                "1",
+                "--out",
+                str(tmp_path / "f"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "f" / "metrics.json").read_text())["config"]["dataset"] == "fashion-mnist"
     cifar_dir(tmp_path / "cifar", per_file=26)
-    assert cli.main(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar"), *TINY,
-                     "--epochs", "1", "--out", str(tmp_path / "c")]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--dataset",
+                "cifar10",
+                "--data-dir",
+                str(tmp_path / "cifar"),
+                *TINY,
+                "--epochs",
+                "1",
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 0
+    )
     assert "test accuracy" in capsys.readouterr().out.strip().splitlines()[-1]
 
 
@@ -153,7 +197,10 @@ def test_mnist_and_cifar_directories(tmp_path, capsys):
     "argv,match",
     [
         (["--dataset", "cifar10", "--data-dir", "{tmp}"], r"--dataset cifar10: .*data_batch_1.bin"),
-        (["--dataset", "mnist", "--data-dir", "{tmp}/corrupt"], r"--dataset mnist: .*train-labels-idx1-ubyte: .*truncated"),
+        (
+            ["--dataset", "mnist", "--data-dir", "{tmp}/corrupt"],
+            r"--dataset mnist: .*train-labels-idx1-ubyte: .*truncated",
+        ),
         (["--devices", "64"], r"--devices 64: `num_devices` \(=64\)"),
         (["--batch-size", "5000"], r"--batch-size 5000 exceeds the 1437 training images"),
         (["--resume"], r"--resume: checkpoint .*checkpoint.safetensors' does not exist"),
@@ -194,8 +241,14 @@ def test_the_readme_command_reaches_97_percent_in_under_two_minutes(tmp_path):
     """``python -m jaxconv train`` as a user runs it: fresh process, XLA's default flags, the defaults."""
     root = pathlib.Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
-    done = subprocess.run([sys.executable, "-m", "jaxconv", "train", "--out", str(tmp_path)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxconv", "train", "--out", str(tmp_path)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "it/s" in done.stderr or "batch/s" in done.stderr  # the progress bar
     record = json.loads((tmp_path / "metrics.json").read_text())

@@ -42,8 +42,9 @@ def _case(name, index=0, seed=0):
 
 
 def _check(case, **options):
-    return check_vjp(case.f, case.ref, *case.args, names=case.names, name=f"{case.op} {case.label}",
-                     **{**case.options, **options})
+    return check_vjp(
+        case.f, case.ref, *case.args, names=case.names, name=f"{case.op} {case.label}", **{**case.options, **options}
+    )
 
 
 def _forms(name, index):
@@ -132,8 +133,14 @@ def test_eager_and_vmap(name):
     other = _case(name, 0, seed=12)
     args = tuple(_stack(a, b) if i in spec.vmap_args else a for i, (a, b) in enumerate(zip(case.args, other.args)))
     axes = tuple(0 if i in spec.vmap_args else None for i in range(len(args)))
-    report = check_vjp(jax.vmap(case.f, in_axes=axes), jax.vmap(case.ref, in_axes=axes), *args, names=case.names,
-                       finite_differences=False, name=f"vmap {case.op}")
+    report = check_vjp(
+        jax.vmap(case.f, in_axes=axes),
+        jax.vmap(case.ref, in_axes=axes),
+        *args,
+        names=case.names,
+        finite_differences=False,
+        name=f"vmap {case.op}",
+    )
     report.assert_ok()
     # The mapped rule equals the rule applied entry by entry.
     mapped = jax.vmap(case.f, in_axes=axes)(*args)

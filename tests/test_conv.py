@@ -99,8 +99,11 @@ def test_rule_is_used_not_autodiff(monkeypatch):
     x, w = jnp.ones((1, 4, 4, 1)), jnp.ones((2, 2, 1, 1))
     loss = lambda x: jaxconv.conv2d(x, w).sum()
     assert float(jnp.abs(jax.grad(loss)(x)).sum()) > 0
-    monkeypatch.setattr(conv_module, "_input_grad_conv",
-                        lambda config, w, g: jnp.zeros((g.shape[0], *config.window.in_size, 1), g.dtype))
+    monkeypatch.setattr(
+        conv_module,
+        "_input_grad_conv",
+        lambda config, w, g: jnp.zeros((g.shape[0], *config.window.in_size, 1), g.dtype),
+    )
     assert float(jnp.abs(jax.grad(loss)(x)).sum()) == 0.0
 
 
@@ -114,8 +117,12 @@ def test_stride_two_backward_is_inserted_gradient_times_rot180_kernel():
     inserted = np.zeros((7, 7))
     inserted[2:5:2, 2:5:2] = g[0, :, :, 0]
     rot = np.asarray(w[::-1, ::-1, 0, 0])
-    expected_dx = np.array([[np.sum(inserted[i:i + 3, j:j + 3] * rot) for j in range(5)] for i in range(5)])
+    expected_dx = np.array([[np.sum(inserted[i : i + 3, j : j + 3] * rot) for j in range(5)] for i in range(5)])
     np.testing.assert_array_equal(np.asarray(dx[0, :, :, 0]), expected_dx)
-    expected_dw = np.array([[np.sum(np.asarray(x[0, i:i + 3:2, j:j + 3:2, 0]) * np.asarray(g[0, :, :, 0]))
-                             for j in range(3)] for i in range(3)])
+    expected_dw = np.array(
+        [
+            [np.sum(np.asarray(x[0, i : i + 3 : 2, j : j + 3 : 2, 0]) * np.asarray(g[0, :, :, 0])) for j in range(3)]
+            for i in range(3)
+        ]
+    )
     np.testing.assert_array_equal(np.asarray(dw[:, :, 0, 0]), expected_dw)

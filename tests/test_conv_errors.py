@@ -19,7 +19,10 @@ W = jnp.zeros((3, 3, 4, 8))
         (dict(w=jnp.zeros((3, 3, 4))), r"`w` must have rank 4"),
         (dict(w=jnp.zeros((3, 3, 3, 8))), r"`x.shape\[3\]` \(=4\) must equal `groups` \(=1\)"),
         (dict(w=jnp.zeros((3, 3, 2, 6)), groups=2), None),
-        (dict(w=jnp.zeros((3, 3, 2, 7)), groups=2), r"`groups` \(=2\) must divide the output channels `w.shape\[3\]` \(=7\)"),
+        (
+            dict(w=jnp.zeros((3, 3, 2, 7)), groups=2),
+            r"`groups` \(=2\) must divide the output channels `w.shape\[3\]` \(=7\)",
+        ),
         (dict(w=jnp.zeros((7, 3, 4, 8))), r"spans 7 in height, larger than the padded input \(6 \+ 0 \+ 0 = 6\)"),
         (dict(w=jnp.zeros((3, 4, 4, 8)), dilation=2), r"spans 7 in width"),
         (dict(stride=0), r"`stride` \(=0\) must be >= 1"),
@@ -54,8 +57,10 @@ def test_bad_input_raises_value_error(kwargs, match):
         jax.jit(lambda x, w: jaxconv.conv2d(x, w, args["b"], **kwargs)).lower(args["x"], args["w"])
 
 
-@pytest.mark.parametrize("op,y_name,nd", [(jaxconv.conv1d, "x", 1), (jaxconv.conv2d, "x", 2), (jaxconv.conv3d, "x", 3),
-                                          (jaxconv.conv_transpose2d, "y", 2)])
+@pytest.mark.parametrize(
+    "op,y_name,nd",
+    [(jaxconv.conv1d, "x", 1), (jaxconv.conv2d, "x", 2), (jaxconv.conv3d, "x", 3), (jaxconv.conv_transpose2d, "y", 2)],
+)
 @pytest.mark.parametrize("which", ["w", "b"])
 def test_dtype_mismatch_is_a_type_error_naming_both_arguments(op, y_name, nd, which):
     """As lax: arrays of different dtypes are a TypeError (eager and at trace time), naming each argument
@@ -79,19 +84,31 @@ def test_padding_can_make_a_small_input_fit():
     [
         (lambda: jaxconv.conv1d(jnp.zeros((2, 6, 6, 4)), jnp.zeros((3, 4, 8))), r"`x` must have rank 3"),
         (lambda: jaxconv.conv1d(jnp.zeros((2, 6, 4)), jnp.zeros((3, 3, 4, 8))), r"`w` must have rank 3"),
-        (lambda: jaxconv.conv1d(jnp.zeros((2, 6, 4)), jnp.zeros((3, 4, 8)), stride=(1, 2)),
-         r"`stride` \(=\(1, 2\)\) must be an int or one int"),
-        (lambda: jaxconv.conv1d(jnp.zeros((2, 6, 4)), jnp.zeros((3, 4, 8)), padding=(1, 2)),
-         r"`padding` \(=\(1, 2\)\) must be 'VALID', 'SAME', an int, 1 ints or one \(lo, hi\) per dimension"),
+        (
+            lambda: jaxconv.conv1d(jnp.zeros((2, 6, 4)), jnp.zeros((3, 4, 8)), stride=(1, 2)),
+            r"`stride` \(=\(1, 2\)\) must be an int or one int",
+        ),
+        (
+            lambda: jaxconv.conv1d(jnp.zeros((2, 6, 4)), jnp.zeros((3, 4, 8)), padding=(1, 2)),
+            r"`padding` \(=\(1, 2\)\) must be 'VALID', 'SAME', an int, 1 ints or one \(lo, hi\) per dimension",
+        ),
         (lambda: jaxconv.conv1d(jnp.zeros((2, 6, 4)), jnp.zeros((9, 4, 8))), r"spans 9 in width"),
         (lambda: jaxconv.conv1d(jnp.zeros((2, 6, 4)), jnp.zeros((3, 3, 8))), r"`x.shape\[2\]` \(=4\)"),
         (lambda: jaxconv.conv3d(jnp.zeros((2, 4, 6, 6, 4)), jnp.zeros((5, 3, 3, 4, 8))), r"spans 5 in depth"),
-        (lambda: jaxconv.conv3d(jnp.zeros((2, 4, 6, 6, 4)), jnp.zeros((3, 3, 3, 4, 8)), dilation=(1, 1)),
-         r"`dilation` \(=\(1, 1\)\) must be an int or a triple"),
-        (lambda: jaxconv.conv3d(jnp.zeros((2, 4, 6, 6, 4)), jnp.zeros((3, 3, 3, 4, 8)),
-                                padding=((0, 1), (1, 1), (2, -1))), r"must be non-negative"),
-        (lambda: jaxconv.conv3d(jnp.zeros((2, 4, 6, 6, 4)), jnp.zeros((3, 3, 3, 2, 7)), groups=2),
-         r"`groups` \(=2\) must divide the output channels `w.shape\[4\]` \(=7\)"),
+        (
+            lambda: jaxconv.conv3d(jnp.zeros((2, 4, 6, 6, 4)), jnp.zeros((3, 3, 3, 4, 8)), dilation=(1, 1)),
+            r"`dilation` \(=\(1, 1\)\) must be an int or a triple",
+        ),
+        (
+            lambda: jaxconv.conv3d(
+                jnp.zeros((2, 4, 6, 6, 4)), jnp.zeros((3, 3, 3, 4, 8)), padding=((0, 1), (1, 1), (2, -1))
+            ),
+            r"must be non-negative",
+        ),
+        (
+            lambda: jaxconv.conv3d(jnp.zeros((2, 4, 6, 6, 4)), jnp.zeros((3, 3, 3, 2, 7)), groups=2),
+            r"`groups` \(=2\) must divide the output channels `w.shape\[4\]` \(=7\)",
+        ),
     ],
 )
 def test_1d_and_3d_bad_input_raises_value_error(call, match):

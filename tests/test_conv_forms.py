@@ -27,8 +27,10 @@ from ._grids import CONV2D_GRID, conv_arrays, conv_pair
 from .strategies import conv_configs
 
 # CONV2D_GRID's first five configurations with batches of 4-6 images, cut into blocks of 1-3.
-BLOCKED_GRID = [((batch, *x_shape[1:]), w_shape, options)
-                for batch, (x_shape, w_shape, options) in zip((4, 6, 4, 4, 6), CONV2D_GRID)]
+BLOCKED_GRID = [
+    ((batch, *x_shape[1:]), w_shape, options)
+    for batch, (x_shape, w_shape, options) in zip((4, 6, 4, 4, 6), CONV2D_GRID)
+]
 
 
 @pytest.fixture(params=[(1, "im2row_blocked"), (2, "im2row_blocked"), (1, "mixed")])
@@ -42,8 +44,7 @@ def blocked(request, forms):
 
 def _set_budget(monkeypatch, images, x_shape, w_shape, options):
     """A phi budget that holds exactly ``images`` images of this convolution."""
-    out = jax.eval_shape(lambda x, w: reference.conv2d(x, w, **options),
-                         jnp.zeros(x_shape), jnp.zeros(w_shape)).shape
+    out = jax.eval_shape(lambda x, w: reference.conv2d(x, w, **options), jnp.zeros(x_shape), jnp.zeros(w_shape)).shape
     per_image = out[1] * out[2] * w_shape[0] * w_shape[1] * x_shape[3] * 8
     monkeypatch.setattr(im2row, "BLOCK_BYTES", images * per_image)
     n = x_shape[0]
@@ -66,8 +67,14 @@ def test_blocked_float32(monkeypatch, forms, x_shape, w_shape, options):
     forms(conv_backward="im2row_blocked", conv_forward="im2row_blocked")
     _set_budget(monkeypatch, 2, x_shape, w_shape, options)
     f, ref = conv_pair(options)
-    report = check_vjp(f, ref, *conv_arrays(np.random.default_rng(1), x_shape, w_shape, dtype=np.float32),
-                       dtype=jnp.float32, finite_differences=False, second_order=False)
+    report = check_vjp(
+        f,
+        ref,
+        *conv_arrays(np.random.default_rng(1), x_shape, w_shape, dtype=np.float32),
+        dtype=jnp.float32,
+        finite_differences=False,
+        second_order=False,
+    )
     report.assert_ok()
     assert report.worst("vjp") <= 1e-5
 
@@ -98,9 +105,17 @@ def test_blocked_vmap_and_jit(monkeypatch, forms):
     check_vjp(batched(jaxconv.conv2d), batched(reference.conv2d), xs, ws).assert_ok()
 
 
-@pytest.mark.parametrize("n,per_image,budget,expected", [
-    (128, 10, 45, 4), (128, 10, 10**9, 128), (128, 10, 5, 1), (7, 1, 6, 1), (12, 1, 5, 4), (1, 100, 1, 1),
-])
+@pytest.mark.parametrize(
+    "n,per_image,budget,expected",
+    [
+        (128, 10, 45, 4),
+        (128, 10, 10**9, 128),
+        (128, 10, 5, 1),
+        (7, 1, 6, 1),
+        (12, 1, 5, 4),
+        (1, 100, 1, 1),
+    ],
+)
 def test_batch_block_is_largest_fitting_divisor(n, per_image, budget, expected):
     assert im2row.batch_block(n, per_image, budget) == expected
 
@@ -110,8 +125,16 @@ def _plan(x_shape, w_shape, stride=(1, 1), groups=1, platform="cpu"):
     n, h, w, c = x_shape
     kh, kw, _, o = w_shape
     out = tuple((size - k) // s + 1 for size, k, s in zip((h, w), (kh, kw), stride))
-    return jaxconv.plan.conv_plan(batch=n, out_spatial=out, kernel_spatial=(kh, kw), in_channels=c,
-                                  out_channels=o, groups=groups, stride=stride, platform=platform)
+    return jaxconv.plan.conv_plan(
+        batch=n,
+        out_spatial=out,
+        kernel_spatial=(kh, kw),
+        in_channels=c,
+        out_channels=o,
+        groups=groups,
+        stride=stride,
+        platform=platform,
+    )
 
 
 def test_backward_plan_by_platform_and_shape(forms):
@@ -167,7 +190,9 @@ def test_forced_forms_nest_and_end_with_their_block():
     with jaxconv.plan.forms(conv_backward="im2row"):
         with jaxconv.plan.forms(conv_forward="im2row_blocked"):
             assert (jaxconv.plan.forced("conv_backward"), jaxconv.plan.forced("conv_forward")) == (
-                "im2row", "im2row_blocked")
+                "im2row",
+                "im2row_blocked",
+            )
         assert jaxconv.plan.forced("conv_forward") is None
     assert jaxconv.plan.forced("conv_backward") is None
     jaxconv.conv2d(x, w)  # the planner's again
@@ -201,9 +226,16 @@ def test_symbolic_batch_exports_every_model():
         for a, b in zip(jax.tree.leaves(exported.call(params, x)), jax.tree.leaves(loss(params, x))):
             # float32, two compilations that may associate sums differently; gradients are O(1).
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    symbolic = jaxconv.plan.conv_plan(batch=export.symbolic_shape("b")[0], out_spatial=(30, 30),
-                                      kernel_spatial=(3, 3), in_channels=64, out_channels=64, groups=1,
-                                      stride=(1, 1), platform="cpu")
+    symbolic = jaxconv.plan.conv_plan(
+        batch=export.symbolic_shape("b")[0],
+        out_spatial=(30, 30),
+        kernel_spatial=(3, 3),
+        in_channels=64,
+        out_channels=64,
+        groups=1,
+        stride=(1, 1),
+        platform="cpu",
+    )
     assert symbolic.backward == symbolic.forward == "conv" and "symbolic" in symbolic.reason
 
 
@@ -267,8 +299,12 @@ def test_importing_and_running_an_op_does_not_load_onednn():
         available = jaxconv.plan.onednn.available()
         print(before, "jaxconv.plan.onednn" in sys.modules, callable(jaxconv.plan.onednn.forward))
     """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(jaxconv.__file__)), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            [os.path.dirname(os.path.dirname(jaxconv.__file__)), os.environ.get("PYTHONPATH", "")]
+        ),
+    )
     out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "True", "True"], out.stdout
@@ -299,28 +335,46 @@ def test_a_function_jitted_before_a_forms_block_is_traced_again_inside_it():
         np.testing.assert_allclose(a, b, rtol=1e-12)
 
 
-@pytest.mark.parametrize("forward,backward", [(f, b) for f in jaxconv.plan.CONV_FORWARD_FORMS
-                                              for b in jaxconv.plan.CONV_BACKWARD_FORMS
-                                              if f == b or (f, b) in {("conv", "mixed"), ("conv", "im2row"),
-                                                                      ("im2row_blocked", "conv")}])
+@pytest.mark.parametrize(
+    "forward,backward",
+    [
+        (f, b)
+        for f in jaxconv.plan.CONV_FORWARD_FORMS
+        for b in jaxconv.plan.CONV_BACKWARD_FORMS
+        if f == b or (f, b) in {("conv", "mixed"), ("conv", "im2row"), ("im2row_blocked", "conv")}
+    ],
+)
 def test_export_with_a_symbolic_batch_under_every_forced_form(forms, forward, backward):
     """Forms that need every size (the blocked products, mixed, Winograd) give way to "conv" when the batch is
     symbolic (the plan's reason says so); the exported gradient runs at any batch and equals the reference's."""
     from jax import export
 
     forms(conv_forward=forward, conv_backward=backward)
-    plan = jaxconv.plan.conv_plan(batch=export.symbolic_shape("b")[0], out_spatial=(8, 8), kernel_spatial=(3, 3),
-                                  in_channels=3, out_channels=4, groups=1, stride=(1, 1), platform="cpu",
-                                  dtype=np.float32)
+    plan = jaxconv.plan.conv_plan(
+        batch=export.symbolic_shape("b")[0],
+        out_spatial=(8, 8),
+        kernel_spatial=(3, 3),
+        in_channels=3,
+        out_channels=4,
+        groups=1,
+        stride=(1, 1),
+        platform="cpu",
+        dtype=np.float32,
+    )
     for wanted, got in ((forward, plan.forward), (backward, plan.backward)):
         if wanted in jaxconv.plan.SIZED_FORMS:
             assert got == "conv" and f"{wanted} needs every size" in plan.reason, plan
     loss = lambda op: lambda x, w: (op(x, w, padding=1) ** 2).sum()  # noqa: E731
-    spec = (jax.ShapeDtypeStruct(export.symbolic_shape("b, 8, 8, 3"), jnp.float32),
-            jax.ShapeDtypeStruct((3, 3, 3, 4), jnp.float32))
+    spec = (
+        jax.ShapeDtypeStruct(export.symbolic_shape("b, 8, 8, 3"), jnp.float32),
+        jax.ShapeDtypeStruct((3, 3, 3, 4), jnp.float32),
+    )
     exported = export.export(jax.jit(jax.grad(loss(jaxconv.conv2d), argnums=(0, 1))))(*spec)
     rng = np.random.default_rng(0)
     for n in (1, 3):
-        x, w = rng.standard_normal((n, 8, 8, 3)).astype(np.float32), rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
+        x, w = (
+            rng.standard_normal((n, 8, 8, 3)).astype(np.float32),
+            rng.standard_normal((3, 3, 3, 4)).astype(np.float32),
+        )
         for a, b in zip(exported.call(x, w), jax.grad(loss(reference.conv2d), argnums=(0, 1))(x, w)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-3)

@@ -60,18 +60,28 @@ HIGHEST = (lax.Precision.HIGHEST, lax.Precision.HIGHEST)
 
 
 def _conv_args(rng, dtype=np.float64):
-    return (rng.standard_normal(X).astype(dtype), rng.standard_normal(W).astype(dtype),
-            rng.standard_normal(W[-1]).astype(dtype))
+    return (
+        rng.standard_normal(X).astype(dtype),
+        rng.standard_normal(W).astype(dtype),
+        rng.standard_normal(W[-1]).astype(dtype),
+    )
 
 
 @pytest.mark.parametrize("form", FORWARD)
-@pytest.mark.parametrize("precision,expected", [
-    ("highest", HIGHEST), (lax.Precision.HIGH, (lax.Precision.HIGH,) * 2),
-    (("default", "highest"), (lax.Precision.DEFAULT, lax.Precision.HIGHEST)), (None, None)])
+@pytest.mark.parametrize(
+    "precision,expected",
+    [
+        ("highest", HIGHEST),
+        (lax.Precision.HIGH, (lax.Precision.HIGH,) * 2),
+        (("default", "highest"), (lax.Precision.DEFAULT, lax.Precision.HIGHEST)),
+        (None, None),
+    ],
+)
 def test_every_forward_form_carries_the_precision(forms, form, precision, expected):
     forms(conv_forward=form)
-    found, _ = _forward_and_pullback(jaxconv.conv2d, *_conv_args(np.random.default_rng(0)), padding=1,
-                                     precision=precision)
+    found, _ = _forward_and_pullback(
+        jaxconv.conv2d, *_conv_args(np.random.default_rng(0)), padding=1, precision=precision
+    )
     assert found, f"no product in the {form} forward"
     assert all(p == expected for p in found), found
 
@@ -80,8 +90,9 @@ def test_every_forward_form_carries_the_precision(forms, form, precision, expect
 @pytest.mark.parametrize("precision,expected", [("highest", HIGHEST), (None, None)])
 def test_every_backward_form_carries_the_precision(forms, form, precision, expected):
     forms(conv_backward=form)
-    _, found = _forward_and_pullback(jaxconv.conv2d, *_conv_args(np.random.default_rng(1)), padding=1,
-                                     precision=precision)
+    _, found = _forward_and_pullback(
+        jaxconv.conv2d, *_conv_args(np.random.default_rng(1)), padding=1, precision=precision
+    )
     assert found, f"no product in the {form} backward"
     assert all(p == expected for p in found), found
 
@@ -97,21 +108,40 @@ def test_conv_transpose_forward_and_backward_carry_the_precision(forms, form):
     assert all(p == HIGHEST for p in forward + pullback), (forward, pullback)
 
 
-@pytest.mark.parametrize("op,x_shape,w_shape", [
-    (jaxconv.conv1d, (2, 7, 3), (3, 3, 4)), (jaxconv.conv3d, (1, 4, 5, 4, 2), (2, 3, 2, 2, 3)),
-    (jaxconv.conv_transpose1d, (2, 7, 4), (3, 3, 4)), (jaxconv.conv_transpose3d, (1, 4, 5, 4, 3), (2, 3, 2, 2, 3))])
+@pytest.mark.parametrize(
+    "op,x_shape,w_shape",
+    [
+        (jaxconv.conv1d, (2, 7, 3), (3, 3, 4)),
+        (jaxconv.conv3d, (1, 4, 5, 4, 2), (2, 3, 2, 2, 3)),
+        (jaxconv.conv_transpose1d, (2, 7, 4), (3, 3, 4)),
+        (jaxconv.conv_transpose3d, (1, 4, 5, 4, 3), (2, 3, 2, 2, 3)),
+    ],
+)
 @pytest.mark.parametrize("backward", ["conv", "im2row"])
 def test_1d_and_3d_carry_the_precision(forms, op, x_shape, w_shape, backward):
     forms(conv_backward=backward, conv_forward="conv" if backward == "conv" else "im2row_blocked")
     rng = np.random.default_rng(3)
-    forward, pullback = _forward_and_pullback(op, rng.standard_normal(x_shape), rng.standard_normal(w_shape),
-                                              stride=2, padding=1, precision=lax.Precision.HIGH)
+    forward, pullback = _forward_and_pullback(
+        op,
+        rng.standard_normal(x_shape),
+        rng.standard_normal(w_shape),
+        stride=2,
+        padding=1,
+        precision=lax.Precision.HIGH,
+    )
     assert forward and pullback
     assert all(p == (lax.Precision.HIGH,) * 2 for p in forward + pullback), (forward, pullback)
 
 
-@pytest.mark.parametrize("forward,backward", [(f, b) for f in FORWARD for b in BACKWARD
-                                              if f == b or (f, b) in {("conv", "mixed"), ("im2row_blocked", "im2row")}])
+@pytest.mark.parametrize(
+    "forward,backward",
+    [
+        (f, b)
+        for f in FORWARD
+        for b in BACKWARD
+        if f == b or (f, b) in {("conv", "mixed"), ("im2row_blocked", "im2row")}
+    ],
+)
 def test_results_match_the_reference_in_float64_at_every_precision_form(forms, forward, backward):
     """Precision changes nothing in float64 (CPU computes every product in float64): the rule still equals
     ``jax.vjp`` of the reference given the same precision."""

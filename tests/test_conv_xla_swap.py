@@ -78,8 +78,13 @@ SCRIPT = textwrap.dedent("""
 def _second_derivatives(module: str, path: Path, xla_flags: str = "") -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     env["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), xla_flags]))
-    return subprocess.run([sys.executable, "-c", SCRIPT, module, repr((CASES, LAX_CASES)), str(path)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", SCRIPT, module, repr((CASES, LAX_CASES)), str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def test_second_derivatives_compile_and_match_reference(tmp_path):

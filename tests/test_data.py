@@ -1,4 +1,5 @@
-"""jaxconv.train.data: the digits split, IDX and CIFAR-10 binary readers on files written here, clear errors, batch order."""
+"""jaxconv.train.data: the digits split, IDX and CIFAR-10 binary readers on files written here, clear errors,
+batch order."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ def test_digits_fixed_stratified_split():
     assert 0.0 <= ds.train_images.min() and ds.train_images.max() == 1.0
     # Stratified: each class's share of the test set is its share of the whole, to one image.
     all_labels = np.concatenate([ds.train_labels, ds.test_labels])
-    np.testing.assert_allclose(np.bincount(ds.test_labels, minlength=10),
-                               np.bincount(all_labels, minlength=10) * 360 / 1797, atol=1)
+    np.testing.assert_allclose(
+        np.bincount(ds.test_labels, minlength=10), np.bincount(all_labels, minlength=10) * 360 / 1797, atol=1
+    )
     # Fixed: a second load is identical, and the split is a partition of sklearn's images.
     again = data.load_digits()
     np.testing.assert_array_equal(again.train_images, ds.train_images)

@@ -90,11 +90,18 @@ def _call_capped(function: str, path) -> tuple[str, int]:
 
     Returns ``(what it raised, "TypeName: message", or "returned"; growth of its peak resident memory in bytes)``.
     """
+
     def cap():
         resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
 
-    done = subprocess.run([sys.executable, "-c", _CAPPED, function, str(path)], cwd=REPO, capture_output=True,
-                          text=True, timeout=60, preexec_fn=cap)
+    done = subprocess.run(
+        [sys.executable, "-c", _CAPPED, function, str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=cap,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     outcome, growth = done.stdout.strip().rsplit("\n", 1)
     return outcome, int(growth)
@@ -116,8 +123,10 @@ def test_a_6gb_sparse_file_is_refused_from_its_header_without_reading_it(tmp_pat
         f.truncate(6_000_000_000)  # sparse: no disk used
     err, peak = _peak_bytes(data.read_idx, path)
     assert isinstance(err, ValueError)
-    assert str(err) == (f"{path}: is 6000000000 bytes, but its header (10, 28, 28) of uint8 needs 7856: it has "
-                        f"trailing bytes (it is larger than its header declares).")
+    assert str(err) == (
+        f"{path}: is 6000000000 bytes, but its header (10, 28, 28) of uint8 needs 7856: it has "
+        f"trailing bytes (it is larger than its header declares)."
+    )
     assert peak < 1 << 20
 
 
@@ -131,8 +140,10 @@ def test_sizes_past_int64_are_computed_exactly(tmp_path, dims, gz):
     if gz:
         path.write_bytes(gzip.compress(payload))
         size = path.stat().st_size
-        match = (f"{path}: its header {dims} of uint8 declares {needed} bytes, but a {size}-byte gzip file inflates "
-                 f"to at most {1032 * size} (deflate's limit is 1032:1)")
+        match = (
+            f"{path}: its header {dims} of uint8 declares {needed} bytes, but a {size}-byte gzip file inflates "
+            f"to at most {1032 * size} (deflate's limit is 1032:1)"
+        )
     else:
         path.write_bytes(payload)
         match = f"{path}: is {len(payload)} bytes, but its header {dims} of uint8 needs {needed}: truncated."
@@ -156,8 +167,10 @@ def test_a_gzip_bomb_is_refused_after_a_few_kb(tmp_path, extra):
     _gzip_of_zeros(path, _idx_header((10, 28, 28)) + bytes(range(256)) * 30 + bytes(160), extra)
     assert path.stat().st_size < 5_000_000
     outcome, growth = _call_capped("load_mnist", tmp_path)
-    assert outcome == (f"ValueError: {path}: inflates to at least 7857 bytes, but its header (10, 28, 28) of uint8 "
-                       f"needs 7856: it has trailing bytes (it is larger than its header declares).")
+    assert outcome == (
+        f"ValueError: {path}: inflates to at least 7857 bytes, but its header (10, 28, 28) of uint8 "
+        f"needs 7856: it has trailing bytes (it is larger than its header declares)."
+    )
     assert growth < 64 << 20
 
 
@@ -166,9 +179,12 @@ def test_a_gzip_header_promising_more_than_deflate_can_give_is_refused_from_the_
     path = tmp_path / "train-images-idx3-ubyte.gz"
     images = np.random.default_rng(0).integers(0, 256, (10, 28, 28), dtype=np.uint8)
     path.write_bytes(gzip.compress(_idx_header((60000, 28, 28)) + images.tobytes()))
-    with pytest.raises(ValueError, match=rf"train-images-idx3-ubyte.gz: its header \(60000, 28, 28\) of uint8 "
-                                         rf"declares 47040016 bytes, but a {path.stat().st_size}-byte gzip file "
-                                         rf"inflates to at most \d+ .*most of the data is missing"):
+    with pytest.raises(
+        ValueError,
+        match=rf"train-images-idx3-ubyte.gz: its header \(60000, 28, 28\) of uint8 "
+        rf"declares 47040016 bytes, but a {path.stat().st_size}-byte gzip file "
+        rf"inflates to at most \d+ .*most of the data is missing",
+    ):
         data.load_mnist(tmp_path)
 
 
@@ -208,8 +224,9 @@ def test_a_last_member_forged_to_agree_with_a_4gb_header_costs_only_the_data_tha
     path = tmp_path / "x.gz"
     _gzip_members(path, _idx_header(dims) + body, bytes(1000), level=1)
     err, peak = _peak_bytes(data.read_idx, path)
-    assert str(err) == (f"{path}: inflates to {16 + len(body) + 1000} bytes, but its header {dims} of uint8 needs "
-                        f"{needed}: truncated.")
+    assert str(err) == (
+        f"{path}: inflates to {16 + len(body) + 1000} bytes, but its header {dims} of uint8 needs {needed}: truncated."
+    )
     assert peak < 64 << 20
 
 
@@ -220,8 +237,10 @@ def test_single_member_gzip_lengths_name_the_file(tmp_path, damage):
     payload = _idx_header(labels.shape) + labels.tobytes()
     path = tmp_path / "t10k-labels-idx1-ubyte.gz"
     path.write_bytes(gzip.compress(payload[:-1] if damage == "short" else payload + b"\0"))
-    expected = {"short": "inflates to 12 bytes, but its header (5,) of uint8 needs 13: truncated.",
-                "long": "inflates to at least 14 bytes, but its header (5,) of uint8 needs 13: it has trailing bytes"}
+    expected = {
+        "short": "inflates to 12 bytes, but its header (5,) of uint8 needs 13: truncated.",
+        "long": "inflates to at least 14 bytes, but its header (5,) of uint8 needs 13: it has trailing bytes",
+    }
     with pytest.raises(ValueError) as info:
         data.load_mnist(tmp_path)
     assert str(info.value).startswith(f"{path}: {expected[damage]}")
@@ -315,15 +334,27 @@ def _replace_split(directory, prefix, images, labels=None):
     [
         ("train", np.zeros((0, 28, 28)), "train-images-idx3-ubyte: 0 training images: the training split is empty."),
         ("t10k", np.zeros((0, 28, 28)), "t10k-images-idx3-ubyte: 0 test images: the test split is empty."),
-        ("train", np.zeros((12, 0, 0)), "train-images-idx3-ubyte: its training images are 0x0x1 (H x W x C): "
-                                        "zero-size images."),
-        ("t10k", np.zeros((5, 28, 0)), "t10k-images-idx3-ubyte: its test images are 28x0x1 (H x W x C): "
-                                       "zero-size images."),
+        (
+            "train",
+            np.zeros((12, 0, 0)),
+            "train-images-idx3-ubyte: its training images are 0x0x1 (H x W x C): zero-size images.",
+        ),
+        (
+            "t10k",
+            np.zeros((5, 28, 0)),
+            "t10k-images-idx3-ubyte: its test images are 28x0x1 (H x W x C): zero-size images.",
+        ),
         ("t10k", np.ones((5, 6, 5)), "train-images-idx3-ubyte: training images (28, 28, 1), but "),
-        ("train", np.zeros((12, 28, 28)), "train-images-idx3-ubyte: every pixel of its 12 training images is 0: "
-                                          "constant images"),
-        ("train", np.full((12, 28, 28), 255), "train-images-idx3-ubyte: every pixel of its 12 training images is 1: "
-                                              "constant images"),
+        (
+            "train",
+            np.zeros((12, 28, 28)),
+            "train-images-idx3-ubyte: every pixel of its 12 training images is 0: constant images",
+        ),
+        (
+            "train",
+            np.full((12, 28, 28), 255),
+            "train-images-idx3-ubyte: every pixel of its 12 training images is 1: constant images",
+        ),
     ],
 )
 @pytest.mark.parametrize("via", ["load_mnist", "load_dataset"])

@@ -50,16 +50,32 @@ def test_mkdocs_build_strict(tmp_path):
     pytest.importorskip("mkdocstrings_handlers.python", reason="the docs extra: pip install jaxconv[docs]")
     site = tmp_path / "site"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "WARNING" not in result.stderr, result.stderr
     # The API reference holds the public API, docstrings included.
     expected = {
-        "api/ops/index.html": ["jaxconv.ops.conv2d", "jaxconv.ops.conv_transpose3d", "jaxconv.ops.max_pool1d",
-                               "jaxconv.ops.batch_norm", "jaxconv.ops.softmax_cross_entropy"],
-        "api/nn/index.html": ["jaxconv.nn.layers.Conv", "jaxconv.nn.layers.ConvTranspose", "jaxconv.nn.layers.MaxPool",
-                              "jaxconv.nn.layers.GlobalAvgPool", "jaxconv.nn.models.resnet_small"],
+        "api/ops/index.html": [
+            "jaxconv.ops.conv2d",
+            "jaxconv.ops.conv_transpose3d",
+            "jaxconv.ops.max_pool1d",
+            "jaxconv.ops.batch_norm",
+            "jaxconv.ops.softmax_cross_entropy",
+        ],
+        "api/nn/index.html": [
+            "jaxconv.nn.layers.Conv",
+            "jaxconv.nn.layers.ConvTranspose",
+            "jaxconv.nn.layers.MaxPool",
+            "jaxconv.nn.layers.GlobalAvgPool",
+            "jaxconv.nn.models.resnet_small",
+        ],
         "api/train/index.html": ["jaxconv.train.step.make_train_step", "jaxconv.train.checkpoint"],
         "api/verify/index.html": ["jaxconv.verify.rules.check_vjp", "jaxconv.verify.sweeps.sweep"],
         "api/plan/index.html": ["jaxconv.plan.planner.forms"],

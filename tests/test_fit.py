@@ -36,8 +36,15 @@ from jaxconv.train.inference import load_trained
 from ._datasets import mnist_dir, write_idx
 
 # The smallest model and big batches: a digits epoch takes well under a second.
-TINY = {"model": "dd2424_net", "batch_size": 64, "optimizer": "momentum", "lr": 0.05, "schedule": "constant",
-        "val_fraction": 0.0, "seed": 3}
+TINY = {
+    "model": "dd2424_net",
+    "batch_size": 64,
+    "optimizer": "momentum",
+    "lr": 0.05,
+    "schedule": "constant",
+    "val_fraction": 0.0,
+    "seed": 3,
+}
 
 
 def _assert_same_params(a, b):
@@ -62,8 +69,13 @@ def test_fit_trains_and_returns_its_history(lenet):
     record = json.loads((lenet.run_dir / "metrics.json").read_text())
     assert record["epochs"] == lenet.history and record["config"]["model"] == "lenet5"
     assert lenet.best is not None and lenet.best == record["best"]  # the recipe holds out 10% for validation
-    assert set(lenet.outputs) == {"checkpoint.safetensors", "best.safetensors", "metrics.json", "curves.png",
-                                  "filters.png"}
+    assert set(lenet.outputs) == {
+        "checkpoint.safetensors",
+        "best.safetensors",
+        "metrics.json",
+        "curves.png",
+        "filters.png",
+    }
     _, params, meta = load_trained(lenet.run_dir)
     assert meta["epoch"] == 2
     _assert_same_params(lenet.params, params)
@@ -154,11 +166,26 @@ def test_a_run_that_diverges_at_once_writes_no_checkpoint(tmp_path):
     assert not (tmp_path / "checkpoint.safetensors").exists()
 
 
-@pytest.mark.parametrize("field, value", [
-    ("lr", 0.0), ("lr", float("nan")), ("batch_size", 0), ("epochs", True), ("seed", 2**32), ("momentum", 1.0),
-    ("val_fraction", 1.0), ("model", "vgg16"), ("dataset", "imagenet"), ("optimizer", "rmsprop"),
-    ("schedule", "linear"), ("augment", "yes"), ("devices", 0), ("stop_after", 0), ("out", 3),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("lr", 0.0),
+        ("lr", float("nan")),
+        ("batch_size", 0),
+        ("epochs", True),
+        ("seed", 2**32),
+        ("momentum", 1.0),
+        ("val_fraction", 1.0),
+        ("model", "vgg16"),
+        ("dataset", "imagenet"),
+        ("optimizer", "rmsprop"),
+        ("schedule", "linear"),
+        ("augment", "yes"),
+        ("devices", 0),
+        ("stop_after", 0),
+        ("out", 3),
+    ],
+)
 def test_a_bad_setting_raises_fit_error_naming_the_field_and_value(field, value):
     with pytest.raises(FitError) as caught:
         Config(**{field: value})
@@ -166,14 +193,21 @@ def test_a_bad_setting_raises_fit_error_naming_the_field_and_value(field, value)
     assert f"`{field}` (={value!r})" in str(caught.value) and caught.value.fields == (field,)
 
 
-@pytest.mark.parametrize("settings, fields, match", [
-    ({"resume": True, "overwrite": True}, ("resume", "overwrite"), "exclude each other"),
-    ({"epochs": 3, "warmup_epochs": 3.0}, ("warmup_epochs", "epochs"), "--warmup-epochs 3.0 is the whole run"),
-    ({"dataset": "mnist"}, ("dataset", "data_dir"), "--dataset mnist is read from files"),
-    ({"batch_size": 64, "devices": 3}, ("batch_size", "devices"), "--batch-size 64 must be divisible by --devices 3"),
-    ({"coordinator": "127.0.0.1:1"}, ("coordinator", "num_processes", "process_id"), "go together"),
-    ({"onednn": True, "devices": 2}, ("onednn",), "one device"),
-])
+@pytest.mark.parametrize(
+    "settings, fields, match",
+    [
+        ({"resume": True, "overwrite": True}, ("resume", "overwrite"), "exclude each other"),
+        ({"epochs": 3, "warmup_epochs": 3.0}, ("warmup_epochs", "epochs"), "--warmup-epochs 3.0 is the whole run"),
+        ({"dataset": "mnist"}, ("dataset", "data_dir"), "--dataset mnist is read from files"),
+        (
+            {"batch_size": 64, "devices": 3},
+            ("batch_size", "devices"),
+            "--batch-size 64 must be divisible by --devices 3",
+        ),
+        ({"coordinator": "127.0.0.1:1"}, ("coordinator", "num_processes", "process_id"), "go together"),
+        ({"onednn": True, "devices": 2}, ("onednn",), "one device"),
+    ],
+)
 def test_settings_that_contradict_each_other_name_every_field(settings, fields, match):
     with pytest.raises(FitError, match=match) as caught:
         Config(**settings)
@@ -183,8 +217,11 @@ def test_settings_that_contradict_each_other_name_every_field(settings, fields, 
 def test_defaults_are_the_recipe_of_the_data_set(tmp_path):
     digits = Config()
     assert (digits.model, digits.epochs, digits.lr, digits.out) == (
-        RECIPES["digits"]["model"], RECIPES["digits"]["epochs"], RECIPES["digits"]["learning_rate"],
-        type(digits.out)("runs/digits-resnet_small"))
+        RECIPES["digits"]["model"],
+        RECIPES["digits"]["epochs"],
+        RECIPES["digits"]["learning_rate"],
+        type(digits.out)("runs/digits-resnet_small"),
+    )
     cifar = Config(dataset="cifar10", data_dir=tmp_path)
     assert cifar.epochs == RECIPES["cifar10"]["epochs"] != digits.epochs
     assert Config(lr=0.1, epochs=2).settings()["learning_rate"] == 0.1
@@ -221,14 +258,29 @@ def test_verbose_false_prints_nothing(tmp_path, capsys):
 
 # --- replacing a run, other data, Ctrl-C ------------------------------------------------------------
 
-TINY_ARGV = ["--model", "dd2424_net", "--batch-size", "64", "--optimizer", "momentum", "--lr", "0.05",
-             "--schedule", "constant", "--val-fraction", "0", "--seed", "3"]
+TINY_ARGV = [
+    "--model",
+    "dd2424_net",
+    "--batch-size",
+    "64",
+    "--optimizer",
+    "momentum",
+    "--lr",
+    "0.05",
+    "--schedule",
+    "constant",
+    "--val-fraction",
+    "0",
+    "--seed",
+    "3",
+]
 
 
 def _snapshot(directory):
     """Every entry's name, and each file's bytes and mtime: a directory left untouched compares equal."""
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else "dir"
-            for p in sorted(directory.iterdir())}
+    return {
+        p.name: (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else "dir" for p in sorted(directory.iterdir())
+    }
 
 
 @pytest.fixture(scope="module")
@@ -240,12 +292,15 @@ def finished(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("argv, code, match", [
-    (["--batch-size", "5000"], 2, "--batch-size 5000 exceeds the 1437 training images"),
-    (["--warmup-epochs", "2", "--epochs", "2"], 2, "--warmup-epochs 2.0 is the whole run"),
-    (["--dataset", "mnist", "--data-dir", "{empty}"], 2, "--dataset mnist: "),
-    (["--lr", "1e30"], 3, "that --overwrite was to replace is kept as it was"),
-])
+@pytest.mark.parametrize(
+    "argv, code, match",
+    [
+        (["--batch-size", "5000"], 2, "--batch-size 5000 exceeds the 1437 training images"),
+        (["--warmup-epochs", "2", "--epochs", "2"], 2, "--warmup-epochs 2.0 is the whole run"),
+        (["--dataset", "mnist", "--data-dir", "{empty}"], 2, "--dataset mnist: "),
+        (["--lr", "1e30"], 3, "that --overwrite was to replace is kept as it was"),
+    ],
+)
 def test_a_failed_overwrite_leaves_the_previous_run_byte_identical(finished, tmp_path, capsys, argv, code, match):
     import shutil
 
@@ -259,8 +314,7 @@ def test_a_failed_overwrite_leaves_the_previous_run_byte_identical(finished, tmp
     assert _snapshot(out) == before
 
 
-def test_an_overwrite_that_fails_at_its_first_checkpoint_puts_the_previous_run_back(finished, tmp_path,
-                                                                                     monkeypatch):
+def test_an_overwrite_that_fails_at_its_first_checkpoint_puts_the_previous_run_back(finished, tmp_path, monkeypatch):
     import shutil
 
     out = tmp_path / "run"
@@ -298,14 +352,21 @@ def _killed_while_replacing(out, writes: str):
     import subprocess
     import sys
 
-    script = ("import os, signal, sys\n"
-              "from jaxconv.train import rundir\n"
-              "lock = rundir.open_run(sys.argv[1], overwrite=True)\n"
-              "lock.set_previous_aside()\n"
-              "open(os.path.join(sys.argv[1], sys.argv[2]), 'wb').write(b'the new run')\n"
-              "os.kill(os.getpid(), signal.SIGKILL)\n")
-    done = subprocess.run([sys.executable, "-c", script, str(out), writes], capture_output=True, text=True,
-                          timeout=120, cwd=pathlib.Path(__file__).resolve().parent.parent)
+    script = (
+        "import os, signal, sys\n"
+        "from jaxconv.train import rundir\n"
+        "lock = rundir.open_run(sys.argv[1], overwrite=True)\n"
+        "lock.set_previous_aside()\n"
+        "open(os.path.join(sys.argv[1], sys.argv[2]), 'wb').write(b'the new run')\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(out), writes],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=pathlib.Path(__file__).resolve().parent.parent,
+    )
     assert done.returncode == -9, done.stderr[-2000:]
     assert [p.name for p in out.iterdir() if p.name.startswith(rundir.REPLACED_PREFIX)]  # left behind
 
@@ -364,8 +425,9 @@ def test_ctrl_c_exits_130_with_a_resumable_checkpoint_and_no_traceback(tmp_path)
     env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
     out = tmp_path / "run"
     command = [sys.executable, "-m", "jaxconv", "train", *TINY_ARGV, "--out", str(out)]
-    proc = subprocess.Popen([*command, "--epochs", "100000"], cwd=root, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*command, "--epochs", "100000"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 120
         while not (out / "checkpoint.safetensors").exists():
@@ -383,7 +445,13 @@ def test_ctrl_c_exits_130_with_a_resumable_checkpoint_and_no_traceback(tmp_path)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert not (out / rundir.LOCK_NAME).exists()
     epoch = checkpoint.read_metadata(out / "checkpoint.safetensors")["epoch"]
-    resumed = subprocess.run([*command, "--epochs", str(epoch + 1), "--resume"], cwd=root, env=env,
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [*command, "--epochs", str(epoch + 1), "--resume"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert checkpoint.read_metadata(out / "checkpoint.safetensors")["epoch"] == epoch + 1

@@ -17,8 +17,13 @@ from jaxconv.nn import models
 from jaxconv.verify import relative_error
 from jaxconv.verify.registry import REGISTRY
 
-SHAPES = {"dd2424_net": (8, 8, 1), "lenet5": (28, 28, 1), "alexnet_small": (32, 32, 3), "resnet_small": (8, 8, 1),
-          "resnet_small_nobn": (8, 8, 1)}
+SHAPES = {
+    "dd2424_net": (8, 8, 1),
+    "lenet5": (28, 28, 1),
+    "alexnet_small": (32, 32, 3),
+    "resnet_small": (8, 8, 1),
+    "resnet_small_nobn": (8, 8, 1),
+}
 
 
 def _objective(apply, ops):
@@ -79,9 +84,14 @@ OPS = sorted(REGISTRY)
 def _nd_net(ndim):
     """A network through every N-d op: conv, max pool, transposed conv, average pool."""
     return nn.serial(
-        getattr(nn, f"Conv{ndim}D")(3, 2, padding="SAME"), nn.Relu, getattr(nn, f"MaxPool{ndim}D")(2),
-        getattr(nn, f"ConvTranspose{ndim}D")(2, 2, stride=2), getattr(nn, f"AvgPool{ndim}D")(2, stride=1, padding=1),
-        nn.Flatten, nn.Dense(3))
+        getattr(nn, f"Conv{ndim}D")(3, 2, padding="SAME"),
+        nn.Relu,
+        getattr(nn, f"MaxPool{ndim}D")(2),
+        getattr(nn, f"ConvTranspose{ndim}D")(2, 2, stride=2),
+        getattr(nn, f"AvgPool{ndim}D")(2, stride=1, padding=1),
+        nn.Flatten,
+        nn.Dense(3),
+    )
 
 
 @pytest.mark.parametrize("ndim", [1, 2, 3])
@@ -97,8 +107,7 @@ def test_hessian_vector_product_through_the_nd_ops_equals_the_reference(ndim):
     results = []
     for ops in (jaxconv, reference):
         grad = jax.grad(_objective(apply, ops), argnums=(0, 1))
-        results.append(jax.jit(lambda p, x, v, grad=grad: jax.jvp(lambda q, z: grad(q, z, y), (p, x), v))(
-            params, x, v))
+        results.append(jax.jit(lambda p, x, v, grad=grad: jax.jvp(lambda q, z: grad(q, z, y), (p, x), v))(params, x, v))
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
         assert relative_error(a, b)[1] <= 1e-11
 
@@ -110,8 +119,8 @@ def test_every_op_exports_with_a_symbolic_batch(name):
     case = REGISTRY[name].make(np.random.default_rng([0, 1]), REGISTRY[name].grid[0])
     # The losses' labels share the batch; every other argument (kernels, weights) is fixed-size.
     batched = (0, 1) if name in ("log_loss", "softmax_cross_entropy") else (0,)
-    args = [jnp.asarray(a) for a in case.args[:len(batched)]]
-    rest = case.args[len(batched):]
+    args = [jnp.asarray(a) for a in case.args[: len(batched)]]
+    rest = case.args[len(batched) :]
     (b,) = jax.export.symbolic_shape("b")
     specs = [jax.ShapeDtypeStruct((b, *a.shape[1:]), a.dtype) for a in args]
 
@@ -131,10 +140,18 @@ def test_plain_forward_mode_is_a_clear_error(name):
     f, x = _first_arg_function(name)
     for transform in (lambda: jax.jvp(f, (x,), (x,)), lambda: jax.jacfwd(f)(x)):
         short = name.removeprefix("lax.")
-        instead = (f"jax.lax.{short}" if name.startswith("lax.conv") else
-                   f"jaxconv.reference.flax_{short}" if name.startswith("lax.") else f"jaxconv.reference.{name}")
-        with pytest.raises(TypeError, match=rf"jaxconv\.{re.escape(name)}: .*reverse-mode rule.*jax.hessian.*"
-                                            rf"{re.escape(instead)}"):
+        instead = (
+            f"jax.lax.{short}"
+            if name.startswith("lax.conv")
+            else f"jaxconv.reference.flax_{short}"
+            if name.startswith("lax.")
+            else f"jaxconv.reference.{name}"
+        )
+        with pytest.raises(
+            TypeError,
+            match=rf"jaxconv\.{re.escape(name)}: .*reverse-mode rule.*jax.hessian.*"
+            rf"{re.escape(instead)}",
+        ):
             transform()
     jax.jacrev(f)(x)  # reverse mode: the rule
 

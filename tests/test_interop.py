@@ -57,8 +57,18 @@ class LinenCNN(nn.Module):
         avg_pool = jaxconv.lax.avg_pool if self.jaxconv else nn.avg_pool
         x = nn.relu(nn.Conv(4, (3, 3), padding="SAME", param_dtype=F64, **conv)(x))
         x = max_pool(x, (2, 2), strides=(2, 2))
-        x = nn.relu(nn.Conv(6, (3, 3), strides=(1, 1), kernel_dilation=(1, 1), feature_group_count=2,
-                            padding=((1, 0), (0, 1)), param_dtype=F64, **conv)(x))
+        x = nn.relu(
+            nn.Conv(
+                6,
+                (3, 3),
+                strides=(1, 1),
+                kernel_dilation=(1, 1),
+                feature_group_count=2,
+                padding=((1, 0), (0, 1)),
+                param_dtype=F64,
+                **conv,
+            )(x)
+        )
         x = avg_pool(x, (2, 2), strides=(2, 2))
         return nn.Dense(5, param_dtype=F64)(x.reshape(x.shape[0], -1))
 
@@ -68,6 +78,7 @@ def test_flax_linen():
     params = LinenCNN().init(jax.random.key(0), x)
     grads = {}
     for flag in (False, True):
+
         def loss(p, flag=flag):
             return _xent(LinenCNN(jaxconv=flag).apply(p, x), labels)
 
@@ -96,8 +107,17 @@ class NNXCNN(nnx.Module):
         conv = dict(conv_general_dilated=jaxconv.lax.conv_general_dilated) if use_jaxconv else {}
         self.max_pool = jaxconv.lax.max_pool if use_jaxconv else nn.max_pool
         self.conv1 = nnx.Conv(3, 4, (3, 3), padding="SAME", param_dtype=F64, rngs=rngs, **conv)
-        self.conv2 = nnx.Conv(4, 6, (3, 3), strides=(2, 1), feature_group_count=2, padding="SAME_LOWER",
-                              param_dtype=F64, rngs=rngs, **conv)
+        self.conv2 = nnx.Conv(
+            4,
+            6,
+            (3, 3),
+            strides=(2, 1),
+            feature_group_count=2,
+            padding="SAME_LOWER",
+            param_dtype=F64,
+            rngs=rngs,
+            **conv,
+        )
         self.dense = nnx.Linear(6 * 2 * 4, 5, param_dtype=F64, rngs=rngs)
 
     def __call__(self, x):
@@ -145,8 +165,9 @@ class JaxconvConv(eqx.Module):
         padding = c.padding
         if c.padding_mode != "ZEROS":
             x, padding = c._nonzero_pad(x), "VALID"
-        y = jaxconv.lax.conv_general_dilated(x[None], c.weight, c.stride, padding, rhs_dilation=c.dilation,
-                                             feature_group_count=c.groups)[0]
+        y = jaxconv.lax.conv_general_dilated(
+            x[None], c.weight, c.stride, padding, rhs_dilation=c.dilation, feature_group_count=c.groups
+        )[0]
         return y + c.bias if c.use_bias else y
 
 
@@ -161,9 +182,13 @@ class EqxCNN(eqx.Module):
 
     def __init__(self, key):
         k1, k2, k3 = jax.random.split(key, 3)
-        self.layers = [eqx.nn.Conv2d(3, 4, 3, padding=1, key=k1), jax.nn.relu,
-                       eqx.nn.Conv2d(4, 6, 3, stride=2, groups=2, padding=((1, 0), (0, 1)), key=k2), jax.nn.relu,
-                       eqx.nn.Conv2d(6, 6, 3, padding=1, padding_mode="REFLECT", dilation=1, key=k3)]
+        self.layers = [
+            eqx.nn.Conv2d(3, 4, 3, padding=1, key=k1),
+            jax.nn.relu,
+            eqx.nn.Conv2d(4, 6, 3, stride=2, groups=2, padding=((1, 0), (0, 1)), key=k2),
+            jax.nn.relu,
+            eqx.nn.Conv2d(6, 6, 3, padding=1, padding_mode="REFLECT", dilation=1, key=k3),
+        ]
 
     def __call__(self, x):  # one image, channels first (Equinox's convention)
         for layer in self.layers:
@@ -176,8 +201,10 @@ def test_equinox():
     x = np.moveaxis(x, -1, 1)  # NCHW
     model = jax.tree.map(lambda a: a.astype(F64) if eqx.is_inexact_array(a) else a, EqxCNN(jax.random.key(0)))
     ours = use_jaxconv(model)
-    assert sum(isinstance(m, JaxconvConv) for m in jax.tree.leaves(ours, is_leaf=lambda m: isinstance(
-        m, JaxconvConv))) == 3
+    assert (
+        sum(isinstance(m, JaxconvConv) for m in jax.tree.leaves(ours, is_leaf=lambda m: isinstance(m, JaxconvConv)))
+        == 3
+    )
 
     def loss(m):
         return _xent(jax.vmap(m)(x), labels)
@@ -206,7 +233,9 @@ def test_the_package_imports_neither_framework(framework):
     import subprocess
     import sys
 
-    code = ("import sys, jaxconv, jaxconv.lax, jaxconv.verify.registry, jaxconv.nn, jaxconv.train; "
-            f"print(any(m == '{framework}' or m.startswith('{framework}.') for m in sys.modules))")
+    code = (
+        "import sys, jaxconv, jaxconv.lax, jaxconv.verify.registry, jaxconv.nn, jaxconv.train; "
+        f"print(any(m == '{framework}' or m.startswith('{framework}.') for m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

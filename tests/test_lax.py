@@ -106,28 +106,48 @@ def test_grid_float64_and_float32(name, index):
     assert np.all(np.abs(np.asarray(ours, np.float64) - np.asarray(exact)) <= 1e-5 * np.asarray(scale) + 1e-6)
 
 
-@pytest.mark.parametrize("layout,padding", [(None, "SAME"), (("NCHW", "OIHW", "NCHW"), ((2, -1), (-1, 3))),
-                                            (("NHWC", "HWIO", "NHWC"), "SAME_LOWER"),
-                                            (("NHWC", "OIHW", "NCHW"), "VALID"), (("CHWN", "IOHW", "WHNC"), "SAME")])
+@pytest.mark.parametrize(
+    "layout,padding",
+    [
+        (None, "SAME"),
+        (("NCHW", "OIHW", "NCHW"), ((2, -1), (-1, 3))),
+        (("NHWC", "HWIO", "NHWC"), "SAME_LOWER"),
+        (("NHWC", "OIHW", "NCHW"), "VALID"),
+        (("CHWN", "IOHW", "WHNC"), "SAME"),
+    ],
+)
 def test_layouts_and_paddings(layout, padding):
     specs = layout or ("NCHW", "OIHW", "NCHW")
     sizes = dict(N=2, C=4, H=7, W=6)
     lhs_shape = tuple(sizes[a] for a in specs[0])
     rhs_shape = tuple(dict(O=6, I=2, H=3, W=2)[a] for a in specs[1])
-    config = dict(lhs_shape=lhs_shape, rhs_shape=rhs_shape,
-                  options=dict(window_strides=(2, 1), padding=padding, rhs_dilation=(1, 2),
-                               dimension_numbers=layout, feature_group_count=2))
+    config = dict(
+        lhs_shape=lhs_shape,
+        rhs_shape=rhs_shape,
+        options=dict(
+            window_strides=(2, 1), padding=padding, rhs_dilation=(1, 2), dimension_numbers=layout, feature_group_count=2
+        ),
+    )
     _assert_same_as_lax("conv_general_dilated", config)
 
 
-@pytest.mark.parametrize("ndim,lhs_dilation,strides,pads", [(1, 2, 1, (1, 2)), (2, 3, 2, (4, -1)), (3, 2, 3, (-2, 5)),
-                                                            (1, 3, 2, (-2, 5)), (2, 2, 3, (1, 2))])
+@pytest.mark.parametrize(
+    "ndim,lhs_dilation,strides,pads",
+    [(1, 2, 1, (1, 2)), (2, 3, 2, (4, -1)), (3, 2, 3, (-2, 5)), (1, 3, 2, (-2, 5)), (2, 2, 3, (1, 2))],
+)
 def test_lhs_dilation_is_the_transposed_convolution(ndim, lhs_dilation, strides, pads):
     """lhs dilation (and a stride on top, and padding past the kernel extent, and crops) in 1-3 dims, groups 2."""
-    config = dict(lhs_shape=(2, 4, *(5, 4, 3)[:ndim]), rhs_shape=(6, 2, *(3, 2, 2)[:ndim]),
-                  options=dict(window_strides=(strides,) * ndim, padding=(pads,) * ndim,
-                               lhs_dilation=(lhs_dilation,) * ndim, rhs_dilation=(1, 2, 1)[:ndim],
-                               feature_group_count=2))
+    config = dict(
+        lhs_shape=(2, 4, *(5, 4, 3)[:ndim]),
+        rhs_shape=(6, 2, *(3, 2, 2)[:ndim]),
+        options=dict(
+            window_strides=(strides,) * ndim,
+            padding=(pads,) * ndim,
+            lhs_dilation=(lhs_dilation,) * ndim,
+            rhs_dilation=(1, 2, 1)[:ndim],
+            feature_group_count=2,
+        ),
+    )
     _assert_same_as_lax("conv_general_dilated", config)
 
 
@@ -158,24 +178,29 @@ def test_the_hand_rules_run():
         pool = getattr(jaxconv.lax, name)
         assert "custom_vjp_call" in str(jax.make_jaxpr(lambda a: jnp.sum(pool(a, (2, 2), (2, 2))))(np.ones((6, 6, 2))))
     y = np.ones((1, 3, 3, 4))
-    assert "custom_vjp_call" in str(jax.make_jaxpr(_loss(jaxconv.lax.conv_transpose, strides=(2, 2), padding="SAME"))(
-        y, np.ones((3, 3, 4, 2))))
+    assert "custom_vjp_call" in str(
+        jax.make_jaxpr(_loss(jaxconv.lax.conv_transpose, strides=(2, 2), padding="SAME"))(y, np.ones((3, 3, 4, 2)))
+    )
 
 
 @pytest.mark.parametrize("name", sorted(DROP_INS))
 def test_signature_is_lax(name):
-    assert inspect.signature(getattr(jaxconv.lax, name)).parameters.keys() == \
-        inspect.signature(DROP_INS[name]).parameters.keys()
+    assert (
+        inspect.signature(getattr(jaxconv.lax, name)).parameters.keys()
+        == inspect.signature(DROP_INS[name]).parameters.keys()
+    )
     ours, theirs = inspect.signature(getattr(jaxconv.lax, name)), inspect.signature(DROP_INS[name])
-    assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == \
-        [(p.name, p.kind, p.default) for p in theirs.parameters.values()]
+    assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == [
+        (p.name, p.kind, p.default) for p in theirs.parameters.values()
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(POOLS))
 def test_pool_signature_is_flax(name):
     ours, theirs = inspect.signature(getattr(jaxconv.lax, name)), inspect.signature(POOLS[name])
-    assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == \
-        [(p.name, p.kind, p.default) for p in theirs.parameters.values()]
+    assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == [
+        (p.name, p.kind, p.default) for p in theirs.parameters.values()
+    ]
 
 
 POOL_CASES = [
@@ -189,8 +214,10 @@ POOL_CASES = [
 
 
 @pytest.mark.parametrize("shape,window,strides,padding", POOL_CASES)
-@pytest.mark.parametrize("name,extra", [("max_pool", {}), ("avg_pool", dict(count_include_pad=True)),
-                                        ("avg_pool", dict(count_include_pad=False))])
+@pytest.mark.parametrize(
+    "name,extra",
+    [("max_pool", {}), ("avg_pool", dict(count_include_pad=True)), ("avg_pool", dict(count_include_pad=False))],
+)
 def test_pools_equal_flax(shape, window, strides, padding, name, extra):
     """Values and gradients against flax.linen's own pools (and the plain-lax oracle of the registry against it)."""
     size = int(np.prod(shape))
@@ -220,13 +247,19 @@ def test_preferred_element_type():
     assert gx.dtype == jax.grad(lambda a: jnp.sum(lax.conv_general_dilated(a, w, **options)))(x).dtype
     # Narrower than the inputs: lax's TypeError.
     with pytest.raises(TypeError, match="preferred_element_type"):
-        jaxconv.lax.conv_general_dilated(x.astype(jnp.float32), w.astype(jnp.float32), (1, 1), "SAME",
-                                         preferred_element_type=jnp.bfloat16)
+        jaxconv.lax.conv_general_dilated(
+            x.astype(jnp.float32), w.astype(jnp.float32), (1, 1), "SAME", preferred_element_type=jnp.bfloat16
+        )
 
 
-@pytest.mark.parametrize("precision,printed", [("highest", "(Precision.HIGHEST, Precision.HIGHEST)"),
-                                              (lax.Precision.DEFAULT, "(Precision.DEFAULT, Precision.DEFAULT)"),
-                                              (("highest", "default"), "(Precision.HIGHEST, Precision.DEFAULT)")])
+@pytest.mark.parametrize(
+    "precision,printed",
+    [
+        ("highest", "(Precision.HIGHEST, Precision.HIGHEST)"),
+        (lax.Precision.DEFAULT, "(Precision.DEFAULT, Precision.DEFAULT)"),
+        (("highest", "default"), "(Precision.HIGHEST, Precision.DEFAULT)"),
+    ],
+)
 def test_precision_reaches_the_op(precision, printed):
     x, w = np.ones((1, 3, 5, 5), np.float32), np.ones((2, 3, 3, 3), np.float32)
     fn = lambda a: jaxconv.lax.conv_general_dilated(a, w, (1, 1), "SAME", precision=precision)  # noqa: E731
@@ -239,12 +272,16 @@ def test_out_sharding():
     mesh = jax.make_mesh((4,), ("b",), axis_types=(AxisType.Explicit,))
     x, w = np.ones((4, 5, 5, 3)), np.ones((3, 3, 3, 2))
     dn = ("NHWC", "HWIO", "NHWC")
-    y = jaxconv.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn,
-                                         out_sharding=NamedSharding(mesh, PartitionSpec("b")))
+    y = jaxconv.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=dn, out_sharding=NamedSharding(mesh, PartitionSpec("b"))
+    )
     assert y.sharding.spec[0] == "b" and len(y.sharding.device_set) == 4
     with jax.set_mesh(mesh):
-        y = jax.jit(lambda a, b: jaxconv.lax.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=dn,
-                                                                  out_sharding=PartitionSpec("b")))(x, w)
+        y = jax.jit(
+            lambda a, b: jaxconv.lax.conv_general_dilated(
+                a, b, (1, 1), "SAME", dimension_numbers=dn, out_sharding=PartitionSpec("b")
+            )
+        )(x, w)
     assert y.sharding.spec[0] == "b"
     np.testing.assert_allclose(y, lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn), rtol=1e-12)
 
@@ -291,6 +328,9 @@ def test_pool_errors_name_the_argument():
 def test_crops_that_leave_outputs_reading_padding_alone(lhs_dilation, padding):
     """A crop that removes every input entry while padding on the other side keeps outputs: they are zeros,
     as lax's (and their gradients zero)."""
-    config = dict(lhs_shape=(2, 2, 1 if lhs_dilation == 1 else 2), rhs_shape=(3, 2, 1),
-                  options=dict(window_strides=(1,), padding=(padding,), lhs_dilation=(lhs_dilation,)))
+    config = dict(
+        lhs_shape=(2, 2, 1 if lhs_dilation == 1 else 2),
+        rhs_shape=(3, 2, 1),
+        options=dict(window_strides=(1,), padding=(padding,), lhs_dilation=(lhs_dilation,)),
+    )
     _assert_same_as_lax("conv_general_dilated", config)

@@ -102,7 +102,10 @@ def test_relu_flatten_linear_head_matches_the_reference_chain():
         (lambda: jaxconv.relu(np.arange(4)), r"`x` must have a floating dtype"),
         (lambda: jaxconv.linear(np.ones((2, 3, 1)), np.ones((3, 2))), r"`x` must have rank 2"),
         (lambda: jaxconv.linear(np.ones((2, 3)), np.ones(3)), r"`w` must have rank 2"),
-        (lambda: jaxconv.linear(np.ones((2, 3)), np.ones((4, 2))), r"`x.shape\[1\]` \(=3\) must equal `w.shape\[0\]` \(=4\)"),
+        (
+            lambda: jaxconv.linear(np.ones((2, 3)), np.ones((4, 2))),
+            r"`x.shape\[1\]` \(=3\) must equal `w.shape\[0\]` \(=4\)",
+        ),
         (lambda: jaxconv.linear(np.ones((2, 3)), np.ones((3, 2)), np.ones(3)), r"`b` must have length 2"),
         (lambda: jaxconv.linear(np.ones((2, 3)), np.ones((3, 2)), np.ones((1, 2))), r"`b` must have rank 1"),
         (lambda: jaxconv.linear(np.ones((2, 3), np.int32), np.ones((3, 2))), r"`x` must have a floating dtype"),
@@ -115,10 +118,13 @@ def test_bad_input(call, match):
         call()
 
 
-@pytest.mark.parametrize("x,w,b,match", [
-    (np.ones((2, 3)), np.ones((3, 2), np.float32), None, r"dtypes must match, got `x` float64, `w` float32\."),
-    (np.ones((2, 3)), np.ones((3, 2)), np.ones(2, np.float32), r"got `x` float64, `w` float64, `b` float32"),
-])
+@pytest.mark.parametrize(
+    "x,w,b,match",
+    [
+        (np.ones((2, 3)), np.ones((3, 2), np.float32), None, r"dtypes must match, got `x` float64, `w` float32\."),
+        (np.ones((2, 3)), np.ones((3, 2)), np.ones(2, np.float32), r"got `x` float64, `w` float64, `b` float32"),
+    ],
+)
 def test_linear_dtype_mismatch_is_a_type_error_naming_the_arguments(x, w, b, match):
     with pytest.raises(TypeError, match=match):
         jaxconv.linear(x, w, b)
@@ -127,5 +133,3 @@ def test_linear_dtype_mismatch_is_a_type_error_naming_the_arguments(x, w, b, mat
 def test_bad_input_fails_at_trace_time_under_jit():
     with pytest.raises(ValueError, match=r"`x.shape\[1\]` \(=3\)"):
         jax.jit(jaxconv.linear).lower(jnp.ones((2, 3)), jnp.ones((4, 2)))
-
-

@@ -29,8 +29,10 @@ def test_softmax_backward_is_the_simplified_jacobian_product():
     ds = np.asarray(jax.vjp(jaxconv.softmax, jnp.asarray(s))[1](jnp.asarray(g))[0])
     np.testing.assert_allclose(ds, p * (g - np.dot(g, p)), rtol=1e-13)
     big_l = np.exp(s).sum()
-    unsimplified = [sum(g[k] * (np.exp(s[d]) / big_l * (k == d) - np.exp(s[d] + s[k]) / big_l**2) for k in range(6))
-                    for d in range(6)]
+    unsimplified = [
+        sum(g[k] * (np.exp(s[d]) / big_l * (k == d) - np.exp(s[d] + s[k]) / big_l**2) for k in range(6))
+        for d in range(6)
+    ]
     np.testing.assert_allclose(ds, unsimplified, rtol=1e-12, atol=1e-15)
 
 
@@ -91,9 +93,7 @@ def test_cross_entropy_finite_for_logits_of_magnitude_1e4(dtype):
     # Row by row: 2e4, 2e4 + log 2, 0 (to rounding of exp(-5e3) = 0).
     expected = (2e4 + (2e4 + np.log(2.0)) + 0.0) / 3
     np.testing.assert_allclose(float(loss), expected, rtol=1e-6 if dtype == jnp.float32 else 1e-15)
-    np.testing.assert_allclose(
-        np.asarray(grad), np.array([[1, -1, 0], [-1, 0.5, 0.5], [0, 0, 0]]) / 3, atol=1e-7
-    )
+    np.testing.assert_allclose(np.asarray(grad), np.array([[1, -1, 0], [-1, 0.5, 0.5], [0, 0, 0]]) / 3, atol=1e-7)
     ref_loss, ref_grad = jax.value_and_grad(reference.softmax_cross_entropy)(logits, labels)
     assert relative_error(loss, ref_loss)[1] <= 1e-7 and relative_error(grad, ref_grad)[1] <= 1e-7
 
@@ -185,5 +185,3 @@ def test_label_checks_at_trace_time_under_jit():
         jax.jit(jaxconv.softmax_cross_entropy).lower(jnp.zeros((3, 4)), jnp.zeros(3))
     with pytest.raises(ValueError, match=r"`labels` must have shape \(3,\)"):
         jax.jit(jaxconv.log_loss).lower(jnp.full((3, 4), 0.25), jnp.zeros(2, jnp.int32))
-
-

@@ -25,7 +25,7 @@ def _numpy_lrn(x, size, kappa, alpha, beta):
     y = np.empty_like(x)
     for k in range(c):
         lo, hi = max(0, k - (size - 1) // 2), min(c - 1, k + -(-(size - 1) // 2))
-        y[..., k] = x[..., k] * (kappa + alpha * np.sum(x[..., lo:hi + 1] ** 2, axis=-1)) ** (-beta)
+        y[..., k] = x[..., k] * (kappa + alpha * np.sum(x[..., lo : hi + 1] ** 2, axis=-1)) ** (-beta)
     return y
 
 
@@ -74,7 +74,7 @@ def _numpy_pytorch_lrn(x, size, alpha, beta, k):
     padded = np.concatenate(
         [np.zeros(sq.shape[:-1] + (size // 2,)), sq, np.zeros(sq.shape[:-1] + ((size - 1) // 2,))], axis=-1
     )
-    avg = np.stack([padded[..., j:j + size].sum(-1) / size for j in range(c)], axis=-1)
+    avg = np.stack([padded[..., j : j + size].sum(-1) / size for j in range(c)], axis=-1)
     return x / (k + alpha * avg) ** beta
 
 
@@ -83,7 +83,8 @@ def _numpy_caffe_lrn(x, local_size, alpha, beta, k):
     c = x.shape[-1]
     half = (local_size - 1) // 2
     scale = np.stack(
-        [k + alpha / local_size * np.sum(x[..., max(0, i - half):i + half + 1] ** 2, axis=-1) for i in range(c)], axis=-1
+        [k + alpha / local_size * np.sum(x[..., max(0, i - half) : i + half + 1] ** 2, axis=-1) for i in range(c)],
+        axis=-1,
     )
     return x * scale ** (-beta)
 
@@ -92,7 +93,7 @@ def _numpy_tensorflow_lrn(x, depth_radius, bias, alpha, beta):
     """tf.nn.local_response_normalization: sqr_sum[d] = sum(x[d - r : d + r + 1]^2); x / (bias + alpha sqr_sum)^beta."""
     c = x.shape[-1]
     r = depth_radius
-    sqr_sum = np.stack([np.sum(x[..., max(0, d - r):d + r + 1] ** 2, axis=-1) for d in range(c)], axis=-1)
+    sqr_sum = np.stack([np.sum(x[..., max(0, d - r) : d + r + 1] ** 2, axis=-1) for d in range(c)], axis=-1)
     return x / (bias + alpha * sqr_sum) ** beta
 
 

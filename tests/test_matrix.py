@@ -54,7 +54,9 @@ def test_patch_matrix_6x6_3x3_is_16x9_with_the_documented_rows():
     for row, symbols in documented.items():
         np.testing.assert_array_equal(m[row], symbols)
     # Every row: S_lm's window X_{l+a-1, m+b-1}, a, b = 1..3, read row-major.
-    expected = [[10 * (l + a) + (mm + b) for a in range(1, 4) for b in range(1, 4)] for l in range(4) for mm in range(4)]
+    expected = [
+        [10 * (l + a) + (mm + b) for a in range(1, 4) for b in range(1, 4)] for l in range(4) for mm in range(4)
+    ]
     np.testing.assert_array_equal(m, expected)
     # A column: column 2 is X12 X13 X14 X15 X22 ... X45 (the 4x4 block at offset (1, 2)).
     np.testing.assert_array_equal(m[:, 1], [10 * i + j for i in range(1, 5) for j in range(2, 6)])
@@ -65,15 +67,17 @@ def test_patch_matrix_4_planes_is_16x36_blocks_per_plane():
     m = np.asarray(matrix.patch_matrix(x, 3))
     assert m.shape == (16, 36)
     for c in range(4):  # M_X^im = (M_X1^im M_X2^im M_X3^im M_X4^im)
-        block = np.asarray(matrix.patch_matrix(x[:, :, c:c + 1], 3))
-        np.testing.assert_array_equal(m[:, 9 * c:9 * (c + 1)], block)
+        block = np.asarray(matrix.patch_matrix(x[:, :, c : c + 1], 3))
+        np.testing.assert_array_equal(m[:, 9 * c : 9 * (c + 1)], block)
         np.testing.assert_array_equal(block[0], [100 * c + v for v in (11, 12, 13, 21, 22, 23, 31, 32, 33)])
 
 
 def test_vec_s_equals_patch_matrix_times_vec_f():
     x, f = _symbols_x(planes=4), _symbols_f(planes=4)
     s = jaxconv.conv2d(jnp.asarray(x)[None], jnp.asarray(f))[0]  # (4, 4, 1)
-    np.testing.assert_array_equal(np.asarray(matrix.vec(s)), np.asarray(matrix.patch_matrix(x, 3) @ matrix.vec(f[..., 0])))
+    np.testing.assert_array_equal(
+        np.asarray(matrix.vec(s)), np.asarray(matrix.patch_matrix(x, 3) @ matrix.vec(f[..., 0]))
+    )
 
 
 # --- M_F^filter (docs/convolution.md §3) --------------------------------------------------------------
@@ -108,8 +112,8 @@ def test_filter_matrix_4_planes_is_16x144_blocks_per_plane():
     m = np.asarray(matrix.filter_matrix(f, (6, 6)))
     assert m.shape == (16, 144)
     for c in range(4):  # M_F1^filter = (M_F11 M_F12 M_F13 M_F14)
-        block = np.asarray(matrix.filter_matrix(f[:, :, c:c + 1], (6, 6)))
-        np.testing.assert_array_equal(m[:, 36 * c:36 * (c + 1)], block)
+        block = np.asarray(matrix.filter_matrix(f[:, :, c : c + 1], (6, 6)))
+        np.testing.assert_array_equal(m[:, 36 * c : 36 * (c + 1)], block)
         assert block[0, 0] == 100 * c + 11 and block[0, 6] == 100 * c + 21
     x = _symbols_x(planes=4)
     s = jaxconv.conv2d(jnp.asarray(x)[None], jnp.asarray(f))[0]
@@ -123,7 +127,7 @@ def test_transpose_product_is_full_correlation_with_rot180():
     v = (g @ np.asarray(matrix.filter_matrix(f, (6, 6)))).reshape(6, 6)
     padded = np.pad(g.reshape(4, 4), 2)
     rot = f[::-1, ::-1, 0, 0]
-    expected = np.array([[np.sum(padded[i:i + 3, j:j + 3] * rot) for j in range(6)] for i in range(6)])
+    expected = np.array([[np.sum(padded[i : i + 3, j : j + 3] * rot) for j in range(6)] for i in range(6)])
     np.testing.assert_array_equal(v, expected)
     # v13 = g1 F31 + g5 F21 + g9 F11 (1-based): three entries of g reach x's third row, first column.
     assert v[2, 0] == 1 * 31 + 5 * 21 + 9 * 11
@@ -136,12 +140,14 @@ def test_filter_matrix_3x3_input_2x2_kernel_is_4x9():
     k1, k2, k3, k4 = 1.0, 2.0, 3.0, 4.0
     w = np.array([[k1, k2], [k3, k4]])[:, :, None, None]
     # Each row is the kernel shifted one step along vec(x).
-    expected = np.array([
-        [k1, k2, 0, k3, k4, 0, 0, 0, 0],
-        [0, k1, k2, 0, k3, k4, 0, 0, 0],
-        [0, 0, 0, k1, k2, 0, k3, k4, 0],
-        [0, 0, 0, 0, k1, k2, 0, k3, k4],
-    ])
+    expected = np.array(
+        [
+            [k1, k2, 0, k3, k4, 0, 0, 0, 0],
+            [0, k1, k2, 0, k3, k4, 0, 0, 0],
+            [0, 0, 0, k1, k2, 0, k3, k4, 0],
+            [0, 0, 0, 0, k1, k2, 0, k3, k4],
+        ]
+    )
     np.testing.assert_array_equal(np.asarray(matrix.filter_matrix(w, 3)), expected)
 
 
@@ -344,8 +350,9 @@ def _im2row_strategy():
 def test_im2row_strategy_hypothesis_vjp(config):
     f, ref = conv_pair(config["options"])
     with _im2row_strategy():
-        check_vjp(f, ref, *_arrays(np.random.default_rng(20), config), finite_differences=False,
-                  second_order=False).assert_ok()
+        check_vjp(
+            f, ref, *_arrays(np.random.default_rng(20), config), finite_differences=False, second_order=False
+        ).assert_ok()
 
 
 @settings(max_examples=4)
@@ -362,8 +369,14 @@ def test_im2row_strategy_hypothesis_full_check(config):
 def test_im2row_strategy_float32(config):
     f, ref = conv_pair(config["options"])
     with _im2row_strategy():
-        report = check_vjp(f, ref, *_arrays(np.random.default_rng(22), config, np.float32), dtype=jnp.float32,
-                           finite_differences=False, second_order=False)
+        report = check_vjp(
+            f,
+            ref,
+            *_arrays(np.random.default_rng(22), config, np.float32),
+            dtype=jnp.float32,
+            finite_differences=False,
+            second_order=False,
+        )
     report.assert_ok()
 
 

@@ -1,4 +1,5 @@
-"""jaxconv.nn.models: shapes on 8x8x1, 28x28x1 and 32x32x3, the layers each model really uses, and its VJP against the reference."""
+"""jaxconv.nn.models: shapes on 8x8x1, 28x28x1 and 32x32x3, the layers each model really uses, and its VJP
+against the reference."""
 
 from __future__ import annotations
 
@@ -27,8 +28,11 @@ def _f64(tree):
 def test_every_public_model_is_registered_under_its_own_name():
     """MODELS (what ``--model`` offers) holds every public function of jaxconv.nn.models, found by
     introspection, each under its ``__name__``, and each builds a classifier of ``num_classes`` outputs."""
-    public = {name for name, f in inspect.getmembers(models, inspect.isfunction)
-              if f.__module__ == models.__name__ and not name.startswith("_")}
+    public = {
+        name
+        for name, f in inspect.getmembers(models, inspect.isfunction)
+        if f.__module__ == models.__name__ and not name.startswith("_")
+    }
     assert set(models.MODELS) == public
     for name, constructor in models.MODELS.items():
         assert constructor.__name__ == name and name in models.__all__
@@ -116,16 +120,24 @@ def test_model_vjp_float64(name):
     params = jax.tree.map(lambda a: jnp.asarray(a + 0.05 * rng.standard_normal(a.shape), jnp.float64), params)
     x = permutation_input(rng, (2, 8, 8, 1)) * 3
     smooth = name == "dd2424_net"  # no pooling: finite differences are safe at tie-free inputs
-    check_vjp(apply, partial(apply, ops=reference), params, x, names=("params", "x"),
-              finite_differences=smooth, second_order=smooth).assert_ok()
+    check_vjp(
+        apply,
+        partial(apply, ops=reference),
+        params,
+        x,
+        names=("params", "x"),
+        finite_differences=smooth,
+        second_order=smooth,
+    ).assert_ok()
 
 
 def test_model_vjp_float32():
     init, apply = models.lenet5(num_classes=4)
     _, params = init(jax.random.key(2), (-1, 8, 8, 1))
     x = permutation_input(np.random.default_rng(1), (2, 8, 8, 1), np.float32)
-    check_vjp(apply, partial(apply, ops=reference), params, x, dtype=jnp.float32,
-              finite_differences=False, second_order=False).assert_ok()
+    check_vjp(
+        apply, partial(apply, ops=reference), params, x, dtype=jnp.float32, finite_differences=False, second_order=False
+    ).assert_ok()
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.0, "10"])

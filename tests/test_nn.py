@@ -98,8 +98,12 @@ def _draw_geometry(rng, kind: str, ndim: int):
     stride = tuple(int(s) for s in rng.integers(1, 3, ndim))
     if kind in ("max", "avg"):
         form = rng.integers(4)
-        padding = ("VALID", "SAME", tuple(int(rng.integers(0, k // 2 + 1)) for k in kernel),
-                   tuple((int(rng.integers(0, k // 2 + 1)), int(rng.integers(0, k // 2 + 1))) for k in kernel))[form]
+        padding = (
+            "VALID",
+            "SAME",
+            tuple(int(rng.integers(0, k // 2 + 1)) for k in kernel),
+            tuple((int(rng.integers(0, k // 2 + 1)), int(rng.integers(0, k // 2 + 1))) for k in kernel),
+        )[form]
         sizes = tuple(int(k + rng.integers(0, 4)) for k in kernel)
         stride_arg = None if rng.integers(2) else stride
         if kind == "max":
@@ -112,21 +116,43 @@ def _draw_geometry(rng, kind: str, ndim: int):
     out_channels = 2 * groups
     if kind == "conv":
         form = rng.integers(4)
-        padding = ("VALID", "SAME", tuple(int(p) for p in rng.integers(0, 3, ndim)),
-                   tuple((int(lo), int(hi)) for lo, hi in rng.integers(0, 3, (ndim, 2))))[form]
+        padding = (
+            "VALID",
+            "SAME",
+            tuple(int(p) for p in rng.integers(0, 3, ndim)),
+            tuple((int(lo), int(hi)) for lo, hi in rng.integers(0, 3, (ndim, 2))),
+        )[form]
         sizes = tuple(int(d * (k - 1) + 1 + rng.integers(0, 4)) for k, d in zip(kernel, dilation))
-        layer = nn.Conv(out_channels, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                        bias=bool(rng.integers(2)))
+        layer = nn.Conv(
+            out_channels,
+            kernel,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bool(rng.integers(2)),
+        )
         return layer, (2, *sizes, 2 * groups), (kernel, stride, padding, dilation, groups)
     sizes = tuple(int(s) for s in rng.integers(1, 5, ndim))
     output_padding = tuple(int(rng.integers(0, s)) for s in stride)
     # crop at most what the transposed convolution spans, less one: some output is left
-    full = [(n - 1) * s + d * (k - 1) + 1 + op
-            for n, s, d, k, op in zip(sizes, stride, dilation, kernel, output_padding)]
-    padding = ("VALID", "SAME", tuple((int(rng.integers(0, f // 2 + 1)), int(rng.integers(0, (f - 1) // 2 + 1)))
-                                      for f in full))[rng.integers(3)]
-    layer = nn.ConvTranspose(out_channels, kernel, stride=stride, padding=padding, output_padding=output_padding,
-                             dilation=dilation, groups=groups)
+    full = [
+        (n - 1) * s + d * (k - 1) + 1 + op for n, s, d, k, op in zip(sizes, stride, dilation, kernel, output_padding)
+    ]
+    padding = (
+        "VALID",
+        "SAME",
+        tuple((int(rng.integers(0, f // 2 + 1)), int(rng.integers(0, (f - 1) // 2 + 1))) for f in full),
+    )[rng.integers(3)]
+    layer = nn.ConvTranspose(
+        out_channels,
+        kernel,
+        stride=stride,
+        padding=padding,
+        output_padding=output_padding,
+        dilation=dilation,
+        groups=groups,
+    )
     return layer, (2, *sizes, 2 * groups), (kernel, stride, padding, output_padding, dilation, groups)
 
 
@@ -151,8 +177,12 @@ def test_nd_layers_run_in_the_kernels_dimensions(ndim):
     """A real forward pass of each N-d layer: the output array has the declared shape."""
     x = jnp.asarray(np.random.default_rng(ndim).standard_normal((2, *(6,) * ndim, 2)), jnp.float32)
     k = (3,) * ndim
-    for layer in (nn.Conv(4, k, padding="SAME"), nn.ConvTranspose(3, k, stride=2, padding=1, output_padding=1),
-                  nn.MaxPool(k, stride=2), nn.AvgPool(k, stride=1, padding=1, count_include_pad=False)):
+    for layer in (
+        nn.Conv(4, k, padding="SAME"),
+        nn.ConvTranspose(3, k, stride=2, padding=1, output_padding=1),
+        nn.MaxPool(k, stride=2),
+        nn.AvgPool(k, stride=1, padding=1, count_include_pad=False),
+    ):
         out_shape, params = _init(layer, x.shape)
         assert layer[1](params, x).shape == out_shape
 
@@ -187,8 +217,10 @@ def test_an_int_kernel_or_window_is_2d():
 @pytest.mark.parametrize(
     "make,match",
     [
-        (lambda: nn.Conv(2, (3, 3, 3, 3)),
-         r"`kernel` \(=\(3, 3, 3, 3\)\) must be an int \(2-D\) or a tuple of 1, 2 or 3"),
+        (
+            lambda: nn.Conv(2, (3, 3, 3, 3)),
+            r"`kernel` \(=\(3, 3, 3, 3\)\) must be an int \(2-D\) or a tuple of 1, 2 or 3",
+        ),
         (lambda: nn.Conv(2, ()), r"`kernel` \(=\(\)\)"),
         (lambda: nn.Conv(2, "3"), r"`kernel` \(='3'\)"),
         (lambda: nn.Conv(2, (3,), stride=(1, 2)), r"`stride` \(=\(1, 2\)\)"),
@@ -217,10 +249,17 @@ def test_conv_transpose_that_crops_everything_is_refused_at_init():
         _init(layer, (-1, 1, 2))
 
 
-@pytest.mark.parametrize("make", [
-    lambda: nn.Conv(2, 3, 2), lambda: nn.ConvTranspose(2, 3, 2), lambda: nn.MaxPool(3, 2),
-    lambda: nn.AvgPool(3, 2, "SAME"), lambda: nn.MaxPool1D(3, 2), lambda: nn.Conv3D(2, 3, 1),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.Conv(2, 3, 2),
+        lambda: nn.ConvTranspose(2, 3, 2),
+        lambda: nn.MaxPool(3, 2),
+        lambda: nn.AvgPool(3, 2, "SAME"),
+        lambda: nn.MaxPool1D(3, 2),
+        lambda: nn.Conv3D(2, 3, 1),
+    ],
+)
 def test_geometry_is_keyword_only(make):
     with pytest.raises(TypeError):
         make()
@@ -231,6 +270,7 @@ def test_geometry_is_keyword_only(make):
 
 def _product_precisions(apply, params, x):
     """The ``precision`` of every dot_general / conv_general_dilated in the forward and gradient of a layer."""
+
     def loss(params, x):
         return jnp.sum(apply(params, x))
 
@@ -248,13 +288,16 @@ def _product_precisions(apply, params, x):
     return list(walk(jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(params, x).jaxpr))
 
 
-@pytest.mark.parametrize("make,input_shape", [
-    (lambda **o: nn.Conv(3, (2,), stride=2, **o), (2, 7, 2)),
-    (lambda **o: nn.Conv(4, 3, padding="SAME", groups=2, **o), (1, 5, 5, 2)),
-    (lambda **o: nn.Conv3D(2, 2, **o), (1, 3, 4, 3, 2)),
-    (lambda **o: nn.ConvTranspose(2, (2, 3), stride=2, padding="SAME", **o), (1, 3, 3, 4)),
-    (lambda **o: nn.Dense(3, **o), (4, 5)),
-])
+@pytest.mark.parametrize(
+    "make,input_shape",
+    [
+        (lambda **o: nn.Conv(3, (2,), stride=2, **o), (2, 7, 2)),
+        (lambda **o: nn.Conv(4, 3, padding="SAME", groups=2, **o), (1, 5, 5, 2)),
+        (lambda **o: nn.Conv3D(2, 2, **o), (1, 3, 4, 3, 2)),
+        (lambda **o: nn.ConvTranspose(2, (2, 3), stride=2, padding="SAME", **o), (1, 3, 3, 4)),
+        (lambda **o: nn.Dense(3, **o), (4, 5)),
+    ],
+)
 def test_precision_reaches_every_product_forward_and_backward(make, input_shape):
     highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
     x = jnp.ones(input_shape, jnp.float32)
@@ -272,9 +315,13 @@ def test_precision_reaches_every_product_forward_and_backward(make, input_shape)
 
 def test_no_precision_keyword_for_an_ops_namespace_without_one():
     """A layer built without ``precision`` calls its op as before: an ``ops`` namespace of older signatures runs."""
+
     class Plain:
-        conv2d = staticmethod(lambda x, w, b, *, stride, padding, dilation, groups: reference.conv2d(
-            x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups))
+        conv2d = staticmethod(
+            lambda x, w, b, *, stride, padding, dilation, groups: reference.conv2d(
+                x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups
+            )
+        )
         linear = staticmethod(lambda x, w, b: reference.linear(x, w, b))
         relu = staticmethod(reference.relu)
         flatten = staticmethod(reference.flatten)
@@ -339,10 +386,32 @@ VJP_GRID = [
     ("lrn", nn.LRN(size=3, kappa=1.0, alpha=0.5, beta=0.75), (2, 2, 2, 4)),
     ("flatten", nn.Flatten, (2, 3, 2, 2)),
     ("residual", nn.residual(nn.Conv(2, 3, padding="SAME"), nn.Relu, nn.Conv(2, 1)), (1, 4, 4, 2)),
-    ("net_1d", nn.serial(nn.Conv1D(3, 3, padding="SAME"), nn.Relu, nn.MaxPool1D(2), nn.ConvTranspose1D(2, 2, stride=2),
-                         nn.AvgPool1D(3, stride=1, padding=1), nn.Flatten, nn.Dense(2)), (2, 8, 2)),
-    ("net_3d", nn.serial(nn.Conv3D(2, 2, padding=1), nn.Relu, nn.AvgPool3D(2), nn.ConvTranspose3D(2, 2, stride=2),
-                         nn.MaxPool3D(2, stride=1), nn.Flatten, nn.Dense(2)), (1, 3, 4, 3, 2)),
+    (
+        "net_1d",
+        nn.serial(
+            nn.Conv1D(3, 3, padding="SAME"),
+            nn.Relu,
+            nn.MaxPool1D(2),
+            nn.ConvTranspose1D(2, 2, stride=2),
+            nn.AvgPool1D(3, stride=1, padding=1),
+            nn.Flatten,
+            nn.Dense(2),
+        ),
+        (2, 8, 2),
+    ),
+    (
+        "net_3d",
+        nn.serial(
+            nn.Conv3D(2, 2, padding=1),
+            nn.Relu,
+            nn.AvgPool3D(2),
+            nn.ConvTranspose3D(2, 2, stride=2),
+            nn.MaxPool3D(2, stride=1),
+            nn.Flatten,
+            nn.Dense(2),
+        ),
+        (1, 3, 4, 3, 2),
+    ),
 ]
 
 
@@ -357,8 +426,9 @@ def test_layer_vjp_float64(name, layer, input_shape):
     check_vjp(f, ref, params, x, names=("params", "x"), fd_eps=1e-7).assert_ok()
 
 
-@pytest.mark.parametrize("name,layer,input_shape", VJP_GRID[:2] + VJP_GRID[4:6],
-                         ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "name,layer,input_shape", VJP_GRID[:2] + VJP_GRID[4:6], ids=lambda v: v if isinstance(v, str) else ""
+)
 def test_layer_vjp_float32(name, layer, input_shape):
     rng = np.random.default_rng(2)
     _, params = _init(layer, input_shape)
@@ -369,9 +439,14 @@ def test_layer_vjp_float32(name, layer, input_shape):
 
 def _small_net():
     return nn.serial(
-        nn.Conv(4, 3, padding="SAME"), nn.Relu, nn.LRN(size=3, kappa=1.0, alpha=0.1), nn.MaxPool(2),
+        nn.Conv(4, 3, padding="SAME"),
+        nn.Relu,
+        nn.LRN(size=3, kappa=1.0, alpha=0.1),
+        nn.MaxPool(2),
         nn.residual(nn.Conv(4, 3, padding="SAME"), nn.Relu),
-        nn.AvgPool(2, padding="SAME"), nn.Flatten, nn.Dense(3),
+        nn.AvgPool(2, padding="SAME"),
+        nn.Flatten,
+        nn.Dense(3),
     )
 
 
@@ -436,8 +511,14 @@ def test_a_wrong_rule_is_caught():
     net = _small_net()
     _, params = _init(net, (-1, 6, 6, 2))
     x = permutation_input(np.random.default_rng(5), (1, 6, 6, 2))
-    report = check_vjp(partial(net[1], ops=Planted()), partial(net[1], ops=reference), _f64(params), x,
-                       finite_differences=False, second_order=False)
+    report = check_vjp(
+        partial(net[1], ops=Planted()),
+        partial(net[1], ops=reference),
+        _f64(params),
+        x,
+        finite_differences=False,
+        second_order=False,
+    )
     with pytest.raises(AssertionError):
         report.assert_ok()
 
@@ -455,8 +536,11 @@ def test_a_wrong_rule_is_caught():
         (lambda: nn.Dense(4), (-1, 8, 8, 1), r"Dense: `input_shape`"),
         (lambda: nn.MaxPool(4), (-1, 3, 3, 1), r"window"),
         (lambda: nn.GlobalAvgPool, (-1, 3), r"GlobalAvgPool: `input_shape`"),
-        (lambda: nn.serial(nn.FanOut(2), nn.parallel(nn.Conv(2, 1), nn.Conv(3, 1)), nn.FanInSum), (-1, 3, 3, 1),
-         r"FanInSum: the branches' shapes differ"),
+        (
+            lambda: nn.serial(nn.FanOut(2), nn.parallel(nn.Conv(2, 1), nn.Conv(3, 1)), nn.FanInSum),
+            (-1, 3, 3, 1),
+            r"FanInSum: the branches' shapes differ",
+        ),
         (lambda: nn.parallel(nn.Relu, nn.Relu), (-1, 3), r"parallel: `input_shape`"),
     ],
 )

@@ -67,18 +67,23 @@ def test_equals_the_reference_for_a_constant_channel():
     np.testing.assert_allclose(np.asarray(pull(g)[0][:, 0]), expected, rtol=1e-12)
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: jaxconv.batch_norm(jnp.ones(4), jnp.ones(4), jnp.zeros(4)), r"`x` must have rank >= 2"),
-    (lambda: jaxconv.batch_norm(jnp.ones((2, 4)), jnp.ones(3), jnp.zeros(4)), r"`scale` must have length 4"),
-    (lambda: jaxconv.batch_norm(jnp.ones((2, 4)), jnp.ones(4), jnp.zeros((4, 1))), r"`offset` must have rank 1"),
-    (lambda: jaxconv.batch_norm(jnp.ones((2, 4), jnp.int32), jnp.ones(4), jnp.zeros(4)), r"floating dtype"),
-    (lambda: jaxconv.batch_norm(jnp.ones((2, 4)), jnp.ones(4), jnp.zeros(4), eps=0), r"`eps` \(=0\) must be"),
-    (lambda: jaxconv.batch_norm(jnp.ones((2, 4)), jnp.ones(4), jnp.zeros(4), eps=float("nan")), r"`eps`"),
-    (lambda: jaxconv.batch_norm(jnp.ones((2, 4)), jnp.ones(4), jnp.zeros(4), eps="1e-5"), r"`eps`"),
-    (lambda: jaxconv.batch_norm(jnp.ones((0, 4)), jnp.ones(4), jnp.zeros(4)), r"no entries per channel"),
-    (lambda: jax.jit(lambda e: jaxconv.batch_norm(jnp.ones((2, 4)), jnp.ones(4), jnp.zeros(4), eps=e))(1e-5),
-     r"`eps`.*concrete"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: jaxconv.batch_norm(jnp.ones(4), jnp.ones(4), jnp.zeros(4)), r"`x` must have rank >= 2"),
+        (lambda: jaxconv.batch_norm(jnp.ones((2, 4)), jnp.ones(3), jnp.zeros(4)), r"`scale` must have length 4"),
+        (lambda: jaxconv.batch_norm(jnp.ones((2, 4)), jnp.ones(4), jnp.zeros((4, 1))), r"`offset` must have rank 1"),
+        (lambda: jaxconv.batch_norm(jnp.ones((2, 4), jnp.int32), jnp.ones(4), jnp.zeros(4)), r"floating dtype"),
+        (lambda: jaxconv.batch_norm(jnp.ones((2, 4)), jnp.ones(4), jnp.zeros(4), eps=0), r"`eps` \(=0\) must be"),
+        (lambda: jaxconv.batch_norm(jnp.ones((2, 4)), jnp.ones(4), jnp.zeros(4), eps=float("nan")), r"`eps`"),
+        (lambda: jaxconv.batch_norm(jnp.ones((2, 4)), jnp.ones(4), jnp.zeros(4), eps="1e-5"), r"`eps`"),
+        (lambda: jaxconv.batch_norm(jnp.ones((0, 4)), jnp.ones(4), jnp.zeros(4)), r"no entries per channel"),
+        (
+            lambda: jax.jit(lambda e: jaxconv.batch_norm(jnp.ones((2, 4)), jnp.ones(4), jnp.zeros(4), eps=e))(1e-5),
+            r"`eps`.*concrete",
+        ),
+    ],
+)
 def test_bad_input_is_a_value_error_naming_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()

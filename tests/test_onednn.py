@@ -28,7 +28,8 @@ from ._grids import float32_errors  # one float32-error measure for every form
 
 pytestmark = pytest.mark.skipif(
     not (platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")),
-    reason="oneDNN's wheel (onednn-cpu-gomp) exists for Linux x86-64 only")
+    reason="oneDNN's wheel (onednn-cpu-gomp) exists for Linux x86-64 only",
+)
 
 ONEDNN = dict(conv_forward="onednn", conv_backward="onednn")
 
@@ -39,15 +40,18 @@ def test_library_is_installed_and_loads():
     assert onednn.available()
 
 
-@pytest.mark.parametrize("ndim,x_shape,w_shape,options", [
-    (2, (4, 12, 11, 8), (3, 3, 8, 16), dict(padding=1)),
-    (2, (4, 13, 12, 6), (3, 3, 6, 8), dict(stride=2, padding="SAME")),
-    (2, (3, 14, 14, 4), (5, 5, 4, 8), dict()),
-    (2, (2, 11, 10, 3), (3, 2, 3, 5), dict(dilation=2, padding=((2, 1), (0, 3)))),
-    (2, (3, 12, 11, 2), (5, 5, 2, 3), dict(stride=3)),  # stride remainder
-    (1, (4, 20, 6), (3, 6, 8), dict(padding="SAME")),
-    (3, (2, 6, 7, 6, 3), (3, 3, 2, 3, 4), dict(padding=((1, 1), (0, 2), (1, 0)))),
-])
+@pytest.mark.parametrize(
+    "ndim,x_shape,w_shape,options",
+    [
+        (2, (4, 12, 11, 8), (3, 3, 8, 16), dict(padding=1)),
+        (2, (4, 13, 12, 6), (3, 3, 6, 8), dict(stride=2, padding="SAME")),
+        (2, (3, 14, 14, 4), (5, 5, 4, 8), dict()),
+        (2, (2, 11, 10, 3), (3, 2, 3, 5), dict(dilation=2, padding=((2, 1), (0, 3)))),
+        (2, (3, 12, 11, 2), (5, 5, 2, 3), dict(stride=3)),  # stride remainder
+        (1, (4, 20, 6), (3, 6, 8), dict(padding="SAME")),
+        (3, (2, 6, 7, 6, 3), (3, 3, 2, 3, 4), dict(padding=((1, 1), (0, 2), (1, 0)))),
+    ],
+)
 def test_float32_error_within_twice_the_direct_form(ndim, x_shape, w_shape, options):
     rng = np.random.default_rng(0)
     x = rng.standard_normal(x_shape)
@@ -68,13 +72,22 @@ def _float32(*arrays):
 def test_check_vjp_float32_with_bias_jit_and_eager(forms):
     forms(**ONEDNN)
     rng = np.random.default_rng(1)
-    x, w, b = _float32(rng.standard_normal((3, 9, 8, 4)), rng.standard_normal((3, 3, 4, 5)) * 0.3,
-                       rng.standard_normal(5))
+    x, w, b = _float32(
+        rng.standard_normal((3, 9, 8, 4)), rng.standard_normal((3, 3, 4, 5)) * 0.3, rng.standard_normal(5)
+    )
     opts = dict(stride=(1, 2), padding="SAME")
     for jit in (True, False):
-        report = check_vjp(lambda x, w, b: jaxconv.conv2d(x, w, b, **opts),
-                           lambda x, w, b: reference.conv2d(x, w, b, **opts), x, w, b, dtype=jnp.float32,
-                           finite_differences=False, second_order=False, jit=jit)
+        report = check_vjp(
+            lambda x, w, b: jaxconv.conv2d(x, w, b, **opts),
+            lambda x, w, b: reference.conv2d(x, w, b, **opts),
+            x,
+            w,
+            b,
+            dtype=jnp.float32,
+            finite_differences=False,
+            second_order=False,
+            jit=jit,
+        )
         report.assert_ok()
         assert report.worst("vjp") <= 1e-5
 
@@ -107,13 +120,26 @@ def test_vmap_and_transposed_convolution(forms):
     rng = np.random.default_rng(3)
     xs, ws = _float32(rng.standard_normal((2, 3, 6, 6, 2)), rng.standard_normal((2, 3, 3, 2, 4)))
     batched = lambda op: jax.vmap(lambda x, w: op(x, w, padding="SAME"))
-    check_vjp(batched(jaxconv.conv2d), batched(reference.conv2d), xs, ws, dtype=jnp.float32,
-              finite_differences=False, second_order=False).assert_ok()
+    check_vjp(
+        batched(jaxconv.conv2d),
+        batched(reference.conv2d),
+        xs,
+        ws,
+        dtype=jnp.float32,
+        finite_differences=False,
+        second_order=False,
+    ).assert_ok()
     y, w = _float32(rng.standard_normal((2, 5, 4, 3)), rng.standard_normal((3, 3, 2, 3)))
     opts = dict(stride=2, padding=1, output_padding=1)
-    check_vjp(lambda y, w: jaxconv.conv_transpose2d(y, w, **opts),
-              lambda y, w: reference.conv_transpose2d(y, w, **opts), y, w, dtype=jnp.float32,
-              finite_differences=False, second_order=False).assert_ok()
+    check_vjp(
+        lambda y, w: jaxconv.conv_transpose2d(y, w, **opts),
+        lambda y, w: reference.conv_transpose2d(y, w, **opts),
+        y,
+        w,
+        dtype=jnp.float32,
+        finite_differences=False,
+        second_order=False,
+    ).assert_ok()
 
 
 def test_keeps_x_and_w_only(forms, capsys):
@@ -127,18 +153,33 @@ def test_keeps_x_and_w_only(forms, capsys):
 
 def test_float64_and_groups_run_the_planners_forms(forms):
     forms(**ONEDNN)
-    common = dict(batch=8, out_spatial=(12, 11), kernel_spatial=(3, 3), in_channels=4, out_channels=8,
-                  stride=(1, 1), platform="cpu")
+    common = dict(
+        batch=8,
+        out_spatial=(12, 11),
+        kernel_spatial=(3, 3),
+        in_channels=4,
+        out_channels=8,
+        stride=(1, 1),
+        platform="cpu",
+    )
     assert plan.conv_plan(groups=1, dtype=jnp.float32, **common)[:2] == ("onednn", "onednn")
-    for case in (dict(groups=1, dtype=jnp.float64), dict(groups=2, dtype=jnp.float32),
-                 dict(groups=1, dtype=jnp.float32, platform="gpu")):
+    for case in (
+        dict(groups=1, dtype=jnp.float64),
+        dict(groups=2, dtype=jnp.float32),
+        dict(groups=1, dtype=jnp.float32, platform="gpu"),
+    ):
         chosen = plan.conv_plan(**{**common, **case})
         assert "onednn" not in chosen[:2] and "onednn needs" in chosen.reason
     # float64 (the suite's default here) then simply runs and agrees to 1e-12.
     rng = np.random.default_rng(4)
-    check_vjp(lambda x, w: jaxconv.conv2d(x, w, padding=1), lambda x, w: reference.conv2d(x, w, padding=1),
-              rng.standard_normal((2, 6, 6, 2)), rng.standard_normal((3, 3, 2, 3)),
-              finite_differences=False, second_order=False).assert_ok()
+    check_vjp(
+        lambda x, w: jaxconv.conv2d(x, w, padding=1),
+        lambda x, w: reference.conv2d(x, w, padding=1),
+        rng.standard_normal((2, 6, 6, 2)),
+        rng.standard_normal((3, 3, 2, 3)),
+        finite_differences=False,
+        second_order=False,
+    ).assert_ok()
 
 
 def test_missing_library_is_a_clear_error(monkeypatch):
@@ -147,7 +188,9 @@ def test_missing_library_is_a_clear_error(monkeypatch):
     onednn._runtime.cache_clear()
     try:
         assert not onednn.available()
-        with pytest.raises(ValueError, match=r"`conv_forward` \(='onednn'\) needs the oneDNN library.*jaxconv\[onednn\]"):
+        with pytest.raises(
+            ValueError, match=r"`conv_forward` \(='onednn'\) needs the oneDNN library.*jaxconv\[onednn\]"
+        ):
             plan.forms(conv_forward="onednn").__enter__()
     finally:
         monkeypatch.delenv(onednn.LIBRARY_ENV)

@@ -40,8 +40,9 @@ def _with_nan(a, *indices):
 
 def _window_reads(marked, window, stride=None, padding="VALID"):
     """Which pooling windows read a marked pixel: an average of the 0/1 marks above 0."""
-    return np.asarray(reference.avg_pool2d(jnp.asarray(marked, jnp.float64), window, stride=stride,
-                                           padding=padding)) > 0
+    return (
+        np.asarray(reference.avg_pool2d(jnp.asarray(marked, jnp.float64), window, stride=stride, padding=padding)) > 0
+    )
 
 
 # --- 1. NaN in, NaN out -------------------------------------------------------------
@@ -71,8 +72,10 @@ def _nan_cases():
     lrn_reach[1, 2, 3, [k for k in range(6) if k - below <= 2 <= k + above]] = True
     x16_marks = np.isnan(X16)
     conv16 = _with_nan(_normal(16, 16, 16, 8), (5, 7, 7, 2))
-    conv16_reach = np.asarray(reference.conv2d(jnp.asarray(np.isnan(conv16).astype(float)),
-                                               jnp.ones((3, 3, 8, 32)), padding=1)) > 0
+    conv16_reach = (
+        np.asarray(reference.conv2d(jnp.asarray(np.isnan(conv16).astype(float)), jnp.ones((3, 3, 8, 32)), padding=1))
+        > 0
+    )
     w_lin = _with_nan(_normal(5, 3), (2, 1))
     row = np.zeros((4, 3), bool)
     row[1] = True
@@ -86,35 +89,79 @@ def _nan_cases():
         ("relu", jaxconv.relu, (X16,), np.isnan(X16), {}),
         ("conv2d x", lambda x, w: jaxconv.conv2d(x, w, padding=1), (X7, _normal(3, 3, 3, 4)), conv_reach, {}),
         ("conv2d w", lambda x, w: jaxconv.conv2d(x, w), (_normal(2, 7, 7, 3), W_NAN), w_reach, {}),
-        ("conv2d b", lambda x, w, b: jaxconv.conv2d(x, w, b), (_normal(2, 7, 7, 3), _normal(3, 3, 3, 4),
-                                                                _with_nan(_normal(4), 3)), w_reach, {}),
-        ("conv2d im2row forward", lambda x, w: jaxconv.conv2d(x, w, padding=1), (conv16, _normal(3, 3, 8, 32)),
-         conv16_reach, {"conv_forward": "im2row_blocked"}),
+        (
+            "conv2d b",
+            lambda x, w, b: jaxconv.conv2d(x, w, b),
+            (_normal(2, 7, 7, 3), _normal(3, 3, 3, 4), _with_nan(_normal(4), 3)),
+            w_reach,
+            {},
+        ),
+        (
+            "conv2d im2row forward",
+            lambda x, w: jaxconv.conv2d(x, w, padding=1),
+            (conv16, _normal(3, 3, 8, 32)),
+            conv16_reach,
+            {"conv_forward": "im2row_blocked"},
+        ),
         ("avg_pool2d 2x2", lambda x: jaxconv.avg_pool2d(x, 2), (X16,), _window_reads(x16_marks, 2), {}),
-        ("avg_pool2d 3x3/2 pad 1", lambda x: jaxconv.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False),
-         (X16,), _window_reads(x16_marks, 3, 2, 1), {}),
-        ("max_pool2d 2x2 reshape", lambda x: jaxconv.max_pool2d(x, 2), (X16,), _window_reads(x16_marks, 2),
-         {"pool": "reshape"}),
-        ("max_pool2d 2x2 slices", lambda x: jaxconv.max_pool2d(x, 2), (X16,), _window_reads(x16_marks, 2),
-         {"pool": "slices"}),
-        ("max_pool2d 3x3/2 SAME", lambda x: jaxconv.max_pool2d(x, 3, stride=2, padding="SAME"), (X16,),
-         _window_reads(x16_marks, 3, 2, "SAME"), {}),
-        ("max_pool2d [0, 0, 0, nan] windows", lambda x: jaxconv.max_pool2d(x, 2), (X_QUIRK,),
-         np.ones((1, 1024, 1, 1), bool), {}),
-        ("reference.max_pool2d", lambda x: reference.max_pool2d(x, 2), (X_QUIRK,), np.ones((1, 1024, 1, 1), bool),
-         {}),
+        (
+            "avg_pool2d 3x3/2 pad 1",
+            lambda x: jaxconv.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False),
+            (X16,),
+            _window_reads(x16_marks, 3, 2, 1),
+            {},
+        ),
+        (
+            "max_pool2d 2x2 reshape",
+            lambda x: jaxconv.max_pool2d(x, 2),
+            (X16,),
+            _window_reads(x16_marks, 2),
+            {"pool": "reshape"},
+        ),
+        (
+            "max_pool2d 2x2 slices",
+            lambda x: jaxconv.max_pool2d(x, 2),
+            (X16,),
+            _window_reads(x16_marks, 2),
+            {"pool": "slices"},
+        ),
+        (
+            "max_pool2d 3x3/2 SAME",
+            lambda x: jaxconv.max_pool2d(x, 3, stride=2, padding="SAME"),
+            (X16,),
+            _window_reads(x16_marks, 3, 2, "SAME"),
+            {},
+        ),
+        (
+            "max_pool2d [0, 0, 0, nan] windows",
+            lambda x: jaxconv.max_pool2d(x, 2),
+            (X_QUIRK,),
+            np.ones((1, 1024, 1, 1), bool),
+            {},
+        ),
+        ("reference.max_pool2d", lambda x: reference.max_pool2d(x, 2), (X_QUIRK,), np.ones((1, 1024, 1, 1), bool), {}),
         ("lrn", lambda x: jaxconv.lrn(x, size=3), (lrn_x,), lrn_reach, {}),
         ("linear x", jaxconv.linear, (_with_nan(_normal(4, 5), (1, 2)), _normal(5, 3), _normal(3)), row, {}),
         ("linear w", jaxconv.linear, (_normal(4, 5), w_lin, _normal(3)), column, {}),
         ("linear b", jaxconv.linear, (_normal(4, 5), _normal(5, 3), _with_nan(_normal(3), 1)), column, {}),
         ("flatten", jaxconv.flatten, (X7,), np.isnan(X7).reshape(2, -1), {}),
         ("softmax", jaxconv.softmax, (_with_nan(_normal(4, 6), (2, 3)),), softmax_row, {}),
-        ("softmax_cross_entropy", lambda s: jaxconv.softmax_cross_entropy(s, LABELS),
-         (_with_nan(_normal(3, 4), (2, 0)),), np.array(True), {}),  # not the label: the normaliser reads it
+        (
+            "softmax_cross_entropy",
+            lambda s: jaxconv.softmax_cross_entropy(s, LABELS),
+            (_with_nan(_normal(3, 4), (2, 0)),),
+            np.array(True),
+            {},
+        ),  # not the label: the normaliser reads it
         ("log_loss labelled", lambda p: jaxconv.log_loss(p, LABELS), (p_labelled,), np.array(True), {}),
         ("log_loss unlabelled", lambda p: jaxconv.log_loss(p, LABELS), (p_unlabelled,), np.array(False), {}),
-        ("l2_penalty", lambda a, b: jaxconv.l2_penalty({"a": a, "b": b}, 0.1),
-         (_normal(3, 2), _with_nan(_normal(4), 0)), np.array(True), {}),
+        (
+            "l2_penalty",
+            lambda a, b: jaxconv.l2_penalty({"a": a, "b": b}, 0.1),
+            (_normal(3, 2), _with_nan(_normal(4), 0)),
+            np.array(True),
+            {},
+        ),
     ]
     return cases
 
@@ -202,49 +249,62 @@ def test_nested_lists_of_numbers_are_still_arrays():
 ABSURD = {
     "conv2d padding=2**40": (
         "jaxconv.conv2d(jnp.ones((1, 6, 6, 1)), jnp.ones((3, 3, 1, 1)), padding=2**40)",
-        r"`padding` \(=1099511627776\) must be <= 2147483647"),
+        r"`padding` \(=1099511627776\) must be <= 2147483647",
+    ),
     "conv2d stride=2**70": (
         "jaxconv.conv2d(jnp.ones((1, 6, 6, 1)), jnp.ones((3, 3, 1, 1)), stride=2**70)",
-        r"`stride` \(=1180591620717411303424\) must be <= 2147483647"),
+        r"`stride` \(=1180591620717411303424\) must be <= 2147483647",
+    ),
     "conv2d dilation=2**40, padding=2**41": (
         "jaxconv.conv2d(jnp.ones((1, 6, 6, 1)), jnp.ones((3, 3, 1, 1)), dilation=2**40, padding=2**41)",
-        r"`dilation` \(=1099511627776\) must be <= 2147483647"),
+        r"`dilation` \(=1099511627776\) must be <= 2147483647",
+    ),
     "conv2d padded height past 2**31 - 1": (
         "jaxconv.conv2d(jnp.ones((1, 6, 6, 1)), jnp.ones((3, 3, 1, 1)), padding=((2**30, 2**30), (0, 0)))",
         r"`padding` \(1073741824, 1073741824\) makes the padded height 6 \+ 1073741824 \+ 1073741824 = "
-        r"2147483654, more than 2147483647"),
+        r"2147483654, more than 2147483647",
+    ),
     "conv2d padding=10**4 with 64 output channels": (
         "jaxconv.conv2d(jnp.ones((1, 6, 6, 3)), jnp.ones((3, 3, 3, 64)), padding=10**4)",
-        r"make the output of shape \(1, 20004, 20004, 64\): 25610241024 elements, more than 2147483647"),
+        r"make the output of shape \(1, 20004, 20004, 64\): 25610241024 elements, more than 2147483647",
+    ),
     "reference.conv2d padding=2**40": (
         "reference.conv2d(jnp.ones((1, 6, 6, 1)), jnp.ones((3, 3, 1, 1)), padding=2**40)",
-        r"`padding` \(=1099511627776\) must be <= 2147483647"),
+        r"`padding` \(=1099511627776\) must be <= 2147483647",
+    ),
     "max_pool2d padding=2**40": (
         "jaxconv.max_pool2d(jnp.ones((1, 6, 6, 1)), 2, padding=2**40)",
-        r"`padding` \(=1099511627776\) must be <= 2147483647"),
+        r"`padding` \(=1099511627776\) must be <= 2147483647",
+    ),
     "max_pool2d padding=10**4": (
         "jaxconv.max_pool2d(jnp.ones((1, 6, 6, 1)), 2, padding=10**4)",
-        r"`padding` \(=10000\) puts 10000 on the top, more than half the window"),
+        r"`padding` \(=10000\) puts 10000 on the top, more than half the window",
+    ),
     "max_pool2d window=2**40": (
         "jaxconv.max_pool2d(jnp.ones((1, 6, 6, 1)), 2**40, padding=2**39)",
-        r"`window` \(=1099511627776\) must be <= 2147483647"),
+        r"`window` \(=1099511627776\) must be <= 2147483647",
+    ),
     "max_pool2d window=10**5, padding=5*10**4": (
         "jaxconv.max_pool2d(jnp.ones((1, 6, 6, 1)), 10**5, padding=5 * 10**4)",
-        r"make the padded input of shape \(1, 100006, 100006, 1\): 10001200036 elements, more than 2147483647"),
+        r"make the padded input of shape \(1, 100006, 100006, 1\): 10001200036 elements, more than 2147483647",
+    ),
     "avg_pool2d window=2**40": (
         "jaxconv.avg_pool2d(jnp.ones((1, 6, 6, 1)), 2**40, padding=2**39)",
-        r"`window` \(=1099511627776\) must be <= 2147483647"),
+        r"`window` \(=1099511627776\) must be <= 2147483647",
+    ),
     "avg_pool2d stride=2**70": (
         "jaxconv.avg_pool2d(jnp.ones((1, 6, 6, 1)), 2, stride=2**70)",
-        r"`stride` \(=1180591620717411303424\) must be <= 2147483647"),
+        r"`stride` \(=1180591620717411303424\) must be <= 2147483647",
+    ),
     "linear output of 10**10 elements": (
         "jaxconv.linear(jnp.ones((10**5, 1)), jnp.ones((1, 10**5)))",
-        r"`x.shape\[0\]` and `w.shape\[1\]` make the output of shape \(100000, 100000\): 10000000000 elements"),
+        r"`x.shape\[0\]` and `w.shape\[1\]` make the output of shape \(100000, 100000\): 10000000000 elements",
+    ),
     "lrn size=2**40": ("jnp.abs(jaxconv.lrn(x6, size=2**40) - jaxconv.lrn(x6, size=11)).max()", None),
     "lrn size=2**70": ("jnp.abs(jaxconv.lrn(x6, size=2**70) - jaxconv.lrn(x6, size=11)).max()", None),
 }
 
-_CHILD = textwrap.dedent('''
+_CHILD = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp
     jax.config.update("jax_enable_x64", True)
@@ -262,17 +322,22 @@ _CHILD = textwrap.dedent('''
         except Exception as error:
             result = {"case": name, "error": type(error).__name__, "message": str(error).splitlines()[0]}
         print(json.dumps(result), flush=True)
-''')
+""")
 
 
 def _run_child(cases: dict) -> tuple[dict, str | None]:
     """Run ``cases`` in order in a child process; its results, and the case it died
     in (an abort, or past the time limit), if it did."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(jaxconv.__file__)), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            [os.path.dirname(os.path.dirname(jaxconv.__file__)), os.environ.get("PYTHONPATH", "")]
+        ),
+    )
     try:
-        child = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cases)], capture_output=True, text=True,
-                               timeout=120, env=env)
+        child = subprocess.run(
+            [sys.executable, "-c", _CHILD, json.dumps(cases)], capture_output=True, text=True, timeout=120, env=env
+        )
         out, how = child.stdout, f"rc {child.returncode}"
     except subprocess.TimeoutExpired as timeout:
         out, how = (timeout.stdout or b"").decode(), "still running after 120 s"
@@ -301,7 +366,7 @@ def absurd_results():
         names = list(left)
         if died_in is None:
             break
-        left = {name: left[name] for name in names[names.index(died_in) + 1:]}
+        left = {name: left[name] for name in names[names.index(died_in) + 1 :]}
     return results
 
 
@@ -349,14 +414,22 @@ def test_conv_padding_is_bounded_by_size_only():
 @pytest.mark.parametrize(
     "p,match",
     [
-        (np.array([[0.0, 0.5, 0.5, 0.0], [0.2, 0.2, 0.2, 0.4], [0.1, 0.9, 0.0, 0.0]]),
-         r"`p` \(=0.0 at index \(0, 0\), the labelled class of example 0\) must be in \(0, 1\]: its -log is inf"),
-        (np.array([[0.5, 0.5, 0.5, 0.5], [0.2, 0.2, -0.2, 0.4], [0.1, 0.9, 0.0, 0.0]]),
-         r"`p` \(=-0.2 at index \(1, 2\)\) must be a probability in \[0, 1\]"),
-        (np.array([[0.5, 0.5, 0.5, 0.5], [0.2, 0.2, 0.2, 0.4], [0.1, 1.5, 0.0, 0.0]]),
-         r"`p` \(=1.5 at index \(2, 1\)\) must be a probability in \[0, 1\]"),
-        (np.array([[0.5, 0.5, 0.5, 0.5], [0.2, 0.2, 0.2, 0.4], [0.1, np.inf, 0.0, 0.0]]),
-         r"`p` \(=inf at index \(2, 1\)\)"),
+        (
+            np.array([[0.0, 0.5, 0.5, 0.0], [0.2, 0.2, 0.2, 0.4], [0.1, 0.9, 0.0, 0.0]]),
+            r"`p` \(=0.0 at index \(0, 0\), the labelled class of example 0\) must be in \(0, 1\]: its -log is inf",
+        ),
+        (
+            np.array([[0.5, 0.5, 0.5, 0.5], [0.2, 0.2, -0.2, 0.4], [0.1, 0.9, 0.0, 0.0]]),
+            r"`p` \(=-0.2 at index \(1, 2\)\) must be a probability in \[0, 1\]",
+        ),
+        (
+            np.array([[0.5, 0.5, 0.5, 0.5], [0.2, 0.2, 0.2, 0.4], [0.1, 1.5, 0.0, 0.0]]),
+            r"`p` \(=1.5 at index \(2, 1\)\) must be a probability in \[0, 1\]",
+        ),
+        (
+            np.array([[0.5, 0.5, 0.5, 0.5], [0.2, 0.2, 0.2, 0.4], [0.1, np.inf, 0.0, 0.0]]),
+            r"`p` \(=inf at index \(2, 1\)\)",
+        ),
     ],
     ids=["labelled zero", "negative", "above one", "inf"],
 )

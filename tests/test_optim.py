@@ -29,10 +29,15 @@ def test_schedules_warm_up_then_follow_their_shape():
     assert float(train.make_schedule(0.4, "cosine", total_steps=total)(0)) == pytest.approx(0.4)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"schedule": "linear"}, "schedule"), ({"warmup_steps": 100}, "warmup_steps"),
-    ({"warmup_steps": -1}, "warmup_steps"), ({"total_steps": 0}, "total_steps"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"schedule": "linear"}, "schedule"),
+        ({"warmup_steps": 100}, "warmup_steps"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"total_steps": 0}, "total_steps"),
+    ],
+)
 def test_bad_schedules(kwargs, match):
     with pytest.raises(ValueError, match=match):
         train.make_schedule(0.1, **{"total_steps": 100, **kwargs})

@@ -121,8 +121,10 @@ def test_output_shape_formula(config, include):
     pads = _window.padding(opts["padding"], x.shape[1:3], k, s, (1, 1))
     expected = tuple((n + lo + hi - kk) // ss + 1 for n, (lo, hi), kk, ss in zip(x.shape[1:3], pads, k, s))
     expected = (x.shape[0], *expected, x.shape[3])
-    for op, ref_op, extra in [(jaxconv.max_pool2d, reference.max_pool2d, {}),
-                              (jaxconv.avg_pool2d, reference.avg_pool2d, dict(count_include_pad=include))]:
+    for op, ref_op, extra in [
+        (jaxconv.max_pool2d, reference.max_pool2d, {}),
+        (jaxconv.avg_pool2d, reference.avg_pool2d, dict(count_include_pad=include)),
+    ]:
         assert jax.eval_shape(lambda x: op(x, window, **opts, **extra), x).shape == expected
         assert jax.eval_shape(lambda x: ref_op(x, window, **opts, **extra), x).shape == expected
 
@@ -272,13 +274,13 @@ def test_max_pool_backward_is_row2im_of_g_times_first_max_selection():
     g = jnp.asarray(rng.standard_normal(y.shape))
     dx = vjp(g)[0]
     for c in range(x.shape[3]):
-        xc = x[..., c:c + 1]
+        xc = x[..., c : c + 1]
         phi = matrix.im2row(xc, window, stride=stride)  # (N, Ho*Wo, KH*KW)
         s = jax.nn.one_hot(jnp.argmax(phi, axis=2), phi.shape[2], dtype=x.dtype)  # argmax: first maximum
         np.testing.assert_array_equal(np.asarray(y[..., c]).reshape(phi.shape[:2]), np.asarray(phi.max(axis=2)))
         rows = g[..., c].reshape(phi.shape[:2])[:, :, None] * s  # dY S^T, one row per window
         expected = matrix.row2im(rows, xc.shape, window, stride=stride)
-        np.testing.assert_array_equal(np.asarray(dx[..., c:c + 1]), np.asarray(expected))
+        np.testing.assert_array_equal(np.asarray(dx[..., c : c + 1]), np.asarray(expected))
 
 
 def test_not_lowered_to_select_and_scatter():
@@ -392,8 +394,9 @@ def test_vmap_of_vjp_batches_the_saved_selection(force, form):
     def vjp_of(op):
         return jax.jit(jax.vmap(lambda x, g: jax.vjp(lambda x: op(x, 2, padding=((0, 0), (0, 1))), x)[1](g)[0]))
 
-    np.testing.assert_array_equal(np.asarray(vjp_of(jaxconv.max_pool2d)(xs, gs)),
-                                  np.asarray(vjp_of(reference.max_pool2d)(xs, gs)))
+    np.testing.assert_array_equal(
+        np.asarray(vjp_of(jaxconv.max_pool2d)(xs, gs)), np.asarray(vjp_of(reference.max_pool2d)(xs, gs))
+    )
 
 
 @pytest.mark.parametrize("form", jaxconv.plan.POOL_FORMS)
@@ -486,13 +489,27 @@ X = jnp.zeros((2, 6, 6, 4))
         (X, 2, dict(stride=(1, -3)), r"`stride` \(=\(1, -3\)\) must be >= 1"),
         (X, 2, dict(padding=-1), r"`padding` \(=-1\) must be non-negative"),
         (X, 2, dict(padding="FULL"), r"`padding` \(='FULL'\) must be 'VALID', 'SAME'"),
-        (X, 2, dict(padding=3), r"`padding` \(=3\) puts 3 on the top, more than half the window "
-                                r"\(window \(2, 2\): at most 1 = 2 // 2 in height\)"),
-        (X, (3, 2), dict(stride=1, padding=((1, 1), (0, 2))),
-         r"`padding` \(=\(\(1, 1\), \(0, 2\)\)\) puts 2 on the right, .*at most 1 = 2 // 2 in width"),
+        (
+            X,
+            2,
+            dict(padding=3),
+            r"`padding` \(=3\) puts 3 on the top, more than half the window "
+            r"\(window \(2, 2\): at most 1 = 2 // 2 in height\)",
+        ),
+        (
+            X,
+            (3, 2),
+            dict(stride=1, padding=((1, 1), (0, 2))),
+            r"`padding` \(=\(\(1, 1\), \(0, 2\)\)\) puts 2 on the right, .*at most 1 = 2 // 2 in width",
+        ),
         (X, 1, dict(padding=(0, 1)), r"`padding` \(=\(0, 1\)\) puts 1 on the left, .*at most 0 = 1 // 2"),
-        (jnp.zeros((2, 0, 6, 4)), 2, dict(padding=1), r"`x` must have a height and width >= 1 to pool, "
-                                                      r"got shape \(2, 0, 6, 4\)"),
+        (
+            jnp.zeros((2, 0, 6, 4)),
+            2,
+            dict(padding=1),
+            r"`x` must have a height and width >= 1 to pool, "
+            r"got shape \(2, 0, 6, 4\)",
+        ),
     ],
 )
 def test_bad_input_raises_at_trace_time(op, x, window, kwargs, match):
@@ -520,11 +537,17 @@ def test_padding_past_half_the_window_is_rejected_as_pytorch_does(op):
     now half the window is the most padding, and the hand rules and references agree."""
     x = jnp.asarray(np.random.default_rng(13).standard_normal((1, 2, 2, 1)))
     # The references name sides by position (they share no naming code with the ops).
-    with pytest.raises(ValueError, match=r"`padding` \(=3\) puts 3 on the (top|low side of spatial dimension 0), "
-                                         r"more than half the window"):
+    with pytest.raises(
+        ValueError,
+        match=r"`padding` \(=3\) puts 3 on the (top|low side of spatial dimension 0), "
+        r"more than half the window",
+    ):
         op(x, 2, stride=2, padding=3)
-    with pytest.raises(ValueError, match=r"`padding` \(=\(\(0, 0\), \(2, 0\)\)\) puts 2 on the "
-                                         r"(left|low side of spatial dimension 1)"):
+    with pytest.raises(
+        ValueError,
+        match=r"`padding` \(=\(\(0, 0\), \(2, 0\)\)\) puts 2 on the "
+        r"(left|low side of spatial dimension 1)",
+    ):
         jax.eval_shape(lambda x: op(x, 3, stride=1, padding=((0, 0), (2, 0))), x)
     assert op(x, 2, stride=1, padding=1).shape == (1, 3, 3, 1)  # half the window: allowed
 
@@ -544,7 +567,7 @@ def test_every_window_holds_an_input_pixel_at_the_most_padding():
 
 
 def test_same_padding_is_always_within_half_the_window():
-    """"SAME" never trips the rule: every size, window and stride up to 12 x 7 x 5."""
+    """ "SAME" never trips the rule: every size, window and stride up to 12 x 7 x 5."""
     for size in range(1, 13):
         for k in range(1, 8):
             for s in range(1, 6):
@@ -587,16 +610,24 @@ def test_1d_and_3d_equal_the_reference_float64(force, form, shape, window, strid
         np.testing.assert_allclose(np.asarray(pull(ct)[0]), np.asarray(pull_ref(ct)[0]), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: jaxconv.max_pool1d(jnp.ones((1, 6, 6, 2)), 2), r"`x` must have rank 3"),
-    (lambda: jaxconv.max_pool1d(jnp.ones((1, 6, 2)), (2, 2)), r"`window` \(=\(2, 2\)\) must be an int or one int"),
-    (lambda: jaxconv.avg_pool3d(jnp.ones((1, 4, 4, 2)), 2), r"`x` must have rank 5"),
-    (lambda: jaxconv.avg_pool3d(jnp.ones((1, 4, 4, 4, 2)), (2, 2)), r"`window` \(=\(2, 2\)\) must be an int or a triple"),
-    (lambda: jaxconv.max_pool3d(jnp.ones((1, 4, 4, 4, 2)), 3, padding=((2, 0), (0, 0), (0, 0))),
-     r"puts 2 on the front, more than half the window"),
-    (lambda: jaxconv.max_pool3d(jnp.ones((1, 2, 4, 4, 2)), 3), r"`window` \(=\(3, 3, 3\).*spans 3 in depth"),
-    (lambda: jaxconv.avg_pool1d(jnp.ones((1, 6, 2)), 2, stride=0), r"`stride` \(=0\) must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: jaxconv.max_pool1d(jnp.ones((1, 6, 6, 2)), 2), r"`x` must have rank 3"),
+        (lambda: jaxconv.max_pool1d(jnp.ones((1, 6, 2)), (2, 2)), r"`window` \(=\(2, 2\)\) must be an int or one int"),
+        (lambda: jaxconv.avg_pool3d(jnp.ones((1, 4, 4, 2)), 2), r"`x` must have rank 5"),
+        (
+            lambda: jaxconv.avg_pool3d(jnp.ones((1, 4, 4, 4, 2)), (2, 2)),
+            r"`window` \(=\(2, 2\)\) must be an int or a triple",
+        ),
+        (
+            lambda: jaxconv.max_pool3d(jnp.ones((1, 4, 4, 4, 2)), 3, padding=((2, 0), (0, 0), (0, 0))),
+            r"puts 2 on the front, more than half the window",
+        ),
+        (lambda: jaxconv.max_pool3d(jnp.ones((1, 2, 4, 4, 2)), 3), r"`window` \(=\(3, 3, 3\).*spans 3 in depth"),
+        (lambda: jaxconv.avg_pool1d(jnp.ones((1, 6, 2)), 2, stride=0), r"`stride` \(=0\) must be >= 1"),
+    ],
+)
 def test_1d_and_3d_bad_input_raises_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()

@@ -68,10 +68,13 @@ CONV = ["--arg", "x=1,5,5,1", "--arg", "w=2,2,1,1", "--no-second-order", "--no-f
 
 
 @pytest.mark.parametrize("sweep", [[], ["--sweep", "2"]])
-@pytest.mark.parametrize("static, message", [
-    ("stride=0", "stride must be >= 1, got 0"),
-    ("padding='NONSENSE'", "NONSENSE"),
-])
+@pytest.mark.parametrize(
+    "static, message",
+    [
+        ("stride=0", "stride must be >= 1, got 0"),
+        ("padding='NONSENSE'", "NONSENSE"),
+    ],
+)
 def test_keyword_only_statics_reach_the_function(module, capsys, sweep, static, message):
     code = check_cli.main([f"{module}:conv_ref", "--ref", f"{module}:conv", *CONV, "--static", static, *sweep])
     out, err = capsys.readouterr()
@@ -89,24 +92,56 @@ def test_a_keyword_only_static_changes_what_is_compared(module, capsys):
 
 
 def test_the_sweep_reproducer_of_a_keyword_only_static_calls_the_functions_with_it(module, capsys):
-    assert check_cli.main([f"{module}:scaled", "--ref", f"{module}:scaled_ref", "--arg", "x=N", "--dim", "N=1-3",
-                           "--static", "scale=3.0", "--sweep", "2"]) == 1
+    assert (
+        check_cli.main(
+            [
+                f"{module}:scaled",
+                "--ref",
+                f"{module}:scaled_ref",
+                "--arg",
+                "x=N",
+                "--dim",
+                "N=1-3",
+                "--static",
+                "scale=3.0",
+                "--sweep",
+                "2",
+            ]
+        )
+        == 1
+    )
     out = capsys.readouterr().out
     assert f"from {module} import scaled\n" in out and f"from {module} import scaled_ref\n" in out
     assert "check_vjp(partial(scaled, scale=3.0), partial(scaled_ref, scale=3.0), x," in out
 
 
 def test_a_keyword_only_array_or_choice_with_a_reference_is_a_usage_error(module, capsys):
-    assert check_cli.main([f"{module}:scaled", "--ref", f"{module}:scaled_ref", "--arg", "x=3",
-                           "--arg", "scale=3"]) == 2
+    assert (
+        check_cli.main([f"{module}:scaled", "--ref", f"{module}:scaled_ref", "--arg", "x=3", "--arg", "scale=3"]) == 2
+    )
     assert "keyword-only parameter of the reference" in capsys.readouterr().err
-    assert check_cli.main([f"{module}:scaled", "--ref", f"{module}:scaled_ref", "--arg", "x=3",
-                           "--choices", "scale=1.0,2.0", "--sweep", "2"]) == 2
+    assert (
+        check_cli.main(
+            [
+                f"{module}:scaled",
+                "--ref",
+                f"{module}:scaled_ref",
+                "--arg",
+                "x=3",
+                "--choices",
+                "scale=1.0,2.0",
+                "--sweep",
+                "2",
+            ]
+        )
+        == 2
+    )
     assert "--choices scale" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("target, ref", [("returns_none", None), ("plain_none", "plain_none"),
-                                         ("labels_only", "labels_only")])
+@pytest.mark.parametrize(
+    "target, ref", [("returns_none", None), ("plain_none", "plain_none"), ("labels_only", "labels_only")]
+)
 @pytest.mark.parametrize("sweep", [[], ["--sweep", "2"]])
 def test_a_function_returning_nothing_to_check_fails(module, capsys, target, ref, sweep):
     argv = [f"{module}:{target}", "--arg", "x=4", *(["--ref", f"{module}:{ref}"] if ref else []), *sweep]
@@ -136,8 +171,15 @@ def test_a_module_calling_sys_exit_at_import_is_a_usage_error(tmp_path, monkeypa
 def test_sys_exit_at_import_exits_2_from_the_command_line(tmp_path):
     (tmp_path / "exits.py").write_text("import sys\nsys.exit(0)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-m", "jaxconv", "check", "exits:f", "--arg", "x=3"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300, env=env, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxconv", "check", "exits:f", "--arg", "x=3"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
     assert done.returncode == 2 and "called sys.exit(0)" in done.stderr and "nothing was checked" in done.stderr
 
 
@@ -149,8 +191,19 @@ def test_negative_or_nan_tolerances_are_usage_errors_naming_the_flag(module, cap
 
 
 def test_zero_tolerance_is_accepted(module, capsys):
-    assert check_cli.main([f"{module}:scaled", "--ref", f"{module}:scaled_ref", "--arg", "x=3", "--rtol", "0",
-                           "--no-second-order", "--no-finite-differences"]) in (0, 1)
+    assert check_cli.main(
+        [
+            f"{module}:scaled",
+            "--ref",
+            f"{module}:scaled_ref",
+            "--arg",
+            "x=3",
+            "--rtol",
+            "0",
+            "--no-second-order",
+            "--no-finite-differences",
+        ]
+    ) in (0, 1)
     assert "error" not in capsys.readouterr().err
 
 
@@ -160,10 +213,13 @@ def test_a_file_that_is_not_python_is_a_clear_usage_error(capsys):
     assert "is not a Python source file (.py)" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--arg", "x=100000,100000"], "--arg x: 10000000000 elements"),
-    (["--arg", "x=N,N", "--dim", "N=1-100000", "--sweep", "2"], "--arg x: 10000000000 elements (at its largest)"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--arg", "x=100000,100000"], "--arg x: 10000000000 elements"),
+        (["--arg", "x=N,N", "--dim", "N=1-100000", "--sweep", "2"], "--arg x: 10000000000 elements (at its largest)"),
+    ],
+)
 def test_huge_arrays_are_refused_before_allocating(module, capsys, argv, message):
     assert check_cli.main([f"{module}:returns_none", *argv]) == 2
     assert message in capsys.readouterr().err

@@ -38,14 +38,14 @@ def _resign(path, edit) -> None:
     """Edit the caller's metadata in ``path`` and sign the header again, as a forger would."""
     data = path.read_bytes()
     length = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8: 8 + length])
+    header = json.loads(data[8 : 8 + length])
     record = json.loads(header["__metadata__"]["jaxconv"])
     edit(record["metadata"])
     text = json.dumps(record)
     header["__metadata__"] = {"jaxconv": text, "jaxconv.sha256": hashlib.sha256(text.encode()).hexdigest()}
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
-    path.write_bytes(len(blob).to_bytes(8, "little") + blob + data[8 + length:])
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + data[8 + length :])
 
 
 def test_an_abstract_template_restores_the_same_values(saved):
@@ -77,8 +77,11 @@ def test_declared_sizes_within_the_bound_are_checked_against_the_stored_tensors(
     _resign(saved, lambda m: m["model"].update(num_classes=90_000))
     _, classes, shape = checkpoint.check_model_entry(saved, checkpoint.read_metadata(saved)["model"])
     start = time.monotonic()
-    with pytest.raises(ValueError, match=r"leaf \[.* is float32\[(\d+, )?10\] in the checkpoint, "
-                                         r"float32\[(\d+, )?90000\] in the template"):
+    with pytest.raises(
+        ValueError,
+        match=r"leaf \[.* is float32\[(\d+, )?10\] in the checkpoint, "
+        r"float32\[(\d+, )?90000\] in the template",
+    ):
         checkpoint.restore(saved, _abstract(classes, list(shape)))
     assert time.monotonic() - start < 10
 
@@ -93,16 +96,19 @@ def test_a_forged_input_shape_is_refused(saved):
         checkpoint.restore(saved, _abstract(classes, list(shape)))
 
 
-@pytest.mark.parametrize("model, message", [
-    ([], "'model' entry is not a JSON object"),
-    ({"name": 3, "num_classes": 10, "input_shape": INPUT}, "'name'"),
-    ({"name": "lenet5", "num_classes": 0, "input_shape": INPUT}, "num_classes=0"),
-    ({"name": "lenet5", "num_classes": 10.0, "input_shape": INPUT}, "num_classes=10.0"),
-    ({"name": "lenet5", "num_classes": True, "input_shape": INPUT}, "num_classes=True"),
-    ({"name": "lenet5", "num_classes": 10, "input_shape": [8, 8]}, "input_shape=\\[8, 8\\]"),
-    ({"name": "lenet5", "num_classes": 10, "input_shape": [8, 8, 5]}, "C in \\[1, 4\\]"),
-    ({"name": "lenet5", "num_classes": 10, "input_shape": [8, 0, 1]}, "input_shape"),
-])
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ([], "'model' entry is not a JSON object"),
+        ({"name": 3, "num_classes": 10, "input_shape": INPUT}, "'name'"),
+        ({"name": "lenet5", "num_classes": 0, "input_shape": INPUT}, "num_classes=0"),
+        ({"name": "lenet5", "num_classes": 10.0, "input_shape": INPUT}, "num_classes=10.0"),
+        ({"name": "lenet5", "num_classes": True, "input_shape": INPUT}, "num_classes=True"),
+        ({"name": "lenet5", "num_classes": 10, "input_shape": [8, 8]}, "input_shape=\\[8, 8\\]"),
+        ({"name": "lenet5", "num_classes": 10, "input_shape": [8, 8, 5]}, "C in \\[1, 4\\]"),
+        ({"name": "lenet5", "num_classes": 10, "input_shape": [8, 0, 1]}, "input_shape"),
+    ],
+)
 def test_model_entries_out_of_bounds(model, message):
     with pytest.raises(ValueError, match=message):
         checkpoint.check_model_entry("ck.safetensors", model)

@@ -66,8 +66,9 @@ def test_a_grey_and_a_colour_png_read_as_before(tmp_path):
     rgb = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
     (tmp_path / "c.png").write_bytes(_png(rgb))
     np.testing.assert_allclose(images.read_image(tmp_path / "c.png", (32, 32, 3)), rgb / 255.0, atol=1e-6)
-    np.testing.assert_allclose(images.read_image(tmp_path / "c.png", (32, 32, 1))[..., 0], rgb.mean(-1) / 255.0,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        images.read_image(tmp_path / "c.png", (32, 32, 1))[..., 0], rgb.mean(-1) / 255.0, atol=1e-6
+    )
 
 
 def test_a_20000_pixel_png_is_refused_from_its_header_without_decoding(bomb, no_decoding):
@@ -84,12 +85,15 @@ def test_a_png_of_another_size_is_refused_from_its_header(tmp_path, no_decoding)
         images.read_image(tmp_path / "big.png", (28, 28, 1))
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "is empty"),
-    (b"hello, I am text\n", "not a PNG file .*a text file"),
-    (b"\x89PNG\r\n\x1a\n\x00\x00", "truncated PNG"),
-    (b"\x89PNG\r\n\x1a\n" + _chunk(b"IEND", b"") + b"\x00" * 20, "its first chunk is b'IEND'"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "is empty"),
+        (b"hello, I am text\n", "not a PNG file .*a text file"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "truncated PNG"),
+        (b"\x89PNG\r\n\x1a\n" + _chunk(b"IEND", b"") + b"\x00" * 20, "its first chunk is b'IEND'"),
+    ],
+)
 def test_broken_pngs_are_clear_value_errors(tmp_path, content, message):
     (tmp_path / "x.png").write_bytes(content)
     with pytest.raises(ValueError, match=message):

@@ -57,8 +57,14 @@ def test_the_cli_refuses_a_symlinked_lock_and_keeps_the_victim(tmp_path, victim)
     run.mkdir()
     os.symlink(victim, run / rundir.LOCK_NAME)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-m", "jaxconv", "train", "--out", str(run), "--epochs", "1"],
-                          capture_output=True, text=True, timeout=300, env=env, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxconv", "train", "--out", str(run), "--epochs", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
     assert done.returncode == 2, done.stderr
     assert "symbolic link" in done.stderr and "Traceback" not in done.stderr
     assert victim.read_bytes() == VICTIM

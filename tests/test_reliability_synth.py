@@ -17,13 +17,21 @@ SMALL = {"num_train": 10, "num_test": 5}
 
 def _cli(*args):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", "jaxconv", "synth", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=env, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "jaxconv", "synth", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
 
 
 def _snapshot(directory):
-    return {p.name: (os.path.islink(p), os.readlink(p) if os.path.islink(p) else p.read_bytes())
-            for p in sorted(directory.iterdir())}
+    return {
+        p.name: (os.path.islink(p), os.readlink(p) if os.path.islink(p) else p.read_bytes())
+        for p in sorted(directory.iterdir())
+    }
 
 
 def test_writes_into_a_fresh_directory_and_the_loader_reads_it(tmp_path):
@@ -80,12 +88,15 @@ def test_a_dangling_symlink_as_the_directory_gets_a_clear_message(tmp_path):
     assert not (tmp_path / "nowhere").exists()
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    ({"num_train": 10**8, "num_test": 5}, ValueError, r"`num_train` \(=100000000\) must lie in \[1, 100000\]"),
-    ({"num_train": 10, "num_test": 10**8}, ValueError, r"`num_test` \(=100000000\) must lie in"),
-    ({"num_train": 0, "num_test": 5}, ValueError, r"`num_train` \(=0\)"),
-    ({"num_train": 10.5, "num_test": 5}, TypeError, "must be an integer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"num_train": 10**8, "num_test": 5}, ValueError, r"`num_train` \(=100000000\) must lie in \[1, 100000\]"),
+        ({"num_train": 10, "num_test": 10**8}, ValueError, r"`num_test` \(=100000000\) must lie in"),
+        ({"num_train": 0, "num_test": 5}, ValueError, r"`num_train` \(=0\)"),
+        ({"num_train": 10.5, "num_test": 5}, TypeError, "must be an integer"),
+    ],
+)
 def test_absurd_counts_are_refused_before_anything_is_made(tmp_path, kwargs, error, message):
     with pytest.raises(error, match=message):
         synthetic.write_mnist_like(tmp_path / "m", **kwargs)

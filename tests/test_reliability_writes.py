@@ -12,8 +12,10 @@ import pytest
 from jaxconv.train import checkpoint, files, plots
 
 VICTIM = b"\x89PNG not really, a user's file\n" * 20
-HISTORY = [{"epoch": 1, "train_loss": 1.0, "test_loss": 1.1, "train_accuracy": 0.5, "test_accuracy": 0.4},
-           {"epoch": 2, "train_loss": 0.5, "test_loss": 0.6, "train_accuracy": 0.7, "test_accuracy": 0.6}]
+HISTORY = [
+    {"epoch": 1, "train_loss": 1.0, "test_loss": 1.1, "train_accuracy": 0.5, "test_accuracy": 0.4},
+    {"epoch": 2, "train_loss": 0.5, "test_loss": 0.6, "train_accuracy": 0.7, "test_accuracy": 0.6},
+]
 
 
 @pytest.fixture

@@ -23,9 +23,7 @@ def _digits(n=None, standardise=True):
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)[..., None]
     labels = digits.target.astype(np.int32)
-    x_train, x_test, y_train, y_test = train_test_split(
-        images, labels, test_size=360, random_state=0, stratify=labels
-    )
+    x_train, x_test, y_train, y_test = train_test_split(images, labels, test_size=360, random_state=0, stratify=labels)
     if standardise:
         x_train, x_test = train.standardize(x_train, x_test)
     return x_train[:n], y_train[:n], x_test, y_test
@@ -205,8 +203,9 @@ def test_fake_devices_equal_one_device(num_devices):
     single, _, single_history = _run(apply, params, x, y, steps=3, batch_size=16)
     mesh = train.make_mesh(num_devices)
     assert mesh.axis_names == ("batch",) and mesh.size == num_devices
-    sharded, opt_state, sharded_history = _run(apply, train.replicate(params, mesh), x, y, steps=3, batch_size=16,
-                                               mesh=mesh)
+    sharded, opt_state, sharded_history = _run(
+        apply, train.replicate(params, mesh), x, y, steps=3, batch_size=16, mesh=mesh
+    )
     for a, e in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
         assert a.sharding.is_equivalent_to(NamedSharding(mesh, P()), a.ndim)
         np.testing.assert_allclose(a, e, rtol=2e-5, atol=2e-6)
@@ -253,7 +252,9 @@ def test_indivisible_batch_is_a_clear_error():
 
 @pytest.mark.parametrize("bad", [0, 5, -1, 2.0, True])
 def test_make_mesh_bad_device_count(bad):
-    with pytest.raises(ValueError, match=r"`num_devices` \(=" + repr(bad).replace(".", r"\.") + r"\) must be an int in \[1, 4\]"):
+    with pytest.raises(
+        ValueError, match=r"`num_devices` \(=" + repr(bad).replace(".", r"\.") + r"\) must be an int in \[1, 4\]"
+    ):
         train.make_mesh(bad)
 
 
@@ -333,8 +334,21 @@ def test_standardize():
 
 
 def test_defaults_name_a_model_and_every_hyperparameter():
-    keys = {"model", "epochs", "batch_size", "optimizer", "learning_rate", "schedule", "warmup_epochs", "momentum",
-            "weight_decay", "l2", "val_fraction", "augment", "seed"}
+    keys = {
+        "model",
+        "epochs",
+        "batch_size",
+        "optimizer",
+        "learning_rate",
+        "schedule",
+        "warmup_epochs",
+        "momentum",
+        "weight_decay",
+        "l2",
+        "val_fraction",
+        "augment",
+        "seed",
+    }
     assert train.DEFAULTS is train.RECIPES["digits"]
     for recipe in train.RECIPES.values():
         assert set(recipe) == keys
@@ -383,8 +397,14 @@ def test_digits_recipe(seed, standardise):
 
     root = pathlib.Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
-    done = subprocess.run([sys.executable, "-c", _RECIPE_SCRIPT, str(seed), str(standardise)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", _RECIPE_SCRIPT, str(seed), str(standardise)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"seed {seed}, standardised {standardise}: {result}")

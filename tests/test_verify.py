@@ -180,8 +180,11 @@ def test_failure_message_gives_the_index_and_both_values():
     report = check_vjp(cube, lambda x: x**3, x, names=("x",), second_order=False)
     worst = next(c for c in report.failures if c.kind == "vjp")
     assert worst.where is not None and worst.actual == pytest.approx(2 / 3 * worst.expected)
-    with pytest.raises(AssertionError, match=r"vjp: argument x: relative error 3\.333e-01 > 1e-12 \(max abs error "
-                                             r"\S+ at index \(\d,\); rule gives \S+, reference gives \S+\)"):
+    with pytest.raises(
+        AssertionError,
+        match=r"vjp: argument x: relative error 3\.333e-01 > 1e-12 \(max abs error "
+        r"\S+ at index \(\d,\); rule gives \S+, reference gives \S+\)",
+    ):
         report.assert_ok()
     record = report.to_dict()
     assert record["passed"] is False and record["title"] == "check_vjp"

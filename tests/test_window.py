@@ -38,11 +38,13 @@ def _lax_out_size(dims, padding):
     """The spatial output shape ``lax.conv_general_dilated`` computes for ``padding`` (a string or pairs)."""
     ndim = len(dims)
     sizes, kernel, stride, dilation = zip(*dims)
-    sp = "DHW"[3 - ndim:]
+    sp = "DHW"[3 - ndim :]
     shape = jax.eval_shape(
-        lambda x, w: lax.conv_general_dilated(x, w, stride, padding, rhs_dilation=dilation,
-                                              dimension_numbers=(f"N{sp}C", f"{sp}IO", f"N{sp}C")),
-        jax.ShapeDtypeStruct((1, *sizes, 1), jnp.float32), jax.ShapeDtypeStruct((*kernel, 1, 1), jnp.float32),
+        lambda x, w: lax.conv_general_dilated(
+            x, w, stride, padding, rhs_dilation=dilation, dimension_numbers=(f"N{sp}C", f"{sp}IO", f"N{sp}C")
+        ),
+        jax.ShapeDtypeStruct((1, *sizes, 1), jnp.float32),
+        jax.ShapeDtypeStruct((*kernel, 1, 1), jnp.float32),
     ).shape
     return tuple(shape[1:-1])
 
@@ -73,8 +75,10 @@ def test_output_sizes_are_lax_convolution_shapes(ndim):
         sizes, kernel, stride, dilation = zip(*dims)
         pads = tuple((int(lo), int(hi)) for lo, hi in rng.integers(0, 4, (ndim, 2)))
         for padding, lax_padding in (("VALID", "VALID"), (pads, pads)):
-            fits = all(d * (k - 1) + 1 <= n + lo + hi for (n, k, _, d), (lo, hi)
-                       in zip(dims, ((0, 0),) * ndim if padding == "VALID" else pads))
+            fits = all(
+                d * (k - 1) + 1 <= n + lo + hi
+                for (n, k, _, d), (lo, hi) in zip(dims, ((0, 0),) * ndim if padding == "VALID" else pads)
+            )
             if not fits:
                 with pytest.raises(ValueError, match="larger than the padded input"):
                     _window.parse(sizes, kernel, stride, padding, dilation)
@@ -92,7 +96,8 @@ def test_pool_same_padding_is_lax_reduce_window_padding(ndim):
         sizes, kernel, stride, _ = zip(*dims)
         window = _window.parse(sizes, kernel, stride, "SAME", pool=True)
         assert window.padding == tuple(tuple(p) for p in lax.padtype_to_pads(sizes, kernel, stride, "SAME"))
-        shape = jax.eval_shape(lambda x: lax.reduce_window(x, np.float32(0), lax.add, (1, *kernel, 1),
-                                                           (1, *stride, 1), "SAME"),
-                               jax.ShapeDtypeStruct((1, *sizes, 1), jnp.float32)).shape
+        shape = jax.eval_shape(
+            lambda x: lax.reduce_window(x, np.float32(0), lax.add, (1, *kernel, 1), (1, *stride, 1), "SAME"),
+            jax.ShapeDtypeStruct((1, *sizes, 1), jnp.float32),
+        ).shape
         assert window.out_size == tuple(shape[1:-1]), dims

@@ -113,11 +113,14 @@ def test_finite_differences_and_second_order(forms, form, index):
 
 
 @pytest.mark.parametrize("form", WINOGRAD_FORMS)
-@pytest.mark.parametrize("ndim,x_shape,w_shape,options", [
-    (1, (2, 11, 3), (3, 3, 4), dict(padding="SAME")),
-    (1, (2, 9, 2), (5, 2, 3), dict(padding=((3, 0),))),
-    (3, (2, 5, 6, 4, 2), (3, 2, 3, 2, 3), dict(padding=((1, 1), (0, 2), (1, 0)))),
-])
+@pytest.mark.parametrize(
+    "ndim,x_shape,w_shape,options",
+    [
+        (1, (2, 11, 3), (3, 3, 4), dict(padding="SAME")),
+        (1, (2, 9, 2), (5, 2, 3), dict(padding=((3, 0),))),
+        (3, (2, 5, 6, 4, 2), (3, 2, 3, 2, 3), dict(padding=((1, 1), (0, 2), (1, 0)))),
+    ],
+)
 def test_1d_and_3d(forms, form, ndim, x_shape, w_shape, options):
     forms(conv_forward=form, conv_backward=form)
     _check_float64(*conv_pair(options, ndim), conv_arrays(np.random.default_rng(2), x_shape, w_shape))
@@ -142,8 +145,13 @@ def test_transposed_convolution(forms, form):
     rng = np.random.default_rng(4)
     y, w, b = rng.standard_normal((2, 6, 5, 3)), rng.standard_normal((3, 3, 2, 3)), rng.standard_normal(2)
     opts = dict(padding=1)
-    check_vjp(lambda y, w, b: jaxconv.conv_transpose2d(y, w, b, **opts),
-              lambda y, w, b: reference.conv_transpose2d(y, w, b, **opts), y, w, b).assert_ok()
+    check_vjp(
+        lambda y, w, b: jaxconv.conv_transpose2d(y, w, b, **opts),
+        lambda y, w, b: reference.conv_transpose2d(y, w, b, **opts),
+        y,
+        w,
+        b,
+    ).assert_ok()
 
 
 @pytest.mark.parametrize("form", WINOGRAD_FORMS)
@@ -170,8 +178,14 @@ def test_hypothesis_stride1(config, form):
     x_shape, w_shape, options = config
     with plan.forms(conv_forward=form, conv_backward=form):
         f, ref = conv_pair(options)
-        report = check_vjp(f, ref, *conv_arrays(np.random.default_rng(6), x_shape, w_shape), names=("x", "w", "b"),
-                           finite_differences=False, second_order=False)
+        report = check_vjp(
+            f,
+            ref,
+            *conv_arrays(np.random.default_rng(6), x_shape, w_shape),
+            names=("x", "w", "b"),
+            finite_differences=False,
+            second_order=False,
+        )
     report.assert_ok()
     assert report.worst("vjp") <= 1e-12
 
@@ -184,9 +198,12 @@ def test_float32_error_against_the_direct_form():
     x = jnp.asarray(rng.standard_normal((8, 16, 16, 32)))
     w = jnp.asarray(rng.standard_normal((3, 3, 32, 32)) / np.sqrt(9 * 32))
     g = jnp.asarray(rng.standard_normal((8, 16, 16, 32)))
-    direct, tile2, tile4 = (float32_errors(jaxconv.conv2d, reference.conv2d, x, w, g,
-                                           dict(conv_forward=form, conv_backward=form), padding="SAME")
-                            for form in ("conv", "winograd2", "winograd4"))
+    direct, tile2, tile4 = (
+        float32_errors(
+            jaxconv.conv2d, reference.conv2d, x, w, g, dict(conv_forward=form, conv_backward=form), padding="SAME"
+        )
+        for form in ("conv", "winograd2", "winograd4")
+    )
     for name, d, e2, e4 in zip(("y", "dx", "dw"), direct, tile2, tile4):
         print(f"{name}: direct {d:.2e}  F(2,3) {e2:.2e} ({e2 / d:.2f}x)  F(4,3) {e4:.2e} ({e4 / d:.2f}x)")
         assert e2 <= 2 * d, (name, e2, d)
@@ -195,8 +212,17 @@ def test_float32_error_against_the_direct_form():
 
 def test_planner_picks_f2x2_3x3_only_where_it_applies(forms):
     def choice(kernel=(3, 3), c=64, o=64, stride=(1, 1), dilation=None, groups=1, platform="cpu", size=32):
-        return plan.conv_plan(batch=128, out_spatial=(size, size), kernel_spatial=kernel, in_channels=c,
-                              out_channels=o, groups=groups, stride=stride, dilation=dilation, platform=platform)
+        return plan.conv_plan(
+            batch=128,
+            out_spatial=(size, size),
+            kernel_spatial=kernel,
+            in_channels=c,
+            out_channels=o,
+            groups=groups,
+            stride=stride,
+            dilation=dilation,
+            platform=platform,
+        )
 
     assert choice()[:2] == ("winograd2", "winograd2")
     assert "Winograd" in choice().reason
@@ -217,8 +243,14 @@ def test_planner_picks_f2x2_3x3_only_where_it_applies(forms):
 def test_forced_on_a_strided_convolution_runs_the_fallback(forms):
     forms(conv_forward="winograd2", conv_backward="winograd2")
     f, ref = conv_pair(dict(stride=2, padding=1))
-    check_vjp(f, ref, *conv_arrays(np.random.default_rng(8), (2, 7, 7, 2), (3, 3, 2, 3)), names=("x", "w", "b"),
-              finite_differences=False, second_order=False).assert_ok()
+    check_vjp(
+        f,
+        ref,
+        *conv_arrays(np.random.default_rng(8), (2, 7, 7, 2), (3, 3, 2, 3)),
+        names=("x", "w", "b"),
+        finite_differences=False,
+        second_order=False,
+    ).assert_ok()
 
 
 @pytest.mark.parametrize("form", WINOGRAD_FORMS)
@@ -229,7 +261,11 @@ def test_saves_x_and_w_only(forms, capsys, form):
     capsys.readouterr()
     print_saved_residuals(lambda x, w: jaxconv.conv2d(x, w, b, padding="SAME").sum(), x, w)
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 and "[4,10,10,3] from the argument x" in lines[0] and "[3,3,3,5] from the argument w" in lines[1], lines
+    assert (
+        len(lines) == 2
+        and "[4,10,10,3] from the argument x" in lines[0]
+        and "[3,3,3,5] from the argument w" in lines[1]
+    ), lines
 
 
 def _nonfinite_input(n=4, size=16, channels=32, dtype=np.float32):
@@ -257,8 +293,17 @@ def test_inf_and_nan_reach_what_the_direct_form_gives_them(forms, form):
     planner's own choice, which is Winograd for this layer."""
     x = _nonfinite_input()
     w = np.random.default_rng(1).standard_normal((3, 3, 32, 32)).astype(np.float32) * 0.1
-    chosen = plan.conv_plan(batch=4, out_spatial=(16, 16), kernel_spatial=(3, 3), in_channels=32, out_channels=32,
-                            groups=1, stride=(1, 1), platform="cpu", dtype=np.float32)
+    chosen = plan.conv_plan(
+        batch=4,
+        out_spatial=(16, 16),
+        kernel_spatial=(3, 3),
+        in_channels=32,
+        out_channels=32,
+        groups=1,
+        stride=(1, 1),
+        platform="cpu",
+        dtype=np.float32,
+    )
     assert chosen.forward in plan.WINOGRAD_TILES and chosen.backward in plan.WINOGRAD_TILES, chosen
     g = np.random.default_rng(2).standard_normal((4, 16, 16, 32)).astype(np.float32)
     g[3, 4, 4, 5] = np.inf  # dx and dw from a non-finite output gradient too

@@ -171,8 +171,9 @@ def check_elements(shape, name: str, what: str) -> None:
 
 
 _JAX_FORWARD_MODE_MESSAGE = "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
-_OUR_FORWARD_MODE_MESSAGE = ("its derivative is a hand-written reverse-mode rule (jax.custom_vjp), which JAX cannot "
-                             "run in forward mode")
+_OUR_FORWARD_MODE_MESSAGE = (
+    "its derivative is a hand-written reverse-mode rule (jax.custom_vjp), which JAX cannot run in forward mode"
+)
 
 
 def reverse_mode_rule(op=None, *, name: str | None = None, instead: str | None = None):

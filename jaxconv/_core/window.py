@@ -65,19 +65,24 @@ def ints(value, name: str, ndim: int, *, minimum: int = 1) -> Sizes:
     """An int or ``ndim`` ints, each in ``[minimum, MAX_DIM]``, as an ``ndim``-tuple."""
     if _is_int(value):
         items = (int(value),) * ndim
-    elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == ndim and all(
-        _is_int(v) for v in value
+    elif (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and len(value) == ndim
+        and all(_is_int(v) for v in value)
     ):
         items = tuple(int(v) for v in value)
     else:
         many = _COUNT_WORDS.get(ndim, f"{ndim} ints")
-        raise ValueError(f"`{name}` (={value!r}) must be an int or {many}"
-                         f"{' (one per spatial dimension)' if ndim != 2 else ''}.")
+        raise ValueError(
+            f"`{name}` (={value!r}) must be an int or {many}{' (one per spatial dimension)' if ndim != 2 else ''}."
+        )
     if min(items) < minimum:
         raise ValueError(f"`{name}` (={value!r}) must be >= {minimum} in every dimension.")
     if max(items) > MAX_DIM:
-        raise ValueError(f"`{name}` (={value!r}) must be <= {MAX_DIM} (2**31 - 1, jaxconv._core.args.MAX_DIM) "
-                         "in every dimension.")
+        raise ValueError(
+            f"`{name}` (={value!r}) must be <= {MAX_DIM} (2**31 - 1, jaxconv._core.args.MAX_DIM) in every dimension."
+        )
     return items
 
 
@@ -113,16 +118,26 @@ def padding(value, in_size: Sequence, kernel: Sizes, stride: Sizes, dilation: Si
                 pads.append((total // 2, total - total // 2))
             return tuple(pads)
         raise ValueError(f"`padding` (={value!r}) must be {_padding_forms(ndim)}.")
-    is_pair = lambda v: (isinstance(v, Sequence) and not isinstance(v, str) and len(v) == 2  # noqa: E731
-                         and all(_is_int(u) for u in v))
+    is_pair = lambda v: (
+        isinstance(v, Sequence)
+        and not isinstance(v, str)
+        and len(v) == 2  # noqa: E731
+        and all(_is_int(u) for u in v)
+    )
     if _is_int(value):
         result = ((int(value), int(value)),) * ndim
-    elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == ndim and all(
-        _is_int(v) for v in value
+    elif (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and len(value) == ndim
+        and all(_is_int(v) for v in value)
     ):
         result = tuple((int(v), int(v)) for v in value)
-    elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == ndim and all(
-        is_pair(v) for v in value
+    elif (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and len(value) == ndim
+        and all(is_pair(v) for v in value)
     ):
         result = tuple((int(lo), int(hi)) for lo, hi in value)
     else:
@@ -131,8 +146,9 @@ def padding(value, in_size: Sequence, kernel: Sizes, stride: Sizes, dilation: Si
     if min(amounts) < 0:
         raise ValueError(f"`padding` (={value!r}) must be non-negative.")
     if max(amounts) > MAX_DIM:
-        raise ValueError(f"`padding` (={value!r}) must be <= {MAX_DIM} (2**31 - 1, jaxconv._core.args.MAX_DIM) "
-                         "on every side.")
+        raise ValueError(
+            f"`padding` (={value!r}) must be <= {MAX_DIM} (2**31 - 1, jaxconv._core.args.MAX_DIM) on every side."
+        )
     return result
 
 
@@ -161,8 +177,10 @@ class Window(NamedTuple):
 
     @property
     def out_size(self) -> tuple:
-        return tuple(output_size(n, lo, hi, k, s, d) for n, (lo, hi), k, s, d
-                     in zip(self.in_size, self.padding, self.kernel, self.stride, self.dilation))
+        return tuple(
+            output_size(n, lo, hi, k, s, d)
+            for n, (lo, hi), k, s, d in zip(self.in_size, self.padding, self.kernel, self.stride, self.dilation)
+        )
 
     @property
     def remainder(self) -> tuple:
@@ -175,8 +193,16 @@ class Window(NamedTuple):
         return math.prod(self.kernel)
 
 
-def parse(in_size: Sequence, kernel, stride, padding_value, dilation=1, *, kernel_name: str = "kernel_size",
-          pool: bool = False) -> Window:
+def parse(
+    in_size: Sequence,
+    kernel,
+    stride,
+    padding_value,
+    dilation=1,
+    *,
+    kernel_name: str = "kernel_size",
+    pool: bool = False,
+) -> Window:
     """Validate the arguments of a windowed op on an input of spatial size ``in_size`` into a :class:`Window`.
 
     ``kernel`` is a tuple already read from an array's shape, or a user's
@@ -197,8 +223,16 @@ def parse(in_size: Sequence, kernel, stride, padding_value, dilation=1, *, kerne
     return window
 
 
-def parse_transpose(out_size: Sequence, kernel: Sizes, stride, padding_value, output_padding=0, dilation=1, *,
-                    kernel_name: str = "kernel") -> Window:
+def parse_transpose(
+    out_size: Sequence,
+    kernel: Sizes,
+    stride,
+    padding_value,
+    output_padding=0,
+    dilation=1,
+    *,
+    kernel_name: str = "kernel",
+) -> Window:
     """The geometry of the convolution a transposed convolution is the adjoint of, as a :class:`Window`.
 
     ``out_size`` is the transposed convolution's input (``y``) size, the
@@ -221,17 +255,20 @@ def parse_transpose(out_size: Sequence, kernel: Sizes, stride, padding_value, ou
     output_padding = ints(output_padding, "output_padding", ndim, minimum=0)
     for op, s in zip(output_padding, stride):
         if op >= s:
-            raise ValueError(f"`output_padding` (={output_padding}) must be smaller than `stride` (={stride}) "
-                             "in every dimension: only then is the output the adjoint of a convolution whose "
-                             "output has y's size.")
+            raise ValueError(
+                f"`output_padding` (={output_padding}) must be smaller than `stride` (={stride}) "
+                "in every dimension: only then is the output the adjoint of a convolution whose "
+                "output has y's size."
+            )
     if isinstance(padding_value, str) and padding_value.upper() == "SAME":
         sizes = [(m - 1) * s + 1 + op for m, s, op in zip(out_size, stride, output_padding)]
         pads = padding(padding_value, sizes, kernel, stride, dilation)
     else:
         pads = padding(padding_value, (1,) * ndim, kernel, stride, dilation)
         sizes = []
-        for size, (lo, hi), k, s, d, op, name in zip(out_size, pads, kernel, stride, dilation, output_padding,
-                                                     dim_names(ndim)):
+        for size, (lo, hi), k, s, d, op, name in zip(
+            out_size, pads, kernel, stride, dilation, output_padding, dim_names(ndim)
+        ):
             full = (size - 1) * s + d * (k - 1) + 1 + op
             if full - lo - hi < 1:
                 raise ValueError(
@@ -268,8 +305,7 @@ def check_pool_padding(value, pads: Pads, kernel: Sizes) -> None:
 def check_fits(window: Window, kernel_name: str) -> None:
     """``ValueError`` if the dilated window spans more than the padded input, or the
     padded input is past :data:`MAX_DIM`."""
-    for size, (lo, hi), extent, name in zip(window.in_size, window.padding, window.extent,
-                                            dim_names(window.ndim)):
+    for size, (lo, hi), extent, name in zip(window.in_size, window.padding, window.extent, dim_names(window.ndim)):
         if size + lo + hi > MAX_DIM:
             raise ValueError(
                 f"`padding` ({lo}, {hi}) makes the padded {name} {size} + {lo} + {hi} = {size + lo + hi}, "
@@ -330,8 +366,9 @@ def unpatches(rows, window: Window):
     total = None
     for offset in _offsets(window):
         cfg = []
-        for size, (lo, _), s, d, t, m in zip(window.in_size, window.padding, window.stride, window.dilation,
-                                             offset, out):
+        for size, (lo, _), s, d, t, m in zip(
+            window.in_size, window.padding, window.stride, window.dilation, offset, out
+        ):
             low = d * t - lo
             cfg.append((low, size - low - s * (m - 1) - 1, s - 1))
         piece = rows[(slice(None),) * (ndim + 1) + offset]
@@ -361,8 +398,9 @@ def _dilated(n: int, d: int) -> int:
     return 0 if n == 0 else 1 + d * (n - 1)
 
 
-def _xla_group_swap_hazard(lhs: int, k: int, stride: int, lo: int, hi: int, lhs_dil: int, rhs_dil: int,
-                           depth: int) -> bool:
+def _xla_group_swap_hazard(
+    lhs: int, k: int, stride: int, lo: int, hi: int, lhs_dil: int, rhs_dil: int, depth: int
+) -> bool:
     """Whether one spatial dimension of ``lax.conv_general_dilated``, or of the convolutions JAX's transpose rules
     derive from it (``depth`` levels of them: one per further derivative), has the shape XLA's operand swap
     mishandles: ``rhs_dil == 1``, no padding, ``lhs_dil == k``, ``stride == k - 1``, an input not of size ``k``."""
@@ -380,12 +418,14 @@ def _xla_group_swap_hazard(lhs: int, k: int, stride: int, lo: int, hi: int, lhs_
     pad_before = _dilated(k, rhs_dil) - lo - 1
     pad_after = _dilated(lhs, lhs_dil) + _dilated(k, rhs_dil) - 1 - _dilated(out, stride) - pad_before
     rhs_hi = _dilated(out, stride) - _dilated(lhs, lhs_dil) + _dilated(k, rhs_dil) - lo - 1
-    return (_xla_group_swap_hazard(out, k, lhs_dil, pad_before, pad_after, stride, rhs_dil, depth - 1)
-            or _xla_group_swap_hazard(lhs, out, rhs_dil, lo, rhs_hi, lhs_dil, stride, depth - 1))
+    return _xla_group_swap_hazard(
+        out, k, lhs_dil, pad_before, pad_after, stride, rhs_dil, depth - 1
+    ) or _xla_group_swap_hazard(lhs, out, rhs_dil, lo, rhs_hi, lhs_dil, stride, depth - 1)
 
 
-def xla_extra_taps(lhs: int, k: int, stride: int, lo: int, hi: int, lhs_dil: int = 1, rhs_dil: int = 1,
-                   depth: int = 2) -> int:
+def xla_extra_taps(
+    lhs: int, k: int, stride: int, lo: int, hi: int, lhs_dil: int = 1, rhs_dil: int = 1, depth: int = 2
+) -> int:
     """How many zero taps to append to a convolution's window along one spatial dimension (its high padding
     growing by ``rhs_dil`` per tap, so every output stays the same) so that neither the convolution nor the
     convolutions ``depth`` levels of autodiff derive from it take XLA's mishandled operand-swap shape

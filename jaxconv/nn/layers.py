@@ -174,8 +174,7 @@ def _shape(input_shape, ndim: int, layer: str) -> tuple[int, ...]:
     ):
         layout = {2: "(N, D)", 3: "(N, W, C)", 4: "(N, H, W, C)", 5: "(N, D, H, W, C)"}.get(ndim, f"rank {ndim}")
         raise ValueError(
-            f"{layer}: `input_shape` (={input_shape!r}) must be {layout} with positive ints "
-            f"(the batch may be -1)."
+            f"{layer}: `input_shape` (={input_shape!r}) must be {layout} with positive ints (the batch may be -1)."
         )
     return shape
 
@@ -206,8 +205,10 @@ def _spatial_ndim(value, name: str) -> int:
         return 2
     if isinstance(value, Sequence) and not isinstance(value, str) and 1 <= len(value) <= _MAX_SPATIAL:
         return len(value)
-    raise ValueError(f"`{name}` (={value!r}) must be an int (2-D) or a tuple of 1, 2 or 3 ints: its length is "
-                     "the number of spatial dimensions.")
+    raise ValueError(
+        f"`{name}` (={value!r}) must be an int (2-D) or a tuple of 1, 2 or 3 ints: its length is "
+        "the number of spatial dimensions."
+    )
 
 
 def _layer_name(base: str, ndim: int) -> str:
@@ -227,9 +228,19 @@ def _in_channels(name: str, c: int, groups: int) -> None:
         raise ValueError(f"{name}: input channels (={c}) must be divisible by `groups` (={groups}).")
 
 
-def Conv(out_channels: int, kernel: Size, *, stride: Size = 1, padding: Padding = "VALID", dilation: Size = 1,
-         groups: int = 1, bias: bool = True, w_init: Initializer = he_normal, dtype: DTypeLike = jnp.float32,
-         precision: Any = None) -> Layer:
+def Conv(
+    out_channels: int,
+    kernel: Size,
+    *,
+    stride: Size = 1,
+    padding: Padding = "VALID",
+    dilation: Size = 1,
+    groups: int = 1,
+    bias: bool = True,
+    w_init: Initializer = he_normal,
+    dtype: DTypeLike = jnp.float32,
+    precision: Any = None,
+) -> Layer:
     """A convolution layer in 1, 2 or 3 spatial dimensions: ``y = conv(x, w, b, ...)`` (docs/convolution.md §1).
 
     The number of spatial dimensions is ``kernel``'s length: ``(KW,)`` is a
@@ -285,8 +296,9 @@ def Conv(out_channels: int, kernel: Size, *, stride: Size = 1, padding: Padding 
 
     def apply_fun(params, x, **kwargs):
         op = getattr(_ops(kwargs), f"conv{ndim}d")
-        return op(x, params["w"], params.get("b"), stride=stride, padding=padding, dilation=dilation, groups=groups,
-                  **options)
+        return op(
+            x, params["w"], params.get("b"), stride=stride, padding=padding, dilation=dilation, groups=groups, **options
+        )
 
     return init_fun, apply_fun
 
@@ -306,9 +318,20 @@ def Conv3D(out_channels: int, kernel: Size, **options: Any) -> Layer:
     return Conv(out_channels, _window.ints(kernel, "kernel", 3), **options)
 
 
-def ConvTranspose(out_channels: int, kernel: Size, *, stride: Size = 1, padding: Padding = "VALID",
-                  output_padding: Size = 0, dilation: Size = 1, groups: int = 1, bias: bool = True,
-                  w_init: Initializer = he_normal, dtype: DTypeLike = jnp.float32, precision: Any = None) -> Layer:
+def ConvTranspose(
+    out_channels: int,
+    kernel: Size,
+    *,
+    stride: Size = 1,
+    padding: Padding = "VALID",
+    output_padding: Size = 0,
+    dilation: Size = 1,
+    groups: int = 1,
+    bias: bool = True,
+    w_init: Initializer = he_normal,
+    dtype: DTypeLike = jnp.float32,
+    precision: Any = None,
+) -> Layer:
     """A transposed convolution layer in 1, 2 or 3 spatial dimensions (docs/convolution.md §6).
 
     :func:`jaxconv.conv_transpose1d`, ``2d`` or ``3d`` by ``kernel``'s length,
@@ -346,8 +369,9 @@ def ConvTranspose(out_channels: int, kernel: Size, *, stride: Size = 1, padding:
     dilation = _window.ints(dilation, "dilation", ndim)
     output_padding = _window.ints(output_padding, "output_padding", ndim, minimum=0)
     if any(op >= s for op, s in zip(output_padding, stride)):
-        raise ValueError(f"`output_padding` (={output_padding}) must be smaller than `stride` (={stride}) "
-                         "in every dimension.")
+        raise ValueError(
+            f"`output_padding` (={output_padding}) must be smaller than `stride` (={stride}) in every dimension."
+        )
     same = isinstance(padding, str) and padding.upper() == "SAME"
     pads = _window.padding(padding, (1,) * ndim, kernel, stride, dilation)  # validates the form early
     dtype = _dtype(dtype)
@@ -360,11 +384,15 @@ def ConvTranspose(out_channels: int, kernel: Size, *, stride: Size = 1, padding:
         if same:
             out = tuple((size - 1) * s + 1 + op for size, s, op in zip(spatial, stride, output_padding))
         else:
-            out = tuple((size - 1) * s - lo - hi + d * (k - 1) + 1 + op
-                        for size, (lo, hi), k, s, d, op in zip(spatial, pads, kernel, stride, dilation, output_padding))
+            out = tuple(
+                (size - 1) * s - lo - hi + d * (k - 1) + 1 + op
+                for size, (lo, hi), k, s, d, op in zip(spatial, pads, kernel, stride, dilation, output_padding)
+            )
         if min(out) < 1:
-            raise ValueError(f"{name}: `padding` (={padding!r}) crops the whole output of an input "
-                             f"{tuple(spatial)} (size {out} before it is refused).")
+            raise ValueError(
+                f"{name}: `padding` (={padding!r}) crops the whole output of an input "
+                f"{tuple(spatial)} (size {out} before it is refused)."
+            )
         w_shape = (*kernel, out_channels // groups, c)
         params = {"w": w_init(rng, w_shape, dtype, math.prod(kernel) * (c // groups))}
         if bias:
@@ -373,8 +401,17 @@ def ConvTranspose(out_channels: int, kernel: Size, *, stride: Size = 1, padding:
 
     def apply_fun(params, x, **kwargs):
         op = getattr(_ops(kwargs), f"conv_transpose{ndim}d")
-        return op(x, params["w"], params.get("b"), stride=stride, padding="SAME" if same else pads,
-                  output_padding=output_padding, dilation=dilation, groups=groups, **options)
+        return op(
+            x,
+            params["w"],
+            params.get("b"),
+            stride=stride,
+            padding="SAME" if same else pads,
+            output_padding=output_padding,
+            dilation=dilation,
+            groups=groups,
+            **options,
+        )
 
     return init_fun, apply_fun
 
@@ -393,8 +430,15 @@ def ConvTranspose3D(out_channels: int, kernel: Size, **options: Any) -> Layer:
     """:func:`ConvTranspose` on ``(N, D, H, W, C)``: ``kernel`` an int or a triple; options as :func:`ConvTranspose`."""
     return ConvTranspose(out_channels, _window.ints(kernel, "kernel", 3), **options)
 
-def Dense(out_dim: int, *, bias: bool = True, w_init: Initializer = he_normal, dtype: DTypeLike = jnp.float32,
-          precision: Any = None) -> Layer:
+
+def Dense(
+    out_dim: int,
+    *,
+    bias: bool = True,
+    w_init: Initializer = he_normal,
+    dtype: DTypeLike = jnp.float32,
+    precision: Any = None,
+) -> Layer:
     """A fully connected layer ``y = x @ w + b`` (``s = W vec(H) + b``, as rows; docs/layers.md, Fully connected layer).
 
     Input ``(N, D_in)`` (put :data:`Flatten` before it); params
@@ -426,8 +470,9 @@ STATE_KEY = "batch_stats"
 Flax's name for the collection."""
 
 
-def BatchNorm(*, momentum: float = 0.1, eps: float = 1e-5, scale_init: Initializer | None = None,
-              dtype: DTypeLike = jnp.float32) -> Layer:
+def BatchNorm(
+    *, momentum: float = 0.1, eps: float = 1e-5, scale_init: Initializer | None = None, dtype: DTypeLike = jnp.float32
+) -> Layer:
     r"""Batch normalisation over every axis but the last (channels), with running statistics for inference.
 
     Params: ``{"scale": (C,), "offset": (C,), "batch_stats": {"mean": (C,), "var": (C,)}}``;
@@ -484,8 +529,10 @@ def BatchNorm(*, momentum: float = 0.1, eps: float = 1e-5, scale_init: Initializ
             var = jnp.mean(jnp.square(xs - mean), axis=axes) * (m / max(m - 1, 1))
             mom = jnp.asarray(momentum, stats["mean"].dtype)
             if id(stats["mean"]) in updates:
-                raise ValueError("BatchNorm: one `batch_stats` array is used by two layers (or one layer twice); "
-                                 "each BatchNorm needs its own running statistics.")
+                raise ValueError(
+                    "BatchNorm: one `batch_stats` array is used by two layers (or one layer twice); "
+                    "each BatchNorm needs its own running statistics."
+                )
             updates[id(stats["mean"])] = {
                 "mean": (1 - mom) * stats["mean"] + mom * mean.astype(stats["mean"].dtype),
                 "var": (1 - mom) * stats["var"] + mom * var.astype(stats["var"].dtype),
@@ -608,8 +655,7 @@ def _pool(kind: str, window, stride, padding, **options):
     window = _window.ints(window, "window", ndim)
     stride = window if stride is None else _window.ints(stride, "stride", ndim)
     if not isinstance(padding, str):  # "SAME" always satisfies the rule; explicit amounts are checked now
-        _window.check_pool_padding(padding, _window.padding(padding, (1,) * ndim, window, stride, (1,) * ndim),
-                                   window)
+        _window.check_pool_padding(padding, _window.padding(padding, (1,) * ndim, window, stride, (1,) * ndim), window)
     name = _layer_name({"max": "MaxPool", "avg": "AvgPool"}[kind], ndim)
 
     def out_shape(shape):
@@ -617,8 +663,9 @@ def _pool(kind: str, window, stride, padding, **options):
         win = _window.parse(tuple(spatial), window, stride, padding, kernel_name="window", pool=True)
         return (n, *win.out_size, c)
 
-    return _stateless(f"{kind}_pool{ndim}d", out_shape, ndim + 2, name=name, window=window, stride=stride,
-                      padding=padding, **options)
+    return _stateless(
+        f"{kind}_pool{ndim}d", out_shape, ndim + 2, name=name, window=window, stride=stride, padding=padding, **options
+    )
 
 
 def MaxPool(window: Size, *, stride: Size | None = None, padding: Padding = "VALID") -> Layer:
@@ -638,8 +685,9 @@ def MaxPool(window: Size, *, stride: Size | None = None, padding: Padding = "VAL
     return _pool("max", window, stride, padding)
 
 
-def AvgPool(window: Size, *, stride: Size | None = None, padding: Padding = "VALID",
-            count_include_pad: bool = True) -> Layer:
+def AvgPool(
+    window: Size, *, stride: Size | None = None, padding: Padding = "VALID", count_include_pad: bool = True
+) -> Layer:
     """Average pooling in 1, 2 or 3 spatial dimensions, :func:`jaxconv.avg_pool2d` etc. (docs/pooling.md §2).
 
     Dimensions by ``window``'s length, an int being 2-D, as :func:`MaxPool`;
@@ -765,8 +813,10 @@ def parallel(*layers: Layer) -> Layer:
     init_funs, apply_funs = zip(*layers)
 
     def init_fun(rng, input_shape):
-        if not isinstance(input_shape, (tuple, list)) or len(input_shape) != len(layers) or not all(
-            isinstance(s, (tuple, list)) for s in input_shape
+        if (
+            not isinstance(input_shape, (tuple, list))
+            or len(input_shape) != len(layers)
+            or not all(isinstance(s, (tuple, list)) for s in input_shape)
         ):
             raise ValueError(f"parallel: `input_shape` (={input_shape!r}) must be a tuple of {len(layers)} shapes.")
         keys = jax.random.split(rng, len(layers))

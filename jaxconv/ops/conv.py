@@ -94,7 +94,7 @@ class ConvConfig(NamedTuple):
 def _dimension_numbers(ndim: int, kind: str = "forward"):
     """``lax.conv_general_dilated``'s layouts: NWC/WIO, NHWC/HWIO, NDHWC/DHWIO for the forward;
     for the kernel gradient the channels play the batch and the batch is contracted."""
-    sp = "DHW"[3 - ndim:]
+    sp = "DHW"[3 - ndim :]
     if kind == "forward":
         return (f"N{sp}C", f"{sp}IO", f"N{sp}C")
     return (f"C{sp}N", f"I{sp}O", f"{sp}NC")
@@ -111,9 +111,16 @@ def _check_arrays(ndim: int, first: str, a, w, b):
 
 def _plan(window: _window.Window, batch, in_channels, out_channels, groups, *arrays) -> plan.ConvPlan:
     return plan.conv_plan(
-        batch=batch, out_spatial=window.out_size, kernel_spatial=window.kernel, in_channels=in_channels,
-        out_channels=out_channels, groups=groups, stride=window.stride, platform=plan.platform_of(*arrays),
-        dilation=window.dilation, dtype=arrays[0].dtype,
+        batch=batch,
+        out_spatial=window.out_size,
+        kernel_spatial=window.kernel,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        groups=groups,
+        stride=window.stride,
+        platform=plan.platform_of(*arrays),
+        dilation=window.dilation,
+        dtype=arrays[0].dtype,
     )
 
 
@@ -136,8 +143,9 @@ def _conv(ndim: int, x, w, b, stride, padding, dilation, groups, precision):
         raise ValueError(f"`groups` (={groups}) must divide the output channels `w.shape[{ndim + 1}]` (={o}).")
     if b is not None and b.shape[0] != o:
         raise ValueError(f"`b` must have length {o} (the output channels), got shape {tuple(b.shape)}.")
-    window = _window.parse(x.shape[1:-1], tuple(w.shape[:-2]), stride, padding, dilation,
-                           kernel_name=f"w.shape[:{ndim}]")
+    window = _window.parse(
+        x.shape[1:-1], tuple(w.shape[:-2]), stride, padding, dilation, kernel_name=f"w.shape[:{ndim}]"
+    )
     _window.check_sizes(window, n, c, o, "`padding`, `stride`, `dilation` and the shapes of `x` and `w`")
     chosen = _plan(window, n, c, o, groups, x, w, b)
     return _conv_vjp(ConvConfig(window, groups, chosen.forward, chosen.backward, precision), x, w, b)
@@ -161,9 +169,17 @@ _CONV_ARGS = """
 
 
 @_args.reverse_mode_rule
-def conv1d(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, *, stride: SizeLike = 1,
-           padding: PaddingLike = "VALID", dilation: SizeLike = 1, groups: int = 1,
-           precision: PrecisionLike = None) -> Array:
+def conv1d(
+    x: ArrayLike,
+    w: ArrayLike,
+    b: ArrayLike | None = None,
+    *,
+    stride: SizeLike = 1,
+    padding: PaddingLike = "VALID",
+    dilation: SizeLike = 1,
+    groups: int = 1,
+    precision: PrecisionLike = None,
+) -> Array:
     """1-D convolution, NWC input and WIO kernel, with a hand-derived VJP.
 
     :func:`conv2d` with one spatial dimension (same formulas, same checks,
@@ -178,9 +194,17 @@ def conv1d(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, *, stride: Si
 
 
 @_args.reverse_mode_rule
-def conv2d(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, *, stride: SizeLike = 1,
-           padding: PaddingLike = "VALID", dilation: SizeLike = 1, groups: int = 1,
-           precision: PrecisionLike = None) -> Array:
+def conv2d(
+    x: ArrayLike,
+    w: ArrayLike,
+    b: ArrayLike | None = None,
+    *,
+    stride: SizeLike = 1,
+    padding: PaddingLike = "VALID",
+    dilation: SizeLike = 1,
+    groups: int = 1,
+    precision: PrecisionLike = None,
+) -> Array:
     """2-D convolution, NHWC input and HWIO kernel, with a hand-derived VJP.
 
     Args:
@@ -239,9 +263,17 @@ def conv2d(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, *, stride: Si
 
 
 @_args.reverse_mode_rule
-def conv3d(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, *, stride: SizeLike = 1,
-           padding: PaddingLike = "VALID", dilation: SizeLike = 1, groups: int = 1,
-           precision: PrecisionLike = None) -> Array:
+def conv3d(
+    x: ArrayLike,
+    w: ArrayLike,
+    b: ArrayLike | None = None,
+    *,
+    stride: SizeLike = 1,
+    padding: PaddingLike = "VALID",
+    dilation: SizeLike = 1,
+    groups: int = 1,
+    precision: PrecisionLike = None,
+) -> Array:
     """3-D convolution, NDHWC input and DHWIO kernel, with a hand-derived VJP.
 
     :func:`conv2d` with three spatial dimensions (same formulas, same checks,
@@ -258,8 +290,19 @@ conv1d.__doc__ += _CONV_ARGS.format(spatial="W", kspatial="K", count="one")
 conv3d.__doc__ += _CONV_ARGS.format(spatial="D, H, W", kspatial="KD, KH, KW", count="three")
 
 
-def _conv_general_dilated(lhs, rhs, *, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                          dimension_numbers, feature_group_count=1, batch_group_count=1, precision=None):
+def _conv_general_dilated(
+    lhs,
+    rhs,
+    *,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers,
+    feature_group_count=1,
+    batch_group_count=1,
+    precision=None,
+):
     """``lax.conv_general_dilated``, every convolution the rules emit, with each spatial dimension of XLA's
     mishandled operand-swap shape given zero taps first (``jaxconv._core.window.xla_extra_taps``: the CPU
     compiler aborts the process on that shape, here or in the transposes autodiff derives for higher
@@ -269,9 +312,10 @@ def _conv_general_dilated(lhs, rhs, *, window_strides, padding, lhs_dilation=Non
     rhs_dilation = tuple(rhs_dilation or (1,) * ndim)
     dnums = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     lhs_axes, rhs_axes = dnums.lhs_spec[2:], dnums.rhs_spec[2:]
-    taps = [_window.xla_extra_taps(lhs.shape[a], rhs.shape[b], s, lo, hi, ld, rd)
-            for a, b, s, (lo, hi), ld, rd in zip(lhs_axes, rhs_axes, window_strides, padding, lhs_dilation,
-                                                  rhs_dilation)]
+    taps = [
+        _window.xla_extra_taps(lhs.shape[a], rhs.shape[b], s, lo, hi, ld, rd)
+        for a, b, s, (lo, hi), ld, rd in zip(lhs_axes, rhs_axes, window_strides, padding, lhs_dilation, rhs_dilation)
+    ]
     if any(taps):
         config = [(0, 0, 0)] * rhs.ndim
         for axis, t in zip(rhs_axes, taps):
@@ -279,9 +323,16 @@ def _conv_general_dilated(lhs, rhs, *, window_strides, padding, lhs_dilation=Non
         rhs = lax.pad(rhs, jnp.zeros((), rhs.dtype), config)
         padding = [(lo, hi + t * rd) for (lo, hi), t, rd in zip(padding, taps, rhs_dilation)]
     return lax.conv_general_dilated(
-        lhs, rhs, window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-        batch_group_count=batch_group_count, precision=precision,
+        lhs,
+        rhs,
+        window_strides=window_strides,
+        padding=padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        precision=precision,
     )
 
 
@@ -289,8 +340,13 @@ def _forward_conv(config: ConvConfig, x, w):
     """XLA's convolution."""
     window = config.window
     return _conv_general_dilated(
-        x, w, window_strides=window.stride, padding=window.padding, rhs_dilation=window.dilation,
-        dimension_numbers=_dimension_numbers(window.ndim), feature_group_count=config.groups,
+        x,
+        w,
+        window_strides=window.stride,
+        padding=window.padding,
+        rhs_dilation=window.dilation,
+        dimension_numbers=_dimension_numbers(window.ndim),
+        feature_group_count=config.groups,
         precision=config.precision,
     )
 
@@ -317,8 +373,7 @@ def _winograd_block(in_size, kernel, m: int, batch: int, channels: int, itemsize
 def _forward_winograd(config: ConvConfig, x, w, m: int):
     """``Y`` by Winograd ``F(m, k)`` per spatial axis (stride 1, dilation 1, one group; jaxconv.plan.winograd)."""
     window = config.window
-    block = _winograd_block(window.padded, window.kernel, m, x.shape[0], x.shape[-1] + w.shape[-1],
-                            x.dtype.itemsize)
+    block = _winograd_block(window.padded, window.kernel, m, x.shape[0], x.shape[-1] + w.shape[-1], x.dtype.itemsize)
     return winograd.correlate(x, w, window.padding, m, block, precision=config.precision)
 
 
@@ -339,8 +394,7 @@ def _input_grad_winograd(config: ConvConfig, w, g, m: int):
 def _kernel_grad_winograd(config: ConvConfig, x, g, m: int):
     """dL/dw = sum over images and positions of ``xp[i + k] g[i]``, by Winograd ``F(k, m)`` (jaxconv.plan.winograd)."""
     window = config.window
-    block = _winograd_block(window.padded, window.kernel, m, x.shape[0], x.shape[-1] + g.shape[-1],
-                            x.dtype.itemsize)
+    block = _winograd_block(window.padded, window.kernel, m, x.shape[0], x.shape[-1] + g.shape[-1], x.dtype.itemsize)
     return winograd.kernel_grad(x, g, window.padding, window.kernel, m, block, precision=config.precision)
 
 
@@ -355,6 +409,7 @@ def _onednn_geometry(config: ConvConfig):
 # formula of the tangents, written here with the lax forms.  First-order
 # gradients run the callbacks (the conv rule calls them directly); second and
 # higher orders differentiate through the lax tangents.
+
 
 def _onednn_kernel(name: str, *args, **kwargs):
     """``jaxconv.plan.onednn.<name>(*args, **kwargs)``, the module imported on first use (the optional extra:
@@ -378,8 +433,13 @@ def _onednn_formula(kernel: str, shape, shape_name, lax_formula, doc: str):
     def formula(config: ConvConfig, a, b):
         out = shape(config, a, b)
         extra = {shape_name: out} if shape_name else {}
-        return jax.pure_callback(partial(_onednn_kernel, kernel, **extra, **_onednn_geometry(config)),
-                                 jax.ShapeDtypeStruct(out, a.dtype), a, b, vmap_method="sequential")
+        return jax.pure_callback(
+            partial(_onednn_kernel, kernel, **extra, **_onednn_geometry(config)),
+            jax.ShapeDtypeStruct(out, a.dtype),
+            a,
+            b,
+            vmap_method="sequential",
+        )
 
     @formula.defjvp
     def formula_jvp(config, primals, tangents):
@@ -391,14 +451,26 @@ def _onednn_formula(kernel: str, shape, shape_name, lax_formula, doc: str):
 
 
 _forward_onednn = _onednn_formula(
-    "forward", lambda config, x, w: (x.shape[0], *config.window.out_size, w.shape[-1]), None, _forward_conv,
-    "``Y`` by oneDNN's forward convolution (docs/convolution.md §1).")
+    "forward",
+    lambda config, x, w: (x.shape[0], *config.window.out_size, w.shape[-1]),
+    None,
+    _forward_conv,
+    "``Y`` by oneDNN's forward convolution (docs/convolution.md §1).",
+)
 _input_grad_onednn = _onednn_formula(
-    "input_grad", lambda config, w, g: (g.shape[0], *config.window.in_size, w.shape[-2]), "x_shape",
-    lambda *a: _input_grad_conv(*a), "dL/dx (docs/convolution.md §5.3) by oneDNN's backward-data convolution, from (w, g).")
+    "input_grad",
+    lambda config, w, g: (g.shape[0], *config.window.in_size, w.shape[-2]),
+    "x_shape",
+    lambda *a: _input_grad_conv(*a),
+    "dL/dx (docs/convolution.md §5.3) by oneDNN's backward-data convolution, from (w, g).",
+)
 _kernel_grad_onednn = _onednn_formula(
-    "kernel_grad", lambda config, x, g: (*config.window.kernel, x.shape[-1], g.shape[-1]), "w_shape",
-    lambda *a: _kernel_grad_conv(*a), "dL/dw (docs/convolution.md §5.4) by oneDNN's backward-weights convolution, from (x, g).")
+    "kernel_grad",
+    lambda config, x, g: (*config.window.kernel, x.shape[-1], g.shape[-1]),
+    "w_shape",
+    lambda *a: _kernel_grad_conv(*a),
+    "dL/dw (docs/convolution.md §5.4) by oneDNN's backward-weights convolution, from (x, g).",
+)
 
 
 def _forward(config: ConvConfig, x, w, b):
@@ -451,13 +523,17 @@ def _input_grad_conv(config: ConvConfig, w, g):
     # Full correlation pads the inserted gradient by extent - 1 on each side;
     # taking away the forward padding crops dx back to the unpadded input,
     # and the remainder restores rows past the last window (they get zero).
-    pads = [(e - 1 - lo, e - 1 - hi + r)
-            for e, (lo, hi), r in zip(window.extent, window.padding, window.remainder)]
+    pads = [(e - 1 - lo, e - 1 - hi + r) for e, (lo, hi), r in zip(window.extent, window.padding, window.remainder)]
     return _conv_general_dilated(
-        g, rot180_swap(w, config.groups), window_strides=(1,) * window.ndim, padding=pads,
+        g,
+        rot180_swap(w, config.groups),
+        window_strides=(1,) * window.ndim,
+        padding=pads,
         lhs_dilation=window.stride,  # the zero insertion: s - 1 zeros between entries
-        rhs_dilation=window.dilation, dimension_numbers=_dimension_numbers(window.ndim),
-        feature_group_count=config.groups, precision=config.precision,
+        rhs_dilation=window.dilation,
+        dimension_numbers=_dimension_numbers(window.ndim),
+        feature_group_count=config.groups,
+        precision=config.precision,
     )
 
 
@@ -470,9 +546,13 @@ def _kernel_grad_conv(config: ConvConfig, x, g):
     window = config.window
     pads = [(lo, hi - r) for (lo, hi), r in zip(window.padding, window.remainder)]
     return _conv_general_dilated(
-        x, g, window_strides=window.dilation, padding=pads,
+        x,
+        g,
+        window_strides=window.dilation,
+        padding=pads,
         rhs_dilation=window.stride,  # Inserted Grad
-        dimension_numbers=_dimension_numbers(window.ndim, "kernel"), batch_group_count=config.groups,
+        dimension_numbers=_dimension_numbers(window.ndim, "kernel"),
+        batch_group_count=config.groups,
         precision=config.precision,
     )
 
@@ -496,11 +576,17 @@ def _grads(config: ConvConfig, form: str, x, x_shape, w, g, need_dx: bool = True
         return blocked(config, x, x_shape, w, g, need_dx, need_dw)
     dx = dw = None
     if need_dx:
-        dx = (_input_grad_conv(config, w, g) if dx_form == "conv"
-              else _grads_im2row_blocked(config, None, x_shape, w, g, True, False)[0])
+        dx = (
+            _input_grad_conv(config, w, g)
+            if dx_form == "conv"
+            else _grads_im2row_blocked(config, None, x_shape, w, g, True, False)[0]
+        )
     if need_dw:
-        dw = (_kernel_grad_conv(config, x, g) if dw_form == "conv"
-              else _grads_im2row_blocked(config, x, x_shape, w, g, False, True)[1])
+        dw = (
+            _kernel_grad_conv(config, x, g)
+            if dw_form == "conv"
+            else _grads_im2row_blocked(config, x, x_shape, w, g, False, True)[1]
+        )
     return dx, dw
 
 
@@ -523,10 +609,12 @@ def _conv_transpose(ndim: int, y, w, b, stride, padding, output_padding, dilatio
         raise ValueError(f"`groups` (={groups}) must divide the kernel's output channels `w.shape[{ndim + 1}]` (={o}).")
     c = groups * ci
     if b is not None and b.shape[0] != c:
-        raise ValueError(f"`b` must have length {c} (groups * w.shape[{ndim}], the output channels), "
-                         f"got shape {tuple(b.shape)}.")
-    window = _window.parse_transpose(y.shape[1:-1], kernel, stride, padding, output_padding, dilation,
-                                     kernel_name=f"w.shape[:{ndim}]")
+        raise ValueError(
+            f"`b` must have length {c} (groups * w.shape[{ndim}], the output channels), got shape {tuple(b.shape)}."
+        )
+    window = _window.parse_transpose(
+        y.shape[1:-1], kernel, stride, padding, output_padding, dilation, kernel_name=f"w.shape[:{ndim}]"
+    )
     _window.check_sizes(window, n, c, o, "`padding`, `stride`, `dilation` and the shapes of `y` and `w`")
     chosen = _plan(window, n, c, o, groups, y, w, b)
     return _conv_transpose_vjp(ConvConfig(window, groups, chosen.forward, chosen.backward, precision), y, w, b)
@@ -603,37 +691,68 @@ _TRANSPOSE_DOC = """{n}-D transposed convolution ({layout} output), the adjoint 
 
 
 @_args.reverse_mode_rule
-def conv_transpose1d(y: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, *, stride: SizeLike = 1,
-                     padding: PaddingLike = "VALID", output_padding: SizeLike = 0, dilation: SizeLike = 1,
-                     groups: int = 1, precision: PrecisionLike = None) -> Array:
+def conv_transpose1d(
+    y: ArrayLike,
+    w: ArrayLike,
+    b: ArrayLike | None = None,
+    *,
+    stride: SizeLike = 1,
+    padding: PaddingLike = "VALID",
+    output_padding: SizeLike = 0,
+    dilation: SizeLike = 1,
+    groups: int = 1,
+    precision: PrecisionLike = None,
+) -> Array:
     return _conv_transpose(1, y, w, b, stride, padding, output_padding, dilation, groups, precision)
 
 
 @_args.reverse_mode_rule
-def conv_transpose2d(y: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, *, stride: SizeLike = 1,
-                     padding: PaddingLike = "VALID", output_padding: SizeLike = 0, dilation: SizeLike = 1,
-                     groups: int = 1, precision: PrecisionLike = None) -> Array:
+def conv_transpose2d(
+    y: ArrayLike,
+    w: ArrayLike,
+    b: ArrayLike | None = None,
+    *,
+    stride: SizeLike = 1,
+    padding: PaddingLike = "VALID",
+    output_padding: SizeLike = 0,
+    dilation: SizeLike = 1,
+    groups: int = 1,
+    precision: PrecisionLike = None,
+) -> Array:
     return _conv_transpose(2, y, w, b, stride, padding, output_padding, dilation, groups, precision)
 
 
 @_args.reverse_mode_rule
-def conv_transpose3d(y: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, *, stride: SizeLike = 1,
-                     padding: PaddingLike = "VALID", output_padding: SizeLike = 0, dilation: SizeLike = 1,
-                     groups: int = 1, precision: PrecisionLike = None) -> Array:
+def conv_transpose3d(
+    y: ArrayLike,
+    w: ArrayLike,
+    b: ArrayLike | None = None,
+    *,
+    stride: SizeLike = 1,
+    padding: PaddingLike = "VALID",
+    output_padding: SizeLike = 0,
+    dilation: SizeLike = 1,
+    groups: int = 1,
+    precision: PrecisionLike = None,
+) -> Array:
     return _conv_transpose(3, y, w, b, stride, padding, output_padding, dilation, groups, precision)
 
 
-conv_transpose1d.__doc__ = _TRANSPOSE_DOC.format(n=1, layout="NWC", spatial="W", spatial_out="Wo",
-                                                 kspatial="K", count="one")
-conv_transpose2d.__doc__ = _TRANSPOSE_DOC.format(n=2, layout="NHWC", spatial="H, W", spatial_out="Ho, Wo",
-                                                 kspatial="KH, KW", count="two") + """
+conv_transpose1d.__doc__ = _TRANSPOSE_DOC.format(
+    n=1, layout="NWC", spatial="W", spatial_out="Wo", kspatial="K", count="one"
+)
+conv_transpose2d.__doc__ = (
+    _TRANSPOSE_DOC.format(n=2, layout="NHWC", spatial="H, W", spatial_out="Ho, Wo", kspatial="KH, KW", count="two")
+    + """
     Examples:
       >>> y = jnp.ones((1, 3, 3, 4)); w = jnp.ones((3, 3, 2, 4))
       >>> conv_transpose2d(y, w, stride=2, padding=1, output_padding=1).shape
       (1, 6, 6, 2)
     """
-conv_transpose3d.__doc__ = _TRANSPOSE_DOC.format(n=3, layout="NDHWC", spatial="D, H, W",
-                                                 spatial_out="Do, Ho, Wo", kspatial="KD, KH, KW", count="three")
+)
+conv_transpose3d.__doc__ = _TRANSPOSE_DOC.format(
+    n=3, layout="NDHWC", spatial="D, H, W", spatial_out="Do, Ho, Wo", kspatial="KD, KH, KW", count="three"
+)
 
 
 # The form names are the planner's (plan.CONV_FORWARD_FORMS, plan.CONV_BACKWARD_FORMS,
@@ -653,6 +772,7 @@ _SPLIT_BACKWARD = {"mixed": ("conv", "im2row_blocked")}
 
 # backward form name -> (dx form, dw form).
 _BACKWARD_FORMS = {name: _SPLIT_BACKWARD.get(name, (name, name)) for name in plan.CONV_BACKWARD_FORMS}
+
 
 def _finite_or_direct(winograd_formula, direct_formula):
     """``(config, a, b) -> winograd_formula(...)`` when every entry of ``a`` and ``b`` is finite, else the
@@ -676,17 +796,26 @@ def _finite_or_direct(winograd_formula, direct_formula):
 
 # Backward forms whose dx and dw are one pair of functions (config, w, g) and (config, x, g).
 _FORMULA_PAIRS = {
-    **{name: (_finite_or_direct(partial(_input_grad_winograd, m=m), _input_grad_conv),
-              _finite_or_direct(partial(_kernel_grad_winograd, m=m), _kernel_grad_conv))
-       for name, m in plan.WINOGRAD_TILES.items()},
+    **{
+        name: (
+            _finite_or_direct(partial(_input_grad_winograd, m=m), _input_grad_conv),
+            _finite_or_direct(partial(_kernel_grad_winograd, m=m), _kernel_grad_conv),
+        )
+        for name, m in plan.WINOGRAD_TILES.items()
+    },
     "onednn": (_input_grad_onednn, _kernel_grad_onednn),
 }
 
 # forward form name -> forward(config, x, w) -> y without bias; tested like the backward.
-_FORWARD_FORMS = {name: {
-    "conv": _forward_conv,
-    "im2row_blocked": _forward_im2row_blocked,
-    **{form: _finite_or_direct(partial(_forward_winograd, m=m), _forward_conv)
-       for form, m in plan.WINOGRAD_TILES.items()},
-    "onednn": _forward_onednn,
-}[name] for name in plan.CONV_FORWARD_FORMS}
+_FORWARD_FORMS = {
+    name: {
+        "conv": _forward_conv,
+        "im2row_blocked": _forward_im2row_blocked,
+        **{
+            form: _finite_or_direct(partial(_forward_winograd, m=m), _forward_conv)
+            for form, m in plan.WINOGRAD_TILES.items()
+        },
+        "onednn": _forward_onednn,
+    }[name]
+    for name in plan.CONV_FORWARD_FORMS
+}

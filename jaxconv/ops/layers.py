@@ -78,8 +78,7 @@ _relu.defvjp(_relu_fwd, _relu_bwd)
 
 
 @_args.reverse_mode_rule
-def linear(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, *,
-           precision: lax.PrecisionLike = None) -> Array:
+def linear(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, *, precision: lax.PrecisionLike = None) -> Array:
     """Fully connected layer ``y = x @ w + b`` (docs/layers.md, Fully connected layer).
 
     Args:
@@ -108,9 +107,7 @@ def linear(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, *,
     _args.check_same_dtype(x=x, w=w, b=b)
     precision = _args.precision(precision)
     if x.shape[1] != w.shape[0]:
-        raise ValueError(
-            f"`x.shape[1]` (={x.shape[1]}) must equal `w.shape[0]` (={w.shape[0]}), the input width D_in."
-        )
+        raise ValueError(f"`x.shape[1]` (={x.shape[1]}) must equal `w.shape[0]` (={w.shape[0]}), the input width D_in.")
     if b is not None and b.shape[0] != w.shape[1]:
         raise ValueError(f"`b` must have length {w.shape[1]} (= `w.shape[1]`, D_out), got shape {tuple(b.shape)}.")
     _args.check_elements((x.shape[0], w.shape[1]), "`x.shape[0]` and `w.shape[1]`", "the output")

@@ -197,7 +197,8 @@ def lrn_params_from_pytorch(size: int, alpha: float = 1e-4, beta: float = 0.75, 
 
     .. math::
 
-        b_c = a_c \Big(k + \frac{\alpha}{n} \sum_{c' = c - \lfloor n/2 \rfloor}^{c + \lfloor (n-1)/2 \rfloor} a_{c'}^2\Big)^{-\beta}.
+        b_c = a_c \Big(k + \frac{\alpha}{n}
+            \sum_{c' = c - \lfloor n/2 \rfloor}^{c + \lfloor (n-1)/2 \rfloor} a_{c'}^2\Big)^{-\beta}.
 
     (Its documentation writes the sum from ``c - n/2`` to ``c + n/2``, which is
     what the code does only for odd ``n``.)  Hence ``size = n``, ``kappa = k``,
@@ -266,8 +267,7 @@ def lrn_params_from_caffe(local_size: int = 5, alpha: float = 1.0, beta: float =
     )
 
 
-def lrn_params_from_tensorflow(depth_radius: int = 5, bias: float = 1.0, alpha: float = 1.0,
-                               beta: float = 0.5) -> dict:
+def lrn_params_from_tensorflow(depth_radius: int = 5, bias: float = 1.0, alpha: float = 1.0, beta: float = 0.5) -> dict:
     r"""``lrn`` keyword arguments equal to ``tf.nn.local_response_normalization``.
 
     TensorFlow computes, over the last (depth) axis,

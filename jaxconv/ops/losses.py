@@ -55,7 +55,9 @@ def check_labels(labels, batch: int, num_classes: int, name: str = "labels"):
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise ValueError(f"`{name}` must have an integer dtype (class indices), got dtype {labels.dtype}.")
     if tuple(labels.shape) != (batch,):
-        raise ValueError(f"`{name}` must have shape ({batch},), one class per example, got shape {tuple(labels.shape)}.")
+        raise ValueError(
+            f"`{name}` must have shape ({batch},), one class per example, got shape {tuple(labels.shape)}."
+        )
     if not isinstance(labels, jax.core.Tracer) and batch > 0:
         values = np.asarray(labels)
         bad = (values < 0) | (values >= num_classes)
@@ -80,7 +82,8 @@ def check_probabilities(p, labels, name: str = "p") -> None:
     if bad.any():
         index = np.unravel_index(int(np.argmax(bad)), values.shape)
         raise ValueError(
-            f"`{name}` (={values[index].item()!r} at index {tuple(int(i) for i in index)}) must be a probability in [0, 1]."
+            f"`{name}` (={values[index].item()!r} at index {tuple(int(i) for i in index)}) must be a probability "
+            "in [0, 1]."
         )
     if isinstance(labels, jax.core.Tracer):
         return
@@ -89,7 +92,8 @@ def check_probabilities(p, labels, name: str = "p") -> None:
     if zero.any():
         n = int(np.argmax(zero))
         raise ValueError(
-            f"`{name}` (={picked[n].item()!r} at index ({n}, {int(np.asarray(labels)[n])}), the labelled class of example "
+            f"`{name}` (={picked[n].item()!r} at index ({n}, {int(np.asarray(labels)[n])}), the labelled class of "
+            "example "
             f"{n}) must be in (0, 1]: its -log is inf."
         )
 

@@ -48,8 +48,9 @@ def _eps(value) -> float:
     try:
         eps = float(value)
     except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
-        raise ValueError(f"`eps` (={value!r}) must be a concrete positive real number "
-                         "(a static hyperparameter).") from None
+        raise ValueError(
+            f"`eps` (={value!r}) must be a concrete positive real number (a static hyperparameter)."
+        ) from None
     if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"`eps` (={value!r}) must be a finite number > 0.")
     return eps

@@ -162,8 +162,9 @@ def _config(x, ndim: int, window, stride, padding, count_include_pad=True) -> Po
     # At most half the window per side (pool=True): every window then holds an
     # input pixel (no -inf max of padding alone, no 0/0 average with
     # count_include_pad=False).
-    geometry = _window.parse(in_size, kernel, kernel if stride is None else stride, padding, kernel_name="window",
-                             pool=True)
+    geometry = _window.parse(
+        in_size, kernel, kernel if stride is None else stride, padding, kernel_name="window", pool=True
+    )
     if not isinstance(count_include_pad, (bool, np.bool_)):
         raise ValueError(f"`count_include_pad` (={count_include_pad!r}) must be a bool.")
     _window.check_sizes(geometry, x.shape[0], x.shape[-1], x.shape[-1], "`padding`, `window` and `stride`")
@@ -245,7 +246,9 @@ def _tiles(x, config: PoolConfig, fill):
     reshaped to ``(N, o_1, k_1, o_2, k_2, ..., C)`` (phi as a reshape)."""
     win = config.window
     n, c = x.shape[0], x.shape[-1]
-    cfg = ((lo, m * k - size - lo, 0) for size, (lo, _), k, m in zip(win.in_size, win.padding, win.kernel, win.out_size))
+    cfg = (
+        (lo, m * k - size - lo, 0) for size, (lo, _), k, m in zip(win.in_size, win.padding, win.kernel, win.out_size)
+    )
     split = [d for m, k in zip(win.out_size, win.kernel) for d in (m, k)]
     return lax.pad(x, jnp.asarray(fill, x.dtype), _spatial_cfg(config, cfg)).reshape(n, *split, c)
 
@@ -256,7 +259,9 @@ def _untile(tiles, config: PoolConfig):
     win = config.window
     n, c = tiles.shape[0], tiles.shape[-1]
     flat = tiles.reshape(n, *(m * k for m, k in zip(win.out_size, win.kernel)), c)
-    cfg = ((-lo, size + lo - m * k, 0) for size, (lo, _), k, m in zip(win.in_size, win.padding, win.kernel, win.out_size))
+    cfg = (
+        (-lo, size + lo - m * k, 0) for size, (lo, _), k, m in zip(win.in_size, win.padding, win.kernel, win.out_size)
+    )
     return lax.pad(flat, jnp.zeros((), flat.dtype), _spatial_cfg(config, cfg))
 
 
@@ -275,8 +280,14 @@ def _avg_pool(ndim: int, x, window, stride, padding, count_include_pad):
 
 
 @_args.reverse_mode_rule
-def avg_pool2d(x: ArrayLike, window: _window.SizeLike, *, stride: _window.SizeLike | None = None,
-               padding: _window.PaddingLike = "VALID", count_include_pad: bool = True) -> Array:
+def avg_pool2d(
+    x: ArrayLike,
+    window: _window.SizeLike,
+    *,
+    stride: _window.SizeLike | None = None,
+    padding: _window.PaddingLike = "VALID",
+    count_include_pad: bool = True,
+) -> Array:
     """Average pooling over ``window`` (NHWC) with the hand-derived backward (docs/pooling.md §2).
 
     Args:
@@ -316,8 +327,14 @@ def avg_pool2d(x: ArrayLike, window: _window.SizeLike, *, stride: _window.SizeLi
 
 
 @_args.reverse_mode_rule
-def avg_pool1d(x: ArrayLike, window: _window.SizeLike, *, stride: _window.SizeLike | None = None,
-               padding: _window.PaddingLike = "VALID", count_include_pad: bool = True) -> Array:
+def avg_pool1d(
+    x: ArrayLike,
+    window: _window.SizeLike,
+    *,
+    stride: _window.SizeLike | None = None,
+    padding: _window.PaddingLike = "VALID",
+    count_include_pad: bool = True,
+) -> Array:
     """Average pooling over ``(N, W, C)``: :func:`avg_pool2d` with one spatial dimension.
 
     ``window``, ``stride``: an int (or a 1-tuple); ``padding``: ``"VALID"``,
@@ -332,8 +349,14 @@ def avg_pool1d(x: ArrayLike, window: _window.SizeLike, *, stride: _window.SizeLi
 
 
 @_args.reverse_mode_rule
-def avg_pool3d(x: ArrayLike, window: _window.SizeLike, *, stride: _window.SizeLike | None = None,
-               padding: _window.PaddingLike = "VALID", count_include_pad: bool = True) -> Array:
+def avg_pool3d(
+    x: ArrayLike,
+    window: _window.SizeLike,
+    *,
+    stride: _window.SizeLike | None = None,
+    padding: _window.PaddingLike = "VALID",
+    count_include_pad: bool = True,
+) -> Array:
     """Average pooling over ``(N, D, H, W, C)``: :func:`avg_pool2d` with three spatial dimensions.
 
     ``window``, ``stride``: an int or a triple; ``padding``: ``"VALID"``,
@@ -353,7 +376,11 @@ def _avg_forward(config: PoolConfig, x):
     if config.form == "reshape":
         return _tiles(x, config, 0).sum(axis=tuple(2 + 2 * d for d in range(win.ndim))) / divisor
     sums = lax.reduce_window(
-        x, np.zeros((), x.dtype), lax.add, (1, *win.kernel, 1), (1, *win.stride, 1),
+        x,
+        np.zeros((), x.dtype),
+        lax.add,
+        (1, *win.kernel, 1),
+        (1, *win.stride, 1),
         ((0, 0), *win.padding, (0, 0)),
     )
     return sums / divisor
@@ -396,8 +423,13 @@ def _max_pool(ndim: int, x, window, stride, padding):
 
 
 @_args.reverse_mode_rule
-def max_pool2d(x: ArrayLike, window: _window.SizeLike, *, stride: _window.SizeLike | None = None,
-               padding: _window.PaddingLike = "VALID") -> Array:
+def max_pool2d(
+    x: ArrayLike,
+    window: _window.SizeLike,
+    *,
+    stride: _window.SizeLike | None = None,
+    padding: _window.PaddingLike = "VALID",
+) -> Array:
     """Max pooling over ``window`` (NHWC) with the hand-derived backward (docs/pooling.md §4).
 
     Args:
@@ -427,8 +459,13 @@ def max_pool2d(x: ArrayLike, window: _window.SizeLike, *, stride: _window.SizeLi
 
 
 @_args.reverse_mode_rule
-def max_pool1d(x: ArrayLike, window: _window.SizeLike, *, stride: _window.SizeLike | None = None,
-               padding: _window.PaddingLike = "VALID") -> Array:
+def max_pool1d(
+    x: ArrayLike,
+    window: _window.SizeLike,
+    *,
+    stride: _window.SizeLike | None = None,
+    padding: _window.PaddingLike = "VALID",
+) -> Array:
     """Max pooling over ``(N, W, C)``: :func:`max_pool2d` with one spatial dimension.
 
     Arguments as :func:`avg_pool1d`'s; ties go to the first maximum, padding is
@@ -442,8 +479,13 @@ def max_pool1d(x: ArrayLike, window: _window.SizeLike, *, stride: _window.SizeLi
 
 
 @_args.reverse_mode_rule
-def max_pool3d(x: ArrayLike, window: _window.SizeLike, *, stride: _window.SizeLike | None = None,
-               padding: _window.PaddingLike = "VALID") -> Array:
+def max_pool3d(
+    x: ArrayLike,
+    window: _window.SizeLike,
+    *,
+    stride: _window.SizeLike | None = None,
+    padding: _window.PaddingLike = "VALID",
+) -> Array:
     """Max pooling over ``(N, D, H, W, C)``: :func:`max_pool2d` with three spatial dimensions.
 
     Arguments as :func:`avg_pool3d`'s; the window is scanned in row-major
@@ -498,8 +540,10 @@ def _candidates(x, config: PoolConfig):
     ``phi(x)``, as tile slices ("reshape") or strided slices ("slices")."""
     if config.form == "reshape":
         tiles = _tiles(x, config, -jnp.inf)
-        return [tiles[(slice(None),) + tuple(v for t in offset for v in (slice(None), t)) + (slice(None),)]
-                for offset in _offsets(config)]
+        return [
+            tiles[(slice(None),) + tuple(v for t in offset for v in (slice(None), t)) + (slice(None),)]
+            for offset in _offsets(config)
+        ]
     return _window_pieces(x, config, -jnp.inf)
 
 
@@ -528,8 +572,7 @@ def _max_pool_bwd(config: PoolConfig, chosen, g):
         # when S is computed in the same program, XLA fuses it into its users,
         # and prod(k) users each recomputing the prod(k)-step selection made
         # compiling a 1x127 window take ~20 s.
-        offsets = jnp.arange(win.volume, dtype=chosen.dtype).reshape(
-            1, *(d for k in win.kernel for d in (1, k)), 1)
+        offsets = jnp.arange(win.volume, dtype=chosen.dtype).reshape(1, *(d for k in win.kernel for d in (1, k)), 1)
         tiles = jnp.where(_tile_view(chosen, win.ndim) == offsets, _tile_view(g, win.ndim), jnp.zeros((), g.dtype))
         return (_untile(tiles, config),)
     return (_route_by_phases(config, chosen, g),)
@@ -584,8 +627,11 @@ def _route_by_phases(config: PoolConfig, chosen, g):
         return jnp.stack([interleave(r + (ri,), dim + 1) for ri in range(win.stride[dim])], axis=dim + 2)
 
     padded = interleave((), 0).reshape(n, *(a * s for a, s in zip(lengths, win.stride)), c)
-    return lax.slice(padded, (0, *(lo for lo, _ in win.padding), 0),
-                     (n, *(lo + size for (lo, _), size in zip(win.padding, win.in_size)), c))
+    return lax.slice(
+        padded,
+        (0, *(lo for lo, _ in win.padding), 0),
+        (n, *(lo + size for (lo, _), size in zip(win.padding, win.in_size)), c),
+    )
 
 
 _max_pool_vjp.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -25,8 +25,18 @@ from jax import lax
 from .._core import window as _window
 from .planner import phi_entries_per_image
 
-__all__ = ["BLOCK_BYTES", "Geometry", "batch_block", "forward", "forward_blocked", "grads", "grads_blocked",
-           "images_per_block", "kernel_by_group", "phi_by_group"]
+__all__ = [
+    "BLOCK_BYTES",
+    "Geometry",
+    "batch_block",
+    "forward",
+    "forward_blocked",
+    "grads",
+    "grads_blocked",
+    "images_per_block",
+    "kernel_by_group",
+    "phi_by_group",
+]
 
 
 class Geometry(Protocol):
@@ -66,8 +76,9 @@ def images_per_block(config: Geometry, batch: int, channels: int, itemsize: int)
 def forward(config: Geometry, x, w):
     """``Y = phi(X) F`` (docs/convolution.md §2), one matrix product per group."""
     n, o = x.shape[0], w.shape[-1]
-    y = jnp.matmul(phi_by_group(config, x), kernel_by_group(w, config.groups),
-                   precision=config.precision)  # (G, N*prod(out), O/G)
+    y = jnp.matmul(
+        phi_by_group(config, x), kernel_by_group(w, config.groups), precision=config.precision
+    )  # (G, N*prod(out), O/G)
     return y.transpose(1, 0, 2).reshape(n, *config.window.out_size, o)
 
 
@@ -149,6 +160,7 @@ def grads_blocked(config: Geometry, x, x_shape, w, g, need_dx: bool, need_dw: bo
         return (None if dw is None else dw + dwb), dxb
 
     xs = x.reshape(blocks, *block_shape) if need_dw else None
-    dw, dx = lax.scan(one_block, jnp.zeros(w.shape, w.dtype) if need_dw else None,
-                      (xs, g.reshape(blocks, block, *g.shape[1:])))
+    dw, dx = lax.scan(
+        one_block, jnp.zeros(w.shape, w.dtype) if need_dw else None, (xs, g.reshape(blocks, block, *g.shape[1:]))
+    )
     return (None if dx is None else dx.reshape(x_shape)), dw

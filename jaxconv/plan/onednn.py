@@ -135,14 +135,16 @@ _LOCK = threading.Lock()
 def _strided(shape: Sequence[int], strides: Sequence[int]):
     lib = _library()
     md = ctypes.c_void_p()
-    _check(lib.dnnl_memory_desc_create_with_strides(ctypes.byref(md), len(shape), _dims(shape), _F32,
-                                                     _dims(strides)), "memory descriptor")
+    _check(
+        lib.dnnl_memory_desc_create_with_strides(ctypes.byref(md), len(shape), _dims(shape), _F32, _dims(strides)),
+        "memory descriptor",
+    )
     return md
 
 
 def _outer_strides(sizes: Sequence[int], inner: int) -> list[int]:
     """Row-major strides of ``sizes`` laid out in front of a contiguous block of ``inner`` elements."""
-    return [inner * math.prod(sizes[i + 1:]) for i in range(len(sizes))]
+    return [inner * math.prod(sizes[i + 1 :]) for i in range(len(sizes))]
 
 
 def _channels_last(n: int, c: int, spatial: Sequence[int]):
@@ -162,45 +164,99 @@ class _Geometry:
         lib, engine, _ = _runtime()
         n, *spatial, c = x_shape
         *kernel, _, o = w_shape
-        out = [_window.output_size(s, lo, hi, k, st, d)
-               for s, (lo, hi), k, st, d in zip(spatial, padding, kernel, stride, dilation)]
+        out = [
+            _window.output_size(s, lo, hi, k, st, d)
+            for s, (lo, hi), k, st, d in zip(spatial, padding, kernel, stride, dilation)
+        ]
         self.x_shape, self.w_shape, self.y_shape = tuple(x_shape), tuple(w_shape), (n, *out, o)
         self.src, self.dst = _channels_last(n, c, spatial), _channels_last(n, o, out)
         self.user_w = _kernel_layout(o, c, kernel)
         any_w = ctypes.c_void_p()
-        _check(lib.dnnl_memory_desc_create_with_tag(ctypes.byref(any_w), 2 + len(kernel), _dims((o, c, *kernel)),
-                                                    _F32, _FORMAT_ANY), "kernel descriptor")
-        geometry = (_dims(stride), _dims([d - 1 for d in dilation]), _dims([lo for lo, _ in padding]),
-                    _dims([hi for _, hi in padding]))
+        _check(
+            lib.dnnl_memory_desc_create_with_tag(
+                ctypes.byref(any_w), 2 + len(kernel), _dims((o, c, *kernel)), _F32, _FORMAT_ANY
+            ),
+            "kernel descriptor",
+        )
+        geometry = (
+            _dims(stride),
+            _dims([d - 1 for d in dilation]),
+            _dims([lo for lo, _ in padding]),
+            _dims([hi for _, hi in padding]),
+        )
         self.forward_pd, self.data_pd, self.weights_pd = (ctypes.c_void_p() for _ in range(3))
-        _check(lib.dnnl_convolution_forward_primitive_desc_create(
-            ctypes.byref(self.forward_pd), engine, _FORWARD_TRAINING, _CONVOLUTION_DIRECT, self.src, any_w, None,
-            self.dst, *geometry, None), "forward primitive descriptor")
-        _check(lib.dnnl_convolution_backward_data_primitive_desc_create(
-            ctypes.byref(self.data_pd), engine, _CONVOLUTION_DIRECT, self.src, any_w, self.dst, *geometry,
-            self.forward_pd, None), "backward-data primitive descriptor")
-        _check(lib.dnnl_convolution_backward_weights_primitive_desc_create(
-            ctypes.byref(self.weights_pd), engine, _CONVOLUTION_DIRECT, self.src, any_w, None, self.dst, *geometry,
-            self.forward_pd, None), "backward-weights primitive descriptor")
+        _check(
+            lib.dnnl_convolution_forward_primitive_desc_create(
+                ctypes.byref(self.forward_pd),
+                engine,
+                _FORWARD_TRAINING,
+                _CONVOLUTION_DIRECT,
+                self.src,
+                any_w,
+                None,
+                self.dst,
+                *geometry,
+                None,
+            ),
+            "forward primitive descriptor",
+        )
+        _check(
+            lib.dnnl_convolution_backward_data_primitive_desc_create(
+                ctypes.byref(self.data_pd),
+                engine,
+                _CONVOLUTION_DIRECT,
+                self.src,
+                any_w,
+                self.dst,
+                *geometry,
+                self.forward_pd,
+                None,
+            ),
+            "backward-data primitive descriptor",
+        )
+        _check(
+            lib.dnnl_convolution_backward_weights_primitive_desc_create(
+                ctypes.byref(self.weights_pd),
+                engine,
+                _CONVOLUTION_DIRECT,
+                self.src,
+                any_w,
+                None,
+                self.dst,
+                *geometry,
+                self.forward_pd,
+                None,
+            ),
+            "backward-weights primitive descriptor",
+        )
         query = lambda pd, what: ctypes.c_void_p(lib.dnnl_primitive_desc_query_md(pd, _QUERY[what], 0))
         # The activations must be taken in our layout, as given (oneDNN may not pick another for them).
-        for pd, what, mine in ((self.forward_pd, "src", self.src), (self.forward_pd, "dst", self.dst),
-                               (self.data_pd, "diff_src", self.src), (self.data_pd, "diff_dst", self.dst),
-                               (self.weights_pd, "src", self.src), (self.weights_pd, "diff_dst", self.dst)):
+        for pd, what, mine in (
+            (self.forward_pd, "src", self.src),
+            (self.forward_pd, "dst", self.dst),
+            (self.data_pd, "diff_src", self.src),
+            (self.data_pd, "diff_dst", self.dst),
+            (self.weights_pd, "src", self.src),
+            (self.weights_pd, "diff_dst", self.dst),
+        ):
             if lib.dnnl_memory_desc_get_size(query(pd, what)) != lib.dnnl_memory_desc_get_size(mine):
                 raise RuntimeError(f"oneDNN chose another layout for {what}.")
-        self.forward_w, self.data_w, self.weights_dw = (query(self.forward_pd, "weights"),
-                                                        query(self.data_pd, "weights"),
-                                                        query(self.weights_pd, "diff_weights"))
-        self.forward, self.data, self.weights = (self._primitive(pd) for pd in
-                                                 (self.forward_pd, self.data_pd, self.weights_pd))
+        self.forward_w, self.data_w, self.weights_dw = (
+            query(self.forward_pd, "weights"),
+            query(self.data_pd, "weights"),
+            query(self.weights_pd, "diff_weights"),
+        )
+        self.forward, self.data, self.weights = (
+            self._primitive(pd) for pd in (self.forward_pd, self.data_pd, self.weights_pd)
+        )
         self.to_forward_w = self._reorder(self.user_w, self.forward_w)
         self.to_data_w = self._reorder(self.user_w, self.data_w)
         self.from_weights_dw = self._reorder(self.weights_dw, self.user_w)
         # Buffers for the kernel in oneDNN's layouts, reused across calls (under _LOCK).
-        self.buffers = {name: np.empty(lib.dnnl_memory_desc_get_size(md) // 4 + 16, np.float32)
-                        for name, md in (("forward_w", self.forward_w), ("data_w", self.data_w),
-                                         ("weights_dw", self.weights_dw))}
+        self.buffers = {
+            name: np.empty(lib.dnnl_memory_desc_get_size(md) // 4 + 16, np.float32)
+            for name, md in (("forward_w", self.forward_w), ("data_w", self.data_w), ("weights_dw", self.weights_dw))
+        }
 
     @staticmethod
     def _primitive(pd):

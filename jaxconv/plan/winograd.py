@@ -72,13 +72,24 @@ __all__ = ["POINTS", "correlate", "kernel_grad", "transforms"]
 #: Interpolation points, taken in this order: ``alpha - 1`` of them and infinity.
 #: Small magnitudes and reciprocal pairs keep the transforms' entries (and the
 #: float32 rounding they amplify) small (Barabasz et al., 2018).
-POINTS = (Fraction(0), Fraction(1), Fraction(-1), Fraction(1, 2), Fraction(-2), Fraction(-1, 2), Fraction(2),
-          Fraction(3, 2), Fraction(-3, 2), Fraction(2, 3), Fraction(-2, 3))
+POINTS = (
+    Fraction(0),
+    Fraction(1),
+    Fraction(-1),
+    Fraction(1, 2),
+    Fraction(-2),
+    Fraction(-1, 2),
+    Fraction(2),
+    Fraction(3, 2),
+    Fraction(-3, 2),
+    Fraction(2, 3),
+    Fraction(-2, 3),
+)
 
 
 def _evaluation(points: Sequence[Fraction], k: int) -> list[list[Fraction]]:
     """``V_k``: the values at the points (and the leading coefficient at infinity) of a degree ``k - 1`` polynomial."""
-    rows = [[p ** i for i in range(k)] for p in points]
+    rows = [[p**i for i in range(k)] for p in points]
     rows.append([Fraction(int(i == k - 1)) for i in range(k)])
     return rows
 
@@ -112,7 +123,7 @@ def transforms(m: int, r: int) -> tuple[tuple, tuple, tuple]:
     alpha = m + r - 1
     if alpha - 1 > len(POINTS):
         raise ValueError(f"F({m}, {r}) needs {alpha - 1} interpolation points; {len(POINTS)} are defined.")
-    points = POINTS[:alpha - 1]
+    points = POINTS[: alpha - 1]
     at = [list(col) for col in zip(*_evaluation(points, m))]  # V_m^T
     g = _evaluation(points, r)
     bt = [list(col) for col in zip(*_inverse(_evaluation(points, alpha)))]  # V_alpha^{-T}
@@ -149,7 +160,7 @@ def _weighted_sum(coeffs, piece, dtype):
 
 
 def _along(a, matrix: np.ndarray, axis: int, new_axis: int):
-    """Apply ``matrix`` (``p x q``) to axis ``axis`` (length ``q``) of ``a`` and put the result's ``p`` at ``new_axis``."""
+    """Apply ``matrix`` (``p x q``) to axis ``axis`` (length ``q``) of ``a``; the result's ``p`` at ``new_axis``."""
     rows = []
     for coeffs in matrix:
         total = _weighted_sum(coeffs, lambda t: lax.index_in_dim(a, t, axis, keepdims=False), a.dtype)
@@ -283,8 +294,9 @@ def kernel_grad(x, g, pads, kernel: Sequence[int], m: int, block: int | None = N
     if block is None or block >= n:
         acc, _ = run(zero, (x, g))
     else:
-        acc, _ = lax.scan(run, zero, (x.reshape(n // block, block, *x.shape[1:]),
-                                      g.reshape(n // block, block, *g.shape[1:])))
+        acc, _ = lax.scan(
+            run, zero, (x.reshape(n // block, block, *x.shape[1:]), g.reshape(n // block, block, *g.shape[1:]))
+        )
     v = acc.reshape(*alphas, c, o)
     for axis in range(ndim):
         at, _, _ = transforms(kernel[axis], m)  # F(k, m): k outputs

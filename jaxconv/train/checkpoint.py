@@ -73,8 +73,16 @@ import numpy as np
 
 from . import files as _files
 
-__all__ = ["MAX_CLASSES", "MAX_SIDE", "atomic_write_bytes", "check_model_entry", "read_metadata", "restore", "save",
-           "stored_shapes"]
+__all__ = [
+    "MAX_CLASSES",
+    "MAX_SIDE",
+    "atomic_write_bytes",
+    "check_model_entry",
+    "read_metadata",
+    "restore",
+    "save",
+    "stored_shapes",
+]
 
 _FORMAT = 1
 _KEY = "jaxconv"
@@ -158,8 +166,11 @@ def _remove_stale_temporaries(directory: pathlib.Path, prefix: str) -> None:
     except OSError:
         return
     for entry in entries:
-        if (entry.name.startswith(prefix) and _TMP_RANDOM.fullmatch(entry.name[len(prefix):])
-                and entry.is_file(follow_symlinks=False)):
+        if (
+            entry.name.startswith(prefix)
+            and _TMP_RANDOM.fullmatch(entry.name[len(prefix) :])
+            and entry.is_file(follow_symlinks=False)
+        ):
             try:
                 os.unlink(entry.path)
             except OSError:  # removed meanwhile, or not ours to remove
@@ -208,8 +219,10 @@ def save(path, tree, metadata: dict | None = None) -> None:
         if array.dtype.kind not in "biufc":  # bool, ints, floats, complex
             raise ValueError(f"`tree` leaf {name} is not an array ({type(leaf).__name__}).")
         arrays[name] = np.array(array, order="C", copy=True)  # (ascontiguousarray would make 0-d arrays 1-d)
-    tensors = {name: {"dtype": a.dtype.name, "shape": list(a.shape), "sha256": _sha256(_stored_bytes(a))}
-               for name, a in arrays.items()}
+    tensors = {
+        name: {"dtype": a.dtype.name, "shape": list(a.shape), "sha256": _sha256(_stored_bytes(a))}
+        for name, a in arrays.items()
+    }
     header = {"format": _FORMAT, "names": [name for name, _ in named], "tensors": tensors, "metadata": metadata or {}}
     try:
         header_json = json.dumps(header)
@@ -253,27 +266,37 @@ def _safetensors_parts(path, data: bytes) -> tuple[dict, dict[str, memoryview]]:
         raise _unreadable(path, f"it is {len(data)} bytes long, too short for a safetensors file")
     length = int.from_bytes(data[:8], "little")
     if length > len(data) - 8:
-        raise _unreadable(path, f"its safetensors header is {length} bytes but the file ends {len(data) - 8} bytes "
-                                f"after the length field (truncated?)")
+        raise _unreadable(
+            path,
+            f"its safetensors header is {length} bytes but the file ends {len(data) - 8} bytes "
+            f"after the length field (truncated?)",
+        )
     try:
-        header = json.loads(data[8: 8 + length])
+        header = json.loads(data[8 : 8 + length])
     except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
         raise _unreadable(path, f"its safetensors header is not valid JSON ({err})") from err
     if not isinstance(header, dict):
         raise _unreadable(path, "its safetensors header is not a JSON object")
-    body = memoryview(data)[8 + length:]
+    body = memoryview(data)[8 + length :]
     raw = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-                and 0 <= offsets[0] <= offsets[1]):
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
             raise _unreadable(path, f"tensor {name} has no valid 'data_offsets' in the safetensors header")
         if offsets[1] > len(body):
-            raise _unreadable(path, f"tensor {name}'s data (bytes {offsets[0]}..{offsets[1]}) runs past the end of "
-                                    f"the file's {len(body)} data bytes (truncated?)")
-        raw[name] = body[offsets[0]: offsets[1]]
+            raise _unreadable(
+                path,
+                f"tensor {name}'s data (bytes {offsets[0]}..{offsets[1]}) runs past the end of "
+                f"the file's {len(body)} data bytes (truncated?)",
+            )
+        raw[name] = body[offsets[0] : offsets[1]]
     return header, raw
 
 
@@ -291,12 +314,14 @@ def _header_text(path, safetensors_header: dict) -> tuple[str, str | None]:
     """``(the "jaxconv" JSON text, its stored checksum or None)``, the checksum verified where there is one."""
     file_metadata = safetensors_header.get("__metadata__")
     if not isinstance(file_metadata, dict) or not isinstance(file_metadata.get(_KEY), str):
-        raise _unreadable(path, f"its safetensors metadata has no '{_KEY}' entry (a safetensors file written by "
-                                f"something else?)")
+        raise _unreadable(
+            path, f"its safetensors metadata has no '{_KEY}' entry (a safetensors file written by something else?)"
+        )
     text, checksum = file_metadata[_KEY], file_metadata.get(_SHA_KEY)
     if checksum is not None and checksum != _sha256(text.encode("utf-8")):
-        raise ValueError(f"{path}: checksum mismatch in the metadata (the '{_KEY}' header): the file is corrupted "
-                         f"or was edited.")
+        raise ValueError(
+            f"{path}: checksum mismatch in the metadata (the '{_KEY}' header): the file is corrupted or was edited."
+        )
     return text, checksum
 
 
@@ -325,20 +350,29 @@ def _check_tensor_records(path, tensors, names: list[str]) -> None:
     if sorted(tensors) != sorted(names):
         raise _unreadable(path, f"its '{_KEY}' header's 'tensors' and 'names' list different leaves")
     for name, record in tensors.items():
-        ok = (isinstance(record, dict) and isinstance(record.get("sha256"), str)
-              and isinstance(record.get("dtype"), str) and isinstance(record.get("shape"), list)
-              and all(type(d) is int for d in record["shape"]))
+        ok = (
+            isinstance(record, dict)
+            and isinstance(record.get("sha256"), str)
+            and isinstance(record.get("dtype"), str)
+            and isinstance(record.get("shape"), list)
+            and all(type(d) is int for d in record["shape"])
+        )
         if not ok:
-            raise _unreadable(path, f"its '{_KEY}' header's 'tensors' entry for tensor {name} lacks a string "
-                                    f"'sha256' and 'dtype' or a list 'shape'")
+            raise _unreadable(
+                path,
+                f"its '{_KEY}' header's 'tensors' entry for tensor {name} lacks a string "
+                f"'sha256' and 'dtype' or a list 'shape'",
+            )
 
 
 def _verify_tensors(path, arrays: dict[str, np.ndarray], raw: dict[str, memoryview], records: dict) -> None:
     for name, record in records.items():
         array = arrays[name]
         if (array.dtype.name, list(array.shape)) != (record["dtype"], record["shape"]):
-            raise ValueError(f"{path}: tensor {name} is stored as {array.dtype.name}{list(array.shape)} but its "
-                             f"header records {record['dtype']}{record['shape']}: the file is corrupted or was edited.")
+            raise ValueError(
+                f"{path}: tensor {name} is stored as {array.dtype.name}{list(array.shape)} but its "
+                f"header records {record['dtype']}{record['shape']}: the file is corrupted or was edited."
+            )
         if _sha256(raw[name]) != record["sha256"]:
             raise ValueError(f"{path}: checksum mismatch in tensor {name}: the file is corrupted.")
 
@@ -441,11 +475,21 @@ def check_model_entry(path, model) -> tuple[str, int, tuple[int, int, int]]:
     if not isinstance(name, str):
         raise ValueError(f"{path}: its metadata's model 'name' (={name!r}) is not a string.")  # noqa: TRY004
     if type(classes) is not int or not 1 <= classes <= MAX_CLASSES:
-        raise ValueError(f"{path}: its metadata declares num_classes={classes!r}; expected an integer in "
-                         f"[1, {MAX_CLASSES}] (the file was edited or is not a jaxconv checkpoint).")
-    ok = (isinstance(shape, list) and len(shape) == 3 and all(type(d) is int for d in shape)
-          and 1 <= shape[0] <= MAX_SIDE and 1 <= shape[1] <= MAX_SIDE and 1 <= shape[2] <= 4)
+        raise ValueError(
+            f"{path}: its metadata declares num_classes={classes!r}; expected an integer in "
+            f"[1, {MAX_CLASSES}] (the file was edited or is not a jaxconv checkpoint)."
+        )
+    ok = (
+        isinstance(shape, list)
+        and len(shape) == 3
+        and all(type(d) is int for d in shape)
+        and 1 <= shape[0] <= MAX_SIDE
+        and 1 <= shape[1] <= MAX_SIDE
+        and 1 <= shape[2] <= 4
+    )
     if not ok or not isinstance(shape, list):
-        raise ValueError(f"{path}: its metadata declares input_shape={shape!r}; expected [H, W, C] with H and W in "
-                         f"[1, {MAX_SIDE}] and C in [1, 4] (the file was edited or is not a jaxconv checkpoint).")
+        raise ValueError(
+            f"{path}: its metadata declares input_shape={shape!r}; expected [H, W, C] with H and W in "
+            f"[1, {MAX_SIDE}] and C in [1, 4] (the file was edited or is not a jaxconv checkpoint)."
+        )
     return name, classes, (shape[0], shape[1], shape[2])

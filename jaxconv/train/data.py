@@ -107,13 +107,17 @@ def _checked(dataset: Dataset, train_source: str, test_source: str) -> Dataset:
             size = "x".join(map(str, images.shape[1:]))
             raise ValueError(f"{source}: its {split} images are {size} (H x W x C): zero-size images.")
     if dataset.train_images.shape[1:] != dataset.test_images.shape[1:]:
-        raise ValueError(f"{train_source}: training images {dataset.train_images.shape[1:]}, but {test_source}: "
-                         f"test images {dataset.test_images.shape[1:]}: the two splits differ in image size.")
+        raise ValueError(
+            f"{train_source}: training images {dataset.train_images.shape[1:]}, but {test_source}: "
+            f"test images {dataset.test_images.shape[1:]}: the two splits differ in image size."
+        )
     low, high = float(dataset.train_images.min()), float(dataset.train_images.max())
     if low == high:
-        raise ValueError(f"{train_source}: every pixel of its {dataset.train_images.shape[0]} training images is "
-                         f"{low:g}: constant images (their standard deviation is 0; standardising them would divide "
-                         f"by zero).")
+        raise ValueError(
+            f"{train_source}: every pixel of its {dataset.train_images.shape[0]} training images is "
+            f"{low:g}: constant images (their standard deviation is 0; standardising them would divide "
+            f"by zero)."
+        )
     return dataset
 
 
@@ -218,8 +222,13 @@ def _count_upto(f: io.BufferedIOBase, limit: int) -> int:
 # --- IDX (MNIST, Fashion-MNIST) ---------------------------------------------------------
 
 _IDX_TYPES: dict[int, np.dtype] = {
-    0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 
 
 class _IdxHeader(NamedTuple):
@@ -249,8 +258,9 @@ def _idx_header(f: io.BufferedIOBase, path: pathlib.Path) -> _IdxHeader:
         )
     raw_dims = f.read(4 * ndim)
     if len(raw_dims) < 4 * ndim:
-        raise ValueError(f"{path}: {4 + len(raw_dims)} bytes, too short for the {ndim} dimensions of its header "
-                         f"(truncated?).")
+        raise ValueError(
+            f"{path}: {4 + len(raw_dims)} bytes, too short for the {ndim} dimensions of its header (truncated?)."
+        )
     return _IdxHeader(_IDX_TYPES[type_code], struct.unpack(f">{ndim}I", raw_dims), 4 + 4 * ndim)
 
 
@@ -265,8 +275,9 @@ def _length_error(path: pathlib.Path, header: _IdxHeader, found: int, *, inflate
     return ValueError(f"{path}: {what} {length} bytes, but {header.describe()}: {verdict}.")
 
 
-def _idx_data(f: io.BufferedIOBase, path: pathlib.Path, header: _IdxHeader, *, grow_from: int,
-              inflated: bool) -> np.ndarray:
+def _idx_data(
+    f: io.BufferedIOBase, path: pathlib.Path, header: _IdxHeader, *, grow_from: int, inflated: bool
+) -> np.ndarray:
     """The data after ``header``: exactly as many bytes as it promises, and then the end of the file."""
     nbytes = header.total - header.size
     data = _read_upto(f, nbytes + 1, grow_from=grow_from)
@@ -358,9 +369,7 @@ def _idx_pair(directory: pathlib.Path, prefix: str, num_classes: int):
     if labels.ndim != 1 or labels.dtype != np.uint8:
         raise ValueError(f"{labels_path}: expected unsigned-byte labels (N,), got {labels.dtype} {labels.shape}.")
     if labels.shape[0] != images.shape[0]:
-        raise ValueError(
-            f"{labels_path}: {labels.shape[0]} labels, but {images_path} has {images.shape[0]} images."
-        )
+        raise ValueError(f"{labels_path}: {labels.shape[0]} labels, but {images_path} has {images.shape[0]} images.")
     if labels.size and int(labels.max()) >= num_classes:
         raise ValueError(f"{labels_path}: label {int(labels.max())} outside [0, {num_classes}).")
     return _unit_float(images)[..., None], labels.astype(np.int32), images_path
@@ -418,8 +427,9 @@ def load_cifar10(directory) -> Dataset:
     x_train = np.concatenate([x for x, _ in train])
     y_train = np.concatenate([y for _, y in train])
     train_source = ", ".join(str(directory / name) for name in CIFAR10_TRAIN_FILES)
-    return _checked(Dataset("cifar10", x_train, y_train, x_test, y_test, 10), train_source,
-                    str(directory / CIFAR10_TEST_FILE))
+    return _checked(
+        Dataset("cifar10", x_train, y_train, x_test, y_test, 10), train_source, str(directory / CIFAR10_TEST_FILE)
+    )
 
 
 # --- by name ---------------------------------------------------------------------------
@@ -429,7 +439,8 @@ DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
 
 
 def load_dataset(name: str, data_dir=None) -> Dataset:
-    """``"digits"`` (bundled; ``data_dir`` ignored), ``"mnist"``, ``"fashion-mnist"`` or ``"cifar10"`` from ``data_dir``.
+    """``"digits"`` (bundled; ``data_dir`` ignored), or ``"mnist"``, ``"fashion-mnist"``, ``"cifar10"`` from
+    ``data_dir``.
 
     The result has passed the loaders' sanity check (see the module docstring).
     """
@@ -462,8 +473,9 @@ def epoch_batches(num_examples: int, batch_size: int, *, seed: int, epoch: int, 
     return [order[i : i + batch_size] for i in range(0, stop, batch_size)]
 
 
-def batches(images, labels, batch_size: int, *, seed: int, epoch: int, drop_last: bool = True
-            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def batches(
+    images, labels, batch_size: int, *, seed: int, epoch: int, drop_last: bool = True
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """One epoch's ``(images, labels)`` mini-batches in a shuffled order fixed by ``(seed, epoch)``.
 
     The order is :func:`epoch_batches`' (a generator seeded with
@@ -482,4 +494,3 @@ def batches(images, labels, batch_size: int, *, seed: int, epoch: int, drop_last
 def num_batches(num_examples: int, batch_size: int, drop_last: bool = True) -> int:
     """How many batches :func:`batches` yields per epoch."""
     return num_examples // batch_size if drop_last else -(-num_examples // batch_size)
-

@@ -42,8 +42,12 @@ def write_error(path, err: OSError, what: str = "") -> WriteError:
     return WriteError(err.errno, f"cannot write {label}: {reason}{hint}; the file was left as it was.")
 
 
-_SPECIAL = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
-            (stat.S_ISSOCK, "socket"))
+_SPECIAL = (
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISSOCK, "socket"),
+)
 
 
 def special_kind(mode: int) -> str | None:

@@ -48,8 +48,16 @@ def _shapes(tree) -> str:
     return " ".join(shapes) if len(shapes) <= 3 else f"{len(shapes)} arrays"
 
 
-def check_model_grads(apply_fun: Callable, params: Any, images: ArrayLike, labels: ArrayLike, *, l2: float = 0.0,
-                      finite_differences: bool = False, stream: TextIO | None = None) -> bool:
+def check_model_grads(
+    apply_fun: Callable,
+    params: Any,
+    images: ArrayLike,
+    labels: ArrayLike,
+    *,
+    l2: float = 0.0,
+    finite_differences: bool = False,
+    stream: TextIO | None = None,
+) -> bool:
     """Check every hand rule ``apply_fun`` uses, at this batch's activations, against ``jax.grad``.
 
     Float64.  The network is run once with :mod:`jaxconv.reference` ops that
@@ -107,19 +115,31 @@ def check_model_grads(apply_fun: Callable, params: Any, images: ArrayLike, label
 
             return loss
 
-        report = check_vjp(objective(None, ops), objective(reference, reference), params64, x64, labels,
-                           names=["params", "images", "labels"], finite_differences=False, second_order=False,
-                           name="whole objective")
+        report = check_vjp(
+            objective(None, ops),
+            objective(reference, reference),
+            params64,
+            x64,
+            labels,
+            names=["params", "images", "labels"],
+            finite_differences=False,
+            second_order=False,
+            name="whole objective",
+        )
         passed &= report.passed
         rows.append(("objective", f"{len(jax.tree.leaves(params64))} params, images {tuple(x64.shape)}", report))
 
     stream = sys.stdout if stream is None else stream
     header = ("rule", "inputs", "vjp rel err", "2nd order", "finite diff", "ok")
     table = [header] + [
-        (name, shapes, f"{max(r.worst('vjp'), r.worst('forward')):.1e}",
-         f"{r.worst('second-order'):.1e}" if any(c.kind == "second-order" for c in r.checks) else "-",
-         f"{r.worst('finite-diff'):.1e}" if any(c.kind == "finite-diff" for c in r.checks) else "-",
-         "yes" if r.passed else "NO")
+        (
+            name,
+            shapes,
+            f"{max(r.worst('vjp'), r.worst('forward')):.1e}",
+            f"{r.worst('second-order'):.1e}" if any(c.kind == "second-order" for c in r.checks) else "-",
+            f"{r.worst('finite-diff'):.1e}" if any(c.kind == "finite-diff" for c in r.checks) else "-",
+            "yes" if r.passed else "NO",
+        )
         for name, shapes, r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]

@@ -43,8 +43,13 @@ MAX_SIDE = 4096
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: PNG colour type -> (its name, the bit depths it allows, channels).
-_PNG_COLOUR = {0: ("grey", (1, 2, 4, 8, 16), 1), 2: ("RGB", (8, 16), 3), 3: ("palette", (1, 2, 4, 8), 3),
-               4: ("grey+alpha", (8, 16), 2), 6: ("RGBA", (8, 16), 4)}
+_PNG_COLOUR = {
+    0: ("grey", (1, 2, 4, 8, 16), 1),
+    2: ("RGB", (8, 16), 3),
+    3: ("palette", (1, 2, 4, 8), 3),
+    4: ("grey+alpha", (8, 16), 2),
+    6: ("RGBA", (8, 16), 4),
+}
 
 
 def read_image(path, shape: tuple[int, int, int]) -> np.ndarray:
@@ -74,8 +79,9 @@ def _read_file(path: pathlib.Path) -> bytes:
     try:
         with _files.open_regular(path, refuse) as (f, size):
             if size > MAX_FILE_BYTES:
-                raise ValueError(f"{path}: is {size} bytes, more than the {MAX_FILE_BYTES} bytes an image file may "
-                                 f"have here.")
+                raise ValueError(
+                    f"{path}: is {size} bytes, more than the {MAX_FILE_BYTES} bytes an image file may have here."
+                )
             raw = f.read(size + 1)
     except FileNotFoundError:
         raise FileNotFoundError(f"image {str(path)!r} does not exist.") from None
@@ -99,8 +105,7 @@ def png_header(path, raw: bytes) -> dict:
         raise ValueError(f"{path}: truncated PNG: {len(raw)} bytes, too short for its IHDR header.")
     length, kind = struct.unpack(">I4s", raw[8:16])
     if kind != b"IHDR" or length != 13:
-        raise ValueError(f"{path}: not a valid PNG: its first chunk is {kind!r} of {length} bytes, not a 13-byte "
-                         f"IHDR.")
+        raise ValueError(f"{path}: not a valid PNG: its first chunk is {kind!r} of {length} bytes, not a 13-byte IHDR.")
     body, crc = raw[16:29], struct.unpack(">I", raw[29:33])[0]
     if zlib.crc32(raw[12:29]) != crc:
         raise ValueError(f"{path}: corrupted PNG: the IHDR header's checksum does not match.")
@@ -110,8 +115,9 @@ def png_header(path, raw: bytes) -> dict:
     if colour not in _PNG_COLOUR or depth not in _PNG_COLOUR[colour][1]:
         raise ValueError(f"{path}: not a valid PNG: colour type {colour} with bit depth {depth}.")
     if compression != 0 or filtering != 0 or interlace not in (0, 1):
-        raise ValueError(f"{path}: not a valid PNG: compression {compression}, filter {filtering}, interlace "
-                         f"{interlace}.")
+        raise ValueError(
+            f"{path}: not a valid PNG: compression {compression}, filter {filtering}, interlace {interlace}."
+        )
     return {"width": width, "height": height, "bit_depth": depth, "colour_type": colour, "interlace": interlace}
 
 
@@ -125,11 +131,12 @@ def _looks_like_text(head: bytes) -> bool:
 
 def _check_size(path, what: str, height: int, width: int, expected: tuple[int, int]) -> None:
     if height > MAX_SIDE or width > MAX_SIDE:
-        raise ValueError(f"{path}: {what} declares {height}x{width} pixels, more than {MAX_SIDE} on a side; not "
-                         f"read (the model takes {expected[0]}x{expected[1]}).")
+        raise ValueError(
+            f"{path}: {what} declares {height}x{width} pixels, more than {MAX_SIDE} on a side; not "
+            f"read (the model takes {expected[0]}x{expected[1]})."
+        )
     if (height, width) != tuple(expected):
-        raise ValueError(f"{path}: image {height}x{width}, but the model takes {expected[0]}x{expected[1]}; not "
-                         f"read.")
+        raise ValueError(f"{path}: image {height}x{width}, but the model takes {expected[0]}x{expected[1]}; not read.")
 
 
 def _decode_png(path, raw: bytes, expected: tuple[int, int]) -> np.ndarray:
@@ -140,12 +147,14 @@ def _decode_png(path, raw: bytes, expected: tuple[int, int]) -> np.ndarray:
     try:
         array = matplotlib.image.imread(io.BytesIO(raw), format="png")
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError... for a bad stream
-        raise ValueError(f"{path}: cannot decode the PNG (truncated or corrupted?): {type(err).__name__}: "
-                         f"{err}") from err
+        raise ValueError(
+            f"{path}: cannot decode the PNG (truncated or corrupted?): {type(err).__name__}: {err}"
+        ) from err
     array = np.asarray(array)
     if array.shape[:2] != (header["height"], header["width"]):
-        raise ValueError(f"{path}: decoded to {array.shape}, not the {header['height']}x{header['width']} its "
-                         f"header declares.")
+        raise ValueError(
+            f"{path}: decoded to {array.shape}, not the {header['height']}x{header['width']} its header declares."
+        )
     return array
 
 
@@ -173,11 +182,15 @@ def npy_header(path, raw: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     for d in shape:
         count *= d  # Python integers: no overflow however large the declared dimensions
     if len(shape) not in (2, 3) or any(d > MAX_SIDE for d in shape[:2]) or (len(shape) == 3 and shape[2] > 4):
-        raise ValueError(f"{path}: declares an array of shape {shape}; an image is (H, W) or (H, W, C) with C <= 4 "
-                         f"and at most {MAX_SIDE} on a side. Not read.")
+        raise ValueError(
+            f"{path}: declares an array of shape {shape}; an image is (H, W) or (H, W, C) with C <= 4 "
+            f"and at most {MAX_SIDE} on a side. Not read."
+        )
     if count * dtype.itemsize != len(raw) - offset:
-        raise ValueError(f"{path}: declares {dtype}{list(shape)} ({count * dtype.itemsize} bytes of data) but holds "
-                         f"{len(raw) - offset} bytes after its header (truncated or not an NPY file?).")
+        raise ValueError(
+            f"{path}: declares {dtype}{list(shape)} ({count * dtype.itemsize} bytes of data) but holds "
+            f"{len(raw) - offset} bytes after its header (truncated or not an NPY file?)."
+        )
     return shape, fortran, dtype, offset
 
 

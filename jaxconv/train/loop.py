@@ -61,8 +61,20 @@ from .step import (
     standardize,
 )
 
-__all__ = ["MAX_SEED", "Completed", "Config", "Diverged", "FitError", "FitResult", "GradCheckFailed", "Status",
-           "StopTraining", "Stopped", "data_fingerprint", "fit"]
+__all__ = [
+    "MAX_SEED",
+    "Completed",
+    "Config",
+    "Diverged",
+    "FitError",
+    "FitResult",
+    "GradCheckFailed",
+    "Status",
+    "StopTraining",
+    "Stopped",
+    "data_fingerprint",
+    "fit",
+]
 
 #: The largest seed: seeds are stored as uint32 in the PRNG keys and the shuffles.
 MAX_SEED = 2**32 - 1
@@ -173,10 +185,20 @@ class FitResult:
 # --- settings -----------------------------------------------------------------------------------------
 
 #: Config fields whose default is the data set's recipe (:data:`jaxconv.train.RECIPES`), and the recipe's key.
-RECIPE_FIELDS = {"model": "model", "epochs": "epochs", "batch_size": "batch_size", "optimizer": "optimizer",
-                 "lr": "learning_rate", "schedule": "schedule", "warmup_epochs": "warmup_epochs",
-                 "momentum": "momentum", "weight_decay": "weight_decay", "l2": "l2", "val_fraction": "val_fraction",
-                 "augment": "augment"}
+RECIPE_FIELDS = {
+    "model": "model",
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "optimizer": "optimizer",
+    "lr": "learning_rate",
+    "schedule": "schedule",
+    "warmup_epochs": "warmup_epochs",
+    "momentum": "momentum",
+    "weight_decay": "weight_decay",
+    "l2": "l2",
+    "val_fraction": "val_fraction",
+    "augment": "augment",
+}
 
 
 def _flag(name: str) -> str:
@@ -190,16 +212,26 @@ def _bad(name: str, value, requirement: str) -> FitError:
 def _integer(name: str, value, low: int | None, high: int | None = None, optional: bool = False):
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or \
-            (low is not None and value < low) or (high is not None and value > high):
-        bounds = " and ".join(b for b in (f">= {low}" if low is not None else "",
-                                          f"<= {high}" if high is not None else "") if b)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or (low is not None and value < low)
+        or (high is not None and value > high)
+    ):
+        bounds = " and ".join(
+            b for b in (f">= {low}" if low is not None else "", f"<= {high}" if high is not None else "") if b
+        )
         raise _bad(name, value, f"an int {bounds}".rstrip())
 
 
 def _real(name: str, value, *, low: float, low_open: bool = False, high: float | None = None) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating)) \
-        and math.isfinite(value) and (value > low if low_open else value >= low) and (high is None or value < high)
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float, np.integer, np.floating))
+        and math.isfinite(value)
+        and (value > low if low_open else value >= low)
+        and (high is None or value < high)
+    )
     if not ok:
         bounds = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high is not None else "")
         raise _bad(name, value, f"a finite number {bounds}")
@@ -299,8 +331,14 @@ class Config:
         for name in ("epochs", "batch_size", "seed", "devices", "stop_after", "num_processes", "process_id"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, int(getattr(self, name)))
-        reals = {"lr": {"low": 0, "low_open": True}, "warmup_epochs": {"low": 0}, "momentum": {"low": 0, "high": 1},
-                 "weight_decay": {"low": 0}, "l2": {"low": 0}, "val_fraction": {"low": 0, "high": 1}}
+        reals = {
+            "lr": {"low": 0, "low_open": True},
+            "warmup_epochs": {"low": 0},
+            "momentum": {"low": 0, "high": 1},
+            "weight_decay": {"low": 0},
+            "l2": {"low": 0},
+            "val_fraction": {"low": 0, "high": 1},
+        }
         for name, bounds in reals.items():
             object.__setattr__(self, name, _real(name, getattr(self, name), **bounds))
         for name in ("augment", "onednn", "resume", "overwrite", "check_grads", "distributed"):
@@ -320,27 +358,47 @@ class Config:
         if self.resume and self.overwrite:
             raise FitError("--resume and --overwrite exclude each other.", "resume", "overwrite")
         if self.warmup_epochs >= self.epochs:
-            raise FitError(f"--warmup-epochs {self.warmup_epochs} is the whole run ({self.epochs} epochs).",
-                           "warmup_epochs", "epochs")
+            raise FitError(
+                f"--warmup-epochs {self.warmup_epochs} is the whole run ({self.epochs} epochs).",
+                "warmup_epochs",
+                "epochs",
+            )
         if self.dataset != "digits" and self.data_dir is None:
-            raise FitError(f"--dataset {self.dataset} is read from files: name their directory with --data-dir.",
-                           "dataset", "data_dir")
+            raise FitError(
+                f"--dataset {self.dataset} is read from files: name their directory with --data-dir.",
+                "dataset",
+                "data_dir",
+            )
         if self.devices > 1 and self.batch_size % self.devices:
-            raise FitError(f"--batch-size {self.batch_size} must be divisible by --devices {self.devices}.",
-                           "batch_size", "devices")
+            raise FitError(
+                f"--batch-size {self.batch_size} must be divisible by --devices {self.devices}.",
+                "batch_size",
+                "devices",
+            )
         given = [self.coordinator is not None, self.num_processes is not None, self.process_id is not None]
         if any(given) and not all(given):
-            raise FitError("--coordinator, --num-processes and --process-id go together (or give --distributed "
-                           "alone).", "coordinator", "num_processes", "process_id")
+            raise FitError(
+                "--coordinator, --num-processes and --process-id go together (or give --distributed alone).",
+                "coordinator",
+                "num_processes",
+                "process_id",
+            )
         if all(given) and self.process_id >= self.num_processes:
-            raise FitError(f"--process-id {self.process_id} must be less than --num-processes {self.num_processes}.",
-                           "process_id", "num_processes")
+            raise FitError(
+                f"--process-id {self.process_id} must be less than --num-processes {self.num_processes}.",
+                "process_id",
+                "num_processes",
+            )
         if self.several_processes and self.devices != 1:
-            raise FitError("--devices is for one process; with several, the mesh spans every process's devices.",
-                           "devices")
+            raise FitError(
+                "--devices is for one process; with several, the mesh spans every process's devices.", "devices"
+            )
         if self.onednn and (self.devices > 1 or self.several_processes):
-            raise FitError("--onednn runs its kernels as host callbacks on one device: leave out --devices and the "
-                           "several-process options.", "onednn")
+            raise FitError(
+                "--onednn runs its kernels as host callbacks on one device: leave out --devices and the "
+                "several-process options.",
+                "onednn",
+            )
 
     @property
     def several_processes(self) -> bool:
@@ -357,8 +415,21 @@ class Config:
 
 #: Settings a resumed run must share with the checkpoint to continue the same trajectory
 #: (and ``epochs`` too where the learning rate follows a schedule over the whole run).
-_RESUME_KEYS = ("model", "dataset", "batch_size", "optimizer", "learning_rate", "schedule", "warmup_epochs",
-                "momentum", "weight_decay", "l2", "val_fraction", "augment", "seed")
+_RESUME_KEYS = (
+    "model",
+    "dataset",
+    "batch_size",
+    "optimizer",
+    "learning_rate",
+    "schedule",
+    "warmup_epochs",
+    "momentum",
+    "weight_decay",
+    "l2",
+    "val_fraction",
+    "augment",
+    "seed",
+)
 
 #: The extras training needs beyond the core install, by module.
 _TRAIN_EXTRAS = {"sklearn": "scikit-learn", "tqdm": "tqdm", "matplotlib": "matplotlib", "safetensors": "safetensors"}
@@ -386,8 +457,9 @@ def _resumed(ckpt_path, template, settings: dict, stats, fingerprint: dict):
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
         raise ValueError(f"{ckpt_path}: its metadata 'epoch' (={epoch!r}) is not an epoch count (hand-edited?).")
     if not (isinstance(history, list) and len(history) == epoch and all(isinstance(h, dict) for h in history)):
-        raise ValueError(f"{ckpt_path}: its metadata 'history' does not list the {epoch} epochs trained "
-                         f"(hand-edited?).")
+        raise ValueError(
+            f"{ckpt_path}: its metadata 'history' does not list the {epoch} epochs trained (hand-edited?)."
+        )
     keys = _RESUME_KEYS + (("epochs",) if settings["schedule"] != "constant" else ())
     differ = {k: (saved.get(k), settings[k]) for k in keys if saved.get(k) != settings[k]}
     if differ:
@@ -398,14 +470,22 @@ def _resumed(ckpt_path, template, settings: dict, stats, fingerprint: dict):
     if not isinstance(saved_data, dict):
         raise ValueError(f"{ckpt_path}: its metadata has no 'data' fingerprint of the training images (hand-edited?).")
     if saved_data != fingerprint:
-        changed = [f"{key} {saved_data.get(key)!r} then, {fingerprint[key]!r} now" for key in fingerprint
-                   if saved_data.get(key) != fingerprint[key]]
+        changed = [
+            f"{key} {saved_data.get(key)!r} then, {fingerprint[key]!r} now"
+            for key in fingerprint
+            if saved_data.get(key) != fingerprint[key]
+        ]
         problems.append("the same training images (" + "; ".join(changed) + ")")
     saved_stats = meta.get("standardization")
-    if saved_data == fingerprint and saved_stats is not None and \
-            [saved_stats.get("mean"), saved_stats.get("std")] != list(stats):
-        problems.append(f"the same training images (their mean/std were {saved_stats.get('mean')}/"
-                        f"{saved_stats.get('std')}, now {stats[0]}/{stats[1]})")
+    if (
+        saved_data == fingerprint
+        and saved_stats is not None
+        and [saved_stats.get("mean"), saved_stats.get("std")] != list(stats)
+    ):
+        problems.append(
+            f"the same training images (their mean/std were {saved_stats.get('mean')}/"
+            f"{saved_stats.get('std')}, now {stats[0]}/{stats[1]})"
+        )
     if problems:
         raise ValueError(f"{ckpt_path} was written with other settings; --resume needs the same " + "; ".join(problems))
     best = meta.get("best") if isinstance(meta.get("best"), dict) else None
@@ -430,8 +510,9 @@ def _initialize_distributed(config: Config) -> bool:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         if config.coordinator is not None:
-            jax.distributed.initialize(config.coordinator, num_processes=config.num_processes,
-                                       process_id=config.process_id)
+            jax.distributed.initialize(
+                config.coordinator, num_processes=config.num_processes, process_id=config.process_id
+            )
         else:
             jax.distributed.initialize()
     except (RuntimeError, ValueError) as err:
@@ -520,8 +601,10 @@ def fit(config: Config, *, callbacks: Iterable[Callback] = (), verbose: bool = T
     say = _Say(verbose)
     missing = _missing_extras()
     if missing:
-        raise FitError(f"training needs {', '.join(missing)}, not installed: pip install 'jaxconv[train]' "
-                       f"(from a checkout: pip install -e '.[train]').")
+        raise FitError(
+            f"training needs {', '.join(missing)}, not installed: pip install 'jaxconv[train]' "
+            f"(from a checkout: pip install -e '.[train]')."
+        )
     if config.data_dir is not None and not pathlib.Path(config.data_dir).expanduser().is_dir():
         raise FitError(f"--data-dir {str(config.data_dir)!r} does not exist or is not a directory.", "data_dir")
     multi = _initialize_distributed(config)
@@ -555,14 +638,18 @@ def fit(config: Config, *, callbacks: Iterable[Callback] = (), verbose: bool = T
             lock.release(remove_directory=True)  # only if the run left nothing in it (it failed before writing)
 
 
-def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock: rundir.RunLock | None, *,
-           several: bool) -> FitResult:
+def _train(
+    config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock: rundir.RunLock | None, *, several: bool
+) -> FitResult:
     from tqdm import tqdm  # optional extra: train
 
     settings = config.settings()
     # The recipe's fields, which Config.__post_init__ filled in.
-    model, epochs, batch_size = (_filled(config.model, "model"), _filled(config.epochs, "epochs"),
-                                 _filled(config.batch_size, "batch_size"))
+    model, epochs, batch_size = (
+        _filled(config.model, "model"),
+        _filled(config.epochs, "epochs"),
+        _filled(config.batch_size, "batch_size"),
+    )
     val_fraction, l2 = _filled(config.val_fraction, "val_fraction"), _filled(config.l2, "l2")
     writer = jax.process_index() == 0
     ckpt_path, best_path = out / "checkpoint.safetensors", out / "best.safetensors"
@@ -571,12 +658,12 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock:
     except ValueError as err:
         raise FitError(f"--devices {config.devices}: {err}", "devices") from err
     if mesh is not None and batch_size % mesh.size:
-        raise FitError(f"--batch-size {batch_size} must be divisible by the {mesh.size} devices of the mesh.",
-                       "batch_size")
+        raise FitError(
+            f"--batch-size {batch_size} must be divisible by the {mesh.size} devices of the mesh.", "batch_size"
+        )
     try:
         dataset = data.load_dataset(config.dataset, config.data_dir)
-        x_fit, y_fit, x_val_raw, y_val = split_validation(dataset.train_images, dataset.train_labels,
-                                                          val_fraction)
+        x_fit, y_fit, x_val_raw, y_val = split_validation(dataset.train_images, dataset.train_labels, val_fraction)
         stats = standardization(x_fit)
         fingerprint = data_fingerprint(dataset.train_images, dataset.train_labels)
     except (ValueError, OSError) as err:
@@ -601,8 +688,9 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock:
     start_epoch, history, best = 0, [], None
     if config.resume:
         try:
-            state, start_epoch, history, best = _resumed(ckpt_path, {"params": params, "opt_state": opt_state},
-                                                         settings, stats, fingerprint)
+            state, start_epoch, history, best = _resumed(
+                ckpt_path, {"params": params, "opt_state": opt_state}, settings, stats, fingerprint
+            )
         except (ValueError, OSError) as err:
             raise FitError(f"--resume: {err}", "resume") from err
         params, opt_state = state["params"], state["opt_state"]
@@ -620,7 +708,8 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock:
         f"{config.optimizer} lr {config.lr} {config.schedule}, "
         f"{num_devices} x {device.device_kind}"
         + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
-        + f", jax {jax.__version__}" + (f"; resuming after epoch {start_epoch}" if config.resume else "")
+        + f", jax {jax.__version__}"
+        + (f"; resuming after epoch {start_epoch}" if config.resume else "")
     )
 
     if config.check_grads:
@@ -633,11 +722,18 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock:
             sys.stdout.write(table.getvalue())
         say.out(f"--check-grads: {'all rules agree' if ok else 'FAILED'} ({time.perf_counter() - start:.1f} s)")
         if not ok:
-            raise GradCheckFailed("--check-grads found a hand rule that disagrees with jax.grad; not training.",
-                                  table.getvalue())
+            raise GradCheckFailed(
+                "--check-grads found a hand rule that disagrees with jax.grad; not training.", table.getvalue()
+            )
 
-    environment = {"jax_version": jax.__version__, "jaxconv_version": __version__, "platform": device.platform,
-                   "device": device.device_kind, "num_devices": num_devices, "num_processes": jax.process_count()}
+    environment = {
+        "jax_version": jax.__version__,
+        "jaxconv_version": __version__,
+        "platform": device.platform,
+        "device": device.device_kind,
+        "num_devices": num_devices,
+        "num_processes": jax.process_count(),
+    }
     outputs: list[str] = []
 
     def guard():
@@ -651,9 +747,16 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock:
             checkpoint.atomic_write_bytes(out / "metrics.json", strict_json_bytes(record))
 
     def result(status, final_params) -> FitResult:
-        return FitResult(params=final_params, history=list(history),
-                         test_accuracy=history[-1]["test_accuracy"] if history else None, best=best, run_dir=out,
-                         status=status, config=config, outputs=tuple(sorted(set(outputs))))
+        return FitResult(
+            params=final_params,
+            history=list(history),
+            test_accuracy=history[-1]["test_accuracy"] if history else None,
+            best=best,
+            run_dir=out,
+            status=status,
+            config=config,
+            outputs=tuple(sorted(set(outputs))),
+        )
 
     end_epoch = epochs if config.stop_after is None else min(epochs, start_epoch + config.stop_after)
     stop: Stopped | None = None
@@ -664,10 +767,15 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock:
         checked = 0
         diverged = None
 
-        with tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
-                  file=sys.stderr, dynamic_ncols=True, disable=not (writer and say.verbose)) as bar:
-            for i, indices in enumerate(data.epoch_batches(len(y_train), batch_size, seed=config.seed,
-                                                           epoch=epoch)):
+        with tqdm(
+            total=steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{epochs}",
+            unit="batch",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=not (writer and say.verbose),
+        ) as bar:
+            for i, indices in enumerate(data.epoch_batches(len(y_train), batch_size, seed=config.seed, epoch=epoch)):
                 batch: tuple[Any, ...] = (x_train[indices], y_train[indices])
                 if mesh is not None:
                     batch = shard_batch(batch, mesh)
@@ -692,16 +800,24 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock:
         if diverged is not None:
             index, m = diverged
             replacing = lock is not None and bool(lock.previous)
-            kept = (history[-1]["epoch"] if history else start_epoch) if ckpt_path.exists() and not replacing \
-                else None
-            diverged_status = _diverged(config, epoch + 1, index + 1, steps_per_epoch, m, _host(params), kept,
-                                        replacing=replacing)
+            kept = (history[-1]["epoch"] if history else start_epoch) if ckpt_path.exists() and not replacing else None
+            diverged_status = _diverged(
+                config, epoch + 1, index + 1, steps_per_epoch, m, _host(params), kept, replacing=replacing
+            )
             if replacing:  # nothing of this run is kept: the run it was to replace stays as it was
                 return result(diverged_status, _host(epoch_params))
             d = diverged_status
-            write_metrics(stopped={"reason": "diverged", "epoch": d.epoch, "step": d.step, "loss": d.loss,
-                                   "objective": d.objective, "finite_loss": d.finite_loss,
-                                   "finite_params": d.finite_params})
+            write_metrics(
+                stopped={
+                    "reason": "diverged",
+                    "epoch": d.epoch,
+                    "step": d.step,
+                    "loss": d.loss,
+                    "objective": d.objective,
+                    "finite_loss": d.finite_loss,
+                    "finite_params": d.finite_params,
+                }
+            )
             if writer:
                 outputs.append("metrics.json")
             return result(diverged_status, _host(epoch_params))
@@ -725,20 +841,33 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock:
             record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
             improved = best is None or (val["accuracy"], -val["loss"]) > (best["val_accuracy"], -best["val_loss"])
             if improved:
-                best = {"epoch": epoch + 1, "val_accuracy": val["accuracy"], "val_loss": val["loss"],
-                        "test_accuracy": test["accuracy"]}
+                best = {
+                    "epoch": epoch + 1,
+                    "val_accuracy": val["accuracy"],
+                    "val_loss": val["loss"],
+                    "test_accuracy": test["accuracy"],
+                }
         history.append(record)
-        say.err(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}"
-                + (f", validation accuracy {record['val_accuracy']:.2%}" if len(y_val) else "")
-                + f", test loss {test['loss']:.4f}, test accuracy {test['accuracy']:.2%}"
-                + (" (best so far)" if improved else ""))
+        say.err(
+            f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}"
+            + (f", validation accuracy {record['val_accuracy']:.2%}" if len(y_val) else "")
+            + f", test loss {test['loss']:.4f}, test accuracy {test['accuracy']:.2%}"
+            + (" (best so far)" if improved else "")
+        )
         history = json_safe(history)
         meta = {
-            "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "config": settings, "history": history,
+            "epoch": epoch + 1,
+            "step": (epoch + 1) * steps_per_epoch,
+            "config": settings,
+            "history": history,
             "jax_version": jax.__version__,
             # What evaluation and prediction need besides the weights: a checkpoint alone is enough.
-            "model": {"name": model, "num_classes": dataset.num_classes,
-                      "input_shape": list(x_train.shape[1:]), "steps_per_epoch": steps_per_epoch},
+            "model": {
+                "name": model,
+                "num_classes": dataset.num_classes,
+                "input_shape": list(x_train.shape[1:]),
+                "steps_per_epoch": steps_per_epoch,
+            },
             "standardization": {"mean": stats[0], "std": stats[1]},
             "data": fingerprint,
             "best": best,
@@ -773,8 +902,9 @@ def _train(config: Config, out: pathlib.Path, callbacks: tuple, say: _Say, lock:
         say.err(f"stopped by a callback after epoch {stop.epoch} of {epochs}; continue with --resume")
     elif end_epoch < epochs:
         status = Stopped(epoch=end_epoch, epochs=epochs, reason="stop_after")
-        say.err(f"stopped after epoch {end_epoch} of {epochs} (--stop-after {config.stop_after}); "
-                f"continue with --resume")
+        say.err(
+            f"stopped after epoch {end_epoch} of {epochs} (--stop-after {config.stop_after}); continue with --resume"
+        )
     else:
         status = Completed(epochs=epochs)
     if isinstance(status, Stopped):
@@ -810,8 +940,17 @@ def _ask_callbacks(callbacks: tuple, record: dict) -> bool:
     return stop
 
 
-def _diverged(config: Config, epoch: int, step: int, steps_per_epoch: int, m: dict, params,
-              kept: int | None, *, replacing: bool = False) -> Diverged:
+def _diverged(
+    config: Config,
+    epoch: int,
+    step: int,
+    steps_per_epoch: int,
+    m: dict,
+    params,
+    kept: int | None,
+    *,
+    replacing: bool = False,
+) -> Diverged:
     what = []
     bad = tuple(nonfinite_leaves(params)) if not m["finite_params"] else ()
     if not m["finite_loss"]:
@@ -822,9 +961,19 @@ def _diverged(config: Config, epoch: int, step: int, steps_per_epoch: int, m: di
     ckpt_note = f"{ckpt_path} is kept as it was, at epoch {kept}" if kept is not None else "no checkpoint was written"
     if replacing:
         ckpt_note += f" and the run in {config.out} that --overwrite was to replace is kept as it was"
-    message = (f"training diverged at epoch {epoch}, step {step} of {steps_per_epoch}: {' and '.join(what)}. "
-               f"Stopped; {ckpt_note}. Try a smaller --lr (now {config.lr}).")
-    return Diverged(epoch=epoch, step=step, steps_per_epoch=steps_per_epoch, loss=float(m["loss"]),
-                    objective=float(m["objective"]), finite_loss=bool(m["finite_loss"]),
-                    finite_params=bool(m["finite_params"]), nonfinite_params=bad,
-                    checkpoint_epoch=kept, message=message)
+    message = (
+        f"training diverged at epoch {epoch}, step {step} of {steps_per_epoch}: {' and '.join(what)}. "
+        f"Stopped; {ckpt_note}. Try a smaller --lr (now {config.lr})."
+    )
+    return Diverged(
+        epoch=epoch,
+        step=step,
+        steps_per_epoch=steps_per_epoch,
+        loss=float(m["loss"]),
+        objective=float(m["objective"]),
+        finite_loss=bool(m["finite_loss"]),
+        finite_params=bool(m["finite_params"]),
+        nonfinite_params=bad,
+        checkpoint_epoch=kept,
+        message=message,
+    )

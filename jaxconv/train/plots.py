@@ -146,8 +146,15 @@ def plot_confusion(matrix, path, *, title: str = "", class_names: Sequence[str] 
     high = matrix.max() if matrix.size else 0
     for i in range(k):
         for j in range(k):
-            ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=8,
-                    color="white" if high and matrix[i, j] > high / 2 else "black")
+            ax.text(
+                j,
+                i,
+                str(int(matrix[i, j])),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if high and matrix[i, j] > high / 2 else "black",
+            )
     ax.set_xticks(range(k), names)
     ax.set_yticks(range(k), names)
     ax.set_xlabel("predicted class")

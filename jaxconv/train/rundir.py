@@ -49,8 +49,15 @@ import tempfile
 __all__ = ["LOCK_NAME", "OUTPUTS", "REPLACED_PREFIX", "RunDirError", "RunLock", "open_run"]
 
 #: The files a run writes into its directory; any of them marks the directory as holding a run.
-OUTPUTS = ("checkpoint.safetensors", "best.safetensors", "metrics.json", "curves.png", "filters.png",
-           "confusion-test.png", "confusion-train.png")
+OUTPUTS = (
+    "checkpoint.safetensors",
+    "best.safetensors",
+    "metrics.json",
+    "curves.png",
+    "filters.png",
+    "confusion-test.png",
+    "confusion-train.png",
+)
 
 #: The lock file's name inside the run directory.
 LOCK_NAME = ".jaxconv.lock"
@@ -76,8 +83,9 @@ class RunLock:
     created in its place.
     """
 
-    def __init__(self, directory: pathlib.Path, fd: int, stale_pid: int | None, created: bool,
-                 dir_fd: int | None = None):
+    def __init__(
+        self, directory: pathlib.Path, fd: int, stale_pid: int | None, created: bool, dir_fd: int | None = None
+    ):
         self.directory = directory
         self.path = directory / LOCK_NAME
         self.stale_pid = stale_pid
@@ -99,14 +107,16 @@ class RunLock:
         try:
             aside = pathlib.Path(tempfile.mkdtemp(prefix=REPLACED_PREFIX, dir=self.directory))
         except OSError as err:
-            raise RunDirError(f"--overwrite: cannot set the previous run aside in {str(self.directory)!r}: "
-                              f"{_reason(err)}.") from err
+            raise RunDirError(
+                f"--overwrite: cannot set the previous run aside in {str(self.directory)!r}: {_reason(err)}."
+            ) from err
         try:  # what is being moved, for a later open_run() if this process is killed midway
             (aside / _MANIFEST).write_text("".join(f"{name}\n" for name in self.previous))
         except OSError as err:
             shutil.rmtree(aside, ignore_errors=True)
-            raise RunDirError(f"--overwrite: cannot set the previous run aside in {str(self.directory)!r}: "
-                              f"{_reason(err)}.") from err
+            raise RunDirError(
+                f"--overwrite: cannot set the previous run aside in {str(self.directory)!r}: {_reason(err)}."
+            ) from err
         # From here on restore_previous() (called however the run ends) can put back what was moved.
         self._aside = aside
         # The checkpoint first: a process killed in between leaves no checkpoint in the run directory, which
@@ -116,8 +126,9 @@ class RunLock:
                 os.replace(self.directory / name, aside / name)
             except OSError as err:
                 self.restore_previous()
-                raise RunDirError(f"--overwrite: cannot move {str(self.directory / name)!r} aside: "
-                                  f"{_reason(err)}.") from err
+                raise RunDirError(
+                    f"--overwrite: cannot move {str(self.directory / name)!r} aside: {_reason(err)}."
+                ) from err
 
     def restore_previous(self) -> None:
         """Put the replaced run's outputs back (over anything the new run wrote under their names) and
@@ -152,20 +163,25 @@ class RunLock:
         try:
             os.stat(self.directory, follow_symlinks=False)
         except FileNotFoundError:
-            raise RunDirError(f"{where} was removed or renamed while the run was using it; nothing more is "
-                              f"written.") from None
+            raise RunDirError(
+                f"{where} was removed or renamed while the run was using it; nothing more is written."
+            ) from None
         except OSError as err:
             raise RunDirError(f"{where} cannot be checked: {_reason(err)}.") from err
         if not self._same_directory():
-            raise RunDirError(f"{where} was replaced by another directory (or file) while the run was using it "
-                              f"(it was removed or renamed and the path made again); nothing more is written.")
+            raise RunDirError(
+                f"{where} was replaced by another directory (or file) while the run was using it "
+                f"(it was removed or renamed and the path made again); nothing more is written."
+            )
         try:
             lock_info = os.stat(self.path, follow_symlinks=False)
         except OSError:
             lock_info = None
         if lock_info is None or not os.path.samestat(lock_info, os.fstat(self._fd)):
-            raise RunDirError(f"the lock file {self.path} was removed or replaced while the run held it; another "
-                              f"process may be using {where}.")
+            raise RunDirError(
+                f"the lock file {self.path} was removed or replaced while the run held it; another "
+                f"process may be using {where}."
+            )
 
     def stale_note(self) -> str | None:
         """A note for the user on the stale lock file taken over (``None`` if it was not stale)."""
@@ -175,8 +191,10 @@ class RunLock:
         head = f"{self.path} was left by process {pid}"
         tail = f"the lock is stale and now held by process {os.getpid()}."
         if _pid_alive(pid):
-            return (f"{head}, which no longer holds it (a process {pid} is running now: the pid was reused, or the "
-                    f"holder runs on another machine or in another container and released its lock); {tail}")
+            return (
+                f"{head}, which no longer holds it (a process {pid} is running now: the pid was reused, or the "
+                f"holder runs on another machine or in another container and released its lock); {tail}"
+            )
         return f"{head}, which ended without releasing it (killed?); {tail}"
 
     def release(self, *, remove_directory: bool = False) -> bool:
@@ -280,11 +298,15 @@ def _make_directory(directory: pathlib.Path) -> bool:
     if os.path.islink(directory):
         target = os.readlink(directory)
         if not directory.exists():
-            raise RunDirError(f"{str(directory)!r} is a symbolic link to {target!r}, which does not exist (a "
-                              f"dangling link); the run directory is not created through it. Remove the link or "
-                              f"choose another --out.")
-        raise RunDirError(f"{str(directory)!r} is a symbolic link (to {target!r}); a run directory is not used "
-                          f"through a link: name the directory itself.")
+            raise RunDirError(
+                f"{str(directory)!r} is a symbolic link to {target!r}, which does not exist (a "
+                f"dangling link); the run directory is not created through it. Remove the link or "
+                f"choose another --out."
+            )
+        raise RunDirError(
+            f"{str(directory)!r} is a symbolic link (to {target!r}); a run directory is not used "
+            f"through a link: name the directory itself."
+        )
     if directory.exists() and not directory.is_dir():
         raise RunDirError(f"{str(directory)!r} exists and is not a directory.")
     existed = directory.is_dir()
@@ -302,8 +324,9 @@ def _open_directory(directory: pathlib.Path) -> int:
         return os.open(directory, flags)
     except OSError as err:
         if os.path.islink(directory):
-            raise RunDirError(f"{str(directory)!r} became a symbolic link; a run directory is not used through a "
-                              f"link.") from err
+            raise RunDirError(
+                f"{str(directory)!r} became a symbolic link; a run directory is not used through a link."
+            ) from err
         raise RunDirError(f"cannot open the run directory {str(directory)!r}: {_reason(err)}.") from err
 
 
@@ -326,15 +349,18 @@ def _open_lock_file(directory: pathlib.Path, dir_fd: int) -> int:
         except OSError:
             planted = False
         if planted:
-            raise RunDirError(f"the lock file {path} is a symbolic link; it is not followed (it could make the run "
-                              f"overwrite the file it points to). Remove it if you made it, and look into who did "
-                              f"if you did not.") from err
+            raise RunDirError(
+                f"the lock file {path} is a symbolic link; it is not followed (it could make the run "
+                f"overwrite the file it points to). Remove it if you made it, and look into who did "
+                f"if you did not."
+            ) from err
         raise RunDirError(f"cannot write in the run directory {str(directory)!r}: {_reason(err)}.") from err
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
-        raise RunDirError(f"the lock file {path} is not a regular file; remove it (it is not something this program "
-                          f"wrote).")
+        raise RunDirError(
+            f"the lock file {path} is not a regular file; remove it (it is not something this program wrote)."
+        )
     return fd
 
 

@@ -193,7 +193,9 @@ def make_schedule(learning_rate: float, schedule: str = "constant", *, total_ste
         main = optax.cosine_decay_schedule(learning_rate, rest)
     else:
         main = optax.piecewise_constant_schedule(
-            learning_rate, {max(1, total_steps // 2 - warmup_steps): 0.1, max(2, (3 * total_steps) // 4 - warmup_steps): 0.1})
+            learning_rate,
+            {max(1, total_steps // 2 - warmup_steps): 0.1, max(2, (3 * total_steps) // 4 - warmup_steps): 0.1},
+        )
     if warmup_steps == 0:
         return main
     warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
@@ -336,8 +338,14 @@ def _check_divisible(n: int, mesh: Mesh):
         )
 
 
-def make_train_step(apply_fun: Callable, optimizer: optax.GradientTransformation, *, l2=0.0, mesh: Mesh | None = None,
-                    augment: Callable | None = None):
+def make_train_step(
+    apply_fun: Callable,
+    optimizer: optax.GradientTransformation,
+    *,
+    l2=0.0,
+    mesh: Mesh | None = None,
+    augment: Callable | None = None,
+):
     """A jitted, pure training step ``step(params, opt_state, batch) -> (params, opt_state, metrics)``.
 
     Args:
@@ -414,16 +422,22 @@ def make_train_step(apply_fun: Callable, optimizer: optax.GradientTransformation
 
 def all_finite(tree):
     """A 0-d bool array: every floating leaf of ``tree`` is free of NaN and infinity."""
-    flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
-             if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+    flags = [
+        jnp.all(jnp.isfinite(leaf))
+        for leaf in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+    ]
     return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
 
 
 def nonfinite_leaves(tree) -> list[str]:
     """The key paths (``jax.tree_util.keystr``) of the leaves of ``tree`` that hold a NaN or an infinity."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [jax.tree_util.keystr(path) for path, leaf in leaves
-            if np.issubdtype(np.asarray(leaf).dtype, np.inexact) and not np.all(np.isfinite(np.asarray(leaf)))]
+    return [
+        jax.tree_util.keystr(path)
+        for path, leaf in leaves
+        if np.issubdtype(np.asarray(leaf).dtype, np.inexact) and not np.all(np.isfinite(np.asarray(leaf)))
+    ]
 
 
 def evaluate(apply_fun: Callable, params, images, labels, *, batch_size: int = 512) -> dict:

@@ -54,8 +54,7 @@ __all__ = ["MAX_IMAGES", "digit_variants", "write_cifar_like", "write_mnist_like
 #: The most images per split the writers make (memory grows with it; MNIST has 60000 training images).
 MAX_IMAGES = 100_000
 
-MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-               "t10k-labels-idx1-ubyte")
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 CIFAR_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6)) + ("test_batch.bin",)
 
 
@@ -64,20 +63,28 @@ def _check_counts(num_train, num_test, low_train: int) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise TypeError(f"`{name}` (={value!r}) must be an integer.")
         if not low <= value <= MAX_IMAGES:
-            raise ValueError(f"`{name}` (={value}) must lie in [{low}, {MAX_IMAGES}] (MNIST has 60000 training "
-                             f"images; more would only take memory and disk).")
+            raise ValueError(
+                f"`{name}` (={value}) must lie in [{low}, {MAX_IMAGES}] (MNIST has 60000 training "
+                f"images; more would only take memory and disk)."
+            )
 
 
 def _prepare_directory(directory) -> pathlib.Path:
     """``directory`` as a Path, created if missing; clear errors for a file or a dangling link there."""
     directory = pathlib.Path(directory)
     if os.path.islink(directory) and not directory.exists():
-        raise FileNotFoundError(errno.ENOENT, f"{str(directory)!r} is a symbolic link to "
-                                              f"{os.readlink(directory)!r}, which does not exist (a dangling link); "
-                                              f"nothing is written through it.")
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"{str(directory)!r} is a symbolic link to "
+            f"{os.readlink(directory)!r}, which does not exist (a dangling link); "
+            f"nothing is written through it.",
+        )
     if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, f"{str(directory)!r} exists and is not a directory: name a directory "
-                                                f"to write the files into (it is created if missing).")
+        raise NotADirectoryError(
+            errno.ENOTDIR,
+            f"{str(directory)!r} exists and is not a directory: name a directory "
+            f"to write the files into (it is created if missing).",
+        )
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -89,9 +96,12 @@ def _refuse_existing(directory: pathlib.Path, names) -> None:
     """``FileExistsError`` if any of ``names`` (or its ``.gz``) is in ``directory`` (a link too)."""
     taken = [n for name in names for n in (name, name + ".gz") if os.path.lexists(directory / n)]
     if taken:
-        raise FileExistsError(errno.EEXIST, f"{str(directory)!r} already holds {', '.join(taken)}; nothing was "
-                                            f"written (these files are never overwritten, and a raw file beside a "
-                                            f".gz one would hide it from the loader). Choose an empty directory.")
+        raise FileExistsError(
+            errno.EEXIST,
+            f"{str(directory)!r} already holds {', '.join(taken)}; nothing was "
+            f"written (these files are never overwritten, and a raw file beside a "
+            f".gz one would hide it from the loader). Choose an empty directory.",
+        )
 
 
 def _write_new_files(directory: pathlib.Path, contents: dict[str, bytes]) -> None:
@@ -125,8 +135,10 @@ def _write_new(path: pathlib.Path, data: bytes) -> None:
         try:
             os.link(tmp, path, follow_symlinks=False)
         except FileExistsError:
-            raise FileExistsError(errno.EEXIST, f"{str(path)!r} appeared while the data was written; it is not "
-                                                f"overwritten and nothing was written.") from None
+            raise FileExistsError(
+                errno.EEXIST,
+                f"{str(path)!r} appeared while the data was written; it is not overwritten and nothing was written.",
+            ) from None
         except OSError as err:
             if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
                 raise
@@ -172,8 +184,17 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
     return rows[:, lo] * (1 - frac)[None, :] + rows[:, hi] * frac[None, :]
 
 
-def digit_variants(images: np.ndarray, labels: np.ndarray, count: int, *, frame: int, sizes: tuple[int, int],
-                   shift: float, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def digit_variants(
+    images: np.ndarray,
+    labels: np.ndarray,
+    count: int,
+    *,
+    frame: int,
+    sizes: tuple[int, int],
+    shift: float,
+    noise: float,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """``count`` digits in ``[0, 1]``, ``(count, frame, frame)``, each a random source image resampled to a
     random size in ``sizes``, placed off the frame's centre by up to ``shift`` pixels each way, plus
     Gaussian noise of standard deviation ``noise``."""
@@ -206,8 +227,9 @@ def _idx_bytes(array: np.ndarray, *, compress: bool) -> bytes:
     return gzip.compress(data, mtime=0) if compress else data
 
 
-def write_mnist_like(directory, *, num_train: int = 4000, num_test: int = 1000, seed: int = 0,
-                     compress: bool = False) -> pathlib.Path:
+def write_mnist_like(
+    directory, *, num_train: int = 4000, num_test: int = 1000, seed: int = 0, compress: bool = False
+) -> pathlib.Path:
     """Write MNIST-format (IDX) 28x28 digits to ``directory``: ``train-images-idx3-ubyte`` and the other three.
 
     ``compress=True`` writes ``.gz`` files, as MNIST is distributed.  Returns the directory.
@@ -220,9 +242,13 @@ def write_mnist_like(directory, *, num_train: int = 4000, num_test: int = 1000, 
     (train_x, train_y), (test_x, test_y) = _digits_splits()
     contents = {}
     suffix = ".gz" if compress else ""
-    for prefix, (x, y), count, stream in (("train", (train_x, train_y), num_train, 0),
-                                          ("t10k", (test_x, test_y), num_test, 1)):
-        images, labels = digit_variants(x, y, count, frame=28, sizes=(16, 22), shift=3, noise=0.08, seed=seed * 2 + stream)
+    for prefix, (x, y), count, stream in (
+        ("train", (train_x, train_y), num_train, 0),
+        ("t10k", (test_x, test_y), num_test, 1),
+    ):
+        images, labels = digit_variants(
+            x, y, count, frame=28, sizes=(16, 22), shift=3, noise=0.08, seed=seed * 2 + stream
+        )
         contents[f"{prefix}-images-idx3-ubyte{suffix}"] = _idx_bytes(_to_bytes(images), compress=compress)
         contents[f"{prefix}-labels-idx1-ubyte{suffix}"] = _idx_bytes(labels, compress=compress)
     _write_new_files(directory, contents)

@@ -61,42 +61,85 @@ class UsageError(Exception):
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register the ``check`` subcommand on ``subparsers`` (``set_defaults(func=run)``, ``run`` returns the exit code)."""
+    """Register the ``check`` subcommand on ``subparsers`` (``set_defaults(func=run)``; ``run`` gives the exit code)."""
     p = subparsers.add_parser(
-        "check", help="check a custom_vjp/custom_jvp rule of your own (no test needed)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "check",
+        help="check a custom_vjp/custom_jvp rule of your own (no test needed)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_arguments(p)
     p.set_defaults(func=run)
     return p
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", metavar="MODULE:FUNCTION",
-                   help="the rule: an importable module (current directory and PYTHONPATH are searched) or a .py "
-                        "file, a colon, and the function's name (dotted for attributes)")
-    p.add_argument("--arg", action="append", default=[], metavar="NAME=SHAPE[:VALUES]",
-                   help="an array argument, e.g. x=2,7,7,3 or labels=4:int:0:10 (repeatable)")
-    p.add_argument("--static", action="append", default=[], metavar="NAME=VALUE",
-                   help="a fixed non-array argument, a Python literal, e.g. stride=2 or padding='SAME' (repeatable)")
-    p.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE|LO-HI",
-                   help="the size (or, with --sweep, the range) of a named dimension used in --arg (repeatable)")
-    p.add_argument("--choices", action="append", default=[], metavar="NAME=V1,V2,...",
-                   help="with --sweep: an argument drawn from these literals per example (repeatable)")
-    p.add_argument("--ref", metavar="MODULE:FUNCTION",
-                   help="compare with this reference (check_vjp) instead of the rule's own primal; needed for a "
-                        "plain function")
-    p.add_argument("--dtype", default="float64", choices=("float64", "float32", "bfloat16", "float16"),
-                   help="the dtype the rule is used in: float32/bfloat16/float16 add checks of the rule in that "
-                        "dtype against its float64 evaluation (default: float64 only)")
-    p.add_argument("--sweep", type=_positive_int, metavar="N",
-                   help="draw N configurations (hypothesis) and shrink a failure to the smallest one")
+    p.add_argument(
+        "target",
+        metavar="MODULE:FUNCTION",
+        help="the rule: an importable module (current directory and PYTHONPATH are searched) or a .py "
+        "file, a colon, and the function's name (dotted for attributes)",
+    )
+    p.add_argument(
+        "--arg",
+        action="append",
+        default=[],
+        metavar="NAME=SHAPE[:VALUES]",
+        help="an array argument, e.g. x=2,7,7,3 or labels=4:int:0:10 (repeatable)",
+    )
+    p.add_argument(
+        "--static",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a fixed non-array argument, a Python literal, e.g. stride=2 or padding='SAME' (repeatable)",
+    )
+    p.add_argument(
+        "--dim",
+        action="append",
+        default=[],
+        metavar="NAME=SIZE|LO-HI",
+        help="the size (or, with --sweep, the range) of a named dimension used in --arg (repeatable)",
+    )
+    p.add_argument(
+        "--choices",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2,...",
+        help="with --sweep: an argument drawn from these literals per example (repeatable)",
+    )
+    p.add_argument(
+        "--ref",
+        metavar="MODULE:FUNCTION",
+        help="compare with this reference (check_vjp) instead of the rule's own primal; needed for a plain function",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float64",
+        choices=("float64", "float32", "bfloat16", "float16"),
+        help="the dtype the rule is used in: float32/bfloat16/float16 add checks of the rule in that "
+        "dtype against its float64 evaluation (default: float64 only)",
+    )
+    p.add_argument(
+        "--sweep",
+        type=_positive_int,
+        metavar="N",
+        help="draw N configurations (hypothesis) and shrink a failure to the smallest one",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the values (and of the sweep)")
     p.add_argument("--rtol", type=_tolerance, help="tolerance of the float64 comparisons (default 1e-12)")
     p.add_argument("--no-second-order", action="store_true", help="skip the grad-of-grad check")
-    p.add_argument("--no-finite-differences", action="store_true",
-                   help="skip the central differences (they still run where they are the only oracle)")
-    p.add_argument("--max-residual-ratio", type=_tolerance, metavar="R",
-                   help="fail when the rule saves more than R times the bytes autodiff of the primal saves")
+    p.add_argument(
+        "--no-finite-differences",
+        action="store_true",
+        help="skip the central differences (they still run where they are the only oracle)",
+    )
+    p.add_argument(
+        "--max-residual-ratio",
+        type=_tolerance,
+        metavar="R",
+        help="fail when the rule saves more than R times the bytes autodiff of the primal saves",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
@@ -123,8 +166,9 @@ def _positive_int(text: str) -> int:
 
 def main(argv=None) -> int:
     """``python -m jaxconv check`` on its own: ``argv`` are the words after ``check``; returns the exit status."""
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     _add_arguments(parser)
     try:
         args = parser.parse_args(argv)
@@ -223,8 +267,9 @@ def load(target: str):
         if not path.is_file():
             raise UsageError(f"{target!r}: no file {module_part}")
         if path.suffix != ".py":
-            raise UsageError(f"{target!r}: {module_part} is not a Python source file (.py); name a .py file or an "
-                             f"importable module")
+            raise UsageError(
+                f"{target!r}: {module_part} is not a Python source file (.py); name a .py file or an importable module"
+            )
         name = path.stem
         spec = importlib.util.spec_from_file_location(name, path)
         if spec is None or spec.loader is None:
@@ -250,8 +295,10 @@ def load(target: str):
         except SystemExit as exc:
             raise UsageError(_exited(module_part, exc)) from None
         except Exception as exc:
-            raise UsageError(f"importing {module_part!r} failed: {type(exc).__name__}: {exc} "
-                             f"(the current directory and PYTHONPATH are searched)") from exc
+            raise UsageError(
+                f"importing {module_part!r} failed: {type(exc).__name__}: {exc} "
+                f"(the current directory and PYTHONPATH are searched)"
+            ) from exc
     obj = module
     for part in attr.split("."):
         try:
@@ -264,8 +311,10 @@ def load(target: str):
 
 
 def _exited(module: str, exc: SystemExit) -> str:
-    return (f"importing {module} called sys.exit({exc.code!r}) (a script's main code not under "
-            f"`if __name__ == \"__main__\":`?); nothing was checked")
+    return (
+        f"importing {module} called sys.exit({exc.code!r}) (a script's main code not under "
+        f'`if __name__ == "__main__":`?); nothing was checked'
+    )
 
 
 # --- running ---------------------------------------------------------------------------------
@@ -303,13 +352,20 @@ def _description(args):
     used = {d for spec in description.values() if isinstance(spec, Array) for d in spec.names}
     missing = sorted(used - set(dims))
     if missing:
-        raise UsageError(f"dimension(s) {missing} need a size: --dim {missing[0]}=" + ("1-4" if not fixed_only else "3"))
+        raise UsageError(
+            f"dimension(s) {missing} need a size: --dim {missing[0]}=" + ("1-4" if not fixed_only else "3")
+        )
     _check_sizes(description, dims)
     if fixed_only:
         ranged = sorted(n for n, v in dims.items() if isinstance(v, tuple))
-        if ranged or choices or any(isinstance(d, tuple) for spec in description.values()
-                                    if isinstance(spec, Array) for d in spec.shape):
-            raise UsageError("ranges and --choices need --sweep N" + (f" (ranged: {', '.join(ranged)})" if ranged else ""))
+        if (
+            ranged
+            or choices
+            or any(isinstance(d, tuple) for spec in description.values() if isinstance(spec, Array) for d in spec.shape)
+        ):
+            raise UsageError(
+                "ranges and --choices need --sweep N" + (f" (ranged: {', '.join(ranged)})" if ranged else "")
+            )
     return description, dims, choices
 
 
@@ -324,9 +380,11 @@ def _check_sizes(description, dims) -> None:
         if isinstance(spec, Array):
             count = math.prod(high(d) for d in spec.shape)
             if count > MAX_ELEMENTS:
-                raise UsageError(f"--arg {name}: {count} elements (at its largest), more than the {MAX_ELEMENTS} a "
-                                 f"check can take (each check runs the rule several times in float64); use smaller "
-                                 f"sizes: a rule that holds on small arrays holds on large ones")
+                raise UsageError(
+                    f"--arg {name}: {count} elements (at its largest), more than the {MAX_ELEMENTS} a "
+                    f"check can take (each check runs the rule several times in float64); use smaller "
+                    f"sizes: a rule that holds on small arrays holds on large ones"
+                )
 
 
 def _keyword_only(ref, description, choices):
@@ -341,12 +399,16 @@ def _keyword_only(ref, description, choices):
     drawn = sorted(keyword & set(choices))
     if drawn:
         name = drawn[0]
-        raise UsageError(f"--choices {name}: {name} is a keyword-only parameter of the reference, which a sweep "
-                         f"cannot draw; make it positional or give it with --static")
+        raise UsageError(
+            f"--choices {name}: {name} is a keyword-only parameter of the reference, which a sweep "
+            f"cannot draw; make it positional or give it with --static"
+        )
     for name in sorted(keyword & set(description)):
         if isinstance(description[name], Array):
-            raise UsageError(f"--arg {name}: {name} is a keyword-only parameter of the reference; the checker "
-                             f"differentiates arguments by position: make it positional")
+            raise UsageError(
+                f"--arg {name}: {name} is a keyword-only parameter of the reference; the checker "
+                f"differentiates arguments by position: make it positional"
+            )
     statics = {n: description[n] for n in description if n in keyword}
     return statics, {n: v for n, v in description.items() if n not in keyword}
 
@@ -356,12 +418,16 @@ def _with_statics(reproducer: str, originals, statics: dict) -> str:
 
     (f_import, f_name), (ref_import, ref_name) = (_import_line(g) for g in originals)
     keywords = ", ".join(f"{k}={v!r}" for k, v in statics.items())
-    lines = [line for line in reproducer.splitlines() if not line.startswith("# f: define or import it here (it is "
-                                                                            "functools.")]
+    lines = [
+        line
+        for line in reproducer.splitlines()
+        if not line.startswith("# f: define or import it here (it is functools.")
+    ]
     at = next((i + 1 for i, line in enumerate(lines) if line.startswith("from jaxconv.verify import check_vjp")), 0)
     lines[at:at] = ["from functools import partial", *dict.fromkeys((f_import, ref_import))]
-    return "\n".join(lines).replace("check_vjp(f, f, ", f"check_vjp(partial({f_name}, {keywords}), "
-                                                        f"partial({ref_name}, {keywords}), ", 1)
+    return "\n".join(lines).replace(
+        "check_vjp(f, f, ", f"check_vjp(partial({f_name}, {keywords}), partial({ref_name}, {keywords}), ", 1
+    )
 
 
 def _nothing_to_check(f, named: dict) -> str | None:
@@ -383,8 +449,14 @@ def _lowest(description, dims, choices, seed):
     """The arguments at the low end of every range and the first of every choice (a sweep's smallest)."""
 
     low = {n: (v[0] if isinstance(v, tuple) else v) for n, v in dims.items()}
-    fixed = {n: (Array(tuple(d[0] if isinstance(d, tuple) else d for d in v.shape), v.values, v.dtype)
-                 if isinstance(v, Array) else v) for n, v in description.items()}
+    fixed = {
+        n: (
+            Array(tuple(d[0] if isinstance(d, tuple) else d for d in v.shape), v.values, v.dtype)
+            if isinstance(v, Array)
+            else v
+        )
+        for n, v in description.items()
+    }
     named = _fixed_arguments(fixed, low, seed)
     return {**named, **{n: v[0] for n, v in choices.items()}}
 
@@ -435,8 +507,9 @@ def _run(args) -> int:
     label = getattr(f, "__name__", None)
     statics, originals = {}, (f, ref)
     if ref is not None:
-        options = {k: v for k, v in options.items() if k in ("seed", "dtype", "rtol", "second_order",
-                                                              "finite_differences")}
+        options = {
+            k: v for k, v in options.items() if k in ("seed", "dtype", "rtol", "second_order", "finite_differences")
+        }
         # Keyword-only statics reach both functions (the checker passes the others by position).
         statics, description = _keyword_only(ref, description, choices)
         if statics:
@@ -445,8 +518,16 @@ def _run(args) -> int:
     if empty is not None:
         message = f"{args.target} {empty}"
         if args.json:
-            print(json.dumps({"target": args.target, "mode": "sweep" if args.sweep is not None else "check",
-                              "passed": False, "error": message}))
+            print(
+                json.dumps(
+                    {
+                        "target": args.target,
+                        "mode": "sweep" if args.sweep is not None else "check",
+                        "passed": False,
+                        "error": message,
+                    }
+                )
+            )
         else:
             print(f"{PROG}: FAILED: {message}")
         return EXIT_FAILED
@@ -458,16 +539,28 @@ def _run(args) -> int:
             raise UsageError(str(exc)) from exc
         description = {**description, **{n: st.sampled_from(v) for n, v in choices.items()}}
         try:
-            result = sweep(f, description, dims=dims, ref=ref, examples=args.sweep, seed=args.seed,
-                           stream=None, **{k: v for k, v in options.items() if k != "seed"},
-                           **({"name": label} if label and isinstance(f, functools.partial) else {}))
+            result = sweep(
+                f,
+                description,
+                dims=dims,
+                ref=ref,
+                examples=args.sweep,
+                seed=args.seed,
+                stream=None,
+                **{k: v for k, v in options.items() if k != "seed"},
+                **({"name": label} if label and isinstance(f, functools.partial) else {}),
+            )
         except (TypeError, ValueError) as exc:
             raise UsageError(str(exc)) from exc
         if statics and not result.passed:
             result = dataclasses.replace(result, reproducer=_with_statics(result.reproducer, originals, statics))
         if args.json:
-            print(json.dumps({"target": args.target, "mode": "sweep", "passed": result.passed,
-                              "sweep": result.to_dict()}, allow_nan=False))
+            print(
+                json.dumps(
+                    {"target": args.target, "mode": "sweep", "passed": result.passed, "sweep": result.to_dict()},
+                    allow_nan=False,
+                )
+            )
         else:
             print(result)
         return EXIT_OK if result.passed else EXIT_FAILED
@@ -486,13 +579,25 @@ def _run(args) -> int:
     except TypeError as exc:
         raise UsageError(str(exc) + ("" if ref is not None else " (or pass --ref MODULE:FUNCTION)")) from exc
     except Exception as exc:  # noqa: BLE001 - the function rejected these arguments
-        raise UsageError(f"{args.target} cannot be evaluated at these arguments: {type(exc).__name__}: "
-                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+        raise UsageError(
+            f"{args.target} cannot be evaluated at these arguments: {type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        ) from exc
     if args.json:
-        print(json.dumps({"target": args.target, "mode": "check", "passed": report.passed,
-                          "arguments": {k: list(getattr(v, "shape", ())) if hasattr(v, "shape") else repr(v)
-                                        for k, v in named.items()},
-                          "report": report.to_dict()}, allow_nan=False))
+        print(
+            json.dumps(
+                {
+                    "target": args.target,
+                    "mode": "check",
+                    "passed": report.passed,
+                    "arguments": {
+                        k: list(getattr(v, "shape", ())) if hasattr(v, "shape") else repr(v) for k, v in named.items()
+                    },
+                    "report": report.to_dict(),
+                },
+                allow_nan=False,
+            )
+        )
     else:
         print(report)
         print("all checks passed" if report.passed else report.failure_message(table=False))

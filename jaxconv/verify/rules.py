@@ -124,8 +124,10 @@ class Check:
         where = f" at index {self.where}" if self.where is not None else ""
         if self.output is not None:
             where += f" of {self.output}"
-        line = (f"{self.kind}: {subject}: relative error {self.rel:.3e} > {self.tol:.2g} "
-                f"(max abs error {self.max_abs:.3e}{where}")
+        line = (
+            f"{self.kind}: {subject}: relative error {self.rel:.3e} > {self.tol:.2g} "
+            f"(max abs error {self.max_abs:.3e}{where}"
+        )
         if self.actual is not None and self.expected is not None:
             line += f"; rule gives {self.actual:.10g}, {self.against or 'reference'} gives {self.expected:.10g}"
         line += ")"
@@ -199,8 +201,10 @@ class ResidualAudit:
         ad = self.autodiff_bytes
         if self.autodiff is None or ad is None:
             return f"the rule saves {_bytes(self.rule_bytes)} in {len(self.rule)} residuals (no autodiff to compare)"
-        line = (f"the rule saves {_bytes(self.rule_bytes)} in {len(self.rule)} residuals, autodiff of the primal "
-                f"{_bytes(ad)} in {len(self.autodiff)}")
+        line = (
+            f"the rule saves {_bytes(self.rule_bytes)} in {len(self.rule)} residuals, autodiff of the primal "
+            f"{_bytes(ad)} in {len(self.autodiff)}"
+        )
         if self.saves_more:
             line = "FLAG: " + line + f": the rule saves {self.ratio:.2f}x as much"
         if not self.passed:
@@ -209,8 +213,11 @@ class ResidualAudit:
 
     def __str__(self) -> str:
         lines = ["residuals: " + self.summary()]
-        rows = [(who, f"{r.dtype}{list(r.shape)}", _bytes(r.nbytes), r.source)
-                for who, residuals in (("rule", self.rule), ("autodiff", self.autodiff)) for r in residuals or []]
+        rows = [
+            (who, f"{r.dtype}{list(r.shape)}", _bytes(r.nbytes), r.source)
+            for who, residuals in (("rule", self.rule), ("autodiff", self.autodiff))
+            for r in residuals or []
+        ]
         width = max((len(row[1]) for row in rows), default=0)
         for who, array, size, source in rows:
             lines.append(f"  {who:<8}  {array:<{width}}  {size:>9}  {source}")
@@ -219,17 +226,19 @@ class ResidualAudit:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return json_safe({
-            "rule": [dataclasses.asdict(r) for r in self.rule],
-            "autodiff": None if self.autodiff is None else [dataclasses.asdict(r) for r in self.autodiff],
-            "rule_bytes": self.rule_bytes,
-            "autodiff_bytes": self.autodiff_bytes,
-            "ratio": self.ratio,
-            "saves_more": self.saves_more,
-            "max_ratio": self.max_ratio,
-            "passed": self.passed,
-            "note": self.note,
-        })
+        return json_safe(
+            {
+                "rule": [dataclasses.asdict(r) for r in self.rule],
+                "autodiff": None if self.autodiff is None else [dataclasses.asdict(r) for r in self.autodiff],
+                "rule_bytes": self.rule_bytes,
+                "autodiff_bytes": self.autodiff_bytes,
+                "ratio": self.ratio,
+                "saves_more": self.saves_more,
+                "max_ratio": self.max_ratio,
+                "passed": self.passed,
+                "note": self.note,
+            }
+        )
 
 
 @dataclasses.dataclass
@@ -268,8 +277,14 @@ class Report:
     def __str__(self) -> str:
         header = ("check", "argument", "max abs err", "rel err", "tol", "ok")
         rows = [
-            (c.kind, c.argument, f"{c.max_abs:.2e}", "raised" if c.error else f"{c.rel:.2e}", f"{c.tol:.2g}",
-             "yes" if c.passed else "NO")
+            (
+                c.kind,
+                c.argument,
+                f"{c.max_abs:.2e}",
+                "raised" if c.error else f"{c.rel:.2e}",
+                f"{c.tol:.2g}",
+                "yes" if c.passed else "NO",
+            )
             for c in self.checks
         ]
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -371,13 +386,17 @@ def _compare(kind, argument, actual, expected, tol, against, floor=0.0, **extra)
 
 
 def _scalar_check(kind, argument, actual, expected, tol, against, note="", floor=0.0) -> Check:
-    """Relative error of two scalars, normalised by the larger of the two (and ``floor / tol``, see :func:`_compare`)."""
+    """Relative error of two scalars, normalised by the larger of the two (and ``floor / tol``: :func:`_compare`)."""
     actual, expected = float(actual), float(expected)
     err = abs(actual - expected)
     if not math.isfinite(err):
         err = math.inf if not (math.isnan(actual) and math.isnan(expected)) else 0.0
-    scale = max(abs(actual) if math.isfinite(actual) else 0.0, abs(expected) if math.isfinite(expected) else 0.0,
-                floor / tol if tol > 0 else 0.0, 1e-300)
+    scale = max(
+        abs(actual) if math.isfinite(actual) else 0.0,
+        abs(expected) if math.isfinite(expected) else 0.0,
+        floor / tol if tol > 0 else 0.0,
+        1e-300,
+    )
     return Check(kind, argument, err, err / scale, tol, None, actual, expected, against=against, note=note)
 
 
@@ -419,8 +438,13 @@ def _vdot(a, b):
 def _np_vdot(a, b, absolute: bool = False) -> float:
     """``<a, b>`` (``<|a|, |b|>`` if ``absolute``) in float64 numpy over the floating leaves (no XLA compile)."""
     f = np.abs if absolute else (lambda v: v)
-    return float(sum(np.vdot(f(np.asarray(x, np.float64)), f(np.asarray(y, np.float64)))
-                     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)) if _is_float_array(x)))
+    return float(
+        sum(
+            np.vdot(f(np.asarray(x, np.float64)), f(np.asarray(y, np.float64)))
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+            if _is_float_array(x)
+        )
+    )
 
 
 def _random_like(rng: np.random.Generator, tree):
@@ -457,12 +481,10 @@ class _Problem:
 
     def __init__(self, args, arg_names, dtype, fixed=frozenset(), what="check_vjp"):
         flat, self.treedef = jax.tree_util.tree_flatten_with_path(args, is_leaf=lambda v: v is None)
-        self.diff_idx = [i for i, (path, leaf) in enumerate(flat)
-                         if _is_float_array(leaf) and path[0].idx not in fixed]
+        self.diff_idx = [i for i, (path, leaf) in enumerate(flat) if _is_float_array(leaf) and path[0].idx not in fixed]
         if not self.diff_idx:
             raise ValueError(f"{what} needs at least one floating-point array argument to differentiate.")
-        self.leaves = [jnp.asarray(leaf, dtype) if i in self.diff_idx else leaf
-                       for i, (_, leaf) in enumerate(flat)]
+        self.leaves = [jnp.asarray(leaf, dtype) if i in self.diff_idx else leaf for i, (_, leaf) in enumerate(flat)]
         self.names = []
         for i in self.diff_idx:
             path = flat[i][0]
@@ -553,8 +575,9 @@ class _Runner:
         # produces it (fwd for a custom_vjp) and the pullback of a cotangent.
         vjp_f = maybe_jit(lambda p, u: _value_and_pullback(f_l, p, u))
         vjp_r = maybe_jit(lambda p, u: _value_and_pullback(ref_l, p, u))
-        first_r = self.oracle_attempt("VJP", lambda: vjp_r(primals, u),
-                                      "the rule is checked against finite differences alone")
+        first_r = self.oracle_attempt(
+            "VJP", lambda: vjp_r(primals, u), "the rule is checked against finite differences alone"
+        )
         ref_vjp_ok = self.ref_vjp_ok = first_r is not None
         y_r = first_r[0] if ref_vjp_ok else maybe_jit(ref_l)(*primals)
         first_f = self._rule_vjp(vjp_f, u, out_names)
@@ -563,8 +586,10 @@ class _Runner:
             y_f = first_f[0]
             # jaxlib ships no type stub for PyTreeDef (jax's annotations name an unresolved type).
             if jax.tree.structure(y_f) != jax.tree.structure(y_r):  # type: ignore[operator]
-                message = (f"`f` and `ref` return different structures: {jax.tree.structure(y_f)} vs "
-                           f"{jax.tree.structure(y_r)}.")
+                message = (
+                    f"`f` and `ref` return different structures: {jax.tree.structure(y_f)} vs "
+                    f"{jax.tree.structure(y_r)}."
+                )
                 if not self.rule_mode:
                     raise ValueError(message)
                 self.checks.append(Check("forward", "output", math.inf, math.inf, o.rtol, error=message))
@@ -624,8 +649,12 @@ class _Runner:
         def tangents(j):
             return [directions[j] if i == j else jnp.zeros_like(p) for i, p in enumerate(primals)]
 
-        ref_ok = self.oracle_attempt("JVP", lambda: push_r(primals, tangents(0)),
-                                     "its JVP is checked against finite differences alone") is not None
+        ref_ok = (
+            self.oracle_attempt(
+                "JVP", lambda: push_r(primals, tangents(0)), "its JVP is checked against finite differences alone"
+            )
+            is not None
+        )
         self.ref_jvp_ok = ref_ok
         jvps_f = []
         for j, leaf_name in enumerate(names):
@@ -637,8 +666,9 @@ class _Runner:
         return jvps_f
 
     @staticmethod
-    def _worst_output(kind, argument, actual_tree, expected_tree, tol, against, note="", floors=None,
-                      tols=None) -> Check:
+    def _worst_output(
+        kind, argument, actual_tree, expected_tree, tol, against, note="", floors=None, tols=None
+    ) -> Check:
         """The worst floating output leaf's comparison, naming the leaf when there are several."""
         names = _output_names(expected_tree)
         n = len(names)
@@ -646,8 +676,9 @@ class _Runner:
         tols = tols or [(tol, note)] * n
         rows = [
             _compare(kind, argument, a, e, t, against, floor=fl, output=name if n > 1 else None, note=nt)
-            for name, a, e, fl, (t, nt) in zip(names, jax.tree.leaves(actual_tree), jax.tree.leaves(expected_tree),
-                                                floors, tols)
+            for name, a, e, fl, (t, nt) in zip(
+                names, jax.tree.leaves(actual_tree), jax.tree.leaves(expected_tree), floors, tols
+            )
             if _is_float_array(e)
         ]
         if not rows:
@@ -677,16 +708,39 @@ class _Runner:
                 fd = (_np_vdot(u, y_plus) - _np_vdot(u, y_minus)) / (2 * o.fd_eps)
                 analytic = _np_vdot(grads_f[j], v)
                 floor = _fd_floor(_np_vdot(u, y_plus, absolute=True), o.fd_eps, dtype)
-                self.checks.append(_scalar_check("finite-diff", leaf_name, analytic, fd, o.fd_rtol,
-                                                 "finite differences", note=note, floor=floor))
+                self.checks.append(
+                    _scalar_check(
+                        "finite-diff", leaf_name, analytic, fd, o.fd_rtol, "finite differences", note=note, floor=floor
+                    )
+                )
             if jvps_f is not None and jvps_f[j] is not None:
                 fd_tree = jax.tree.map(
-                    lambda p, m: (np.asarray(p, np.float64) - np.asarray(m, np.float64)) / (2 * o.fd_eps)
-                    if _is_float_array(p) else p, y_plus, y_minus)
-                floors = [_fd_floor(np.max(np.abs(np.asarray(p, np.float64)), initial=0.0), o.fd_eps, dtype)
-                          if _is_float_array(p) else 0.0 for p in jax.tree.leaves(y_plus)]
-                self.checks.append(self._worst_output("finite-diff-jvp", leaf_name, jvps_f[j], fd_tree, o.fd_rtol,
-                                                      "finite differences", note=note, floors=floors))
+                    lambda p, m: (
+                        (np.asarray(p, np.float64) - np.asarray(m, np.float64)) / (2 * o.fd_eps)
+                        if _is_float_array(p)
+                        else p
+                    ),
+                    y_plus,
+                    y_minus,
+                )
+                floors = [
+                    _fd_floor(np.max(np.abs(np.asarray(p, np.float64)), initial=0.0), o.fd_eps, dtype)
+                    if _is_float_array(p)
+                    else 0.0
+                    for p in jax.tree.leaves(y_plus)
+                ]
+                self.checks.append(
+                    self._worst_output(
+                        "finite-diff-jvp",
+                        leaf_name,
+                        jvps_f[j],
+                        fd_tree,
+                        o.fd_rtol,
+                        "finite differences",
+                        note=note,
+                        floors=floors,
+                    )
+                )
 
     def _second_order(self, u, r, directions):
         o, prob, maybe_jit = self.o, self.prob, self.maybe_jit
@@ -702,12 +756,19 @@ class _Runner:
 
         second_f = maybe_jit(jax.grad(scalar(self.f_l), argnums=argnums))
         second_r = maybe_jit(jax.grad(scalar(self.ref_l), argnums=argnums))
-        a = self.attempt("second-order", names, lambda: second_f(*primals),
-                         hint="pass second_order=False if the rule need not be differentiated twice")
+        a = self.attempt(
+            "second-order",
+            names,
+            lambda: second_f(*primals),
+            hint="pass second_order=False if the rule need not be differentiated twice",
+        )
         if a is None:
             return
-        e = self.oracle_attempt("second derivatives", lambda: second_r(*primals),
-                                "second-order rows use central differences of the rule's own VJP")
+        e = self.oracle_attempt(
+            "second derivatives",
+            lambda: second_r(*primals),
+            "second-order rows use central differences of the rule's own VJP",
+        )
         if e is not None:
             for leaf_name, ai, ei in zip(names, a, e):
                 self.checks.append(_compare("second-order", leaf_name, ai, ei, o.rtol, self.against))
@@ -725,15 +786,27 @@ class _Runner:
             s_plus, s_minus = float(at(o.fd_eps)), float(at(-o.fd_eps))
             fd = (s_plus - s_minus) / (2 * o.fd_eps)
             floor = _fd_floor(max(abs(s_plus), abs(s_minus)), o.fd_eps, primals[j].dtype)
-            self.checks.append(_scalar_check("second-order", leaf_name, _np_vdot(a[j], v), fd, o.fd_rtol,
-                                             "finite differences", note="oracle: finite differences of the VJP",
-                                             floor=floor))
+            self.checks.append(
+                _scalar_check(
+                    "second-order",
+                    leaf_name,
+                    _np_vdot(a[j], v),
+                    fd,
+                    o.fd_rtol,
+                    "finite differences",
+                    note="oracle: finite differences of the VJP",
+                    floor=floor,
+                )
+            )
 
     def _jit_consistency(self, u, grads_f):
         """The rule's VJP traced under jit against the same run eagerly (or the other way round)."""
         primals, names = self.prob.primals, self.prob.names
-        other = (lambda p, u: jax.vjp(self.f_l, *p)[1](u)) if self.o.jit else \
-            jax.jit(lambda p, u: jax.vjp(self.f_l, *p)[1](u))
+        other = (
+            (lambda p, u: jax.vjp(self.f_l, *p)[1](u))
+            if self.o.jit
+            else jax.jit(lambda p, u: jax.vjp(self.f_l, *p)[1](u))
+        )
         against = "eager" if self.o.jit else "jit"
         b = self.attempt("jit", names, lambda: other(primals, u))
         if b is None or grads_f is None:
@@ -838,9 +911,11 @@ def _unwrap_rule(f, args: tuple, kwargs: dict):
             f"check_rule({label}): {label} is a plain function, not a jax.custom_vjp or jax.custom_jvp, so it has "
             f"no rule of its own to check and no primal to check it against. Decorate it with @jax.custom_vjp "
             f"(and f.defvjp(fwd, bwd)) or @jax.custom_jvp, or compare it with a reference you write: "
-            f"check_vjp(f, ref, *args).")
+            f"check_vjp(f, ref, *args)."
+        )
     missing = (kind == "custom_vjp" and getattr(f, "fwd", None) is None) or (
-        kind == "custom_jvp" and getattr(f, "jvp", None) is None)
+        kind == "custom_jvp" and getattr(f, "jvp", None) is None
+    )
     if missing:
         how = "f.defvjp(fwd, bwd)" if kind == "custom_vjp" else "f.defjvp(jvp)"
         raise TypeError(f"check_rule({f.__name__}): the {kind} has no rule defined yet; call {how} first.")
@@ -863,8 +938,10 @@ def _bind(primal, args: tuple, kwargs: dict) -> tuple[tuple, list[str] | None]:
         raise TypeError(f"check_rule: the arguments do not fit {primal.__name__}{sig}: {exc}") from None
     bound.apply_defaults()
     if bound.kwargs:
-        raise TypeError(f"check_rule: keyword-only arguments {sorted(bound.kwargs)} of {primal.__name__} cannot be "
-                        "passed to a custom_vjp/custom_jvp function (JAX resolves arguments to positions).")
+        raise TypeError(
+            f"check_rule: keyword-only arguments {sorted(bound.kwargs)} of {primal.__name__} cannot be "
+            "passed to a custom_vjp/custom_jvp function (JAX resolves arguments to positions)."
+        )
     positional = tuple(bound.args)
     names = []
     for p in sig.parameters.values():
@@ -960,8 +1037,18 @@ def check_rule(
     if not jnp.issubdtype(low, jnp.floating):
         raise ValueError(f"`dtype` (={low}) must be a floating dtype.")
     label = name or str(getattr(rule, "__name__", "f"))
-    options = _Options(seed, num_cotangents, rtol, fd_eps, fd_rtol, second_order, finite_differences, jit,
-                       rule_kind=kind, jit_consistency=jit_consistency)
+    options = _Options(
+        seed,
+        num_cotangents,
+        rtol,
+        fd_eps,
+        fd_rtol,
+        second_order,
+        finite_differences,
+        jit,
+        rule_kind=kind,
+        jit_consistency=jit_consistency,
+    )
     fixed = frozenset(int(i) for i in (rule.nondiff_argnums or ()))
     with jax.enable_x64(True):
         prob = _Problem(args, arg_names, jnp.float64, fixed, what="check_rule")
@@ -971,11 +1058,14 @@ def check_rule(
         if not runner.ref_vjp_ok:
             oracle = "finite differences only (autodiff of the primal failed; see notes)"
             if runner.ref_jvp_ok:
-                oracle = ("autodiff of the primal (f.fun) for the JVP, finite differences for the VJP "
-                          "(reverse-mode autodiff of the primal failed; see notes)")
+                oracle = (
+                    "autodiff of the primal (f.fun) for the JVP, finite differences for the VJP "
+                    "(reverse-mode autodiff of the primal failed; see notes)"
+                )
         if fixed:
-            notes.append("held fixed (nondiff_argnums): " + ", ".join(arg_names[i] for i in sorted(fixed)
-                                                                       if i < len(arg_names)))
+            notes.append(
+                "held fixed (nondiff_argnums): " + ", ".join(arg_names[i] for i in sorted(fixed) if i < len(arg_names))
+            )
         audit = _audit_residuals(prob, rule, max_residual_ratio) if residuals else None
         if audit is not None and audit.saves_more:
             notes.append(audit.summary())
@@ -1116,9 +1206,11 @@ def _low_precision_checks(prob, rule, kind, low, o: _Options, low_rtol, reductio
         except Exception:  # noqa: BLE001 - the rule's failure is reported below
             reduction = 1
     tol = low_rtol if low_rtol is not None else low_precision_tolerance(low, reduction)
-    notes.append(f"{label} checks: the rule in {label} against its float64 evaluation on the same rounded inputs, "
-                 f"tolerance {tol:.2e} relative to the largest entry"
-                 + ("" if low_rtol is not None else f" (eps {float(jnp.finfo(low).eps):.2e}, reduction size {reduction})"))
+    notes.append(
+        f"{label} checks: the rule in {label} against its float64 evaluation on the same rounded inputs, "
+        f"tolerance {tol:.2e} relative to the largest entry"
+        + ("" if low_rtol is not None else f" (eps {float(jnp.finfo(low).eps):.2e}, reduction size {reduction})")
+    )
 
     def fail(kind_, subjects, exc):
         return [Check(kind_, s, math.inf, math.inf, tol, error=_error_text(exc)) for s in subjects]
@@ -1150,8 +1242,11 @@ def _low_precision_checks(prob, rule, kind, low, o: _Options, low_rtol, reductio
         ad_rel = relative_error(ad, e)[1]
         if not math.isfinite(ad_rel) or AD_FACTOR * ad_rel <= tol:
             return tol, ""
-        return (AD_FACTOR * ad_rel, f"ill-conditioned here: autodiff of the primal in {label} is off by "
-                                    f"{ad_rel:.2e} too; tolerance {AD_FACTOR}x that")
+        return (
+            AD_FACTOR * ad_rel,
+            f"ill-conditioned here: autodiff of the primal in {label} is off by "
+            f"{ad_rel:.2e} too; tolerance {AD_FACTOR}x that",
+        )
 
     def compare(kind_, name, a, e, ad):
         t, note = tolerance(a, ad, e)
@@ -1163,6 +1258,7 @@ def _low_precision_checks(prob, rule, kind, low, o: _Options, low_rtol, reductio
     for leaf_name, a, e, ad in zip(prob.names, g_lo, g_ref, g_ad if g_ad is not None else [None] * len(g_ref)):
         checks.append(compare(f"{label} vjp", leaf_name, a, e, ad))
     if kind == "custom_jvp":
+
         def pushforward(fn):
             push = lambda p, t: jax.jvp(fn, tuple(p), tuple(t))[1]  # noqa: E731
             return jax.jit(push) if o.jit else push
@@ -1182,8 +1278,10 @@ def _low_precision_checks(prob, rule, kind, low, o: _Options, low_rtol, reductio
                 ad = jax.tree.leaves(push_ad(lo_primals, t_lo))
             except Exception:  # noqa: BLE001
                 ad = [None] * len(jax.tree.leaves(e))
-            tols = [tolerance(a_leaf, ad_leaf, e_leaf) if _is_float_array(e_leaf) else (tol, "")
-                    for a_leaf, ad_leaf, e_leaf in zip(jax.tree.leaves(a), ad, jax.tree.leaves(e))]
+            tols = [
+                tolerance(a_leaf, ad_leaf, e_leaf) if _is_float_array(e_leaf) else (tol, "")
+                for a_leaf, ad_leaf, e_leaf in zip(jax.tree.leaves(a), ad, jax.tree.leaves(e))
+            ]
             checks.append(_Runner._worst_output(f"{label} jvp", leaf_name, a, e, tol, "float64", tols=tols))
     return checks
 

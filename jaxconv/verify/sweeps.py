@@ -53,7 +53,9 @@ __all__ = [
     "sweep",
 ]
 
-_INSTALL_HINT = "jaxconv's sweeps need hypothesis, a test extra: pip install 'jaxconv[test]' (or pip install hypothesis)"
+_INSTALL_HINT = (
+    "jaxconv's sweeps need hypothesis, a test extra: pip install 'jaxconv[test]' (or pip install hypothesis)"
+)
 
 
 def _hypothesis():
@@ -98,8 +100,13 @@ def assert_vjp_ok(f: Callable, ref: Callable, *args: Any, **options: Any) -> Rep
 _KINDS = ("normal", "uniform", "positive", "permutation", "int", "bool")
 
 
-def sample(shape: Sequence[int], values: Any = "normal", dtype: Any = None, seed: int = 0,
-           dims: Mapping[str, int] | None = None) -> np.ndarray:
+def sample(
+    shape: Sequence[int],
+    values: Any = "normal",
+    dtype: Any = None,
+    seed: int = 0,
+    dims: Mapping[str, int] | None = None,
+) -> np.ndarray:
     """A deterministic array: the values a sweep draws, also what its reproducers call.
 
     ``values``:
@@ -158,12 +165,21 @@ class Array:
 
     def __post_init__(self):
         for d in self.shape:
-            ok = (isinstance(d, (int, np.integer)) and d >= 0) or (isinstance(d, str) and d.isidentifier()) or (
-                isinstance(d, tuple) and len(d) == 2 and all(isinstance(v, (int, np.integer)) for v in d)
-                and 0 <= d[0] <= d[1])
+            ok = (
+                (isinstance(d, (int, np.integer)) and d >= 0)
+                or (isinstance(d, str) and d.isidentifier())
+                or (
+                    isinstance(d, tuple)
+                    and len(d) == 2
+                    and all(isinstance(v, (int, np.integer)) for v in d)
+                    and 0 <= d[0] <= d[1]
+                )
+            )
             if not ok:
-                raise ValueError(f"shape entry {d!r} of {self.shape!r}: expected a size >= 0, a dimension name or "
-                                 "a (low, high) range with 0 <= low <= high.")
+                raise ValueError(
+                    f"shape entry {d!r} of {self.shape!r}: expected a size >= 0, a dimension name or "
+                    "a (low, high) range with 0 <= low <= high."
+                )
 
     @property
     def names(self) -> list[str]:
@@ -243,8 +259,9 @@ def _dim_strategy(st, name, spec):
     raise ValueError(f"dims[{name!r}] = {spec!r}: expected a size, a (low, high) pair or a hypothesis strategy.")
 
 
-def arguments(description: Mapping[str, Any], dims: Mapping[str, Any] | None = None,
-              where: Callable[[dict], bool] | None = None):
+def arguments(
+    description: Mapping[str, Any], dims: Mapping[str, Any] | None = None, where: Callable[[dict], bool] | None = None
+):
     """A hypothesis strategy of :class:`Config` from a description of each argument.
 
     ``description`` maps argument names to an :class:`Array` (:func:`array`,
@@ -265,7 +282,9 @@ def arguments(description: Mapping[str, Any], dims: Mapping[str, Any] | None = N
             names += [n for n in spec.names if n not in names]
     missing = [n for n in names if n not in dims]
     if missing:
-        raise ValueError(f"dimension(s) {missing} have no size: pass dims={{{', '.join(repr(n) + ': (1, 4)' for n in missing)}}}.")
+        raise ValueError(
+            f"dimension(s) {missing} have no size: pass dims={{{', '.join(repr(n) + ': (1, 4)' for n in missing)}}}."
+        )
     dim_strategies = {n: _dim_strategy(st, n, dims[n]) for n in names}
 
     @st.composite
@@ -276,8 +295,13 @@ def arguments(description: Mapping[str, Any], dims: Mapping[str, Any] | None = N
             if isinstance(spec, Array):
                 specs[name] = spec
                 drawn_shapes[name] = tuple(
-                    sizes[d] if isinstance(d, str) else draw(st.integers(d[0], d[1])) if isinstance(d, tuple) else int(d)
-                    for d in spec.shape)
+                    sizes[d]
+                    if isinstance(d, str)
+                    else draw(st.integers(d[0], d[1]))
+                    if isinstance(d, tuple)
+                    else int(d)
+                    for d in spec.shape
+                )
             elif hasattr(spec, "example") and hasattr(spec, "map"):
                 static[name] = draw(spec)
             else:
@@ -316,8 +340,10 @@ class SweepResult:
     def __str__(self) -> str:
         if self.passed:
             return f"sweep({self.name}): {self.examples} configurations passed"
-        lines = [f"sweep({self.name}): FAILED; the smallest failing configuration hypothesis found in "
-                 f"{self.examples} calls: {self.config}"]
+        lines = [
+            f"sweep({self.name}): FAILED; the smallest failing configuration hypothesis found in "
+            f"{self.examples} calls: {self.config}"
+        ]
         if self.report is not None:
             lines.append(self.report.failure_message(table=False))
         if self.error is not None:
@@ -335,9 +361,14 @@ class SweepResult:
             "name": self.name,
             "passed": self.passed,
             "examples": self.examples,
-            "config": None if self.config is None else {
-                "dims": self.config.dims, "shapes": {k: list(v) for k, v in self.config.shapes.items()},
-                "static": {k: repr(v) for k, v in self.config.static.items()}, "seed": self.config.seed},
+            "config": None
+            if self.config is None
+            else {
+                "dims": self.config.dims,
+                "shapes": {k: list(v) for k, v in self.config.shapes.items()},
+                "static": {k: repr(v) for k, v in self.config.static.items()},
+                "seed": self.config.seed,
+            },
             "report": None if self.report is None else self.report.to_dict(),
             "error": self.error,
             "reproducer": self.reproducer,
@@ -481,10 +512,17 @@ def sweep(
         order = list(inspect.signature(ref).parameters)[: len(args)]
         return check_vjp(f, ref, *args, names=order, name=f"{label} {config.label()}", **options)
 
-    @hypothesis.settings(max_examples=examples, deadline=None, database=None, derandomize=False,
-                         suppress_health_check=list(HealthCheck), report_multiple_bugs=False, print_blob=False,
-                         verbosity=Verbosity.quiet,
-                         phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink))
+    @hypothesis.settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        derandomize=False,
+        suppress_health_check=list(HealthCheck),
+        report_multiple_bugs=False,
+        print_blob=False,
+        verbosity=Verbosity.quiet,
+        phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink),
+    )
     @hypothesis.seed(seed)
     @hypothesis.given(strategy)
     def run(config: Config) -> None:
@@ -495,7 +533,10 @@ def sweep(
         try:
             report, error = check(config), None
         except Exception as exc:  # noqa: BLE001 - a configuration the function rejects is a failure to report
-            report, error = None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            report, error = (
+                None,
+                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+            )
         if report is None or not report.passed:
             failure = (config, report, error)
             raise _Falsified()
@@ -510,8 +551,7 @@ def sweep(
         return SweepResult(label, True, count)
     config, report, error = failure
     shown = {k: v for k, v in options.items() if k not in SWEEP_DEFAULTS or SWEEP_DEFAULTS[k] != v}
-    result = SweepResult(label, False, count, config, report, error,
-                         _reproducer(f, ref, config, shown))
+    result = SweepResult(label, False, count, config, report, error, _reproducer(f, ref, config, shown))
     out = sys.stdout if stream == "stdout" else stream
     if out is not None:
         print(str(result), file=out)
