@@ -248,7 +248,9 @@ def _add_evaluate_parser(sub) -> None:
     p.add_argument("--data-dir", help="directory of the data set's files (not needed for digits)")
     p.add_argument("--split", choices=("test", "train"), default="test", help="default: test")
     p.add_argument("--confusion", metavar="PNG",
-                   help="where to write the confusion matrix (default: RUN_DIR/confusion-<split>.png)")
+                   help="where to write the confusion matrix: a .png file, or a directory to write "
+                   "confusion-<split>.png in (default: RUN_DIR/confusion-<split>.png); where it cannot be "
+                   "written (a read-only run directory) the result is still printed, with a note")
     p.add_argument("--json", action="store_true", help="print the result as JSON (with the confusion matrix)")
     p.set_defaults(func=_evaluate)
 
@@ -256,17 +258,21 @@ def _add_evaluate_parser(sub) -> None:
 def _evaluate(args) -> int:
     try:
         path = inference.checkpoint_path(args.run, args.best)
-        png = pathlib.Path(args.confusion) if args.confusion else path.parent / f"confusion-{args.split}.png"
+        png = pathlib.Path(args.confusion) if args.confusion else path.parent
         result = inference.evaluate_run(path, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
                                         confusion_png=png)
     except (ValueError, OSError) as err:
         return _command_error("evaluate")(err)
+    if result["confusion_note"]:
+        print(f"python -m jaxconv evaluate: note: {result['confusion_note']}", file=sys.stderr)
     if args.json:
         print(json.dumps({k: result[k] for k in ("checkpoint", "epoch", "dataset", "split", "images", "accuracy",
-                                                 "loss", "confusion_matrix", "confusion_png")}))
+                                                 "loss", "confusion_matrix", "confusion_png", "confusion_note")}))
     else:
+        where = (f"confusion matrix in {result['confusion_png']}" if result["confusion_png"]
+                 else "no confusion matrix written")
         print(f"{result['model']} at epoch {result['epoch']} on {result['dataset']} ({args.split}, {result['images']} "
-              f"images): accuracy {result['accuracy']:.2%}, loss {result['loss']:.4f}; confusion matrix in {png}")
+              f"images): accuracy {result['accuracy']:.2%}, loss {result['loss']:.4f}; {where}")
     return 0
 
 

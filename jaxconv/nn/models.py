@@ -11,12 +11,16 @@ would otherwise shrink a small image below its window uses SAME padding.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+
+import jax
 
 from . import layers as nn
 from .layers import Layer
 
-__all__ = ["MODELS", "alexnet_small", "dd2424_net", "lenet5", "resnet_small", "resnet_small_nobn"]
+__all__ = ["MODELS", "alexnet_small", "check_input_shape", "dd2424_net", "lenet5", "min_input_size", "resnet_small",
+           "resnet_small_nobn"]
 
 
 def _classes(num_classes) -> int:
@@ -142,3 +146,54 @@ MODELS: dict[str, Callable[..., Layer]] = {
     "resnet_small_nobn": resnet_small_nobn,
 }
 """Command-line name -> constructor ``f(num_classes=10) -> (init_fun, apply_fun)``."""
+
+
+#: The largest image side :func:`min_input_size` tries.
+MAX_MIN_SIDE = 512
+
+
+def _builds(name: str, side: int, channels: int) -> bool:
+    """Whether ``MODELS[name]`` accepts ``(side, side, channels)`` images (shapes only, nothing allocated)."""
+    init_fun, _ = MODELS[name](10)
+    try:
+        jax.eval_shape(lambda: init_fun(jax.random.key(0), (1, side, side, channels)))
+    except ValueError:  # a window larger than its (padded) input, a negative output size
+        return False
+    return True
+
+
+@functools.cache
+def min_input_size(name: str, channels: int = 1) -> int:
+    """The smallest image side ``s`` such that the model ``name`` (a :data:`MODELS` key) takes ``s x s`` images.
+
+    Found by building the model on ``(s, s, channels)`` shapes (``jax.eval_shape``:
+    nothing is computed); the SAME-padded models take 1x1 images, ``dd2424_net``
+    (a VALID 3x3 convolution) at least 3x3.  ``ValueError`` for an unknown name.
+    """
+    if name not in MODELS:
+        raise ValueError(f"`name` (={name!r}) must be one of {sorted(MODELS)}.")
+    low, high = 1, MAX_MIN_SIDE
+    if not _builds(name, high, channels):
+        raise ValueError(f"model {name!r} takes no image of up to {high}x{high}x{channels}.")
+    while low < high:  # every model here takes every size from its minimum up: bisect
+        mid = (low + high) // 2
+        low, high = (low, mid) if _builds(name, mid, channels) else (mid + 1, high)
+    return low
+
+
+def check_input_shape(name: str, shape: Sequence[int]) -> None:
+    """``ValueError`` naming the model and its minimum size if ``MODELS[name]`` cannot take ``(H, W, C)`` images.
+
+    Call it where images meet a model (training, evaluation): a 1x1 image with
+    ``dd2424_net`` is refused as ``model 'dd2424_net' needs images of at least
+    3x3, got 1x1`` rather than by the failing convolution deep inside.
+    """
+    if name not in MODELS:
+        raise ValueError(f"`model` (={name!r}) must be one of {sorted(MODELS)}.")
+    if len(shape) != 3 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+        raise ValueError(f"`shape` (={tuple(shape)!r}) must be an image shape (H, W, C) of positive ints.")
+    h, w, c = shape
+    side = min_input_size(name, c)
+    if h < side or w < side:
+        raise ValueError(f"model {name!r} needs images of at least {side}x{side}, got {h}x{w} "
+                         f"(input shape {tuple(shape)}).")
