@@ -180,10 +180,14 @@ MAX_PHI_ENTRIES_PER_IMAGE = 64 * 2**20
 # contraction (kernel volume * C/G; O/G for dY F^T) than this runs far from
 # the matrix-product peak on CPU, and XLA's own convolution is then as fast.
 MIN_GEMM_SIDE = 32
-# Winograd's float32 error, measured against float64 on the benchmark shapes
-# (benchmarks/README.md): F(2x2, 3x3) stays within 2x the direct form's
-# (0.7-1.7x), F(4x4, 3x3) and every 5x5 tile do not (2.9-7x).  The planner
-# therefore uses F(2, r) only, for kernels of at most this size per axis.
+# Winograd's float32 error against float64, as a ratio to the direct form's:
+# normwise on the benchmark shapes (benchmarks/run.py), F(2x2, 3x3) 0.7-1.8x;
+# max-abs over a wider grid (benchmarks/form_errors.py: 32-256 channels,
+# 4-56 pixels, batch 1-128), F(2x2, 3x3) 0.56-1.65x on the layers this planner
+# picks it for (at least MIN_GEMM_SIDE channels on both sides), but up to 3.4x
+# on 16-channel layers (not picked: narrow, see below); F(4x4, 3x3) 3.0-10.4x,
+# F(2x2, 5x5) 1.9-12.3x, F(4x4, 5x5) 6.9-35x.  The planner therefore uses
+# F(2, r) only, for kernels of at most this size per axis.
 WINOGRAD_MAX_KERNEL = 3
 # From this many input channels per group on, XLA's own CPU convolution
 # forward runs near the GEMM peak (128->128 3x3 on 16x16: 150 GFLOP/s, 0.8-1x
@@ -252,7 +256,9 @@ def conv_plan(*, batch, out_spatial, kernel_spatial, in_channels, out_channels, 
     :data:`WINOGRAD_MAX_KERNEL` per axis and at least :data:`MIN_GEMM_SIDE`
     input and output channels: 2.25x fewer multiplications for a 3x3 kernel,
     1.4-2.6x faster than the blocked products on the benchmarks' layers,
-    with float32 error within 2x the direct form's.
+    with float32 error within 2x the direct form's on those layers (measured
+    max-abs ratio 0.56-1.65x, ``benchmarks/form_errors.py``; narrower layers,
+    not picked, reach 3.4x).
     On GPU both are XLA's convolutions (cuDNN).
 
     ``dilation`` (default 1 everywhere) only matters for the Winograd forms,
