@@ -88,11 +88,13 @@ def load_trained(run: str | os.PathLike, *, best: bool = False) -> tuple[Callabl
 
 def _check_standardization(path, stats: dict) -> None:
     """``ValueError`` unless the checkpoint's standardisation is a finite ``mean`` and a finite ``std > 0``."""
-    values = {key: stats.get(key) for key in ("mean", "std")}
-    for key, value in values.items():
+    values: dict[str, float] = {}
+    for key in ("mean", "std"):
+        value = stats.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{path}: its metadata's standardization {key} (={value!r}) is not a finite number "
                              f"(the file was edited or is not a checkpoint written by `python -m jaxconv train`).")
+        values[key] = value
     if values["std"] <= 0:
         raise ValueError(f"{path}: its metadata's standardization std (={values['std']!r}) must be > 0 "
                          f"(the file was edited or is not a checkpoint written by `python -m jaxconv train`).")
