@@ -455,3 +455,25 @@ def test_ctrl_c_exits_130_with_a_resumable_checkpoint_and_no_traceback(tmp_path)
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert checkpoint.read_metadata(out / "checkpoint.safetensors")["epoch"] == epoch + 1
+
+
+def test_images_smaller_than_the_model_takes_are_a_fit_error_naming_the_model(tmp_path):
+    """1x1 MNIST-format images with dd2424_net (which needs 3x3): a FitError naming the model and its
+    minimum size before anything is built or trained, not a shape error from inside a convolution."""
+    data_dir = tmp_path / "mnist"
+    data_dir.mkdir()
+    mnist_dir(data_dir, n_train=64, n_test=8, hw=(1, 1))
+    with pytest.raises(FitError, match=r"dd2424_net.*at least 3x3, got 1x1") as caught:
+        fit(
+            Config(
+                model="dd2424_net",
+                dataset="mnist",
+                data_dir=str(data_dir),
+                epochs=1,
+                batch_size=8,
+                out=str(tmp_path / "run"),
+            ),
+            verbose=False,
+        )
+    assert "model" in caught.value.fields
+    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()

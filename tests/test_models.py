@@ -28,12 +28,14 @@ def _f64(tree):
 def test_every_public_model_is_registered_under_its_own_name():
     """MODELS (what ``--model`` offers) holds every public function of jaxconv.nn.models, found by
     introspection, each under its ``__name__``, and each builds a classifier of ``num_classes`` outputs."""
+    helpers = {"check_input_shape", "min_input_size"}  # the input sizes the models take, not models
     public = {
         name
-        for name, f in inspect.getmembers(models, inspect.isfunction)
-        if f.__module__ == models.__name__ and not name.startswith("_")
+        for name, f in inspect.getmembers(models, callable)
+        if getattr(f, "__module__", None) == models.__name__ and not name.startswith("_") and not isinstance(f, type)
     }
-    assert set(models.MODELS) == public
+    assert helpers <= public and helpers <= set(models.__all__)
+    assert set(models.MODELS) == public - helpers
     for name, constructor in models.MODELS.items():
         assert constructor.__name__ == name and name in models.__all__
         init, _ = constructor(num_classes=3)

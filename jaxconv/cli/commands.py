@@ -50,15 +50,26 @@ def _verify(args) -> int:
         vjp_err = fd_err = so_err = 0.0
         bad = []
         for case in cases:
-            report = check_vjp(case.f, case.ref, *case.args, names=case.names, name=f"{op} {case.label}", **case.options)
+            report = check_vjp(
+                case.f, case.ref, *case.args, names=case.names, name=f"{op} {case.label}", **case.options
+            )
             vjp_err = max(vjp_err, report.worst("vjp"), report.worst("forward"))
             fd_err = max(fd_err, report.worst("finite-diff"))
             so_err = max(so_err, report.worst("second-order"))
             if not report.passed:
                 bad.append(report)
         failed |= bool(bad)
-        rows.append((op, str(len(cases)), f"{vjp_err:.1e}", f"{fd_err:.1e}", f"{so_err:.1e}",
-                     f"{time.perf_counter() - start:.1f}", "FAIL" if bad else "pass"))
+        rows.append(
+            (
+                op,
+                str(len(cases)),
+                f"{vjp_err:.1e}",
+                f"{fd_err:.1e}",
+                f"{so_err:.1e}",
+                f"{time.perf_counter() - start:.1f}",
+                "FAIL" if bad else "pass",
+            )
+        )
         print(f"  {op}: {len(cases)} configurations, {'FAIL' if bad else 'pass'}", file=sys.stderr)
         for report in bad:
             print(report, file=sys.stderr)
@@ -90,7 +101,8 @@ def _number(kind, *, low=None, high=None, low_open=False, high_open=False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
         if kind is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
         too_low = low is not None and (value <= low if low_open else value < low)
@@ -106,8 +118,20 @@ def _number(kind, *, low=None, high=None, low_open=False, high_open=False):
 
 
 def _recipe_table() -> str:
-    keys = ("model", "epochs", "batch_size", "optimizer", "learning_rate", "schedule", "warmup_epochs",
-            "momentum", "weight_decay", "l2", "val_fraction", "augment")
+    keys = (
+        "model",
+        "epochs",
+        "batch_size",
+        "optimizer",
+        "learning_rate",
+        "schedule",
+        "warmup_epochs",
+        "momentum",
+        "weight_decay",
+        "l2",
+        "val_fraction",
+        "augment",
+    )
     names = list(RECIPES)
     rows = [("setting", *names)] + [(k, *(str(RECIPES[n][k]) for n in names)) for k in keys]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -131,60 +155,115 @@ def _add_train_parser(sub) -> None:
     )
     positive = _number(int, low=1)
     p.add_argument("--model", choices=sorted(MODELS), help="default: the recipe's")
-    p.add_argument("--dataset", choices=DATASETS, default="digits",
-                   help="digits (the default) is bundled with scikit-learn; the others are read from --data-dir")
+    p.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="digits",
+        help="digits (the default) is bundled with scikit-learn; the others are read from --data-dir",
+    )
     p.add_argument("--data-dir", help="directory of the MNIST/Fashion-MNIST IDX files or CIFAR-10 .bin files")
     p.add_argument("--epochs", type=positive, help="total epochs, also when resuming (default: the recipe's)")
     p.add_argument("--batch-size", type=positive, help="the global batch (default: the recipe's)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS,
-                   help="sgd, momentum (heavy ball), adam (coupled decay), adamw (decoupled) (default: the recipe's)")
-    p.add_argument("--lr", type=_number(float, low=0, low_open=True), help="peak learning rate > 0 (default: the recipe's)")
-    p.add_argument("--schedule", choices=SCHEDULES,
-                   help="constant; cosine decay to 0; step (/10 at 50%% and 75%% of the steps) (default: the recipe's)")
-    p.add_argument("--warmup-epochs", type=_number(float, low=0),
-                   help="linear warm-up from 0 over this many epochs (default: the recipe's)")
-    p.add_argument("--momentum", type=_number(float, low=0, high=1, high_open=True),
-                   help="in [0, 1), for --optimizer momentum (default: the recipe's)")
-    p.add_argument("--weight-decay", type=_number(float, low=0),
-                   help="coupled (added to the gradient), decoupled for adamw; >= 0 (default: the recipe's)")
-    p.add_argument("--l2", type=_number(float, low=0), help="lambda of the L2 term in the objective (default: the recipe's)")
-    p.add_argument("--val-fraction", type=_number(float, low=0, high=1, high_open=True),
-                   help="fraction of the training set held out for validation and model selection, in [0, 1); "
-                   "0 keeps no best checkpoint (default: the recipe's)")
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                   help="random crops (zero padding of 1/8 of the size) and, for cifar10, horizontal flips, "
-                   "inside the jitted step (default: the recipe's)")
-    p.add_argument("--seed", type=_number(int, low=0, high=MAX_SEED), default=0,
-                   help=f"initialisation, batch order and augmentation, 0 to {MAX_SEED} (default: 0)")
-    p.add_argument("--devices", type=positive, default=1,
-                   help="data parallel over this many local devices, a batch-sharded mesh (default: 1)")
-    p.add_argument("--onednn", action="store_true",
-                   help="run float32 convolutions through oneDNN's kernels (the optional 'onednn' forms, "
-                   "pip install 'jaxconv[onednn]'; one process, one device); faster on CPU for LeNet-sized "
-                   "nets (benchmarks/README.md)")
+    p.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        help="sgd, momentum (heavy ball), adam (coupled decay), adamw (decoupled) (default: the recipe's)",
+    )
+    p.add_argument(
+        "--lr", type=_number(float, low=0, low_open=True), help="peak learning rate > 0 (default: the recipe's)"
+    )
+    p.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        help="constant; cosine decay to 0; step (/10 at 50%% and 75%% of the steps) (default: the recipe's)",
+    )
+    p.add_argument(
+        "--warmup-epochs",
+        type=_number(float, low=0),
+        help="linear warm-up from 0 over this many epochs (default: the recipe's)",
+    )
+    p.add_argument(
+        "--momentum",
+        type=_number(float, low=0, high=1, high_open=True),
+        help="in [0, 1), for --optimizer momentum (default: the recipe's)",
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=_number(float, low=0),
+        help="coupled (added to the gradient), decoupled for adamw; >= 0 (default: the recipe's)",
+    )
+    p.add_argument(
+        "--l2", type=_number(float, low=0), help="lambda of the L2 term in the objective (default: the recipe's)"
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=_number(float, low=0, high=1, high_open=True),
+        help="fraction of the training set held out for validation and model selection, in [0, 1); "
+        "0 keeps no best checkpoint (default: the recipe's)",
+    )
+    p.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random crops (zero padding of 1/8 of the size) and, for cifar10, horizontal flips, "
+        "inside the jitted step (default: the recipe's)",
+    )
+    p.add_argument(
+        "--seed",
+        type=_number(int, low=0, high=MAX_SEED),
+        default=0,
+        help=f"initialisation, batch order and augmentation, 0 to {MAX_SEED} (default: 0)",
+    )
+    p.add_argument(
+        "--devices",
+        type=positive,
+        default=1,
+        help="data parallel over this many local devices, a batch-sharded mesh (default: 1)",
+    )
+    p.add_argument(
+        "--onednn",
+        action="store_true",
+        help="run float32 convolutions through oneDNN's kernels (the optional 'onednn' forms, "
+        "pip install 'jaxconv[onednn]'; one process, one device); faster on CPU for LeNet-sized "
+        "nets (benchmarks/README.md)",
+    )
     p.add_argument("--out", help="output directory (default: runs/<dataset>-<model>)")
-    p.add_argument("--stop-after", type=positive, metavar="N",
-                   help="train at most N epochs in this invocation, then stop with a checkpoint (e.g. a job with a "
-                   "time limit); --resume continues exactly where it stopped")
+    p.add_argument(
+        "--stop-after",
+        type=positive,
+        metavar="N",
+        help="train at most N epochs in this invocation, then stop with a checkpoint (e.g. a job with a "
+        "time limit); --resume continues exactly where it stopped",
+    )
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    again.add_argument("--overwrite", action="store_true",
-                       help="replace the run in --out: its checkpoints, metrics and plots are deleted once the new "
-                       "run has written its first checkpoint (until then, and if it fails before, they stay)")
-    p.add_argument("--check-grads", action="store_true",
-                   help="before training, check every hand rule the model uses against jax.grad (float64) on the "
-                   "first batch; exit 1 on a mismatch")
+    again.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in --out: its checkpoints, metrics and plots are deleted once the new "
+        "run has written its first checkpoint (until then, and if it fails before, they stay)",
+    )
+    p.add_argument(
+        "--check-grads",
+        action="store_true",
+        help="before training, check every hand rule the model uses against jax.grad (float64) on the "
+        "first batch; exit 1 on a mismatch",
+    )
     multi = p.add_argument_group(
         "several processes (jax.distributed)",
         "Run the same command once per process, each with its --process-id (or leave all three out where "
         "jax.distributed.initialize() detects them itself, e.g. under SLURM, and give --distributed). The mesh "
         "spans every process's devices; each process feeds its own rows of each global batch; process 0 writes "
-        "the run directory.")
+        "the run directory.",
+    )
     multi.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, reachable by every process")
     multi.add_argument("--num-processes", type=positive, help="how many processes take part")
     multi.add_argument("--process-id", type=_number(int, low=0), help="this process's rank, 0 to --num-processes - 1")
-    multi.add_argument("--distributed", action="store_true",
-                       help="call jax.distributed.initialize() with what it detects from the cluster's environment")
+    multi.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() with what it detects from the cluster's environment",
+    )
     p.set_defaults(func=_train)
 
 
@@ -204,8 +283,11 @@ def _train(args) -> int:
     except GradCheckFailed as err:
         return fail(err, EXIT_CHECK_FAILED)
     except KeyboardInterrupt:  # Ctrl-C: fit has released the run directory; the last checkpoint is whole
-        if (config is not None and config.out is not None
-                and (pathlib.Path(config.out) / "checkpoint.safetensors").exists()):
+        if (
+            config is not None
+            and config.out is not None
+            and (pathlib.Path(config.out) / "checkpoint.safetensors").exists()
+        ):
             return fail("interrupted; resume with --resume", EXIT_INTERRUPTED)
         return fail("interrupted before the first checkpoint; nothing to resume", EXIT_INTERRUPTED)
     if isinstance(result.status, loop.Diverged):
@@ -214,11 +296,17 @@ def _train(args) -> int:
         return 0
     final, best = result.history[-1], result.best
     seconds = sum(h.get("seconds", 0.0) for h in result.history)
-    best_note = (f"; best on validation: epoch {best['epoch']} ({best['val_accuracy']:.2%} validation, "
-                 f"{best['test_accuracy']:.2%} test), best.safetensors" if best else "")
-    print(f"test accuracy {final['test_accuracy']:.2%} after {final['epoch']} epochs "
-          f"({seconds:.1f} s of training); outputs in {result.run_dir}/: metrics.json, curves.png"
-          f"{', filters.png' if 'filters.png' in result.outputs else ''}, checkpoint.safetensors{best_note}")
+    best_note = (
+        f"; best on validation: epoch {best['epoch']} ({best['val_accuracy']:.2%} validation, "
+        f"{best['test_accuracy']:.2%} test), best.safetensors"
+        if best
+        else ""
+    )
+    print(
+        f"test accuracy {final['test_accuracy']:.2%} after {final['epoch']} epochs "
+        f"({seconds:.1f} s of training); outputs in {result.run_dir}/: metrics.json, curves.png"
+        f"{', filters.png' if 'filters.png' in result.outputs else ''}, checkpoint.safetensors{best_note}"
+    )
     return 0
 
 
@@ -248,8 +336,13 @@ def _add_evaluate_parser(sub) -> None:
     p.add_argument("--dataset", choices=DATASETS, help="default: the checkpoint's")
     p.add_argument("--data-dir", help="directory of the data set's files (not needed for digits)")
     p.add_argument("--split", choices=("test", "train"), default="test", help="default: test")
-    p.add_argument("--confusion", metavar="PNG",
-                   help="where to write the confusion matrix (default: RUN_DIR/confusion-<split>.png)")
+    p.add_argument(
+        "--confusion",
+        metavar="PNG",
+        help="where to write the confusion matrix: a .png file, or a directory to write "
+        "confusion-<split>.png in (default: RUN_DIR/confusion-<split>.png); where it cannot be "
+        "written (a read-only run directory) the result is still printed, with a note",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON (with the confusion matrix)")
     p.set_defaults(func=_evaluate)
 
@@ -257,17 +350,44 @@ def _add_evaluate_parser(sub) -> None:
 def _evaluate(args) -> int:
     try:
         path = inference.checkpoint_path(args.run, args.best)
-        png = pathlib.Path(args.confusion) if args.confusion else path.parent / f"confusion-{args.split}.png"
-        result = inference.evaluate_run(path, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
-                                        confusion_png=png)
+        png = pathlib.Path(args.confusion) if args.confusion else path.parent
+        result = inference.evaluate_run(
+            path, dataset=args.dataset, data_dir=args.data_dir, split=args.split, confusion_png=png
+        )
     except (ValueError, OSError) as err:
         return _command_error("evaluate")(err)
+    if result["confusion_note"]:
+        print(f"python -m jaxconv evaluate: note: {result['confusion_note']}", file=sys.stderr)
     if args.json:
-        print(json.dumps({k: result[k] for k in ("checkpoint", "epoch", "dataset", "split", "images", "accuracy",
-                                                 "loss", "confusion_matrix", "confusion_png")}))
+        print(
+            json.dumps(
+                {
+                    k: result[k]
+                    for k in (
+                        "checkpoint",
+                        "epoch",
+                        "dataset",
+                        "split",
+                        "images",
+                        "accuracy",
+                        "loss",
+                        "confusion_matrix",
+                        "confusion_png",
+                        "confusion_note",
+                    )
+                }
+            )
+        )
     else:
-        print(f"{result['model']} at epoch {result['epoch']} on {result['dataset']} ({args.split}, {result['images']} "
-              f"images): accuracy {result['accuracy']:.2%}, loss {result['loss']:.4f}; confusion matrix in {png}")
+        where = (
+            f"confusion matrix in {result['confusion_png']}"
+            if result["confusion_png"]
+            else "no confusion matrix written"
+        )
+        print(
+            f"{result['model']} at epoch {result['epoch']} on {result['dataset']} ({args.split}, {result['images']} "
+            f"images): accuracy {result['accuracy']:.2%}, loss {result['loss']:.4f}; {where}"
+        )
     return 0
 
 
@@ -311,10 +431,12 @@ def _add_synth_parser(sub) -> None:
     )
     p.add_argument("format", choices=("mnist", "cifar10"))
     p.add_argument("directory", help="where to write the files (created if missing)")
-    p.add_argument("--num-train", type=_number(int, low=5, high=synthetic.MAX_IMAGES),
-                   help="default: 4000 (mnist), 5000 (cifar10)")
-    p.add_argument("--num-test", type=_number(int, low=1, high=synthetic.MAX_IMAGES), default=1000,
-                   help="default: 1000")
+    p.add_argument(
+        "--num-train", type=_number(int, low=5, high=synthetic.MAX_IMAGES), help="default: 4000 (mnist), 5000 (cifar10)"
+    )
+    p.add_argument(
+        "--num-test", type=_number(int, low=1, high=synthetic.MAX_IMAGES), default=1000, help="default: 1000"
+    )
     p.add_argument("--seed", type=_number(int, low=0, high=MAX_SEED), default=0, help="default: 0")
     p.set_defaults(func=_synth)
 
@@ -333,7 +455,8 @@ def _synth(args) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m jaxconv", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m jaxconv",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="jaxconv: convnet layers whose backward passes are hand-derived custom_vjp rules.\n\n"
         "  verify    check every hand-written VJP against jax.grad in float64\n"
         "  train     train a model (default: the bundled digits)\n"
@@ -341,7 +464,8 @@ def main(argv=None) -> int:
         "  predict   classify image files with a trained run\n"
         "  synth     write MNIST/CIFAR-format check data made from the bundled digits\n"
         "  check     check your own custom_vjp rule against a reference\n\n"
-        "`python -m jaxconv COMMAND --help` shows each command's options and defaults.")
+        "`python -m jaxconv COMMAND --help` shows each command's options and defaults.",
+    )
     parser.add_argument("--version", action="version", version=f"jaxconv {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p_verify = sub.add_parser("verify", help="check every hand-written VJP against jax.grad in float64")

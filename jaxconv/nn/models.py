@@ -11,12 +11,24 @@ would otherwise shrink a small image below its window uses SAME padding.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+
+import jax
 
 from . import layers as nn
 from .layers import Layer
 
-__all__ = ["MODELS", "alexnet_small", "dd2424_net", "lenet5", "resnet_small", "resnet_small_nobn"]
+__all__ = [
+    "MODELS",
+    "alexnet_small",
+    "check_input_shape",
+    "dd2424_net",
+    "lenet5",
+    "min_input_size",
+    "resnet_small",
+    "resnet_small_nobn",
+]
 
 
 def _classes(num_classes) -> int:
@@ -50,11 +62,17 @@ def lenet5(num_classes: int = 10) -> Layer:
     average pooling, as in the original.
     """
     return nn.serial(
-        nn.Conv(6, 5, padding="SAME"), nn.Relu, nn.AvgPool(2, padding="SAME"),
-        nn.Conv(16, 5, padding="SAME"), nn.Relu, nn.AvgPool(2, padding="SAME"),
+        nn.Conv(6, 5, padding="SAME"),
+        nn.Relu,
+        nn.AvgPool(2, padding="SAME"),
+        nn.Conv(16, 5, padding="SAME"),
+        nn.Relu,
+        nn.AvgPool(2, padding="SAME"),
         nn.Flatten,
-        nn.Dense(120), nn.Relu,
-        nn.Dense(84), nn.Relu,
+        nn.Dense(120),
+        nn.Relu,
+        nn.Dense(84),
+        nn.Relu,
         nn.Dense(_classes(num_classes)),
     )
 
@@ -68,12 +86,22 @@ def alexnet_small(num_classes: int = 10, *, width: int = 32) -> Layer:
     ``size=5, kappa=2, alpha=1e-4, beta=0.75`` (MatConvNet convention).
     """
     return nn.serial(
-        nn.Conv(width, 5, padding="SAME"), nn.Relu, nn.LRN(), nn.MaxPool(3, stride=2, padding="SAME"),
-        nn.Conv(2 * width, 3, padding="SAME"), nn.Relu, nn.LRN(), nn.MaxPool(3, stride=2, padding="SAME"),
-        nn.Conv(3 * width, 3, padding="SAME"), nn.Relu,
-        nn.Conv(2 * width, 3, padding="SAME"), nn.Relu, nn.MaxPool(3, stride=2, padding="SAME"),
+        nn.Conv(width, 5, padding="SAME"),
+        nn.Relu,
+        nn.LRN(),
+        nn.MaxPool(3, stride=2, padding="SAME"),
+        nn.Conv(2 * width, 3, padding="SAME"),
+        nn.Relu,
+        nn.LRN(),
+        nn.MaxPool(3, stride=2, padding="SAME"),
+        nn.Conv(3 * width, 3, padding="SAME"),
+        nn.Relu,
+        nn.Conv(2 * width, 3, padding="SAME"),
+        nn.Relu,
+        nn.MaxPool(3, stride=2, padding="SAME"),
         nn.Flatten,
-        nn.Dense(128), nn.Relu,
+        nn.Dense(128),
+        nn.Relu,
         nn.Dense(_classes(num_classes)),
     )
 
@@ -86,8 +114,10 @@ def _conv_bn(channels, kernel, stride=1, *, batch_norm: bool, last: bool = False
     branch's last convolution starts at zero instead, to the same effect.
     """
     if batch_norm:
-        return [nn.Conv(channels, kernel, stride=stride, padding="SAME", bias=False),
-                nn.BatchNorm(scale_init=nn.zeros if last else None)]
+        return [
+            nn.Conv(channels, kernel, stride=stride, padding="SAME", bias=False),
+            nn.BatchNorm(scale_init=nn.zeros if last else None),
+        ]
     return [nn.Conv(channels, kernel, stride=stride, padding="SAME", w_init=nn.zeros if last else nn.he_normal)]
 
 
@@ -97,11 +127,17 @@ def _block(channels, stride, *, batch_norm: bool, project: bool):
     The shortcut is the identity, or a strided 1x1 convolution (and BN) where
     the shape changes (``project``).
     """
-    main = (*_conv_bn(channels, 3, stride, batch_norm=batch_norm), nn.Relu,
-            *_conv_bn(channels, 3, batch_norm=batch_norm, last=True))
+    main = (
+        *_conv_bn(channels, 3, stride, batch_norm=batch_norm),
+        nn.Relu,
+        *_conv_bn(channels, 3, batch_norm=batch_norm, last=True),
+    )
     if project:
-        shortcut = (nn.serial(nn.Conv(channels, 1, stride=stride, bias=False), nn.BatchNorm()) if batch_norm
-                    else nn.Conv(channels, 1, stride=stride))
+        shortcut = (
+            nn.serial(nn.Conv(channels, 1, stride=stride, bias=False), nn.BatchNorm())
+            if batch_norm
+            else nn.Conv(channels, 1, stride=stride)
+        )
     else:
         shortcut = None
     return nn.serial(nn.residual(*main, shortcut=shortcut), nn.Relu)
@@ -121,8 +157,11 @@ def resnet_small(num_classes: int = 10, *, widths: Sequence[int] = (16, 32, 64),
     convolutions; the last convolution of each branch starts at zero), the
     ``resnet_small_nobn`` of the command line.
     """
-    layers = [*_conv_bn(widths[0], 3, batch_norm=batch_norm), nn.Relu,
-              _block(widths[0], 1, batch_norm=batch_norm, project=False)]
+    layers = [
+        *_conv_bn(widths[0], 3, batch_norm=batch_norm),
+        nn.Relu,
+        _block(widths[0], 1, batch_norm=batch_norm, project=False),
+    ]
     for width in widths[1:]:
         layers.append(_block(width, 2, batch_norm=batch_norm, project=True))
     layers += [nn.GlobalAvgPool, nn.Dense(_classes(num_classes))]
@@ -142,3 +181,55 @@ MODELS: dict[str, Callable[..., Layer]] = {
     "resnet_small_nobn": resnet_small_nobn,
 }
 """Command-line name -> constructor ``f(num_classes=10) -> (init_fun, apply_fun)``."""
+
+
+#: The largest image side :func:`min_input_size` tries.
+MAX_MIN_SIDE = 512
+
+
+def _builds(name: str, side: int, channels: int) -> bool:
+    """Whether ``MODELS[name]`` accepts ``(side, side, channels)`` images (shapes only, nothing allocated)."""
+    init_fun, _ = MODELS[name](10)
+    try:
+        jax.eval_shape(lambda: init_fun(jax.random.key(0), (1, side, side, channels)))
+    except ValueError:  # a window larger than its (padded) input, a negative output size
+        return False
+    return True
+
+
+@functools.cache
+def min_input_size(name: str, channels: int = 1) -> int:
+    """The smallest image side ``s`` such that the model ``name`` (a :data:`MODELS` key) takes ``s x s`` images.
+
+    Found by building the model on ``(s, s, channels)`` shapes (``jax.eval_shape``:
+    nothing is computed); the SAME-padded models take 1x1 images, ``dd2424_net``
+    (a VALID 3x3 convolution) at least 3x3.  ``ValueError`` for an unknown name.
+    """
+    if name not in MODELS:
+        raise ValueError(f"`name` (={name!r}) must be one of {sorted(MODELS)}.")
+    low, high = 1, MAX_MIN_SIDE
+    if not _builds(name, high, channels):
+        raise ValueError(f"model {name!r} takes no image of up to {high}x{high}x{channels}.")
+    while low < high:  # every model here takes every size from its minimum up: bisect
+        mid = (low + high) // 2
+        low, high = (low, mid) if _builds(name, mid, channels) else (mid + 1, high)
+    return low
+
+
+def check_input_shape(name: str, shape: Sequence[int]) -> None:
+    """``ValueError`` naming the model and its minimum size if ``MODELS[name]`` cannot take ``(H, W, C)`` images.
+
+    Call it where images meet a model (training, evaluation): a 1x1 image with
+    ``dd2424_net`` is refused as ``model 'dd2424_net' needs images of at least
+    3x3, got 1x1`` rather than by the failing convolution deep inside.
+    """
+    if name not in MODELS:
+        raise ValueError(f"`model` (={name!r}) must be one of {sorted(MODELS)}.")
+    if len(shape) != 3 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+        raise ValueError(f"`shape` (={tuple(shape)!r}) must be an image shape (H, W, C) of positive ints.")
+    h, w, c = shape
+    side = min_input_size(name, c)
+    if h < side or w < side:
+        raise ValueError(
+            f"model {name!r} needs images of at least {side}x{side}, got {h}x{w} (input shape {tuple(shape)})."
+        )

@@ -55,8 +55,21 @@ import numpy as np
 
 from .winograd import POINTS
 
-__all__ = ["CONV_BACKWARD_FORMS", "CONV_FORWARD_FORMS", "POOL_FORMS", "SIZED_FORMS", "WINOGRAD_TILES", "ConvPlan", "conv_plan",
-           "forms", "is_static", "onednn_fits", "platform_of", "pool_form", "winograd_fits"]
+__all__ = [
+    "CONV_BACKWARD_FORMS",
+    "CONV_FORWARD_FORMS",
+    "POOL_FORMS",
+    "SIZED_FORMS",
+    "WINOGRAD_TILES",
+    "ConvPlan",
+    "conv_plan",
+    "forms",
+    "is_static",
+    "onednn_fits",
+    "platform_of",
+    "pool_form",
+    "winograd_fits",
+]
 
 #: The conv forward forms (``jaxconv.ops.conv`` implements each).
 CONV_FORWARD_FORMS = ("conv", "im2row_blocked", "winograd2", "winograd4", "onednn")
@@ -104,8 +117,9 @@ else:  # pragma: no cover - older jax
 
 
 @contextlib.contextmanager
-def forms(*, conv_forward: str | None = None, conv_backward: str | None = None,
-          pool: str | None = None) -> Iterator[None]:
+def forms(
+    *, conv_forward: str | None = None, conv_backward: str | None = None, pool: str | None = None
+) -> Iterator[None]:
     """Force the named forms for everything traced inside the ``with`` block (``None``: the planner's).
 
     Nested blocks override the forms they name and keep the outer ones.
@@ -114,8 +128,11 @@ def forms(*, conv_forward: str | None = None, conv_backward: str | None = None,
     block is traced again inside it (with these forms), and again after it
     (with the planner's; each trace is cached as usual).
     """
-    requested = {"conv_forward": (conv_forward, CONV_FORWARD_FORMS),
-                 "conv_backward": (conv_backward, CONV_BACKWARD_FORMS), "pool": (pool, POOL_FORMS)}
+    requested = {
+        "conv_forward": (conv_forward, CONV_FORWARD_FORMS),
+        "conv_backward": (conv_backward, CONV_BACKWARD_FORMS),
+        "pool": (pool, POOL_FORMS),
+    }
     forced = _current()
     for name, (value, known) in requested.items():
         if value is None:
@@ -123,8 +140,10 @@ def forms(*, conv_forward: str | None = None, conv_backward: str | None = None,
         if value not in known:
             raise ValueError(f"`{name}` (={value!r}) must be one of {list(known)}.")
         if value == "onednn" and not _onednn().available():
-            raise ValueError(f"`{name}` (='onednn') needs the oneDNN library, which is not installed: "
-                             f"{_onednn().INSTALL_HINT}, or set ${_onednn().LIBRARY_ENV} to a libdnnl.so.")
+            raise ValueError(
+                f"`{name}` (='onednn') needs the oneDNN library, which is not installed: "
+                f"{_onednn().INSTALL_HINT}, or set ${_onednn().LIBRARY_ENV} to a libdnnl.so."
+            )
         forced[name] = value
     with _set(forced):
         yield
@@ -180,10 +199,14 @@ MAX_PHI_ENTRIES_PER_IMAGE = 64 * 2**20
 # contraction (kernel volume * C/G; O/G for dY F^T) than this runs far from
 # the matrix-product peak on CPU, and XLA's own convolution is then as fast.
 MIN_GEMM_SIDE = 32
-# Winograd's float32 error, measured against float64 on the benchmark shapes
-# (benchmarks/README.md): F(2x2, 3x3) stays within 2x the direct form's
-# (0.7-1.7x), F(4x4, 3x3) and every 5x5 tile do not (2.9-7x).  The planner
-# therefore uses F(2, r) only, for kernels of at most this size per axis.
+# Winograd's float32 error against float64, as a ratio to the direct form's:
+# normwise on the benchmark shapes (benchmarks/run.py), F(2x2, 3x3) 0.7-1.8x;
+# max-abs over a wider grid (benchmarks/form_errors.py: 32-256 channels,
+# 4-56 pixels, batch 1-128), F(2x2, 3x3) 0.56-1.65x on the layers this planner
+# picks it for (at least MIN_GEMM_SIDE channels on both sides), but up to 3.4x
+# on 16-channel layers (not picked: narrow, see below); F(4x4, 3x3) 3.0-10.4x,
+# F(2x2, 5x5) 1.9-12.3x, F(4x4, 5x5) 6.9-35x.  The planner therefore uses
+# F(2, r) only, for kernels of at most this size per axis.
 WINOGRAD_MAX_KERNEL = 3
 # From this many input channels per group on, XLA's own CPU convolution
 # forward runs near the GEMM peak (128->128 3x3 on 16x16: 150 GFLOP/s, 0.8-1x
@@ -207,14 +230,23 @@ def phi_entries_per_image(out_spatial: Sequence[int], kernel_spatial: Sequence[i
 
 def winograd_fits(kernel_spatial, stride, dilation, groups, tile: int = 2) -> bool:
     """Winograd ``F(tile, k)`` applies: stride 1, dilation 1, one group, interpolation points for every axis."""
-    return (all(s == 1 for s in stride) and all(d == 1 for d in dilation) and groups == 1
-            and all(tile + k - 2 <= len(POINTS) for k in kernel_spatial))
+    return (
+        all(s == 1 for s in stride)
+        and all(d == 1 for d in dilation)
+        and groups == 1
+        and all(tile + k - 2 <= len(POINTS) for k in kernel_spatial)
+    )
 
 
 def onednn_fits(kernel_spatial, groups, platform: str, dtype) -> bool:
     """The ``"onednn"`` forms apply: float32 on CPU, 1-3 spatial dimensions, one group, the library installed."""
-    return (platform == "cpu" and dtype is not None and np.dtype(dtype) == np.float32
-            and _onednn().fits(len(kernel_spatial), groups) and _onednn().available())
+    return (
+        platform == "cpu"
+        and dtype is not None
+        and np.dtype(dtype) == np.float32
+        and _onednn().fits(len(kernel_spatial), groups)
+        and _onednn().available()
+    )
 
 
 def _onednn():
@@ -225,8 +257,19 @@ def _onednn():
     return onednn
 
 
-def conv_plan(*, batch, out_spatial, kernel_spatial, in_channels, out_channels, groups, stride,
-              platform: str, dilation=None, dtype=None) -> ConvPlan:
+def conv_plan(
+    *,
+    batch,
+    out_spatial,
+    kernel_spatial,
+    in_channels,
+    out_channels,
+    groups,
+    stride,
+    platform: str,
+    dilation=None,
+    dtype=None,
+) -> ConvPlan:
     """The forms for one convolution (any number of spatial dimensions).
 
     ``batch`` and ``out_spatial`` may hold symbolic dimensions: then every size
@@ -252,7 +295,9 @@ def conv_plan(*, batch, out_spatial, kernel_spatial, in_channels, out_channels, 
     :data:`WINOGRAD_MAX_KERNEL` per axis and at least :data:`MIN_GEMM_SIDE`
     input and output channels: 2.25x fewer multiplications for a 3x3 kernel,
     1.4-2.6x faster than the blocked products on the benchmarks' layers,
-    with float32 error within 2x the direct form's.
+    with float32 error within 2x the direct form's on those layers (measured
+    max-abs ratio 0.56-1.65x, ``benchmarks/form_errors.py``; narrower layers,
+    not picked, reach 3.4x).
     On GPU both are XLA's convolutions (cuDNN).
 
     ``dilation`` (default 1 everywhere) only matters for the Winograd forms,
@@ -261,19 +306,22 @@ def conv_plan(*, batch, out_spatial, kernel_spatial, in_channels, out_channels, 
     """
     dilation = tuple(dilation) if dilation is not None else (1,) * len(kernel_spatial)
     forced_forward, forced_backward = forced("conv_forward"), forced("conv_backward")
-    forward, backward, reason = _conv_choice(batch, out_spatial, kernel_spatial, in_channels, out_channels, groups,
-                                             stride, dilation, platform)
+    forward, backward, reason = _conv_choice(
+        batch, out_spatial, kernel_spatial, in_channels, out_channels, groups, stride, dilation, platform
+    )
     if forced_forward or forced_backward:
-        reason = "forced by jaxconv.plan.forms" + (f"; the planner would pick ({forward}, {backward}): {reason}"
-                                                   if reason else "")
+        reason = "forced by jaxconv.plan.forms" + (
+            f"; the planner would pick ({forward}, {backward}): {reason}" if reason else ""
+        )
     chosen = []
     static = is_static((batch,), out_spatial)
     for wanted, own in ((forced_forward, forward), (forced_backward, backward)):
         if wanted in SIZED_FORMS and not static:
             reason += f"; {wanted} needs every size, and a dimension is symbolic: conv runs"
             wanted = "conv"
-        if wanted in WINOGRAD_TILES and not winograd_fits(kernel_spatial, stride, dilation, groups,
-                                                          WINOGRAD_TILES[wanted]):
+        if wanted in WINOGRAD_TILES and not winograd_fits(
+            kernel_spatial, stride, dilation, groups, WINOGRAD_TILES[wanted]
+        ):
             reason += f"; {wanted} needs stride 1, dilation 1, one group: {own} runs"
             wanted = own
         if wanted == "onednn" and not (static and onednn_fits(kernel_spatial, groups, platform, dtype)):
@@ -283,8 +331,7 @@ def conv_plan(*, batch, out_spatial, kernel_spatial, in_channels, out_channels, 
     return ConvPlan(chosen[0], chosen[1], reason)
 
 
-def _conv_choice(batch, out_spatial, kernel_spatial, in_channels, out_channels, groups, stride, dilation,
-                 platform):
+def _conv_choice(batch, out_spatial, kernel_spatial, in_channels, out_channels, groups, stride, dilation, platform):
     if not is_static((batch,), out_spatial):
         return "conv", "conv", "a symbolic dimension: the forms that need no size"
     if platform != "cpu":
@@ -297,8 +344,13 @@ def _conv_choice(batch, out_spatial, kernel_spatial, in_channels, out_channels, 
     if phi > MAX_PHI_ENTRIES_PER_IMAGE:
         return "conv", "conv", f"one image's phi would hold {phi:,} entries"
     facts = f"on CPU: {og} output and {cg} input channels per group, {macs:,} multiply-adds"
-    if (len(kernel_spatial) == 2 and max(kernel_spatial) <= WINOGRAD_MAX_KERNEL and math.prod(kernel_spatial) > 1
-            and min(cg, og) >= MIN_GEMM_SIDE and winograd_fits(kernel_spatial, stride, dilation, groups)):
+    if (
+        len(kernel_spatial) == 2
+        and max(kernel_spatial) <= WINOGRAD_MAX_KERNEL
+        and math.prod(kernel_spatial) > 1
+        and min(cg, og) >= MIN_GEMM_SIDE
+        and winograd_fits(kernel_spatial, stride, dilation, groups)
+    ):
         return "winograd2", "winograd2", facts + ", stride 1: Winograd F(2x2, 3x3)"
     narrow = og < MIN_GEMM_SIDE
     backward = "conv" if narrow and all(s == 1 for s in stride) else "im2row_blocked"

@@ -8,6 +8,7 @@ standard deviation its training images were standardised with.
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ from . import checkpoint, data, plots
 from .images import read_image
 from .step import build_optimizer, evaluate, init_optimizer, init_params, standardize
 
-__all__ = ["checkpoint_path", "evaluate_run", "load_trained", "predict", "standardized"]
+__all__ = ["checkpoint_path", "confusion_png_path", "evaluate_run", "load_trained", "predict", "standardized"]
 
 
 def checkpoint_path(run: str | os.PathLike, best: bool = False) -> pathlib.Path:
@@ -34,8 +35,11 @@ def checkpoint_path(run: str | os.PathLike, best: bool = False) -> pathlib.Path:
     if path.is_dir():
         path = path / ("best.safetensors" if best else "checkpoint.safetensors")
         if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist: {run} holds no such checkpoint"
-                                    + (" (was the run trained with --val-fraction 0?)" if best else "") + ".")
+            raise FileNotFoundError(
+                f"{path} does not exist: {run} holds no such checkpoint"
+                + (" (was the run trained with --val-fraction 0?)" if best else "")
+                + "."
+            )
     elif best:
         raise ValueError(f"--best needs a run directory, got the file {run}.")
     return path
@@ -55,9 +59,17 @@ def load_trained(run: str | os.PathLike, *, best: bool = False) -> tuple[Callabl
     meta = checkpoint.read_metadata(path)
     model, config, stats = meta.get("model"), meta.get("config"), meta.get("standardization")
     if not (isinstance(model, dict) and isinstance(config, dict) and isinstance(stats, dict)):
-        raise ValueError(f"{path}: no 'model', 'config' and 'standardization' in its metadata: not a checkpoint "
-                         f"written by `python -m jaxconv train` of this version.")
+        raise ValueError(
+            f"{path}: no 'model', 'config' and 'standardization' in its metadata: not a checkpoint "
+            f"written by `python -m jaxconv train` of this version."
+        )
     name, classes, input_shape = checkpoint.check_model_entry(path, model)  # bounded before anything is built
+    _check_standardization(path, stats)
+    if name in models.MODELS:
+        try:
+            models.check_input_shape(name, input_shape)
+        except ValueError as err:
+            raise ValueError(f"{path}: its metadata's input_shape does not fit its model: {err}") from err
     try:
         init_fun, apply_fun = models.MODELS[name](classes)
         optimizer = build_optimizer(config, int(model["steps_per_epoch"]))
@@ -70,7 +82,36 @@ def load_trained(run: str | os.PathLike, *, best: bool = False) -> tuple[Callabl
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path}: its metadata does not describe a model and optimizer ({err!r}).") from err
     state, meta = checkpoint.restore(path, abstract)
+    bad = [
+        leaf
+        for leaf, value in jax.tree_util.tree_leaves_with_path(state["params"])
+        if not np.all(np.isfinite(np.asarray(value)))
+    ]
+    if bad:
+        raise ValueError(
+            f"{path}: its weights are not finite (NaN or infinity in {len(bad)} parameter array(s), "
+            f"the first ['params']{jax.tree_util.keystr(bad[0])}): the model cannot be evaluated or used; "
+            f"train again, or use the run's best checkpoint (--best) if it has one."
+        )
     return apply_fun, state["params"], meta
+
+
+def _check_standardization(path, stats: dict) -> None:
+    """``ValueError`` unless the checkpoint's standardisation is a finite ``mean`` and a finite ``std > 0``."""
+    values: dict[str, float] = {}
+    for key in ("mean", "std"):
+        value = stats.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(
+                f"{path}: its metadata's standardization {key} (={value!r}) is not a finite number "
+                f"(the file was edited or is not a checkpoint written by `python -m jaxconv train`)."
+            )
+        values[key] = value
+    if values["std"] <= 0:
+        raise ValueError(
+            f"{path}: its metadata's standardization std (={values['std']!r}) must be > 0 "
+            f"(the file was edited or is not a checkpoint written by `python -m jaxconv train`)."
+        )
 
 
 def standardized(images: ArrayLike, metadata: dict) -> np.ndarray:
@@ -79,9 +120,30 @@ def standardized(images: ArrayLike, metadata: dict) -> np.ndarray:
     return standardize(images, stats=(stats["mean"], stats["std"]))[0]
 
 
-def evaluate_run(run: str | os.PathLike, *, best: bool = False, dataset: str | None = None,
-                 data_dir: str | os.PathLike | None = None, split: str = "test",
-                 confusion_png: str | os.PathLike | None = None) -> dict:
+def confusion_png_path(confusion_png: str | os.PathLike, split: str = "test") -> pathlib.Path:
+    """Where :func:`evaluate_run` draws its confusion matrix: ``confusion_png`` itself, a ``.png`` file name,
+    or ``confusion_png/confusion-<split>.png`` when it is an existing directory.  ``ValueError`` for another
+    name (e.g. ``x.txt``): the file written is a PNG, and its name says so."""
+    path = pathlib.Path(confusion_png)
+    if path.is_dir():
+        return path / f"confusion-{split}.png"
+    if path.suffix.lower() != ".png":
+        raise ValueError(
+            f"the confusion matrix (={str(confusion_png)!r}) is written as a PNG: name a .png file "
+            f"or an existing directory."
+        )
+    return path
+
+
+def evaluate_run(
+    run: str | os.PathLike,
+    *,
+    best: bool = False,
+    dataset: str | None = None,
+    data_dir: str | os.PathLike | None = None,
+    split: str = "test",
+    confusion_png: str | os.PathLike | None = None,
+) -> dict:
     """Accuracy, loss and confusion matrix of a trained run on a data split.
 
     Args:
@@ -90,44 +152,74 @@ def evaluate_run(run: str | os.PathLike, *, best: bool = False, dataset: str | N
       dataset: a :data:`jaxconv.train.data.DATASETS` name; default: the one the run was trained on.
       data_dir: the data set's directory (not needed for ``"digits"``).
       split: ``"test"`` or ``"train"``.
-      confusion_png: where to draw the confusion matrix (needs matplotlib); ``None`` draws nothing.
+      confusion_png: where to draw the confusion matrix (needs matplotlib): a ``.png`` file, or an existing
+        directory (its ``confusion-<split>.png``; :func:`confusion_png_path`); ``None`` draws nothing.
 
     Returns ``{"checkpoint", "epoch", "model", "dataset", "split", "images",
-    "accuracy", "loss", "confusion_matrix" (a list of rows), "confusion_png"}``.
-    ``ValueError`` / ``OSError`` for a missing or foreign checkpoint, data that
-    cannot be read or does not fit the model, or a PNG that cannot be written.
+    "accuracy", "loss", "confusion_matrix" (a list of rows), "confusion_png",
+    "confusion_note"}``: ``confusion_png`` is the file written (``None`` if
+    none was), ``confusion_note`` why a requested PNG was not written (the
+    directory is read-only, matplotlib is missing; ``None`` otherwise): the
+    evaluation itself does not fail for it.  ``ValueError`` / ``OSError`` for
+    a missing or foreign checkpoint (non-finite weights, a standardisation or
+    data set name that is not the one ``python -m jaxconv train`` writes), data
+    that cannot be read or does not fit the model, or a PNG name that is not
+    a ``.png`` file or a directory.
     """
     if split not in ("test", "train"):
         raise ValueError(f"`split` (={split!r}) must be 'test' or 'train'.")
+    png = None if confusion_png is None else confusion_png_path(confusion_png, split)
     path = checkpoint_path(run, best)
     apply_fun, params, meta = load_trained(path)
-    name = dataset or meta["config"]["dataset"]
+    name = dataset
+    if name is None:
+        name = meta["config"].get("dataset")
+        if not isinstance(name, str) or name not in data.DATASETS:
+            raise ValueError(
+                f"{path}: its metadata's config names no data set (dataset={name!r}; expected one of "
+                f"{list(data.DATASETS)}): name one with --dataset (`dataset`)."
+            )
     if name != "digits" and data_dir is None:
         raise ValueError(f"the {name} files are read from a directory: name it with --data-dir (`data_dir`).")
     loaded = data.load_dataset(name, data_dir)
-    images, labels = ((loaded.test_images, loaded.test_labels) if split == "test"
-                      else (loaded.train_images, loaded.train_labels))
+    images, labels = (
+        (loaded.test_images, loaded.test_labels) if split == "test" else (loaded.train_images, loaded.train_labels)
+    )
     expected = tuple(meta["model"]["input_shape"])
     if images.shape[1:] != expected:
+        models.check_input_shape(meta["model"]["name"], tuple(int(d) for d in images.shape[1:]))
         raise ValueError(f"{name} images are {images.shape[1:]}, the model takes {expected}.")
     x = standardized(images, meta)
     result = evaluate(apply_fun, params, x, labels, batch_size=512)
     predict_batch = jax.jit(lambda p, batch: jnp.argmax(apply_fun(p, batch), axis=-1))
     predictions = np.concatenate([np.asarray(predict_batch(params, x[i : i + 512])) for i in range(0, len(x), 512)])
     matrix = plots.confusion_matrix(labels, predictions, loaded.num_classes)
-    if confusion_png is not None:
+    note = None
+    if png is not None:
         title = f"{meta['model']['name']}, epoch {meta.get('epoch')}, {name} {split}: {result['accuracy']:.2%}"
         try:
-            plots.plot_confusion(matrix, confusion_png, title=title)
-        except OSError as err:
-            raise OSError(f"cannot write the confusion matrix to {confusion_png}: {err}") from err
-    return {"checkpoint": str(path), "epoch": meta.get("epoch"), "model": meta["model"]["name"], "dataset": name,
-            "split": split, "images": len(labels), "accuracy": result["accuracy"], "loss": result["loss"],
-            "confusion_matrix": matrix.tolist(), "confusion_png": None if confusion_png is None else str(confusion_png)}
+            plots.plot_confusion(matrix, png, title=title)
+        except (OSError, ImportError) as err:  # a read-only run directory, no matplotlib: the numbers stand
+            note = f"the confusion matrix was not written to {png}: {err}"
+            png = None
+    return {
+        "checkpoint": str(path),
+        "epoch": meta.get("epoch"),
+        "model": meta["model"]["name"],
+        "dataset": name,
+        "split": split,
+        "images": len(labels),
+        "accuracy": result["accuracy"],
+        "loss": result["loss"],
+        "confusion_matrix": matrix.tolist(),
+        "confusion_png": None if png is None else str(png),
+        "confusion_note": note,
+    }
 
 
-def predict(run: str | os.PathLike, images: Sequence[str | os.PathLike], *, best: bool = False,
-            top_k: int = 3) -> list[dict]:
+def predict(
+    run: str | os.PathLike, images: Sequence[str | os.PathLike], *, best: bool = False, top_k: int = 3
+) -> list[dict]:
     """The ``top_k`` classes and their probabilities for each image file, by a trained run.
 
     ``images`` are ``.png`` or ``.npy`` files (:func:`read_image`) of the

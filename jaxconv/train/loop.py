@@ -37,7 +37,7 @@ from .. import plan
 from .._core.jsonsafe import json_safe, strict_json_bytes
 from .._core.version import __version__
 from ..nn import layers as nn
-from ..nn.models import MODELS
+from ..nn.models import MODELS, check_input_shape
 from ..plan import onednn
 from . import checkpoint, data, files, plots, rundir
 from .data import DATASETS
@@ -675,6 +675,10 @@ def _train(
         optimizer = build_optimizer(settings, steps_per_epoch)
     except ValueError as err:
         raise FitError(str(err), "warmup_epochs") from err
+    try:  # an image smaller than the model's windows: say so, not a shape error from inside a convolution
+        check_input_shape(model, tuple(int(d) for d in dataset.train_images.shape[1:]))
+    except ValueError as err:
+        raise FitError(f"--dataset {config.dataset}: {err}", "dataset", "model") from err
     init_fun, apply_fun = MODELS[model](dataset.num_classes)
     augment = None
     if config.augment:
