@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import importlib
 import io
+import json
 import math
 import os
 import pathlib
@@ -445,10 +446,34 @@ def _missing_extras() -> list[str]:
     return missing
 
 
+#: The flag of each key of :meth:`Config.settings` whose flag is not ``--`` + the key.
+_SETTING_FLAGS = {key: _flag(name) for name, key in RECIPE_FIELDS.items()}
+
+
+def _resume_source(ckpt_path: pathlib.Path, best_path: pathlib.Path) -> tuple[pathlib.Path, str | None]:
+    """The file ``--resume`` continues from and a note if it is not ``checkpoint.safetensors``; ``ValueError``
+    when the run directory holds neither checkpoint.
+
+    Runs write ``checkpoint.safetensors`` before ``best.safetensors`` in each epoch, so a run killed between the two
+    has its checkpoint.  Earlier versions wrote them the other way round: a run of theirs killed between the two
+    holds only ``best.safetensors``, which is then the epoch's whole state (weights and optimizer) and continues."""
+    if os.path.lexists(ckpt_path):
+        return ckpt_path, None
+    if os.path.lexists(best_path):
+        return best_path, (
+            f"{ckpt_path.name} does not exist (a run killed between writing {best_path.name} and it); resuming from "
+            f"{best_path.name}, which holds the whole state of the epoch it was written in"
+        )
+    raise ValueError(
+        f"{ckpt_path.parent} holds no run to resume (no {ckpt_path.name}): drop --resume to start the run there."
+    )
+
+
 def _resumed(ckpt_path, template, settings: dict, stats, fingerprint: dict):
     """``(state, epoch, history, best)`` from the checkpoint of the run being resumed;
-    ``ValueError`` if it does not fit."""
-    state, meta = checkpoint.restore(ckpt_path, template)
+    ``ValueError`` if it does not fit.  The settings are compared first: a changed ``--optimizer`` or ``--model``
+    is named as such, not as arrays that do not fit."""
+    meta = checkpoint.read_metadata(ckpt_path)
     problems = []
     saved = meta.get("config")
     if not isinstance(saved, dict):
@@ -463,7 +488,11 @@ def _resumed(ckpt_path, template, settings: dict, stats, fingerprint: dict):
     keys = _RESUME_KEYS + (("epochs",) if settings["schedule"] != "constant" else ())
     differ = {k: (saved.get(k), settings[k]) for k in keys if saved.get(k) != settings[k]}
     if differ:
-        problems.append(", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in differ.items()))
+        problems.append(
+            ", ".join(
+                f"{_SETTING_FLAGS.get(k, _flag(k))} (the checkpoint's {a!r}, now {b!r})" for k, (a, b) in differ.items()
+            )
+        )
         if "epochs" in differ:
             problems.append(f"the same --epochs: the {settings['schedule']} schedule spans the whole run")
     saved_data = meta.get("data")
@@ -488,8 +517,51 @@ def _resumed(ckpt_path, template, settings: dict, stats, fingerprint: dict):
         )
     if problems:
         raise ValueError(f"{ckpt_path} was written with other settings; --resume needs the same " + "; ".join(problems))
+    state, _ = checkpoint.restore(ckpt_path, template)
     best = meta.get("best") if isinstance(meta.get("best"), dict) else None
     return state, epoch, history, best
+
+
+def _read_bytes(path: pathlib.Path) -> bytes:
+    """The bytes of the regular file ``path`` (``ValueError`` for a special file, ``OSError`` if unreadable)."""
+    with files.open_regular(path, lambda kind: ValueError(f"{str(path)!r} is {kind}, not a regular file")) as (f, _):
+        return f.read()
+
+
+def _repair_run(out: pathlib.Path, source: pathlib.Path, epoch: int, history: list, best: dict | None) -> list[str]:
+    """Bring the run's other files up to the checkpoint ``source`` (at ``epoch``) that ``--resume`` continues:
+    what a kill between the writes of an epoch leaves behind.  Copies ``source`` to ``checkpoint.safetensors``
+    where it is missing, and to ``best.safetensors`` where the checkpoint's best epoch is its own epoch but
+    ``best.safetensors`` holds another (or none); returns the repairs made, with ``"metrics.json"`` first
+    when ``metrics.json`` is missing or lists other epochs than the checkpoint's history (the caller rewrites it)."""
+    repairs = []
+    metrics_path = out / "metrics.json"
+    try:
+        recorded = json.loads(_read_bytes(metrics_path)).get("epochs")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded != history:
+        repairs.append("metrics.json")
+        repairs.append(
+            f"metrics.json listed {len(recorded) if isinstance(recorded, list) else 'no'} epochs, the checkpoint "
+            f"{len(history)}: rewritten from the checkpoint's history"
+        )
+    ckpt_path, best_path = out / "checkpoint.safetensors", out / "best.safetensors"
+    if source != ckpt_path:
+        checkpoint.atomic_write_bytes(ckpt_path, _read_bytes(source))
+        repairs.append(f"{ckpt_path.name} rewritten from {source.name} (epoch {epoch})")
+    if best is not None and best.get("epoch") == epoch and epoch > 0:
+        try:
+            best_epoch = checkpoint.read_metadata(best_path).get("epoch")
+        except (OSError, ValueError):
+            best_epoch = None
+        if best_epoch != epoch:
+            checkpoint.atomic_write_bytes(best_path, _read_bytes(source))
+            repairs.append(
+                f"{best_path.name} held epoch {best_epoch}, the checkpoint's best is its own epoch {epoch}: "
+                f"rewritten from {source.name}"
+            )
+    return repairs
 
 
 def data_fingerprint(images: np.ndarray, labels: np.ndarray) -> dict:
@@ -686,11 +758,17 @@ def _train(
     _, params = init_params(init_fun, x_train.shape, seed=config.seed)
     opt_state = init_optimizer(optimizer, params)
     start_epoch, history, best = 0, [], None
+    repairs: list[str] = []
     if config.resume:
         try:
+            source, note = _resume_source(ckpt_path, best_path)
+            if note is not None:
+                say.err(f"python -m jaxconv train: note: --resume: {note}")
             state, start_epoch, history, best = _resumed(
-                ckpt_path, {"params": params, "opt_state": opt_state}, settings, stats, fingerprint
+                source, {"params": params, "opt_state": opt_state}, settings, stats, fingerprint
             )
+            if writer:
+                repairs = _repair_run(out, source, start_epoch, history, best)
         except (ValueError, OSError) as err:
             raise FitError(f"--resume: {err}", "resume") from err
         params, opt_state = state["params"], state["opt_state"]
@@ -758,6 +836,11 @@ def _train(
             outputs=tuple(sorted(set(outputs))),
         )
 
+    if "metrics.json" in repairs:
+        write_metrics(best=best)
+        outputs.append("metrics.json")
+    for repair in repairs:
+        say.err(f"python -m jaxconv train: note: --resume: {repair} (a run killed between its writes)")
     end_epoch = epochs if config.stop_after is None else min(epochs, start_epoch + config.stop_after)
     stop: Stopped | None = None
     for epoch in range(start_epoch, end_epoch):
@@ -877,11 +960,13 @@ def _train(
                 lock.set_previous_aside()  # --overwrite: the previous run makes way for this one's first files
             tree = {"params": host_params, "opt_state": _host(opt_state)}
             guard()
+            # The checkpoint first: a run killed after it and before best.safetensors or metrics.json continues
+            # with --resume, which rewrites those two from the checkpoint (_repair_run).
+            checkpoint.save(ckpt_path, tree, meta)
+            outputs.append(ckpt_path.name)
             if improved:
                 checkpoint.save(best_path, tree, meta)
                 outputs.append(best_path.name)
-            checkpoint.save(ckpt_path, tree, meta)
-            outputs.append(ckpt_path.name)
         write_metrics(best=best)
         if writer:
             outputs.append("metrics.json")

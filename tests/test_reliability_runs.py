@@ -1,0 +1,128 @@
+"""Runs killed between their writes, resumed; settings that differ on resume or between processes; processes that
+cannot start together.  Every case runs the real training loop (or real processes) on real files: a kill is
+simulated by putting the run directory into the exact state the kill leaves (the files written up to that point)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import pytest
+
+from jaxconv.cli import commands as cli
+from jaxconv.train import checkpoint
+from jaxconv.train.loop import Completed, Config, FitError, fit
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SETTINGS = {"model": "dd2424_net", "batch_size": 64, "seed": 3, "epochs": 2}
+
+
+def _metrics_epochs(out: pathlib.Path) -> list[int]:
+    return [e["epoch"] for e in json.loads((out / "metrics.json").read_text())["epochs"]]
+
+
+def _epoch_of(path: pathlib.Path) -> int:
+    return checkpoint.read_metadata(path)["epoch"]
+
+
+@pytest.fixture(scope="module")
+def epoch_states(tmp_path_factory):
+    """The files of one run after epoch 1 and after epoch 2 (each epoch improving on validation)."""
+    base = tmp_path_factory.mktemp("states")
+    out = base / "run"
+    fit(Config(**SETTINGS, out=out, stop_after=1), verbose=False)
+    shutil.copytree(out, base / "after1")
+    result = fit(Config(**SETTINGS, out=out, resume=True), verbose=False)
+    assert result.best is not None and result.best["epoch"] == 2, "epoch 2 must improve for these states"
+    shutil.copytree(out, base / "after2")
+    return base
+
+
+def _state(epoch_states: pathlib.Path, dest: pathlib.Path, after: int, keep: dict[str, int]) -> pathlib.Path:
+    """A run directory holding, of the outputs, exactly ``keep`` (name -> the epoch whose version it holds)."""
+    dest.mkdir()
+    for name, epoch in keep.items():
+        shutil.copy2(epoch_states / f"after{epoch}" / name, dest / name)
+    return dest
+
+
+def test_kill_in_epoch_1_before_any_output_rerun_and_resume_messages(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".jaxconv.lock").write_text("999999\n")  # what a kill before the first checkpoint leaves
+    with pytest.raises(FitError, match="holds no run to resume .*drop --resume"):
+        fit(Config(**SETTINGS, out=out, resume=True, stop_after=1), verbose=False)
+    assert cli.main(["train", *_flags(SETTINGS), "--out", str(tmp_path / "new"), "--resume"]) == 2
+    assert "drop --resume" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def _flags(settings: dict) -> list[str]:
+    return [x for k, v in settings.items() for x in ("--" + k.replace("_", "-"), str(v))]
+
+
+def test_checkpoint_is_written_before_best(epoch_states, tmp_path, monkeypatch):
+    """The order of an epoch's writes: checkpoint.safetensors, then best.safetensors, then metrics.json."""
+    order = []
+    real_write = checkpoint.atomic_write_bytes  # what checkpoint.save and the metrics writer call
+    monkeypatch.setattr(
+        checkpoint, "atomic_write_bytes", lambda path, d: (order.append(pathlib.Path(path).name), real_write(path, d))
+    )
+    fit(Config(**SETTINGS, out=tmp_path / "run", stop_after=1), verbose=False)
+    assert order[:3] == ["checkpoint.safetensors", "best.safetensors", "metrics.json"]
+
+
+def test_old_order_kill_leaves_only_best_and_resume_continues_from_it(epoch_states, tmp_path, capsys):
+    """A run of an earlier version killed between best.safetensors and checkpoint.safetensors in epoch 1."""
+    out = _state(epoch_states, tmp_path / "run", 1, {"best.safetensors": 1})
+    with pytest.raises(FitError, match="Continue it with --resume"):
+        fit(Config(**SETTINGS, out=out), verbose=False)
+    result = fit(Config(**SETTINGS, out=out, resume=True))
+    err = capsys.readouterr().err
+    assert "resuming from best.safetensors" in err and "checkpoint.safetensors rewritten" in err
+    assert isinstance(result.status, Completed) and [h["epoch"] for h in result.history] == [1, 2]
+    assert _metrics_epochs(out) == [1, 2] and _epoch_of(out / "checkpoint.safetensors") == 2
+    reference = json.loads((epoch_states / "after2" / "metrics.json").read_text())["epochs"]
+    got = json.loads((out / "metrics.json").read_text())["epochs"]
+    assert [e["train_loss"] for e in got] == [e["train_loss"] for e in reference]  # the same trajectory
+
+
+@pytest.mark.parametrize(
+    "keep, written",
+    [
+        # epoch 1: killed after the checkpoint, before best.safetensors / metrics.json
+        ({"checkpoint.safetensors": 1}, 1),
+        ({"checkpoint.safetensors": 1, "best.safetensors": 1}, 1),
+        # epoch 2 (the last): killed after the checkpoint, before best.safetensors / metrics.json
+        ({"checkpoint.safetensors": 2, "best.safetensors": 1, "metrics.json": 1}, 2),
+        ({"checkpoint.safetensors": 2, "best.safetensors": 2, "metrics.json": 1}, 2),
+    ],
+)
+def test_every_prefix_of_an_epochs_writes_resumes_and_repairs(epoch_states, tmp_path, capsys, keep, written):
+    out = _state(epoch_states, tmp_path / "run", written, keep)
+    with pytest.raises(FitError, match="Continue it with --resume"):
+        fit(Config(**SETTINGS, out=out), verbose=False)
+    capsys.readouterr()
+    result = fit(Config(**SETTINGS, out=out, resume=True))
+    err = capsys.readouterr().err
+    assert "metrics.json listed" in err and "rewritten from the checkpoint's history" in err
+    if written == 2:
+        assert "nothing to train" in err
+    assert isinstance(result.status, Completed) and [h["epoch"] for h in result.history] == [1, 2]
+    assert _metrics_epochs(out) == [1, 2]
+    assert _epoch_of(out / "checkpoint.safetensors") == 2 and _epoch_of(out / "best.safetensors") == 2
+    # A whole run resumes with no repair.
+    fit(Config(**SETTINGS, out=out, resume=True))
+    assert "rewritten" not in capsys.readouterr().err
+
+
+def test_changed_setting_on_resume_names_the_flag_and_both_values(epoch_states, tmp_path, capsys):
+    out = _state(epoch_states, tmp_path / "run", 1, {"checkpoint.safetensors": 1, "metrics.json": 1})
+    argv = ["train", *_flags(SETTINGS), "--out", str(out), "--resume"]
+    assert cli.main([*argv, "--optimizer", "sgd", "--lr", "0.05"]) == 2
+    err = capsys.readouterr().err
+    assert "--optimizer (the checkpoint's 'adam', now 'sgd')" in err, err
+    assert "--lr (the checkpoint's 0.003, now 0.05)" in err, err
+    assert cli.main([*argv, "--seed", "4"]) == 2
+    assert "--seed (the checkpoint's 3, now 4)" in capsys.readouterr().err
