@@ -5,8 +5,13 @@ simulated by putting the run directory into the exact state the kill leaves (the
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -126,3 +131,67 @@ def test_changed_setting_on_resume_names_the_flag_and_both_values(epoch_states, 
     assert "--lr (the checkpoint's 0.003, now 0.05)" in err, err
     assert cli.main([*argv, "--seed", "4"]) == 2
     assert "--seed (the checkpoint's 3, now 4)" in capsys.readouterr().err
+
+
+# --- several processes -------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _process(tmp_path: pathlib.Path, port: int, process_id: int, *extra: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_ENABLE_X64", "XLA_FLAGS")}
+    env["PYTHONPATH"] = str(ROOT)
+    argv = ["train", *_flags(SETTINGS), "--out", str(tmp_path / "run"), "--coordinator", f"127.0.0.1:{port}"]
+    argv += ["--num-processes", "2", "--process-id", str(process_id), *extra]
+    return subprocess.Popen(
+        [sys.executable, "-m", "jaxconv", *argv],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_two_processes_with_other_settings_both_stop_before_training(tmp_path):
+    port = _free_port()
+    procs = [_process(tmp_path, port, 0, "--init-timeout", "30"), _process(tmp_path, port, 1, "--seed", "4")]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    for i, (p, (_, err)) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 2, err[-3000:]
+        assert "started with other settings" in err and "--seed differs (processes 0 vs 1" in err, err[-3000:]
+        assert f"process {i} has {3 if i == 0 else 4})" in err
+        assert "--init-timeout differs" in err  # the whole Config is compared, not only what training reads
+        assert "epoch 1" not in err
+    assert not (tmp_path / "run").exists()  # nothing was created: they stop before the run directory
+
+
+@pytest.mark.parametrize("process_id", [0, 1])
+def test_a_process_whose_partner_never_starts_stops_within_the_timeout(tmp_path, process_id):
+    start = time.monotonic()
+    proc = _process(tmp_path, _free_port(), process_id, "--init-timeout", "3")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err[-3000:]
+    assert "--init-timeout 3" in err and "within 3 s" in err, err[-3000:]
+    assert ("process 1 of --num-processes 2 did not connect" if process_id == 0 else "did not get to process 0") in err
+    assert time.monotonic() - start < 60  # jax's own wait would abort the process (SIGABRT) after its timeout
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_coordinator_port_in_use_is_a_clear_error(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        proc = _process(tmp_path, busy.getsockname()[1], 0, "--init-timeout", "3")
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err[-3000:]
+    assert "process 0 cannot listen on port" in err and "choose another port" in err, err[-3000:]
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "5"])
+def test_init_timeout_must_be_a_positive_integer(value):
+    with pytest.raises(FitError, match=r"`init_timeout` .*--init-timeout") as info:
+        Config(init_timeout=value)
+    assert info.value.fields == ("init_timeout",)

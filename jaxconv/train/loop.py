@@ -17,6 +17,7 @@ checkpoint, a resumed run reaches the bit-identical parameters, and with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import pathlib
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -312,6 +314,7 @@ class Config:
     num_processes: int | None = None
     process_id: int | None = None
     distributed: bool = False
+    init_timeout: int = 60
 
     def __post_init__(self):
         _choice("dataset", self.dataset, DATASETS)
@@ -329,7 +332,17 @@ class Config:
         _integer("stop_after", self.stop_after, 1, optional=True)
         _integer("num_processes", self.num_processes, 1, optional=True)
         _integer("process_id", self.process_id, 0, optional=True)
-        for name in ("epochs", "batch_size", "seed", "devices", "stop_after", "num_processes", "process_id"):
+        _integer("init_timeout", self.init_timeout, 1)
+        for name in (
+            "epochs",
+            "batch_size",
+            "seed",
+            "devices",
+            "stop_after",
+            "num_processes",
+            "process_id",
+            "init_timeout",
+        ):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, int(getattr(self, name)))
         reals = {
@@ -574,22 +587,192 @@ def data_fingerprint(images: np.ndarray, labels: np.ndarray) -> dict:
     return {"images": int(images.shape[0]), "shape": list(images.shape[1:]), "sha256": digest.hexdigest()}
 
 
+def _coordinator_address(coordinator: str) -> tuple[str, int]:
+    host, sep, port = coordinator.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise _bad("coordinator", coordinator, "'HOST:PORT' with a port from 1 to 65535")
+    return host.strip("[]"), int(port)
+
+
+#: What the processes say to each other in :func:`_rendezvous`.
+_HELLO, _GO, _TAKEN = b"jaxconv-train process ", b"go\n", b"taken\n"
+
+
+def _read_line(conn: socket.socket, deadline: float) -> bytes:
+    """One line from ``conn`` (without its newline) before ``deadline``; ``b""`` on EOF; ``TimeoutError`` after."""
+    data = b""
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        conn.settimeout(left)
+        chunk = conn.recv(256)
+        if not chunk:
+            return b""
+        data += chunk
+        if len(data) > 256:
+            return data
+    return data[:-1]
+
+
+def _rendezvous(config: Config) -> None:
+    """Meet every process of the run over plain TCP on the coordinator's port, within ``config.init_timeout``
+    seconds, before ``jax.distributed.initialize``: that call aborts the process (SIGABRT from C++, after its own
+    timeout) when a process never comes, and process 0's coordination service crashes on a port in use.  So:
+    process 0 binds the port (``FitError`` if it is in use) and waits for the other ``num_processes - 1`` to
+    connect and name their ids; every other process connects (retrying until the coordinator listens); once all
+    are there, process 0 answers each, closes the port, and all call ``jax.distributed.initialize``.  A process
+    that did not arrive ends with ``FitError`` on every process that waited for it."""
+    coordinator = _filled(config.coordinator, "coordinator")
+    num_processes, process_id = _filled(config.num_processes, "num_processes"), _filled(config.process_id, "process_id")
+    host, port = _coordinator_address(coordinator)
+    timeout, deadline = config.init_timeout, time.monotonic() + config.init_timeout
+    if num_processes == 1:
+        return
+    if process_id == 0:
+        try:
+            server = socket.create_server(("", port), reuse_port=False)
+        except OSError as err:
+            raise FitError(
+                f"--coordinator {coordinator}: process 0 cannot listen on port {port}: "
+                f"{err.strerror or err} (another program, or another run, uses it: choose another port).",
+                "coordinator",
+            ) from err
+        arrived: dict[int, socket.socket] = {}
+        try:
+            with server:
+                while len(arrived) < num_processes - 1:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        missing = sorted(set(range(1, num_processes)) - set(arrived))
+                        raise FitError(
+                            f"--init-timeout {timeout}: process{'es' if len(missing) > 1 else ''} "
+                            f"{', '.join(map(str, missing))} of --num-processes {num_processes} did not "
+                            f"connect to --coordinator {coordinator} within {timeout} s; not training.",
+                            "init_timeout",
+                            "coordinator",
+                        )
+                    server.settimeout(left)
+                    try:
+                        conn, _ = server.accept()
+                    except TimeoutError:
+                        continue
+                    try:
+                        line = _read_line(conn, min(deadline, time.monotonic() + 5))
+                    except (TimeoutError, OSError):
+                        conn.close()
+                        continue
+                    ident = line[len(_HELLO) :] if line.startswith(_HELLO) else b""
+                    if not ident.isdigit() or not 0 < int(ident) < num_processes or int(ident) in arrived:
+                        with contextlib.suppress(OSError):
+                            conn.sendall(_TAKEN)
+                        conn.close()
+                        continue
+                    arrived[int(ident)] = conn
+            for conn in arrived.values():
+                with contextlib.suppress(OSError):
+                    conn.sendall(_GO)
+            for conn in arrived.values():  # the others close first: no TIME_WAIT on the coordinator's port
+                with contextlib.suppress(TimeoutError, OSError):
+                    _read_line(conn, time.monotonic() + 5)
+        finally:
+            for conn in arrived.values():
+                conn.close()
+        return
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise FitError(
+                f"--init-timeout {timeout}: process {process_id} did not get to process 0 at --coordinator "
+                f"{coordinator} within {timeout} s (is process 0 running there, and are all "
+                f"--num-processes {num_processes} processes started?); not training.",
+                "init_timeout",
+                "coordinator",
+            )
+        try:
+            conn = socket.create_connection((host, port), timeout=min(left, 5))
+        except OSError:
+            time.sleep(min(0.2, max(left, 0)))
+            continue
+        with conn:
+            try:
+                conn.sendall(_HELLO + str(process_id).encode() + b"\n")
+                answer = _read_line(conn, deadline)
+            except (TimeoutError, OSError):
+                continue
+        if answer + b"\n" == _GO:
+            return
+        if answer + b"\n" == _TAKEN:
+            raise FitError(
+                f"--process-id {process_id}: another process of the run at --coordinator "
+                f"{coordinator} has that id already.",
+                "process_id",
+            )
+        time.sleep(0.2)  # not process 0 of a jaxconv run yet (or it went away): try again until the deadline
+
+
 def _initialize_distributed(config: Config) -> bool:
-    """``jax.distributed.initialize`` as ``config`` asks; whether it asked.  ``FitError`` if it fails."""
+    """``jax.distributed.initialize`` as ``config`` asks; whether it asked.  ``FitError`` if it fails.
+
+    With ``coordinator`` the processes first meet in :func:`_rendezvous` (a missing process or a port in use is
+    a ``FitError`` within ``init_timeout``, not an abort); ``distributed`` alone leaves the cluster to jax."""
     if not config.several_processes:
         return False
     # CPU processes need a collectives implementation for their all-reduces (GPUs bring NCCL).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         if config.coordinator is not None:
+            _rendezvous(config)
             jax.distributed.initialize(
-                config.coordinator, num_processes=config.num_processes, process_id=config.process_id
+                config.coordinator,
+                num_processes=config.num_processes,
+                process_id=config.process_id,
+                initialization_timeout=config.init_timeout,
             )
         else:
-            jax.distributed.initialize()
+            jax.distributed.initialize(initialization_timeout=config.init_timeout)
     except (RuntimeError, ValueError) as err:
+        if isinstance(err, FitError):
+            raise
         raise FitError(f"jax.distributed.initialize failed: {err}", "coordinator", "distributed") from err
+    _same_config(config)
     return True
+
+
+#: The Config fields that may differ between the processes of one run.
+_PER_PROCESS = ("process_id",)
+
+
+def _same_config(config: Config) -> None:
+    """``FitError`` on every process unless all processes run with the same Config (all its fields but
+    ``process_id``): each all-gathers a 32-bit hash of each field's value."""
+    names = [f.name for f in dataclasses.fields(config) if f.name not in _PER_PROCESS]
+    mine = np.asarray(
+        [
+            int.from_bytes(hashlib.sha256(repr(getattr(config, n)).encode()).digest()[:4], "little", signed=True)
+            for n in names
+        ],
+        np.int32,
+    )
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), len(names))
+    differ = {}
+    for j, name in enumerate(names):
+        groups = sorted({int(h) for h in every[:, j]}, key=lambda h: list(every[:, j]).index(h))
+        if len(groups) > 1:
+            differ[name] = [[p for p in range(len(every)) if every[p, j] == h] for h in groups]
+    if differ:
+        me = jax.process_index()
+        raise FitError(
+            "the processes of this run were started with other settings: "
+            + "; ".join(
+                f"{_flag(name)} differs (processes "
+                + " vs ".join(",".join(map(str, g)) for g in groups)
+                + f"; process {me} has {getattr(config, name)!r})"
+                for name, groups in differ.items()
+            )
+            + ". Start every process with the same flags but --process-id.",
+            *differ,
+        )
 
 
 def _all_agree(code: int) -> int:
