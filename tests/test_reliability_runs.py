@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import socket
 import subprocess
@@ -142,11 +143,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _process(tmp_path: pathlib.Path, port: int, process_id: int, *extra: str) -> subprocess.Popen:
+def _process(tmp_path: pathlib.Path, port: int, process_id: int, *extra: str, count: int = 2) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_ENABLE_X64", "XLA_FLAGS")}
     env["PYTHONPATH"] = str(ROOT)
     argv = ["train", *_flags(SETTINGS), "--out", str(tmp_path / "run"), "--coordinator", f"127.0.0.1:{port}"]
-    argv += ["--num-processes", "2", "--process-id", str(process_id), *extra]
+    argv += ["--num-processes", str(count), "--process-id", str(process_id), *extra]
     return subprocess.Popen(
         [sys.executable, "-m", "jaxconv", *argv],
         cwd=ROOT,
@@ -195,3 +196,26 @@ def test_init_timeout_must_be_a_positive_integer(value):
     with pytest.raises(FitError, match=r"`init_timeout` .*--init-timeout") as info:
         Config(init_timeout=value)
     assert info.value.fields == ("init_timeout",)
+
+
+def test_when_one_of_three_never_starts_the_two_that_did_both_stop_saying_which(tmp_path):
+    port = _free_port()
+    procs = [_process(tmp_path, port, i, "--init-timeout", "4", count=3) for i in (0, 1)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 2, err[-3000:]
+    assert "process 2 of --num-processes 3 did not connect" in outputs[0][1], outputs[0][1][-3000:]
+    # Process 1 hears it from process 0, or, if its own --init-timeout ran out first (it started first), says so.
+    assert re.search(
+        r"process\(es\) 2 of --num-processes 3 did not connect|not all --num-processes 3 processes connected",
+        outputs[1][1],
+    ), outputs[1][1][-3000:]
+
+
+def test_another_num_processes_is_named_at_once(tmp_path):
+    port = _free_port()
+    procs = [_process(tmp_path, port, 0, "--init-timeout", "4"), _process(tmp_path, port, 1, count=3)]
+    (_, err0), (_, err1) = (p.communicate(timeout=120) for p in procs)
+    assert [p.returncode for p in procs] == [2, 2], err0[-2000:] + err1[-2000:]
+    assert "--num-processes 3: process 0 at --coordinator" in err1 and "runs with --num-processes 2" in err1, err1
+    assert "process 1 of --num-processes 2 did not connect" in err0, err0[-3000:]

@@ -595,7 +595,7 @@ def _coordinator_address(coordinator: str) -> tuple[str, int]:
 
 
 #: What the processes say to each other in :func:`_rendezvous`.
-_HELLO, _GO, _TAKEN = b"jaxconv-train process ", b"go\n", b"taken\n"
+_HELLO, _GO, _TAKEN, _OTHER_COUNT, _MISSING = b"jaxconv-train process ", b"go", b"taken", b"processes ", b"missing "
 
 
 def _read_line(conn: socket.socket, deadline: float) -> bytes:
@@ -645,6 +645,9 @@ def _rendezvous(config: Config) -> None:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         missing = sorted(set(range(1, num_processes)) - set(arrived))
+                        for conn in arrived.values():  # those waiting learn why they stop
+                            with contextlib.suppress(OSError):
+                                conn.sendall(_MISSING + ",".join(map(str, missing)).encode() + b"\n")
                         raise FitError(
                             f"--init-timeout {timeout}: process{'es' if len(missing) > 1 else ''} "
                             f"{', '.join(map(str, missing))} of --num-processes {num_processes} did not "
@@ -662,16 +665,21 @@ def _rendezvous(config: Config) -> None:
                     except (TimeoutError, OSError):
                         conn.close()
                         continue
-                    ident = line[len(_HELLO) :] if line.startswith(_HELLO) else b""
-                    if not ident.isdigit() or not 0 < int(ident) < num_processes or int(ident) in arrived:
+                    ident, _, count = (line[len(_HELLO) :] if line.startswith(_HELLO) else b"").partition(b" of ")
+                    answer = None
+                    if count != str(num_processes).encode():
+                        answer = _OTHER_COUNT + str(num_processes).encode()
+                    elif not ident.isdigit() or not 0 < int(ident) < num_processes or int(ident) in arrived:
+                        answer = _TAKEN
+                    if answer is not None:
                         with contextlib.suppress(OSError):
-                            conn.sendall(_TAKEN)
+                            conn.sendall(answer + b"\n")
                         conn.close()
                         continue
                     arrived[int(ident)] = conn
             for conn in arrived.values():
                 with contextlib.suppress(OSError):
-                    conn.sendall(_GO)
+                    conn.sendall(_GO + b"\n")
             for conn in arrived.values():  # the others close first: no TIME_WAIT on the coordinator's port
                 with contextlib.suppress(TimeoutError, OSError):
                     _read_line(conn, time.monotonic() + 5)
@@ -679,8 +687,16 @@ def _rendezvous(config: Config) -> None:
             for conn in arrived.values():
                 conn.close()
         return
+    waited = False  # whether process 0 took this process in and it waited for the others
     while True:
         left = deadline - time.monotonic()
+        if left <= 0 and waited:
+            raise FitError(
+                f"--init-timeout {timeout}: process 0 at --coordinator {coordinator} is up, but not all "
+                f"--num-processes {num_processes} processes connected to it within {timeout} s; not training.",
+                "init_timeout",
+                "coordinator",
+            )
         if left <= 0:
             raise FitError(
                 f"--init-timeout {timeout}: process {process_id} did not get to process 0 at --coordinator "
@@ -696,17 +712,35 @@ def _rendezvous(config: Config) -> None:
             continue
         with conn:
             try:
-                conn.sendall(_HELLO + str(process_id).encode() + b"\n")
+                conn.sendall(_HELLO + f"{process_id} of {num_processes}\n".encode())
                 answer = _read_line(conn, deadline)
-            except (TimeoutError, OSError):
+            except TimeoutError:
+                waited = True
                 continue
-        if answer + b"\n" == _GO:
+            except OSError:
+                continue
+        if answer == _GO:
             return
-        if answer + b"\n" == _TAKEN:
+        if answer == _TAKEN:
             raise FitError(
                 f"--process-id {process_id}: another process of the run at --coordinator "
                 f"{coordinator} has that id already.",
                 "process_id",
+            )
+        if answer.startswith(_OTHER_COUNT):
+            raise FitError(
+                f"--num-processes {num_processes}: process 0 at --coordinator {coordinator} runs with "
+                f"--num-processes {answer[len(_OTHER_COUNT) :].decode(errors='replace')}; start every process with "
+                f"the same flags but --process-id.",
+                "num_processes",
+            )
+        if answer.startswith(_MISSING):
+            raise FitError(
+                f"--init-timeout {timeout}: process(es) {answer[len(_MISSING) :].decode(errors='replace')} of "
+                f"--num-processes {num_processes} did not connect to --coordinator {coordinator} within {timeout} s; "
+                f"not training.",
+                "init_timeout",
+                "coordinator",
             )
         time.sleep(0.2)  # not process 0 of a jaxconv run yet (or it went away): try again until the deadline
 
