@@ -219,3 +219,28 @@ def test_another_num_processes_is_named_at_once(tmp_path):
     assert [p.returncode for p in procs] == [2, 2], err0[-2000:] + err1[-2000:]
     assert "--num-processes 3: process 0 at --coordinator" in err1 and "runs with --num-processes 2" in err1, err1
     assert "process 1 of --num-processes 2 did not connect" in err0, err0[-3000:]
+
+
+@pytest.mark.slow
+def test_two_processes_killed_after_a_checkpoint_resume_and_repair(tmp_path):
+    """Two processes train epoch 1 of 2; the state a kill after the checkpoint leaves (no best.safetensors, no
+    metrics.json); two processes resume it: both exit 0, process 0 rewrites the two files, metrics list both epochs."""
+
+    def run(*extra: str) -> list[str]:
+        port = _free_port()
+        procs = [_process(tmp_path, port, i, *extra) for i in range(2)]
+        outputs = [p.communicate(timeout=400) for p in procs]
+        for p, (_, err) in zip(procs, outputs):
+            assert p.returncode == 0, err[-3000:]
+        return [err for _, err in outputs]
+
+    run("--stop-after", "1")
+    out = tmp_path / "run"
+    assert _metrics_epochs(out) == [1] and _epoch_of(out / "best.safetensors") == 1
+    (out / "metrics.json").unlink()
+    (out / "best.safetensors").unlink()
+    errs = run("--resume")
+    assert "metrics.json listed no epochs, the checkpoint 1" in errs[0], errs[0][-3000:]
+    assert "best.safetensors held epoch None" in errs[0]
+    assert _metrics_epochs(out) == [1, 2] and _epoch_of(out / "checkpoint.safetensors") == 2
+    assert json.loads((out / "metrics.json").read_text())["num_processes"] == 2

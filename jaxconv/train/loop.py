@@ -977,6 +977,7 @@ def _train(
     start_epoch, history, best = 0, [], None
     repairs: list[str] = []
     if config.resume:
+        failure = None
         try:
             source, note = _resume_source(ckpt_path, best_path)
             if note is not None:
@@ -987,7 +988,11 @@ def _train(
             if writer:
                 repairs = _repair_run(out, source, start_epoch, history, best)
         except (ValueError, OSError) as err:
-            raise FitError(f"--resume: {err}", "resume") from err
+            failure = FitError(f"--resume: {err}", "resume")
+            failure.__cause__ = err
+        # All processes resume, or all stop (a process that went on alone would wait in its first step).
+        if _all_agree(int(failure is not None)):
+            raise failure or FitError("--resume: another process could not resume; see its message.", "resume")
         params, opt_state = state["params"], state["opt_state"]
     if mesh is not None:
         params, opt_state = replicate((params, opt_state), mesh)
