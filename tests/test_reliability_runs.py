@@ -244,3 +244,10 @@ def test_two_processes_killed_after_a_checkpoint_resume_and_repair(tmp_path):
     assert "best.safetensors held epoch None" in errs[0]
     assert _metrics_epochs(out) == [1, 2] and _epoch_of(out / "checkpoint.safetensors") == 2
     assert json.loads((out / "metrics.json").read_text())["num_processes"] == 2
+
+
+@pytest.mark.parametrize("coordinator", ["localhost", "localhost:", ":1234", "localhost:0", "localhost:65536", "h:x"])
+def test_a_coordinator_without_a_port_is_refused_when_the_config_is_made(coordinator):
+    with pytest.raises(FitError, match=r"`coordinator` .*'HOST:PORT' with a port from 1 to 65535") as info:
+        Config(coordinator=coordinator, num_processes=2, process_id=0)
+    assert info.value.fields == ("coordinator",)

@@ -397,6 +397,8 @@ class Config:
                 "num_processes",
                 "process_id",
             )
+        if self.coordinator is not None:
+            _coordinator_address(self.coordinator)
         if all(given) and self.process_id >= self.num_processes:
             raise FitError(
                 f"--process-id {self.process_id} must be less than --num-processes {self.num_processes}.",
