@@ -251,3 +251,13 @@ def test_a_coordinator_without_a_port_is_refused_when_the_config_is_made(coordin
     with pytest.raises(FitError, match=r"`coordinator` .*'HOST:PORT' with a port from 1 to 65535") as info:
         Config(coordinator=coordinator, num_processes=2, process_id=0)
     assert info.value.fields == ("coordinator",)
+
+
+def test_resume_replaces_a_symlinked_metrics_json_without_reading_or_touching_its_target(epoch_states, tmp_path):
+    out = _state(epoch_states, tmp_path / "run", 1, {"checkpoint.safetensors": 1, "best.safetensors": 1})
+    victim = tmp_path / "victim.json"
+    victim.write_text('{"epochs": []}')
+    os.symlink(victim, out / "metrics.json")
+    fit(Config(**SETTINGS, out=out, resume=True), verbose=False)
+    assert victim.read_text() == '{"epochs": []}'
+    assert not (out / "metrics.json").is_symlink() and _metrics_epochs(out) == [1, 2]

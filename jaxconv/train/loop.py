@@ -538,7 +538,10 @@ def _resumed(ckpt_path, template, settings: dict, stats, fingerprint: dict):
 
 
 def _read_bytes(path: pathlib.Path) -> bytes:
-    """The bytes of the regular file ``path`` (``ValueError`` for a special file, ``OSError`` if unreadable)."""
+    """The bytes of the regular file ``path`` (``ValueError`` for a symbolic link or a special file, never followed;
+    ``OSError`` if unreadable)."""
+    if os.path.islink(path):
+        raise ValueError(f"{str(path)!r} is a symbolic link; not followed")
     with files.open_regular(path, lambda kind: ValueError(f"{str(path)!r} is {kind}, not a regular file")) as (f, _):
         return f.read()
 
