@@ -203,7 +203,7 @@ def test_mnist_and_cifar_directories(tmp_path, capsys):
         ),
         (["--devices", "64"], r"--devices 64: `num_devices` \(=64\)"),
         (["--batch-size", "5000"], r"--batch-size 5000 exceeds the 1437 training images"),
-        (["--resume"], r"--resume: checkpoint .*checkpoint.safetensors' does not exist"),
+        (["--resume"], r"--resume: .*out holds no run to resume \(no checkpoint.safetensors\): drop --resume"),
     ],
 )
 def test_bad_settings_exit_2_with_a_clear_message(tmp_path, capsys, argv, match):
@@ -223,9 +223,9 @@ def test_resume_refuses_other_hyperparameters(two_epochs, tmp_path, capsys):
 
     shutil.copy(two_epochs / "checkpoint.safetensors", tmp_path / "checkpoint.safetensors")
     assert cli.main(["train", *TINY, "--lr", "0.1", "--epochs", "3", "--resume", "--out", str(tmp_path)]) == 2
-    assert _search(r"learning_rate \(checkpoint 0.05, now 0.1\)", capsys.readouterr().err)
+    assert _search(r"--lr \(the checkpoint's 0.05, now 0.1\)", capsys.readouterr().err)
     assert cli.main(["train", *TINY, "--model", "lenet5", "--epochs", "3", "--resume", "--out", str(tmp_path)]) == 2
-    assert _search(r"does not fit the template", capsys.readouterr().err)
+    assert _search(r"--model \(the checkpoint's 'dd2424_net', now 'lenet5'\)", capsys.readouterr().err)
 
 
 def _search(pattern, text):

@@ -324,15 +324,15 @@ def test_an_overwrite_that_fails_at_its_first_checkpoint_puts_the_previous_run_b
 
     def full_disk(path, tree, metadata=None):
         calls.append(path.name)
-        if len(calls) == 2:  # best.safetensors is written, then the checkpoint fails
+        if len(calls) == 2:  # the checkpoint is written, then best.safetensors fails
             raise OSError(28, "No space left on device")
         real_save(path, tree, metadata)
 
     monkeypatch.setattr(checkpoint, "save", full_disk)
     with pytest.raises(OSError, match="No space left"):
         fit(Config(**dict(TINY, val_fraction=0.2), epochs=1, overwrite=True, out=out), verbose=False)
-    assert calls == ["best.safetensors", "checkpoint.safetensors"]
-    assert _snapshot(out) == before  # the new best.safetensors is gone, the old one back
+    assert calls == ["checkpoint.safetensors", "best.safetensors"]
+    assert _snapshot(out) == before  # the new checkpoint is gone, the old files back
 
 
 def test_a_successful_overwrite_leaves_only_the_new_run(finished, tmp_path):

@@ -91,8 +91,11 @@ def test_overwrite_removes_a_symlinked_output_not_its_target(tmp_path, victim):
     run = tmp_path / "run"
     run.mkdir()
     os.symlink(victim, run / "metrics.json")
-    with rundir.open_run(run, overwrite=True):
+    with rundir.open_run(run, overwrite=True) as lock:
+        assert os.path.islink(run / "metrics.json")  # kept until the new run writes (a failed start restores it)
+        lock.set_previous_aside()  # the new run's first write: the link itself moves aside
         assert not os.path.lexists(run / "metrics.json")
+        lock.discard_previous()  # the new run's first checkpoint: the old run is gone, the link's target is not
     assert victim.read_bytes() == VICTIM
 
 

@@ -264,6 +264,13 @@ def _add_train_parser(sub) -> None:
         action="store_true",
         help="call jax.distributed.initialize() with what it detects from the cluster's environment",
     )
+    multi.add_argument(
+        "--init-timeout",
+        type=positive,
+        default=60,
+        metavar="SECONDS",
+        help="how long the processes wait for each other at start, then stop with exit 2 (default: %(default)s)",
+    )
     p.set_defaults(func=_train)
 
 

@@ -17,13 +17,16 @@ checkpoint, a resumed run reaches the bit-identical parameters, and with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
 import io
+import json
 import math
 import os
 import pathlib
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -38,7 +41,6 @@ from .._core.jsonsafe import json_safe, strict_json_bytes
 from .._core.version import __version__
 from ..nn import layers as nn
 from ..nn.models import MODELS, check_input_shape
-from ..plan import onednn
 from . import checkpoint, data, files, plots, rundir
 from .data import DATASETS
 from .gradcheck import check_model_grads
@@ -311,6 +313,7 @@ class Config:
     num_processes: int | None = None
     process_id: int | None = None
     distributed: bool = False
+    init_timeout: int = 60
 
     def __post_init__(self):
         _choice("dataset", self.dataset, DATASETS)
@@ -328,7 +331,17 @@ class Config:
         _integer("stop_after", self.stop_after, 1, optional=True)
         _integer("num_processes", self.num_processes, 1, optional=True)
         _integer("process_id", self.process_id, 0, optional=True)
-        for name in ("epochs", "batch_size", "seed", "devices", "stop_after", "num_processes", "process_id"):
+        _integer("init_timeout", self.init_timeout, 1)
+        for name in (
+            "epochs",
+            "batch_size",
+            "seed",
+            "devices",
+            "stop_after",
+            "num_processes",
+            "process_id",
+            "init_timeout",
+        ):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, int(getattr(self, name)))
         reals = {
@@ -383,6 +396,8 @@ class Config:
                 "num_processes",
                 "process_id",
             )
+        if self.coordinator is not None:
+            _coordinator_address(self.coordinator)
         if all(given) and self.process_id >= self.num_processes:
             raise FitError(
                 f"--process-id {self.process_id} must be less than --num-processes {self.num_processes}.",
@@ -445,10 +460,34 @@ def _missing_extras() -> list[str]:
     return missing
 
 
+#: The flag of each key of :meth:`Config.settings` whose flag is not ``--`` + the key.
+_SETTING_FLAGS = {key: _flag(name) for name, key in RECIPE_FIELDS.items()}
+
+
+def _resume_source(ckpt_path: pathlib.Path, best_path: pathlib.Path) -> tuple[pathlib.Path, str | None]:
+    """The file ``--resume`` continues from and a note if it is not ``checkpoint.safetensors``; ``ValueError``
+    when the run directory holds neither checkpoint.
+
+    Runs write ``checkpoint.safetensors`` before ``best.safetensors`` in each epoch, so a run killed between the two
+    has its checkpoint.  Earlier versions wrote them the other way round: a run of theirs killed between the two
+    holds only ``best.safetensors``, which is then the epoch's whole state (weights and optimizer) and continues."""
+    if os.path.lexists(ckpt_path):
+        return ckpt_path, None
+    if os.path.lexists(best_path):
+        return best_path, (
+            f"{ckpt_path.name} does not exist (a run killed between writing {best_path.name} and it); resuming from "
+            f"{best_path.name}, which holds the whole state of the epoch it was written in"
+        )
+    raise ValueError(
+        f"{ckpt_path.parent} holds no run to resume (no {ckpt_path.name}): drop --resume to start the run there."
+    )
+
+
 def _resumed(ckpt_path, template, settings: dict, stats, fingerprint: dict):
     """``(state, epoch, history, best)`` from the checkpoint of the run being resumed;
-    ``ValueError`` if it does not fit."""
-    state, meta = checkpoint.restore(ckpt_path, template)
+    ``ValueError`` if it does not fit.  The settings are compared first: a changed ``--optimizer`` or ``--model``
+    is named as such, not as arrays that do not fit."""
+    meta = checkpoint.read_metadata(ckpt_path)
     problems = []
     saved = meta.get("config")
     if not isinstance(saved, dict):
@@ -463,7 +502,11 @@ def _resumed(ckpt_path, template, settings: dict, stats, fingerprint: dict):
     keys = _RESUME_KEYS + (("epochs",) if settings["schedule"] != "constant" else ())
     differ = {k: (saved.get(k), settings[k]) for k in keys if saved.get(k) != settings[k]}
     if differ:
-        problems.append(", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in differ.items()))
+        problems.append(
+            ", ".join(
+                f"{_SETTING_FLAGS.get(k, _flag(k))} (the checkpoint's {a!r}, now {b!r})" for k, (a, b) in differ.items()
+            )
+        )
         if "epochs" in differ:
             problems.append(f"the same --epochs: the {settings['schedule']} schedule spans the whole run")
     saved_data = meta.get("data")
@@ -488,8 +531,54 @@ def _resumed(ckpt_path, template, settings: dict, stats, fingerprint: dict):
         )
     if problems:
         raise ValueError(f"{ckpt_path} was written with other settings; --resume needs the same " + "; ".join(problems))
+    state, _ = checkpoint.restore(ckpt_path, template)
     best = meta.get("best") if isinstance(meta.get("best"), dict) else None
     return state, epoch, history, best
+
+
+def _read_bytes(path: pathlib.Path) -> bytes:
+    """The bytes of the regular file ``path`` (``ValueError`` for a symbolic link or a special file, never followed;
+    ``OSError`` if unreadable)."""
+    if os.path.islink(path):
+        raise ValueError(f"{str(path)!r} is a symbolic link; not followed")
+    with files.open_regular(path, lambda kind: ValueError(f"{str(path)!r} is {kind}, not a regular file")) as (f, _):
+        return f.read()
+
+
+def _repair_run(out: pathlib.Path, source: pathlib.Path, epoch: int, history: list, best: dict | None) -> list[str]:
+    """Bring the run's other files up to the checkpoint ``source`` (at ``epoch``) that ``--resume`` continues:
+    what a kill between the writes of an epoch leaves behind.  Copies ``source`` to ``checkpoint.safetensors``
+    where it is missing, and to ``best.safetensors`` where the checkpoint's best epoch is its own epoch but
+    ``best.safetensors`` holds another (or none); returns the repairs made, with ``"metrics.json"`` first
+    when ``metrics.json`` is missing or lists other epochs than the checkpoint's history (the caller rewrites it)."""
+    repairs = []
+    metrics_path = out / "metrics.json"
+    try:
+        recorded = json.loads(_read_bytes(metrics_path)).get("epochs")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded != history:
+        repairs.append("metrics.json")
+        repairs.append(
+            f"metrics.json listed {len(recorded) if isinstance(recorded, list) else 'no'} epochs, the checkpoint "
+            f"{len(history)}: rewritten from the checkpoint's history"
+        )
+    ckpt_path, best_path = out / "checkpoint.safetensors", out / "best.safetensors"
+    if source != ckpt_path:
+        checkpoint.atomic_write_bytes(ckpt_path, _read_bytes(source))
+        repairs.append(f"{ckpt_path.name} rewritten from {source.name} (epoch {epoch})")
+    if best is not None and best.get("epoch") == epoch and epoch > 0:
+        try:
+            best_epoch = checkpoint.read_metadata(best_path).get("epoch")
+        except (OSError, ValueError):
+            best_epoch = None
+        if best_epoch != epoch:
+            checkpoint.atomic_write_bytes(best_path, _read_bytes(source))
+            repairs.append(
+                f"{best_path.name} held epoch {best_epoch}, the checkpoint's best is its own epoch {epoch}: "
+                f"rewritten from {source.name}"
+            )
+    return repairs
 
 
 def data_fingerprint(images: np.ndarray, labels: np.ndarray) -> dict:
@@ -502,22 +591,226 @@ def data_fingerprint(images: np.ndarray, labels: np.ndarray) -> dict:
     return {"images": int(images.shape[0]), "shape": list(images.shape[1:]), "sha256": digest.hexdigest()}
 
 
+def _coordinator_address(coordinator: str) -> tuple[str, int]:
+    host, sep, port = coordinator.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise _bad("coordinator", coordinator, "'HOST:PORT' with a port from 1 to 65535")
+    return host.strip("[]"), int(port)
+
+
+#: What the processes say to each other in :func:`_rendezvous`.
+_HELLO, _GO, _TAKEN, _OTHER_COUNT, _MISSING = b"jaxconv-train process ", b"go", b"taken", b"processes ", b"missing "
+
+
+def _read_line(conn: socket.socket, deadline: float) -> bytes:
+    """One line from ``conn`` (without its newline) before ``deadline``; ``b""`` on EOF; ``TimeoutError`` after."""
+    data = b""
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        conn.settimeout(left)
+        chunk = conn.recv(256)
+        if not chunk:
+            return b""
+        data += chunk
+        if len(data) > 256:
+            return data
+    return data[:-1]
+
+
+def _rendezvous(config: Config) -> None:
+    """Meet every process of the run over plain TCP on the coordinator's port, within ``config.init_timeout``
+    seconds, before ``jax.distributed.initialize``: that call aborts the process (SIGABRT from C++, after its own
+    timeout) when a process never comes, and process 0's coordination service crashes on a port in use.  So:
+    process 0 binds the port (``FitError`` if it is in use) and waits for the other ``num_processes - 1`` to
+    connect and name their ids; every other process connects (retrying until the coordinator listens); once all
+    are there, process 0 answers each, closes the port, and all call ``jax.distributed.initialize``.  A process
+    that did not arrive ends with ``FitError`` on every process that waited for it."""
+    coordinator = _filled(config.coordinator, "coordinator")
+    num_processes, process_id = _filled(config.num_processes, "num_processes"), _filled(config.process_id, "process_id")
+    host, port = _coordinator_address(coordinator)
+    timeout, deadline = config.init_timeout, time.monotonic() + config.init_timeout
+    if num_processes == 1:
+        return
+    if process_id == 0:
+        try:
+            server = socket.create_server(("", port), reuse_port=False)
+        except OSError as err:
+            raise FitError(
+                f"--coordinator {coordinator}: process 0 cannot listen on port {port}: "
+                f"{err.strerror or err} (another program, or another run, uses it: choose another port).",
+                "coordinator",
+            ) from err
+        arrived: dict[int, socket.socket] = {}
+        try:
+            with server:
+                while len(arrived) < num_processes - 1:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        missing = sorted(set(range(1, num_processes)) - set(arrived))
+                        for conn in arrived.values():  # those waiting learn why they stop
+                            with contextlib.suppress(OSError):
+                                conn.sendall(_MISSING + ",".join(map(str, missing)).encode() + b"\n")
+                        raise FitError(
+                            f"--init-timeout {timeout}: process{'es' if len(missing) > 1 else ''} "
+                            f"{', '.join(map(str, missing))} of --num-processes {num_processes} did not "
+                            f"connect to --coordinator {coordinator} within {timeout} s; not training.",
+                            "init_timeout",
+                            "coordinator",
+                        )
+                    server.settimeout(left)
+                    try:
+                        conn, _ = server.accept()
+                    except TimeoutError:
+                        continue
+                    try:
+                        line = _read_line(conn, min(deadline, time.monotonic() + 5))
+                    except (TimeoutError, OSError):
+                        conn.close()
+                        continue
+                    ident, _, count = (line[len(_HELLO) :] if line.startswith(_HELLO) else b"").partition(b" of ")
+                    answer = None
+                    if count != str(num_processes).encode():
+                        answer = _OTHER_COUNT + str(num_processes).encode()
+                    elif not ident.isdigit() or not 0 < int(ident) < num_processes or int(ident) in arrived:
+                        answer = _TAKEN
+                    if answer is not None:
+                        with contextlib.suppress(OSError):
+                            conn.sendall(answer + b"\n")
+                        conn.close()
+                        continue
+                    arrived[int(ident)] = conn
+            for conn in arrived.values():
+                with contextlib.suppress(OSError):
+                    conn.sendall(_GO + b"\n")
+            for conn in arrived.values():  # the others close first: no TIME_WAIT on the coordinator's port
+                with contextlib.suppress(TimeoutError, OSError):
+                    _read_line(conn, time.monotonic() + 5)
+        finally:
+            for conn in arrived.values():
+                conn.close()
+        return
+    waited = False  # whether process 0 took this process in and it waited for the others
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 and waited:
+            raise FitError(
+                f"--init-timeout {timeout}: process 0 at --coordinator {coordinator} is up, but not all "
+                f"--num-processes {num_processes} processes connected to it within {timeout} s; not training.",
+                "init_timeout",
+                "coordinator",
+            )
+        if left <= 0:
+            raise FitError(
+                f"--init-timeout {timeout}: process {process_id} did not get to process 0 at --coordinator "
+                f"{coordinator} within {timeout} s (is process 0 running there, and are all "
+                f"--num-processes {num_processes} processes started?); not training.",
+                "init_timeout",
+                "coordinator",
+            )
+        try:
+            conn = socket.create_connection((host, port), timeout=min(left, 5))
+        except OSError:
+            time.sleep(min(0.2, max(left, 0)))
+            continue
+        with conn:
+            try:
+                conn.sendall(_HELLO + f"{process_id} of {num_processes}\n".encode())
+                answer = _read_line(conn, deadline)
+            except TimeoutError:
+                waited = True
+                continue
+            except OSError:
+                continue
+        if answer == _GO:
+            return
+        if answer == _TAKEN:
+            raise FitError(
+                f"--process-id {process_id}: another process of the run at --coordinator "
+                f"{coordinator} has that id already.",
+                "process_id",
+            )
+        if answer.startswith(_OTHER_COUNT):
+            raise FitError(
+                f"--num-processes {num_processes}: process 0 at --coordinator {coordinator} runs with "
+                f"--num-processes {answer[len(_OTHER_COUNT) :].decode(errors='replace')}; start every process with "
+                f"the same flags but --process-id.",
+                "num_processes",
+            )
+        if answer.startswith(_MISSING):
+            raise FitError(
+                f"--init-timeout {timeout}: process(es) {answer[len(_MISSING) :].decode(errors='replace')} of "
+                f"--num-processes {num_processes} did not connect to --coordinator {coordinator} within {timeout} s; "
+                f"not training.",
+                "init_timeout",
+                "coordinator",
+            )
+        time.sleep(0.2)  # not process 0 of a jaxconv run yet (or it went away): try again until the deadline
+
+
 def _initialize_distributed(config: Config) -> bool:
-    """``jax.distributed.initialize`` as ``config`` asks; whether it asked.  ``FitError`` if it fails."""
+    """``jax.distributed.initialize`` as ``config`` asks; whether it asked.  ``FitError`` if it fails.
+
+    With ``coordinator`` the processes first meet in :func:`_rendezvous` (a missing process or a port in use is
+    a ``FitError`` within ``init_timeout``, not an abort); ``distributed`` alone leaves the cluster to jax."""
     if not config.several_processes:
         return False
     # CPU processes need a collectives implementation for their all-reduces (GPUs bring NCCL).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         if config.coordinator is not None:
+            _rendezvous(config)
             jax.distributed.initialize(
-                config.coordinator, num_processes=config.num_processes, process_id=config.process_id
+                config.coordinator,
+                num_processes=config.num_processes,
+                process_id=config.process_id,
+                initialization_timeout=config.init_timeout,
             )
         else:
-            jax.distributed.initialize()
+            jax.distributed.initialize(initialization_timeout=config.init_timeout)
     except (RuntimeError, ValueError) as err:
+        if isinstance(err, FitError):
+            raise
         raise FitError(f"jax.distributed.initialize failed: {err}", "coordinator", "distributed") from err
+    _same_config(config)
     return True
+
+
+#: The Config fields that may differ between the processes of one run.
+_PER_PROCESS = ("process_id",)
+
+
+def _same_config(config: Config) -> None:
+    """``FitError`` on every process unless all processes run with the same Config (all its fields but
+    ``process_id``): each all-gathers a 32-bit hash of each field's value."""
+    names = [f.name for f in dataclasses.fields(config) if f.name not in _PER_PROCESS]
+    mine = np.asarray(
+        [
+            int.from_bytes(hashlib.sha256(repr(getattr(config, n)).encode()).digest()[:4], "little", signed=True)
+            for n in names
+        ],
+        np.int32,
+    )
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), len(names))
+    differ = {}
+    for j, name in enumerate(names):
+        groups = sorted({int(h) for h in every[:, j]}, key=lambda h: list(every[:, j]).index(h))
+        if len(groups) > 1:
+            differ[name] = [[p for p in range(len(every)) if every[p, j] == h] for h in groups]
+    if differ:
+        me = jax.process_index()
+        raise FitError(
+            "the processes of this run were started with other settings: "
+            + "; ".join(
+                f"{_flag(name)} differs (processes "
+                + " vs ".join(",".join(map(str, g)) for g in groups)
+                + f"; process {me} has {getattr(config, name)!r})"
+                for name, groups in differ.items()
+            )
+            + ". Start every process with the same flags but --process-id.",
+            *differ,
+        )
 
 
 def _all_agree(code: int) -> int:
@@ -608,8 +901,8 @@ def fit(config: Config, *, callbacks: Iterable[Callback] = (), verbose: bool = T
     if config.data_dir is not None and not pathlib.Path(config.data_dir).expanduser().is_dir():
         raise FitError(f"--data-dir {str(config.data_dir)!r} does not exist or is not a directory.", "data_dir")
     multi = _initialize_distributed(config)
-    if config.onednn and not onednn.available():
-        raise FitError(f"--onednn: the oneDNN library is not installed: {onednn.INSTALL_HINT}.", "onednn")
+    if config.onednn and not plan.onednn.available():  # plan.onednn loads the ctypes module when first asked for
+        raise FitError(f"--onednn: the oneDNN library is not installed: {plan.onednn.INSTALL_HINT}.", "onednn")
 
     out = _run_dir(config)
     lock, message = None, None
@@ -690,13 +983,24 @@ def _train(
     _, params = init_params(init_fun, x_train.shape, seed=config.seed)
     opt_state = init_optimizer(optimizer, params)
     start_epoch, history, best = 0, [], None
+    repairs: list[str] = []
     if config.resume:
+        failure = None
         try:
+            source, note = _resume_source(ckpt_path, best_path)
+            if note is not None:
+                say.err(f"python -m jaxconv train: note: --resume: {note}")
             state, start_epoch, history, best = _resumed(
-                ckpt_path, {"params": params, "opt_state": opt_state}, settings, stats, fingerprint
+                source, {"params": params, "opt_state": opt_state}, settings, stats, fingerprint
             )
+            if writer:
+                repairs = _repair_run(out, source, start_epoch, history, best)
         except (ValueError, OSError) as err:
-            raise FitError(f"--resume: {err}", "resume") from err
+            failure = FitError(f"--resume: {err}", "resume")
+            failure.__cause__ = err
+        # All processes resume, or all stop (a process that went on alone would wait in its first step).
+        if _all_agree(int(failure is not None)):
+            raise failure or FitError("--resume: another process could not resume; see its message.", "resume")
         params, opt_state = state["params"], state["opt_state"]
     if mesh is not None:
         params, opt_state = replicate((params, opt_state), mesh)
@@ -762,6 +1066,11 @@ def _train(
             outputs=tuple(sorted(set(outputs))),
         )
 
+    if "metrics.json" in repairs:
+        write_metrics(best=best)
+        outputs.append("metrics.json")
+    for repair in repairs:
+        say.err(f"python -m jaxconv train: note: --resume: {repair} (a run killed between its writes)")
     end_epoch = epochs if config.stop_after is None else min(epochs, start_epoch + config.stop_after)
     stop: Stopped | None = None
     for epoch in range(start_epoch, end_epoch):
@@ -881,11 +1190,13 @@ def _train(
                 lock.set_previous_aside()  # --overwrite: the previous run makes way for this one's first files
             tree = {"params": host_params, "opt_state": _host(opt_state)}
             guard()
+            # The checkpoint first: a run killed after it and before best.safetensors or metrics.json continues
+            # with --resume, which rewrites those two from the checkpoint (_repair_run).
+            checkpoint.save(ckpt_path, tree, meta)
+            outputs.append(ckpt_path.name)
             if improved:
                 checkpoint.save(best_path, tree, meta)
                 outputs.append(best_path.name)
-            checkpoint.save(ckpt_path, tree, meta)
-            outputs.append(ckpt_path.name)
         write_metrics(best=best)
         if writer:
             outputs.append("metrics.json")
