@@ -344,6 +344,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# ~25 s of two real processes: with -m slow; tests/test_reliability_runs.py keeps real two-process runs fast.
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     """2 local processes on jax.distributed (CPU, gloo) train the same parameters as one process.
 

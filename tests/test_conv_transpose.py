@@ -135,12 +135,13 @@ def test_jit_symbolic_batch_export_and_planner():
     shapes = jax.export.symbolic_shape("b, 4, 4, 8")
     exported = jax.export.export(jax.jit(f))(jax.ShapeDtypeStruct(shapes, y.dtype), w)
     np.testing.assert_allclose(np.asarray(exported.call(y, w)), np.asarray(f(y, w)), rtol=1e-12)
-    # Every form gives the same answer.
+    # Every form gives the same answer (jitted: plan.forms is part of jit's cache key, so each block retraces).
+    grad = jax.jit(jax.grad(lambda y, w: (f(y, w) ** 2).sum(), argnums=(0, 1)))
+    with plan.forms(conv_forward="conv", conv_backward="conv"):
+        g0 = grad(y, w)
     for fw, bw in itertools.product(plan.CONV_FORWARD_FORMS, plan.CONV_BACKWARD_FORMS):
         with plan.forms(conv_forward=fw, conv_backward=bw):
-            g = jax.grad(lambda y, w: (f(y, w) ** 2).sum(), argnums=(0, 1))(y, w)
-        with plan.forms(conv_forward="conv", conv_backward="conv"):
-            g0 = jax.grad(lambda y, w: (f(y, w) ** 2).sum(), argnums=(0, 1))(y, w)
+            g = grad(y, w)
         for a, b_ in zip(g, g0):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-12, atol=1e-12)
 
@@ -177,11 +178,13 @@ def test_same_is_the_adjoint_of_the_same_convolution(form, ndim, spatial, kernel
         def ref(y, w):
             return jax.vjp(lambda x: reference.conv_nd(x, w, padding="SAME", **opts), jnp.zeros(x_shape))[1](y)[0]
 
-        ours = jax.grad(
-            lambda y, w: (OPS[ndim](y, w, padding="SAME", output_padding=output_padding, **opts) ** 2).sum(),
-            argnums=(0, 1),
+        ours = jax.jit(
+            jax.grad(
+                lambda y, w: (OPS[ndim](y, w, padding="SAME", output_padding=output_padding, **opts) ** 2).sum(),
+                argnums=(0, 1),
+            )
         )(y, w)
-        theirs = jax.grad(lambda y, w: (ref(y, w) ** 2).sum(), argnums=(0, 1))(y, w)
+        theirs = jax.jit(jax.grad(lambda y, w: (ref(y, w) ** 2).sum(), argnums=(0, 1)))(y, w)
         for a, c in zip(ours, theirs):
             np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-11, atol=1e-11)
 

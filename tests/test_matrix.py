@@ -355,6 +355,7 @@ def test_im2row_strategy_hypothesis_vjp(config):
         ).assert_ok()
 
 
+@pytest.mark.slow  # every check per example (~3 s each); the conformance harness covers im2row in the fast suite
 @settings(max_examples=4)
 @given(config=conv_configs(max_channels=4, max_hw=8, max_kernel=3))
 def test_im2row_strategy_hypothesis_full_check(config):

@@ -171,7 +171,7 @@ def test_two_processes_with_other_settings_both_stop_before_training(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing was created: they stop before the run directory
 
 
-@pytest.mark.parametrize("process_id", [0, 1])
+@pytest.mark.parametrize("process_id", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_a_process_whose_partner_never_starts_stops_within_the_timeout(tmp_path, process_id):
     start = time.monotonic()
     proc = _process(tmp_path, _free_port(), process_id, "--init-timeout", "3")
@@ -198,6 +198,7 @@ def test_init_timeout_must_be_a_positive_integer(value):
     assert info.value.fields == ("init_timeout",)
 
 
+@pytest.mark.slow  # three real processes and a timeout (~8 s)
 def test_when_one_of_three_never_starts_the_two_that_did_both_stop_saying_which(tmp_path):
     port = _free_port()
     procs = [_process(tmp_path, port, i, "--init-timeout", "4", count=3) for i in (0, 1)]
@@ -212,6 +213,7 @@ def test_when_one_of_three_never_starts_the_two_that_did_both_stop_saying_which(
     ), outputs[1][1][-3000:]
 
 
+@pytest.mark.slow  # real processes (~8 s)
 def test_another_num_processes_is_named_at_once(tmp_path):
     port = _free_port()
     procs = [_process(tmp_path, port, 0, "--init-timeout", "4"), _process(tmp_path, port, 1, count=3)]
