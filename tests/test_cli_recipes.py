@@ -80,9 +80,11 @@ def test_synth_command_writes_what_the_loaders_read(tmp_path, capsys):
 # --- the defaults learn on each format -----------------------------------------------------
 
 
-# cifar10's run (~60 s, and its first epoch leaves chance by a thin margin) runs with -m slow,
-# beside the full recipes; mnist's keeps the defaults checked in the fast suite.
-@pytest.mark.parametrize("dataset", ["mnist", pytest.param("cifar10", marks=pytest.mark.slow)])
+# Both runs (~20 s for mnist, ~60 s for cifar10, whose first epoch leaves chance by a thin margin) run with
+# -m slow, beside the full recipes; the fast suite trains on the digits (tests/test_fit.py, test_cli_train.py).
+@pytest.mark.parametrize(
+    "dataset", [pytest.param("mnist", marks=pytest.mark.slow), pytest.param("cifar10", marks=pytest.mark.slow)]
+)
 def test_the_default_recipe_leaves_chance_in_the_first_epoch(dataset, mnist_dir, cifar_dir, tmp_path):
     """The default model and flags (only --epochs shortened) on 28x28 grey and 32x32 colour images."""
     directory = mnist_dir if dataset == "mnist" else cifar_dir
@@ -213,6 +215,8 @@ def test_stop_and_resume_with_augmentation_and_a_schedule_is_exact(tmp_path, cap
     assert not all(np.array_equal(a, b) for a, b in zip(plain, straight))
 
 
+# ~16 s: with -m slow; bit-exact resume stays in the fast suite through tests/test_cli_train.py and test_fit.py.
+@pytest.mark.slow
 def test_a_bn_model_resumes_bit_identically_with_its_running_statistics(tmp_path):
     flags = ["--model", "resnet_small", "--batch-size", "128", "--epochs", "2"]
     assert cli.main(["train", *flags, "--out", str(tmp_path / "a")]) == 0

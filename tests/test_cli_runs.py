@@ -196,7 +196,14 @@ def test_a_read_only_directory_is_found_before_training(read_only_directory):
     assert "epoch 1" not in done.stderr and "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+@pytest.mark.parametrize(
+    "umask,mode",
+    [
+        (0o022, 0o644),
+        pytest.param(0o077, 0o600, marks=pytest.mark.slow),
+        pytest.param(0o002, 0o664, marks=pytest.mark.slow),
+    ],
+)
 def test_outputs_get_the_mode_the_umask_gives(tmp_path, umask, mode):
     done = _run("train", *TINY, "--epochs", "1", "--out", str(tmp_path / "run"), umask=umask)
     assert done.returncode == 0, done.stderr[-2000:]

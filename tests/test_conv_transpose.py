@@ -156,10 +156,25 @@ SAME_CASES = [
 ]
 
 
-@pytest.mark.parametrize("ndim,spatial,kernel,stride,dilation,groups", SAME_CASES)
-def test_same_is_the_adjoint_of_the_same_convolution(form, ndim, spatial, kernel, stride, dilation, groups):
+# The planner and the conv form on every case; the product forms (whose SAME geometry is the same code) on two.
+SAME_FORMS = [
+    pytest.param(forms, case, id=f"{name}-{i}")
+    for name, forms in (("planner", None), ("conv", ("conv", "conv")))
+    for i, case in enumerate(SAME_CASES)
+] + [
+    pytest.param(forms, SAME_CASES[i], id=f"{name}-{i}")
+    for name, forms in (("im2row", ("im2row_blocked", "im2row")), ("mixed", ("conv", "mixed")))
+    for i in (1, 3)
+]
+
+
+@pytest.mark.parametrize("pair,case", SAME_FORMS)
+def test_same_is_the_adjoint_of_the_same_convolution(forms, pair, case):
     """``padding="SAME"``: for every output_padding (every input size the SAME convolution maps to y's size),
     conv_transpose(y) is the VJP of ``conv(x, padding="SAME")`` with respect to x, and its bias is added."""
+    ndim, spatial, kernel, stride, dilation, groups = case
+    if pair is not None:
+        forms(conv_forward=pair[0], conv_backward=pair[1])
     rng = np.random.default_rng(11)
     cg, o = 2, 2 * groups
     y = rng.standard_normal((2, *spatial, o))

@@ -76,8 +76,8 @@ __all__ = [
 #: steps), 10% of the training set held out for validation (the best-on-validation checkpoint
 #: is kept).  Measured figures: README, "Train on MNIST / CIFAR-10".
 #: ``tests/test_cli_recipes.py`` checks each on realistic check data in the real file formats
-#: (:mod:`jaxconv.train.synthetic`): two epochs in the fast suite, the whole recipe (>= 97%) in the
-#: slow one.
+#: (:mod:`jaxconv.train.synthetic`): the first epoch leaving chance and the whole recipe (>= 97%), both
+#: with ``pytest -m slow``.
 _BASE_RECIPE = {
     "model": "resnet_small",
     "epochs": 8,
