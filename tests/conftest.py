@@ -27,7 +27,7 @@ jax.config.update("jax_enable_x64", True)
 
 # Each example compiles several XLA programs, so examples are few and deadlines off.
 settings.register_profile(
-    "default", max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+    "default", max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
 settings.register_profile(
     "slow", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True

@@ -125,6 +125,7 @@ def test_overwrite_replaces_the_run(finished_run, tmp_path):
         rundir.open_run(out, resume=True, overwrite=True)
 
 
+@pytest.mark.slow  # two real training processes (~11 s); tests/test_reliability_rundir.py keeps the lock's cases fast
 def test_a_second_process_on_a_locked_directory_exits_at_once_and_a_killed_holder_is_reported(tmp_path):
     out = tmp_path / "shared"
     first = _start("train", *TINY, "--epochs", "100000", "--out", str(out))

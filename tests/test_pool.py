@@ -552,6 +552,7 @@ def test_padding_past_half_the_window_is_rejected_as_pytorch_does(op):
     assert op(x, 2, stride=1, padding=1).shape == (1, 3, 3, 1)  # half the window: allowed
 
 
+@pytest.mark.slow  # every padding up to half the window, every form (~8 s); the grids keep padded pools fast
 def test_every_window_holds_an_input_pixel_at_the_most_padding():
     """Padding of half the window on every side, any stride: no window reads padding only,
     so no max is -inf and the count_include_pad=False divisor is never 0."""
