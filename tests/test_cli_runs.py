@@ -25,25 +25,9 @@ from jaxconv.train import checkpoint, rundir
 from jaxconv.train.inference import load_trained
 
 from ._datasets import mnist_dir, write_idx
+from ._runs import TINY
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-# The smallest model and big batches: a digits epoch takes well under a second.
-TINY = [
-    "--model",
-    "dd2424_net",
-    "--batch-size",
-    "64",
-    "--optimizer",
-    "momentum",
-    "--lr",
-    "0.05",
-    "--schedule",
-    "constant",
-    "--val-fraction",
-    "0",
-    "--seed",
-    "3",
-]
 
 
 def _env():

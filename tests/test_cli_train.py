@@ -20,24 +20,7 @@ from jaxconv.nn import models
 from jaxconv.train import checkpoint
 
 from ._datasets import cifar_dir, mnist_dir
-
-# The smallest model (one conv, ReLU, FC) and big batches keep each run to a few seconds.
-TINY = [
-    "--model",
-    "dd2424_net",
-    "--batch-size",
-    "64",
-    "--optimizer",
-    "momentum",
-    "--lr",
-    "0.05",
-    "--schedule",
-    "constant",
-    "--val-fraction",
-    "0",
-    "--seed",
-    "3",
-]
+from ._runs import TINY
 
 
 def _train(out, *extra):

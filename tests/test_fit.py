@@ -34,6 +34,7 @@ from jaxconv.train import (
 from jaxconv.train.inference import load_trained
 
 from ._datasets import mnist_dir, write_idx
+from ._runs import TINY as TINY_ARGV
 
 # The smallest model and big batches: a digits epoch takes well under a second.
 TINY = {
@@ -257,23 +258,6 @@ def test_verbose_false_prints_nothing(tmp_path, capsys):
 
 
 # --- replacing a run, other data, Ctrl-C ------------------------------------------------------------
-
-TINY_ARGV = [
-    "--model",
-    "dd2424_net",
-    "--batch-size",
-    "64",
-    "--optimizer",
-    "momentum",
-    "--lr",
-    "0.05",
-    "--schedule",
-    "constant",
-    "--val-fraction",
-    "0",
-    "--seed",
-    "3",
-]
 
 
 def _snapshot(directory):

@@ -14,8 +14,6 @@ import pytest
 
 from jaxconv.train import images
 
-pytest.importorskip("matplotlib")
-
 
 def _chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
