@@ -150,7 +150,7 @@ def test_backward_plan_by_platform_and_shape(forms):
     assert _plan(*narrow).backward == "conv"  # narrow GEMMs both ways: XLA's convolutions
     assert _plan(*narrow, stride=(2, 2)).backward == "im2row_blocked"  # strided: dX's conv form is slow
     assert _plan((128, 16, 16, 64), (3, 3, 16, 64), groups=4).backward == "conv"  # 16 per group
-    assert _plan(*big, platform="gpu") == ("conv", "conv", "on gpu, XLA's convolutions")
+    assert _plan(*big, platform="gpu") == ("conv", "conv", "on gpu, XLA's convolutions", "gpu")
     forms(conv_backward="im2row")
     forced = _plan(*big, platform="gpu")
     assert forced.backward == "im2row" and forced.forward == "conv" and "forced" in forced.reason

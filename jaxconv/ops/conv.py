@@ -226,7 +226,7 @@ def conv2d(
         a name such as ``"highest"``, a pair of them, a
         ``lax.DotAlgorithmPreset``).  ``None`` is lax's default
         (``jax_default_matmul_precision``).  The ``"onednn"`` forms (float32
-        on CPU only) compute in float32 whatever it says.
+        and bfloat16 on CPU) compute in the arrays' type whatever it says.
 
     Sizes: stride, dilation, every padding amount, and the padded input's
     height and width at most ``2**31 - 1``; the padded input and the output
@@ -400,46 +400,39 @@ def _kernel_grad_winograd(config: ConvConfig, x, g, m: int):
 
 def _onednn_geometry(config: ConvConfig):
     window = config.window
-    return dict(stride=window.stride, padding=window.padding, dilation=window.dilation)
+    return dict(stride=window.stride, padding=window.padding, dilation=window.dilation, groups=config.groups)
 
 
-# The "onednn" forms: each of the three formulas as a host callback into oneDNN
-# (jaxconv.plan.onednn; float32, one group, only when forced).  A callback has no
-# derivative of its own; each formula is bilinear, so its tangent is the same
-# formula of the tangents, written here with the lax forms.  First-order
-# gradients run the callbacks (the conv rule calls them directly); second and
-# higher orders differentiate through the lax tangents.
+# The "onednn" forms: each of the three formulas as a custom call into oneDNN's
+# kernels (jaxconv.plan.onednn: a compiled XLA FFI handler; only when forced).  A
+# custom call has no derivative of its own; each formula is bilinear, so its
+# tangent is the same formula of the tangents, written here with the lax forms.
+# First-order gradients run the custom calls (the conv rule calls them
+# directly); second and higher orders differentiate through the lax tangents.
 
 
 def _onednn_kernel(name: str, *args, **kwargs):
-    """``jaxconv.plan.onednn.<name>(*args, **kwargs)``, the module imported on first use (the optional extra:
-    ctypes and a shared library, loaded only when an ``"onednn"`` form runs)."""
+    """``jaxconv.plan.onednn.<name>(*args, **kwargs)``, the module imported on first use (the optional
+    extra: it loads the compiled handler, only when an ``"onednn"`` form runs)."""
     from ..plan import onednn
 
     return getattr(onednn, name)(*args, **kwargs)
 
 
 def _onednn_formula(kernel: str, shape, shape_name, lax_formula, doc: str):
-    """One of the three formulas, ``(config, a, b) -> out``, as a oneDNN callback with the lax tangent.
+    """One of the three formulas, ``(config, a, b) -> out``, as a oneDNN custom call with the lax tangent.
 
     ``kernel`` names the function of :mod:`jaxconv.plan.onednn`; ``shape(config,
     a, b)`` is the output's shape, passed to it as ``shape_name`` (the forward
     reads it off its inputs).  Bilinear: the tangent is ``lax_formula(da, b) +
-    lax_formula(a, db)``.  ``precision`` has no effect on the callback (oneDNN
-    computes in float32); the lax tangents honour it.
+    lax_formula(a, db)``.  ``precision`` has no effect on the custom call (oneDNN
+    computes in the arrays' type); the lax tangents honour it.
     """
 
     @partial(jax.custom_jvp, nondiff_argnums=(0,))
     def formula(config: ConvConfig, a, b):
-        out = shape(config, a, b)
-        extra = {shape_name: out} if shape_name else {}
-        return jax.pure_callback(
-            partial(_onednn_kernel, kernel, **extra, **_onednn_geometry(config)),
-            jax.ShapeDtypeStruct(out, a.dtype),
-            a,
-            b,
-            vmap_method="sequential",
-        )
+        extra = {shape_name: shape(config, a, b)} if shape_name else {}
+        return _onednn_kernel(kernel, a, b, **extra, **_onednn_geometry(config))
 
     @formula.defjvp
     def formula_jvp(config, primals, tangents):
@@ -459,14 +452,14 @@ _forward_onednn = _onednn_formula(
 )
 _input_grad_onednn = _onednn_formula(
     "input_grad",
-    lambda config, w, g: (g.shape[0], *config.window.in_size, w.shape[-2]),
+    lambda config, w, g: (g.shape[0], *config.window.in_size, w.shape[-2] * config.groups),
     "x_shape",
     lambda *a: _input_grad_conv(*a),
     "dL/dx (docs/convolution.md §5.3) by oneDNN's backward-data convolution, from (w, g).",
 )
 _kernel_grad_onednn = _onednn_formula(
     "kernel_grad",
-    lambda config, x, g: (*config.window.kernel, x.shape[-1], g.shape[-1]),
+    lambda config, x, g: (*config.window.kernel, x.shape[-1] // config.groups, g.shape[-1]),
     "w_shape",
     lambda *a: _kernel_grad_conv(*a),
     "dL/dw (docs/convolution.md §5.4) by oneDNN's backward-weights convolution, from (x, g).",

@@ -1,63 +1,96 @@
-"""Optional oneDNN convolution kernels for float32 on CPU: the ``"onednn"`` conv forms.
+"""oneDNN convolution kernels inside XLA programs: the ``"onednn"`` conv forms.
 
 XLA's CPU convolutions and the matrix-product forms run layers with few
-channels (16-64) far from the machine's peak: their GEMMs are narrow, and
-building ``phi`` costs as much as the product (benchmarks/README.md).
-oneDNN's direct convolution kernels (the ones PyTorch runs on CPU) reach
-2-3x their speed there.  With the ``onednn`` extra installed
-(``pip install 'jaxconv[onednn]'``, the ``onednn-cpu-gomp`` wheel: a
-prebuilt ``libdnnl.so`` for Linux x86-64, no compiler needed), the forms
+channels (16-64) far from the machine's peak (benchmarks/README.md);
+oneDNN's direct convolution kernels (the ones PyTorch runs on CPU) are
+faster there.  jaxconv calls them through a small compiled XLA FFI handler
+(``csrc/onednn_ffi.cc``, built by ``pip install`` into
+``jaxconv/plan/_onednn_ffi*.so`` when a C++ compiler is present) as custom
+calls inside the compiled program: no host callback, no Python on the way.
+The three formulas of the convolution rule each have a handler: the forward
+(docs/convolution.md §1), ``dL/dx`` (backward data, §5.3) and ``dL/dw``
+(backward weights, §5.4), for 1-3 spatial dimensions, any stride, padding,
+dilation and group count, float32 and (where the CPU has the kernels, see
+:func:`dtype_supported`) bfloat16::
 
     with jaxconv.plan.forms(conv_forward="onednn", conv_backward="onednn"):
         ...
 
-compute, for float32 convolutions on CPU with one group, the same three
-formulas as every other form through oneDNN: the forward (docs/convolution.md
-§1), ``dL/dx`` (backward data, §5.3) and ``dL/dw`` (backward weights, §5.4).
-They run as host callbacks (``jax.pure_callback``) inside the same
-``custom_vjp`` rule, which keeps ``x`` and ``w`` as its residuals like every
-form; the callbacks' own derivatives (grad-of-grad) are the hand-derived
-``lax`` formulas.  Anything else (float64, groups, a GPU) runs the planner's
-own forms.  A callback runs on the host: under ``jax.export`` or a sharded
-multi-device program use the ``lax`` forms, which is why these forms are
-never chosen unless asked for.
+The library itself is not linked: the handler opens ``libdnnl.so`` at run
+time, ``$JAXCONV_ONEDNN_LIB`` if set, else the ``onednn-cpu-gomp`` wheel's
+(``pip install 'jaxconv[onednn]'``, Linux x86-64), and refuses a library
+whose version is outside :data:`SUPPORTED_VERSIONS`.  Where the handler was
+not built or the library is missing, :func:`available` is False,
+:func:`status` says why in one line (``repr(jaxconv.plan.conv_plan(...))``
+shows it), and everything runs on the XLA forms.
 
-The library is found at ``$JAXCONV_ONEDNN_LIB`` if set, else in the
-installed ``onednn-cpu-gomp`` distribution.  Memory layouts are given to
-oneDNN by strides (NHWC activations, HWIO kernels: jaxconv's own, so no
-copy); the kernel is reordered into the layout oneDNN prefers on each call.
+Behaviour worth knowing:
+
+* primitives are cached by geometry, at most :func:`cache_info`\\ ``["capacity"]``
+  of them (least recently used freed first; :func:`set_cache_size`);
+* calls run concurrently from several threads (no global lock: each call
+  has its own scratchpad and stream);
+* ``jax.vmap`` batches: vmapped images with one kernel run as one call on
+  ``N * B`` images; vmapped kernels run instance by instance inside one call;
+* errors (an unsupported data type on this CPU, a geometry oneDNN refuses)
+  are XLA errors raised where the program runs, naming the cause;
+* ``jax.export`` works with the custom calls allowed explicitly:
+  ``jax.export.export(f, disabled_checks=jaxconv.plan.onednn.disabled_checks())``;
+  the program then runs where jaxconv's handler is registered (import
+  ``jaxconv.plan.onednn`` and check :func:`available` before calling it);
+* the custom calls have no sharding rule: inside a program sharded over
+  several devices, XLA gathers their operands onto each device.  The
+  planner's default choice never picks these forms (they run when forced).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import math
 import os
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .._core import window as _window
 
-__all__ = ["LIBRARY_ENV", "available", "forward", "input_grad", "kernel_grad", "library_path"]
+__all__ = [
+    "HANDLER_ENV",
+    "LIBRARY_ENV",
+    "SUPPORTED_VERSIONS",
+    "TARGETS",
+    "available",
+    "cache_info",
+    "clear_cache",
+    "disabled_checks",
+    "dtype_supported",
+    "fits",
+    "forward",
+    "handler_path",
+    "input_grad",
+    "kernel_grad",
+    "library_path",
+    "set_cache_size",
+    "status",
+    "version",
+]
 
 #: Environment variable naming a ``libdnnl.so`` (oneDNN 3.x) to use instead of the installed wheel's.
 LIBRARY_ENV = "JAXCONV_ONEDNN_LIB"
+#: Environment variable naming a compiled handler (``_onednn_ffi*.so``) to use instead of the installed one.
+HANDLER_ENV = "JAXCONV_ONEDNN_HANDLER"
 INSTALL_HINT = "pip install 'jaxconv[onednn]' (the onednn-cpu-gomp wheel, Linux x86-64)"
-
-# oneDNN 3.x C API constants (dnnl_types.h): they are part of its stable ABI.
-_CPU_ENGINE = 1
-_IN_ORDER = 1
-_F32 = 3
-_FORMAT_ANY = 1
-_FORWARD_TRAINING = 64
-_CONVOLUTION_DIRECT = 1
-_QUERY = dict(src=129, diff_src=130, weights=131, diff_weights=132, dst=133, diff_dst=134)
-_ARG = dict(src=1, dst=17, weights=33, diff_src=129, diff_dst=145, diff_weights=161, from_=1, to=17)
-_MAX_NDIMS = 12
+#: The oneDNN versions the handler is written for: ``low <= (major, minor) < high`` (its 3.x C API).
+SUPPORTED_VERSIONS = ((3, 0), (4, 0))
+#: The custom-call targets, one per formula.
+TARGETS = {
+    "forward": "jaxconv_onednn_forward",
+    "input_grad": "jaxconv_onednn_input_grad",
+    "kernel_grad": "jaxconv_onednn_kernel_grad",
+}
 
 
 def library_path() -> str | None:
@@ -78,269 +111,175 @@ def library_path() -> str | None:
     return None
 
 
+def handler_path() -> str | None:
+    """The compiled FFI handler: ``$JAXCONV_ONEDNN_HANDLER``, else the one ``pip install`` built; None if neither."""
+    explicit = os.environ.get(HANDLER_ENV)
+    if explicit:
+        return explicit
+    built = sorted(Path(__file__).parent.glob("_onednn_ffi*.so"))
+    return str(built[0]) if built else None
+
+
+class _Handler(ctypes.CDLL):
+    pass
+
+
 @functools.cache
-def _library():
-    path = library_path()
+def _load() -> tuple[_Handler | None, str]:
+    """The handler library, opened on oneDNN and registered with XLA; else ``(None, why not)``."""
+    path = handler_path()
     if path is None:
-        return None
+        return None, "jaxconv's oneDNN handler was not built (pip install needs a C++ compiler for it)"
     try:
-        lib = ctypes.CDLL(path)
-    except OSError:
-        return None
-    lib.dnnl_primitive_desc_query_md.restype = ctypes.c_void_p
-    lib.dnnl_memory_desc_get_size.restype = ctypes.c_size_t
-    return lib
+        lib = _Handler(path)
+    except OSError as err:
+        return None, f"cannot load jaxconv's oneDNN handler {path}: {err}"
+    lib.jaxconv_onednn_open.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]
+    lib.jaxconv_onednn_open.restype = ctypes.c_int
+    lib.jaxconv_onednn_version.argtypes = [ctypes.POINTER(ctypes.c_int)]
+    lib.jaxconv_onednn_version.restype = None
+    lib.jaxconv_onednn_probe.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
+    lib.jaxconv_onednn_probe.restype = ctypes.c_int
+    lib.jaxconv_onednn_set_cache_size.argtypes = [ctypes.c_int64]
+    lib.jaxconv_onednn_set_cache_size.restype = None
+    lib.jaxconv_onednn_cache_stats.argtypes = [ctypes.POINTER(ctypes.c_int64)]
+    lib.jaxconv_onednn_cache_stats.restype = None
+    lib.jaxconv_onednn_cache_clear.argtypes = []
+    lib.jaxconv_onednn_cache_clear.restype = None
+    dnnl = library_path()
+    if dnnl is None:
+        return None, f"the oneDNN library is not installed ({INSTALL_HINT}, or set ${LIBRARY_ENV})"
+    error = ctypes.create_string_buffer(512)
+    if lib.jaxconv_onednn_open(os.fsencode(dnnl), error, len(error)) != 0:
+        return None, f"oneDNN could not be opened: {error.value.decode(errors='replace')}"
+    found = _version_of(lib)
+    low, high = SUPPORTED_VERSIONS
+    if not low <= found[:2] < high:
+        return None, f"oneDNN {'.'.join(map(str, found))} is outside the supported range [{low}, {high})"
+    for name in TARGETS.values():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+    return lib, ""
+
+
+def _version_of(lib: _Handler) -> tuple[int, int, int]:
+    out = (ctypes.c_int * 3)()
+    lib.jaxconv_onednn_version(out)
+    return (out[0], out[1], out[2])
 
 
 def available() -> bool:
-    """The oneDNN library loads (and an engine and stream can be made)."""
-    try:
-        return _library() is not None and _runtime() is not None
-    except RuntimeError:
-        return False
+    """The compiled handler loads and opened a supported oneDNN library (its targets are registered with XLA)."""
+    return _load()[0] is not None
 
 
-class _Arg(ctypes.Structure):
-    _fields_ = [("arg", ctypes.c_int), ("memory", ctypes.c_void_p)]
+def status() -> str:
+    """One line: which oneDNN runs the ``"onednn"`` forms, or why they are unavailable."""
+    lib, why = _load()
+    if lib is None:
+        return f"oneDNN forms unavailable: {why}; the XLA forms run"
+    return f"oneDNN {'.'.join(map(str, _version_of(lib)))} through jaxconv's XLA FFI handler"
 
 
-def _check(status: int, what: str) -> None:
-    if status != 0:
-        raise RuntimeError(f"oneDNN: {what} failed with status {status}.")
-
-
-def _dims(values: Sequence[int]):
-    out = (ctypes.c_int64 * _MAX_NDIMS)()
-    for i, v in enumerate(values):
-        out[i] = int(v)
-    return out
+def version() -> tuple[int, int, int] | None:
+    """The opened oneDNN's ``(major, minor, patch)``; None where unavailable."""
+    lib = _load()[0]
+    return None if lib is None else _version_of(lib)
 
 
 @functools.cache
-def _runtime():
-    lib = _library()
+def dtype_supported(dtype) -> bool:
+    """oneDNN has kernels for all three formulas in ``dtype`` (float32; bfloat16 where the CPU has them)."""
+    lib = _load()[0]
+    name = np.dtype(dtype).name
+    if lib is None or name not in ("float32", "bfloat16"):
+        return False
+    error = ctypes.create_string_buffer(512)
+    return lib.jaxconv_onednn_probe(int(name == "bfloat16"), error, len(error)) == 0
+
+
+def _handler() -> _Handler:
+    lib, why = _load()
     if lib is None:
-        return None
-    engine, stream = ctypes.c_void_p(), ctypes.c_void_p()
-    _check(lib.dnnl_engine_create(ctypes.byref(engine), _CPU_ENGINE, ctypes.c_size_t(0)), "engine")
-    _check(lib.dnnl_stream_create(ctypes.byref(stream), engine, ctypes.c_uint(_IN_ORDER)), "stream")
-    return lib, engine, stream
+        raise RuntimeError(f"jaxconv's oneDNN forms are unavailable: {why}.")
+    return lib
 
 
-# One lock for every execution: a primitive's scratchpad and the memory
-# handles are shared, and oneDNN runs each call on every core anyway.
-_LOCK = threading.Lock()
+def set_cache_size(capacity: int) -> None:
+    """Keep at most ``capacity`` geometries' primitives (default 256); the least recently used are freed first."""
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+        raise ValueError(f"`capacity` (={capacity!r}) must be a non-negative integer.")
+    _handler().jaxconv_onednn_set_cache_size(capacity)
 
 
-def _strided(shape: Sequence[int], strides: Sequence[int]):
-    lib = _library()
-    md = ctypes.c_void_p()
-    _check(
-        lib.dnnl_memory_desc_create_with_strides(ctypes.byref(md), len(shape), _dims(shape), _F32, _dims(strides)),
-        "memory descriptor",
-    )
-    return md
+def cache_info() -> dict[str, int]:
+    """The primitive cache: ``entries``, ``capacity``, ``hits`` and ``misses`` since the process started."""
+    out = (ctypes.c_int64 * 4)()
+    _handler().jaxconv_onednn_cache_stats(out)
+    return dict(entries=out[0], capacity=out[1], hits=out[2], misses=out[3])
 
 
-def _outer_strides(sizes: Sequence[int], inner: int) -> list[int]:
-    """Row-major strides of ``sizes`` laid out in front of a contiguous block of ``inner`` elements."""
-    return [inner * math.prod(sizes[i + 1 :]) for i in range(len(sizes))]
+def clear_cache() -> None:
+    """Free every cached primitive (calls running now keep theirs until they return)."""
+    _handler().jaxconv_onednn_cache_clear()
 
 
-def _channels_last(n: int, c: int, spatial: Sequence[int]):
-    """(N, C, *spatial) logical dims stored as (N, *spatial, C)."""
-    return _strided((n, c, *spatial), (c * math.prod(spatial), 1, *_outer_strides(spatial, c)))
-
-
-def _kernel_layout(o: int, i: int, kernel: Sequence[int]):
-    """(O, I, *K) logical dims stored as (*K, I, O) (jaxconv's HWIO)."""
-    return _strided((o, i, *kernel), (1, o, *_outer_strides(kernel, i * o)))
-
-
-class _Geometry:
-    """oneDNN primitives for one convolution geometry: forward, backward data, backward weights."""
-
-    def __init__(self, x_shape, w_shape, stride, padding, dilation):
-        lib, engine, _ = _runtime()
-        n, *spatial, c = x_shape
-        *kernel, _, o = w_shape
-        out = [
-            _window.output_size(s, lo, hi, k, st, d)
-            for s, (lo, hi), k, st, d in zip(spatial, padding, kernel, stride, dilation)
-        ]
-        self.x_shape, self.w_shape, self.y_shape = tuple(x_shape), tuple(w_shape), (n, *out, o)
-        self.src, self.dst = _channels_last(n, c, spatial), _channels_last(n, o, out)
-        self.user_w = _kernel_layout(o, c, kernel)
-        any_w = ctypes.c_void_p()
-        _check(
-            lib.dnnl_memory_desc_create_with_tag(
-                ctypes.byref(any_w), 2 + len(kernel), _dims((o, c, *kernel)), _F32, _FORMAT_ANY
-            ),
-            "kernel descriptor",
-        )
-        geometry = (
-            _dims(stride),
-            _dims([d - 1 for d in dilation]),
-            _dims([lo for lo, _ in padding]),
-            _dims([hi for _, hi in padding]),
-        )
-        self.forward_pd, self.data_pd, self.weights_pd = (ctypes.c_void_p() for _ in range(3))
-        _check(
-            lib.dnnl_convolution_forward_primitive_desc_create(
-                ctypes.byref(self.forward_pd),
-                engine,
-                _FORWARD_TRAINING,
-                _CONVOLUTION_DIRECT,
-                self.src,
-                any_w,
-                None,
-                self.dst,
-                *geometry,
-                None,
-            ),
-            "forward primitive descriptor",
-        )
-        _check(
-            lib.dnnl_convolution_backward_data_primitive_desc_create(
-                ctypes.byref(self.data_pd),
-                engine,
-                _CONVOLUTION_DIRECT,
-                self.src,
-                any_w,
-                self.dst,
-                *geometry,
-                self.forward_pd,
-                None,
-            ),
-            "backward-data primitive descriptor",
-        )
-        _check(
-            lib.dnnl_convolution_backward_weights_primitive_desc_create(
-                ctypes.byref(self.weights_pd),
-                engine,
-                _CONVOLUTION_DIRECT,
-                self.src,
-                any_w,
-                None,
-                self.dst,
-                *geometry,
-                self.forward_pd,
-                None,
-            ),
-            "backward-weights primitive descriptor",
-        )
-        query = lambda pd, what: ctypes.c_void_p(lib.dnnl_primitive_desc_query_md(pd, _QUERY[what], 0))
-        # The activations must be taken in our layout, as given (oneDNN may not pick another for them).
-        for pd, what, mine in (
-            (self.forward_pd, "src", self.src),
-            (self.forward_pd, "dst", self.dst),
-            (self.data_pd, "diff_src", self.src),
-            (self.data_pd, "diff_dst", self.dst),
-            (self.weights_pd, "src", self.src),
-            (self.weights_pd, "diff_dst", self.dst),
-        ):
-            if lib.dnnl_memory_desc_get_size(query(pd, what)) != lib.dnnl_memory_desc_get_size(mine):
-                raise RuntimeError(f"oneDNN chose another layout for {what}.")
-        self.forward_w, self.data_w, self.weights_dw = (
-            query(self.forward_pd, "weights"),
-            query(self.data_pd, "weights"),
-            query(self.weights_pd, "diff_weights"),
-        )
-        self.forward, self.data, self.weights = (
-            self._primitive(pd) for pd in (self.forward_pd, self.data_pd, self.weights_pd)
-        )
-        self.to_forward_w = self._reorder(self.user_w, self.forward_w)
-        self.to_data_w = self._reorder(self.user_w, self.data_w)
-        self.from_weights_dw = self._reorder(self.weights_dw, self.user_w)
-        # Buffers for the kernel in oneDNN's layouts, reused across calls (under _LOCK).
-        self.buffers = {
-            name: np.empty(lib.dnnl_memory_desc_get_size(md) // 4 + 16, np.float32)
-            for name, md in (("forward_w", self.forward_w), ("data_w", self.data_w), ("weights_dw", self.weights_dw))
-        }
-
-    @staticmethod
-    def _primitive(pd):
-        lib = _library()
-        primitive = ctypes.c_void_p()
-        _check(lib.dnnl_primitive_create(ctypes.byref(primitive), pd), "primitive")
-        return primitive
-
-    def _reorder(self, src, dst):
-        lib, engine, _ = _runtime()
-        pd = ctypes.c_void_p()
-        _check(lib.dnnl_reorder_primitive_desc_create(ctypes.byref(pd), src, engine, dst, engine, None), "reorder")
-        return self._primitive(pd)
-
-
-def _memory(md, array: np.ndarray):
-    lib, engine, _ = _runtime()
-    memory = ctypes.c_void_p()
-    _check(lib.dnnl_memory_create(ctypes.byref(memory), md, engine, ctypes.c_void_p(array.ctypes.data)), "memory")
-    return memory
-
-
-def _execute(primitive, args: dict) -> None:
-    lib, _, stream = _runtime()
-    memories = [(_ARG[name], _memory(md, array)) for name, (md, array) in args.items()]
-    packed = (_Arg * len(memories))(*[_Arg(a, m) for a, m in memories])
-    try:
-        _check(lib.dnnl_primitive_execute(primitive, stream, len(memories), packed), "execute")
-        _check(lib.dnnl_stream_wait(stream), "stream wait")
-    finally:
-        for _, memory in memories:
-            lib.dnnl_memory_destroy(memory)
-
-
-_GEOMETRIES: dict = {}
-
-
-def _geometry(x_shape, w_shape, stride, padding, dilation) -> _Geometry:
-    key = (tuple(x_shape), tuple(w_shape), tuple(stride), tuple(map(tuple, padding)), tuple(dilation))
-    if key not in _GEOMETRIES:
-        _GEOMETRIES[key] = _Geometry(*key)
-    return _GEOMETRIES[key]
-
-
-def _f32(a) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.float32)
-
-
-def forward(x, w, *, stride, padding, dilation) -> np.ndarray:
-    """``y`` of the convolution (no bias): ``x`` ``(N, *S, C)``, ``w`` ``(*K, C, O)``, float32."""
-    x, w = _f32(x), _f32(w)
-    with _LOCK:
-        geo = _geometry(x.shape, w.shape, stride, padding, dilation)
-        y = np.empty(geo.y_shape, np.float32)
-        buf = geo.buffers["forward_w"]
-        _execute(geo.to_forward_w, dict(from_=(geo.user_w, w), to=(geo.forward_w, buf)))
-        _execute(geo.forward, dict(src=(geo.src, x), weights=(geo.forward_w, buf), dst=(geo.dst, y)))
-    return y
-
-
-def input_grad(w, g, *, x_shape, stride, padding, dilation) -> np.ndarray:
-    """``dL/dx`` for the output gradient ``g`` (oneDNN's backward data)."""
-    w, g = _f32(w), _f32(g)
-    with _LOCK:
-        geo = _geometry(x_shape, w.shape, stride, padding, dilation)
-        dx = np.empty(geo.x_shape, np.float32)
-        buf = geo.buffers["data_w"]
-        _execute(geo.to_data_w, dict(from_=(geo.user_w, w), to=(geo.data_w, buf)))
-        _execute(geo.data, dict(diff_src=(geo.src, dx), weights=(geo.data_w, buf), diff_dst=(geo.dst, g)))
-    return dx
-
-
-def kernel_grad(x, g, *, w_shape, stride, padding, dilation) -> np.ndarray:
-    """``dL/dw`` for the output gradient ``g`` (oneDNN's backward weights)."""
-    x, g = _f32(x), _f32(g)
-    with _LOCK:
-        geo = _geometry(x.shape, w_shape, stride, padding, dilation)
-        dw = np.empty(geo.w_shape, np.float32)
-        buf = geo.buffers["weights_dw"]
-        _execute(geo.weights, dict(src=(geo.src, x), diff_weights=(geo.weights_dw, buf), diff_dst=(geo.dst, g)))
-        _execute(geo.from_weights_dw, dict(from_=(geo.weights_dw, buf), to=(geo.user_w, dw)))
-    return dw
+def disabled_checks() -> list:
+    """What ``jax.export.export(..., disabled_checks=...)`` needs to export a program using these forms."""
+    return [jax.export.DisabledSafetyCheck.custom_call(name) for name in TARGETS.values()]
 
 
 def fits(ndim: int, groups: int) -> bool:
-    """oneDNN's forms cover 1-3 spatial dimensions and one group (float32 on CPU is the planner's check)."""
-    return 1 <= ndim <= 3 and groups == 1
+    """oneDNN's forms cover 1-3 spatial dimensions, any group count (the data type is :func:`dtype_supported`)."""
+    return 1 <= ndim <= 3 and groups >= 1
+
+
+def _call(formula: str, out_shape, dtype, a, b, *, stride, padding, dilation, groups):
+    _handler()
+    attrs = dict(
+        stride=np.asarray(stride, np.int64),
+        dilation=np.asarray(dilation, np.int64),
+        pad_lo=np.asarray([lo for lo, _ in padding], np.int64),
+        pad_hi=np.asarray([hi for _, hi in padding], np.int64),
+        groups=np.int64(groups),
+    )
+    call = jax.ffi.ffi_call(TARGETS[formula], jax.ShapeDtypeStruct(tuple(out_shape), dtype), vmap_method="expand_dims")
+    return call(a, b, **attrs)
+
+
+def _out_size(spatial, kernel, stride, padding, dilation) -> list[int]:
+    return [
+        _window.output_size(s, lo, hi, k, st, d)
+        for s, (lo, hi), k, st, d in zip(spatial, padding, kernel, stride, dilation)
+    ]
+
+
+def forward(x, w, *, stride: Sequence[int], padding, dilation: Sequence[int], groups: int = 1) -> jax.Array:
+    """``y`` of the convolution (no bias): ``x`` ``(N, *S, C)``, ``w`` ``(*K, C/groups, O)``; ``padding`` pairs."""
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    out = _out_size(x.shape[1:-1], w.shape[:-2], stride, padding, dilation)
+    return _call(
+        "forward", (x.shape[0], *out, w.shape[-1]), x.dtype, x, w,
+        stride=stride, padding=padding, dilation=dilation, groups=groups,
+    )  # fmt: skip
+
+
+def input_grad(
+    w, g, *, x_shape: Sequence[int], stride: Sequence[int], padding, dilation: Sequence[int], groups: int = 1
+) -> jax.Array:
+    """``dL/dx`` of shape ``x_shape`` for the output gradient ``g`` (oneDNN's backward data)."""
+    w, g = jnp.asarray(w), jnp.asarray(g)
+    return _call(
+        "input_grad", tuple(x_shape), g.dtype, w, g,
+        stride=stride, padding=padding, dilation=dilation, groups=groups,
+    )  # fmt: skip
+
+
+def kernel_grad(
+    x, g, *, w_shape: Sequence[int], stride: Sequence[int], padding, dilation: Sequence[int], groups: int = 1
+) -> jax.Array:
+    """``dL/dw`` of shape ``w_shape`` for the output gradient ``g`` (oneDNN's backward weights)."""
+    x, g = jnp.asarray(x), jnp.asarray(g)
+    return _call(
+        "kernel_grad", tuple(w_shape), x.dtype, x, g,
+        stride=stride, padding=padding, dilation=dilation, groups=groups,
+    )  # fmt: skip

@@ -11,7 +11,8 @@ blocks), or dX by the convolution and dF by the blocked products
 (``"winograd2"``, ``"winograd4"``: ``F(2, r)`` or ``F(4, r)`` per spatial
 axis, ``jaxconv.plan.winograd``), forward and backward; with the optional
 oneDNN library, all three formulas run as oneDNN's kernels (``"onednn"``,
-``jaxconv.plan.onednn``; float32 on CPU, only when forced).  Pooling runs either on a reshape of non-overlapping windows
+``jaxconv.plan.onednn``: custom calls through a compiled XLA FFI handler;
+float32 and bfloat16 on CPU, only when forced).  Pooling runs either on a reshape of non-overlapping windows
 (``"reshape"``) or on strided slices (``"slices"``).
 
 The choice is made once per trace, from static facts only:
@@ -140,10 +141,7 @@ def forms(
         if value not in known:
             raise ValueError(f"`{name}` (={value!r}) must be one of {list(known)}.")
         if value == "onednn" and not _onednn().available():
-            raise ValueError(
-                f"`{name}` (='onednn') needs the oneDNN library, which is not installed: "
-                f"{_onednn().INSTALL_HINT}, or set ${_onednn().LIBRARY_ENV} to a libdnnl.so."
-            )
+            raise ValueError(f"`{name}` (='onednn') cannot run here: {_onednn().status()}.")
         forced[name] = value
     with _set(forced):
         yield
@@ -216,11 +214,20 @@ XLA_FORWARD_CHANNELS = 128
 
 class ConvPlan(NamedTuple):
     """The forms one convolution runs: ``forward`` in :data:`CONV_FORWARD_FORMS`,
-    ``backward`` in :data:`CONV_BACKWARD_FORMS`, and ``reason``, the planner's why."""
+    ``backward`` in :data:`CONV_BACKWARD_FORMS`, ``reason``, the planner's why, and the ``platform``
+    planned for.  On CPU, ``repr`` adds a line saying whether the ``"onednn"`` forms could run
+    (:func:`jaxconv.plan.onednn.status`: which oneDNN, or why not and that the XLA forms run)."""
 
     forward: str
     backward: str
     reason: str
+    platform: str = ""
+
+    def __repr__(self) -> str:
+        text = f"ConvPlan(forward={self.forward!r}, backward={self.backward!r}, reason={self.reason!r})"
+        if self.platform == "cpu":
+            text += f"\n  note: {_onednn().status()}"
+        return text
 
 
 def phi_entries_per_image(out_spatial: Sequence[int], kernel_spatial: Sequence[int], channels: int) -> int:
@@ -239,13 +246,14 @@ def winograd_fits(kernel_spatial, stride, dilation, groups, tile: int = 2) -> bo
 
 
 def onednn_fits(kernel_spatial, groups, platform: str, dtype) -> bool:
-    """The ``"onednn"`` forms apply: float32 on CPU, 1-3 spatial dimensions, one group, the library installed."""
+    """The ``"onednn"`` forms apply: on CPU, 1-3 spatial dimensions, the compiled handler and oneDNN loaded,
+    and kernels for ``dtype`` on this CPU (float32; bfloat16 where the CPU has them)."""
     return (
         platform == "cpu"
         and dtype is not None
-        and np.dtype(dtype) == np.float32
         and _onednn().fits(len(kernel_spatial), groups)
         and _onednn().available()
+        and _onednn().dtype_supported(np.dtype(dtype))
     )
 
 
@@ -325,10 +333,10 @@ def conv_plan(
             reason += f"; {wanted} needs stride 1, dilation 1, one group: {own} runs"
             wanted = own
         if wanted == "onednn" and not (static and onednn_fits(kernel_spatial, groups, platform, dtype)):
-            reason += f"; onednn needs float32 on CPU, static shapes, one group: {own} runs"
+            reason += f"; onednn needs the CPU, static shapes and a data type it has kernels for: {own} runs"
             wanted = own
         chosen.append(wanted or own)
-    return ConvPlan(chosen[0], chosen[1], reason)
+    return ConvPlan(chosen[0], chosen[1], reason, platform)
 
 
 def _conv_choice(batch, out_spatial, kernel_spatial, in_channels, out_channels, groups, stride, dilation, platform):
