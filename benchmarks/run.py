@@ -71,6 +71,16 @@ RESNET_SHAPES = [
     dict(x=(128, 16, 16, 32), o=32, k=3, stride=1, padding="SAME"),
     dict(x=(128, 8, 8, 64), o=64, k=3, stride=1, padding="SAME"),
 ]
+# The other step rows' layers (LeNet-MNIST; VGG-style's first and 64->128 convs), for the forms section and
+# the planner's measured table.
+STEP_LAYER_SHAPES = [
+    dict(x=(128, 28, 28, 1), o=32, k=5, stride=1, padding="VALID"),
+    dict(x=(128, 12, 12, 32), o=64, k=5, stride=1, padding="VALID"),
+    dict(x=(128, 32, 32, 3), o=64, k=3, stride=1, padding="SAME"),
+    dict(x=(128, 16, 16, 64), o=128, k=3, stride=1, padding="SAME"),
+    dict(x=(128, 16, 16, 16), o=32, k=3, stride=2, padding="SAME"),
+    dict(x=(128, 8, 8, 32), o=64, k=3, stride=2, padding="SAME"),
+]
 # (forward, backward) pairs the forms section forces; the Winograd ones only at stride 1.
 FORM_PAIRS = [
     ("conv", "conv"),
@@ -268,7 +278,7 @@ def bench_forms(runs, quick):
     """Every conv form forced on each layer: forward alone and backward alone (pullback on saved residuals),
     all forms of one layer interleaved; the planner's pick named."""
     rows = []
-    for spec in CONV_SHAPES[1:3] if quick else CONV_SHAPES + RESNET_SHAPES:
+    for spec in CONV_SHAPES[1:3] if quick else CONV_SHAPES + RESNET_SHAPES + STEP_LAYER_SHAPES:
         name, x, wt, g, opts, macs = _conv_case(spec)
         calls = {}
         for fwd, bwd in _pairs(spec):
@@ -283,7 +293,20 @@ def bench_forms(runs, quick):
             calls[f"{fwd}|{bwd}|backward"] = lambda b=backward, p=pullback: jax.block_until_ready(b(p, g))
         times = interleaved(calls, runs)
         planned = _planned(spec, x, g)
-        row = dict(op=f"conv {name}", macs=macs, planned=[planned.forward, planned.backward], forms={})
+        row = dict(
+            op=f"conv {name}",
+            macs=macs,
+            planned=[planned.forward, planned.backward],
+            forms={},
+            geometry=dict(
+                batch=x.shape[0],
+                out_spatial=list(g.shape[1:3]),
+                kernel=[spec["k"]] * 2,
+                in_channels=x.shape[-1],
+                out_channels=spec["o"],
+                stride=[spec["stride"]] * 2,
+            ),
+        )
         for fwd, bwd in _pairs(spec):
             tf, tb = times[f"{fwd}|{bwd}|forward"], times[f"{fwd}|{bwd}|backward"]
             row["forms"][f"{fwd}/{bwd}"] = dict(
@@ -303,6 +326,36 @@ def bench_forms(runs, quick):
         )
         rows.append(row)
     return rows
+
+
+def write_table(path: Path, result: dict) -> None:
+    """The planner's measured table (jaxconv.plan.MEASURED_TABLE) from the forms section: per layer, the
+    fastest median of each forward form and each backward form."""
+    layers = []
+    for row in result.get("forms", []):
+        forward: dict = {}
+        backward: dict = {}
+        for pair, t in row["forms"].items():
+            fwd, bwd = pair.split("/")
+            forward[fwd] = min(forward.get(fwd, np.inf), t["forward"]["median_s"])
+            backward[bwd] = min(backward.get(bwd, np.inf), t["backward"]["median_s"])
+        layers.append(dict(name=row["op"], **row["geometry"], forward=forward, backward=backward))
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        platform.processor(),
+    ) if Path("/proc/cpuinfo").exists() else platform.processor()  # fmt: skip
+    machine = dict(
+        cpu=cpu,
+        cpu_count=os.cpu_count(),
+        jax_version=jax.__version__,
+        onednn=jaxconv.plan.onednn.status(),
+        date=result["date"],
+        load_average_before=result["load_average"],
+        runs=result["runs"],
+    )
+    path.write_text(json.dumps(dict(machine=machine, layers=layers), indent=1) + "\n")
+    print(f"wrote the planner's measured table {path}", flush=True)
 
 
 def bench_accuracy(runs, quick):
@@ -479,9 +532,50 @@ def resnet_small(widths=(16, 32, 64), classes=10, batch_norm=True):
     return models.resnet_small(classes, widths=widths, batch_norm=batch_norm), torch_module
 
 
+def vgg_style(classes=10):
+    """3x3 SAME convs of 64, 64 - maxpool 2 - 128, 128 - maxpool 2 - FC, ReLU after every conv."""
+    from jaxconv import nn
+
+    model = nn.serial(
+        nn.Conv(64, 3, padding="SAME"),
+        nn.Relu,
+        nn.Conv(64, 3, padding="SAME"),
+        nn.Relu,
+        nn.MaxPool(2),
+        nn.Conv(128, 3, padding="SAME"),
+        nn.Relu,
+        nn.Conv(128, 3, padding="SAME"),
+        nn.Relu,
+        nn.MaxPool(2),
+        nn.Flatten,
+        nn.Dense(classes),
+    )
+
+    def torch_module(in_shape, flat):
+        import torch.nn as tnn
+
+        return tnn.Sequential(
+            tnn.Conv2d(in_shape[3], 64, 3, padding=1),
+            tnn.ReLU(),
+            tnn.Conv2d(64, 64, 3, padding=1),
+            tnn.ReLU(),
+            tnn.MaxPool2d(2),
+            tnn.Conv2d(64, 128, 3, padding=1),
+            tnn.ReLU(),
+            tnn.Conv2d(128, 128, 3, padding=1),
+            tnn.ReLU(),
+            tnn.MaxPool2d(2),
+            tnn.Flatten(),  # NCHW: torch flattens (C, H, W), jaxconv (H, W, C); the same layer sizes
+            tnn.Linear(flat, classes),
+        )
+
+    return model, torch_module
+
+
 NETS = {
     "LeNet-MNIST": (lambda: lenet((32, 64)), (128, 28, 28, 1)),
     "LeNet-CIFAR": (lambda: lenet((64, 128)), (128, 32, 32, 3)),
+    "VGG-style": (vgg_style, (128, 32, 32, 3)),
     "resnet_small": (resnet_small, (128, 32, 32, 3)),
     "resnet_small (no BN)": (lambda: resnet_small(batch_norm=False), (128, 32, 32, 3)),
 }
@@ -553,7 +647,9 @@ def bench_steps(runs, quick):
         )
         calls, compiled = {}, {}
         columns = [("jaxconv", jaxconv, None), ("autodiff", reference, None)]
-        if jaxconv.plan.onednn.available():  # the optional oneDNN conv forms (pip install 'jaxconv[onednn]')
+        if jaxconv.plan.onednn.available():  # the optional compiled oneDNN handler (pip install 'jaxconv[onednn]')
+            # The planner's default without it (XLA forms only), and every conv forced onto it.
+            columns.append(("jaxconv_xla", jaxconv, dict(onednn=False)))
             columns.append(("jaxconv_onednn", jaxconv, dict(conv_forward="onednn", conv_backward="onednn")))
         for column, ops, forms in columns:
 
@@ -599,18 +695,19 @@ def bench_steps(runs, quick):
                 row[column].update(version=torch.__version__, threads=torch.get_num_threads())
         row["speedup_vs_autodiff"] = row["autodiff"]["time"]["median_s"] / row["jaxconv"]["time"]["median_s"]
         if "pytorch" in row:
-            row["speedup_vs_pytorch"] = row["pytorch"]["time"]["median_s"] / row["jaxconv"]["time"]["median_s"]
-            if "jaxconv_onednn" in row:
-                row["speedup_onednn_vs_pytorch"] = (
-                    row["pytorch"]["time"]["median_s"] / row["jaxconv_onednn"]["time"]["median_s"]
-                )
+            for column, key in (("jaxconv", ""), ("jaxconv_xla", "_xla"), ("jaxconv_onednn", "_onednn")):
+                if column in row:
+                    row[f"speedup{key}_vs_pytorch"] = (
+                        row["pytorch"]["time"]["median_s"] / row[column]["time"]["median_s"]
+                    )
         print(
             f"  {net_name:13s} jaxconv {row['jaxconv']['time']['median_s'] * 1e3:7.1f} ms "
             f"({row['jaxconv']['gflops']:.0f} GFLOP/s)  "
             f"autodiff {row['autodiff']['time']['median_s'] * 1e3:7.1f} ms  "
             + (f"pytorch {row['pytorch']['time']['median_s'] * 1e3:7.1f} ms" if "pytorch" in row else "pytorch n/a")
             + (
-                f"  jaxconv+oneDNN {row['jaxconv_onednn']['time']['median_s'] * 1e3:7.1f} ms"
+                f"  XLA forms only {row['jaxconv_xla']['time']['median_s'] * 1e3:7.1f} ms"
+                f"  oneDNN forced {row['jaxconv_onednn']['time']['median_s'] * 1e3:7.1f} ms"
                 if "jaxconv_onednn" in row
                 else ""
             ),
@@ -802,31 +899,33 @@ def markdown(result) -> str:
     steps = result.get("step", [])
     if steps:
         out += [
-            "`jaxconv`: the planner's forms (XLA only); `+ oneDNN`: the same step with the optional oneDNN "
-            'conv forms forced (`jaxconv.plan.forms(conv_forward="onednn", conv_backward="onednn")`, '
-            "`pip install 'jaxconv[onednn]'`).",
+            "`jaxconv`: the planner's default forms (with the compiled oneDNN handler installed, it picks oneDNN "
+            "layer by layer where jaxconv/plan/measured_cpu.json measured it faster); `XLA forms only`: the same "
+            "step with `jaxconv.plan.forms(onednn=False)` (a machine without the handler); `oneDNN forced`: every "
+            'conv forced onto it (`jaxconv.plan.forms(conv_forward="onednn", conv_backward="onednn")`). '
+            "`vs`: the other's time over jaxconv's (above 1: jaxconv is faster).",
             "",
-            "| training step (batch 128, SGD) | jaxconv ms | jaxconv + oneDNN ms | jax.grad (plain lax) ms "
-            "| PyTorch CPU ms | vs autodiff | vs PyTorch (+ oneDNN) | GFLOP/s (of peak) jaxconv / + oneDNN / PyTorch "
-            "| XLA temp MiB (jaxconv / + oneDNN / autodiff) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| training step (batch 128, SGD) | jaxconv ms | XLA forms only ms | oneDNN forced ms "
+            "| jax.grad (plain lax) ms | PyTorch CPU ms | vs autodiff | vs PyTorch (XLA forms only) "
+            "| GFLOP/s (of peak) jaxconv / PyTorch | XLA temp MiB (jaxconv / XLA forms only / autodiff) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in steps:
             if "skipped" in r:
-                out.append(f"| {r['net']} | {r['skipped']} | | | | | | |")
+                out.append(f"| {r['net']} | {r['skipped']} | | | | | | | | |")
                 continue
-            pt = r.get("pytorch")
+            pt, xla, dn = r.get("pytorch"), r.get("jaxconv_xla"), r.get("jaxconv_onednn")
             mib = lambda b: f"{b / 2**20:.0f}" if b is not None else "?"
-            dn = r.get("jaxconv_onednn")
             gflops = lambda c: f"{c['gflops']:.0f} ({c['peak_fraction']:.0%})" if c else "n/a"
             versus = f"{r['speedup_vs_pytorch']:.2f}×" if pt else "n/a"
-            if pt and dn:
-                versus += f" ({r['speedup_onednn_vs_pytorch']:.2f}×)"
+            if pt and xla:
+                versus += f" ({r['speedup_xla_vs_pytorch']:.2f}×)"
             out.append(
-                f"| {r['net']} | {ms(r['jaxconv']['time'])} | {ms(dn['time']) if dn else 'n/a'} | "
+                f"| {r['net']} | {ms(r['jaxconv']['time'])} | {ms(xla['time']) if xla else 'n/a'} | "
+                f"{ms(dn['time']) if dn else 'n/a'} | "
                 f"{ms(r['autodiff']['time'])} | {ms(pt['time']) if pt else 'n/a'} | {r['speedup_vs_autodiff']:.2f}× | "
-                f"{versus} | {gflops(r['jaxconv'])} / {gflops(dn)} / {gflops(pt)} | "
-                f"{mib(r['jaxconv']['temp_bytes'])} / {mib(dn['temp_bytes']) if dn else 'n/a'} / "
+                f"{versus} | {gflops(r['jaxconv'])} / {gflops(pt)} | "
+                f"{mib(r['jaxconv']['temp_bytes'])} / {mib(xla['temp_bytes']) if xla else 'n/a'} / "
                 f"{mib(r['autodiff']['temp_bytes'])} |"
             )
         out.append("")
@@ -868,6 +967,12 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=10, help="timed calls per measurement (>= 10 for reported figures)")
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for <device>.json and <device>.md")
     parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
+    parser.add_argument(
+        "--write-table",
+        metavar="PATH",
+        help="write the planner's measured table from the forms section (jaxconv/plan/measured_cpu.json is the "
+        "installed one; point $JAXCONV_FORMS_TABLE at another)",
+    )
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(only) - set(SECTIONS))
@@ -915,9 +1020,11 @@ def main(argv=None):
     for row in result.get("conv", []):
         row["peak_fraction"] = row["gflops_jaxconv"] / peak
     for row in result.get("step", []):
-        for column in ("jaxconv", "jaxconv_onednn", "autodiff", "pytorch"):
+        for column in ("jaxconv", "jaxconv_xla", "jaxconv_onednn", "autodiff", "pytorch"):
             if column in row:
                 row[column]["peak_fraction"] = row[column]["gflops"] / peak
+    if args.write_table:
+        write_table(Path(args.write_table), result)
     if "accuracy" in only:  # last: it turns float64 on
         print("accuracy:", flush=True)
         result["accuracy"] = bench_accuracy(args.runs, args.quick)

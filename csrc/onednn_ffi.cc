@@ -557,13 +557,30 @@ struct Run {
   size_t elem;
 };
 
-// Executes `entry` on one instance: `act_in` (src or diff_dst), `other` (kernel or diff_dst), `out`.
-std::string Execute(Kind kind, Entry& e, void* x, void* w, void* y) {
+void* Align64(void* p) {
+  return reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
+}
+
+// Bytes of workspace a geometry's call uses: the primitive's scratchpad and the kernel in oneDNN's layout,
+// each 64-byte aligned.  XLA allocates it as the custom call's second result (so it counts in the
+// program's memory); a call given less (a vmapped call on a folded batch may need more than the
+// unbatched geometry it was sized for) uses thread-local buffers instead.
+size_t WorkspaceBytes(const Entry& e) { return 64 + e.scratchpad + 64 + (e.needs_reorder ? e.chosen_w_bytes : 0) + 64; }
+
+// Executes `entry` on one instance: src `x`, kernel `w` and dst `y` (for the backward kinds: the diff_src,
+// diff_weights and diff_dst buffers), with `workspace` of `workspace_bytes`.
+std::string Execute(Kind kind, Entry& e, void* x, void* w, void* y, void* workspace, size_t workspace_bytes) {
   thread_local Scratch scratchpad, kernel;
   handle stream = ThreadStream();
   if (stream == nullptr) return "cannot create a oneDNN stream";
-  void* scratch = e.scratchpad ? scratchpad.Get(e.scratchpad) : nullptr;
-  void* chosen = e.needs_reorder ? kernel.Get(e.chosen_w_bytes) : w;
+  void *scratch, *chosen;
+  if (workspace != nullptr && workspace_bytes >= WorkspaceBytes(e)) {
+    scratch = Align64(workspace);
+    chosen = e.needs_reorder ? Align64(static_cast<char*>(scratch) + e.scratchpad) : w;
+  } else {
+    scratch = e.scratchpad ? scratchpad.Get(e.scratchpad) : nullptr;
+    chosen = e.needs_reorder ? kernel.Get(e.chosen_w_bytes) : w;
+  }
   Memory user_w(e.user_w.md, w), chosen_w(e.chosen_w, chosen), src(e.src.md, x), dst(e.dst.md, y);
   std::unique_ptr<Memory> pad;
   handle scratch_md = e.scratchpad ? api.primitive_desc_query_md(e.conv.pd, kQueryScratchpad, 0) : nullptr;
@@ -598,7 +615,8 @@ ffi::Error Ready() {
 }
 
 // y = conv(x, w).  x (B?, N, *S, C), w (B?, *K, C/G, O), y (B?, N, *S', O).
-ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y, ffi::Span<const int64_t> stride,
+ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+                   ffi::Result<ffi::AnyBuffer> workspace, ffi::Span<const int64_t> stride,
                    ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> pad_lo,
                    ffi::Span<const int64_t> pad_hi, int64_t groups) {
   if (auto e = Ready(); e.failure()) return e;
@@ -619,13 +637,15 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffe
   if (!entry) return Internal(error);
   if (fold) {
     if (bx != by) return Invalid("x and y batch differently");
-    error = Execute(g.kind, *entry, x.untyped_data(), w.untyped_data(), y->untyped_data());
+    error = Execute(g.kind, *entry, x.untyped_data(), w.untyped_data(), y->untyped_data(),
+                    workspace->untyped_data(), workspace->size_bytes());
     return error.empty() ? ffi::Error::Success() : Internal(error);
   }
   size_t xs = x.size_bytes() / bx, ws = w.size_bytes() / bw, ys = y->size_bytes() / by;
   for (int64_t i = 0; i < by; ++i) {
     error = Execute(g.kind, *entry, static_cast<char*>(x.untyped_data()) + (bx == 1 ? 0 : i * xs),
-                    static_cast<char*>(w.untyped_data()) + i * ws, static_cast<char*>(y->untyped_data()) + i * ys);
+                    static_cast<char*>(w.untyped_data()) + i * ws, static_cast<char*>(y->untyped_data()) + i * ys,
+                    workspace->untyped_data(), workspace->size_bytes() / by);
     if (!error.empty()) return Internal(error);
   }
   return ffi::Error::Success();
@@ -633,7 +653,7 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffe
 
 // dx from (w, dy).  w (B?, *K, C/G, O), dy (B?, N, *S', O), dx (B?, N, *S, C).
 ffi::Error InputGrad(ffi::AnyBuffer w, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dx,
-                     ffi::Span<const int64_t> stride, ffi::Span<const int64_t> dilation,
+                     ffi::Result<ffi::AnyBuffer> workspace, ffi::Span<const int64_t> stride, ffi::Span<const int64_t> dilation,
                      ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi, int64_t groups) {
   if (auto e = Ready(); e.failure()) return e;
   Geometry g;
@@ -653,14 +673,16 @@ ffi::Error InputGrad(ffi::AnyBuffer w, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBu
   if (!entry) return Internal(error);
   if (fold) {
     if (bg != bx) return Invalid("dy and dx batch differently");
-    error = Execute(g.kind, *entry, dx->untyped_data(), w.untyped_data(), dy.untyped_data());
+    error = Execute(g.kind, *entry, dx->untyped_data(), w.untyped_data(), dy.untyped_data(),
+                    workspace->untyped_data(), workspace->size_bytes());
     return error.empty() ? ffi::Error::Success() : Internal(error);
   }
   size_t ws = w.size_bytes() / bw, gs = dy.size_bytes() / bg, xs = dx->size_bytes() / bx;
   for (int64_t i = 0; i < bx; ++i) {
     error = Execute(g.kind, *entry, static_cast<char*>(dx->untyped_data()) + i * xs,
                     static_cast<char*>(w.untyped_data()) + i * ws,
-                    static_cast<char*>(dy.untyped_data()) + (bg == 1 ? 0 : i * gs));
+                    static_cast<char*>(dy.untyped_data()) + (bg == 1 ? 0 : i * gs), workspace->untyped_data(),
+                    workspace->size_bytes() / bx);
     if (!error.empty()) return Internal(error);
   }
   return ffi::Error::Success();
@@ -669,7 +691,7 @@ ffi::Error InputGrad(ffi::AnyBuffer w, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBu
 // dw from (x, dy).  x (B?, N, *S, C), dy (B?, N, *S', O), dw (B?, *K, C/G, O); a batched dw is one
 // kernel gradient per vmapped instance, so the instances run one by one on the one primitive.
 ffi::Error KernelGrad(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
-                      ffi::Span<const int64_t> stride, ffi::Span<const int64_t> dilation,
+                      ffi::Result<ffi::AnyBuffer> workspace, ffi::Span<const int64_t> stride, ffi::Span<const int64_t> dilation,
                       ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi, int64_t groups) {
   if (auto e = Ready(); e.failure()) return e;
   Geometry g;
@@ -689,7 +711,8 @@ ffi::Error KernelGrad(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyB
   for (int64_t i = 0; i < bw; ++i) {
     error = Execute(g.kind, *entry, static_cast<char*>(x.untyped_data()) + (bx == 1 ? 0 : i * xs),
                     static_cast<char*>(dw->untyped_data()) + i * ws,
-                    static_cast<char*>(dy.untyped_data()) + (bg == 1 ? 0 : i * gs));
+                    static_cast<char*>(dy.untyped_data()) + (bg == 1 ? 0 : i * gs), workspace->untyped_data(),
+                    workspace->size_bytes() / bw);
     if (!error.empty()) return Internal(error);
   }
   return ffi::Error::Success();
@@ -712,14 +735,23 @@ JAXCONV_EXPORT XLA_FFI_Error* jaxconv_onednn_input_grad(XLA_FFI_CallFrame* call_
 JAXCONV_EXPORT XLA_FFI_Error* jaxconv_onednn_kernel_grad(XLA_FFI_CallFrame* call_frame);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxconv_onednn_forward, Forward,
-                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
-                                  JAXCONV_GEOMETRY_ATTRS);
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() JAXCONV_GEOMETRY_ATTRS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxconv_onednn_input_grad, InputGrad,
-                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
-                                  JAXCONV_GEOMETRY_ATTRS);
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() JAXCONV_GEOMETRY_ATTRS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxconv_onednn_kernel_grad, KernelGrad,
-                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
-                                  JAXCONV_GEOMETRY_ATTRS);
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() JAXCONV_GEOMETRY_ATTRS);
 
 // Opens the oneDNN library at `path` (once per process; later calls report the first outcome).
 // Returns 0 on success; otherwise copies the reason into `error` (at most `size` bytes with its NUL).
@@ -787,4 +819,44 @@ JAXCONV_EXPORT int jaxconv_onednn_probe(int bfloat16, char* error, size_t size) 
     }
   }
   return 0;
+}
+
+// The workspace bytes (the second result of each custom call) for one geometry, packed as int64s:
+// {kind (0 forward, 1 input grad, 2 kernel grad), bfloat16 (0/1), nd, n, c, o, groups, in[3], out[3],
+// kernel[3], stride[3], dilation[3], pad_lo[3], pad_hi[3]}.  Builds (and caches) the primitive.
+// Returns -1 and copies the reason where oneDNN has no kernel for it (the call then fails the same way).
+JAXCONV_EXPORT int64_t jaxconv_onednn_workspace_bytes(const int64_t* packed, char* error, size_t size) {
+  if (engine == nullptr) {
+    std::snprintf(error, size, "%s", open_error.c_str());
+    return -1;
+  }
+  Geometry g;
+  std::memset(&g, 0, sizeof(g));
+  g.kind = static_cast<Kind>(packed[0]);
+  g.dtype = packed[1] ? kBF16 : kF32;
+  g.nd = static_cast<int>(packed[2]);
+  g.n = packed[3];
+  g.c = packed[4];
+  g.o = packed[5];
+  g.groups = packed[6];
+  if (g.nd < 1 || g.nd > 3 || packed[0] < 0 || packed[0] > 2) {
+    std::snprintf(error, size, "bad geometry");
+    return -1;
+  }
+  for (int i = 0; i < g.nd; ++i) {
+    g.in[i] = packed[7 + i];
+    g.out[i] = packed[10 + i];
+    g.kernel[i] = packed[13 + i];
+    g.stride[i] = packed[16 + i];
+    g.dilation[i] = packed[19 + i];
+    g.pad_lo[i] = packed[22 + i];
+    g.pad_hi[i] = packed[25 + i];
+  }
+  std::string why;
+  auto entry = TheCache().Get(g, &why);
+  if (!entry) {
+    std::snprintf(error, size, "%s", why.c_str());
+    return -1;
+  }
+  return static_cast<int64_t>(WorkspaceBytes(*entry));
 }

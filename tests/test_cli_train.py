@@ -100,14 +100,14 @@ def test_four_devices_equal_one(two_epochs, tmp_path):
 
 
 def test_onednn_equals_the_planners_forms(two_epochs, tmp_path, capsys):
-    """--onednn trains the same run through oneDNN's float32 kernels: the parameters agree to rounding."""
+    """--onednn trains the same run through oneDNN's float32 kernels (custom calls): the parameters agree."""
     assert _train(tmp_path, "--epochs", "2", "--onednn") == 0
     ours, _ = _params(tmp_path)
     planned, _ = _params(two_epochs)
     for a, b in zip(jax.tree.leaves(ours["params"]), jax.tree.leaves(planned["params"])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert _train(tmp_path / "sharded", "--epochs", "1", "--onednn", "--devices", "2") == 2
-    assert "--onednn runs its kernels as host callbacks on one device" in capsys.readouterr().err
+    assert "--onednn runs its kernels as custom calls without a sharding rule, on one device" in capsys.readouterr().err
 
 
 def test_check_grads_passes_on_the_hand_rules(tmp_path, capsys):

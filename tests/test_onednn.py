@@ -14,8 +14,10 @@ the ``onednn`` extra) and ``pip install`` builds the handler.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -151,6 +153,9 @@ def test_the_custom_calls_really_run(forms):
     for target in onednn.TARGETS.values():
         assert text.count(f"custom_call @{target}(") == 1, target
     assert "convolution" not in text and "callback" not in text
+    # Each call's workspace is its second result, allocated by XLA (counted by memory_analysis).
+    calls = [line for line in text.splitlines() if "custom_call @jaxconv_onednn" in line]
+    assert len(calls) == 3 and all(re.search(r", tensor<\d+xui8>\)$", line) for line in calls), calls
 
 
 def test_second_order_through_the_lax_tangents(forms):
@@ -389,3 +394,85 @@ def test_a_build_without_a_compiler_installs_without_the_handler(tmp_path):
     assert out.returncode == 0, out.stderr
     assert not list((tmp_path / "jaxconv" / "plan").glob("_onednn_ffi*.so"))
     assert "_onednn_ffi" in out.stderr + out.stdout  # setuptools names the optional extension it skipped
+
+
+def _table(tmp_path, forward, backward, **geometry):
+    row = dict(
+        name="a measured layer", batch=64, out_spatial=[16, 16], kernel=[3, 3], in_channels=32, out_channels=32,
+        stride=[1, 1], forward=forward, backward=backward,
+    )  # fmt: skip
+    row.update(geometry)
+    path = tmp_path / f"table{len(list(tmp_path.glob('table*.json')))}.json"  # a new path: tables are read once
+    path.write_text(json.dumps(dict(machine=dict(cpu="test"), layers=[row])))
+    return str(path)
+
+
+LAYER = dict(
+    batch=64, out_spatial=(16, 16), kernel_spatial=(3, 3), in_channels=32, out_channels=32, groups=1, stride=(1, 1),
+    platform="cpu", dtype=jnp.float32,
+)  # fmt: skip
+
+
+def test_the_planner_picks_onednn_where_the_table_measured_it_faster(tmp_path, monkeypatch):
+    with plan.forms(onednn=False):  # the hand-set rules' choice
+        own = plan.conv_plan(**LAYER)
+    assert "onednn" not in own[:2]
+    faster = {own.forward: 0.004, "onednn": 0.002}, {own.backward: 0.009, "onednn": 0.003}
+    monkeypatch.setenv(plan.planner.TABLE_ENV, _table(tmp_path, *faster))
+    chosen = plan.conv_plan(**LAYER)
+    assert chosen[:2] == ("onednn", "onednn"), chosen
+    assert "measured on a measured layer: forward onednn 2.00 ms vs" in chosen.reason
+    # A neighbour within 2x of channels and positions stands for the layer; farther ones do not.
+    assert plan.conv_plan(**{**LAYER, "in_channels": 48, "batch": 100})[:2] == ("onednn", "onednn")
+    for other in (dict(in_channels=128), dict(batch=8), dict(kernel_spatial=(5, 5)), dict(stride=(2, 2))):
+        assert "onednn" not in plan.conv_plan(**{**LAYER, **other})[:2], other
+    # Kept off it: float64, groups, another platform, a forced form, or forms(onednn=False).
+    for other in (dict(dtype=jnp.float64), dict(groups=2), dict(platform="gpu")):
+        assert "onednn" not in plan.conv_plan(**{**LAYER, **other})[:2], other
+    with plan.forms(onednn=False):
+        assert plan.conv_plan(**LAYER)[:2] == own[:2]
+    with plan.forms(conv_forward="conv", conv_backward="conv"):
+        assert plan.conv_plan(**LAYER)[:2] == ("conv", "conv")
+    # Only where it measured at least MEASURED_MARGIN faster, part by part.
+    close = {own.forward: 0.004, "onednn": 0.0038}, {own.backward: 0.009, "onednn": 0.003}
+    monkeypatch.setenv(plan.planner.TABLE_ENV, _table(tmp_path, *close))
+    assert plan.conv_plan(**LAYER)[:2] == (own.forward, "onednn")
+    with pytest.raises(ValueError, match=r"`onednn` \(='yes'\)"):
+        plan.forms(onednn="yes").__enter__()
+
+
+def test_an_unreadable_table_leaves_the_hand_set_rules(tmp_path, monkeypatch):
+    for text in ("not json", json.dumps({"layers": "no"}), json.dumps({"layers": [{"kernel": 3}]})):
+        (tmp_path / "bad.json").write_text(text)
+        monkeypatch.setenv(plan.planner.TABLE_ENV, str(tmp_path / "bad.json"))
+        plan.planner._read_table.cache_clear()  # tables are read once per path
+        assert "onednn" not in plan.conv_plan(**LAYER)[:2]
+
+
+def test_the_shipped_table_and_the_default_choice_end_to_end():
+    """The installed table covers the benchmark layers with every form's times; on a layer where it measured
+    oneDNN faster, the default (nothing forced) program runs the custom calls and agrees with the lax forms."""
+    layers = plan.measured_layers()
+    assert len(layers) >= 10 and all({"conv", "onednn"} <= set(r["forward"]) for r in layers)
+    row = min(
+        (r for r in layers if r["backward"]["onednn"] * plan.planner.MEASURED_MARGIN < min(r["backward"].values())
+         or r["backward"]["onednn"] == min(r["backward"].values())),
+        key=lambda r: r["batch"] * np.prod(r["out_spatial"]) * r["in_channels"] * r["out_channels"],
+    )  # fmt: skip
+    k, s = row["kernel"][0], row["stride"][0]
+    x_size = (row["out_spatial"][0] - 1) * s + k if "VALID" in row["name"] else row["out_spatial"][0] * s
+    padding = "VALID" if "VALID" in row["name"] else "SAME"
+    rng = np.random.default_rng(10)
+    x, w = _float32(
+        rng.standard_normal((row["batch"], x_size, x_size, row["in_channels"])),
+        rng.standard_normal((k, k, row["in_channels"], row["out_channels"])) / np.sqrt(k * k * row["in_channels"]),
+    )
+    loss = lambda x, w: (jaxconv.conv2d(x, w, stride=s, padding=padding) ** 2).sum()
+    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    assert "custom_call @jaxconv_onednn" in step.lower(x, w).as_text(), row["name"]
+    with plan.forms(**DIRECT):
+        want = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+    for a, b in zip(step(x, w), want):
+        assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) <= 1e-5
+    with plan.forms(onednn=False):
+        assert "jaxconv_onednn" not in jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text()

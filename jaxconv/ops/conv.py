@@ -760,7 +760,7 @@ conv_transpose3d.__doc__ = _TRANSPOSE_DOC.format(
 # dF = phi(X)^T dY contracts over batch and space and stays a GEMM.
 # (Winograd, stride 1 only (plan.winograd_fits): dX as F(m, k) on the rotated
 # kernel, dF as F(k, m) with gradient tiles as filters.  oneDNN: its backward
-# data and backward weights, host callbacks, float32, one group, only when forced.)
+# data and backward weights as XLA FFI custom calls, float32 or bfloat16, only when forced.)
 _SPLIT_BACKWARD = {"mixed": ("conv", "im2row_blocked")}
 
 # backward form name -> (dx form, dw form).

@@ -10,6 +10,7 @@ from . import im2row, winograd
 from .planner import (
     CONV_BACKWARD_FORMS,
     CONV_FORWARD_FORMS,
+    MEASURED_TABLE,
     POOL_FORMS,
     SIZED_FORMS,
     WINOGRAD_TILES,
@@ -18,6 +19,7 @@ from .planner import (
     forced,
     forms,
     is_static,
+    measured_layers,
     onednn_fits,
     platform_of,
     pool_form,
@@ -27,6 +29,7 @@ from .planner import (
 __all__ = [
     "CONV_BACKWARD_FORMS",
     "CONV_FORWARD_FORMS",
+    "MEASURED_TABLE",
     "POOL_FORMS",
     "SIZED_FORMS",
     "WINOGRAD_TILES",
@@ -36,6 +39,7 @@ __all__ = [
     "forms",
     "im2row",
     "is_static",
+    "measured_layers",
     "onednn",
     "onednn_fits",
     "platform_of",

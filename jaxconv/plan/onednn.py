@@ -30,6 +30,9 @@ Behaviour worth knowing:
   of them (least recently used freed first; :func:`set_cache_size`);
 * calls run concurrently from several threads (no global lock: each call
   has its own scratchpad and stream);
+* the workspace a call needs (oneDNN's scratchpad, the kernel reordered
+  into oneDNN's layout) is allocated by XLA as a second result of the custom
+  call, sized at trace time: ``compiled.memory_analysis()`` counts it;
 * ``jax.vmap`` batches: vmapped images with one kernel run as one call on
   ``N * B`` images; vmapped kernels run instance by instance inside one call;
 * errors (an unsupported data type on this CPU, a geometry oneDNN refuses)
@@ -146,6 +149,8 @@ def _load() -> tuple[_Handler | None, str]:
     lib.jaxconv_onednn_cache_stats.restype = None
     lib.jaxconv_onednn_cache_clear.argtypes = []
     lib.jaxconv_onednn_cache_clear.restype = None
+    lib.jaxconv_onednn_workspace_bytes.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p, ctypes.c_size_t]
+    lib.jaxconv_onednn_workspace_bytes.restype = ctypes.c_int64
     dnnl = library_path()
     if dnnl is None:
         return None, f"the oneDNN library is not installed ({INSTALL_HINT}, or set ${LIBRARY_ENV})"
@@ -233,8 +238,26 @@ def fits(ndim: int, groups: int) -> bool:
     return 1 <= ndim <= 3 and groups >= 1
 
 
-def _call(formula: str, out_shape, dtype, a, b, *, stride, padding, dilation, groups):
-    _handler()
+_KINDS = {"forward": 0, "input_grad": 1, "kernel_grad": 2}
+
+
+def _workspace_bytes(formula, dtype, x_shape, y_shape, w_shape, stride, padding, dilation, groups) -> int:
+    """The bytes of workspace (oneDNN's scratchpad, the kernel in its layout) the handler uses for this geometry:
+    allocated by XLA as the custom call's second result, so the program's memory accounts for it.  0 where
+    oneDNN refuses the geometry (the call then raises the handler's error)."""
+    nd = len(stride)
+    three = lambda values: [*map(int, values), *([0] * (3 - nd))]
+    packed = [
+        _KINDS[formula], int(np.dtype(dtype) == jnp.bfloat16), nd, x_shape[0], x_shape[-1], w_shape[-1], groups,
+        *three(x_shape[1:-1]), *three(y_shape[1:-1]), *three(w_shape[:-2]), *three(stride), *three(dilation),
+        *three(lo for lo, _ in padding), *three(hi for _, hi in padding),
+    ]  # fmt: skip
+    error = ctypes.create_string_buffer(512)
+    size = _handler().jaxconv_onednn_workspace_bytes((ctypes.c_int64 * len(packed))(*packed), error, len(error))
+    return max(int(size), 0)
+
+
+def _call(formula: str, out_shape, dtype, a, b, *, x_shape, y_shape, w_shape, stride, padding, dilation, groups):
     attrs = dict(
         stride=np.asarray(stride, np.int64),
         dilation=np.asarray(dilation, np.int64),
@@ -242,8 +265,10 @@ def _call(formula: str, out_shape, dtype, a, b, *, stride, padding, dilation, gr
         pad_hi=np.asarray([hi for _, hi in padding], np.int64),
         groups=np.int64(groups),
     )
-    call = jax.ffi.ffi_call(TARGETS[formula], jax.ShapeDtypeStruct(tuple(out_shape), dtype), vmap_method="expand_dims")
-    return call(a, b, **attrs)
+    workspace = _workspace_bytes(formula, dtype, x_shape, y_shape, w_shape, stride, padding, dilation, groups)
+    results = (jax.ShapeDtypeStruct(tuple(out_shape), dtype), jax.ShapeDtypeStruct((workspace,), jnp.uint8))
+    call = jax.ffi.ffi_call(TARGETS[formula], results, vmap_method="expand_dims")
+    return call(a, b, **attrs)[0]
 
 
 def _out_size(spatial, kernel, stride, padding, dilation) -> list[int]:
@@ -256,9 +281,9 @@ def _out_size(spatial, kernel, stride, padding, dilation) -> list[int]:
 def forward(x, w, *, stride: Sequence[int], padding, dilation: Sequence[int], groups: int = 1) -> jax.Array:
     """``y`` of the convolution (no bias): ``x`` ``(N, *S, C)``, ``w`` ``(*K, C/groups, O)``; ``padding`` pairs."""
     x, w = jnp.asarray(x), jnp.asarray(w)
-    out = _out_size(x.shape[1:-1], w.shape[:-2], stride, padding, dilation)
+    y_shape = (x.shape[0], *_out_size(x.shape[1:-1], w.shape[:-2], stride, padding, dilation), w.shape[-1])
     return _call(
-        "forward", (x.shape[0], *out, w.shape[-1]), x.dtype, x, w,
+        "forward", y_shape, x.dtype, x, w, x_shape=x.shape, y_shape=y_shape, w_shape=w.shape,
         stride=stride, padding=padding, dilation=dilation, groups=groups,
     )  # fmt: skip
 
@@ -269,7 +294,7 @@ def input_grad(
     """``dL/dx`` of shape ``x_shape`` for the output gradient ``g`` (oneDNN's backward data)."""
     w, g = jnp.asarray(w), jnp.asarray(g)
     return _call(
-        "input_grad", tuple(x_shape), g.dtype, w, g,
+        "input_grad", tuple(x_shape), g.dtype, w, g, x_shape=tuple(x_shape), y_shape=g.shape, w_shape=w.shape,
         stride=stride, padding=padding, dilation=dilation, groups=groups,
     )  # fmt: skip
 
@@ -280,6 +305,6 @@ def kernel_grad(
     """``dL/dw`` of shape ``w_shape`` for the output gradient ``g`` (oneDNN's backward weights)."""
     x, g = jnp.asarray(x), jnp.asarray(g)
     return _call(
-        "kernel_grad", tuple(w_shape), x.dtype, x, g,
+        "kernel_grad", tuple(w_shape), x.dtype, x, g, x_shape=x.shape, y_shape=g.shape, w_shape=tuple(w_shape),
         stride=stride, padding=padding, dilation=dilation, groups=groups,
     )  # fmt: skip

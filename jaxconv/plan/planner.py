@@ -47,8 +47,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import json
 import math
+import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -61,11 +65,13 @@ __all__ = [
     "CONV_FORWARD_FORMS",
     "POOL_FORMS",
     "SIZED_FORMS",
+    "MEASURED_TABLE",
     "WINOGRAD_TILES",
     "ConvPlan",
     "conv_plan",
     "forms",
     "is_static",
+    "measured_layers",
     "onednn_fits",
     "platform_of",
     "pool_form",
@@ -119,10 +125,17 @@ else:  # pragma: no cover - older jax
 
 @contextlib.contextmanager
 def forms(
-    *, conv_forward: str | None = None, conv_backward: str | None = None, pool: str | None = None
+    *,
+    conv_forward: str | None = None,
+    conv_backward: str | None = None,
+    pool: str | None = None,
+    onednn: bool | None = None,
 ) -> Iterator[None]:
     """Force the named forms for everything traced inside the ``with`` block (``None``: the planner's).
 
+    ``onednn=False`` keeps the planner's own choice off the ``"onednn"`` forms (which it picks on CPU where
+    :data:`MEASURED_TABLE` says they are faster): for programs sharded over several devices (the custom
+    calls have no sharding rule) or exported without naming them (``jax.export``'s custom-call check).
     Nested blocks override the forms they name and keep the outer ones.
     ``ValueError`` for a form name that does not exist.  The forced forms are
     part of ``jax.jit``'s cache key: a function jitted and called before the
@@ -143,6 +156,10 @@ def forms(
         if value == "onednn" and not _onednn().available():
             raise ValueError(f"`{name}` (='onednn') cannot run here: {_onednn().status()}.")
         forced[name] = value
+    if onednn is not None:
+        if not isinstance(onednn, bool):
+            raise ValueError(f"`onednn` (={onednn!r}) must be True, False or None.")
+        forced["onednn"] = onednn
     with _set(forced):
         yield
 
@@ -317,6 +334,18 @@ def conv_plan(
     forward, backward, reason = _conv_choice(
         batch, out_spatial, kernel_spatial, in_channels, out_channels, groups, stride, dilation, platform
     )
+    if (
+        platform == "cpu"
+        and not (forced_forward and forced_backward)
+        and _current().get("onednn", True)
+        and dtype is not None
+        and np.dtype(dtype) == np.float32
+        and is_static((batch,), out_spatial)
+        and all(d == 1 for d in dilation)
+    ):
+        forward, backward, reason = _measured_choice(
+            forward, backward, reason, batch, out_spatial, kernel_spatial, in_channels, out_channels, groups, stride
+        )
     if forced_forward or forced_backward:
         reason = "forced by jaxconv.plan.forms" + (
             f"; the planner would pick ({forward}, {backward}): {reason}" if reason else ""
@@ -337,6 +366,75 @@ def conv_plan(
             wanted = own
         chosen.append(wanted or own)
     return ConvPlan(chosen[0], chosen[1], reason, platform)
+
+
+#: The measured table the planner reads on CPU: per layer geometry, each form's forward and backward time
+#: (``python benchmarks/run.py --only forms --write-table PATH`` writes one; ``$JAXCONV_FORMS_TABLE`` names
+#: another to read instead).  Measured on one machine (its ``machine`` entry says which): another CPU may rank
+#: the forms otherwise, so measure there and point ``$JAXCONV_FORMS_TABLE`` at the result.
+MEASURED_TABLE = Path(__file__).with_name("measured_cpu.json")
+TABLE_ENV = "JAXCONV_FORMS_TABLE"
+# A measured layer stands for this one when they share kernel size and stride and their input channels,
+# output channels and output positions (batch x pixels) differ by at most this factor each.
+MEASURED_NEIGHBOURHOOD = 2.0
+# oneDNN replaces the planner's own form only where it measured at least this much faster.
+MEASURED_MARGIN = 1.1
+
+
+@functools.cache
+def _read_table(path: str) -> tuple[dict, ...]:
+    try:
+        data = json.loads(Path(path).read_text())
+        return tuple(row for row in data["layers"] if isinstance(row, dict))
+    except (OSError, ValueError, KeyError, TypeError):
+        return ()
+
+
+def measured_layers() -> tuple[dict, ...]:
+    """The rows of the measured table (:data:`MEASURED_TABLE`, or ``$JAXCONV_FORMS_TABLE``); empty if unreadable."""
+    return _read_table(os.environ.get(TABLE_ENV) or str(MEASURED_TABLE))
+
+
+def _nearest(batch, out_spatial, kernel_spatial, in_channels, out_channels, stride) -> dict | None:
+    positions = batch * math.prod(out_spatial)
+    best, best_distance = None, math.inf
+    for row in measured_layers():
+        try:
+            if tuple(row["kernel"]) != tuple(kernel_spatial) or tuple(row["stride"]) != tuple(stride):
+                continue
+            ratios = (
+                in_channels / row["in_channels"],
+                out_channels / row["out_channels"],
+                positions / (row["batch"] * math.prod(row["out_spatial"])),
+            )
+        except (KeyError, TypeError, ZeroDivisionError):
+            continue
+        if all(1 / MEASURED_NEIGHBOURHOOD <= r <= MEASURED_NEIGHBOURHOOD for r in ratios):
+            distance = sum(abs(math.log(r)) for r in ratios)
+            if distance < best_distance:
+                best, best_distance = row, distance
+    return best
+
+
+def _measured_choice(forward, backward, reason, batch, out_spatial, kernel_spatial, in_channels, out_channels, groups,
+                     stride):  # fmt: skip
+    """``"onednn"`` for the forward and/or the backward where the nearest measured layer ran it
+    :data:`MEASURED_MARGIN` faster than the planner's own form (and the forms can run here)."""
+    if groups != 1:
+        return forward, backward, reason
+    row = _nearest(batch, out_spatial, kernel_spatial, in_channels, out_channels, stride)
+    if row is None:
+        return forward, backward, reason
+    picked, notes = [forward, backward], []
+    for i, (part, own) in enumerate((("forward", forward), ("backward", backward))):
+        times = row.get(part, {})
+        if "onednn" in times and own in times and times["onednn"] * MEASURED_MARGIN < times[own]:
+            picked[i] = "onednn"
+            notes.append(f"{part} onednn {times['onednn'] * 1e3:.2f} ms vs {own} {times[own] * 1e3:.2f} ms")
+    if not notes or not onednn_fits(kernel_spatial, groups, "cpu", np.float32):
+        return forward, backward, reason
+    where = f"{row.get('name', 'a measured layer')}"
+    return picked[0], picked[1], reason + f"; measured on {where}: " + ", ".join(notes)
 
 
 def _conv_choice(batch, out_spatial, kernel_spatial, in_channels, out_channels, groups, stride, dilation, platform):

@@ -410,8 +410,8 @@ class Config:
             )
         if self.onednn and (self.devices > 1 or self.several_processes):
             raise FitError(
-                "--onednn runs its kernels as host callbacks on one device: leave out --devices and the "
-                "several-process options.",
+                "--onednn runs its kernels as custom calls without a sharding rule, on one device: leave out "
+                "--devices and the several-process options.",
                 "onednn",
             )
 
@@ -901,8 +901,8 @@ def fit(config: Config, *, callbacks: Iterable[Callback] = (), verbose: bool = T
     if config.data_dir is not None and not pathlib.Path(config.data_dir).expanduser().is_dir():
         raise FitError(f"--data-dir {str(config.data_dir)!r} does not exist or is not a directory.", "data_dir")
     multi = _initialize_distributed(config)
-    if config.onednn and not plan.onednn.available():  # plan.onednn loads the ctypes module when first asked for
-        raise FitError(f"--onednn: the oneDNN library is not installed: {plan.onednn.INSTALL_HINT}.", "onednn")
+    if config.onednn and not plan.onednn.available():  # plan.onednn loads the compiled handler when first asked for
+        raise FitError(f"--onednn: {plan.onednn.status()}.", "onednn")
 
     out = _run_dir(config)
     lock, message = None, None
@@ -919,6 +919,10 @@ def fit(config: Config, *, callbacks: Iterable[Callback] = (), verbose: bool = T
     try:
         if config.onednn:
             with plan.forms(conv_forward="onednn", conv_backward="onednn"):  # traced inside: these forms
+                return _train(config, out, callbacks, say, lock, several=multi)
+        if config.devices > 1 or config.several_processes:
+            # A sharded step: the oneDNN custom calls have no sharding rule, so the planner keeps to XLA's forms.
+            with plan.forms(onednn=False):
                 return _train(config, out, callbacks, say, lock, several=multi)
         return _train(config, out, callbacks, say, lock, several=multi)
     except (rundir.RunDirError, files.WriteError) as err:
