@@ -71,15 +71,20 @@ RESNET_SHAPES = [
     dict(x=(128, 16, 16, 32), o=32, k=3, stride=1, padding="SAME"),
     dict(x=(128, 8, 8, 64), o=64, k=3, stride=1, padding="SAME"),
 ]
-# The other step rows' layers (LeNet-MNIST; VGG-style's first and 64->128 convs), for the forms section and
-# the planner's measured table.
+# The other step rows' layers (LeNet-MNIST; VGG-style's first and 64->128 convs; resnet_small's strided ones
+# and stem), for the forms section and the planner's measured table.
 STEP_LAYER_SHAPES = [
     dict(x=(128, 28, 28, 1), o=32, k=5, stride=1, padding="VALID"),
     dict(x=(128, 12, 12, 32), o=64, k=5, stride=1, padding="VALID"),
     dict(x=(128, 32, 32, 3), o=64, k=3, stride=1, padding="SAME"),
     dict(x=(128, 16, 16, 64), o=128, k=3, stride=1, padding="SAME"),
-    dict(x=(128, 16, 16, 16), o=32, k=3, stride=2, padding="SAME"),
-    dict(x=(128, 8, 8, 32), o=64, k=3, stride=2, padding="SAME"),
+    # resnet_small's stride-2 3x3 convs and 1x1 projections.
+    dict(x=(128, 32, 32, 16), o=32, k=3, stride=2, padding="SAME"),
+    dict(x=(128, 16, 16, 32), o=64, k=3, stride=2, padding="SAME"),
+    dict(x=(128, 32, 32, 16), o=32, k=1, stride=2, padding="VALID"),
+    dict(x=(128, 16, 16, 32), o=64, k=1, stride=2, padding="VALID"),
+    # resnet_small's stem (3 -> 16 channels).
+    dict(x=(128, 32, 32, 3), o=16, k=3, stride=1, padding="SAME"),
 ]
 # (forward, backward) pairs the forms section forces; the Winograd ones only at stride 1.
 FORM_PAIRS = [
