@@ -89,17 +89,18 @@ def run(argv: list[str]) -> int:
     if code == 2 and "message" in info and relay.held:
         # The child's watch ended it, its message after jax's log lines of the same loss: the message alone.
         relay.end(keep=False)
-        print(f"python -m jaxconv train: error: {info['message']}", file=sys.stderr, flush=True)
+        relay.say(str(info["message"]))
     relay.end(keep=message is None)
     if code >= 0:
         return code
     if message is None:
         sys.stdout.flush()
         sys.stderr.flush()
-        signal.signal(signum, signal.SIG_DFL)
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL and SIGSTOP have no handler to reset
+            signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)  # die as the child died
         return 128 + signum
-    print(f"python -m jaxconv train: error: {message}", file=sys.stderr, flush=True)
+    relay.say(message)
     return 2
 
 
@@ -137,6 +138,12 @@ class _Relay:
         held, self.held, self.since = self.held, b"", None
         if keep:
             self._write(held)
+
+    def say(self, message: str) -> None:
+        """Print the error ``message`` on a line of its own (after a progress bar's carriage return)."""
+        self._write(
+            ("" if self.line_start else "\n").encode() + f"python -m jaxconv train: error: {message}\n".encode()
+        )
 
     def _write(self, data: bytes) -> None:
         if data:

@@ -288,7 +288,9 @@ class PeerWatch:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
         with contextlib.suppress(Exception):
-            sys.stderr.write(f"python -m jaxconv train: error: {message}\n")
+            # Process 0's progress bar ends its line with a carriage return, not a newline.
+            bar = "\n" if self.process_id == 0 and self.epoch is not None else ""
+            sys.stderr.write(f"{bar}python -m jaxconv train: error: {message}\n")
             sys.stderr.flush()
         del got
         os._exit(2)
