@@ -890,7 +890,10 @@ def fit(config: Config, *, callbacks: Iterable[Callback] = (), verbose: bool = T
         :class:`Stopped`, ``reason="callback"``; ``Config(resume=True)`` continues
         it).  Any other exception propagates (the run directory is released; the
         checkpoint of that epoch stays).  With several processes every process
-        calls its callbacks, and the run stops if any process asks.
+        calls its callbacks, and the run stops if any process asks.  A process of
+        the run lost while training (its connection from the meeting closed) ends
+        every other process with a message and ``os._exit(2)`` (see
+        :mod:`jaxconv.train.peers`): jax's runtime cannot go on without it.
       verbose: print what ``python -m jaxconv train`` prints (a header line,
         a progress bar and a line per epoch on stderr, notes); ``False``: nothing.
 
