@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -21,13 +22,14 @@ import numpy as np
 
 from .._core.version import __version__
 from ..nn.models import MODELS
-from ..train import inference, loop, synthetic
+from ..train import inference, loop, peers, synthetic
 from ..train.data import DATASETS
 from ..train.loop import MAX_SEED, Config, FitError, GradCheckFailed, fit
 from ..train.step import OPTIMIZERS, RECIPES, SCHEDULES
 from ..verify import check_vjp
 from ..verify import command as check_cli
 from ..verify.registry import SUITES
+from . import supervise
 
 
 def _verify(args) -> int:
@@ -275,8 +277,22 @@ def _add_train_parser(sub) -> None:
 
 
 def _train(args) -> int:
-    """``train``: the flags as a :class:`Config`, :func:`fit`, its status as the exit code."""
+    """``train``: the flags as a :class:`Config`, :func:`fit`, its status as the exit code.
 
+    Several processes meeting at ``--coordinator``: this process supervises one that trains
+    (:mod:`jaxconv.cli.supervise`); that one, ending with an error, ends at once (``os._exit``) after its
+    message, without jax's shutdown, which would wait for processes that stopped."""
+    if supervise.needed(args):
+        return supervise.run(args.argv)
+    code = _train_here(args)
+    if code != 0 and peers.current() is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _train_here(args) -> int:
     def fail(message, code: int = EXIT_BAD_SETTINGS) -> int:
         print(f"python -m jaxconv train: error: {message}", file=sys.stderr)
         return code
@@ -484,8 +500,10 @@ def main(argv=None) -> int:
     _add_predict_parser(sub)
     _add_synth_parser(sub)
     check_cli.add_parser(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as done:  # argparse has printed the usage and the error (or --help)
         return done.code if isinstance(done.code, int) else EXIT_BAD_SETTINGS
+    args.argv = argv
     return args.func(args)

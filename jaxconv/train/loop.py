@@ -41,7 +41,7 @@ from .._core.jsonsafe import json_safe, strict_json_bytes
 from .._core.version import __version__
 from ..nn import layers as nn
 from ..nn.models import MODELS, check_input_shape
-from . import checkpoint, data, files, plots, rundir
+from . import checkpoint, data, files, peers, plots, rundir
 from .data import DATASETS
 from .gradcheck import check_model_grads
 from .step import (
@@ -619,20 +619,23 @@ def _read_line(conn: socket.socket, deadline: float) -> bytes:
     return data[:-1]
 
 
-def _rendezvous(config: Config) -> None:
+def _rendezvous(config: Config) -> dict[int, socket.socket]:
     """Meet every process of the run over plain TCP on the coordinator's port, within ``config.init_timeout``
     seconds, before ``jax.distributed.initialize``: that call aborts the process (SIGABRT from C++, after its own
     timeout) when a process never comes, and process 0's coordination service crashes on a port in use.  So:
     process 0 binds the port (``FitError`` if it is in use) and waits for the other ``num_processes - 1`` to
     connect and name their ids; every other process connects (retrying until the coordinator listens); once all
     are there, process 0 answers each, closes the port, and all call ``jax.distributed.initialize``.  A process
-    that did not arrive ends with ``FitError`` on every process that waited for it."""
+    that did not arrive ends with ``FitError`` on every process that waited for it.
+
+    Returns the connections, which stay open for the run (:mod:`jaxconv.train.peers` watches them): process 0's
+    to every other process by id, another process's ``{0: its connection to process 0}``."""
     coordinator = _filled(config.coordinator, "coordinator")
     num_processes, process_id = _filled(config.num_processes, "num_processes"), _filled(config.process_id, "process_id")
     host, port = _coordinator_address(coordinator)
     timeout, deadline = config.init_timeout, time.monotonic() + config.init_timeout
     if num_processes == 1:
-        return
+        return {}
     if process_id == 0:
         try:
             server = socket.create_server(("", port), reuse_port=False)
@@ -643,6 +646,7 @@ def _rendezvous(config: Config) -> None:
                 "coordinator",
             ) from err
         arrived: dict[int, socket.socket] = {}
+        kept = False
         try:
             with server:
                 while len(arrived) < num_processes - 1:
@@ -684,13 +688,12 @@ def _rendezvous(config: Config) -> None:
             for conn in arrived.values():
                 with contextlib.suppress(OSError):
                     conn.sendall(_GO + b"\n")
-            for conn in arrived.values():  # the others close first: no TIME_WAIT on the coordinator's port
-                with contextlib.suppress(TimeoutError, OSError):
-                    _read_line(conn, time.monotonic() + 5)
+            kept = True
+            return arrived
         finally:
-            for conn in arrived.values():
-                conn.close()
-        return
+            if not kept:
+                for conn in arrived.values():
+                    conn.close()
     waited = False  # whether process 0 took this process in and it waited for the others
     while True:
         left = deadline - time.monotonic()
@@ -714,17 +717,19 @@ def _rendezvous(config: Config) -> None:
         except OSError:
             time.sleep(min(0.2, max(left, 0)))
             continue
-        with conn:
-            try:
-                conn.sendall(_HELLO + f"{process_id} of {num_processes}\n".encode())
-                answer = _read_line(conn, deadline)
-            except TimeoutError:
-                waited = True
-                continue
-            except OSError:
-                continue
+        try:
+            conn.sendall(_HELLO + f"{process_id} of {num_processes}\n".encode())
+            answer = _read_line(conn, deadline)
+        except TimeoutError:
+            conn.close()
+            waited = True
+            continue
+        except OSError:
+            conn.close()
+            continue
         if answer == _GO:
-            return
+            return {0: conn}
+        conn.close()
         if answer == _TAKEN:
             raise FitError(
                 f"--process-id {process_id}: another process of the run at --coordinator "
@@ -758,9 +763,18 @@ def _initialize_distributed(config: Config) -> bool:
         return False
     # CPU processes need a collectives implementation for their all-reduces (GPUs bring NCCL).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    with contextlib.suppress(AttributeError, ValueError):  # unused, and it logs its own errors on a lost process
+        jax.config.update("jax_enable_preemption_service", False)
     try:
         if config.coordinator is not None:
-            _rendezvous(config)
+            conns = _rendezvous(config)
+            if conns:  # from here on a lost process ends the others with a message (exit 2), not jax's abort
+                peers.start(
+                    _filled(config.process_id, "process_id"),
+                    _filled(config.num_processes, "num_processes"),
+                    conns,
+                    str(_run_dir(config)),
+                )
             jax.distributed.initialize(
                 config.coordinator,
                 num_processes=config.num_processes,
@@ -876,7 +890,10 @@ def fit(config: Config, *, callbacks: Iterable[Callback] = (), verbose: bool = T
         :class:`Stopped`, ``reason="callback"``; ``Config(resume=True)`` continues
         it).  Any other exception propagates (the run directory is released; the
         checkpoint of that epoch stays).  With several processes every process
-        calls its callbacks, and the run stops if any process asks.
+        calls its callbacks, and the run stops if any process asks.  A process of
+        the run lost while training (its connection from the meeting closed) ends
+        every other process with a message and ``os._exit(2)`` (see
+        :mod:`jaxconv.train.peers`): jax's runtime cannot go on without it.
       verbose: print what ``python -m jaxconv train`` prints (a header line,
         a progress bar and a line per epoch on stderr, notes); ``False``: nothing.
 
@@ -892,6 +909,22 @@ def fit(config: Config, *, callbacks: Iterable[Callback] = (), verbose: bool = T
         if not callable(callback):
             raise TypeError(f"`callbacks`: {callback!r} is not callable.")
     say = _Say(verbose)
+    try:
+        result = _fit(config, callbacks, say)
+    except BaseException as err:
+        watch = peers.current()
+        if watch is not None and not watch.finished.is_set():
+            if not isinstance(err, (FitError, GradCheckFailed, StopTraining, KeyboardInterrupt)):
+                watch.failing(err)  # a collective broken by a lost process: the watch ends this process
+            watch.finish(ok=False)
+        raise
+    watch = peers.current()
+    if watch is not None:
+        watch.finish(ok=True)
+    return result
+
+
+def _fit(config: Config, callbacks: tuple, say: _Say) -> FitResult:
     missing = _missing_extras()
     if missing:
         raise FitError(
@@ -916,6 +949,9 @@ def fit(config: Config, *, callbacks: Iterable[Callback] = (), verbose: bool = T
     note = lock.stale_note() if lock is not None else None
     if note is not None:
         say.err(f"python -m jaxconv train: note: {note}")
+    watch = peers.current()
+    if watch is not None and lock is not None:
+        watch.cleanup = lambda: _release(lock)
     try:
         if config.onednn:
             with plan.forms(conv_forward="onednn", conv_backward="onednn"):  # traced inside: these forms
@@ -931,8 +967,15 @@ def fit(config: Config, *, callbacks: Iterable[Callback] = (), verbose: bool = T
         raise FitError(f"--out: {err}", "out") from err
     finally:
         if lock is not None:
-            lock.restore_previous()  # a replaced run whose replacement failed before its first checkpoint
-            lock.release(remove_directory=True)  # only if the run left nothing in it (it failed before writing)
+            with watch.writing() if watch is not None else contextlib.nullcontext():
+                _release(lock)
+
+
+def _release(lock: rundir.RunLock) -> None:
+    """Give the run directory back, however the run ended (also from the peer watch of a several-process run)."""
+    if lock.held:
+        lock.restore_previous()  # a replaced run whose replacement failed before its first checkpoint
+        lock.release(remove_directory=True)  # only if the run left nothing in it (it failed before writing)
 
 
 def _train(
@@ -950,6 +993,9 @@ def _train(
     val_fraction, l2 = _filled(config.val_fraction, "val_fraction"), _filled(config.l2, "l2")
     writer = jax.process_index() == 0
     ckpt_path, best_path = out / "checkpoint.safetensors", out / "best.safetensors"
+    watch = peers.current()
+    # Process 0's writes of the run directory: a lost process ends this one between them, never inside one.
+    writing = watch.writing if watch is not None else contextlib.nullcontext
     try:
         mesh = make_mesh() if several else (make_mesh(config.devices) if config.devices > 1 else None)
     except ValueError as err:
@@ -998,7 +1044,8 @@ def _train(
                 source, {"params": params, "opt_state": opt_state}, settings, stats, fingerprint
             )
             if writer:
-                repairs = _repair_run(out, source, start_epoch, history, best)
+                with writing():
+                    repairs = _repair_run(out, source, start_epoch, history, best)
         except (ValueError, OSError) as err:
             failure = FitError(f"--resume: {err}", "resume")
             failure.__cause__ = err
@@ -1006,6 +1053,8 @@ def _train(
         if _all_agree(int(failure is not None)):
             raise failure or FitError("--resume: another process could not resume; see its message.", "resume")
         params, opt_state = state["params"], state["opt_state"]
+        if watch is not None:
+            watch.saved(start_epoch or None)
     if mesh is not None:
         params, opt_state = replicate((params, opt_state), mesh)
     else:
@@ -1054,9 +1103,10 @@ def _train(
 
     def write_metrics(**extra):
         if writer:
-            guard()
-            record = {**environment, "config": settings, "epochs": history, **extra}
-            checkpoint.atomic_write_bytes(out / "metrics.json", strict_json_bytes(record))
+            with writing():
+                guard()
+                record = {**environment, "config": settings, "epochs": history, **extra}
+                checkpoint.atomic_write_bytes(out / "metrics.json", strict_json_bytes(record))
 
     def result(status, final_params) -> FitResult:
         return FitResult(
@@ -1078,6 +1128,8 @@ def _train(
     end_epoch = epochs if config.stop_after is None else min(epochs, start_epoch + config.stop_after)
     stop: Stopped | None = None
     for epoch in range(start_epoch, end_epoch):
+        if watch is not None:
+            watch.at_epoch(epoch + 1)
         start = time.perf_counter()
         epoch_params = params  # finite: the last checkpoint's (nothing is donated, so it stays valid)
         batch_metrics: list = []
@@ -1190,24 +1242,31 @@ def _train(
             "best": best,
         }
         if writer:
-            if lock is not None:
-                lock.set_previous_aside()  # --overwrite: the previous run makes way for this one's first files
             tree = {"params": host_params, "opt_state": _host(opt_state)}
-            guard()
-            # The checkpoint first: a run killed after it and before best.safetensors or metrics.json continues
-            # with --resume, which rewrites those two from the checkpoint (_repair_run).
-            checkpoint.save(ckpt_path, tree, meta)
-            outputs.append(ckpt_path.name)
-            if improved:
-                checkpoint.save(best_path, tree, meta)
-                outputs.append(best_path.name)
-        write_metrics(best=best)
-        if writer:
-            outputs.append("metrics.json")
-            if lock is not None:
-                lock.discard_previous()
+            with writing():  # the epoch's writes, whole: a lost process ends this one before or after them
+                if lock is not None:
+                    lock.set_previous_aside()  # --overwrite: the previous run makes way for this one's first files
+                guard()
+                # The checkpoint first: a run killed after it and before best.safetensors or metrics.json continues
+                # with --resume, which rewrites those two from the checkpoint (_repair_run).
+                checkpoint.save(ckpt_path, tree, meta)
+                outputs.append(ckpt_path.name)
+                if improved:
+                    checkpoint.save(best_path, tree, meta)
+                    outputs.append(best_path.name)
+                write_metrics(best=best)
+                outputs.append("metrics.json")
+                if lock is not None:
+                    lock.discard_previous()
+                if watch is not None:
+                    watch.saved(epoch + 1)
+        else:
+            write_metrics(best=best)
         # Every process calls its callbacks and takes part in the vote (one all-gather an epoch; none alone).
-        if _all_agree(int(_ask_callbacks(callbacks, history[-1]))) and epoch + 1 < epochs:
+        vote = _all_agree(int(_ask_callbacks(callbacks, history[-1])))
+        if watch is not None and not writer:
+            watch.saved(epoch + 1)  # process 0 took part in the vote: it had written this epoch's checkpoint
+        if vote and epoch + 1 < epochs:
             stop = Stopped(epoch=epoch + 1, epochs=epochs, reason="callback")
             break
 
@@ -1230,13 +1289,14 @@ def _train(
         write_metrics(best=best, stopped={"reason": status.reason, "epoch": status.epoch})
     final_params = _host(params)
     if writer:
-        guard()
-        plots.plot_curves(history, out / "curves.png", title=f"{model} on {dataset.name}")
-        outputs.append("curves.png")
-        kernel = plots.first_conv_kernel(final_params)
-        if kernel is not None:
-            plots.plot_filters(kernel, out / "filters.png", title=f"{model} first-layer filters")
-            outputs.append("filters.png")
+        with writing():
+            guard()
+            plots.plot_curves(history, out / "curves.png", title=f"{model} on {dataset.name}")
+            outputs.append("curves.png")
+            kernel = plots.first_conv_kernel(final_params)
+            if kernel is not None:
+                plots.plot_filters(kernel, out / "filters.png", title=f"{model} first-layer filters")
+                outputs.append("filters.png")
     return result(status, final_params)
 
 
