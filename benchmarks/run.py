@@ -272,7 +272,8 @@ def _planned(spec, x, g):
 
 def _form_pairs():
     """FORM_PAIRS, and oneDNN's forms where the optional library is installed."""
-    return FORM_PAIRS + ([("onednn", "onednn")] if jaxconv.plan.onednn.available() else [])
+    onednn = [("onednn", "onednn"), ("onednn", "onednn_blocked")]
+    return FORM_PAIRS + (onednn if jaxconv.plan.onednn.available() else [])
 
 
 def _pairs(spec):
@@ -334,17 +335,32 @@ def bench_forms(runs, quick):
 
 
 def write_table(path: Path, result: dict) -> None:
-    """The planner's measured table (jaxconv.plan.MEASURED_TABLE) from the forms section: per layer, the
-    fastest median of each forward form and each backward form."""
+    """The planner's measured table (jaxconv.plan.MEASURED_TABLE) from the forms and accuracy sections: per
+    layer, the fastest median of each forward form and each backward form, and each form pair's float32 error
+    as a ratio to the direct form's (y, dx, dw; the planner picks oneDNN only within 2x)."""
+    if len(result.get("forms", [])) != len(result.get("accuracy", [])):
+        raise SystemExit(
+            "--write-table needs the forms and accuracy sections over the same layers: --only forms,accuracy"
+        )
     layers = []
-    for row in result.get("forms", []):
+    for row, accuracy in zip(result.get("forms", []), result.get("accuracy", [])):
         forward: dict = {}
         backward: dict = {}
         for pair, t in row["forms"].items():
             fwd, bwd = pair.split("/")
             forward[fwd] = min(forward.get(fwd, np.inf), t["forward"]["median_s"])
             backward[bwd] = min(backward.get(bwd, np.inf), t["backward"]["median_s"])
-        layers.append(dict(name=row["op"], **row["geometry"], forward=forward, backward=backward))
+        layers.append(
+            dict(
+                name=row["op"],
+                **row["geometry"],
+                forward=forward,
+                backward=backward,
+                error_ratio={
+                    pair: [round(r, 3) for r in ratios] for pair, ratios in accuracy["ratio_to_direct"].items()
+                },
+            )
+        )
     cpu = next(
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
          if line.startswith("model name")),
@@ -370,8 +386,9 @@ def bench_accuracy(runs, quick):
     del runs
     jax.config.update("jax_enable_x64", True)
     rows = []
-    for spec in CONV_SHAPES[1:3] if quick else CONV_SHAPES + RESNET_SHAPES:
-        name, x, wt, g, opts, _ = _conv_case(spec, jnp.float64, batch=16, seed=1)
+    for spec in CONV_SHAPES[1:3] if quick else CONV_SHAPES + RESNET_SHAPES + STEP_LAYER_SHAPES:
+        # The layer's own batch: a form's float32 error grows with the length of its sums (dW sums over it).
+        name, x, wt, g, opts, _ = _conv_case(spec, jnp.float64, seed=1)
 
         def run(x, w, g):
             y, pullback = jax.vjp(lambda x, w: jaxconv.conv2d(x, w, **opts), x, w)
@@ -890,7 +907,7 @@ def markdown(result) -> str:
     if accuracy:
         names = [f"{f}/{b}" for f, b in _form_pairs()]
         out += [
-            "float32 error of each form against float64 (normwise relative, batch 16): the direct form's "
+            "float32 error of each form against float64 (normwise relative, at the layer's batch): the direct form's "
             "(XLA's convolution) for y, dL/dx, dL/dw, and every form's worst ratio to it over the three.",
             "",
             "| layer | direct: y, dx, dw | " + " | ".join(names) + " |",
@@ -975,8 +992,8 @@ def main(argv=None):
     parser.add_argument(
         "--write-table",
         metavar="PATH",
-        help="write the planner's measured table from the forms section (jaxconv/plan/measured_cpu.json is the "
-        "installed one; point $JAXCONV_FORMS_TABLE at another)",
+        help="write the planner's measured table from the forms and accuracy sections (jaxconv/plan/measured_cpu.json "
+        "is the installed one; point $JAXCONV_FORMS_TABLE at another)",
     )
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -1028,11 +1045,11 @@ def main(argv=None):
         for column in ("jaxconv", "jaxconv_xla", "jaxconv_onednn", "autodiff", "pytorch"):
             if column in row:
                 row[column]["peak_fraction"] = row[column]["gflops"] / peak
-    if args.write_table:
-        write_table(Path(args.write_table), result)
     if "accuracy" in only:  # last: it turns float64 on
         print("accuracy:", flush=True)
         result["accuracy"] = bench_accuracy(args.runs, args.quick)
+    if args.write_table:
+        write_table(Path(args.write_table), result)
     result["total_seconds"] = time.perf_counter() - started
 
     out = Path(args.out)

@@ -43,6 +43,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 ONEDNN = dict(conv_forward="onednn", conv_backward="onednn")
+ONEDNN_BLOCKED = dict(conv_forward="onednn", conv_backward="onednn_blocked")
 DIRECT = dict(conv_forward="conv", conv_backward="conv")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,9 +89,10 @@ CONV_CASES = [
 def test_every_conformance_configuration_within_twice_the_direct_forms_float32_error(name, index):
     spec = REGISTRY[name]
     case = spec.make(np.random.default_rng([index, 1]), spec.grid[index])
-    ours, direct = _errors(case, ONEDNN), _errors(case, DIRECT)
-    for label, e, d in zip(("y", *case.names), ours, direct):
-        assert e <= 2 * d + 2e-7, (case.label, label, e, d)
+    direct = _errors(case, DIRECT)
+    for forms in (ONEDNN, ONEDNN_BLOCKED):
+        for label, e, d in zip(("y", *case.names), _errors(case, forms), direct):
+            assert e <= 2 * d + 2e-7, (forms, case.label, label, e, d)
 
 
 def test_bfloat16_runs_or_is_refused_by_the_planner():
@@ -143,6 +145,26 @@ def test_check_vjp_float32_with_bias_jit_and_eager(forms):
         )
         report.assert_ok()
         assert report.worst("vjp") <= 1e-5
+
+
+def test_the_blocked_kernel_gradient_sums_blocks_of_at_most_eight_images(forms):
+    """``"onednn_blocked"``: dW over blocks of ONEDNN_DW_BLOCK images (one vmapped custom call, summed in XLA),
+    agreeing with the unblocked form, and with float32 error at most the unblocked one's on a long sum."""
+    rng = np.random.default_rng(11)
+    x, w = rng.standard_normal((96, 16, 16, 8)), rng.standard_normal((3, 3, 8, 16)) / 9
+    f = lambda x, w: (jaxconv.conv2d(x, w, stride=2, padding="SAME") ** 2).sum() / 2
+    exact = jax.grad(f, argnums=1)(x, w)
+    got = {}
+    for name, chosen in (("one", ONEDNN), ("blocked", ONEDNN_BLOCKED)):
+        forms(**chosen)
+        step = jax.jit(jax.grad(f, argnums=1))
+        text = step.lower(*_float32(x, w)).as_text()
+        assert text.count("custom_call @jaxconv_onednn_kernel_grad(") == 1, name
+        got[name] = np.asarray(step(*_float32(x, w)), np.float64)
+    assert plan.ONEDNN_DW_BLOCK == 8 and "tensor<12x96x8x8x8xf32>" not in text  # 12 blocks of 8 images
+    assert re.search(r"custom_call @jaxconv_onednn_kernel_grad\(%\w+, %\w+\).*tensor<12x8x16x16x8xf32>", text)
+    errors = {k: float(np.linalg.norm(v - exact) / np.linalg.norm(exact)) for k, v in got.items()}
+    assert errors["blocked"] <= errors["one"] * 1.5 and errors["blocked"] < 1e-5, errors
 
 
 def test_the_custom_calls_really_run(forms):
@@ -396,10 +418,13 @@ def test_a_build_without_a_compiler_installs_without_the_handler(tmp_path):
     assert "_onednn_ffi" in out.stderr + out.stdout  # setuptools names the optional extension it skipped
 
 
-def _table(tmp_path, forward, backward, **geometry):
+def _table(tmp_path, forward, backward, errors=(1.2, 1.1, 1.5), blocked_errors=None, **geometry):
+    ratios = {"onednn/onednn": list(errors)}
+    if blocked_errors is not None:
+        ratios["onednn/onednn_blocked"] = list(blocked_errors)
     row = dict(
         name="a measured layer", batch=64, out_spatial=[16, 16], kernel=[3, 3], in_channels=32, out_channels=32,
-        stride=[1, 1], forward=forward, backward=backward,
+        stride=[1, 1], forward=forward, backward=backward, error_ratio=ratios,
     )  # fmt: skip
     row.update(geometry)
     path = tmp_path / f"table{len(list(tmp_path.glob('table*.json')))}.json"  # a new path: tables are read once
@@ -433,10 +458,33 @@ def test_the_planner_picks_onednn_where_the_table_measured_it_faster(tmp_path, m
         assert plan.conv_plan(**LAYER)[:2] == own[:2]
     with plan.forms(conv_forward="conv", conv_backward="conv"):
         assert plan.conv_plan(**LAYER)[:2] == ("conv", "conv")
-    # Only where it measured at least MEASURED_MARGIN faster, part by part.
-    close = {own.forward: 0.004, "onednn": 0.0038}, {own.backward: 0.009, "onednn": 0.003}
+    # Part by part: near-ties go to oneDNN; the planner's own form stays where it measured MEASURED_MARGIN faster.
+    close = {own.forward: 0.004, "onednn": 0.0042}, {own.backward: 0.003, "onednn": 0.009}
     monkeypatch.setenv(plan.planner.TABLE_ENV, _table(tmp_path, *close))
+    assert plan.conv_plan(**LAYER)[:2] == ("onednn", own.backward)
+    slower = {own.forward: 0.004, "onednn": 0.0045}, {own.backward: 0.003, "onednn": 0.0031}
+    monkeypatch.setenv(plan.planner.TABLE_ENV, _table(tmp_path, *slower))
     assert plan.conv_plan(**LAYER)[:2] == (own.forward, "onednn")
+    # Never where its float32 error on that layer was over 2x the direct form's (y: forward; dx, dw: backward).
+    monkeypatch.setenv(plan.planner.TABLE_ENV, _table(tmp_path, *faster, errors=(1.0, 1.3, 2.78)))
+    chosen = plan.conv_plan(**LAYER)
+    assert chosen[:2] == ("onednn", own.backward) and "backward onednn's float32 error 2.78x" in chosen.reason
+    # ... where the blocked dW keeps within it, the backward is that form (if it is still faster).
+    blocked = faster[0], {**faster[1], "onednn_blocked": 0.005}
+    monkeypatch.setenv(
+        plan.planner.TABLE_ENV, _table(tmp_path, *blocked, errors=(1.0, 1.3, 2.78), blocked_errors=(1.0, 1.3, 1.4))
+    )
+    assert plan.conv_plan(**LAYER)[:2] == ("onednn", "onednn_blocked")
+    slow_blocked = faster[0], {**faster[1], "onednn_blocked": 0.011}
+    monkeypatch.setenv(
+        plan.planner.TABLE_ENV,
+        _table(tmp_path, *slow_blocked, errors=(1.0, 1.3, 2.78), blocked_errors=(1.0, 1.3, 1.4)),
+    )
+    assert plan.conv_plan(**LAYER)[:2] == ("onednn", own.backward)
+    monkeypatch.setenv(plan.planner.TABLE_ENV, _table(tmp_path, *faster, errors=(2.5, 1.3, 1.0)))
+    assert plan.conv_plan(**LAYER)[:2] == (own.forward, "onednn")
+    monkeypatch.setenv(plan.planner.TABLE_ENV, _table(tmp_path, *faster, errors=()))
+    assert plan.conv_plan(**LAYER)[:2] == own[:2]  # no errors measured: not picked
     with pytest.raises(ValueError, match=r"`onednn` \(='yes'\)"):
         plan.forms(onednn="yes").__enter__()
 

@@ -466,6 +466,17 @@ _kernel_grad_onednn = _onednn_formula(
 )
 
 
+def _kernel_grad_onednn_blocked(config: ConvConfig, x, g):
+    """dL/dw by oneDNN's backward weights over batch blocks of at most ``plan.ONEDNN_DW_BLOCK`` images (one
+    custom call: the handler runs the vmapped blocks on one primitive), the blocks' sums added in XLA.  The same
+    sum over images and positions as :func:`_kernel_grad_onednn` (docs/convolution.md §5.4), accumulated in
+    shorter runs: on some layers oneDNN's one long float32 sum errs over twice the direct form's."""
+    n = x.shape[0]
+    block = max(d for d in range(1, min(n, plan.ONEDNN_DW_BLOCK) + 1) if n % d == 0)
+    blocked = lambda a: a.reshape(n // block, block, *a.shape[1:])
+    return jax.vmap(partial(_kernel_grad_onednn, config))(blocked(x), blocked(g)).sum(0)
+
+
 def _forward(config: ConvConfig, x, w, b):
     y = _FORWARD_FORMS[config.forward](config, x, w)
     return y if b is None else y + b
@@ -797,6 +808,7 @@ _FORMULA_PAIRS = {
         for name, m in plan.WINOGRAD_TILES.items()
     },
     "onednn": (_input_grad_onednn, _kernel_grad_onednn),
+    "onednn_blocked": (_input_grad_onednn, _kernel_grad_onednn_blocked),
 }
 
 # forward form name -> forward(config, x, w) -> y without bias; tested like the backward.

@@ -66,6 +66,8 @@ __all__ = [
     "POOL_FORMS",
     "SIZED_FORMS",
     "MEASURED_TABLE",
+    "ONEDNN_DW_BLOCK",
+    "ONEDNN_FORMS",
     "WINOGRAD_TILES",
     "ConvPlan",
     "conv_plan",
@@ -81,7 +83,21 @@ __all__ = [
 #: The conv forward forms (``jaxconv.ops.conv`` implements each).
 CONV_FORWARD_FORMS = ("conv", "im2row_blocked", "winograd2", "winograd4", "onednn")
 #: The conv backward forms.
-CONV_BACKWARD_FORMS = ("conv", "im2row", "im2row_blocked", "mixed", "winograd2", "winograd4", "onednn")
+CONV_BACKWARD_FORMS = (
+    "conv",
+    "im2row",
+    "im2row_blocked",
+    "mixed",
+    "winograd2",
+    "winograd4",
+    "onednn",
+    "onednn_blocked",
+)
+#: The oneDNN forms (:mod:`jaxconv.plan.onednn`).  ``"onednn_blocked"`` (backward only) runs dX as ``"onednn"``
+#: does and dW over batch blocks of at most :data:`ONEDNN_DW_BLOCK` images, summed in XLA: a shorter
+#: accumulation, for layers where oneDNN's one long dW sum has float32 error over twice the direct form's.
+ONEDNN_FORMS = frozenset({"onednn", "onednn_blocked"})
+ONEDNN_DW_BLOCK = 8
 #: The Winograd forms and their output tile (per spatial axis).  They need
 #: stride 1, dilation 1 and one group (:func:`winograd_fits`); forced on any
 #: other convolution, the planner's own choice runs instead.
@@ -91,7 +107,7 @@ POOL_FORMS = ("reshape", "slices")
 #: The conv forms that need every size known at trace time (they cut the batch
 #: into blocks, or the image into tiles): with a symbolic dimension
 #: (``jax.export``), forced or not, ``"conv"`` runs in their place.
-SIZED_FORMS = frozenset({"im2row_blocked", "mixed", *WINOGRAD_TILES})
+SIZED_FORMS = frozenset({"im2row_blocked", "mixed", "onednn_blocked", *WINOGRAD_TILES})
 
 # The forced forms, as a sorted tuple of (name, form) pairs: a jax user context,
 # so that the value is part of jit's cache key (and of its trace context): a
@@ -153,8 +169,8 @@ def forms(
             continue
         if value not in known:
             raise ValueError(f"`{name}` (={value!r}) must be one of {list(known)}.")
-        if value == "onednn" and not _onednn().available():
-            raise ValueError(f"`{name}` (='onednn') cannot run here: {_onednn().status()}.")
+        if value in ONEDNN_FORMS and not _onednn().available():
+            raise ValueError(f"`{name}` (={value!r}) cannot run here: {_onednn().status()}.")
         forced[name] = value
     if onednn is not None:
         if not isinstance(onednn, bool):
@@ -361,7 +377,7 @@ def conv_plan(
         ):
             reason += f"; {wanted} needs stride 1, dilation 1, one group: {own} runs"
             wanted = own
-        if wanted == "onednn" and not (static and onednn_fits(kernel_spatial, groups, platform, dtype)):
+        if wanted in ONEDNN_FORMS and not (static and onednn_fits(kernel_spatial, groups, platform, dtype)):
             reason += f"; onednn needs the CPU, static shapes and a data type it has kernels for: {own} runs"
             wanted = own
         chosen.append(wanted or own)
@@ -377,8 +393,15 @@ TABLE_ENV = "JAXCONV_FORMS_TABLE"
 # A measured layer stands for this one when they share kernel size and stride and their input channels,
 # output channels and output positions (batch x pixels) differ by at most this factor each.
 MEASURED_NEIGHBOURHOOD = 2.0
-# oneDNN replaces the planner's own form only where it measured at least this much faster.
+# oneDNN replaces the planner's own form unless that form measured at least this much faster on the nearest
+# layer.  Near-ties go to oneDNN: in whole training steps (benchmarks/run.py's step section) every conv
+# forced onto oneDNN ran 7-12 % faster than the planner's per-layer mix on every row, since a custom call on
+# jaxconv's own layouts spares the copies XLA makes around the Winograd and blocked forms, which timing one
+# layer alone does not show.
 MEASURED_MARGIN = 1.1
+# ... and only where its float32 error on that layer was within this factor of the direct form's (the bound
+# every form the planner picks keeps; y for the forward, dx and dw for the backward).
+MAX_ERROR_RATIO = 2.0
 
 
 @functools.cache
@@ -418,20 +441,34 @@ def _nearest(batch, out_spatial, kernel_spatial, in_channels, out_channels, stri
 
 def _measured_choice(forward, backward, reason, batch, out_spatial, kernel_spatial, in_channels, out_channels, groups,
                      stride):  # fmt: skip
-    """``"onednn"`` for the forward and/or the backward where the nearest measured layer ran it
-    :data:`MEASURED_MARGIN` faster than the planner's own form (and the forms can run here)."""
+    """``"onednn"`` for the forward, and ``"onednn"`` or ``"onednn_blocked"`` (the faster of those within
+    :data:`MAX_ERROR_RATIO`) for the backward, unless, on the nearest measured layer, the planner's own form ran
+    :data:`MEASURED_MARGIN` times faster (and where the forms can run here)."""
     if groups != 1:
         return forward, backward, reason
     row = _nearest(batch, out_spatial, kernel_spatial, in_channels, out_channels, stride)
     if row is None:
         return forward, backward, reason
     picked, notes = [forward, backward], []
+    errors = row.get("error_ratio", {})
     for i, (part, own) in enumerate((("forward", forward), ("backward", backward))):
         times = row.get(part, {})
-        if "onednn" in times and own in times and times["onednn"] * MEASURED_MARGIN < times[own]:
-            picked[i] = "onednn"
-            notes.append(f"{part} onednn {times['onednn'] * 1e3:.2f} ms vs {own} {times[own] * 1e3:.2f} ms")
-    if not notes or not onednn_fits(kernel_spatial, groups, "cpu", np.float32):
+        best = None
+        for form in ("onednn",) if i == 0 else ("onednn", "onednn_blocked"):
+            # Its float32 error on that layer as a ratio to the direct form's (y for the forward, dx and dw for
+            # the backward): within MAX_ERROR_RATIO, like every form the planner picks; unmeasured: not picked.
+            ratios = errors.get("onednn/onednn" if i == 0 else f"onednn/{form}")
+            if not (isinstance(ratios, list) and len(ratios) == 3) or form not in times:
+                continue
+            worst = ratios[0] if i == 0 else max(ratios[1:])
+            if worst > MAX_ERROR_RATIO:
+                notes.append(f"{part} {form}'s float32 error {worst:.2f}x the direct form's")
+            elif best is None or times[form] < times[best]:
+                best = form
+        if best is not None and own in times and times[own] * MEASURED_MARGIN > times[best]:
+            picked[i] = best
+            notes.append(f"{part} {best} {times[best] * 1e3:.2f} ms vs {own} {times[own] * 1e3:.2f} ms")
+    if not ONEDNN_FORMS & set(picked) or not onednn_fits(kernel_spatial, groups, "cpu", np.float32):
         return forward, backward, reason
     where = f"{row.get('name', 'a measured layer')}"
     return picked[0], picked[1], reason + f"; measured on {where}: " + ", ".join(notes)
