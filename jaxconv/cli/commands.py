@@ -225,9 +225,9 @@ def _add_train_parser(sub) -> None:
     p.add_argument(
         "--onednn",
         action="store_true",
-        help="run float32 convolutions through oneDNN's kernels (the optional 'onednn' forms, "
-        "pip install 'jaxconv[onednn]'; one process, one device); faster on CPU for LeNet-sized "
-        "nets (benchmarks/README.md)",
+        help="run every float32 convolution through oneDNN's kernels (the 'onednn' forms, "
+        "pip install 'jaxconv[onednn]'; one process, one device); without it the planner still "
+        "picks them layer by layer where its measured table says they are faster",
     )
     p.add_argument("--out", help="output directory (default: runs/<dataset>-<model>)")
     p.add_argument(
