@@ -283,6 +283,11 @@ def _train(args) -> int:
     (:mod:`jaxconv.cli.supervise`); that one, ending with an error, ends at once (``os._exit``) after its
     message, without jax's shutdown, which would wait for processes that stopped."""
     if supervise.needed(args):
+        try:  # bad flags are this process's usage error, before a child is started
+            Config(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Config)})
+        except FitError as err:
+            print(f"python -m jaxconv train: error: {err}", file=sys.stderr)
+            return EXIT_BAD_SETTINGS
         return supervise.run(args.argv)
     code = _train_here(args)
     if code != 0 and peers.current() is not None:
