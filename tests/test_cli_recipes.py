@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -17,6 +16,8 @@ from jaxconv import train
 from jaxconv.cli import commands as cli
 from jaxconv.train import checkpoint, data, synthetic
 from jaxconv.train.inference import load_trained
+
+from ._runs import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = ["--model", "dd2424_net", "--batch-size", "64", "--seed", "3"]
@@ -342,12 +343,6 @@ def test_train_without_the_train_extra_says_what_to_install():
 # --- two processes ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ~25 s of two real processes: with -m slow; tests/test_reliability_runs.py keeps real two-process runs fast.
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
@@ -361,7 +356,7 @@ def test_two_processes_equal_one(tmp_path):
     """
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_ENABLE_X64", "XLA_FLAGS")}
     flags = ["train", "--model", "lenet5", "--batch-size", "64", "--epochs", "1", "--val-fraction", "0"]
-    port = _free_port()
+    port = free_port()
     procs = [
         subprocess.Popen(
             [

@@ -35,17 +35,7 @@ from jaxconv.train.inference import load_trained
 
 from ._datasets import mnist_dir, write_idx
 from ._runs import TINY as TINY_ARGV
-
-# The smallest model and big batches: a digits epoch takes well under a second.
-TINY = {
-    "model": "dd2424_net",
-    "batch_size": 64,
-    "optimizer": "momentum",
-    "lr": 0.05,
-    "schedule": "constant",
-    "val_fraction": 0.0,
-    "seed": 3,
-}
+from ._runs import TINY_CONFIG as TINY  # the smallest model and big batches: a digits epoch well under a second
 
 
 def _assert_same_params(a, b):

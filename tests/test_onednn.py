@@ -105,19 +105,12 @@ def test_bfloat16_runs_or_is_refused_by_the_planner():
         for label, e, d in zip(("y", *case.names), ours, direct):
             assert e <= 2 * d + 1e-3, (label, e, d)
         with plan.forms(**ONEDNN):
-            chosen = plan.conv_plan(**{**chosen_args(), "dtype": jnp.bfloat16})
+            chosen = plan.conv_plan(**{**LAYER, "dtype": jnp.bfloat16})
         assert chosen[:2] == ("onednn", "onednn")
     else:
         with plan.forms(**ONEDNN):
-            chosen = plan.conv_plan(**{**chosen_args(), "dtype": jnp.bfloat16})
+            chosen = plan.conv_plan(**{**LAYER, "dtype": jnp.bfloat16})
         assert "onednn" not in chosen[:2] and "a data type it has kernels for" in chosen.reason
-
-
-def chosen_args():
-    return dict(
-        batch=2, out_spatial=(8, 8), kernel_spatial=(3, 3), in_channels=4, out_channels=8, groups=1,
-        stride=(1, 1), platform="cpu",
-    )  # fmt: skip
 
 
 def _float32(*arrays):

@@ -21,16 +21,9 @@ from jaxconv.train import Config, checkpoint, data, fit, plots
 from jaxconv.train.inference import evaluate_run, load_trained
 from jaxconv.train.step import build_optimizer, init_optimizer, init_params
 
+from ._runs import TINY_CONFIG as TINY
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-TINY = {
-    "model": "dd2424_net",
-    "batch_size": 64,
-    "optimizer": "momentum",
-    "lr": 0.05,
-    "schedule": "constant",
-    "val_fraction": 0.0,
-    "seed": 3,
-}
 
 
 def _cli(*argv):

@@ -17,8 +17,7 @@ import pytest
 
 from jaxconv.train import checkpoint
 
-from ._runs import TINY
-from .test_reliability_runs import ROOT, _free_port
+from ._runs import ROOT, TINY, free_port
 
 #: What a process must never print when it stops: a Python traceback, jax's C++ abort and its stack trace.
 NEVER = ("Traceback", "Fatal Python error", "Check failure", "Terminating process", "core dumped")
@@ -41,7 +40,7 @@ def _start(tmp_path: pathlib.Path, port: int, process_id: int, *extra: str) -> t
 def _kill_after_first_checkpoint(tmp_path: pathlib.Path, victim: int) -> tuple[subprocess.Popen, str, float]:
     """Start two processes, SIGKILL process ``victim`` once the run's first checkpoint exists;
     ``(the survivor, its stderr, seconds from the kill to its end)``."""
-    port = _free_port()
+    port = free_port()
     started = [_start(tmp_path, port, i) for i in range(2)]
     ckpt = tmp_path / "run" / "checkpoint.safetensors"
     deadline = time.monotonic() + 240
@@ -89,7 +88,7 @@ def test_process_1_killed_mid_training_process_0_stops_the_checkpoint_is_whole_a
     assert not (out / ".jaxconv.lock").exists()  # released, not left for the next run to call stale
     assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]  # no write was cut short
 
-    port = _free_port()
+    port = free_port()
     resumed = [_start(tmp_path, port, i, "--resume", "--stop-after", "1") for i in range(2)]
     for p, err_path in resumed:
         p.wait(timeout=300)
@@ -102,7 +101,7 @@ def test_process_1_killed_mid_training_process_0_stops_the_checkpoint_is_whole_a
 def test_the_training_child_of_process_1_killed_like_the_oom_killer_does_process_0_names_process_1(tmp_path):
     """``python -m jaxconv train`` supervises the process that trains; the kernel's OOM killer kills that one.
     Its supervisor dies the same way (SIGKILL), and process 0 reports process 1 lost."""
-    port = _free_port()
+    port = free_port()
     started = [_start(tmp_path, port, i) for i in range(2)]
     ckpt = tmp_path / "run" / "checkpoint.safetensors"
     try:

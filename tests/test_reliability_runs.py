@@ -20,6 +20,8 @@ from jaxconv.cli import commands as cli
 from jaxconv.train import checkpoint
 from jaxconv.train.loop import Completed, Config, FitError, fit
 
+from ._runs import free_port
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SETTINGS = {"model": "dd2424_net", "batch_size": 64, "seed": 3, "epochs": 2}
 
@@ -137,12 +139,6 @@ def test_changed_setting_on_resume_names_the_flag_and_both_values(epoch_states, 
 # --- several processes -------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _process(tmp_path: pathlib.Path, port: int, process_id: int, *extra: str, count: int = 2) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_ENABLE_X64", "XLA_FLAGS")}
     env["PYTHONPATH"] = str(ROOT)
@@ -159,7 +155,7 @@ def _process(tmp_path: pathlib.Path, port: int, process_id: int, *extra: str, co
 
 
 def test_two_processes_with_other_settings_both_stop_before_training(tmp_path):
-    port = _free_port()
+    port = free_port()
     procs = [_process(tmp_path, port, 0, "--init-timeout", "30"), _process(tmp_path, port, 1, "--seed", "4")]
     outputs = [p.communicate(timeout=120) for p in procs]
     for i, (p, (_, err)) in enumerate(zip(procs, outputs)):
@@ -174,7 +170,7 @@ def test_two_processes_with_other_settings_both_stop_before_training(tmp_path):
 @pytest.mark.parametrize("process_id", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_a_process_whose_partner_never_starts_stops_within_the_timeout(tmp_path, process_id):
     start = time.monotonic()
-    proc = _process(tmp_path, _free_port(), process_id, "--init-timeout", "3")
+    proc = _process(tmp_path, free_port(), process_id, "--init-timeout", "3")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err[-3000:]
     assert "--init-timeout 3" in err and "within 3 s" in err, err[-3000:]
@@ -200,7 +196,7 @@ def test_init_timeout_must_be_a_positive_integer(value):
 
 @pytest.mark.slow  # three real processes and a timeout (~8 s)
 def test_when_one_of_three_never_starts_the_two_that_did_both_stop_saying_which(tmp_path):
-    port = _free_port()
+    port = free_port()
     procs = [_process(tmp_path, port, i, "--init-timeout", "4", count=3) for i in (0, 1)]
     outputs = [p.communicate(timeout=120) for p in procs]
     for p, (_, err) in zip(procs, outputs):
@@ -215,7 +211,7 @@ def test_when_one_of_three_never_starts_the_two_that_did_both_stop_saying_which(
 
 @pytest.mark.slow  # real processes (~8 s)
 def test_another_num_processes_is_named_at_once(tmp_path):
-    port = _free_port()
+    port = free_port()
     procs = [_process(tmp_path, port, 0, "--init-timeout", "4"), _process(tmp_path, port, 1, count=3)]
     (_, err0), (_, err1) = (p.communicate(timeout=120) for p in procs)
     assert [p.returncode for p in procs] == [2, 2], err0[-2000:] + err1[-2000:]
@@ -229,7 +225,7 @@ def test_two_processes_killed_after_a_checkpoint_resume_and_repair(tmp_path):
     metrics.json); two processes resume it: both exit 0, process 0 rewrites the two files, metrics list both epochs."""
 
     def run(*extra: str) -> list[str]:
-        port = _free_port()
+        port = free_port()
         procs = [_process(tmp_path, port, i, *extra) for i in range(2)]
         outputs = [p.communicate(timeout=400) for p in procs]
         for p, (_, err) in zip(procs, outputs):

@@ -472,7 +472,7 @@ def _kernel_grad_onednn_blocked(config: ConvConfig, x, g):
     sum over images and positions as :func:`_kernel_grad_onednn` (docs/convolution.md §5.4), accumulated in
     shorter runs: on some layers oneDNN's one long float32 sum errs over twice the direct form's."""
     n = x.shape[0]
-    block = max(d for d in range(1, min(n, plan.ONEDNN_DW_BLOCK) + 1) if n % d == 0)
+    block = im2row.batch_block(n, 1, plan.ONEDNN_DW_BLOCK)  # the largest divisor of n up to the block size
     blocked = lambda a: a.reshape(n // block, block, *a.shape[1:])
     return jax.vmap(partial(_kernel_grad_onednn, config))(blocked(x), blocked(g)).sum(0)
 

@@ -123,18 +123,14 @@ def handler_path() -> str | None:
     return str(built[0]) if built else None
 
 
-class _Handler(ctypes.CDLL):
-    pass
-
-
 @functools.cache
-def _load() -> tuple[_Handler | None, str]:
+def _load() -> tuple[ctypes.CDLL | None, str]:
     """The handler library, opened on oneDNN and registered with XLA; else ``(None, why not)``."""
     path = handler_path()
     if path is None:
         return None, "jaxconv's oneDNN handler was not built (pip install needs a C++ compiler for it)"
     try:
-        lib = _Handler(path)
+        lib = ctypes.CDLL(path)
     except OSError as err:
         return None, f"cannot load jaxconv's oneDNN handler {path}: {err}"
     lib.jaxconv_onednn_open.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]
@@ -166,7 +162,7 @@ def _load() -> tuple[_Handler | None, str]:
     return lib, ""
 
 
-def _version_of(lib: _Handler) -> tuple[int, int, int]:
+def _version_of(lib: ctypes.CDLL) -> tuple[int, int, int]:
     out = (ctypes.c_int * 3)()
     lib.jaxconv_onednn_version(out)
     return (out[0], out[1], out[2])
@@ -202,7 +198,7 @@ def dtype_supported(dtype) -> bool:
     return lib.jaxconv_onednn_probe(int(name == "bfloat16"), error, len(error)) == 0
 
 
-def _handler() -> _Handler:
+def _handler() -> ctypes.CDLL:
     lib, why = _load()
     if lib is None:
         raise RuntimeError(f"jaxconv's oneDNN forms are unavailable: {why}.")

@@ -395,7 +395,7 @@ TABLE_ENV = "JAXCONV_FORMS_TABLE"
 MEASURED_NEIGHBOURHOOD = 2.0
 # oneDNN replaces the planner's own form unless that form measured at least this much faster on the nearest
 # layer.  Near-ties go to oneDNN: in whole training steps (benchmarks/run.py's step section) every conv
-# forced onto oneDNN ran 7-12 % faster than the planner's per-layer mix on every row, since a custom call on
+# forced onto oneDNN ran 8-22 % faster than the planner's per-layer mix on every row, since a custom call on
 # jaxconv's own layouts spares the copies XLA makes around the Winograd and blocked forms, which timing one
 # layer alone does not show.
 MEASURED_MARGIN = 1.1
