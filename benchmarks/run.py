@@ -27,6 +27,12 @@ Sections (see benchmarks/README.md):
   the one-line drop-in (``nn.Conv(..., conv_general_dilated=jaxconv.lax.conv_general_dilated)``),
   interleaved (skipped if Flax is not installed).
 
+The script starts itself again with huge pages for large host allocations where
+that helps (``jaxconv.train.hostmem``, as ``python -m jaxconv train`` does; every
+contender, PyTorch included, runs in that one process);
+``JAXCONV_HOST_MEMORY=default`` measures glibc's default instead.  The header
+of the results says which, with the load average before the run.
+
 Every time is the median of ``--runs`` (>= 10) calls after a warm-up call,
 each ended by ``block_until_ready``, all in this one process.  Results go to
 ``benchmarks/results/<device>.json`` and ``<device>.md``, and the markdown table
@@ -52,6 +58,7 @@ import numpy as np
 
 import jaxconv
 from jaxconv import reference
+from jaxconv.train import hostmem
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = ("peak", "conv", "forms", "pool", "lrn", "loss", "step", "flax", "accuracy")
@@ -840,6 +847,13 @@ def ms(t):
 
 def markdown(result) -> str:
     out = [f"### {result['device']} ({result['device_kind']}), jax {result['jax_version']}, {result['date']}", ""]
+    if result.get("load_average") or result.get("host_memory"):
+        load = result.get("load_average")
+        out += [
+            (f"Load average before the run: {load[0]:.2f}. " if load else "")
+            + (f"Host memory: {result['host_memory']}." if result.get("host_memory") else ""),
+            "",
+        ]
     peak = result.get("peak")
     if peak:
         out += [
@@ -996,6 +1010,8 @@ def main(argv=None):
         "is the installed one; point $JAXCONV_FORMS_TABLE at another)",
     )
     args = parser.parse_args(argv)
+    if argv is None:  # run as a script: start again with huge pages where that helps (before any computation)
+        hostmem.restart_with_huge_pages()
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:
@@ -1014,6 +1030,8 @@ def main(argv=None):
         runs=args.runs,
         quick=args.quick,
         load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+        host_memory=hostmem.status().reason,
+        huge_pages=hostmem.status().huge_pages,
     )
     print(f"device {device}, jax {jax.__version__}, {args.runs} runs per figure", flush=True)
     started = time.perf_counter()

@@ -1,5 +1,5 @@
 """The command line: ``python -m jaxconv train|evaluate|predict|synth|check|verify``."""
 
-from .commands import main
+from .commands import main, program
 
-__all__ = ["main"]
+__all__ = ["main", "program"]

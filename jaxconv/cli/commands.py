@@ -22,7 +22,7 @@ import numpy as np
 
 from .._core.version import __version__
 from ..nn.models import MODELS
-from ..train import inference, loop, peers, synthetic
+from ..train import hostmem, inference, loop, peers, synthetic
 from ..train.data import DATASETS
 from ..train.loop import MAX_SEED, Config, FitError, GradCheckFailed, fit
 from ..train.step import OPTIMIZERS, RECIPES, SCHEDULES
@@ -512,3 +512,14 @@ def main(argv=None) -> int:
         return done.code if isinstance(done.code, int) else EXIT_BAD_SETTINGS
     args.argv = argv
     return args.func(args)
+
+
+def program() -> int:
+    """``python -m jaxconv``: :func:`main` on ``sys.argv``; ``train`` first starts itself again with huge pages.
+
+    glibc reads its tunables when a process starts: ``train`` runs again (``os.execve``: same process id
+    and arguments) with huge pages for XLA's large temporaries where that helps
+    (:mod:`jaxconv.train.hostmem`); elsewhere, and for the other commands, nothing changes."""
+    if sys.argv[1:2] == ["train"]:
+        hostmem.restart_with_huge_pages()
+    return main()

@@ -1,7 +1,7 @@
 """Training: ``fit(Config(...))`` (the ``train`` command's loop), jitted optax steps, optimisers and schedules,
 data, checkpoints, run directories, plots, and using a trained run (:mod:`.inference`)."""
 
-from . import checkpoint, data, files, gradcheck, images, inference, plots, rundir, synthetic
+from . import checkpoint, data, files, gradcheck, hostmem, images, inference, plots, rundir, synthetic
 from .data import epoch_batches
 from .gradcheck import check_model_grads
 from .inference import evaluate_run, load_trained, predict
@@ -55,6 +55,7 @@ __all__ = [
     "evaluate_run",
     "fit",
     "gradcheck",
+    "hostmem",
     "inference",
     "load_trained",
     "predict",

@@ -41,7 +41,7 @@ from .._core.jsonsafe import json_safe, strict_json_bytes
 from .._core.version import __version__
 from ..nn import layers as nn
 from ..nn.models import MODELS, check_input_shape
-from . import checkpoint, data, files, peers, plots, rundir
+from . import checkpoint, data, files, hostmem, peers, plots, rundir
 from .data import DATASETS
 from .gradcheck import check_model_grads
 from .step import (
@@ -1094,6 +1094,7 @@ def _train(
         "device": device.device_kind,
         "num_devices": num_devices,
         "num_processes": jax.process_count(),
+        "host_memory": hostmem.status().reason,
     }
     outputs: list[str] = []
 
