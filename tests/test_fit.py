@@ -409,7 +409,13 @@ def test_ctrl_c_exits_130_with_a_resumable_checkpoint_and_no_traceback(tmp_path)
             assert time.monotonic() < deadline, "no checkpoint in 120 s"
             time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        try:
+            _, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+            tail = err.replace("\r", "\n")[-3000:]
+            raise AssertionError(f"no exit within 120 s of SIGINT; stderr ends:\n{tail}") from None
     finally:
         if proc.poll() is None:
             proc.kill()

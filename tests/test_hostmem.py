@@ -14,7 +14,7 @@ import sys
 
 from jaxconv.train import hostmem
 
-from ._runs import ROOT, TINY
+from ._runs import ROOT, TINY, TINY_CONFIG
 
 _SCRIPT = """
 import json, resource, sys
@@ -123,3 +123,14 @@ def test_train_starts_itself_with_huge_pages_and_records_it(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((pathlib.Path(out) / "metrics.json").read_text())["host_memory"] == expected
+
+
+def test_fit_from_python_says_how_to_get_huge_pages(tmp_path, monkeypatch, capsys):
+    from jaxconv.train import Config, fit
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv(hostmem.ENV, raising=False)
+    _fake(monkeypatch)  # glibc 2.36, THP 'madvise': the setting would help, and fit cannot start again
+    fit(Config(**TINY_CONFIG, epochs=1, out=str(tmp_path / "run")))
+    err = capsys.readouterr().err
+    assert f"note: host memory: not asked for: start the process with GLIBC_TUNABLES={hostmem.TUNABLE}" in err

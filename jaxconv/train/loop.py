@@ -1072,6 +1072,11 @@ def _train(
         + f", jax {jax.__version__}"
         + (f"; resuming after epoch {start_epoch}" if config.resume else "")
     )
+    if device.platform == "cpu" and hostmem.environment() is not None:
+        say.err(
+            f"note: host memory: {hostmem.status().reason} (huge pages for XLA's large temporaries; "
+            "python -m jaxconv train does so itself)"
+        )
 
     if config.check_grads:
         images, labels = next(data.batches(x_train, y_train, batch_size, seed=config.seed, epoch=start_epoch))
