@@ -122,15 +122,18 @@ def environment(env: Mapping[str, str] | None = None) -> dict[str, str] | None:
 def restart_with_huge_pages(argv: Sequence[str] | None = None) -> None:
     """Start this process again (``os.execve``) with :data:`TUNABLE`, where :func:`environment` says it helps.
 
-    Returns (having done nothing) where it does not help; otherwise does not
-    return.  ``argv``: the command line to run again (default
+    Returns (having done nothing) where it does not help or the interpreter
+    cannot be started again; otherwise does not return.  ``argv``: the command line to run again (default
     ``sys.orig_argv``, the interpreter's own).  Call it before anything
     worth keeping has happened: the process image is replaced.
     """
     env = environment()
-    if env is None:
+    if env is None or not sys.executable:  # an embedded interpreter has no executable to start again
         return
     args = list(sys.orig_argv if argv is None else argv)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *args[1:]], env)
+    try:
+        os.execve(sys.executable, [sys.executable, *args[1:]], env)
+    except OSError:  # pragma: no cover - the interpreter vanished from disk: go on without huge pages
+        return
