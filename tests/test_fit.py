@@ -29,6 +29,7 @@ from jaxconv.train import (
     StopTraining,
     checkpoint,
     fit,
+    hostmem,
     rundir,
 )
 from jaxconv.train.inference import load_trained
@@ -435,6 +436,10 @@ def test_ctrl_c_exits_130_with_a_resumable_checkpoint_and_no_traceback(tmp_path)
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert checkpoint.read_metadata(out / "checkpoint.safetensors")["epoch"] == epoch + 1
+    # Both processes started themselves again with huge pages where that helps (jaxconv.train.hostmem),
+    # same process id (the SIGINT above reached the training process), and the run records which.
+    expected = hostmem.status(hostmem.environment(env) or env).reason
+    assert json.loads((out / "metrics.json").read_text())["host_memory"] == expected
 
 
 def test_images_smaller_than_the_model_takes_are_a_fit_error_naming_the_model(tmp_path):

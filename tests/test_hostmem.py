@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
 from jaxconv.train import hostmem
 
-from ._runs import ROOT, TINY, TINY_CONFIG
+from ._runs import ROOT, TINY_CONFIG
 
 _SCRIPT = """
 import json, resource, sys
@@ -107,22 +106,6 @@ def test_thp_mode_reads_the_bracketed_word(tmp_path):
     path.write_text("always [madvise] never\n")
     assert hostmem.thp_mode(path) == "madvise"
     assert hostmem.thp_mode(tmp_path / "absent") is None
-
-
-def test_train_starts_itself_with_huge_pages_and_records_it(tmp_path):
-    env = _plain_env()
-    expected = hostmem.status(hostmem.environment(env) or env).reason
-    out = tmp_path / "run"
-    done = subprocess.run(
-        [sys.executable, "-m", "jaxconv", "train", *TINY, "--epochs", "1", "--out", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads((pathlib.Path(out) / "metrics.json").read_text())["host_memory"] == expected
 
 
 def test_fit_from_python_says_how_to_get_huge_pages(tmp_path, monkeypatch, capsys):
