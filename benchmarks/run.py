@@ -380,6 +380,7 @@ def write_table(path: Path, result: dict) -> None:
         onednn=jaxconv.plan.onednn.status(),
         date=result["date"],
         load_average_before=result["load_average"],
+        host_memory=result.get("host_memory"),
         runs=result["runs"],
     )
     path.write_text(json.dumps(dict(machine=machine, layers=layers), indent=1) + "\n")
