@@ -7,7 +7,7 @@ on a worker thread; glibc serves a request that large with a fresh ``mmap``
 and returns it to the kernel on ``free``, so every step touches that memory
 for the first time again: one page fault per 4 KiB page.  On a 2-core virtual
 machine that is 22,400 faults and ~37 ms of kernel time per resnet_small step,
-most of a 60 ms step (PyTorch's step pays the same).
+most of a 60 ms step.
 
 glibc (2.35 on) can ask for transparent huge pages on the memory it maps
 (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``): 2 MiB pages, 512 times fewer
