@@ -1019,6 +1019,7 @@ def main(argv=None):
         parser.error(f"--only: unknown sections {unknown}; choose from {SECTIONS}")
 
     device = device_name()
+    host_memory = hostmem.status()
     result = dict(
         device=device,
         device_kind=jax.devices()[0].device_kind,
@@ -1031,8 +1032,8 @@ def main(argv=None):
         runs=args.runs,
         quick=args.quick,
         load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
-        host_memory=hostmem.status().reason,
-        huge_pages=hostmem.status().huge_pages,
+        host_memory=host_memory.reason,
+        huge_pages=host_memory.huge_pages,
     )
     print(f"device {device}, jax {jax.__version__}, {args.runs} runs per figure", flush=True)
     started = time.perf_counter()

@@ -76,16 +76,17 @@ def _glibc_version() -> tuple[int, int] | None:
         return None
 
 
-def _hugetlb_set(env: Mapping[str, str]) -> bool:
-    return any(item.startswith("glibc.malloc.hugetlb=") for item in env.get("GLIBC_TUNABLES", "").split(":"))
+def _hugetlb_setting(env: Mapping[str, str]) -> str | None:
+    """The ``glibc.malloc.hugetlb=...`` item of ``$GLIBC_TUNABLES``, if it has one."""
+    items = env.get("GLIBC_TUNABLES", "").split(":")
+    return next((item for item in items if item.startswith("glibc.malloc.hugetlb=")), None)
 
 
 def _decide(env: Mapping[str, str]) -> tuple[HostMemory, dict[str, str] | None]:
     """(what holds under ``env``, the environment to start again with, or None)."""
-    if _hugetlb_set(env):
-        setting = next(i for i in env["GLIBC_TUNABLES"].split(":") if i.startswith("glibc.malloc.hugetlb="))
-        on = setting != "glibc.malloc.hugetlb=0"
-        return HostMemory(on, f"GLIBC_TUNABLES has {setting}"), None
+    setting = _hugetlb_setting(env)
+    if setting is not None:
+        return HostMemory(setting != "glibc.malloc.hugetlb=0", f"GLIBC_TUNABLES has {setting}"), None
     if env.get(ENV, "").strip().lower() == "default":
         return HostMemory(False, f"${ENV}=default: glibc's default settings"), None
     version = _glibc_version()
